@@ -1,0 +1,159 @@
+"""Frozen configuration dataclasses.
+
+Gin binds these at the entry points (``cai_jax.main``); library code takes
+them as plain arguments. Every field has a unit or shape in its comment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+
+_DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
+
+
+def dtype_from_name(name: str):
+  """Maps 'float32' / 'bfloat16' / 'float16' to a jnp dtype (clear error otherwise)."""
+  try:
+    return _DTYPES[name]
+  except KeyError:
+    raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a Llama-family decoder.
+
+  Attributes:
+    vocab_size: number of token ids (rows of the embedding table).
+    d_model: width of the residual stream.
+    n_layers: number of decoder blocks.
+    n_heads: query heads.
+    n_kv_heads: key/value heads (grouped-query attention); divides n_heads.
+    d_ff: hidden width of the SwiGLU MLP.
+    head_dim: per-head width; None means d_model // n_heads.
+    max_seq_len: longest context (tokens) the model is used with.
+    rope_theta: RoPE base frequency.
+    rope_scaling_factor: Llama-3 frequency scaling factor; 0 disables scaling.
+    rope_low_freq_factor, rope_high_freq_factor, rope_original_max_len:
+      the other Llama-3 scaling constants (used only when factor > 0).
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: LM head shares the embedding table.
+    qkv_bias: biases on the q/k/v projections (Qwen2).
+    param_dtype: storage dtype of parameters.
+    dtype: compute dtype of activations and matmuls.
+    scan_layers: run blocks under nn.scan (one compiled block) instead of unrolled.
+    remat_policy: one of REMAT_POLICIES; what the backward pass keeps.
+    attention_impl: 'xla' or 'cudnn' (jax.nn.dot_product_attention implementation);
+      None lets JAX choose.
+  """
+
+  vocab_size: int = 320
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  d_ff: int = 128
+  head_dim: Optional[int] = None
+  max_seq_len: int = 512
+  rope_theta: float = 10000.0
+  rope_scaling_factor: float = 0.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: Optional[str] = None
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+    if self.head_dim is None and self.d_model % self.n_heads:
+      raise ValueError(
+          f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
+          "unless head_dim is set")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+    dtype_from_name(self.param_dtype)
+    dtype_from_name(self.dtype)
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+  def param_count(self) -> int:
+    """Exact parameter count from the shapes (the same number eval_shape gives)."""
+    d, hd, h, kv = self.d_model, self.dim_per_head, self.n_heads, self.n_kv_heads
+    attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+    if self.qkv_bias:
+      attn += h * hd + 2 * kv * hd
+    per_layer = attn + 3 * d * self.d_ff + 2 * d
+    embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    return self.n_layers * per_layer + embed + d
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh. A dim of -1 takes the devices left over by the others.
+
+  Attributes:
+    data: pure data-parallel replicas.
+    fsdp: data-parallel shards that also shard parameters and optimizer state.
+    tensor: tensor (model) parallelism over heads / MLP / vocab.
+    rules: logical-axis rule preset: 'dp', 'fsdp' or 'fsdp_tp' (see sharding.RULE_PRESETS).
+  """
+
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+  rules: str = "fsdp"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with linear warmup then a constant or cosine schedule.
+
+  Attributes:
+    learning_rate: peak learning rate (after warmup).
+    warmup_steps: linear warmup from 0 to learning_rate, in optimizer steps.
+    schedule: 'constant' or 'cosine' (cosine decays to final_lr_fraction × peak by total_steps).
+    total_steps: horizon of the cosine schedule (ignored for constant).
+    final_lr_fraction: end of the cosine schedule as a fraction of the peak.
+    b1, b2, eps: Adam moments.
+    weight_decay: decoupled weight decay, applied to matrices only (not norms or biases).
+    grad_clip_norm: global-norm clipping threshold; 0 disables.
+  """
+
+  learning_rate: float = 1e-4
+  warmup_steps: int = 0
+  schedule: str = "constant"
+  total_steps: int = 1000
+  final_lr_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  grad_clip_norm: float = 1.0
+
+  def __post_init__(self):
+    if self.schedule not in ("constant", "cosine"):
+      raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}; expected 'constant' or 'cosine'")
+    if self.learning_rate < 0 or self.warmup_steps < 0:
+      raise ValueError("OptimizerConfig.learning_rate and warmup_steps must be >= 0")

@@ -1,0 +1,217 @@
+"""Decoder building blocks: RMSNorm, RoPE, grouped-query attention with a KV
+cache, SwiGLU MLP and token embeddings.
+
+Shapes use B = batch, T = query length, S = key length (cache slots),
+D = d_model, H = query heads, K = kv heads, Dh = head_dim, F = d_ff, V = vocab.
+Every parameter is created with logical axis names (see ``cai_jax.axes``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from cai_jax import axes
+from cai_jax.configs import ModelConfig, dtype_from_name
+
+Array = jax.Array
+
+
+def constrain(x: Array, names: Tuple[Optional[str], ...]) -> Array:
+  """Annotates an activation with logical axis names (no-op without rules)."""
+  return nn.with_logical_constraint(x, names)
+
+
+class DenseND(nn.Module):
+  """Contracts the last `n_in` dims of x with a kernel of shape in_shape + out_shape.
+
+  Attributes:
+    in_shape: sizes of the contracted trailing dims of x.
+    out_shape: sizes of the output trailing dims.
+    kernel_axes: logical names of the kernel dims (len(in_shape) + len(out_shape)).
+    use_bias: adds a bias of shape out_shape (logical names = the output part of kernel_axes).
+  """
+
+  in_shape: Tuple[int, ...]
+  out_shape: Tuple[int, ...]
+  kernel_axes: Tuple[Optional[str], ...]
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  stddev: Optional[float] = None   # default 1/sqrt(fan_in)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    fan_in = int(math.prod(self.in_shape))
+    std = self.stddev if self.stddev is not None else 1.0 / math.sqrt(fan_in)
+    init = nn.initializers.normal(stddev=std) if std > 0 else nn.initializers.zeros
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                        tuple(self.in_shape) + tuple(self.out_shape), self.param_dtype)
+    n_in = len(self.in_shape)
+    y = jax.lax.dot_general(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, self.kernel_axes[n_in:]), tuple(self.out_shape), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
+
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, (axes.EMBED,)),
+        (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> Array:
+  """Inverse frequencies [Dh/2] of rotary embeddings, with optional Llama-3 scaling."""
+  hd = config.dim_per_head
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  factor = config.rope_scaling_factor
+  if factor and factor > 0:
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    old_len = config.rope_original_max_len
+    low_wavelen = old_len / low
+    high_wavelen = old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv_freq = jnp.where(is_medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """Rotates x [B, T, N, Dh] by positions [B, T] (half-split convention of HF Llama)."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE and an optional KV cache."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, attn_mask: Array,
+               layer_cache: Optional[Tuple[Array, Array]] = None,
+               cache_index: Optional[Array] = None):
+    """Args:
+      x: [B, T, D] normalized hidden states.
+      positions: [B, T] int32 RoPE positions.
+      attn_mask: [B, T, S] bool, True where query t may attend key slot s.
+      layer_cache: optional (k, v), each [B, S, K, Dh]; new keys are written at cache_index.
+      cache_index: scalar int32 slot of the first query token in the cache.
+    Returns:
+      ([B, T, D] output, updated (k, v) or None).
+    """
+    cfg = self.config
+    dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+    hd = cfg.dim_per_head
+
+    def proj(name, heads, head_axis):
+      return DenseND((cfg.d_model,), (heads, hd), (axes.EMBED, head_axis, axes.KV),
+                     use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=pdtype, name=name)(x)
+
+    q = proj("q_proj", cfg.n_heads, axes.HEADS)
+    k = proj("k_proj", cfg.n_kv_heads, axes.KV_HEADS)
+    v = proj("v_proj", cfg.n_kv_heads, axes.KV_HEADS)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    q = constrain(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV))
+    k = constrain(k, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.KV))
+    v = constrain(v, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.KV))
+
+    new_cache = None
+    if layer_cache is not None:
+      k_cache, v_cache = layer_cache
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+      new_cache = (k, v)
+      k, v = k.astype(dtype), v.astype(dtype)
+
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=attn_mask[:, None, :, :], scale=1.0 / math.sqrt(hd),
+        implementation=cfg.attention_impl)
+    out = constrain(out, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV))
+    out = checkpoint_name(out, "attention_out")
+    out = DenseND((cfg.n_heads, hd), (cfg.d_model,), (axes.HEADS, axes.KV, axes.EMBED),
+                  dtype=dtype, param_dtype=pdtype, name="o_proj")(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)); [B, T, D] -> [B, T, D]."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+
+    def dense(name, n_in, n_out, in_axis, out_axis):
+      return DenseND((n_in,), (n_out,), (in_axis, out_axis), dtype=dtype, param_dtype=pdtype,
+                     name=name)
+
+    gate = dense("gate_proj", cfg.d_model, cfg.d_ff, axes.EMBED, axes.MLP)(x)
+    up = dense("up_proj", cfg.d_model, cfg.d_ff, axes.EMBED, axes.MLP)(x)
+    h = constrain(nn.silu(gate) * up, (axes.BATCH, axes.LENGTH, axes.MLP))
+    return dense("down_proj", cfg.d_ff, cfg.d_model, axes.MLP, axes.EMBED)(h)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)).
+
+  The signature is scan-friendly: (x, positions, attn_mask, layer_cache, cache_index)
+  -> (x, new_layer_cache), with layer_cache the per-layer slice scanned over.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, attn_mask, layer_cache=None, cache_index=None):
+    cfg = self.config
+    dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+    x = constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+    h, new_cache = Attention(cfg, name="attn")(
+        RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x),
+        positions, attn_mask, layer_cache, cache_index)
+    x = x + h
+    x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(x))
+    x = constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+    return x, new_cache
+
+
+def embedding(config: ModelConfig, name: str = "embed") -> nn.Embed:
+  """Token embedding table [V, D] with logical axes (vocab, embed)."""
+  return nn.Embed(
+      num_embeddings=config.vocab_size, features=config.d_model,
+      dtype=dtype_from_name(config.dtype), param_dtype=dtype_from_name(config.param_dtype),
+      embedding_init=nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=0.02), (axes.VOCAB, axes.EMBED)),
+      name=name)

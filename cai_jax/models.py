@@ -1,0 +1,74 @@
+"""Pure functional interface to the decoder: init, logits, token_logprobs, score.
+
+Parameters are explicit pytrees (no boxes); everything here is jit-able.
+Stages use only these functions, never Flax modules directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cai_jax.configs import ModelConfig
+from cai_jax.transformer import Decoder, last_token_index
+
+Array = jax.Array
+Params = Any
+
+
+def module(config: ModelConfig, head: str = "lm") -> Decoder:
+  return Decoder(config, head=head)
+
+
+def init_boxed(config: ModelConfig, rng: Array, head: str = "lm", seq_len: int = 8) -> Params:
+  """Parameters still wrapped in nn.Partitioned boxes (carry logical axis names)."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return module(config, head).init(rng, tokens)["params"]
+
+
+def init(config: ModelConfig, rng: Array, head: str = "lm") -> Params:
+  """Random parameters (plain arrays). For sharded init see ``cai_jax.sharding``."""
+  return nn.meta.unbox(init_boxed(config, rng, head))
+
+
+def abstract_params(config: ModelConfig, head: str = "lm") -> Params:
+  """ShapeDtypeStructs of the parameters (boxed), without allocating anything."""
+  return jax.eval_shape(lambda: init_boxed(config, jax.random.PRNGKey(0), head))
+
+
+def count_params(config: ModelConfig, head: str = "lm") -> int:
+  """Exact number of parameters, from eval_shape (no weights allocated)."""
+  leaves = jax.tree_util.tree_leaves(nn.meta.unbox(abstract_params(config, head)))
+  return int(sum(x.size for x in leaves))
+
+
+def logits(params: Params, config: ModelConfig, tokens: Array,
+           mask: Optional[Array] = None) -> Array:
+  """Next-token logits [B, T, V] (float32) for tokens [B, T]."""
+  return module(config).apply({"params": params}, tokens, mask)
+
+
+def token_logprobs(params: Params, config: ModelConfig, tokens: Array,
+                   mask: Optional[Array] = None) -> Array:
+  """log p(tokens[:, t+1] | tokens[:, :t+1]) as [B, T-1] float32."""
+  lg = logits(params, config, tokens, mask)[:, :-1]
+  logp = jax.nn.log_softmax(lg, axis=-1)
+  return jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def values(params: Params, config: ModelConfig, tokens: Array,
+           mask: Optional[Array] = None) -> Array:
+  """Scalar-head output at every position, [B, T] float32."""
+  return module(config, "scalar").apply({"params": params}, tokens, mask)
+
+
+def score(params: Params, config: ModelConfig, tokens: Array,
+          mask: Optional[Array] = None) -> Array:
+  """Scalar-head output at the last real token of each sequence, [B] float32."""
+  if mask is None:
+    mask = jnp.ones(tokens.shape, bool)
+  v = values(params, config, tokens, mask)
+  return jnp.take_along_axis(v, last_token_index(mask)[:, None], axis=1)[:, 0]

@@ -1,0 +1,147 @@
+"""Device meshes, logical-axis rule presets and sharded initialisation.
+
+A mesh has three axes: ``data`` (replicas), ``fsdp`` (replicas that also shard
+parameters and optimizer state) and ``tensor`` (heads / MLP / vocab). Model code
+names logical axes (``cai_jax.axes``); a rule preset maps them to mesh axes.
+Rules are tried in order and a mesh axis is used at most once per array, so an
+activation [batch, length, embed] gets batch on (data, fsdp) and embed replicated
+while a weight [embed, mlp] gets embed on fsdp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from cai_jax import axes
+from cai_jax.configs import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+_BATCH_AXES = ("data", "fsdp")
+
+RULE_PRESETS = {
+    # Parameters replicated; batch split over every data-like axis.
+    "dp": ((axes.BATCH, _BATCH_AXES),),
+    # ZeRO-3 style: parameters and optimizer state sharded over fsdp along embed.
+    "fsdp": ((axes.BATCH, _BATCH_AXES), (axes.EMBED, "fsdp")),
+    # fsdp plus Megatron-style tensor parallelism over heads / MLP / vocab.
+    "fsdp_tp": (
+        (axes.BATCH, _BATCH_AXES),
+        (axes.HEADS, "tensor"),
+        (axes.KV_HEADS, "tensor"),
+        (axes.MLP, "tensor"),
+        (axes.VOCAB, "tensor"),
+        (axes.EMBED, "fsdp"),
+    ),
+}
+
+Rules = Tuple[Tuple[str, Any], ...]
+
+
+def rules_for(name: str) -> Rules:
+  try:
+    return RULE_PRESETS[name]
+  except KeyError:
+    raise ValueError(f"unknown sharding rules {name!r}; expected one of {sorted(RULE_PRESETS)}") from None
+
+
+def mesh_shape(config: MeshConfig, num_devices: int) -> Tuple[int, int, int]:
+  """Resolves the -1 entry of (data, fsdp, tensor) against the device count."""
+  dims = [config.data, config.fsdp, config.tensor]
+  free = [i for i, d in enumerate(dims) if d == -1]
+  if len(free) > 1:
+    raise ValueError(f"MeshConfig: at most one dim may be -1, got data={dims[0]} fsdp={dims[1]} tensor={dims[2]}")
+  if any(d == 0 or d < -1 for d in dims):
+    raise ValueError(f"MeshConfig: dims must be positive or -1, got {dims}")
+  known = int(np.prod([d for d in dims if d != -1]))
+  if free:
+    if num_devices % known:
+      raise ValueError(f"MeshConfig: {num_devices} devices are not divisible by the fixed dims {dims}")
+    dims[free[0]] = num_devices // known
+  if int(np.prod(dims)) != num_devices:
+    raise ValueError(
+        f"MeshConfig: data*fsdp*tensor = {int(np.prod(dims))} but there are {num_devices} devices")
+  return tuple(dims)
+
+
+def make_mesh(config: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules):
+  """Context in which model code traces: mesh set globally and logical rules active."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def _fit(spec: P, shape: Tuple[int, ...], mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide their array dim (e.g. 3 kv heads on tensor=2)."""
+  out = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    kept = []
+    size = 1
+    for name in names:
+      if dim % (size * mesh.shape[name]) == 0:
+        kept.append(name)
+        size *= mesh.shape[name]
+      else:
+        logging.info("sharding: dim %d not divisible by mesh axis %s; replicating it", dim, name)
+    out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+  return P(*out)
+
+
+def unbox_shapes(tree: Any) -> Any:
+  """Strips nn.Partitioned boxes without applying sharding constraints."""
+  return jax.tree_util.tree_map(
+      lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for a boxed abstract pytree (from jax.eval_shape of a Flax init)."""
+  specs = nn.get_partition_spec(abstract_boxed)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  shapes = unbox_shapes(abstract_boxed)
+  return jax.tree_util.tree_map(
+      lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)), mesh_specs, shapes,
+      is_leaf=lambda s: isinstance(s, P))
+
+
+def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules):
+  """Initialises a pytree directly into its sharded layout.
+
+  init_fn: zero-argument function returning a pytree that may hold nn.Partitioned
+  boxes (Flax params, or a train state built from them). Returns (unboxed pytree,
+  its NamedShardings). Nothing is materialised on one device first.
+  """
+  with use_mesh(mesh, rules):
+    abstract = jax.eval_shape(init_fn)
+    shardings = logical_shardings(abstract, mesh, rules)
+    out = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+  return out, shardings
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2, shape: Optional[Tuple[int, ...]] = None) -> NamedSharding:
+  """Sharding of a [batch, length, ...] array: batch over (data, fsdp)."""
+  logical = (axes.BATCH, axes.LENGTH) + (None,) * (ndim - 2) if ndim >= 2 else (axes.BATCH,)
+  spec = P(*nn.logical_to_mesh_axes(logical, rules))
+  if shape is not None:
+    spec = _fit(spec, shape, mesh)
+  return NamedSharding(mesh, spec)
+
+
+def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
+  """Places a host batch (dict of numpy arrays, leading dim = batch) on the mesh."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.device_put(x, batch_sharding(mesh, rules, max(np.ndim(x), 1), np.shape(x))), batch)

@@ -1,0 +1,158 @@
+"""The decoder-only transformer with an LM head or a scalar head.
+
+``Decoder(config, head='lm')``   : tokens [B, T] -> logits [B, T, V] (float32)
+``Decoder(config, head='scalar')``: tokens [B, T] -> values [B, T] (float32), one scalar
+    per position; the preference model reads it at the last non-pad token
+    (``cai_jax.models.score``), the PPO value model at every position.
+
+Padding: ``mask`` [B, T] marks real tokens; pads may sit anywhere (left padding for
+sampling, right padding for training). A query attends to a key only if the key is
+real and not in its future, and RoPE positions count real tokens only, so padding
+never changes the outputs at real tokens.
+
+KV cache: ``init_cache`` gives ``{'k','v': [L, B, S, K, Dh], 'mask': [B, S] bool}``;
+calling with ``cache`` and ``cache_index`` writes the T new tokens at slots
+[cache_index, cache_index + T) and returns ``(output, new_cache)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cai_jax import axes
+from cai_jax.configs import ModelConfig, dtype_from_name
+from cai_jax.layers import DecoderBlock, DenseND, RMSNorm, constrain, embedding
+
+Array = jax.Array
+Cache = Dict[str, Array]
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+  """An empty KV cache of `length` slots for `batch` sequences."""
+  dtype = dtype or dtype_from_name(config.dtype)
+  shape = (config.n_layers, batch, length, config.n_kv_heads, config.dim_per_head)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "mask": jnp.zeros((batch, length), bool)}
+
+
+def _block_class(config: ModelConfig):
+  block = DecoderBlock
+  if config.remat_policy != "none":
+    block = nn.remat(block, policy=_REMAT_POLICIES[config.remat_policy],
+                     prevent_cse=not config.scan_layers)
+  return block
+
+
+class Decoder(nn.Module):
+  """Llama-family decoder. head: 'lm' (logits) or 'scalar' (one value per position)."""
+
+  config: ModelConfig
+  head: str = "lm"
+
+  @nn.compact
+  def __call__(self, tokens: Array, mask: Optional[Array] = None,
+               cache: Optional[Cache] = None, cache_index: Optional[Array] = None):
+    """Args:
+      tokens: [B, T] int32 token ids.
+      mask: [B, T] bool, True at real tokens (default: all real).
+      cache: optional KV cache from ``init_cache`` (S slots).
+      cache_index: scalar int32, cache slot of tokens[:, 0] (default 0).
+    Returns:
+      logits [B, T, V] float32 (head='lm') or values [B, T] float32 (head='scalar');
+      with a cache, the tuple (output, new_cache).
+    """
+    cfg = self.config
+    if self.head not in ("lm", "scalar"):
+      raise ValueError(f"Decoder.head={self.head!r}; expected 'lm' or 'scalar'")
+    dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
+    batch, length = tokens.shape
+    if mask is None:
+      mask = jnp.ones((batch, length), bool)
+    mask = mask.astype(bool)
+
+    if cache is None:
+      key_mask = mask                                   # [B, S=T]
+      index = jnp.zeros((), jnp.int32)
+    else:
+      index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+      key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, index, axis=1)
+    slots = key_mask.shape[1]
+    # RoPE position of every slot = number of real tokens before it.
+    slot_positions = jnp.cumsum(key_mask.astype(jnp.int32), axis=1) - 1
+    positions = jax.lax.dynamic_slice_in_dim(slot_positions, index, length, axis=1)
+    positions = jnp.maximum(positions, 0)
+    query_slot = index + jnp.arange(length)[:, None]          # [T, 1]
+    causal = jnp.arange(slots)[None, :] <= query_slot          # [T, S]
+    attn_mask = causal[None] & key_mask[:, None, :]            # [B, T, S]
+
+    embed = embedding(cfg, "embed")
+    x = embed(tokens.astype(jnp.int32))
+    x = constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+
+    block_cls = _block_class(cfg)
+    layer_caches = None if cache is None else (cache["k"], cache["v"])
+    if cfg.scan_layers:
+      stack = nn.scan(
+          block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
+          metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, name="layers")
+      x, new_layer_caches = stack(x, positions, attn_mask, layer_caches, index)
+    else:
+      new_k, new_v = [], []
+      for i in range(cfg.n_layers):
+        layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
+        x, c = block_cls(cfg, name=f"layers_{i}")(x, positions, attn_mask, layer_cache, index)
+        if c is not None:
+          new_k.append(c[0])
+          new_v.append(c[1])
+      new_layer_caches = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
+
+    x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
+    if self.head == "lm":
+      if cfg.tie_embeddings:
+        out = embed.attend(x)
+      else:
+        out = DenseND((cfg.d_model,), (cfg.vocab_size,), (axes.EMBED, axes.VOCAB),
+                      dtype=dtype, param_dtype=pdtype, name="lm_head")(x)
+      out = constrain(out.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.VOCAB))
+    else:
+      out = DenseND((cfg.d_model,), (1,), (axes.EMBED, None), use_bias=True, dtype=jnp.float32,
+                    param_dtype=pdtype, stddev=0.0, name="scalar_head")(x)[..., 0]
+    if cache is None:
+      return out
+    return out, {"k": new_layer_caches[0], "v": new_layer_caches[1], "mask": key_mask}
+
+
+def last_token_index(mask: Array) -> Array:
+  """Index [B] of the last True entry of mask [B, T] (0 if none)."""
+  length = mask.shape[1]
+  idx = jnp.where(mask.astype(bool), jnp.arange(length)[None, :], -1)
+  return jnp.maximum(jnp.max(idx, axis=1), 0)
+
+
+def unstack_scanned_params(params: Any, n_layers: int) -> Any:
+  """Converts params of a scanned decoder to the unrolled layout (layers_0, layers_1, ...)."""
+  params = dict(params)
+  stacked = params.pop("layers")
+  for i in range(n_layers):
+    params[f"layers_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+  return params
+
+
+def stack_unrolled_params(params: Any, n_layers: int) -> Any:
+  """Inverse of ``unstack_scanned_params``."""
+  params = dict(params)
+  layers = [params.pop(f"layers_{i}") for i in range(n_layers)]
+  params["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+  return params
