@@ -157,3 +157,38 @@ class OptimizerConfig:
       raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}; expected 'constant' or 'cosine'")
     if self.learning_rate < 0 or self.warmup_steps < 0:
       raise ValueError("OptimizerConfig.learning_rate and warmup_steps must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """A supervised training run.
+
+  Attributes:
+    num_steps: optimizer steps to reach (a resumed run continues up to it).
+    batch_size: sequences per optimizer step (global, over all devices).
+    seq_len: tokens per sequence (examples are right-padded / truncated to it).
+    num_microbatches: gradient-accumulation splits of each batch (divides batch_size).
+    save_every: checkpoint every this many steps (and always at the end).
+    keep_checkpoints: newest checkpoints kept on disk.
+    async_checkpoint: write checkpoints in the background.
+    seed: data-order and initialisation seed.
+    progress: show a console progress bar.
+  """
+
+  num_steps: int = 100
+  batch_size: int = 8
+  seq_len: int = 256
+  num_microbatches: int = 1
+  save_every: int = 50
+  keep_checkpoints: int = 2
+  async_checkpoint: bool = True
+  seed: int = 0
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ("num_steps", "batch_size", "seq_len", "num_microbatches", "save_every", "keep_checkpoints"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.batch_size % self.num_microbatches:
+      raise ValueError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
+                       f"num_microbatches={self.num_microbatches}")

@@ -64,16 +64,20 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> Tuple[int, int, int]:
     if num_devices % known:
       raise ValueError(f"MeshConfig: {num_devices} devices are not divisible by the fixed dims {dims}")
     dims[free[0]] = num_devices // known
-  if int(np.prod(dims)) != num_devices:
+  if int(np.prod(dims)) > num_devices:
     raise ValueError(
-        f"MeshConfig: data*fsdp*tensor = {int(np.prod(dims))} but there are {num_devices} devices")
+        f"MeshConfig: data*fsdp*tensor = {int(np.prod(dims))} but there are only {num_devices} devices")
   return tuple(dims)
 
 
 def make_mesh(config: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: all)."""
+  """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: all).
+
+  A fully specified mesh smaller than the device count uses the first devices.
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(config, len(devices))
+  devices = devices[:int(np.prod(shape))]
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 

@@ -123,7 +123,7 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
         micro_grad, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree_util.tree_map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

@@ -1,0 +1,789 @@
+"""Import and export of Llama-family checkpoints: HF safetensors and GGUF.
+
+``load_hf``   reads ``config.json`` + ``*.safetensors`` (one file, or shards listed by
+              ``model.safetensors.index.json``) of LlamaForCausalLM (Llama 2/3, TinyLlama,
+              SmolLM2), MistralForCausalLM and Qwen2ForCausalLM.
+``load_gguf`` reads a llama.cpp GGUF file (architecture ``llama``), any quantization the
+              ``gguf`` package can dequantize.
+``save_hf``   writes ``config.json`` + safetensors that ``transformers`` loads.
+
+Both loaders read the checkpoint one tensor at a time and place it straight into its
+final layout: with a mesh, every parameter is built with ``jax.make_array_from_callback``
+on the NamedSharding its logical axes give (``cai_jax.sharding.logical_shardings``), and
+each host reads only the region of each tensor its own devices hold (safetensors) or one
+tensor at a time (GGUF). No pickled file is ever read.
+
+Shapes: V = vocab, D = d_model, L = layers, H = query heads, K = kv heads,
+Dh = head_dim, F = d_ff. HF stores a linear layer as weight [out, in]; GGUF lists the
+same dims reversed (ne0 = in first) and dequantizes to the HF [out, in] array.
+Our params (``scan_layers=True``: per-layer entries stacked on a leading [L] axis under
+``layers``; ``scan_layers=False``: ``layers_0``, ``layers_1``, ... without that axis):
+
+=====================================  =====================================  ======================  =================================
+ours                                   HF (``model.layers.{i}.`` prefix)      GGUF (``blk.{i}.``)     conversion
+=====================================  =====================================  ======================  =================================
+embed/embedding [V, D]                 model.embed_tokens.weight [V, D]       token_embd.weight       as is
+layers/attn_norm/scale [L, D]          input_layernorm.weight [D]             attn_norm.weight        as is
+layers/attn/q_proj/kernel [L, D, H, Dh]  self_attn.q_proj.weight [H*Dh, D]    attn_q.weight           W.T.reshape(D, H, Dh) (GGUF: un-permute first)
+layers/attn/q_proj/bias [L, H, Dh]     self_attn.q_proj.bias [H*Dh]           attn_q.bias             b.reshape(H, Dh) (Qwen2 only)
+layers/attn/k_proj/kernel [L, D, K, Dh]  self_attn.k_proj.weight [K*Dh, D]    attn_k.weight           W.T.reshape(D, K, Dh) (GGUF: un-permute first)
+layers/attn/k_proj/bias [L, K, Dh]     self_attn.k_proj.bias [K*Dh]           attn_k.bias             b.reshape(K, Dh) (Qwen2 only)
+layers/attn/v_proj/kernel [L, D, K, Dh]  self_attn.v_proj.weight [K*Dh, D]    attn_v.weight           W.T.reshape(D, K, Dh)
+layers/attn/v_proj/bias [L, K, Dh]     self_attn.v_proj.bias [K*Dh]           attn_v.bias             b.reshape(K, Dh) (Qwen2 only)
+layers/attn/o_proj/kernel [L, H, Dh, D]  self_attn.o_proj.weight [D, H*Dh]    attn_output.weight      W.T.reshape(H, Dh, D)
+layers/mlp_norm/scale [L, D]           post_attention_layernorm.weight [D]    ffn_norm.weight         as is
+layers/mlp/gate_proj/kernel [L, D, F]  mlp.gate_proj.weight [F, D]            ffn_gate.weight         W.T
+layers/mlp/up_proj/kernel [L, D, F]    mlp.up_proj.weight [F, D]              ffn_up.weight           W.T
+layers/mlp/down_proj/kernel [L, F, D]  mlp.down_proj.weight [D, F]            ffn_down.weight         W.T
+final_norm/scale [D]                   model.norm.weight [D]                  output_norm.weight      as is
+lm_head/kernel [D, V]                  lm_head.weight [V, D]                  output.weight           W.T (absent when tied)
+=====================================  =====================================  ======================  =================================
+
+RoPE: our ``apply_rope`` uses HF's rotate-half convention, so HF q/k weights map
+directly. llama.cpp's converter permutes the rows of q and k within each head to the
+interleaved (GPT-J) convention: HF row ``h*Dh + j*Dh/2 + i`` (j in {0, 1}) becomes GGUF
+row ``h*Dh + 2*i + j``; ``load_gguf`` undoes this (query heads for q, kv heads for k).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' dtype for safetensors)
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from cai_jax import models
+from cai_jax import sharding as sharding_lib
+from cai_jax.configs import MeshConfig, ModelConfig, dtype_from_name
+
+Params = Any
+Region = Tuple[Tuple[int, int], ...]   # per-dim [start, stop) of an array
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM"}
+
+# Files copied next to an export from `tokenizer_dir`.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _f32(x: float) -> float:
+  """Shortest decimal of a float32 value (GGUF stores 1e-5 as 9.99999974e-06)."""
+  return float(str(np.float32(x)))
+
+
+def config_from_hf(config_json: Dict[str, Any], **overrides) -> ModelConfig:
+  """ModelConfig for an HF ``config.json`` dict (Llama / Mistral / Qwen2 causal LMs).
+
+  Handles both the legacy keys (``rope_theta``, ``rope_scaling``) and transformers 5's
+  ``rope_parameters``; only the default and 'llama3' RoPE types are supported. A
+  sliding window (Mistral v0.1; Qwen2 with ``use_sliding_window``) caps ``max_seq_len``
+  at the window, within which full causal attention is identical. ``overrides`` are
+  further ModelConfig fields (e.g. ``scan_layers=False``, ``dtype='bfloat16'``).
+  Raises ValueError naming any unsupported architecture or feature.
+  """
+  archs = list(config_json.get("architectures") or [])
+  if not archs:
+    model_type = config_json.get("model_type")
+    if model_type not in _MODEL_TYPES:
+      raise ValueError(f"config.json has no 'architectures' and model_type {model_type!r} is not one of "
+                       f"{sorted(_MODEL_TYPES)}")
+    archs = [_MODEL_TYPES[model_type]]
+  for arch in archs:
+    if arch not in SUPPORTED_ARCHITECTURES:
+      raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+  arch = archs[0]
+
+  c = config_json
+  act = c.get("hidden_act", c.get("hidden_activation", "silu"))
+  if act != "silu":
+    raise ValueError(f"{arch}: hidden_act {act!r} is not supported (only 'silu')")
+  if c.get("mlp_bias"):
+    raise ValueError(f"{arch}: mlp_bias=True is not supported")
+  if arch == "Qwen2ForCausalLM":
+    qkv_bias = True
+  else:
+    if c.get("attention_bias"):
+      raise ValueError(f"{arch}: attention_bias=True (biases on q, k, v and o) is not supported")
+    qkv_bias = False
+
+  d_model = int(c["hidden_size"])
+  n_heads = int(c["num_attention_heads"])
+  n_kv = int(c.get("num_key_value_heads") or n_heads)
+  head_dim = c.get("head_dim")
+  if head_dim is not None and d_model % n_heads == 0 and int(head_dim) == d_model // n_heads:
+    head_dim = None
+
+  rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+  if any(isinstance(v, dict) for v in rope.values()):
+    raise ValueError(f"{arch}: per-layer-type rope_parameters are not supported: {rope}")
+  rope_theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+  scaling = c.get("rope_scaling") or rope
+  rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+  rope_kwargs = {}
+  if rope_type == "llama3":
+    rope_kwargs = dict(
+        rope_scaling_factor=float(scaling["factor"]),
+        rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        rope_original_max_len=int(scaling.get("original_max_position_embeddings", 8192)))
+  elif rope_type not in (None, "default"):
+    raise ValueError(f"{arch}: rope type {rope_type!r} is not supported (only default and 'llama3')")
+
+  max_len = int(c.get("max_position_embeddings") or 2048)
+  window = None
+  if arch == "MistralForCausalLM" or c.get("use_sliding_window"):
+    window = c.get("sliding_window")
+  if window:
+    max_len = min(max_len, int(window))
+
+  kwargs = dict(
+      vocab_size=int(c["vocab_size"]), d_model=d_model, n_layers=int(c["num_hidden_layers"]),
+      n_heads=n_heads, n_kv_heads=n_kv, d_ff=int(c["intermediate_size"]),
+      head_dim=None if head_dim is None else int(head_dim), max_seq_len=max_len,
+      rope_theta=float(rope_theta), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(c.get("tie_word_embeddings", False)), qkv_bias=qkv_bias, **rope_kwargs)
+  kwargs.update(overrides)
+  return ModelConfig(**kwargs)
+
+
+def hf_config_from(config: ModelConfig) -> Dict[str, Any]:
+  """HF ``config.json`` dict for a ModelConfig: LlamaForCausalLM, or Qwen2ForCausalLM when
+  qkv_bias. Uses the legacy ``rope_theta`` / ``rope_scaling`` keys, which transformers 4
+  and 5 both read."""
+  qwen = config.qkv_bias
+  out = {
+      "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+      "model_type": "qwen2" if qwen else "llama",
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.d_model,
+      "intermediate_size": config.d_ff,
+      "num_hidden_layers": config.n_layers,
+      "num_attention_heads": config.n_heads,
+      "num_key_value_heads": config.n_kv_heads,
+      "head_dim": config.dim_per_head,
+      "hidden_act": "silu",
+      "max_position_embeddings": config.max_seq_len,
+      "rms_norm_eps": config.norm_eps,
+      "rope_theta": config.rope_theta,
+      "rope_scaling": None,
+      "tie_word_embeddings": config.tie_embeddings,
+      "torch_dtype": config.param_dtype,
+      "initializer_range": 0.02,
+      "attention_dropout": 0.0,
+      "use_cache": True,
+  }
+  if config.rope_scaling_factor and config.rope_scaling_factor > 0:
+    out["rope_scaling"] = {
+        "rope_type": "llama3", "factor": config.rope_scaling_factor,
+        "low_freq_factor": config.rope_low_freq_factor,
+        "high_freq_factor": config.rope_high_freq_factor,
+        "original_max_position_embeddings": config.rope_original_max_len}
+  if qwen:
+    out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+  else:
+    out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+  return out
+
+
+# --------------------------------------------------------------------------- name mapping
+
+# Kinds of conversion from an HF tensor to our per-layer array (see the module table).
+_COPY = "copy"              # same array
+_TRANSPOSE = "transpose"    # [out, in] -> [in, out]
+_HEADS_IN = "heads_in"      # [N*Dh, D] -> [D, N, Dh]   (q, k, v kernels)
+_HEADS_OUT = "heads_out"    # [D, N*Dh] -> [N, Dh, D]   (o kernel)
+_HEADS_BIAS = "heads_bias"  # [N*Dh]    -> [N, Dh]      (q, k, v biases)
+
+_BLOCK_MAP = {
+    ("attn_norm", "scale"): ("input_layernorm.weight", _COPY),
+    ("mlp_norm", "scale"): ("post_attention_layernorm.weight", _COPY),
+    ("attn", "q_proj", "kernel"): ("self_attn.q_proj.weight", _HEADS_IN),
+    ("attn", "k_proj", "kernel"): ("self_attn.k_proj.weight", _HEADS_IN),
+    ("attn", "v_proj", "kernel"): ("self_attn.v_proj.weight", _HEADS_IN),
+    ("attn", "q_proj", "bias"): ("self_attn.q_proj.bias", _HEADS_BIAS),
+    ("attn", "k_proj", "bias"): ("self_attn.k_proj.bias", _HEADS_BIAS),
+    ("attn", "v_proj", "bias"): ("self_attn.v_proj.bias", _HEADS_BIAS),
+    ("attn", "o_proj", "kernel"): ("self_attn.o_proj.weight", _HEADS_OUT),
+    ("mlp", "gate_proj", "kernel"): ("mlp.gate_proj.weight", _TRANSPOSE),
+    ("mlp", "up_proj", "kernel"): ("mlp.up_proj.weight", _TRANSPOSE),
+    ("mlp", "down_proj", "kernel"): ("mlp.down_proj.weight", _TRANSPOSE),
+}
+_TOP_MAP = {
+    ("embed", "embedding"): ("model.embed_tokens.weight", _COPY),
+    ("final_norm", "scale"): ("model.norm.weight", _COPY),
+    ("lm_head", "kernel"): ("lm_head.weight", _TRANSPOSE),
+}
+
+# HF name (after the layer prefix) -> GGUF name.
+_GGUF_BLOCK_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GGUF_TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def hf_to_gguf_name(hf_name: str) -> str:
+  """GGUF tensor name of an HF tensor name (e.g. model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight)."""
+  if hf_name in _GGUF_TOP_NAMES:
+    return _GGUF_TOP_NAMES[hf_name]
+  parts = hf_name.split(".", 3)
+  if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _GGUF_BLOCK_NAMES:
+    return f"blk.{parts[2]}.{_GGUF_BLOCK_NAMES[parts[3]]}"
+  raise KeyError(f"no GGUF name for HF tensor {hf_name!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """How one of our parameter leaves is made from HF tensors.
+
+  names: HF tensor names, one per layer when stacked (leaf has a leading [L] axis), else one.
+  kind: one of the conversion kinds above.
+  head_dim: Dh, used by the heads kinds.
+  """
+  names: Tuple[str, ...]
+  kind: str
+  stacked: bool
+  head_dim: int
+
+
+def _plan(path: Tuple[str, ...], config: ModelConfig) -> _Plan:
+  hd = config.dim_per_head
+  if path in _TOP_MAP:
+    name, kind = _TOP_MAP[path]
+    return _Plan((name,), kind, False, hd)
+  head, rest = path[0], tuple(path[1:])
+  if rest in _BLOCK_MAP:
+    suffix, kind = _BLOCK_MAP[rest]
+    if head == "layers":
+      return _Plan(tuple(f"model.layers.{i}.{suffix}" for i in range(config.n_layers)), kind, True, hd)
+    if head.startswith("layers_") and head[len("layers_"):].isdigit():
+      return _Plan((f"model.layers.{int(head[len('layers_'):])}.{suffix}",), kind, False, hd)
+  raise ValueError(f"parameter {'/'.join(path)} has no checkpoint counterpart "
+                   "(only the LM-head decoder converts)")
+
+
+def _hf_shape(kind: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+  """HF tensor shape for our per-layer shape."""
+  if kind == _COPY:
+    return tuple(shape)
+  if kind == _TRANSPOSE:
+    return (shape[1], shape[0])
+  if kind == _HEADS_IN:
+    d, n, hd = shape
+    return (n * hd, d)
+  if kind == _HEADS_OUT:
+    n, hd, d = shape
+    return (d, n * hd)
+  if kind == _HEADS_BIAS:
+    n, hd = shape
+    return (n * hd,)
+  raise AssertionError(kind)
+
+
+def _to_ours(kind: str, w: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+  """Full HF tensor -> our per-layer array of `shape`."""
+  if kind == _COPY:
+    return w
+  if kind == _TRANSPOSE:
+    return w.T
+  if kind == _HEADS_IN:
+    return w.T.reshape(shape)
+  if kind == _HEADS_OUT:
+    return w.T.reshape(shape)
+  if kind == _HEADS_BIAS:
+    return w.reshape(shape)
+  raise AssertionError(kind)
+
+
+def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
+  """Our per-layer array -> HF tensor (inverse of _to_ours)."""
+  if kind == _COPY:
+    return x
+  if kind == _TRANSPOSE:
+    return x.T
+  if kind == _HEADS_IN:
+    d = x.shape[0]
+    return x.reshape(d, -1).T
+  if kind == _HEADS_OUT:
+    d = x.shape[-1]
+    return x.reshape(-1, d).T
+  if kind == _HEADS_BIAS:
+    return x.reshape(-1)
+  raise AssertionError(kind)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _Source:
+  """Tensors by HF name, HF layout. read() returns the region [start, stop) per dim."""
+
+  def shape(self, name: str) -> Optional[Tuple[int, ...]]:
+    raise NotImplementedError
+
+  def read(self, name: str, region: Region) -> np.ndarray:
+    raise NotImplementedError
+
+  def names(self) -> List[str]:
+    raise NotImplementedError
+
+
+class _SafetensorsSource(_Source):
+  """Reads slices of tensors lazily from one or more safetensors files."""
+
+  def __init__(self, weight_map: Dict[str, str], stack: contextlib.ExitStack):
+    from safetensors import safe_open
+    self._map = weight_map
+    self._handles = {}
+    self._stack = stack
+    self._open = safe_open
+
+  def _handle(self, name):
+    file = self._map[name]
+    if file not in self._handles:
+      self._handles[file] = self._stack.enter_context(self._open(file, framework="numpy"))
+    return self._handles[file]
+
+  def names(self):
+    return list(self._map)
+
+  def shape(self, name):
+    if name not in self._map:
+      return None
+    return tuple(int(s) for s in self._handle(name).get_slice(name).get_shape())
+
+  def read(self, name, region):
+    sl = self._handle(name).get_slice(name)
+    return np.asarray(sl[tuple(slice(a, b) for a, b in region)])
+
+
+def _unpermute_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
+  """Inverse of llama.cpp's q/k permutation on whole heads: w [n*Dh, ...] (GGUF row order)."""
+  n = w.shape[0] // head_dim
+  return (w.reshape(n, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+class _GGUFSource(_Source):
+  """Dequantizes GGUF tensors (rows on demand) and presents them under HF names."""
+
+  def __init__(self, reader, head_dim: int):
+    self._tensors = {t.name: t for t in reader.tensors}
+    self._hd = head_dim
+
+  def names(self):
+    out = []
+    for name in self._tensors:
+      for hf, gg in _GGUF_TOP_NAMES.items():
+        if gg == name:
+          out.append(hf)
+      if name.startswith("blk."):
+        _, i, rest = name.split(".", 2)
+        for hf, gg in _GGUF_BLOCK_NAMES.items():
+          if gg == rest:
+            out.append(f"model.layers.{i}.{hf}")
+    return out
+
+  def _tensor(self, name):
+    try:
+      return self._tensors.get(hf_to_gguf_name(name))
+    except KeyError:
+      return None
+
+  def shape(self, name):
+    t = self._tensor(name)
+    return None if t is None else tuple(int(s) for s in reversed(t.shape))
+
+  def read(self, name, region):
+    from gguf.quants import dequantize
+    t = self._tensor(name)
+    full = self.shape(name)
+    (r0, r1), rest = region[0], region[1:]
+    permuted = name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
+    if permuted and (r0 % self._hd or r1 % self._hd):
+      raise AssertionError(f"{name}: rows [{r0}, {r1}) do not cover whole heads")
+    w = dequantize(np.asarray(t.data[r0:r1]), t.tensor_type)
+    w = np.asarray(w, np.float32).reshape((r1 - r0,) + full[1:])
+    if permuted:
+      pass
+    return w[(slice(None),) + tuple(slice(a, b) for a, b in rest)]
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def _norm_index(index: Sequence[slice], shape: Tuple[int, ...]) -> Region:
+  out = []
+  for s, d in zip(index, shape):
+    start, stop, step = s.indices(d)
+    if step != 1:
+      raise AssertionError(f"strided shard index {s}")
+    out.append((start, stop))
+  return tuple(out)
+
+
+def _read_region(source: _Source, name: str, kind: str, region: Region, hd: int) -> np.ndarray:
+  """Our per-layer array restricted to `region`, reading only what it needs."""
+  if kind == _COPY:
+    return source.read(name, region)
+  if kind == _TRANSPOSE:
+    return source.read(name, (region[1], region[0])).T
+  if kind == _HEADS_IN:
+    (d0, d1), (n0, n1), (h0, h1) = region
+    w = source.read(name, ((n0 * hd, n1 * hd), (d0, d1)))
+    return w.reshape(n1 - n0, hd, d1 - d0).transpose(2, 0, 1)[:, :, h0:h1]
+  if kind == _HEADS_OUT:
+    (n0, n1), (h0, h1), (d0, d1) = region
+    w = source.read(name, ((d0, d1), (n0 * hd, n1 * hd)))
+    return w.reshape(d1 - d0, n1 - n0, hd).transpose(1, 2, 0)[:, h0:h1, :]
+  if kind == _HEADS_BIAS:
+    (n0, n1), (h0, h1) = region
+    return source.read(name, ((n0 * hd, n1 * hd),)).reshape(n1 - n0, hd)[:, h0:h1]
+  raise AssertionError(kind)
+
+
+def _materialize(plan: _Plan, shape: Tuple[int, ...], dtype, sharding, source: _Source) -> jax.Array:
+  """Builds one parameter directly in `sharding`: each distinct shard this host holds is
+  filled from one read per source tensor covering all of this host's shards."""
+  index_map = sharding.addressable_devices_indices_map(shape)
+  keys = sorted({_norm_index(idx, shape) for idx in index_map.values()})
+  bbox = tuple((min(k[i][0] for k in keys), max(k[i][1] for k in keys)) for i in range(len(shape)))
+  bufs = {k: np.empty([b - a for a, b in k], dtype) for k in keys}
+
+  def rel(k, box):
+    return tuple(slice(a - b0, b - b0) for (a, b), (b0, _) in zip(k, box))
+
+  if plan.stacked:
+    (l0, l1), inner = bbox[0], bbox[1:]
+    for layer in range(l0, l1):
+      region = _read_region(source, plan.names[layer], plan.kind, inner, plan.head_dim)
+      for k in keys:
+        if k[0][0] <= layer < k[0][1]:
+          bufs[k][layer - k[0][0]] = region[rel(k[1:], inner)]
+  else:
+    region = _read_region(source, plan.names[0], plan.kind, bbox, plan.head_dim)
+    for k in keys:
+      bufs[k][...] = region[rel(k, bbox)]
+  return jax.make_array_from_callback(shape, sharding, lambda idx: bufs[_norm_index(idx, shape)])
+
+
+def _load_params(config: ModelConfig, source: _Source, mesh: Optional[Mesh], rules) -> Params:
+  """Checks every tensor's presence and shape, then builds the param tree leaf by leaf."""
+  abstract = models.abstract_params(config)
+  shapes = traverse_util.flatten_dict(sharding_lib.unbox_shapes(abstract))
+  if mesh is not None:
+    rules = sharding_lib.rules_for(MeshConfig().rules) if rules is None else rules
+    shardings = traverse_util.flatten_dict(sharding_lib.logical_shardings(abstract, mesh, rules))
+  else:
+    single = SingleDeviceSharding(jax.devices()[0])
+    shardings = {path: single for path in shapes}
+  plans = {path: _plan(path, config) for path in shapes}
+
+  used = set()
+  for path, plan in plans.items():
+    per_layer = shapes[path].shape[1:] if plan.stacked else shapes[path].shape
+    want = _hf_shape(plan.kind, tuple(per_layer))
+    for name in plan.names:
+      got = source.shape(name)
+      if got is None:
+        raise ValueError(f"checkpoint is missing tensor {name!r} (expected shape {want}) "
+                         f"needed for parameter {'/'.join(path)}")
+      if tuple(got) != want:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(got)} but the model expects "
+                         f"{want} (parameter {'/'.join(path)}, config {config})")
+      used.add(name)
+  unused = sorted(set(source.names()) - used)
+  if unused:
+    logging.info("convert: ignoring %d checkpoint tensors: %s", len(unused), unused[:8])
+
+  dtype = np.dtype(dtype_from_name(config.param_dtype))
+  out = {}
+  for path, plan in plans.items():
+    out[path] = _materialize(plan, tuple(shapes[path].shape), dtype, shardings[path], source)
+  return traverse_util.unflatten_dict(out)
+
+
+def _dtype_name(dtype) -> str:
+  if isinstance(dtype, str):
+    dtype_from_name(dtype)
+    return dtype
+  name = jnp.dtype(dtype).name
+  dtype_from_name(name)
+  return name
+
+
+# --------------------------------------------------------------------------- HF safetensors
+
+
+def _weight_map(directory: str) -> Dict[str, str]:
+  index = os.path.join(directory, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      wm = json.load(f)["weight_map"]
+    return {name: os.path.join(directory, file) for name, file in wm.items()}
+  files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+  if not files:
+    raise ValueError(f"no *.safetensors files in {directory} (pickled .bin/.pt checkpoints are not read)")
+  from safetensors import safe_open
+  out = {}
+  for file in files:
+    with safe_open(file, framework="numpy") as f:
+      for name in f.keys():
+        out[name] = file
+  return out
+
+
+def load_hf(path: str, config: Optional[ModelConfig] = None, mesh: Optional[Mesh] = None,
+            rules=None, dtype=None) -> Tuple[ModelConfig, Params]:
+  """Loads an HF Llama / Mistral / Qwen2 checkpoint directory into our params.
+
+  Args:
+    path: directory with config.json and model.safetensors (or shards + index); a path
+      to a .safetensors file uses the config.json beside it.
+    config: ModelConfig to load into (e.g. with scan_layers=False or another compute
+      dtype); default ``config_from_hf(config.json)``. Its tie_embeddings and qkv_bias
+      must match the checkpoint; shapes are checked tensor by tensor.
+    mesh: place every parameter directly in its NamedSharding on this mesh (default:
+      the first device).
+    rules: logical-axis rules for the mesh (default: the 'fsdp' preset).
+    dtype: storage dtype of the loaded params ('float32', 'bfloat16', 'float16' or a
+      dtype); sets the returned config's param_dtype. Default: config.param_dtype.
+  Returns:
+    (config, params) with params in the layout of ``models.init(config, ...)``.
+  Raises:
+    ValueError naming a missing tensor, or a tensor and both shapes on a mismatch.
+  """
+  directory = path if os.path.isdir(path) else os.path.dirname(path)
+  with open(os.path.join(directory, "config.json")) as f:
+    config_json = json.load(f)
+  hf_cfg = config_from_hf(config_json)
+  if config is None:
+    config = hf_cfg
+  else:
+    for field in ("tie_embeddings", "qkv_bias"):
+      if getattr(config, field) != getattr(hf_cfg, field):
+        raise ValueError(f"config.{field}={getattr(config, field)} but the checkpoint has "
+                         f"{getattr(hf_cfg, field)}")
+    for field in ("rope_theta", "norm_eps", "rope_scaling_factor"):
+      if getattr(config, field) != getattr(hf_cfg, field):
+        logging.warning("load_hf: config.%s=%s differs from the checkpoint's %s", field,
+                        getattr(config, field), getattr(hf_cfg, field))
+  if dtype is not None:
+    config = dataclasses.replace(config, param_dtype=_dtype_name(dtype))
+  if os.path.isdir(path):
+    weight_map = _weight_map(path)
+  else:
+    from safetensors import safe_open
+    with safe_open(path, framework="numpy") as f:
+      weight_map = {name: path for name in f.keys()}
+  with contextlib.ExitStack() as stack:
+    source = _SafetensorsSource(weight_map, stack)
+    params = _load_params(config, source, mesh, rules)
+  return config, params
+
+
+def _host_array(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: Optional[str] = None,
+            max_shard_bytes: int = 5 * 2**30) -> None:
+  """Exports LM params as an HF checkpoint: config.json + safetensors (+ tokenizer files).
+
+  Args:
+    params: params of ``models.init(config, ...)`` layout (scanned or unrolled as config says).
+    config: their ModelConfig. Written as LlamaForCausalLM, or Qwen2ForCausalLM when qkv_bias.
+    directory: created if needed.
+    tokenizer_dir: optional directory whose tokenizer files (tokenizer.json,
+      tokenizer_config.json, special_tokens_map.json, tokenizer.model, ...) are copied.
+    max_shard_bytes: shard size above which a new model-0000i-of-0000N.safetensors file
+      starts (an index is written when there is more than one).
+  Tensors are written in config.param_dtype, one parameter at a time. With several
+  processes every process must call this; only process 0 writes.
+  """
+  from safetensors.numpy import save_file
+  flat = traverse_util.flatten_dict(params)
+  expected = traverse_util.flatten_dict(sharding_lib.unbox_shapes(models.abstract_params(config)))
+  if set(flat) != set(expected):
+    missing = sorted("/".join(p) for p in set(expected) - set(flat))
+    extra = sorted("/".join(p) for p in set(flat) - set(expected))
+    raise ValueError(f"params do not match the config's layout: missing {missing}, unexpected {extra}")
+  for path, x in flat.items():
+    if tuple(x.shape) != tuple(expected[path].shape):
+      raise ValueError(f"parameter {'/'.join(path)} has shape {tuple(x.shape)} but config expects "
+                       f"{tuple(expected[path].shape)}")
+  writer = jax.process_index() == 0
+  dtype = np.dtype(dtype_from_name(config.param_dtype))
+  if writer:
+    os.makedirs(directory, exist_ok=True)
+
+  order = sorted(flat, key=lambda p: (p[0] != "embed", p[0].startswith("layers"), p))
+  shards: List[Dict[str, np.ndarray]] = [{}]
+  size = 0
+  written: List[Tuple[str, List[str]]] = []
+  tmp_names = []
+
+  def flush():
+    nonlocal size
+    if not shards[-1]:
+      return
+    tmp = os.path.join(directory, f".shard-{len(tmp_names):05d}.safetensors")
+    save_file(shards[-1], tmp, metadata={"format": "pt"})
+    tmp_names.append((tmp, sorted(shards[-1])))
+    shards[-1] = {}
+    size = 0
+
+  for path in order:
+    plan = _plan(path, config)
+    host = _host_array(flat[path])
+    if not writer:
+      continue
+    per_layer = [host[i] for i in range(host.shape[0])] if plan.stacked else [host]
+    for name, x in zip(plan.names, per_layer):
+      t = np.ascontiguousarray(_to_hf(plan.kind, x).astype(dtype))
+      if size and size + t.nbytes > max_shard_bytes:
+        flush()
+      shards[-1][name] = t
+      size += t.nbytes
+    del host, per_layer
+  if not writer:
+    return
+  flush()
+
+  n = len(tmp_names)
+  weight_map = {}
+  total = 0
+  for i, (tmp, names) in enumerate(tmp_names):
+    final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    os.replace(tmp, os.path.join(directory, final))
+    for name in names:
+      weight_map[name] = final
+  for path in flat:
+    total += math.prod(flat[path].shape) * dtype.itemsize
+  if n > 1:
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(hf_config_from(config), f, indent=2)
+  if tokenizer_dir is not None:
+    for name in _TOKENIZER_FILES:
+      src = os.path.join(tokenizer_dir, name)
+      if os.path.exists(src):
+        shutil.copyfile(src, os.path.join(directory, name))
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def _gguf_value(reader, key: str, default=None):
+  field = reader.fields.get(key)
+  if field is None:
+    return default
+  return field.contents()
+
+
+def config_from_gguf(reader, **overrides) -> ModelConfig:
+  """ModelConfig from a GGUFReader's ``llama.*`` metadata (see the module docstring).
+
+  vocab_size is the length of tokenizer.ggml.tokens (else llama.vocab_size); embeddings
+  are tied when the file has no output.weight. Raises ValueError for another
+  architecture, partial rotary, RoPE scaling, or a split file.
+  """
+  arch = _gguf_value(reader, "general.architecture")
+  if arch != "llama":
+    raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: 'llama'")
+  if (_gguf_value(reader, "split.count", 1) or 1) > 1:
+    raise ValueError("split GGUF files (split.count > 1) are not supported; merge them first")
+
+  def get(key, default=None, required=False):
+    value = _gguf_value(reader, f"{arch}.{key}", default)
+    if required and value is None:
+      raise ValueError(f"GGUF metadata is missing {arch}.{key}")
+    return value
+
+  d_model = int(get("embedding_length", required=True))
+  n_heads = int(get("attention.head_count", required=True))
+  n_kv = int(get("attention.head_count_kv", n_heads))
+  head_dim = int(get("attention.key_length", d_model // n_heads))
+  rot = get("rope.dimension_count")
+  if rot is not None and int(rot) != head_dim:
+    raise ValueError(f"GGUF rope.dimension_count={rot} != head_dim={head_dim}: partial rotary is not supported")
+  scaling = get("rope.scaling.type")
+  tensor_names = {t.name for t in reader.tensors}
+  if (scaling not in (None, "none")) or "rope_freqs.weight" in tensor_names:
+    raise ValueError(f"GGUF RoPE scaling ({scaling or 'rope_freqs.weight'}) is not supported")
+  tokens = reader.fields.get("tokenizer.ggml.tokens")
+  vocab = len(tokens.data) if tokens is not None else get("vocab_size")
+  if vocab is None:
+    raise ValueError("GGUF has neither tokenizer.ggml.tokens nor llama.vocab_size")
+  kwargs = dict(
+      vocab_size=int(vocab), d_model=d_model, n_layers=int(get("block_count", required=True)),
+      n_heads=n_heads, n_kv_heads=n_kv, d_ff=int(get("feed_forward_length", required=True)),
+      head_dim=None if head_dim * n_heads == d_model else head_dim,
+      max_seq_len=int(get("context_length", 2048)),
+      rope_theta=_f32(get("rope.freq_base", 10000.0)),
+      norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+      tie_embeddings="output.weight" not in tensor_names, qkv_bias=False)
+  kwargs.update(overrides)
+  return ModelConfig(**kwargs)
+
+
+def load_gguf(path: str, mesh: Optional[Mesh] = None, rules=None, config: Optional[ModelConfig] = None,
+              dtype=None) -> Tuple[ModelConfig, Params]:
+  """Loads a llama-architecture GGUF file into our params (dequantized to float32, then cast).
+
+  Args:
+    path: the .gguf file.
+    mesh, rules: as in ``load_hf``.
+    config: optional ModelConfig to load into (default ``config_from_gguf``); shapes are
+      checked tensor by tensor.
+    dtype: storage dtype of the params (sets param_dtype); default config.param_dtype.
+  Returns:
+    (config, params). q/k rows are un-permuted back to HF's rotate-half order.
+  """
+  import gguf
+  reader = gguf.GGUFReader(path)
+  gguf_cfg = config_from_gguf(reader)
+  if config is None:
+    config = gguf_cfg
+  elif config.tie_embeddings != gguf_cfg.tie_embeddings or config.qkv_bias:
+    raise ValueError(f"config (tie_embeddings={config.tie_embeddings}, qkv_bias={config.qkv_bias}) "
+                     f"does not match the GGUF file (tie_embeddings={gguf_cfg.tie_embeddings}, qkv_bias=False)")
+  if dtype is not None:
+    config = dataclasses.replace(config, param_dtype=_dtype_name(dtype))
+  source = _GGUFSource(reader, config.dim_per_head)
+  return config, _load_params(config, source, mesh, rules)

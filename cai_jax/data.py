@@ -1,0 +1,161 @@
+"""Training data: JSONL / TFDS readers and grain pipelines of fixed-shape batches.
+
+An *example* is a dict in one of three forms:
+  {"text": str}                                   loss on every token
+  {"prompt": str, "completion": str}              a user turn and an assistant turn
+  {"messages": [{"role": ..., "content": ...}]}   a conversation; loss on assistant turns
+Tokenized, each becomes ``{"tokens", "mask", "loss_mask"}``, each [seq_len]
+(int32, bool, bool), right-padded with the tokenizer's pad id and truncated on
+the right. Batching stacks them to [batch, seq_len].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import grain
+import numpy as np
+
+Example = Dict[str, Any]
+
+
+class DataError(ValueError):
+  """Malformed input data; the message names the file and line or field."""
+
+
+def read_jsonl(path: str) -> List[Example]:
+  """Reads a JSONL file of objects; errors name the file and 1-based line number."""
+  if not os.path.exists(path):
+    raise DataError(f"{path}: no such file")
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+      if not isinstance(row, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+      rows.append(row)
+  if not rows:
+    raise DataError(f"{path}: no examples")
+  return rows
+
+
+def read_tfds(name: str, split: str, data_dir: Optional[str] = None) -> Sequence[Example]:
+  """Random-access TFDS source (array_record, no TensorFlow); bytes fields decoded to str."""
+  import tensorflow_datasets as tfds  # deferred: heavy import
+  source = tfds.data_source(name, split=split, data_dir=data_dir)
+  return _DecodedSource(source)
+
+
+class _DecodedSource:
+  """Wraps a random-access source so bytes values come back as str."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    return {k: _to_py(v) for k, v in self._source[i].items()}
+
+
+def _to_py(v):
+  if isinstance(v, bytes):
+    return v.decode("utf-8")
+  if isinstance(v, np.ndarray) and v.dtype == object:
+    return [_to_py(x) for x in v.tolist()]
+  if isinstance(v, dict):
+    return {k: _to_py(x) for k, x in v.items()}
+  return v
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_path(path: str) -> str:
+  """A relative path is looked up in the working directory, then in the repository root
+  (so the shipped gin files can name shipped data as 'data/...')."""
+  if os.path.isabs(path) or os.path.exists(path):
+    return path
+  candidate = os.path.join(REPO_ROOT, path)
+  return candidate if os.path.exists(candidate) else path
+
+
+def load_examples(spec: str, data_dir: Optional[str] = None) -> Sequence[Example]:
+  """'path.jsonl' or 'tfds:NAME[/CONFIG]:SPLIT' -> random-access examples."""
+  if spec.startswith("tfds:"):
+    parts = spec.split(":")
+    if len(parts) != 3:
+      raise DataError(f"dataset {spec!r}: expected 'tfds:NAME:SPLIT'")
+    return read_tfds(parts[1], parts[2], data_dir)
+  if spec.endswith(".jsonl") or os.path.exists(spec):
+    return read_jsonl(resolve_path(spec))
+  raise DataError(f"dataset {spec!r}: not a .jsonl file or 'tfds:NAME:SPLIT'")
+
+
+def example_messages(example: Example, where: str = "example") -> Optional[List[Dict[str, str]]]:
+  """The conversation of a prompt/completion or messages example (None for plain text)."""
+  if "messages" in example:
+    msgs = example["messages"]
+    if not isinstance(msgs, list) or not msgs:
+      raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for j, m in enumerate(msgs):
+      if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise DataError(f"{where}: messages[{j}] needs 'role' and 'content'")
+    return msgs
+  if "prompt" in example and "completion" in example:
+    return [{"role": "user", "content": example["prompt"]},
+            {"role": "assistant", "content": example["completion"]}]
+  if "text" in example:
+    return None
+  raise DataError(f"{where}: expected a 'text', 'prompt'+'completion' or 'messages' field, "
+                  f"got keys {sorted(example)}")
+
+
+def tokenize_example(example: Example, tokenizer: Any, chat_format: str, seq_len: int,
+                     where: str = "example") -> Dict[str, np.ndarray]:
+  """One example -> {'tokens' [seq_len] int32, 'mask' [seq_len] bool, 'loss_mask' [seq_len] bool}."""
+  from cai_jax.tokenizer import encode_chat  # local: keeps data importable without tokenizers
+  msgs = example_messages(example, where)
+  if msgs is None:
+    ids = list(tokenizer.encode(example["text"]))
+    if tokenizer.eos_id is not None:
+      ids.append(tokenizer.eos_id)
+    train = [True] * len(ids)
+  else:
+    ids, train = encode_chat(tokenizer, msgs, chat_format)
+  ids, train = list(ids)[:seq_len], list(train)[:seq_len]
+  n = len(ids)
+  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  tokens = np.full((seq_len,), pad, np.int32)
+  tokens[:n] = ids
+  mask = np.zeros((seq_len,), bool)
+  mask[:n] = True
+  loss_mask = np.zeros((seq_len,), bool)
+  loss_mask[:n] = train
+  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+
+
+def lm_dataset(examples: Sequence[Example], tokenizer: Any, chat_format: str, seq_len: int,
+               batch_size: int, seed: int, num_epochs: Optional[int] = None) -> grain.MapDataset:
+  """Shuffled, repeated (forever if num_epochs is None), batched grain dataset.
+
+  Each element is a dict of [batch_size, seq_len] arrays. Its iterator's state
+  (``get_state()``) is a small JSON dict that checkpoints store, so a resumed
+  run continues at the exact next batch.
+  """
+  if len(examples) == 0:
+    raise DataError("dataset is empty")
+  if len(examples) < batch_size:
+    raise DataError(f"dataset has {len(examples)} examples, fewer than batch_size={batch_size}")
+  ds = grain.MapDataset.source(examples).shuffle(seed=seed)
+  ds = ds.map(lambda ex: tokenize_example(ex, tokenizer, chat_format, seq_len))
+  ds = ds.repeat(num_epochs)
+  return ds.batch(batch_size, drop_remainder=True)

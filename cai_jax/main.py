@@ -1,0 +1,191 @@
+"""The `cai-jax` command line: `cai-jax COMMAND [--gin_file=F ...] [--gin.KEY=VALUE ...]`.
+
+Gin is used here and nowhere else: this module registers the config dataclasses
+and the stage runners as configurables, parses the gin files and bindings, writes
+the effective config beside the outputs, and calls the stage.
+"""
+
+from __future__ import annotations
+
+import importlib.util  # noqa: F401  (gin 0.5.0's relative includes need it imported)
+import json
+import os
+import sys
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+from absl import app, flags, logging
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin config file(s); relative includes resolve against gin/.")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings KEY=VALUE (also written --gin.KEY=VALUE).")
+flags.DEFINE_multi_string("gin_search_path", [], "Extra directories searched for gin files.")
+flags.DEFINE_string("out_dir", None, "Output directory (binds COMMAND.out_dir).")
+
+
+class CliError(Exception):
+  """A usage or input error reported as one line, exit status 2."""
+
+
+class Command(NamedTuple):
+  help: str
+  default_gin: Optional[str]
+  runner: Callable[[], Callable]     # returns the (gin-configurable) function to call
+  writes_out_dir: bool
+
+
+def _train_lm():
+  from cai_jax.stages import train_lm
+  return train_lm.run
+
+
+def _info():
+  from cai_jax.configs import ModelConfig
+
+  def info(model: ModelConfig = ModelConfig()) -> dict:
+    """Shape and exact parameter count of a model config (eval_shape; nothing allocated)."""
+    from cai_jax import models
+    return {"params": models.count_params(model), "layers": model.n_layers,
+            "d_model": model.d_model, "heads": model.n_heads, "kv_heads": model.n_kv_heads,
+            "head_dim": model.dim_per_head, "d_ff": model.d_ff, "vocab": model.vocab_size,
+            "tie_embeddings": model.tie_embeddings}
+  return info
+
+
+COMMANDS: Dict[str, Command] = {
+    "train_lm": Command("fine-tune a decoder on a JSONL or TFDS text/conversation dataset",
+                        "experiments/tiny_cpu.gin", _train_lm, True),
+    "info": Command("print a model config's shape and exact parameter count as one JSON line",
+                    "models/tiny.gin", _info, False),
+}
+
+
+def usage() -> str:
+  lines = ["usage: cai-jax COMMAND [--gin_file=FILE ...] [--gin.KEY=VALUE ...] [--out_dir=DIR]",
+           "", "Constitutional AI in JAX. Commands:"]
+  for name, cmd in COMMANDS.items():
+    default = f" (default gin: gin/{cmd.default_gin})" if cmd.default_gin else ""
+    lines.append(f"  {name:<12} {cmd.help}{default}")
+  lines += ["", "Flags:",
+            "  --gin_file=FILE        gin file (repeatable); without one, the command's default",
+            "  --gin.KEY=VALUE        a gin binding, e.g. --gin.TrainConfig.num_steps=20",
+            "  --out_dir=DIR          output directory of the run (commands that write outputs)",
+            "  --gin_search_path=DIR  extra directory for gin includes",
+            "", "Example: cai-jax info --gin_file=gin/models/smollm2_135m.gin"]
+  return "\n".join(lines)
+
+
+def rewrite_gin_args(argv: List[str]) -> List[str]:
+  """t5x style: --gin.KEY=VALUE -> --gin_bindings=KEY=VALUE."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--gin.") and "=" in arg:
+      key, value = arg[len("--gin."):].split("=", 1)
+      out.append(f"--gin_bindings={key} = {value}")
+    else:
+      out.append(arg)
+  return out
+
+
+def _register_configurables(gin, command: str):
+  from cai_jax import configs
+  for cls in (configs.ModelConfig, configs.MeshConfig, configs.OptimizerConfig, configs.TrainConfig):
+    gin.external_configurable(cls, cls.__name__)
+  fn = COMMANDS[command].runner()
+  return gin.external_configurable(fn, command)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip() or type(e).__name__
+  return text.splitlines()[0]
+
+
+def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_paths: List[str]):
+  """Registers configurables, parses files + bindings; returns the configured runner."""
+  import gin
+  gin.clear_config()
+  for path in [GIN_DIR, os.getcwd()] + list(search_paths):
+    gin.add_config_file_search_path(path)
+  fn = _register_configurables(gin, command)
+  files = list(gin_files) or ([os.path.join(GIN_DIR, COMMANDS[command].default_gin)]
+                              if COMMANDS[command].default_gin else [])
+  for f in files:
+    if not os.path.exists(f) and not os.path.exists(os.path.join(GIN_DIR, f)):
+      raise CliError(f"gin file not found: {f}")
+  files = [f if os.path.exists(f) else os.path.join(GIN_DIR, f) for f in files]
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.FATAL)  # gin logs an ERROR per include before trying search paths
+  try:
+    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+  except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
+    raise CliError(f"gin: {_first_line(e)}") from None
+  finally:
+    logging.set_verbosity(level)
+  return gin, fn
+
+
+def execute(command: str, gin_files: List[str], bindings: List[str],
+            search_paths: List[str] = (), out_dir: Optional[str] = None):
+  """Runs one command and returns its result (a JSON-able dict)."""
+  if command not in COMMANDS:
+    raise CliError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  bindings = list(bindings)
+  if out_dir is not None:
+    if not COMMANDS[command].writes_out_dir:
+      raise CliError(f"--out_dir is not used by {command}")
+    bindings.append(f"{command}.out_dir = {out_dir!r}")
+  gin, fn = parse_gin(command, gin_files, bindings, search_paths)
+  if COMMANDS[command].writes_out_dir:
+    bound = gin.get_bindings(command).get("out_dir")
+    if not bound:
+      raise CliError(f"no output directory: pass --out_dir=DIR or bind {command}.out_dir")
+    os.makedirs(bound, exist_ok=True)
+    with open(os.path.join(bound, "config.gin"), "w", encoding="utf-8") as f:
+      f.write(gin.config_str())
+  return fn()
+
+
+def _main(argv: List[str]) -> None:
+  args = [a for a in argv[1:] if not a.startswith("-")]
+  if not args:
+    raise CliError("no command given\n" + usage())
+  if len(args) > 1:
+    raise CliError(f"unexpected arguments {args[1:]}; flags take the form --name=value")
+  result = execute(args[0], FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_path, FLAGS.out_dir)
+  if result is not None:
+    print(json.dumps(result, sort_keys=True))
+
+
+# Errors that mean "bad input": reported as one line, no traceback.
+_USER_ERRORS = (CliError, ValueError, FileNotFoundError, FloatingPointError)
+
+
+def run(argv: Optional[List[str]] = None) -> None:
+  """Console-script entry point."""
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) == 1 or any(a in ("-h", "--help", "help", "--helpfull") for a in argv[1:2]) or \
+      (len(argv) > 2 and argv[2] in ("-h", "--help")):
+    print(usage())
+    sys.exit(0)
+  argv = rewrite_gin_args(argv)
+
+  def main(parsed):
+    if not any(a.startswith(("--verbosity", "-v")) for a in argv):
+      logging.set_verbosity(logging.WARNING)  # orbax / absl INFO chatter off by default
+    try:
+      _main(parsed)
+    except _USER_ERRORS as e:
+      msg = str(e).strip()
+      if isinstance(e, CliError) and "\n" in msg:
+        print(f"cai-jax: error: {msg}", file=sys.stderr)
+      else:
+        print(f"cai-jax: error: {type(e).__name__ + ': ' if not isinstance(e, CliError) else ''}"
+              f"{_first_line(e)}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+  run()

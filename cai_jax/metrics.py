@@ -1,0 +1,79 @@
+"""Metrics: one JSONL line per logged step plus TensorBoard event files.
+
+Files under a run's ``out_dir``:
+  metrics.jsonl     {"step": int, "<name>": float, ...} per logged step (appended;
+                    a resumed run continues the same file)
+  tb/               TensorBoard event files (tensorboardX, no TensorFlow needed)
+Only process 0 writes, so multi-host runs log once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, Mapping, Optional
+
+import jax
+import numpy as np
+
+
+def _scalar(v: Any) -> float:
+  return float(np.asarray(v))
+
+
+class MetricsWriter:
+  """Appends scalars to metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
+
+  def __init__(self, out_dir: str, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(out_dir, "metrics.jsonl")
+    self._tb = None
+    if not self.active:
+      return
+    os.makedirs(out_dir, exist_ok=True)
+    self._file = open(self.path, "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # deferred: optional heavy import
+      self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+  def truncate_after(self, step: int):
+    """Drops rows with step > `step` (a resumed run re-does those steps)."""
+    if not self.active or not os.path.exists(self.path):
+      return
+    self._file.close()
+    rows = read_jsonl_metrics(self.path)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      for row in rows:
+        if row.get("step", 0) <= step:
+          f.write(json.dumps(row) + "\n")
+    os.replace(tmp, self.path)
+    self._file = open(self.path, "a", encoding="utf-8")
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> Dict[str, float]:
+    """Logs `scalars` (arrays or numbers) at `step`; returns them as floats."""
+    values = {k: _scalar(v) for k, v in scalars.items()}
+    if not self.active:
+      return values
+    row = {"step": int(step)}
+    row.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(k, v, int(step))
+    return values
+
+  def close(self):
+    if not self.active:
+      return
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_jsonl_metrics(path: str) -> list:
+  """All rows of a metrics.jsonl file (for tests and reports)."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,674 @@
+"""Batched autoregressive sampling and continuation scoring on token ids.
+
+``generate`` left-pads prompts into fixed-shape batches and runs one jitted
+program per batch shape: a prefill of the KV cache followed by a
+``lax.while_loop`` that decodes one token per step for every row until all rows
+are done or ``max_new_tokens`` is reached. ``score_continuations`` computes the
+log-probabilities of given continuations (AI-feedback labels, PPO reference
+log-probs, multiple-choice evaluation).
+
+Shapes: B = rows of a batch, P = prompt bucket (left-padded prompt columns),
+Pp = prefix bucket, N = max_new_tokens, C = continuation bucket, S = cache slots,
+V = vocab. Pads carry token id 0 and mask False; the decoder ignores them wherever
+they sit (RoPE positions count real tokens only), so a row's result does not
+depend on how much padding its batch needed.
+
+Randomness: the key of prompt ``i`` (its index in the caller's list) at decode
+step ``t`` is ``fold_in(fold_in(key(seed), i), t)``. Samples therefore depend on
+the seed, the prompt index and the logits only, not on the batch size, the batch
+a prompt lands in or the other prompts (up to float rounding of the logits).
+
+The tokenizer is not used here: callers encode prompts, pass stop strings as
+the token sequences they tokenize to, and trim decoded text at the stop string
+(a stop string can tokenize differently inside a generation, so the token-level
+stop is an early exit, not the final word).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from tqdm import tqdm
+
+from cai_jax import axes, models, sharding
+from cai_jax.configs import ModelConfig
+from cai_jax.transformer import Cache, init_cache
+
+Array = jax.Array
+Params = Any
+
+FINISH_REASONS = ("", "eos", "stop", "length")   # index = finish code on device
+_EOS, _STOP, _LENGTH = 1, 2, 3
+PAD_ID = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to pick tokens and when to stop.
+
+  Attributes:
+    temperature: softmax temperature; 0 means greedy (argmax, filters ignored).
+    top_k: keep only the k most likely tokens; 0 disables.
+    top_p: keep the smallest set of most likely tokens whose probability (after
+      temperature and top-k) reaches top_p; 1.0 disables. The most likely token is
+      always kept.
+    max_new_tokens: most tokens generated per prompt (N).
+    eos_ids: token ids that end a generation.
+    stop_sequences: token-id tuples; a row stops when the tail of its generated
+      tokens equals one of them (matching never reaches into the prompt). Callers
+      pass the tokenizations of their stop strings and trim the decoded text at the
+      string afterwards.
+    seed: base of the per-prompt random keys (0 <= seed < 2**32).
+  """
+
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 128
+  eos_ids: Tuple[int, ...] = ()
+  stop_sequences: Tuple[Tuple[int, ...], ...] = ()
+  seed: int = 0
+
+  def __post_init__(self):
+    object.__setattr__(self, "eos_ids", tuple(int(t) for t in self.eos_ids))
+    object.__setattr__(self, "stop_sequences",
+                       tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
+    if self.temperature < 0:
+      raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if any(len(s) == 0 for s in self.stop_sequences):
+      raise ValueError("SamplingParams.stop_sequences must not contain an empty sequence")
+    if not 0 <= self.seed < 2**32:
+      raise ValueError(f"SamplingParams.seed must be in [0, 2**32), got {self.seed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeSpec:
+  """The static (compile-time) part of SamplingParams: everything but the seed."""
+
+  temperature: float
+  top_k: int
+  top_p: float
+  max_new_tokens: int
+  eos_ids: Tuple[int, ...]
+  stop_sequences: Tuple[Tuple[int, ...], ...]
+
+  @classmethod
+  def of(cls, sp: SamplingParams) -> "_DecodeSpec":
+    return cls(float(sp.temperature), int(sp.top_k), float(sp.top_p), int(sp.max_new_tokens),
+               sp.eos_ids, sp.stop_sequences)
+
+
+@dataclasses.dataclass
+class GenerateResult:
+  """Per-prompt outputs of ``generate``, in the order of the input prompts.
+
+  Attributes:
+    tokens: list of [n_i] int32 generated ids, without the prompt. A generation
+      that ended on EOS or a stop sequence INCLUDES the EOS token / the whole stop
+      sequence at its end (``num_stop_tokens`` says how many trailing tokens that is).
+    logprobs: list of [n_i] float32: log p(token) under the model's raw
+      distribution (temperature 1, no top-k / top-p); what PPO needs as the policy
+      log-prob and what ``score_continuations`` recomputes.
+    sampling_logprobs: list of [n_i] float32: log-prob of the token under the
+      distribution it was actually drawn from (temperature, top-k, top-p applied);
+      0 everywhere for greedy decoding (a point mass).
+    lengths: [num_prompts] int32, n_i.
+    finish_reasons: 'eos' | 'stop' | 'length' per prompt ('eos' wins when the last
+      token is both an EOS id and the end of a stop sequence).
+    num_stop_tokens: [num_prompts] int32: 1 for 'eos', the length of the matched stop
+      sequence for 'stop' (the longest one if several match), 0 for 'length'.
+    prompt_lengths: [num_prompts] int32 prompt tokens actually used (after any
+      truncation; without the shared prefix).
+    stats: counters: prompts, batches, truncated_prompts, truncated_tokens,
+      generated_tokens, finish_<reason> counts.
+  """
+
+  tokens: List[np.ndarray]
+  logprobs: List[np.ndarray]
+  sampling_logprobs: List[np.ndarray]
+  lengths: np.ndarray
+  finish_reasons: List[str]
+  num_stop_tokens: np.ndarray
+  prompt_lengths: np.ndarray
+  stats: Dict[str, int]
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  def content_tokens(self, i: int) -> np.ndarray:
+    """Generated ids of prompt i without its trailing EOS / stop tokens."""
+    return self.tokens[i][:len(self.tokens[i]) - int(self.num_stop_tokens[i])]
+
+
+# ----------------------------------------------------------------------------------------
+# Device-side building blocks (pure, jit-able).
+
+
+def _apply(params: Params, config: ModelConfig, tokens: Array, mask: Array, cache: Cache,
+           index) -> Tuple[Array, Cache]:
+  logits, cache = models.module(config).apply({"params": params}, tokens, mask, cache, index)
+  return logits, _constrain_cache(cache)
+
+
+def _constrain_cache(cache: Cache) -> Cache:
+  """Batch over (data, fsdp), kv heads over tensor (no-op without logical rules)."""
+  kv_names = (None, axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.KV)
+  return {"k": nn.with_logical_constraint(cache["k"], kv_names),
+          "v": nn.with_logical_constraint(cache["v"], kv_names),
+          "mask": nn.with_logical_constraint(cache["mask"], (axes.BATCH, axes.LENGTH))}
+
+
+def prefill(params: Params, config: ModelConfig, tokens: Array, mask: Array, cache: Cache,
+            index=0) -> Tuple[Array, Cache]:
+  """Writes tokens [B, T] (mask [B, T]) into cache slots [index, index + T).
+
+  Returns (logits [B, V] float32 at the last column, updated cache). Only the last
+  column's logits are computed: the first T - 1 columns go through a call whose LM
+  head output is unused (and removed by XLA), so memory never holds [B, T, V].
+  """
+  length = tokens.shape[1]
+  if length > 1:
+    _, cache = _apply(params, config, tokens[:, :-1], mask[:, :-1], cache, index)
+  logits, cache = _apply(params, config, tokens[:, -1:], mask[:, -1:], cache, index + length - 1)
+  return logits[:, 0], cache
+
+
+def decode_step(params: Params, config: ModelConfig, cache: Cache, tokens: Array,
+                index) -> Tuple[Array, Cache]:
+  """Feeds one real token per row, tokens [B], at cache slot `index` (scalar).
+
+  Returns (next-token logits [B, V] float32, updated cache).
+  """
+  mask = jnp.ones((tokens.shape[0], 1), bool)
+  logits, cache = _apply(params, config, tokens[:, None].astype(jnp.int32), mask, cache, index)
+  return logits[:, 0], cache
+
+
+def sample_logits(logits: Array, keys: Array, temperature: float, top_k: int = 0,
+                  top_p: float = 1.0) -> Tuple[Array, Array, Array]:
+  """Draws one token per row.
+
+  Args:
+    logits: [B, V] float32 raw model logits.
+    keys: [B] typed PRNG keys (one per row); unused when temperature == 0.
+    temperature, top_k, top_p: static, as in SamplingParams.
+  Returns:
+    (tokens [B] int32, raw log-probs [B] under log_softmax(logits),
+     sampling log-probs [B] under the filtered, tempered distribution; 0 if greedy).
+  """
+  logits = logits.astype(jnp.float32)
+  raw = jax.nn.log_softmax(logits, axis=-1)
+  vocab = logits.shape[-1]
+  if temperature == 0:
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled_lp = jnp.zeros(tokens.shape, jnp.float32)
+  else:
+    scaled = logits / temperature
+    k = min(top_k, vocab) if top_k > 0 else (vocab if top_p < 1.0 else 0)
+    if k:
+      vals, idx = jax.lax.top_k(scaled, k)                   # [B, k], descending
+    else:
+      vals, idx = scaled, None
+    if top_p < 1.0:
+      probs = jax.nn.softmax(vals, axis=-1)
+      mass_before = jnp.cumsum(probs, axis=-1) - probs
+      vals = jnp.where(mass_before < top_p, vals, -jnp.inf)
+    choice = jax.vmap(jax.random.categorical)(keys, vals)
+    filtered_lp = jax.nn.log_softmax(vals, axis=-1)
+    sampled_lp = jnp.take_along_axis(filtered_lp, choice[:, None], axis=-1)[:, 0]
+    tokens = choice if idx is None else jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    tokens = tokens.astype(jnp.int32)
+  raw_lp = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
+  return tokens, raw_lp, sampled_lp
+
+
+def _row_keys(seed: Array, row_ids: Array) -> Array:
+  base = jax.random.key(seed)
+  return jax.vmap(lambda r: jax.random.fold_in(base, r))(row_ids)
+
+
+def _stop_hit(out_tokens: Array, step: Array, stop_sequences) -> Array:
+  """[B] bool: the generated tokens [B, N] up to `step` end with a stop sequence."""
+  batch, n = out_tokens.shape
+  hit = jnp.zeros((batch,), bool)
+  for seq in stop_sequences:
+    length = len(seq)
+    if length > n:
+      continue
+    start = jnp.maximum(step - length + 1, 0)
+    window = jax.lax.dynamic_slice_in_dim(out_tokens, start, length, axis=1)
+    match = jnp.all(window == jnp.asarray(seq, jnp.int32)[None, :], axis=1)
+    hit = hit | (match & (step + 1 >= length))
+  return hit
+
+
+def _decode_loop(params: Params, config: ModelConfig, spec: _DecodeSpec, cache: Cache,
+                 logits: Array, base: int, active: Array, keys: Array) -> Dict[str, Array]:
+  """Samples up to N tokens per row, the first from `logits` [B, V].
+
+  Token t is fed back at cache slot base + t. Rows with active False start done.
+  """
+  batch = logits.shape[0]
+  n = spec.max_new_tokens
+  eos = jnp.asarray(spec.eos_ids if spec.eos_ids else (-1,), jnp.int32)
+
+  def pick(state, logits, step):
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    tok, raw_lp, samp_lp = sample_logits(logits, step_keys, spec.temperature, spec.top_k,
+                                         spec.top_p)
+    done = state["done"]
+    live = ~done
+    out = state["tokens"].at[:, step].set(jnp.where(live, tok, PAD_ID))
+    is_eos = jnp.any(tok[:, None] == eos[None, :], axis=1)
+    is_stop = _stop_hit(out, step, spec.stop_sequences)
+    is_last = step + 1 >= n
+    code = jnp.where(is_eos, _EOS, jnp.where(is_stop, _STOP, jnp.where(is_last, _LENGTH, 0)))
+    code = jnp.where(live, code, 0).astype(jnp.int32)
+    return {
+        "tokens": out,
+        "logprobs": state["logprobs"].at[:, step].set(jnp.where(live, raw_lp, 0.0)),
+        "sampling_logprobs": state["sampling_logprobs"].at[:, step].set(
+            jnp.where(live, samp_lp, 0.0)),
+        "lengths": state["lengths"] + live.astype(jnp.int32),
+        "finish": jnp.where(code > 0, code, state["finish"]),
+        "done": done | (code > 0),
+    }
+
+  state = {
+      "tokens": jnp.zeros((batch, n), jnp.int32),
+      "logprobs": jnp.zeros((batch, n), jnp.float32),
+      "sampling_logprobs": jnp.zeros((batch, n), jnp.float32),
+      "lengths": jnp.zeros((batch,), jnp.int32),
+      "finish": jnp.zeros((batch,), jnp.int32),
+      "done": ~active,
+  }
+  state = pick(state, logits, jnp.zeros((), jnp.int32))
+
+  def cond(carry):
+    step, _, state = carry
+    return (step < n) & ~jnp.all(state["done"])
+
+  def body(carry):
+    step, cache, state = carry
+    prev = jax.lax.dynamic_slice_in_dim(state["tokens"], step - 1, 1, axis=1)[:, 0]
+    logits, cache = decode_step(params, config, cache, prev, base + step - 1)
+    return step + 1, cache, pick(state, logits, step)
+
+  _, _, state = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), cache, state))
+  state.pop("done")
+  return state
+
+
+def _batch_program(config: ModelConfig, spec: _DecodeSpec, params: Params, tokens: Array,
+                   mask: Array, active: Array, row_ids: Array, seed: Array,
+                   prefix_cache: Optional[Cache], prefix_logits: Optional[Array]):
+  """Prefill + decode of one batch.
+
+  tokens, mask: [B, P] left-padded prompts (suffixes when a prefix cache is given).
+  active: [B] bool real rows; row_ids: [B] int32 prompt indices (for the keys).
+  prefix_cache: None, or a batch-1 cache of Pp slots holding the shared prefix;
+  prefix_logits: [1, V] next-token logits after the prefix.
+  """
+  batch, plen = tokens.shape
+  n = spec.max_new_tokens
+  if prefix_cache is None:
+    base = plen
+    cache = _constrain_cache(init_cache(config, batch, plen + n - 1))
+  else:
+    pre = prefix_cache["mask"].shape[1]
+    base = pre + plen
+    rest = init_cache(config, batch, plen + n - 1)
+    cache = {
+        "k": jnp.concatenate([jnp.broadcast_to(prefix_cache["k"], rest["k"].shape[:2] + (pre,) + rest["k"].shape[3:]),
+                              rest["k"]], axis=2),
+        "v": jnp.concatenate([jnp.broadcast_to(prefix_cache["v"], rest["v"].shape[:2] + (pre,) + rest["v"].shape[3:]),
+                              rest["v"]], axis=2),
+        "mask": jnp.concatenate([jnp.broadcast_to(prefix_cache["mask"], (batch, pre)),
+                                 rest["mask"]], axis=1),
+    }
+    cache = _constrain_cache(cache)
+  logits, cache = prefill(params, config, tokens, mask, cache, base - plen)
+  if prefix_logits is not None:
+    # An empty suffix leaves a pad in the last column: continue from the prefix.
+    logits = jnp.where(mask[:, -1:], logits, prefix_logits)
+  keys = _row_keys(seed, row_ids)
+  return _decode_loop(params, config, spec, cache, logits, base, active, keys)
+
+
+def _prefix_program(config: ModelConfig, params: Params, tokens: Array, mask: Array):
+  """tokens, mask [1, Pp] -> (cache of Pp slots, next-token logits [1, V])."""
+  cache = init_cache(config, 1, tokens.shape[1])
+  logits, cache = prefill(params, config, tokens, mask, cache, 0)
+  return cache, logits
+
+
+def _score_program(config: ModelConfig, params: Params, prompt: Array, prompt_mask: Array,
+                   cont: Array, cont_mask: Array) -> Array:
+  """log p(cont | prompt) per token.
+
+  prompt, prompt_mask: [B, P] left-padded; cont, cont_mask: [B, C] right-padded.
+  Returns [B, C] float32 (0 at pads). The prompt's first P - 1 columns only fill the
+  cache; logits are computed for the C query columns that predict the continuation.
+  """
+  batch, plen = prompt.shape
+  clen = cont.shape[1]
+  cache = _constrain_cache(init_cache(config, batch, plen + clen - 1))
+  if plen > 1:
+    _, cache = _apply(params, config, prompt[:, :-1], prompt_mask[:, :-1], cache, 0)
+  q_tokens = jnp.concatenate([prompt[:, -1:], cont[:, :-1]], axis=1)
+  q_mask = jnp.concatenate([prompt_mask[:, -1:], cont_mask[:, :-1]], axis=1)
+  logits, _ = _apply(params, config, q_tokens, q_mask, cache, plen - 1)   # [B, C, V]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  lp = jnp.take_along_axis(logp, cont[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.where(cont_mask, lp, 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(kind: str, config: ModelConfig, spec: Optional[_DecodeSpec], mesh, rules):
+  """One jax.jit per (program, config, static sampling, mesh, rules); jit caches shapes."""
+  del mesh, rules   # part of the cache key: tracing happens under them
+  if kind == "batch":
+    return jax.jit(functools.partial(_batch_program, config, spec))
+  if kind == "prefix":
+    return jax.jit(functools.partial(_prefix_program, config))
+  if kind == "score":
+    return jax.jit(functools.partial(_score_program, config))
+  raise ValueError(kind)
+
+
+# ----------------------------------------------------------------------------------------
+# Host side.
+
+
+def bucket_length(n: int, bucket: int = 64) -> int:
+  """Padded length for n tokens: a power of two (>= 16) up to `bucket`, then multiples of it."""
+  if n <= bucket:
+    size = 16
+    while size < n:
+      size *= 2
+    return min(size, bucket)
+  return -(-n // bucket) * bucket
+
+
+def _pad(seqs: Sequence[Sequence[int]], length: int, rows: int, left: bool):
+  tokens = np.full((rows, length), PAD_ID, np.int32)
+  mask = np.zeros((rows, length), bool)
+  for r, s in enumerate(seqs):
+    if not len(s):
+      continue
+    if left:
+      tokens[r, length - len(s):] = s
+      mask[r, length - len(s):] = True
+    else:
+      tokens[r, :len(s)] = s
+      mask[r, :len(s)] = True
+  return tokens, mask
+
+
+def _mesh_context(mesh, rules):
+  if mesh is None:
+    return contextlib.nullcontext()
+  if rules is None:
+    raise ValueError("a mesh needs logical rules (e.g. sharding.rules_for('fsdp_tp'))")
+  return sharding.use_mesh(mesh, rules)
+
+
+def _batch_multiple(mesh) -> int:
+  if mesh is None:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in sharding._BATCH_AXES if a in mesh.shape]))
+
+
+@functools.lru_cache(maxsize=None)
+def _param_shardings(config: ModelConfig, mesh, rules):
+  with sharding.use_mesh(mesh, rules):
+    return sharding.logical_shardings(models.abstract_params(config), mesh, rules)
+
+
+def _place_params(params: Params, config: ModelConfig, mesh, rules) -> Params:
+  """Puts params in their logical sharding on the mesh (no copy if already there)."""
+  if mesh is None:
+    return params
+  shardings = jax.tree_util.tree_leaves(
+      _param_shardings(config, mesh, rules), is_leaf=lambda x: isinstance(x, NamedSharding))
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  if len(leaves) != len(shardings):
+    raise ValueError(f"params have {len(leaves)} arrays but the model for this config has "
+                     f"{len(shardings)}")
+  return jax.tree_util.tree_unflatten(
+      treedef, [jax.device_put(x, s) for x, s in zip(leaves, shardings)])
+
+
+def _place(batch: Dict[str, np.ndarray], mesh, rules):
+  if mesh is None:
+    return batch
+  return sharding.shard_batch(batch, mesh, rules)
+
+
+def _fit_length(i: int, seq: Sequence[int], limit: int, what: str, detail: str,
+         truncate: Optional[str]) -> Tuple[List[int], int]:
+  """Validates / left-truncates one sequence to `limit` tokens: (tokens, dropped count)."""
+  seq = [int(t) for t in seq]
+  if len(seq) <= limit:
+    return seq, 0
+  if truncate != "left":
+    raise ValueError(
+        f"{what} {i} has {len(seq)} tokens but at most {limit} fit ({detail}); "
+        "shorten it or pass truncate='left' to keep its last tokens")
+  return seq[len(seq) - limit:], len(seq) - limit
+
+
+def _run_pipelined(jobs, dispatch, collect, progress: bool, desc: str):
+  """Dispatches job j+1 before fetching job j, so host work overlaps device work."""
+  pending = None
+  with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
+    for job in jobs:
+      out = dispatch(job)
+      if pending is not None:
+        collect(*pending)
+        bar.update(1)
+      pending = (job, out)
+    if pending is not None:
+      collect(*pending)
+      bar.update(1)
+
+
+def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int]],
+             sampling: SamplingParams, batch_size: int, mesh=None, rules=None,
+             progress: bool = True, prefix: Optional[Sequence[int]] = None,
+             truncate: Optional[str] = None, bucket: int = 64,
+             sort_by_length: bool = True) -> GenerateResult:
+  """Samples a continuation of every prompt.
+
+  Args:
+    params: LM parameters (plain arrays) of ``config``.
+    config: the model's ModelConfig.
+    prompts: token-id lists (non-empty unless a prefix is given). With a prefix they
+      are the per-prompt suffixes: the model sees prefix + prompt.
+    sampling: SamplingParams (everything but the seed is compiled in).
+    batch_size: rows per jitted batch; the last batch is padded up to it (and, with
+      a mesh, up to a multiple of the data * fsdp size).
+    mesh, rules: optional device mesh and logical rules; batch is split over
+      (data, fsdp) and heads over tensor. Params are placed in their logical sharding.
+    progress: tqdm bar over batches.
+    prefix: tokens shared by every prompt, prefilled once (batch 1) and broadcast.
+    truncate: None raises ValueError for a prompt longer than
+      max_seq_len - max_new_tokens - len(prefix); 'left' keeps its last tokens.
+    bucket: prompt columns are padded to ``bucket_length(len, bucket)``.
+    sort_by_length: batch prompts of similar length together (results are returned
+      in input order; samples do not depend on batching).
+  Returns:
+    GenerateResult (see its docstring); stats counts truncations.
+  """
+  spec = _DecodeSpec.of(sampling)
+  n = spec.max_new_tokens
+  prefix = [int(t) for t in prefix] if prefix else []
+  limit = config.max_seq_len - n - len(prefix)
+  detail = f"max_seq_len={config.max_seq_len} - max_new_tokens={n} - prefix={len(prefix)}"
+  if limit < (0 if prefix else 1):
+    raise ValueError(f"no room for a prompt: {detail} = {limit}")
+  if truncate not in (None, "left"):
+    raise ValueError(f"truncate={truncate!r}; expected None or 'left'")
+  fitted = [_fit_length(i, p, limit, "prompt", detail, truncate) for i, p in enumerate(prompts)]
+  prompts = [p for p, _ in fitted]
+  n_trunc = sum(d > 0 for _, d in fitted)
+  dropped = sum(d for _, d in fitted)
+  if not prefix:
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+      raise ValueError(f"prompt {empty[0]} is empty (a prompt needs at least one token "
+                       "unless a prefix is given)")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  multiple = _batch_multiple(mesh)
+  rows = -(-batch_size // multiple) * multiple
+
+  num = len(prompts)
+  order = sorted(range(num), key=lambda i: len(prompts[i])) if sort_by_length else list(range(num))
+  jobs = [order[s:s + rows] for s in range(0, num, rows)]
+  seed = np.uint32(sampling.seed)
+  results: Dict[int, Tuple] = {}
+
+  with _mesh_context(mesh, rules):
+    params = _place_params(params, config, mesh, rules)
+    batch_fn = _jitted("batch", config, spec, mesh, rules)
+    prefix_cache = prefix_logits = None
+    if prefix:
+      ptok, pmask = _pad([prefix], bucket_length(len(prefix), bucket), 1, left=True)
+      prefix_cache, prefix_logits = _jitted("prefix", config, None, mesh, rules)(
+          params, ptok, pmask)
+
+    def dispatch(ids):
+      seqs = [prompts[i] for i in ids]
+      plen = bucket_length(max(max(len(s) for s in seqs), 1), bucket)
+      plen = max(min(plen, limit), max(len(s) for s in seqs), 1)
+      filler = [[PAD_ID]] if not prefix else [[]]
+      tokens, mask = _pad(seqs + filler * (rows - len(ids)), plen, rows, left=True)
+      active = np.arange(rows) < len(ids)
+      row_ids = np.zeros((rows,), np.int32)
+      row_ids[:len(ids)] = ids
+      batch = _place({"tokens": tokens, "mask": mask, "active": active, "row_ids": row_ids},
+                     mesh, rules)
+      return batch_fn(params, batch["tokens"], batch["mask"], batch["active"],
+                      batch["row_ids"], seed, prefix_cache, prefix_logits)
+
+    def collect(ids, out):
+      out = jax.device_get(out)
+      for r, i in enumerate(ids):
+        k = int(out["lengths"][r])
+        results[i] = (out["tokens"][r, :k].copy(), out["logprobs"][r, :k].copy(),
+                      out["sampling_logprobs"][r, :k].copy(), FINISH_REASONS[int(out["finish"][r])])
+
+    _run_pipelined(jobs, dispatch, collect, progress, "generate")
+
+  tokens = [results[i][0] for i in range(num)]
+  reasons = [results[i][3] for i in range(num)]
+  num_stop = np.zeros((num,), np.int32)
+  for i in range(num):
+    if reasons[i] == "eos":
+      num_stop[i] = 1
+    elif reasons[i] == "stop":
+      tail = tuple(int(t) for t in tokens[i])
+      num_stop[i] = max(len(s) for s in spec.stop_sequences
+                        if len(s) <= len(tail) and tail[len(tail) - len(s):] == s)
+  lengths = np.array([len(t) for t in tokens], np.int32)
+  stats = {"prompts": num, "batches": len(jobs), "truncated_prompts": n_trunc,
+           "truncated_tokens": dropped, "generated_tokens": int(lengths.sum())}
+  for reason in FINISH_REASONS[1:]:
+    stats[f"finish_{reason}"] = sum(r == reason for r in reasons)
+  return GenerateResult(
+      tokens=tokens, logprobs=[results[i][1] for i in range(num)],
+      sampling_logprobs=[results[i][2] for i in range(num)], lengths=lengths,
+      finish_reasons=reasons, num_stop_tokens=num_stop,
+      prompt_lengths=np.array([len(p) for p in prompts], np.int32), stats=stats)
+
+
+def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[int]], batch_size: int, mesh=None,
+                        rules=None, progress: bool = False, truncate: Optional[str] = None,
+                        bucket: int = 64, stats: Optional[Dict[str, int]] = None
+                        ) -> List[np.ndarray]:
+  """Per-token log-probs of each continuation given its prompt.
+
+  Args:
+    prompts: non-empty token-id lists; continuations: token-id lists (same count).
+    batch_size: rows per jitted batch (padded; with a mesh, to a multiple of
+      data * fsdp).
+    mesh, rules: as in ``generate``.
+    truncate: None raises ValueError when len(prompt) + len(continuation) exceeds
+      config.max_seq_len; 'left' drops the prompt's first tokens instead.
+    bucket: prompt and continuation columns are padded to ``bucket_length``.
+    stats: optional dict that receives truncated_prompts / truncated_tokens counts.
+  Returns:
+    list of [len(continuation_i)] float32 arrays:
+    log p(c_t | prompt, c_<t) under the raw model distribution.
+  """
+  if len(prompts) != len(continuations):
+    raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+  if truncate not in (None, "left"):
+    raise ValueError(f"truncate={truncate!r}; expected None or 'left'")
+  conts = [[int(t) for t in c] for c in continuations]
+  fitted, n_trunc, dropped = [], 0, 0
+  for i, (p, c) in enumerate(zip(prompts, conts)):
+    limit = config.max_seq_len - len(c)
+    detail = f"max_seq_len={config.max_seq_len} - continuation={len(c)}"
+    if limit < 1:
+      raise ValueError(f"continuation {i} has {len(c)} tokens; no room for a prompt ({detail})")
+    p, d = _fit_length(i, p, limit, "prompt", detail, truncate)
+    n_trunc, dropped = n_trunc + (d > 0), dropped + d
+    if not p:
+      raise ValueError(f"prompt {i} is empty (a prompt needs at least one token)")
+    fitted.append(p)
+  if stats is not None:
+    stats.update(truncated_prompts=n_trunc, truncated_tokens=dropped)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  multiple = _batch_multiple(mesh)
+  rows = -(-batch_size // multiple) * multiple
+  num = len(fitted)
+  order = sorted(range(num), key=lambda i: (len(fitted[i]), len(conts[i])))
+  jobs = [order[s:s + rows] for s in range(0, num, rows)]
+  results: Dict[int, np.ndarray] = {}
+
+  with _mesh_context(mesh, rules):
+    params = _place_params(params, config, mesh, rules)
+    fn = _jitted("score", config, None, mesh, rules)
+
+    def dispatch(ids):
+      ps = [fitted[i] for i in ids] + [[PAD_ID]] * (rows - len(ids))
+      cs = [conts[i] for i in ids] + [[]] * (rows - len(ids))
+      plen = bucket_length(max(len(p) for p in ps), bucket)
+      clen = bucket_length(max(max(len(c) for c in cs), 1), bucket)
+      ptok, pmask = _pad(ps, plen, rows, left=True)
+      ctok, cmask = _pad(cs, clen, rows, left=False)
+      batch = _place({"p": ptok, "pm": pmask, "c": ctok, "cm": cmask}, mesh, rules)
+      return fn(params, batch["p"], batch["pm"], batch["c"], batch["cm"])
+
+    def collect(ids, out):
+      out = np.asarray(jax.device_get(out))
+      for r, i in enumerate(ids):
+        results[i] = out[r, :len(conts[i])].copy()
+
+    _run_pipelined(jobs, dispatch, collect, progress, "score")
+  return [results[i] for i in range(num)]
+
+
+def sum_logprobs(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int]],
+                 continuations: Sequence[Sequence[int]], batch_size: int, **kwargs) -> np.ndarray:
+  """[num] float32: total log p(continuation | prompt) (``score_continuations`` summed)."""
+  lps = score_continuations(params, config, prompts, continuations, batch_size, **kwargs)
+  return np.array([float(np.sum(lp, dtype=np.float64)) for lp in lps], np.float32)

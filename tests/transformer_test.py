@@ -1,0 +1,166 @@
+"""Decoder behaviour: causality, padding invariance, scan == unrolled, heads, KV cache."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cai_jax import models, transformer
+from cai_jax.configs import ModelConfig
+
+CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return models.init(CFG, jax.random.PRNGKey(0))
+
+
+def _tokens(batch, length, seed=1):
+  return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, CFG.vocab_size)
+
+
+def test_changing_a_later_token_never_changes_earlier_logits(params):
+  tokens = _tokens(2, 12)
+  base = models.logits(params, CFG, tokens)
+  for t in (3, 7, 11):
+    changed = tokens.at[:, t].set((tokens[:, t] + 5) % CFG.vocab_size)
+    out = models.logits(params, CFG, changed)
+    np.testing.assert_allclose(out[:, :t], base[:, :t], atol=1e-6)
+    assert np.abs(np.asarray(out[:, t:] - base[:, t:])).max() > 1e-4  # the change is seen
+
+
+def test_padding_left_or_right_does_not_change_real_token_logits(params):
+  tokens = _tokens(1, 9)
+  ref = models.logits(params, CFG, tokens)[0]
+  pad = jnp.full((1, 4), 5, jnp.int32)
+  right = jnp.concatenate([tokens, pad], 1)
+  right_mask = jnp.arange(13)[None] < 9
+  left = jnp.concatenate([pad, tokens], 1)
+  left_mask = jnp.arange(13)[None] >= 4
+  np.testing.assert_allclose(models.logits(params, CFG, right, right_mask)[0, :9], ref, atol=1e-5)
+  np.testing.assert_allclose(models.logits(params, CFG, left, left_mask)[0, 4:], ref, atol=1e-5)
+  # Pads in the middle (a cache gap) are invisible too.
+  mid = jnp.concatenate([tokens[:, :5], pad, tokens[:, 5:]], 1)
+  mid_mask = jnp.ones((1, 13), bool).at[:, 5:9].set(False)
+  out = models.logits(params, CFG, mid, mid_mask)[0]
+  np.testing.assert_allclose(jnp.concatenate([out[:5], out[9:]]), ref, atol=1e-5)
+
+
+def test_scanned_and_unrolled_layers_agree(params):
+  unrolled_cfg = dataclasses.replace(CFG, scan_layers=False)
+  unrolled = transformer.unstack_scanned_params(params, CFG.n_layers)
+  fresh = models.init(unrolled_cfg, jax.random.PRNGKey(0))
+  assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(unrolled)
+  tokens = _tokens(2, 10)
+  np.testing.assert_allclose(models.logits(unrolled, unrolled_cfg, tokens),
+                             models.logits(params, CFG, tokens), atol=1e-5)
+  restacked = transformer.stack_unrolled_params(unrolled, CFG.n_layers)
+  assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: bool(jnp.array_equal(a, b)), restacked, params)))
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "save_attention_out"])
+def test_remat_does_not_change_gradients(params, policy):
+  tokens = _tokens(2, 8)
+  def loss(p, cfg):
+    return jnp.sum(models.token_logprobs(p, cfg, tokens))
+  g0 = jax.grad(loss)(params, CFG)
+  g1 = jax.grad(loss)(params, dataclasses.replace(CFG, remat_policy=policy))
+  for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_reference_forward_in_numpy(params):
+  """An independent NumPy implementation of the same architecture gives the same logits."""
+  tokens = np.asarray(_tokens(1, 6))[0]
+  p = jax.tree_util.tree_map(np.asarray, params)
+  hd = CFG.dim_per_head
+
+  def rms(x, s):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + CFG.norm_eps) * s
+
+  def rope(x, pos):  # x [T, N, hd]
+    inv = 1.0 / (CFG.rope_theta ** (np.arange(0, hd, 2) / hd))
+    ang = pos[:, None] * inv[None]
+    c, s = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+  x = p["embed"]["embedding"][tokens]
+  T = len(tokens)
+  pos = np.arange(T, dtype=np.float64)
+  L = p["layers"]
+  for i in range(CFG.n_layers):
+    h = rms(x, L["attn_norm"]["scale"][i])
+    q = rope(np.einsum("td,dnh->tnh", h, L["attn"]["q_proj"]["kernel"][i]), pos)
+    k = rope(np.einsum("td,dnh->tnh", h, L["attn"]["k_proj"]["kernel"][i]), pos)
+    v = np.einsum("td,dnh->tnh", h, L["attn"]["v_proj"]["kernel"][i])
+    rep = CFG.n_heads // CFG.n_kv_heads
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = np.einsum("tnh,snh->nts", q, k) / np.sqrt(hd)
+    s = np.where(np.tril(np.ones((T, T), bool))[None], s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("nts,snh->tnh", a, v)
+    x = x + np.einsum("tnh,nhd->td", o, L["attn"]["o_proj"]["kernel"][i])
+    h = rms(x, L["mlp_norm"]["scale"][i])
+    g = h @ L["mlp"]["gate_proj"]["kernel"][i]
+    u = h @ L["mlp"]["up_proj"]["kernel"][i]
+    x = x + (g / (1 + np.exp(-g)) * u) @ L["mlp"]["down_proj"]["kernel"][i]
+  x = rms(x, p["final_norm"]["scale"])
+  ref = x @ p["lm_head"]["kernel"]
+  np.testing.assert_allclose(models.logits(params, CFG, tokens[None])[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_tied_embeddings_and_qkv_bias_shapes():
+  cfg = dataclasses.replace(CFG, tie_embeddings=True, qkv_bias=True)
+  p = models.init(cfg, jax.random.PRNGKey(0))
+  assert "lm_head" not in p
+  assert p["layers"]["attn"]["q_proj"]["bias"].shape == (3, 4, 8)
+  assert models.count_params(cfg) == cfg.param_count()
+  out = models.logits(p, cfg, _tokens(1, 4))
+  assert out.shape == (1, 4, 97)
+
+
+def test_llama3_rope_scaling_changes_only_low_frequencies():
+  from cai_jax.layers import rope_inv_freq
+  base = ModelConfig(d_model=512, n_heads=4, n_kv_heads=4, rope_theta=500000.0)
+  scaled = dataclasses.replace(base, rope_scaling_factor=8.0, rope_original_max_len=8192)
+  f0, f1 = np.asarray(rope_inv_freq(base)), np.asarray(rope_inv_freq(scaled))
+  wavelen = 2 * np.pi / f0
+  high = wavelen < 8192 / 4.0
+  low = wavelen > 8192 / 1.0
+  np.testing.assert_allclose(f1[high], f0[high])
+  np.testing.assert_allclose(f1[low], f0[low] / 8.0, rtol=1e-6)
+  assert high.any() and low.any()
+
+
+def test_scalar_head_reads_last_real_token():
+  p = models.init(CFG, jax.random.PRNGKey(0), head="scalar")
+  p = jax.tree_util.tree_map(lambda x: x, p)
+  p["scalar_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(3), p["scalar_head"]["kernel"].shape)
+  tokens = _tokens(2, 8)
+  mask = jnp.array([[1] * 8, [1] * 5 + [0] * 3], bool)
+  vals = models.values(p, CFG, tokens, mask)
+  s = models.score(p, CFG, tokens, mask)
+  np.testing.assert_allclose(s, jnp.stack([vals[0, 7], vals[1, 4]]), atol=1e-6)
+  # Right padding does not change the score.
+  np.testing.assert_allclose(models.score(p, CFG, tokens[1:, :5])[0], s[1], atol=1e-5)
+
+
+def test_kv_cache_decode_matches_full_forward(params):
+  tokens = _tokens(2, 10)
+  mask = jnp.ones((2, 10), bool).at[0, :3].set(False)  # row 0 left padded
+  full = models.logits(params, CFG, tokens, mask)
+  cache = transformer.init_cache(CFG, 2, 16)
+  dec = models.module(CFG)
+  out, cache = dec.apply({"params": params}, tokens[:, :6], mask[:, :6], cache=cache, cache_index=0)
+  np.testing.assert_allclose(out[0, 3:], full[0, 3:6], atol=1e-5)
+  np.testing.assert_allclose(out[1], full[1, :6], atol=1e-5)
+  for t in range(6, 10):
+    out, cache = dec.apply({"params": params}, tokens[:, t:t + 1], mask[:, t:t + 1],
+                           cache=cache, cache_index=t)
+    np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5)
