@@ -19,25 +19,25 @@ same dims reversed (ne0 = in first) and dequantizes to the HF [out, in] array.
 Our params (``scan_layers=True``: per-layer entries stacked on a leading [L] axis under
 ``layers``; ``scan_layers=False``: ``layers_0``, ``layers_1``, ... without that axis):
 
-=====================================  =====================================  ======================  =================================
-ours                                   HF (``model.layers.{i}.`` prefix)      GGUF (``blk.{i}.``)     conversion
-=====================================  =====================================  ======================  =================================
-embed/embedding [V, D]                 model.embed_tokens.weight [V, D]       token_embd.weight       as is
-layers/attn_norm/scale [L, D]          input_layernorm.weight [D]             attn_norm.weight        as is
-layers/attn/q_proj/kernel [L, D, H, Dh]  self_attn.q_proj.weight [H*Dh, D]    attn_q.weight           W.T.reshape(D, H, Dh) (GGUF: un-permute first)
-layers/attn/q_proj/bias [L, H, Dh]     self_attn.q_proj.bias [H*Dh]           attn_q.bias             b.reshape(H, Dh) (Qwen2 only)
-layers/attn/k_proj/kernel [L, D, K, Dh]  self_attn.k_proj.weight [K*Dh, D]    attn_k.weight           W.T.reshape(D, K, Dh) (GGUF: un-permute first)
-layers/attn/k_proj/bias [L, K, Dh]     self_attn.k_proj.bias [K*Dh]           attn_k.bias             b.reshape(K, Dh) (Qwen2 only)
+=======================================  ===================================  ======================  =======================================
+ours                                     HF (model.layers.{i}. prefix)        GGUF (blk.{i}. prefix)  conversion
+=======================================  ===================================  ======================  =======================================
+embed/embedding [V, D]                   model.embed_tokens.weight [V, D]     token_embd.weight       as is
+layers/attn_norm/scale [L, D]            input_layernorm.weight [D]           attn_norm.weight        as is
+layers/attn/q_proj/kernel [L, D, H, Dh]  self_attn.q_proj.weight [H*Dh, D]    attn_q.weight           W.T.reshape(D, H, Dh); GGUF: un-permute
+layers/attn/q_proj/bias [L, H, Dh]       self_attn.q_proj.bias [H*Dh]         attn_q.bias             b.reshape(H, Dh); Qwen2 only
+layers/attn/k_proj/kernel [L, D, K, Dh]  self_attn.k_proj.weight [K*Dh, D]    attn_k.weight           W.T.reshape(D, K, Dh); GGUF: un-permute
+layers/attn/k_proj/bias [L, K, Dh]       self_attn.k_proj.bias [K*Dh]         attn_k.bias             b.reshape(K, Dh); Qwen2 only
 layers/attn/v_proj/kernel [L, D, K, Dh]  self_attn.v_proj.weight [K*Dh, D]    attn_v.weight           W.T.reshape(D, K, Dh)
-layers/attn/v_proj/bias [L, K, Dh]     self_attn.v_proj.bias [K*Dh]           attn_v.bias             b.reshape(K, Dh) (Qwen2 only)
+layers/attn/v_proj/bias [L, K, Dh]       self_attn.v_proj.bias [K*Dh]         attn_v.bias             b.reshape(K, Dh); Qwen2 only
 layers/attn/o_proj/kernel [L, H, Dh, D]  self_attn.o_proj.weight [D, H*Dh]    attn_output.weight      W.T.reshape(H, Dh, D)
-layers/mlp_norm/scale [L, D]           post_attention_layernorm.weight [D]    ffn_norm.weight         as is
-layers/mlp/gate_proj/kernel [L, D, F]  mlp.gate_proj.weight [F, D]            ffn_gate.weight         W.T
-layers/mlp/up_proj/kernel [L, D, F]    mlp.up_proj.weight [F, D]              ffn_up.weight           W.T
-layers/mlp/down_proj/kernel [L, F, D]  mlp.down_proj.weight [D, F]            ffn_down.weight         W.T
-final_norm/scale [D]                   model.norm.weight [D]                  output_norm.weight      as is
-lm_head/kernel [D, V]                  lm_head.weight [V, D]                  output.weight           W.T (absent when tied)
-=====================================  =====================================  ======================  =================================
+layers/mlp_norm/scale [L, D]             post_attention_layernorm.weight [D]  ffn_norm.weight         as is
+layers/mlp/gate_proj/kernel [L, D, F]    mlp.gate_proj.weight [F, D]          ffn_gate.weight         W.T
+layers/mlp/up_proj/kernel [L, D, F]      mlp.up_proj.weight [F, D]            ffn_up.weight           W.T
+layers/mlp/down_proj/kernel [L, F, D]    mlp.down_proj.weight [D, F]          ffn_down.weight         W.T
+final_norm/scale [D]                     model.norm.weight [D]                output_norm.weight      as is
+lm_head/kernel [D, V]                    lm_head.weight [V, D]                output.weight           W.T; absent when tied
+=======================================  ===================================  ======================  =======================================
 
 RoPE: our ``apply_rope`` uses HF's rotate-half convention, so HF q/k weights map
 directly. llama.cpp's converter permutes the rows of q and k within each head to the
@@ -55,7 +55,7 @@ import logging
 import math
 import os
 import shutil
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -436,7 +436,7 @@ class _GGUFSource(_Source):
     w = dequantize(np.asarray(t.data[r0:r1]), t.tensor_type)
     w = np.asarray(w, np.float32).reshape((r1 - r0,) + full[1:])
     if permuted:
-      pass
+      w = _unpermute_rows(w, self._hd)
     return w[(slice(None),) + tuple(slice(a, b) for a, b in rest)]
 
 
@@ -651,7 +651,15 @@ def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: 
   if writer:
     os.makedirs(directory, exist_ok=True)
 
-  order = sorted(flat, key=lambda p: (p[0] != "embed", p[0].startswith("layers"), p))
+  def position(path):   # embed, then layers in order, then final_norm and lm_head
+    head = path[0]
+    if head == "embed":
+      return (0, 0, path)
+    if head.startswith("layers_"):
+      return (1, int(head[len("layers_"):]), path)
+    return (1 if head == "layers" else 2, 0, path)
+
+  order = sorted(flat, key=position)
   shards: List[Dict[str, np.ndarray]] = [{}]
   size = 0
   written: List[Tuple[str, List[str]]] = []

@@ -8,6 +8,7 @@ the effective config beside the outputs, and calls the stage.
 from __future__ import annotations
 
 import importlib.util  # noqa: F401  (gin 0.5.0's relative includes need it imported)
+import functools
 import json
 import os
 import sys
@@ -43,7 +44,7 @@ def _train_lm():
 def _info():
   from cai_jax.configs import ModelConfig
 
-  def info(model: ModelConfig = ModelConfig()) -> dict:
+  def info(model: ModelConfig = ModelConfig()) -> dict:  # model: built by gin (see main)
     """Shape and exact parameter count of a model config (eval_shape; nothing allocated)."""
     from cai_jax import models
     return {"params": models.count_params(model), "layers": model.n_layers,
@@ -88,12 +89,24 @@ def rewrite_gin_args(argv: List[str]) -> List[str]:
   return out
 
 
-def _register_configurables(gin, command: str):
+def _config_classes():
   from cai_jax import configs
-  for cls in (configs.ModelConfig, configs.MeshConfig, configs.OptimizerConfig, configs.TrainConfig):
-    gin.external_configurable(cls, cls.__name__)
+  return (configs.ModelConfig, configs.MeshConfig, configs.OptimizerConfig, configs.TrainConfig)
+
+
+def _register_configurables(gin, command: str):
+  """Registers the config classes and the command's runner.
+
+  Returns (configured runner, kwargs): for every runner argument whose default is a
+  config dataclass and which the gin files do not bind, kwargs holds an instance
+  built by gin (so `ModelConfig.d_model = ...` lines apply without `runner.model = @ModelConfig()`).
+  """
+  import inspect
+  wrapped = {cls: gin.external_configurable(cls, cls.__name__) for cls in _config_classes()}
   fn = COMMANDS[command].runner()
-  return gin.external_configurable(fn, command)
+  defaults = {name: type(p.default) for name, p in inspect.signature(fn).parameters.items()
+              if type(p.default) in wrapped}
+  return gin.external_configurable(fn, command), wrapped, defaults
 
 
 def _first_line(e: BaseException) -> str:
@@ -107,7 +120,7 @@ def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_pa
   gin.clear_config()
   for path in [GIN_DIR, os.getcwd()] + list(search_paths):
     gin.add_config_file_search_path(path)
-  fn = _register_configurables(gin, command)
+  fn, wrapped, config_args = _register_configurables(gin, command)
   files = list(gin_files) or ([os.path.join(GIN_DIR, COMMANDS[command].default_gin)]
                               if COMMANDS[command].default_gin else [])
   for f in files:
@@ -122,7 +135,9 @@ def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_pa
     raise CliError(f"gin: {_first_line(e)}") from None
   finally:
     logging.set_verbosity(level)
-  return gin, fn
+  bound = gin.get_bindings(command)
+  kwargs = {name: wrapped[cls]() for name, cls in config_args.items() if name not in bound}
+  return gin, functools.partial(fn, **kwargs)
 
 
 def execute(command: str, gin_files: List[str], bindings: List[str],

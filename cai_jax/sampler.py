@@ -332,14 +332,14 @@ def _batch_program(config: ModelConfig, spec: _DecodeSpec, params: Params, token
     pre = prefix_cache["mask"].shape[1]
     base = pre + plen
     rest = init_cache(config, batch, plen + n - 1)
-    cache = {
-        "k": jnp.concatenate([jnp.broadcast_to(prefix_cache["k"], rest["k"].shape[:2] + (pre,) + rest["k"].shape[3:]),
-                              rest["k"]], axis=2),
-        "v": jnp.concatenate([jnp.broadcast_to(prefix_cache["v"], rest["v"].shape[:2] + (pre,) + rest["v"].shape[3:]),
-                              rest["v"]], axis=2),
-        "mask": jnp.concatenate([jnp.broadcast_to(prefix_cache["mask"], (batch, pre)),
-                                 rest["mask"]], axis=1),
-    }
+
+    def extend(pre_x, rest_x, axis):
+      shape = rest_x.shape[:axis] + (pre,) + rest_x.shape[axis + 1:]
+      return jnp.concatenate([jnp.broadcast_to(pre_x, shape), rest_x], axis=axis)
+
+    cache = {"k": extend(prefix_cache["k"], rest["k"], 2),
+             "v": extend(prefix_cache["v"], rest["v"], 2),
+             "mask": extend(prefix_cache["mask"], rest["mask"], 1)}
     cache = _constrain_cache(cache)
   logits, cache = prefill(params, config, tokens, mask, cache, base - plen)
   if prefix_logits is not None:
@@ -427,10 +427,13 @@ def _mesh_context(mesh, rules):
   return sharding.use_mesh(mesh, rules)
 
 
-def _batch_multiple(mesh) -> int:
+def _batch_multiple(mesh, rules) -> int:
+  """Number of batch shards: the product of the mesh axes the rules map `batch` to."""
   if mesh is None:
     return 1
-  return int(np.prod([mesh.shape[a] for a in sharding._BATCH_AXES if a in mesh.shape]))
+  entry = nn.logical_to_mesh_axes((axes.BATCH,), rules)[0]
+  names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+  return int(np.prod([mesh.shape[a] for a in names]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -534,7 +537,7 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
                        "unless a prefix is given)")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  multiple = _batch_multiple(mesh)
+  multiple = _batch_multiple(mesh, rules)
   rows = -(-batch_size // multiple) * multiple
 
   num = len(prompts)
@@ -637,7 +640,7 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
     stats.update(truncated_prompts=n_trunc, truncated_tokens=dropped)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  multiple = _batch_multiple(mesh)
+  multiple = _batch_multiple(mesh, rules)
   rows = -(-batch_size // multiple) * multiple
   num = len(fitted)
   order = sorted(range(num), key=lambda i: (len(fitted[i]), len(conts[i])))

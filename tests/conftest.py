@@ -11,5 +11,3 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: end-to-end tests (run with -m slow or --runslow)")

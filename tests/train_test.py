@@ -1,0 +1,92 @@
+"""Training loop: resume equals an uninterrupted run, NaN stops with the step, loss falls."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cai_jax import data, model_dir, steps, train
+from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cai_jax.tokenizer import load_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+OPT = OptimizerConfig(learning_rate=3e-3, warmup_steps=2)
+MESH = MeshConfig(1, 1, 1, "dp")
+
+
+def _dataset(batch=4, seq=64, seed=0):
+  examples = data.read_jsonl(os.path.join(REPO, "data", "tiny_chat.jsonl"))
+  return data.lm_dataset(examples, load_tokenizer("byte"), "chatml", seq, batch, seed)
+
+
+def _train(out, n, save_every=2, **kw):
+  tc = TrainConfig(num_steps=n, batch_size=4, seq_len=64, save_every=save_every, progress=False,
+                   async_checkpoint=False)
+  return train.train(CFG, OPT, tc, MESH, _dataset(), str(out), devices=jax.devices()[:1], **kw)
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+  full = _train(tmp_path / "full", 9)
+  _train(tmp_path / "split", 5, save_every=2)     # checkpoints at 2, 4 and 5 (final)
+  # Forget step 5: as if the process died after the step-4 checkpoint.
+  import shutil
+  shutil.rmtree(tmp_path / "split" / "checkpoints" / "5")
+  resumed = _train(tmp_path / "split", 9)
+  assert resumed.resumed_from == 4
+  for a, b in zip(_leaves(full.state.params), _leaves(resumed.state.params)):
+    np.testing.assert_array_equal(a, b)
+  rows = [r["step"] for r in _read_metrics(tmp_path / "split")]
+  assert rows == list(range(1, 10))  # step 5 logged once, not twice
+
+
+def _read_metrics(out):
+  from cai_jax.metrics import read_jsonl_metrics
+  return read_jsonl_metrics(os.path.join(out, "metrics.jsonl"))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  def loss_sums(params, cfg, batch):
+    total, count = steps.lm_loss_sums(params, cfg, batch)
+    return total * jnp.where(jnp.any(batch["tokens"] == 257), jnp.nan, 1.0), count
+
+  def poisoned(i, b):  # batch index 3 (step 4) carries the bos id 257 → NaN loss
+    if i == 3:
+      b = dict(b)
+      b["tokens"] = b["tokens"].copy()
+      b["tokens"][0, 0] = 257
+    return b
+
+  ds = _dataset().map_with_index(poisoned)
+  tc = TrainConfig(num_steps=8, batch_size=4, seq_len=64, save_every=2, progress=False,
+                   async_checkpoint=False)
+  with pytest.raises(FloatingPointError, match="step 4"):
+    train.train(CFG, OPT, tc, MESH, ds, str(tmp_path), devices=jax.devices()[:1], loss_sums=loss_sums)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+  assert not os.path.exists(tmp_path / "model")
+
+
+def test_loss_of_tiny_model_falls_on_fixed_dataset(tmp_path):
+  result = _train(tmp_path, 40, save_every=100)
+  rows = _read_metrics(tmp_path)
+  first = np.mean([r["loss"] for r in rows[:3]])
+  last = np.mean([r["loss"] for r in rows[-3:]])
+  assert last < 0.6 * first
+  for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s", "tokens"):
+    assert key in rows[-1]
+  assert os.listdir(tmp_path / "tb")  # TensorBoard event file written
+  assert result.state.step == 40
+
+
+def test_init_params_must_match(tmp_path):
+  other = ModelConfig(vocab_size=320, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+  from cai_jax import models
+  bad = models.init(other, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r"embed/embedding.*\(320, 16\).*\(320, 32\)|embed/embedding.*\(320, 32\).*\(320, 16\)"):
+    _train(tmp_path, 2, init_params=bad)
