@@ -495,6 +495,8 @@ def _materialize(plan: _Plan, shape: Tuple[int, ...], dtype, sharding, source: _
     region = _read_region(source, plan.names[0], plan.kind, bbox, plan.head_dim)
     for k in keys:
       bufs[k][...] = region[rel(k, bbox)]
+  if isinstance(sharding, SingleDeviceSharding):
+    return jax.device_put(bufs[keys[0]])   # uncommitted, like jnp.asarray
   return jax.make_array_from_callback(shape, sharding, lambda idx: bufs[_norm_index(idx, shape)])
 
 

@@ -419,6 +419,14 @@ def _pad(seqs: Sequence[Sequence[int]], length: int, rows: int, left: bool):
   return tokens, mask
 
 
+def _hashable_rules(rules):
+  """Rules as nested tuples (they key the cache of jitted programs)."""
+  if rules is None:
+    return None
+  return tuple((name, tuple(target) if isinstance(target, list) else target)
+               for name, target in rules)
+
+
 def _mesh_context(mesh, rules):
   if mesh is None:
     return contextlib.nullcontext()
@@ -518,6 +526,7 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
     GenerateResult (see its docstring); stats counts truncations.
   """
   spec = _DecodeSpec.of(sampling)
+  rules = _hashable_rules(rules)
   n = spec.max_new_tokens
   prefix = [int(t) for t in prefix] if prefix else []
   limit = config.max_seq_len - n - len(prefix)
@@ -622,6 +631,7 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
   """
   if len(prompts) != len(continuations):
     raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+  rules = _hashable_rules(rules)
   if truncate not in (None, "left"):
     raise ValueError(f"truncate={truncate!r}; expected None or 'left'")
   conts = [[int(t) for t in c] for c in continuations]
