@@ -71,3 +71,31 @@ def test_batches_fixed_shape_and_iterator_resumes_exactly():
 def test_too_small_dataset_is_named():
   with pytest.raises(data.DataError, match="fewer than batch_size=8"):
     data.lm_dataset([{"text": "a"}] * 3, TOK, "chatml", 8, 8, 0)
+
+
+def test_tfds_array_record_dataset_read_without_tensorflow(tmp_path):
+  import tensorflow_datasets as tfds
+
+  class ToyChat(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"prompt": tfds.features.Text(), "completion": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(6):
+        yield i, {"prompt": f"q{i}", "completion": f"a{i}"}
+
+  ToyChat(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  examples = data.load_examples("tfds:toy_chat:train", data_dir=str(tmp_path))
+  assert len(examples) == 6
+  got = sorted((examples[i]["prompt"], examples[i]["completion"]) for i in range(6))
+  assert got == [(f"q{i}", f"a{i}") for i in range(6)]
+  ds = data.lm_dataset(examples, TOK, "chatml", 32, 2, seed=0)
+  assert ds[0]["tokens"].shape == (2, 32)
+  with pytest.raises(data.DataError, match="tfds:NAME:SPLIT"):
+    data.load_examples("tfds:only_name")
