@@ -10,8 +10,6 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["cai_jax", "cai_jax.*"]),
-    package_data={"cai_jax": ["gin/**/*.gin"]},
-    include_package_data=True,
     python_requires=">=3.11,<3.13",
     install_requires=[
         # Python 3.11 resolves jax 0.10.x / flax 0.12.8; Python 3.12 gets jax >= 0.11.

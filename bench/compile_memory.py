@@ -16,9 +16,12 @@ prints:
 
 The compile uses the host (CPU) XLA backend with
 --xla_force_host_platform_device_count, so fusion and buffer assignment are the
-CPU compiler's: temporaries are an estimate of what a TPU or GPU compile would
-need (the CPU backend, for example, may widen bf16 arithmetic to f32), while
-argument and output sizes are exact.
+CPU compiler's: argument and output sizes are exact, temporaries are an
+estimate of what a TPU or GPU compile would need. The CPU backend widens bf16
+arithmetic to f32 and can keep f32 copies of large bf16 buffers (for a scanned
+decoder, of the stacked per-layer activations saved for the backward pass);
+`--top_buffers N` lists the largest temporaries so such copies can be told
+apart from what the model itself needs.
 
   python bench/compile_memory.py --preset 52b --devices 256 --mesh 1,32,8 --rules fsdp_tp \\
       --batch 256 --seq 2048
@@ -46,8 +49,7 @@ _HBM_DEFAULTS = (("TPU v5p", 95.0), ("H100", 80.0))
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + ".",
-                              epilog=__doc__.split("\n\n", 1)[1],
+  p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="52b",
                  help=f"model preset name in gin/models or a .gin path (one of {_presets.available()})")

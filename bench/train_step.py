@@ -38,7 +38,7 @@ _REMAT_CHOICES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_atten
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0] + ".",
+      description=__doc__,
       epilog=("Model FLOPs per token = 6*N + 12*L*T*H*Dh (N = all parameters incl. embeddings, "
               "L layers, T = --seq, H*Dh = attention width; full T x T attention, remat "
               "recomputation not counted). MFU = tokens/s * FLOPs/token / peak, with the peak "
@@ -119,14 +119,22 @@ def _timed(run_step, sync, warmup: int, steps: int) -> List[float]:
 # --------------------------------------------------------------------------- cai_jax
 
 
-def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
-  """Times cai_jax's train step; returns a dict (also the resolved shape for the peer)."""
+def _resolved(args: argparse.Namespace, cfg) -> Dict[str, Any]:
+  import dataclasses
+  return {"preset": args.preset, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+          "warmup": args.warmup, "model_config": dataclasses.asdict(cfg)}
+
+
+def run_ours(args: argparse.Namespace, announce=None) -> Dict[str, Any]:
+  """Times cai_jax's train step; returns a dict (also the resolved shape for the peer).
+
+  `announce(resolved)` is called with the resolved shape before anything is compiled,
+  so a driver can still run the peer if this side fails (e.g. out of memory).
+  """
   if args.host_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.host_devices}").strip()
   _presets.ensure_repo_on_path()
-  import dataclasses
-
   import jax
   import numpy as np
 
@@ -141,6 +149,8 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
       args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat_policy=args.remat,
       scan_layers=args.scan_layers, max_seq_len=max_len,
       attention_impl=None if args.attention == "preset" else args.attention)
+  if announce is not None:
+    announce(_resolved(args, cfg))
 
   devices = jax.devices()
   if args.num_devices:
@@ -148,6 +158,7 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
   rules = sharding.rules_for(args.rules)
   data, fsdp, tensor = args.mesh_dims
   mesh = sharding.make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor, rules=args.rules), devices)
+  devices = list(mesh.devices.flat)
   _log(f"jax {jax.__version__} on {len(devices)} x {devices[0].device_kind} ({backend}); "
        f"mesh {dict(mesh.shape)}, rules {args.rules}")
 
@@ -196,12 +207,10 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
       "device_kind": devices[0].device_kind,
       "num_devices": len(devices),
       "backend": backend,
-      "preset": args.preset, "batch": args.batch, "seq": args.seq,
-      "steps": args.steps, "warmup": args.warmup,
+      **_resolved(args, cfg),
       "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat_policy,
       "scan_layers": cfg.scan_layers, "attention": cfg.attention_impl or "xla (default)",
       "microbatches": args.microbatches, "mesh": dict(mesh.shape), "rules": args.rules,
-      "model_config": dataclasses.asdict(cfg),
       "params": cfg.param_count(),
       "init_s": init_s, "compile_s": compile_s,
       "step_times_s": times, "step_s": statistics.median(times),
@@ -313,12 +322,20 @@ def run_peer(args: argparse.Namespace) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- driver
 
 
-def _child(argv: List[str]) -> Dict[str, Any]:
+def _child(argv: List[str], impl: str) -> Dict[str, Any]:
+  """Runs this script in a child process; returns its result, or {'error': ...} on failure.
+
+  The child prints JSON lines on stdout: optionally {"resolved": ...} first, and its
+  result last. A failed child keeps what it resolved under "resolved".
+  """
   cmd = [sys.executable, os.path.abspath(__file__)] + argv
   proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-  if proc.returncode:
-    raise SystemExit(f"child run failed (exit {proc.returncode}): {' '.join(cmd)}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  resolved = next((l["resolved"] for l in lines if "resolved" in l), None)
+  if proc.returncode or not lines or "resolved" in lines[-1]:
+    _log(f"{impl} run failed (exit {proc.returncode}); its error is above")
+    return {"impl": impl, "error": f"failed (exit {proc.returncode}, see stderr)", "resolved": resolved}
+  return lines[-1]
 
 
 def _derive(res: Dict[str, Any], tokens_per_step: int, flops_per_token: float,
@@ -330,20 +347,23 @@ def _derive(res: Dict[str, Any], tokens_per_step: int, flops_per_token: float,
 
 
 def _fmt_bytes(n: Optional[int]) -> str:
-  return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+  if n is None:
+    return "n/a"
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def print_table(out: Dict[str, Any]) -> None:
   ours, peer = out["ours"], out["peer"]
-  print(f"train_step bench: preset {out['preset']} ({ours['params']:,} params), "
+  print(f"train_step bench: preset {out['preset']} ({out['params']:,} params), "
         f"batch {out['batch']} x seq {out['seq']} = {out['tokens_per_step']:,} tokens/step, "
         f"{out['warmup']} warm-up + {out['steps']} timed steps (median)")
   print(f"model FLOPs/token = 6*N + 12*L*T*H*Dh = {out['flops_per_token'] / 1e9:.4g} GFLOP; "
         f"MFU = tokens/s * FLOPs/token / (devices * peak)")
-  print(f"cai_jax: {ours['framework']} on {ours['device']}, mesh {ours['mesh']} rules {ours['rules']}, "
-        f"scan {ours['scan_layers']}, attention {ours['attention']}, microbatches {ours['microbatches']}, "
-        f"compile {ours['compile_s']:.1f} s")
-  if peer:
+  if "error" not in ours:
+    print(f"cai_jax: {ours['framework']} on {ours['device']}, mesh {ours['mesh']} rules {ours['rules']}, "
+          f"scan {ours['scan_layers']}, attention {ours['attention']}, "
+          f"microbatches {ours['microbatches']}, compile {ours['compile_s']:.1f} s")
+  if peer and "error" not in peer:
     print(f"transformers: {peer['framework']} on {peer['device']}, attention {peer['attention']}, "
           f"{peer['params']:,} params")
   print()
@@ -352,6 +372,9 @@ def print_table(out: Dict[str, Any]) -> None:
   rows = []
   for r in (ours, peer):
     if not r:
+      continue
+    if "error" in r:
+      rows.append((r["impl"], r["error"]) + ("",) * (len(head) - 2))
       continue
     mem = r.get("peak_memory_bytes")
     if mem is None and r.get("xla_memory_bytes_per_device") is not None:
@@ -367,7 +390,7 @@ def print_table(out: Dict[str, Any]) -> None:
   print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
   for row in rows:
     print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
-  if peer:
+  if out["ratio"] is not None:
     print(f"\nratio cai_jax / transformers tokens/s: {out['ratio']:.2f}x")
 
 
@@ -375,39 +398,43 @@ def main(argv: Optional[List[str]] = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
   if args.role == "ours":
-    print(json.dumps(run_ours(args)))
+    announce = lambda r: print(json.dumps({"resolved": r}), flush=True)  # noqa: E731
+    print(json.dumps(run_ours(args, announce)))
     return
   if args.role == "peer":
     print(json.dumps(run_peer(args)))
     return
 
   if args.peer:
-    ours = _child(argv + ["--role", "ours"])
-    shape = ["--preset", str(ours["preset"]), "--batch", str(ours["batch"]), "--seq", str(ours["seq"]),
-             "--steps", str(ours["steps"]), "--warmup", str(ours["warmup"]), "--seed", str(args.seed)]
-    peer = _child(shape + ["--role", "peer", "--peer_config", json.dumps(ours["model_config"])])
+    ours = _child(argv + ["--role", "ours"], "cai_jax")
+    shape = ours.get("resolved") or ours
+    if "model_config" not in shape:
+      raise SystemExit("the cai_jax run failed before it resolved the model shape; nothing to compare")
+    peer = _child(["--preset", str(shape["preset"]), "--batch", str(shape["batch"]),
+                   "--seq", str(shape["seq"]), "--steps", str(shape["steps"]),
+                   "--warmup", str(shape["warmup"]), "--seed", str(args.seed), "--role", "peer",
+                   "--peer_config", json.dumps(shape["model_config"])], "transformers")
   else:
     ours, peer = run_ours(args), None
+    shape = ours
 
-  cfg = _presets.model_config(ours["preset"], **ours["model_config"])
-  tokens_per_step = ours["batch"] * ours["seq"]
-  flops_per_token = _presets.model_flops_per_token(cfg, ours["seq"])
-  peak = args.peak_tflops
-  if peak is None and ours["backend"] != "cpu":
-    peak = _presets.peak_tflops(ours["device_kind"])
-  _derive(ours, tokens_per_step, flops_per_token, peak)
-  if peer:
-    peer_peak = args.peak_tflops
-    if peer_peak is None and peer["backend"] != "cpu":
-      peer_peak = _presets.peak_tflops(peer["device_kind"])
-    _derive(peer, tokens_per_step, flops_per_token, peer_peak)
+  cfg = _presets.model_config(shape["preset"], **shape["model_config"])
+  tokens_per_step = shape["batch"] * shape["seq"]
+  flops_per_token = _presets.model_flops_per_token(cfg, shape["seq"])
+  for r in (ours, peer):
+    if r and "error" not in r:
+      peak = args.peak_tflops
+      if peak is None and r["backend"] != "cpu":
+        peak = _presets.peak_tflops(r["device_kind"])
+      _derive(r, tokens_per_step, flops_per_token, peak)
+  ok = peer and "error" not in peer and "error" not in ours
   out = {
-      "bench": "train_step", "preset": ours["preset"], "batch": ours["batch"], "seq": ours["seq"],
-      "steps": ours["steps"], "warmup": ours["warmup"], "tokens_per_step": tokens_per_step,
-      "flops_per_token": flops_per_token,
+      "bench": "train_step", "preset": shape["preset"], "batch": shape["batch"], "seq": shape["seq"],
+      "steps": shape["steps"], "warmup": shape["warmup"], "tokens_per_step": tokens_per_step,
+      "params": cfg.param_count(), "flops_per_token": flops_per_token,
       "flops_formula": "6*N + 12*L*T*H*Dh (N all params, full TxT attention, no remat)",
       "ours": ours, "peer": peer,
-      "ratio": ours["tokens_per_s"] / peer["tokens_per_s"] if peer else None,
+      "ratio": ours["tokens_per_s"] / peer["tokens_per_s"] if ok else None,
   }
   if args.json:
     print(json.dumps(out))
