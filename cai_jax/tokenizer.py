@@ -110,6 +110,22 @@ def _split_on_specials(text: str, pattern: Optional[re.Pattern]):
     yield pos, len(text), False
 
 
+def _encode_around_specials(text: str, pattern: Optional[re.Pattern], special_to_id: Mapping[str, int],
+                            encode_piece) -> tuple[list[int], Offsets]:
+  """(ids, character offsets) of ``text``: special token strings map to their ids and
+  every other span goes through ``encode_piece(span) -> (ids, offsets within span)``."""
+  ids, offsets = [], []
+  for start, end, special in _split_on_specials(text, pattern):
+    if special:
+      ids.append(special_to_id[text[start:end]])
+      offsets.append((start, end))
+    else:
+      piece_ids, piece_offsets = encode_piece(text[start:end])
+      ids.extend(piece_ids)
+      offsets.extend((start + a, start + b) for a, b in piece_offsets)
+  return ids, offsets
+
+
 # ----------------------------------------------------------------------------
 # Byte tokenizer
 # ----------------------------------------------------------------------------
@@ -158,17 +174,10 @@ class ByteTokenizer:
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], Offsets]:
     """Returns (ids, offsets); every byte of a character gets that character's span."""
-    ids, offsets = [], []
-    for start, end, special in _split_on_specials(text, self._pattern):
-      if special:
-        ids.append(self._special_to_id[text[start:end]])
-        offsets.append((start, end))
-        continue
-      for i in range(start, end):
-        for b in text[i].encode("utf-8", errors="surrogatepass"):
-          ids.append(b)
-          offsets.append((i, i + 1))
-    return ids, offsets
+    def encode_bytes(span: str):
+      pairs = [(b, i) for i, ch in enumerate(span) for b in ch.encode("utf-8", errors="surrogatepass")]
+      return [b for b, _ in pairs], [(i, i + 1) for _, i in pairs]
+    return _encode_around_specials(text, self._pattern, self._special_to_id, encode_bytes)
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
     """Returns the text of ``ids``: invalid UTF-8 becomes U+FFFD, special tokens
@@ -450,16 +459,8 @@ class SentencePieceTokenizer:
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], Offsets]:
     """Returns (ids, character offsets) of ``text``."""
-    ids, offsets = [], []
-    for start, end, special in _split_on_specials(text, self._pattern):
-      if special:
-        ids.append(self._special_to_id[text[start:end]])
-        offsets.append((start, end))
-      else:
-        piece_ids, piece_offsets = self._encode_piece_offsets(text[start:end])
-        ids.extend(piece_ids)
-        offsets.extend((start + a, start + b) for a, b in piece_offsets)
-    return ids, offsets
+    return _encode_around_specials(text, self._pattern, self._special_to_id,
+                                   self._encode_piece_offsets)
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
     """Returns the text of ``ids``; control pieces render as their text unless skipped."""
