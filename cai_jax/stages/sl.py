@@ -1,0 +1,114 @@
+"""Stage `sl` (SL-CAI): fine-tune the pretrained model on critique → revision data.
+
+Reads the output of `critique_revision` (a directory of shard-*.jsonl files, or one
+JSONL file) and builds supervised examples:
+  harmlessness: {"prompt": record["prompt"], "completion": revision} for the revision of
+                every round (rounds='all', the paper's choice) or only the last round
+                (rounds='final');
+  helpfulness:  {"prompt", "completion": response} from helpful records (records with a
+                "response" and no "rounds", from the same directory or `helpful_data`),
+                drawn (seeded) so there are `helpful_ratio` helpful examples per
+                harmlessness example (with replacement only when there are too few).
+The loss covers assistant tokens only. By default one epoch at a constant learning
+rate (the paper: one epoch at 0.5x the pretraining rate; set OptimizerConfig).
+Writes out_dir/model, the SL-CAI checkpoint, and out_dir/summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from cai_jax import data
+from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cai_jax.stages.train_lm import fine_tune, load_initial
+
+
+def read_records(source: str) -> List[dict]:
+  """Records of a critique_revision output directory (refused if unfinished) or a JSONL file."""
+  path = data.resolve_path(source)
+  if os.path.isfile(path):
+    return data.read_jsonl(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{source}: no such critique_revision output (directory or .jsonl)")
+  manifest_path = os.path.join(path, "manifest.json")
+  if os.path.exists(manifest_path):
+    with open(manifest_path, encoding="utf-8") as f:
+      manifest = json.load(f)
+    if not manifest.get("complete", False):
+      raise ValueError(f"{source}: critique_revision output is incomplete "
+                       f"(rerun critique_revision to finish it)")
+  files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
+  if not files:
+    raise ValueError(f"{source}: no .jsonl shards")
+  rows = []
+  for file in files:
+    rows.extend(data.read_jsonl(file))
+  return rows
+
+
+def build_examples(records: List[dict], helpful: List[dict], rounds: str, helpful_ratio: float,
+                   seed: int) -> Tuple[List[dict], dict]:
+  """(examples, counts): prompt → revision pairs plus the drawn helpfulness pairs."""
+  if rounds not in ("all", "final"):
+    raise ValueError(f"sl.rounds={rounds!r}; expected 'all' or 'final'")
+  harmless = []
+  for i, r in enumerate(records):
+    if "rounds" not in r:
+      continue
+    if not r["rounds"]:
+      raise data.DataError(f"record {i} ({r.get('id')}): no revision rounds")
+    chosen = r["rounds"] if rounds == "all" else r["rounds"][-1:]
+    for rd in chosen:
+      harmless.append({"prompt": r["prompt"], "completion": rd["revision"]})
+  pool = [{"prompt": r["prompt"], "completion": r["response"]}
+          for r in list(records) + list(helpful) if "response" in r and "rounds" not in r]
+  if not harmless:
+    raise data.DataError("no critique/revision records to train on")
+  n_help = int(round(helpful_ratio * len(harmless)))
+  if n_help and not pool:
+    raise data.DataError(f"sl.helpful_ratio={helpful_ratio} but there are no helpful records")
+  rng = np.random.default_rng(seed)
+  picks = rng.choice(len(pool), size=n_help, replace=n_help > len(pool)) if n_help else []
+  examples = harmless + [pool[int(i)] for i in picks]
+  order = rng.permutation(len(examples))
+  return [examples[int(i)] for i in order], {"harmless_examples": len(harmless),
+                                             "helpful_examples": n_help}
+
+
+def run(out_dir: str, data_dir: str = "", model: str = "", helpful_data: Optional[str] = None,
+        rounds: str = "all", helpful_ratio: float = 1.0, epochs: float = 1.0,
+        chat_format: str = "raw", model_config: ModelConfig = ModelConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(), train_config: TrainConfig = TrainConfig(),
+        mesh: MeshConfig = MeshConfig(1, 1, 1, "dp")) -> dict:
+  """Fine-tunes `model` on the SL-CAI mix; returns the summary (also out_dir/summary.json).
+
+  Args:
+    data_dir: critique_revision output (directory or JSONL).
+    model: the pretrained (helpful) model: model directory, .gguf, HF folder or 'pkg:' spec.
+    helpful_data: extra helpful records ({"prompt", "response"} JSONL or a directory).
+    epochs: passes over the mix; TrainConfig.num_steps is set to ceil(epochs * n / batch).
+    model_config: only its runtime fields (dtype, remat, scan) are used.
+  """
+  if not out_dir:
+    raise ValueError("sl.out_dir is not set (use --out_dir=DIR)")
+  if not data_dir:
+    raise ValueError("sl.data_dir is not set (the critique_revision output)")
+  if not model:
+    raise ValueError("sl.model is not set (the pretrained model to fine-tune)")
+  records = read_records(data_dir)
+  helpful = read_records(helpful_data) if helpful_data else []
+  examples, counts = build_examples(records, helpful, rounds, helpful_ratio, train_config.seed)
+  steps = max(1, math.ceil(epochs * len(examples) / train_config.batch_size))
+  train_config = dataclasses.replace(train_config, num_steps=steps)
+  config, params, tok = load_initial(model, model_config)
+  if tok is None:
+    raise ValueError(f"model {model!r} has no tokenizer")
+  return fine_tune(out_dir, examples, config, optimizer, train_config, mesh, tok, chat_format,
+                   init_params=params, extra_summary=dict(counts, epochs=epochs, rounds=rounds))

@@ -1,0 +1,85 @@
+"""SL-CAI stage: the example mix, the assistant-only loss mask, and a tiny end-to-end run."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cai_jax import data, model_dir, models
+from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cai_jax.stages import sl
+from cai_jax.tokenizer import load_tokenizer
+
+RECORDS = [
+    {"id": f"r{i}", "prompt": f"How do I do bad thing {i}?", "initial_response": "Sure, ...",
+     "rounds": [{"principle_id": "p1", "critique": "c", "revision": f"I can't help with {i}, but r1."},
+                {"principle_id": "p2", "critique": "c", "revision": f"Final answer {i}."}]}
+    for i in range(6)
+] + [{"id": f"h{i}", "prompt": f"Helpful question {i}?", "response": f"Helpful answer {i}."}
+     for i in range(3)]
+
+
+def test_all_rounds_or_final_round():
+  ex, counts = sl.build_examples(RECORDS, [], "all", 0.0, 0)
+  assert counts == {"harmless_examples": 12, "helpful_examples": 0} and len(ex) == 12
+  ex, counts = sl.build_examples(RECORDS, [], "final", 0.0, 0)
+  assert sorted(e["completion"] for e in ex) == sorted(f"Final answer {i}." for i in range(6))
+  with pytest.raises(ValueError, match="rounds"):
+    sl.build_examples(RECORDS, [], "some", 0.0, 0)
+
+
+def test_helpful_ratio_and_seed():
+  ex, counts = sl.build_examples(RECORDS, [], "final", 2.0, 0)
+  assert counts["helpful_examples"] == 12 and len(ex) == 18
+  assert sum(e["completion"].startswith("Helpful") for e in ex) == 12
+  again, _ = sl.build_examples(RECORDS, [], "final", 2.0, 0)
+  assert ex == again
+  with pytest.raises(data.DataError, match="no helpful records"):
+    sl.build_examples(RECORDS[:6], [], "final", 1.0, 0)
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens():
+  tok = load_tokenizer("byte")
+  ex = {"prompt": "How do I pick a lock?", "completion": "I'd rather not help with that."}
+  out = data.tokenize_example(ex, tok, "raw", 128)
+  n = int(out["mask"].sum())
+  ids, lm = out["tokens"][:n], out["loss_mask"][:n]
+  trained = [int(t) for t, m in zip(ids, lm) if m]
+  assert trained[-1] == tok.eos_id
+  assert tok.decode(trained[:-1]).strip() == ex["completion"]
+  untrained = tok.decode([int(t) for t, m in zip(ids, lm) if not m])
+  assert untrained.rstrip() == "\n\nHuman: How do I pick a lock?\n\nAssistant:"
+  # Trained tokens are one contiguous run at the end.
+  first = int(np.argmax(lm))
+  assert lm[first:].all() and not lm[:first].any()
+
+
+def test_incomplete_critique_revision_output_is_refused(tmp_path):
+  (tmp_path / "shard-00000.jsonl").write_text(json.dumps(RECORDS[0]) + "\n")
+  (tmp_path / "manifest.json").write_text(json.dumps({"complete": False}))
+  with pytest.raises(ValueError, match="incomplete"):
+    sl.read_records(str(tmp_path))
+
+
+def test_sl_end_to_end_on_tiny_model(tmp_path):
+  cfg = ModelConfig()
+  model_dir.save_model(str(tmp_path / "base"), cfg, models.init(cfg, jax.random.PRNGKey(0)),
+                       load_tokenizer("byte"))
+  crdir = tmp_path / "cr"
+  crdir.mkdir()
+  with open(crdir / "shard-00000.jsonl", "w") as f:
+    for r in RECORDS:
+      f.write(json.dumps(r) + "\n")
+  (crdir / "manifest.json").write_text(json.dumps({"complete": True}))
+  summary = sl.run(str(tmp_path / "sl"), data_dir=str(crdir), model=str(tmp_path / "base"),
+                   helpful_ratio=0.5, train_config=TrainConfig(batch_size=4, seq_len=96,
+                                                               progress=False, async_checkpoint=False),
+                   optimizer=OptimizerConfig(learning_rate=1e-3))
+  assert summary["harmless_examples"] == 12 and summary["helpful_examples"] == 6
+  assert summary["steps"] == 5  # ceil(18 / 4): one epoch
+  assert np.isfinite(summary["final_loss"])
+  assert model_dir.is_model_dir(str(tmp_path / "sl" / "model"))
+  config, params = model_dir.load_model(str(tmp_path / "sl" / "model"))
+  assert config == cfg
