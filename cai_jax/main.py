@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import sys
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from absl import app, flags, logging
 
@@ -25,13 +25,14 @@ flags.DEFINE_multi_string("gin_search_path", [], "Extra directories searched for
 flags.DEFINE_string("out_dir", None, "Output directory (binds COMMAND.out_dir).")
 flags.DEFINE_string("out", None, "Output file or directory (binds COMMAND.out).")
 flags.DEFINE_string("from", None, "Source checkpoint (binds COMMAND.source).")
+flags.DEFINE_string("records", None, "critique_revision output (binds COMMAND.records).")
 flags.DEFINE_string("prompts", None, "Input prompts JSONL (binds COMMAND.prompts).")
 flags.DEFINE_string("model", None, "Model: directory, .gguf, HF folder or pkg: spec (binds COMMAND.model).")
 flags.DEFINE_float("temperature", None, "Sampling temperature; 0 is greedy (binds COMMAND.temperature).")
 flags.DEFINE_integer("max_new_tokens", None, "Most new tokens per prompt (binds COMMAND.max_new_tokens).")
 
 # Convenience flags and the runner argument each binds.
-_FLAG_ARGS = {"out_dir": "out_dir", "out": "out", "from": "source", "prompts": "prompts",
+_FLAG_ARGS = {"out_dir": "out_dir", "out": "out", "from": "source", "prompts": "prompts", "records": "records",
               "model": "model", "temperature": "temperature", "max_new_tokens": "max_new_tokens"}
 
 
@@ -45,6 +46,7 @@ class Command(NamedTuple):
   runner: Callable[[], Callable]     # returns the (gin-configurable) function to call
   writes_out_dir: bool
   gin_name: Optional[str] = None   # configurable name when the command is a gin keyword
+  positional: Tuple[str, ...] = ()  # runner arguments given as positional words
 
   def configurable(self, command: str) -> str:
     return self.gin_name or command
@@ -53,6 +55,22 @@ class Command(NamedTuple):
 def _train_lm():
   from cai_jax.stages import train_lm
   return train_lm.run
+
+
+def _constitution():
+  from cai_jax import constitution
+
+  def constitution_command(action: str = "", path: str = "") -> dict:
+    """`cai-jax constitution check PATH`: validate a constitution and print its counts."""
+    if action != "check":
+      raise CliError(f"constitution: unknown action {action!r}; usage: cai-jax constitution check PATH")
+    return constitution.check(path or constitution.DEFAULT_PATH)
+  return constitution_command
+
+
+def _sl():
+  from cai_jax.stages import sl
+  return sl.run
 
 
 def _sample():
@@ -86,6 +104,11 @@ def _info():
 COMMANDS: Dict[str, Command] = {
     "train_lm": Command("fine-tune a decoder on a JSONL or TFDS text/conversation dataset",
                         "experiments/tiny_cpu.gin", _train_lm, True),
+    "constitution": Command("`constitution check PATH`: validate a constitution (our format or "
+                            "Anthropic's prompts/ folder) and print its counts",
+                            None, _constitution, False, positional=("action", "path")),
+    "sl": Command("SL-CAI: fine-tune the pretrained model on critique_revision output",
+                  "experiments/tiny_cpu_sl.gin", _sl, True),
     "sample": Command("complete each {\"prompt\"} of --prompts=FILE.jsonl into --out=FILE.jsonl",
                       "experiments/smollm2_135m_cpu.gin", _sample, False),
     "import": Command("HF folder or .gguf (--from=PATH) -> model directory (--out=DIR)",
@@ -204,11 +227,15 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
 def _main(argv: List[str]) -> None:
   args = [a for a in argv[1:] if not a.startswith("-")]
   if not args:
-    raise CliError("no command given\n" + usage())
-  if len(args) > 1:
-    raise CliError(f"unexpected arguments {args[1:]}; flags take the form --name=value")
+    raise CliError("no command given; `cai-jax --help` lists the commands")
+  command = COMMANDS.get(args[0])
+  positional = command.positional if command else ()
+  if len(args) - 1 > len(positional):
+    raise CliError(f"unexpected arguments {args[1 + len(positional):]}; "
+                   "flags take the form --name=value")
   flag_args = {arg: FLAGS[name].value for name, arg in _FLAG_ARGS.items()
                if FLAGS[name].value is not None}
+  flag_args.update(zip(positional, args[1:]))
   result = execute(args[0], FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_path, flag_args)
   if result is not None:
     print(json.dumps(result, sort_keys=True))
@@ -233,12 +260,8 @@ def run(argv: Optional[List[str]] = None) -> None:
     try:
       _main(parsed)
     except _USER_ERRORS as e:
-      msg = str(e).strip()
-      if isinstance(e, CliError) and "\n" in msg:
-        print(f"cai-jax: error: {msg}", file=sys.stderr)
-      else:
-        print(f"cai-jax: error: {type(e).__name__ + ': ' if not isinstance(e, CliError) else ''}"
-              f"{_first_line(e)}", file=sys.stderr)
+      kind = "" if isinstance(e, CliError) else type(e).__name__ + ": "
+      print(f"cai-jax: error: {kind}{_first_line(e)}", file=sys.stderr)
       sys.exit(2)
 
   app.run(main, argv=argv)

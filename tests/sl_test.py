@@ -73,7 +73,7 @@ def test_sl_end_to_end_on_tiny_model(tmp_path):
     for r in RECORDS:
       f.write(json.dumps(r) + "\n")
   (crdir / "manifest.json").write_text(json.dumps({"complete": True}))
-  summary = sl.run(str(tmp_path / "sl"), data_dir=str(crdir), model=str(tmp_path / "base"),
+  summary = sl.run(str(tmp_path / "sl"), records=str(crdir), model=str(tmp_path / "base"),
                    helpful_ratio=0.5, train_config=TrainConfig(batch_size=4, seq_len=96,
                                                                progress=False, async_checkpoint=False),
                    optimizer=OptimizerConfig(learning_rate=1e-3))

@@ -82,7 +82,7 @@ def build_examples(records: List[dict], helpful: List[dict], rounds: str, helpfu
                                              "helpful_examples": n_help}
 
 
-def run(out_dir: str, data_dir: str = "", model: str = "", helpful_data: Optional[str] = None,
+def run(out_dir: str, records: str = "", model: str = "", helpful_data: Optional[str] = None,
         rounds: str = "all", helpful_ratio: float = 1.0, epochs: float = 1.0,
         chat_format: str = "raw", model_config: ModelConfig = ModelConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(), train_config: TrainConfig = TrainConfig(),
@@ -90,7 +90,7 @@ def run(out_dir: str, data_dir: str = "", model: str = "", helpful_data: Optiona
   """Fine-tunes `model` on the SL-CAI mix; returns the summary (also out_dir/summary.json).
 
   Args:
-    data_dir: critique_revision output (directory or JSONL).
+    records: critique_revision output (directory or JSONL).
     model: the pretrained (helpful) model: model directory, .gguf, HF folder or 'pkg:' spec.
     helpful_data: extra helpful records ({"prompt", "response"} JSONL or a directory).
     epochs: passes over the mix; TrainConfig.num_steps is set to ceil(epochs * n / batch).
@@ -98,13 +98,13 @@ def run(out_dir: str, data_dir: str = "", model: str = "", helpful_data: Optiona
   """
   if not out_dir:
     raise ValueError("sl.out_dir is not set (use --out_dir=DIR)")
-  if not data_dir:
-    raise ValueError("sl.data_dir is not set (the critique_revision output)")
+  if not records:
+    raise ValueError("sl.records is not set (the critique_revision output; --records=DIR)")
   if not model:
     raise ValueError("sl.model is not set (the pretrained model to fine-tune)")
-  records = read_records(data_dir)
+  rows = read_records(records)
   helpful = read_records(helpful_data) if helpful_data else []
-  examples, counts = build_examples(records, helpful, rounds, helpful_ratio, train_config.seed)
+  examples, counts = build_examples(rows, helpful, rounds, helpful_ratio, train_config.seed)
   steps = max(1, math.ceil(epochs * len(examples) / train_config.batch_size))
   train_config = dataclasses.replace(train_config, num_steps=steps)
   config, params, tok = load_initial(model, model_config)
