@@ -52,7 +52,8 @@ class ModelConfig:
     dtype: compute dtype of activations and matmuls.
     scan_layers: run blocks under nn.scan (one compiled block) instead of unrolled.
     remat_policy: one of REMAT_POLICIES; what the backward pass keeps.
-    attention_impl: 'xla' or 'cudnn' (jax.nn.dot_product_attention implementation);
+    attention_impl: 'xla' or 'cudnn': jax.nn.dot_product_attention implementation of the
+      no-cache path (training, scoring); cached decoding uses its own einsum attention;
       None lets JAX choose.
   """
 

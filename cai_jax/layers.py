@@ -110,23 +110,74 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   return out.astype(x.dtype)
 
 
+def _large_negative(dtype) -> Array:
+  """The finite mask fill of ``jax.nn.dot_product_attention`` for logits of `dtype`."""
+  big = min(float(jnp.finfo(dtype).max), float(jnp.finfo(jnp.float32).max))
+  return jnp.asarray(-0.7 * big, dtype)
+
+
+def cached_attention(q: Array, k_cache: Array, v_cache: Array, k: Array, v: Array,
+                     mask: Array, scale: float) -> Array:
+  """Grouped-query attention over the cache slots followed by the new keys.
+
+  The cache is only read, never concatenated with the new keys or written, so a
+  caller can update it in place afterwards. Logits of both parts share one float32
+  softmax.
+
+  Args:
+    q: [B, T, H, Dh] queries.
+    k_cache, v_cache: [B, S, K, Dh] cache slots as they were before this call.
+    k, v: [B, T, K, Dh] keys / values of the T new tokens.
+    mask: [B, T, S + T] bool, True where query t may attend cache slot s (first S
+      columns) or new token t' (last T columns).
+    scale: logit multiplier.
+  Returns:
+    [B, T, H, Dh] in the dtype of v. A query with no visible key gets a uniform
+    average (finite), as with ``jax.nn.dot_product_attention``.
+  """
+  batch, length, heads, hd = q.shape
+  kv_heads = k.shape[2]
+  slots = k_cache.shape[1]
+  q = q.reshape(batch, length, kv_heads, heads // kv_heads, hd)
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+
+  def scores(keys):
+    return jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=logits_dtype)
+
+  logits = jnp.concatenate([scores(k_cache), scores(k)], axis=-1)     # [B, K, G, T, S + T]
+  logits = logits * jnp.asarray(scale, logits_dtype)
+  logits = jnp.where(mask[:, None, None], logits, _large_negative(logits_dtype))
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+
+  def mix(p, values):
+    return jnp.einsum("bkgts,bskd->btkgd", p, values, preferred_element_type=jnp.float32)
+
+  out = mix(probs[..., :slots], v_cache) + mix(probs[..., slots:], v)
+  return out.reshape(batch, length, heads, hd).astype(v.dtype)
+
+
 class Attention(nn.Module):
-  """Grouped-query self-attention with RoPE and an optional KV cache."""
+  """Grouped-query self-attention with RoPE and an optional, read-only KV cache.
+
+  Without a cache it calls ``jax.nn.dot_product_attention`` (``config.attention_impl``
+  picks its implementation); with a cache, ``cached_attention``.
+  """
 
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, attn_mask: Array,
-               layer_cache: Optional[Tuple[Array, Array]] = None,
-               cache_index: Optional[Array] = None):
+               layer_cache: Optional[Tuple[Array, Array]] = None):
     """Args:
       x: [B, T, D] normalized hidden states.
       positions: [B, T] int32 RoPE positions.
-      attn_mask: [B, T, S] bool, True where query t may attend key slot s.
-      layer_cache: optional (k, v), each [B, S, K, Dh]; new keys are written at cache_index.
-      cache_index: scalar int32 slot of the first query token in the cache.
+      attn_mask: without a cache, [B, T, T] bool, True where query t may attend key t';
+        with a cache, [B, T, S + T]: the first S columns are the cache slots, the last
+        T the new tokens (see ``cached_attention``).
+      layer_cache: optional (k, v), each [B, S, K, Dh]; read, never written here.
     Returns:
-      ([B, T, D] output, updated (k, v) or None).
+      ([B, T, D] output, None without a cache, else the new (k, v), each [B, T, K, Dh]
+      in the cache dtype, for the caller to write into the cache).
     """
     cfg = self.config
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
@@ -146,22 +197,23 @@ class Attention(nn.Module):
     k = constrain(k, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.KV))
     v = constrain(v, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.KV))
 
-    new_cache = None
-    if layer_cache is not None:
+    new_kv = None
+    if layer_cache is None:
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=attn_mask[:, None, :, :], scale=1.0 / math.sqrt(hd),
+          implementation=cfg.attention_impl)
+    else:
       k_cache, v_cache = layer_cache
-      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-      new_cache = (k, v)
-      k, v = k.astype(dtype), v.astype(dtype)
-
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=attn_mask[:, None, :, :], scale=1.0 / math.sqrt(hd),
-        implementation=cfg.attention_impl)
+      # Round the new keys / values through the cache dtype, as if read back from it.
+      new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
+      out = cached_attention(q, k_cache.astype(dtype), v_cache.astype(dtype),
+                             new_kv[0].astype(dtype), new_kv[1].astype(dtype), attn_mask,
+                             1.0 / math.sqrt(hd))
     out = constrain(out, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV))
     out = checkpoint_name(out, "attention_out")
     out = DenseND((cfg.n_heads, hd), (cfg.d_model,), (axes.HEADS, axes.KV, axes.EMBED),
                   dtype=dtype, param_dtype=pdtype, name="o_proj")(out)
-    return out, new_cache
+    return out, new_kv
 
 
 class MLP(nn.Module):
@@ -187,24 +239,26 @@ class MLP(nn.Module):
 class DecoderBlock(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)).
 
-  The signature is scan-friendly: (x, positions, attn_mask, layer_cache, cache_index)
-  -> (x, new_layer_cache), with layer_cache the per-layer slice scanned over.
+  The signature is scan-friendly: (x, positions, attn_mask, layer_cache) -> (x, new_kv),
+  with layer_cache the per-layer (k, v) cache slices [B, S, K, Dh] scanned over (read
+  only) and new_kv the (k, v) of the T new tokens, [B, T, K, Dh] each (None without a
+  cache), stacked over layers by the scan.
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, attn_mask, layer_cache=None, cache_index=None):
+  def __call__(self, x, positions, attn_mask, layer_cache=None):
     cfg = self.config
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
     x = constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
-    h, new_cache = Attention(cfg, name="attn")(
+    h, new_kv = Attention(cfg, name="attn")(
         RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x),
-        positions, attn_mask, layer_cache, cache_index)
+        positions, attn_mask, layer_cache)
     x = x + h
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(x))
     x = constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
-    return x, new_cache
+    return x, new_kv
 
 
 def embedding(config: ModelConfig, name: str = "embed") -> nn.Embed:

@@ -12,7 +12,12 @@ never changes the outputs at real tokens.
 
 KV cache: ``init_cache`` gives ``{'k','v': [L, B, S, K, Dh], 'mask': [B, S] bool}``;
 calling with ``cache`` and ``cache_index`` writes the T new tokens at slots
-[cache_index, cache_index + T) and returns ``(output, new_cache)``.
+[cache_index, cache_index + T) and returns ``(output, new_cache)``. The layers only
+read the cache (queries attend to the slots written before cache_index plus the T new
+tokens); their new keys / values, [L, B, T, K, Dh], are written with one
+``dynamic_update_slice`` per tensor. With ``scan_layers`` XLA performs it in place
+when the cache is a loop carry or a donated buffer (no copy of the cache per decode
+step); the unrolled layers read the cache outside any loop, and XLA copies it there.
 """
 
 from __future__ import annotations
@@ -81,20 +86,25 @@ class Decoder(nn.Module):
       mask = jnp.ones((batch, length), bool)
     mask = mask.astype(bool)
 
+    causal = jnp.tril(jnp.ones((length, length), bool))          # [T, T]
     if cache is None:
-      key_mask = mask                                   # [B, S=T]
+      key_mask = mask                                          # [B, S=T]
       index = jnp.zeros((), jnp.int32)
+      attn_mask = causal[None] & mask[:, None, :]              # [B, T, T]
     else:
       index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+      slots = cache["mask"].shape[1]
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, index, axis=1)
-    slots = key_mask.shape[1]
+      # Keys are the cache slots written before this call (all precede every query)
+      # followed by the T new tokens (causal among themselves).
+      written = cache["mask"] & (jnp.arange(slots)[None, :] < index)   # [B, S]
+      attn_mask = jnp.concatenate(
+          [jnp.broadcast_to(written[:, None, :], (batch, length, slots)),
+           causal[None] & mask[:, None, :]], axis=2)           # [B, T, S + T]
     # RoPE position of every slot = number of real tokens before it.
     slot_positions = jnp.cumsum(key_mask.astype(jnp.int32), axis=1) - 1
     positions = jax.lax.dynamic_slice_in_dim(slot_positions, index, length, axis=1)
     positions = jnp.maximum(positions, 0)
-    query_slot = index + jnp.arange(length)[:, None]          # [T, 1]
-    causal = jnp.arange(slots)[None, :] <= query_slot          # [T, S]
-    attn_mask = causal[None] & key_mask[:, None, :]            # [B, T, S]
 
     embed = embedding(cfg, "embed")
     x = embed(tokens.astype(jnp.int32))
@@ -103,20 +113,22 @@ class Decoder(nn.Module):
     block_cls = _block_class(cfg)
     layer_caches = None if cache is None else (cache["k"], cache["v"])
     if cfg.scan_layers:
+      # The cache is a read-only scanned input; the new keys / values come out stacked
+      # as [L, B, T, K, Dh] and are written below with one update (in place in a loop).
       stack = nn.scan(
           block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
+          in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, name="layers")
-      x, new_layer_caches = stack(x, positions, attn_mask, layer_caches, index)
+      x, new_kv = stack(x, positions, attn_mask, layer_caches)
     else:
       new_k, new_v = [], []
       for i in range(cfg.n_layers):
         layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
-        x, c = block_cls(cfg, name=f"layers_{i}")(x, positions, attn_mask, layer_cache, index)
+        x, c = block_cls(cfg, name=f"layers_{i}")(x, positions, attn_mask, layer_cache)
         if c is not None:
           new_k.append(c[0])
           new_v.append(c[1])
-      new_layer_caches = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
+      new_kv = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
 
     x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
     if self.head == "lm":
@@ -131,7 +143,12 @@ class Decoder(nn.Module):
                     param_dtype=pdtype, stddev=0.0, name="scalar_head")(x)[..., 0]
     if cache is None:
       return out
-    return out, {"k": new_layer_caches[0], "v": new_layer_caches[1], "mask": key_mask}
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, zero, index, zero, zero)
+    new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], new_kv[0], start),
+                 "v": jax.lax.dynamic_update_slice(cache["v"], new_kv[1], start),
+                 "mask": key_mask}
+    return out, new_cache
 
 
 def last_token_index(mask: Array) -> Array:

@@ -164,3 +164,57 @@ def test_kv_cache_decode_matches_full_forward(params):
     out, cache = dec.apply({"params": params}, tokens[:, t:t + 1], mask[:, t:t + 1],
                            cache=cache, cache_index=t)
     np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_kv_cache_chunks_at_nonzero_index_match_full_forward(params, scan_layers):
+  """Prefill 5 columns, then a 3-column chunk, then single tokens; left pads and a gap."""
+  cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+  p = params if scan_layers else transformer.unstack_scanned_params(params, CFG.n_layers)
+  tokens = _tokens(3, 11, seed=4)
+  mask = jnp.ones((3, 11), bool)
+  mask = mask.at[0, :3].set(False)              # left padding reaching into the chunk
+  mask = mask.at[1, 5:7].set(False)             # a gap between a prefix and a suffix
+  mask = mask.at[2, :6].set(False)              # the first call holds only pads
+  full = models.logits(p, cfg, tokens, mask)
+  dec = models.module(cfg)
+  cache = transformer.init_cache(cfg, 3, 12)
+  for start, stop in ((0, 5), (5, 8), (8, 9), (9, 10), (10, 11)):
+    out, cache = dec.apply({"params": p}, tokens[:, start:stop], mask[:, start:stop],
+                           cache=cache, cache_index=start)
+    assert np.all(np.isfinite(np.asarray(out))), (start, stop)
+    real = np.asarray(mask[:, start:stop])
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(full[:, start:stop])[real],
+                               atol=1e-5, err_msg=f"columns [{start}, {stop})")
+  np.testing.assert_array_equal(cache["mask"][:, :11], mask)
+  assert not cache["mask"][:, 11:].any()
+
+
+def test_kv_cache_writes_only_new_slots(params):
+  """A call writes its T columns' keys / values at cache_index and leaves other slots alone."""
+  tokens = _tokens(2, 9, seed=6)
+  cache = transformer.init_cache(CFG, 2, 9)
+  cache = {k: v + 7.0 if k != "mask" else v for k, v in cache.items()}   # recognisable filler
+  dec = models.module(CFG)
+  _, full_cache = dec.apply({"params": params}, tokens, cache=transformer.init_cache(CFG, 2, 9),
+                            cache_index=0)
+  _, c1 = dec.apply({"params": params}, tokens[:, :4], cache=cache, cache_index=0)
+  _, c2 = dec.apply({"params": params}, tokens[:, 4:7], cache=c1, cache_index=4)
+  for name in ("k", "v"):
+    assert c2[name].shape == (CFG.n_layers, 2, 9, CFG.n_kv_heads, CFG.dim_per_head)
+    np.testing.assert_allclose(c2[name][:, :, :7], full_cache[name][:, :, :7], atol=1e-5)
+    np.testing.assert_array_equal(c2[name][:, :, 7:], 7.0)
+  np.testing.assert_array_equal(c2["mask"], jnp.arange(9)[None].repeat(2, 0) < 7)
+
+
+def test_kv_cache_in_a_lower_precision_dtype(params):
+  """A bfloat16 cache holds the keys / values rounded, and decoding reads them back."""
+  tokens = _tokens(1, 6, seed=8)
+  full = models.logits(params, CFG, tokens)
+  dec = models.module(CFG)
+  cache = transformer.init_cache(CFG, 1, 6, dtype=jnp.bfloat16)
+  out, cache = dec.apply({"params": params}, tokens[:, :4], cache=cache, cache_index=0)
+  assert cache["k"].dtype == jnp.bfloat16 and cache["v"].dtype == jnp.bfloat16
+  for t in (4, 5):
+    out, cache = dec.apply({"params": params}, tokens[:, t:t + 1], cache=cache, cache_index=t)
+    np.testing.assert_allclose(out[:, 0], full[:, t], atol=5e-2)
