@@ -68,6 +68,16 @@ def _constitution():
   return constitution_command
 
 
+def _critique_revision():
+  from cai_jax.stages import critique_revision
+  return critique_revision.run
+
+
+def _redteam_prompts():
+  from cai_jax.stages import redteam_prompts
+  return redteam_prompts.run
+
+
 def _sl():
   from cai_jax.stages import sl
   return sl.run
@@ -107,8 +117,14 @@ COMMANDS: Dict[str, Command] = {
     "constitution": Command("`constitution check PATH`: validate a constitution (our format or "
                             "Anthropic's prompts/ folder) and print its counts",
                             None, _constitution, False, positional=("action", "path")),
+    "redteam_prompts": Command("expand the red-team prompt set with the model itself (few-shot, "
+                               "deduplicated, length-filtered) into --out=FILE.jsonl",
+                               "experiments/smollm2_135m_cpu.gin", _redteam_prompts, False),
+    "critique_revision": Command("sample responses, then n rounds of critique -> revision with "
+                                 "random principles; sharded, resumable output in --out_dir",
+                                 "experiments/smollm2_135m_cpu.gin", _critique_revision, True),
     "sl": Command("SL-CAI: fine-tune the pretrained model on critique_revision output",
-                  "experiments/tiny_cpu_sl.gin", _sl, True),
+                  "experiments/smollm2_135m_cpu.gin", _sl, True),
     "sample": Command("complete each {\"prompt\"} of --prompts=FILE.jsonl into --out=FILE.jsonl",
                       "experiments/smollm2_135m_cpu.gin", _sample, False),
     "import": Command("HF folder or .gguf (--from=PATH) -> model directory (--out=DIR)",
@@ -125,7 +141,7 @@ def usage() -> str:
            "", "Constitutional AI in JAX. Commands:"]
   for name, cmd in COMMANDS.items():
     default = f" (default gin: gin/{cmd.default_gin})" if cmd.default_gin else ""
-    lines.append(f"  {name:<12} {cmd.help}{default}")
+    lines.append(f"  {name:<18} {cmd.help}{default}")
   lines += ["", "Flags:",
             "  --gin_file=FILE        gin file (repeatable); without one, the command's default",
             "  --gin.KEY=VALUE        a gin binding, e.g. --gin.TrainConfig.num_steps=20",
