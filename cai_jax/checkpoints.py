@@ -32,6 +32,7 @@ array is read the saved tree is compared with the target; the first difference r
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -354,13 +355,19 @@ def _params_checkpointer() -> ocp.Checkpointer:
   return ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
 
+def _absolute(directory: epath.PathLike) -> epath.Path:
+  """orbax needs absolute paths; local relative paths resolve against the working directory."""
+  text = os.fspath(directory)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def export_params(params: PyTree, directory: epath.PathLike, overwrite: bool = False) -> epath.Path:
   """Writes the params pytree (sharded jax arrays, any mesh) to `directory`; returns it.
 
   Synchronous and atomic (written to ``<directory>.orbax-checkpoint-tmp*``, then renamed).
   An existing `directory` is an error unless `overwrite`.
   """
-  path = epath.Path(directory)
+  path = _absolute(directory)
   if path.exists() and not overwrite:
     raise FileExistsError(f"params export {path} already exists (pass overwrite=True to replace it)")
   with _params_checkpointer() as ckptr:
@@ -375,7 +382,7 @@ def load_params(directory: epath.PathLike, target: PyTree, allow_dtype_cast: boo
   ``abstract_state``) or live arrays. Raises CheckpointNotFoundError if `directory` holds
   no finished export, CheckpointMismatchError if its tree differs from `target`.
   """
-  path = epath.Path(directory)
+  path = _absolute(directory)
   if not _is_finished(path) or not (path / "_METADATA").exists():
     raise CheckpointNotFoundError(f"no finished params export in {path}")
   target = as_abstract(target)

@@ -209,7 +209,10 @@ def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_pa
   level = logging.get_verbosity()
   logging.set_verbosity(logging.FATAL)  # gin logs an ERROR per include before trying search paths
   try:
-    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    # A shared experiment file binds every command; skip the other commands' bindings.
+    others = [c.configurable(n) for n, c in COMMANDS.items() if n != command]
+    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False,
+                                        skip_unknown=others)
   except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
     raise CliError(f"gin: {_first_line(e)}") from None
   finally:

@@ -78,6 +78,7 @@ def load_model(directory: str, config: Optional[ModelConfig] = None, mesh=None, 
   """
   from cai_jax import models, sharding
   import jax
+  directory = os.path.abspath(directory)
   stored = load_config(directory)
   config = config or stored
   head = load_head(directory)

@@ -100,3 +100,47 @@ def test_train_lm_killed_and_resumed_equals_uninterrupted(tmp_path):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
   steps_logged = [json.loads(l)["step"] for l in open(killed / "metrics.jsonl")]
   assert steps_logged == list(range(1, 17))
+
+
+def _run_ok(*args, timeout=900):
+  out = cli(*args, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _chain(tmp_path, base_args, cr_gin, extra_cr=(), extra_sl=()):
+  """critique_revision then sl from the CLI into tmp_path; returns (cr stats, sl summary)."""
+  cr = _run_ok("critique_revision", f"--gin_file={cr_gin}", *base_args,
+               f"--out_dir={tmp_path / 'cr'}", "--gin.critique_revision.progress=False", *extra_cr)
+  sl_summary = _run_ok("sl", f"--gin_file={cr_gin}", *base_args, f"--records={tmp_path / 'cr'}",
+                       f"--out_dir={tmp_path / 'sl'}", "--gin.TrainConfig.progress=False", *extra_sl)
+  return cr, sl_summary
+
+
+def test_sl_cai_path_on_the_tiny_model_from_the_cli(tmp_path):
+  """train_lm -> critique_revision -> sl, the whole SL-CAI path, on the tiny preset."""
+  base = _run_ok("train_lm", f"--out_dir={tmp_path / 'base'}", "--gin.TrainConfig.num_steps=10",
+                 "--gin.TrainConfig.progress=False")
+  model = f"--model={tmp_path / 'base' / 'model'}"
+  assert base["steps"] == 10
+  cr, summary = _chain(tmp_path, [model], "gin/experiments/tiny_cpu_cai.gin",
+                       extra_cr=["--gin.critique_revision.limit=8"])
+  assert cr["prompts"] == 8 and cr["rounds"] == 16
+  records = [json.loads(l) for f in sorted((tmp_path / "cr").glob("shard-*.jsonl"))
+             for l in open(f)]
+  assert len(records) == 8 and all(len(r["rounds"]) == 2 for r in records)
+  assert summary["harmless_examples"] == 16 and summary["helpful_examples"] == 16
+  assert (tmp_path / "sl" / "model" / "model.json").exists()
+
+
+@pytest.mark.slow
+def test_sl_cai_path_on_smollm2_from_the_cli(tmp_path):
+  """critique_revision on 4 red-team prompts with SmolLM2-135M-Instruct, then 2 sl steps."""
+  cr, summary = _chain(
+      tmp_path, [], "gin/experiments/smollm2_135m_cpu.gin",
+      extra_cr=["--gin.critique_revision.limit=4", "--gin.critique_revision.n_rounds=1",
+                "--gin.critique_revision.max_new_tokens=48", "--gin.critique_revision.shard_size=4"],
+      extra_sl=["--gin.sl.epochs=0.5", "--gin.TrainConfig.batch_size=4",
+                "--gin.TrainConfig.seq_len=256"])
+  assert cr["prompts"] == 4 and cr["empty_revisions"] < 4
+  assert summary["steps"] == 1 and np.isfinite(summary["final_loss"])

@@ -53,6 +53,13 @@ def read_records(source: str) -> List[dict]:
   return rows
 
 
+def _example(record: dict, completion: str) -> dict:
+  """A supervised example: the record's conversation (or prompt) answered by `completion`."""
+  if "messages" in record:
+    return {"messages": list(record["messages"]) + [{"role": "assistant", "content": completion}]}
+  return {"prompt": record["prompt"], "completion": completion}
+
+
 def build_examples(records: List[dict], helpful: List[dict], rounds: str, helpful_ratio: float,
                    seed: int) -> Tuple[List[dict], dict]:
   """(examples, counts): prompt → revision pairs plus the drawn helpfulness pairs."""
@@ -66,8 +73,8 @@ def build_examples(records: List[dict], helpful: List[dict], rounds: str, helpfu
       raise data.DataError(f"record {i} ({r.get('id')}): no revision rounds")
     chosen = r["rounds"] if rounds == "all" else r["rounds"][-1:]
     for rd in chosen:
-      harmless.append({"prompt": r["prompt"], "completion": rd["revision"]})
-  pool = [{"prompt": r["prompt"], "completion": r["response"]}
+      harmless.append(_example(r, rd["revision"]))
+  pool = [_example(r, r["response"])
           for r in list(records) + list(helpful) if "response" in r and "rounds" not in r]
   if not harmless:
     raise data.DataError("no critique/revision records to train on")
