@@ -127,3 +127,14 @@ def peak_tflops(device_kind: str) -> Optional[float]:
     if key in kind:
       return value
   return None
+
+
+def parse_mesh(parser, text: str):
+  """'data,fsdp,tensor' -> a tuple of three ints (argparse error otherwise)."""
+  try:
+    dims = tuple(int(x) for x in text.split(","))
+    if len(dims) != 3:
+      raise ValueError
+  except ValueError:
+    parser.error(f"--mesh must be three comma-separated ints data,fsdp,tensor; got {text!r}")
+  return dims

@@ -76,12 +76,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                       "compiled HLO to a temporary directory, read and then deleted)")
   p.add_argument("--json", action="store_true", help="print one JSON line instead of the report")
   args = p.parse_args(argv)
-  try:
-    args.mesh_dims = tuple(int(x) for x in args.mesh.split(","))
-    if len(args.mesh_dims) != 3:
-      raise ValueError
-  except ValueError:
-    p.error(f"--mesh must be three comma-separated ints data,fsdp,tensor; got {args.mesh!r}")
+  args.mesh_dims = _presets.parse_mesh(p, args.mesh)
   return args
 
 

@@ -85,12 +85,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   p.add_argument("--role", default="all", choices=("all", "ours", "peer"), help=argparse.SUPPRESS)
   p.add_argument("--peer_config", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  try:
-    args.mesh_dims = tuple(int(x) for x in args.mesh.split(","))
-    if len(args.mesh_dims) != 3:
-      raise ValueError
-  except ValueError:
-    p.error(f"--mesh must be three comma-separated ints data,fsdp,tensor; got {args.mesh!r}")
+  args.mesh_dims = _presets.parse_mesh(p, args.mesh)
   return args
 
 

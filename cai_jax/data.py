@@ -11,9 +11,10 @@ the right. Batching stacks them to [batch, seq_len].
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grain
 import numpy as np
@@ -25,12 +26,14 @@ class DataError(ValueError):
   """Malformed input data; the message names the file and line or field."""
 
 
-def read_jsonl(path: str) -> List[Example]:
-  """Reads a JSONL file of objects; errors name the file and 1-based line number."""
-  if not os.path.exists(path):
+def iter_jsonl(path: str) -> Iterator[Tuple[int, Example]]:
+  """(1-based line number, object) for every non-blank line of a JSONL (or .jsonl.gz) file;
+  errors name the file and line."""
+  if not os.path.isfile(path):
     raise DataError(f"{path}: no such file")
-  rows = []
-  with open(path, encoding="utf-8") as f:
+  opener = (lambda: gzip.open(path, "rt", encoding="utf-8")) if path.endswith(".gz") else (
+      lambda: open(path, encoding="utf-8"))
+  with opener() as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -40,7 +43,12 @@ def read_jsonl(path: str) -> List[Example]:
         raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
       if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-      rows.append(row)
+      yield lineno, row
+
+
+def read_jsonl(path: str) -> List[Example]:
+  """Reads a JSONL file of objects; errors name the file and 1-based line number."""
+  rows = [row for _, row in iter_jsonl(path)]
   if not rows:
     raise DataError(f"{path}: no examples")
   return rows

@@ -37,9 +37,7 @@ n-grams), not a MinHash approximation.
 from __future__ import annotations
 
 import collections
-import gzip
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -80,29 +78,6 @@ def split_of(prompt_id: str) -> str:
 # ----------------------------------------------------------------------------
 # Reading and validating files
 # ----------------------------------------------------------------------------
-
-def _open_text(path: str):
-  if path.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
-  return open(path, encoding="utf-8")
-
-
-def _iter_json_lines(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
-  """(1-based line number, object) for every non-blank line; errors name file and line."""
-  if not os.path.isfile(path):
-    raise DataError(f"{path}: no such file")
-  with _open_text(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-      yield lineno, row
-
 
 def _check_messages(msgs: Any, where: str) -> List[Dict[str, str]]:
   if not isinstance(msgs, list) or not msgs:
@@ -152,7 +127,7 @@ def read_prompt_file(path: str) -> List[Record]:
   "category"; '.gz' allowed). A file of HH-RLHF lines ({"chosen", "rejected"}) is read
   with ``import_hh_rlhf``. Ids default to '<file stem>-<line>' and must be unique.
   Errors name the file and line; a file without prompts is an error."""
-  rows = list(_iter_json_lines(path))
+  rows = list(data.iter_jsonl(path))
   if not rows:
     raise DataError(f"{path}: empty prompt set (no lines)")
   first = rows[0][1]
@@ -229,7 +204,7 @@ def import_hh_rlhf(path: str, strict: bool = True) -> List[Record]:
   """
   stem = _stem(path)
   out = []
-  for lineno, row in _iter_json_lines(path):
+  for lineno, row in data.iter_jsonl(path):
     where = f"{path}:{lineno}"
     for key in ("chosen", "rejected"):
       if not isinstance(row.get(key), str):

@@ -978,6 +978,17 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], fmt
   return ids, mask
 
 
+def trim_at_stop(text: str, stops: Sequence[str]) -> str:
+  """Cuts text at the first occurrence of any stop string (the string-level final word
+  after a token-level stop; see ``cai_jax.sampler``)."""
+  cut = len(text)
+  for s in stops:
+    i = text.find(s)
+    if i >= 0:
+      cut = min(cut, i)
+  return text[:cut]
+
+
 def stop_strings(fmt: str) -> tuple[str, ...]:
   """Returns the strings that end an assistant turn in format ``fmt``."""
   if fmt == "chatml":

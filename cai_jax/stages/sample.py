@@ -16,17 +16,7 @@ from typing import Optional
 
 from cai_jax import data, model_dir, sampler, sharding
 from cai_jax.configs import MeshConfig
-from cai_jax.tokenizer import encode_chat, stop_strings
-
-
-def trim_at_stop(text: str, stops) -> str:
-  """Cuts text at the first occurrence of any stop string."""
-  cut = len(text)
-  for s in stops:
-    i = text.find(s)
-    if i >= 0:
-      cut = min(cut, i)
-  return text[:cut]
+from cai_jax.tokenizer import encode_chat, stop_strings, trim_at_stop
 
 
 def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1, 1, 1, "dp"),
