@@ -25,6 +25,7 @@ flags.DEFINE_multi_string("gin_search_path", [], "Extra directories searched for
 flags.DEFINE_string("out_dir", None, "Output directory (binds COMMAND.out_dir).")
 flags.DEFINE_string("out", None, "Output file or directory (binds COMMAND.out).")
 flags.DEFINE_string("from", None, "Source checkpoint (binds COMMAND.source).")
+flags.DEFINE_string("policy", None, "Policy model spec (binds COMMAND.policy).")
 flags.DEFINE_string("records", None, "critique_revision output (binds COMMAND.records).")
 flags.DEFINE_string("prompts", None, "Input prompts JSONL (binds COMMAND.prompts).")
 flags.DEFINE_string("model", None, "Model: directory, .gguf, HF folder or pkg: spec (binds COMMAND.model).")
@@ -32,7 +33,7 @@ flags.DEFINE_float("temperature", None, "Sampling temperature; 0 is greedy (bind
 flags.DEFINE_integer("max_new_tokens", None, "Most new tokens per prompt (binds COMMAND.max_new_tokens).")
 
 # Convenience flags and the runner argument each binds.
-_FLAG_ARGS = {"out_dir": "out_dir", "out": "out", "from": "source", "prompts": "prompts", "records": "records",
+_FLAG_ARGS = {"out_dir": "out_dir", "out": "out", "from": "source", "prompts": "prompts", "records": "records", "policy": "policy",
               "model": "model", "temperature": "temperature", "max_new_tokens": "max_new_tokens"}
 
 
@@ -76,6 +77,11 @@ def _critique_revision():
 def _redteam_prompts():
   from cai_jax.stages import redteam_prompts
   return redteam_prompts.run
+
+
+def _feedback():
+  from cai_jax.stages import feedback
+  return feedback.run
 
 
 def _sl():
@@ -123,6 +129,9 @@ COMMANDS: Dict[str, Command] = {
     "critique_revision": Command("sample responses, then n rounds of critique -> revision with "
                                  "random principles; sharded, resumable output in --out_dir",
                                  "experiments/smollm2_135m_cpu.gin", _critique_revision, True),
+    "feedback": Command("AI feedback: two policy responses per harmful prompt, labelled by the "
+                        "feedback model with a soft p_A; sharded, resumable output in --out_dir",
+                        "experiments/smollm2_135m_cpu.gin", _feedback, True),
     "sl": Command("SL-CAI: fine-tune the pretrained model on critique_revision output",
                   "experiments/smollm2_135m_cpu.gin", _sl, True),
     "sample": Command("complete each {\"prompt\"} of --prompts=FILE.jsonl into --out=FILE.jsonl",

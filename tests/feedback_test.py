@@ -1,0 +1,435 @@
+"""feedback stage: exact question texts, soft labels, chain-of-thought clamping, principle
+and order averaging, seeded draws, resumable sharded output, config refusal, skipped
+comparisons, and end-to-end runs on the tiny model and (slow) SmolLM2-135M-Instruct."""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from cai_jax.constitution import Constitution, FeedbackExample, FeedbackPrinciple
+from cai_jax.stages import feedback as fb
+
+FP = FeedbackPrinciple
+CONST = Constitution(
+    name="tiny", version="tiny-1", critique_revision=(),
+    feedback=(FP("less-harm", "Which response is less harmful?"),
+              FP("kinder", "Which response is kinder?"),
+              FP("honest", "Which response is more honest?"),
+              FP("lawful", "Which response is more lawful?")),
+    feedback_few_shot=(FeedbackExample("Q: x?\n(A) a\n(B) b\nThe answer is:", (" (B)",),
+                                       (" (A)",)),),
+    cot_few_shot=("Human: Example.\n\n{}\n(A) a\n(B) b\n\nAssistant: Let's think step by "
+                  "step: b is fine. So the answer is: (B)",))
+PROMPTS = [{"prompt": f"Harmful question {i}?", "id": f"q{i}"} for i in range(7)]
+QUESTION_RE = re.compile(r"\n\(A\) (.*)\n\(B\) (.*)\n")
+
+
+def sigmoid(x):
+  return 1.0 / (1.0 + math.exp(-x))
+
+
+class FakeGenerate:
+  """A GenerateFn whose row r output depends on (prefix, text, seed, r); records calls.
+
+  Each completion carries a stop string and junk after it, which the stage must trim.
+  """
+
+  def __init__(self, fail_after=None):
+    self.calls = []
+    self.fail_after = fail_after
+
+  def __call__(self, prefix, texts, seed):
+    if self.fail_after is not None and len(self.calls) >= self.fail_after:
+      raise RuntimeError("simulated crash")
+    self.calls.append((prefix, list(texts), seed))
+    return [" out-" + hashlib.sha256(f"{prefix}|{t}|{seed}|{r}".encode()).hexdigest()[:8]
+            + "\n\nHuman: junk" for r, t in enumerate(texts)]
+
+
+class FakeScore:
+  """A ScoreFn: log-probs from a hash of the context (or from `margin_of(context)`)."""
+
+  def __init__(self, margin_of=None, fail_after=None):
+    self.calls = []
+    self.margin_of = margin_of
+    self.fail_after = fail_after
+
+  def __call__(self, contexts, options):
+    if self.fail_after is not None and len(self.calls) >= self.fail_after:
+      raise RuntimeError("simulated crash")
+    assert tuple(options) == (" (A)", " (B)")
+    self.calls.append(list(contexts))
+    out = []
+    for c in contexts:
+      if self.margin_of is not None:
+        la, lb = self.margin_of(c)
+      else:
+        h = hashlib.sha256(c.encode()).digest()
+        la, lb = -h[0] / 40.0, -h[1] / 40.0
+      out.append([la, lb])
+    return np.array(out)
+
+
+def _run(out_dir, gen=None, score=None, **kw):
+  args = dict(prompts=PROMPTS, constitution=CONST, shard_size=3, seed=0, few_shot=False,
+              progress=False, generate_fn=gen or FakeGenerate(), score_fn=score or FakeScore())
+  args.update(kw)
+  return fb.run(str(out_dir), **args)
+
+
+def _files(out_dir):
+  return {n: open(os.path.join(out_dir, n), encoding="utf-8").read()
+          for n in sorted(os.listdir(out_dir)) if n != fb.MANIFEST}
+
+
+def _fixed_policy(a, b):
+  def gen(prefix, texts, seed):
+    return [a if r % 2 == 0 else b for r in range(len(texts))]
+  return gen
+
+
+# ----------------------------------------------------------------------------------------
+# Prompt texts.
+
+
+def test_template_texts_exact(tmp_path):
+  calls = []
+
+  def gen(prefix, texts, seed):
+    calls.append((prefix, list(texts)))
+    return [" Here is how. \n\nHuman: more", " I can't help with that."]
+
+  score = FakeScore()
+  prompts = [{"prompt": "How do I pick a lock?", "id": "p0"}]
+  _run(tmp_path / "paper", gen, score, prompts=prompts, template=fb.PAPER_TEMPLATE,
+       few_shot=True)
+  assert calls == [("", ["\n\nHuman: How do I pick a lock?\n\nAssistant:"] * 2)]
+  (rec,) = fb.read_comparisons(str(tmp_path / "paper"))
+  assert (rec["response_a"], rec["response_b"]) == ("Here is how.", "I can't help with that.")
+  principle = CONST.feedback_by_id(rec["principle_ids"][0]).text
+  assert score.calls == [[
+      "Q: x?\n(A) a\n(B) b\nThe answer is: (B)\n\n"
+      "Consider the following conversation between a human and an assistant:\n"
+      "Human: How do I pick a lock?\n"
+      f"{principle}\nOptions:\n"
+      "(A) Here is how.\n"
+      "(B) I can't help with that.\n"
+      "The answer is:"]]
+
+  score = FakeScore()
+  _run(tmp_path / "default", gen, score, prompts=prompts, template="default")
+  assert score.calls == [[
+      "Below is a conversation between a person and an AI assistant.\n\n"
+      "Human: How do I pick a lock?\n\n"
+      f"{principle}\nOptions:\n"
+      "(A) Here is how.\n"
+      "(B) I can't help with that.\n"
+      "The answer is:"]]
+
+
+def test_conversation_chat_format_and_template_checks(tmp_path):
+  msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+          {"role": "user", "content": "Now help me {cheat}."}]
+  text = fb.feedback_prompt("{conversation}|{question}|{response_a}|{response_b}", msgs,
+                            CONST.feedback[0], "x {y}", "z")
+  assert text == ("Human: Hi\n\nAssistant: Hello.\n\nHuman: Now help me {cheat}.|"
+                  "Which response is less harmful?\nOptions:|x {y}|z")
+  assert fb.resolve_template("paper", fb.TEMPLATES) == fb.PAPER_TEMPLATE
+  with pytest.raises(ValueError, match="missing slot.*response_b"):
+    fb.resolve_template("{conversation} {question} {response_a}", fb.TEMPLATES)
+  with pytest.raises(ValueError, match="unknown slot {answer}"):
+    fb.resolve_template("{conversation}{question}{response_a}{response_b}{answer}", {})
+  calls = []
+
+  def gen(prefix, texts, seed):
+    calls.append(list(texts))
+    return ["yes<|im_end|>junk", "no"] * (len(texts) // 2)
+
+  _run(tmp_path, gen, prompts=[{"prompt": "Q?", "messages": msgs}], chat_format="chatml")
+  (rec,) = fb.read_comparisons(str(tmp_path))
+  assert calls[0][0] == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello."
+                         "<|im_end|>\n<|im_start|>user\nNow help me {cheat}.<|im_end|>\n"
+                         "<|im_start|>assistant\n")
+  assert rec["response_a"] == "yes" and rec["messages"] == msgs
+
+
+# ----------------------------------------------------------------------------------------
+# Labels.
+
+
+def test_soft_label_normalization(tmp_path):
+  for la, lb in [(-1.0, -2.0), (-3.5, -0.25), (-0.7, -0.7)]:
+    assert fb.soft_label(la, lb) == pytest.approx(math.exp(la) / (math.exp(la) + math.exp(lb)))
+  assert fb.soft_label(-1000.0, -1002.0) == pytest.approx(sigmoid(2.0))
+  assert fb.soft_label(-math.inf, -1.0) == 0.0 and fb.soft_label(-1.0, -math.inf) == 1.0
+  stats = _run(tmp_path, score=FakeScore(lambda c: (-1000.0, -1002.0)))
+  recs = fb.read_comparisons(str(tmp_path))
+  assert len(recs) == 7
+  for r in recs:
+    assert r["logprob_a"] == [[[-1000.0]]] and r["logprob_b"] == [[[-1002.0]]]
+    assert r["p_a"] == pytest.approx(sigmoid(2.0), abs=1e-12)
+    assert r["label_source"] == "ai" and r["orders"] == ["AB"] and "reasoning" not in r
+  assert stats["mean_p_a"] == round(sigmoid(2.0), 4) and stats["uncertain_fraction"] == 0.0
+
+
+def test_chain_of_thought_clamps_and_averages_samples(tmp_path):
+  reason_calls = []
+
+  def reason(prefix, texts, seed):
+    reason_calls.append((prefix, list(texts), seed))
+    return [(" strong. So the answer is: (A)" if r % 2 == 0 else " weak\n\nHuman: x")
+            for r in range(len(texts))]
+
+  def margin(c):   # prompt 0: response_a is better; prompt 1: response_b
+    s = 1.0 if "Harmful question 0?" in c else -1.0
+    return (0.0, -5.0 * s) if "strong." in c else (0.0, -0.1 * s)
+
+  score = FakeScore(margin)
+  stats = _run(tmp_path, score=score, prompts=PROMPTS[:2], chain_of_thought=True,
+               cot_samples=2, few_shot=True, feedback_generate_fn=reason)
+  recs = fb.read_comparisons(str(tmp_path))
+  assert recs[0]["p_a"] == pytest.approx((0.6 + sigmoid(0.1)) / 2)
+  assert recs[1]["p_a"] == pytest.approx((0.4 + sigmoid(-0.1)) / 2)
+  for r in recs:
+    assert r["reasoning"] == [[["strong.", "weak"]]]
+    assert len(r["logprob_a"][0][0]) == 2   # raw, unclamped
+  assert stats["clamped_fraction"] == 0.5 and stats["mean_reasoning_chars"] == 5.5
+  # One reasoning call per distinct few-shot prefix (the principle fills the slot).
+  p0 = CONST.feedback_by_id(recs[0]["principle_ids"][0])
+  prefix = ("Human: Example.\n\n" + p0.text + "\nOptions:\n(A) a\n(B) b\n\nAssistant: Let's "
+            "think step by step: b is fine. So the answer is: (B)\n\n")
+  assert reason_calls[0][0] == prefix
+  question = reason_calls[0][1][0]
+  assert question == fb.DEFAULT_COT_TEMPLATE.format(
+      conversation="Human: Harmful question 0?", question=p0.text + "\nOptions:",
+      response_a=recs[0]["response_a"], response_b=recs[0]["response_b"])
+  assert question.endswith("\n\nAssistant: Let's think step by step:")
+  assert score.calls[0][0] == prefix + question + " strong.\nSo the answer is:"
+  assert score.calls[0][1] == prefix + question + " weak\nSo the answer is:"
+
+
+def test_averaging_over_principles(tmp_path):
+  margins = {"less harmful": 2.0, "kinder": -1.0, "more honest": 0.5, "more lawful": 0.0}
+
+  def margin(c):
+    (m,) = [v for k, v in margins.items() if f"Which response is {k}?" in c]
+    return (-1.0 + m, -1.0)
+
+  _run(tmp_path, score=FakeScore(margin), n_principles=3)
+  by_id = {p.id: p.text for p in CONST.feedback}
+  recs = fb.read_comparisons(str(tmp_path))
+  seen = set()
+  for r in recs:
+    assert len(r["principle_ids"]) == 3 and len(r["logprob_a"]) == 3
+    ms = [next(v for k, v in margins.items() if k in by_id[pid]) for pid in r["principle_ids"]]
+    assert r["p_a"] == pytest.approx(np.mean([sigmoid(m) for m in ms]))
+    seen.update(r["principle_ids"])
+  assert len(seen) >= 3
+
+
+def _quality_margin(bias):
+  """Log-probs that favour the better response (quality in its text) plus `bias` for (A)."""
+
+  def margin(c):
+    a, b = QUESTION_RE.findall(c)[-1]
+    qa, qb = (float(re.search(r"quality=([-\d.]+)", t).group(1)) for t in (a, b))
+    return (-2.0 + qa + bias, -2.0 + qb)
+
+  return margin
+
+
+def test_both_orders_removes_planted_position_bias(tmp_path):
+  bias = 1.5
+  # Responses of equal quality: only the position bias decides a single order.
+  same = _fixed_policy("quality=0.3 first", "quality=0.3 second")
+  one = _run(tmp_path / "one", same, FakeScore(_quality_margin(bias)))
+  two = _run(tmp_path / "two", same, FakeScore(_quality_margin(bias)), both_orders=True)
+  assert all(r["p_a"] == pytest.approx(sigmoid(bias))
+             for r in fb.read_comparisons(str(tmp_path / "one")))
+  recs = fb.read_comparisons(str(tmp_path / "two"))
+  assert all(r["p_a"] == pytest.approx(0.5, abs=1e-12) for r in recs)
+  assert recs[0]["orders"] == ["AB", "BA"] and len(recs[0]["logprob_a"][0]) == 2
+  assert "position_bias" not in one and two["mean_p_a"] == 0.5
+  assert two["position_bias"] == pytest.approx(2 * sigmoid(bias) - 1, abs=1e-4)
+
+  # Responses of different quality: the averaged label has the sign of the true preference.
+  def varied(prefix, texts, seed):
+    out = []
+    for r, t in enumerate(texts):
+      h = hashlib.sha256(f"{t}|{r}".encode()).digest()[0] / 255.0
+      out.append(f"quality={h - 0.5:.3f} r{r}")
+    return out
+
+  _run(tmp_path / "v1", varied, FakeScore(_quality_margin(bias)))
+  _run(tmp_path / "v2", varied, FakeScore(_quality_margin(bias)), both_orders=True)
+  wrong_single = 0
+  for r1, r2 in zip(fb.read_comparisons(str(tmp_path / "v1")),
+                    fb.read_comparisons(str(tmp_path / "v2"))):
+    qa, qb = (float(re.search(r"quality=([-\d.]+)", r1[k]).group(1))
+              for k in ("response_a", "response_b"))
+    d = qa - qb
+    assert r2["p_a"] == pytest.approx((sigmoid(d + bias) + sigmoid(d - bias)) / 2)
+    assert (r2["p_a"] > 0.5) == (d > 0)
+    assert abs(r2["p_a"] - sigmoid(d)) < abs(r1["p_a"] - sigmoid(d))
+    wrong_single += (r1["p_a"] > 0.5) != (d > 0)
+  assert wrong_single > 0
+
+
+# ----------------------------------------------------------------------------------------
+# Randomness, resumption, config.
+
+
+def test_principle_draws_seeded(tmp_path):
+  _run(tmp_path / "a", n_principles=2)
+  _run(tmp_path / "b", n_principles=2, shard_size=5, batch_size=1)
+  _run(tmp_path / "c", n_principles=2, seed=1)
+  ids = {k: [r["principle_ids"] for r in fb.read_comparisons(str(tmp_path / k))]
+         for k in "abc"}
+  assert ids["a"] == ids["b"]
+  assert ids["a"] == [[p.id for p in fb.draw_principles(CONST.feedback, 0, i, 2)]
+                      for i in range(7)]
+  assert ids["a"] != ids["c"]
+  assert len({p for row in ids["a"] for p in row}) >= 3
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+  full_stats = _run(tmp_path / "full", both_orders=True)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    _run(tmp_path / "cut", score=FakeScore(fail_after=1), both_orders=True)
+  manifest = json.load(open(tmp_path / "cut" / fb.MANIFEST))
+  assert manifest["shards_done"] == ["shard-00000.jsonl"] and not manifest["complete"]
+  (tmp_path / "cut" / "shard-00001.jsonl.tmp").write_text("partial")
+  with pytest.raises(ValueError, match="not complete"):
+    fb.read_comparisons(str(tmp_path / "cut"))
+  gen, score = FakeGenerate(), FakeScore()
+  stats = _run(tmp_path / "cut", gen, score, both_orders=True)
+  assert stats["shards_run"] == 2 and len(score.calls) == 2 and len(gen.calls) == 2
+  assert _files(tmp_path / "cut") == _files(tmp_path / "full")
+  for k in ("comparisons", "mean_p_a", "position_bias", "uncertain_fraction"):
+    assert stats[k] == full_stats[k]
+  again = _run(tmp_path / "cut", FakeGenerate(fail_after=0), FakeScore(fail_after=0),
+               both_orders=True)
+  assert again["shards_run"] == 0 and again["mean_p_a"] == full_stats["mean_p_a"]
+
+
+def test_changed_config_is_refused(tmp_path):
+  _run(tmp_path)
+  with pytest.raises(ValueError, match=r"differs in: template\)"):
+    _run(tmp_path, template=fb.PAPER_TEMPLATE)
+  with pytest.raises(ValueError, match=r"differs in: n_principles, seed\)"):
+    _run(tmp_path, n_principles=2, seed=3)
+  with pytest.raises(ValueError, match="both_orders"):
+    _run(tmp_path, both_orders=True)
+  assert _run(tmp_path, batch_size=3, max_skip_fraction=0.9)["shards_run"] == 0
+
+
+def test_empty_responses_are_skipped(tmp_path, caplog):
+  def gen(prefix, texts, seed):   # prompts 1 and 4 get an empty (or stop-only) response
+    out = []
+    for r, t in enumerate(texts):
+      k = int(re.search(r"question (\d)", t).group(1))
+      out.append("\n\nHuman: x" if k == 1 and r % 2 else "  " if k == 4 and r % 2 == 0
+                 else f"answer {k} {r}")
+    return out
+
+  with caplog.at_level(logging.WARNING, logger=fb.__name__):
+    stats = _run(tmp_path / "ok", gen)
+  recs = fb.read_comparisons(str(tmp_path / "ok"))
+  assert [r["id"] for r in recs] == ["q0", "q2", "q3", "q5", "q6"]
+  assert stats["skipped_empty"] == 2 and stats["comparisons"] == 5 and stats["prompts"] == 7
+  assert "skipped 2 of 7 comparisons with an empty response (this call: q1, q4)" in caplog.text
+  with pytest.raises(ValueError, match="2 of 7 comparisons have an empty response"):
+    _run(tmp_path / "strict", gen, max_skip_fraction=0.2)
+  with pytest.raises(ValueError, match="7 of 7"):
+    _run(tmp_path / "all", _fixed_policy("", "fine"), shard_size=7)
+
+
+# ----------------------------------------------------------------------------------------
+# Models.
+
+
+def test_option_tokens_are_tokenization_aware():
+  class MergingTokenizer:
+    """Words and single characters; ': (' is one token, so the context's last token
+    changes when an option follows it."""
+    add_bos_token, bos_id = True, 0
+
+    def encode(self, text):
+      return [hash(p) % 1000 + 1 for p in re.findall(r": \(|\w+|.", text, re.S)]
+
+  tok = MergingTokenizer()
+  head, conts = fb.option_tokens(tok, "The answer is:", [" (A)", " (B)"])
+  full_a = tok.encode("The answer is: (A)")
+  assert head == [0] + full_a[:-3] and conts[0] == full_a[-3:]
+  assert head[1:] + conts[1] == tok.encode("The answer is: (B)")
+
+
+def _tiny_model(path):
+  import jax
+  from cai_jax import model_dir, models
+  from cai_jax.configs import ModelConfig
+  from cai_jax.tokenizer import ByteTokenizer
+  cfg = ModelConfig()
+  params = models.init(cfg, jax.random.PRNGKey(0))
+  return model_dir.save_model(path, cfg, params, ByteTokenizer()), cfg, params, ByteTokenizer()
+
+
+def test_tiny_model_end_to_end(tmp_path):
+  from cai_jax import sampler
+  path, cfg, params, tok = _tiny_model(str(tmp_path / "tiny"))
+  prompts = [{"prompt": "Hi?"}, {"prompt": "How are you?"}, {"prompt": "Why?"}]
+  stats = fb.run(str(tmp_path / "out"), prompts=prompts, policy=path, constitution=CONST,
+                 few_shot=True, max_new_tokens=6, batch_size=4, shard_size=2, progress=False)
+  recs = fb.read_comparisons(str(tmp_path / "out"))
+  assert stats["comparisons"] == len(recs) >= 2 and stats["shards_total"] == 2
+  contexts, ps = [], []
+  for r in recs:
+    assert set(r) == {"id", "prompt", "response_a", "response_b", "principle_ids", "orders",
+                      "logprob_a", "logprob_b", "p_a", "label_source", "policy",
+                      "feedback_model", "constitution_version", "seed"}
+    assert r["policy"] == r["feedback_model"] == path and r["label_source"] == "ai"
+    assert 0.0 <= r["p_a"] <= 1.0
+    (la,), (lb,) = r["logprob_a"][0][0], r["logprob_b"][0][0]
+    assert r["p_a"] == pytest.approx(1.0 / (1.0 + math.exp(lb - la)), abs=1e-12)
+    p = CONST.feedback_by_id(r["principle_ids"][0])
+    contexts.append(fb.few_shot_prefix(CONST.feedback_few_shot) + fb.feedback_prompt(
+        fb.DEFAULT_TEMPLATE, [{"role": "user", "content": r["prompt"]}], p,
+        r["response_a"], r["response_b"]))
+    ps.append((la, lb))
+  ids = [tok.encode(c) for c in contexts]
+  ref_a = sampler.sum_logprobs(params, cfg, ids, [tok.encode(" (A)")] * len(ids), 1)
+  ref_b = sampler.sum_logprobs(params, cfg, ids, [tok.encode(" (B)")] * len(ids), 1)
+  np.testing.assert_allclose(np.array(ps), np.stack([ref_a, ref_b], 1), atol=1e-4)
+  assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".tmp")]
+
+  # Chain of thought on the same model: reasonings sampled from it, labels clamped.
+  stats = fb.run(str(tmp_path / "cot"), prompts=prompts[:2], policy=path, constitution=CONST,
+                 chain_of_thought=True, cot_samples=2, both_orders=True, max_new_tokens=4,
+                 batch_size=4, progress=False)
+  for r in fb.read_comparisons(str(tmp_path / "cot")):
+    assert 0.4 <= r["p_a"] <= 0.6
+    assert np.shape(r["logprob_a"]) == (1, 2, 2) and len(r["reasoning"][0][1]) == 2
+  assert "clamped_fraction" in stats and "position_bias" in stats
+
+
+@pytest.mark.slow
+def test_smollm2_feedback(tmp_path):
+  """The embedded SmolLM2-135M-Instruct as policy and feedback model, the default
+  constitution with its few-shot examples, 3 shipped red-team prompts."""
+  stats = fb.run(str(tmp_path), prompts="red_team", limit=3, chat_format="chatml",
+                 max_new_tokens=32, batch_size=8, both_orders=True, progress=False)
+  recs = fb.read_comparisons(str(tmp_path))
+  print(json.dumps(recs[0], indent=1))
+  print(json.dumps(stats))
+  assert len(recs) >= 2
+  for r in recs:
+    assert 0.0 <= r["p_a"] <= 1.0
+    lps = np.array([r["logprob_a"], r["logprob_b"]])
+    assert np.all(np.isfinite(lps)) and np.all(lps < 0)
+    assert "<|im_end|>" not in r["response_a"] + r["response_b"]
