@@ -84,6 +84,11 @@ def _feedback():
   return feedback.run
 
 
+def _pm():
+  from cai_jax.stages import pm
+  return pm.run
+
+
 def _sl():
   from cai_jax.stages import sl
   return sl.run
@@ -134,6 +139,9 @@ COMMANDS: Dict[str, Command] = {
                         "experiments/smollm2_135m_cpu.gin", _feedback, True),
     "sl": Command("SL-CAI: fine-tune the pretrained model on critique_revision output",
                   "experiments/smollm2_135m_cpu.gin", _sl, True),
+    "pm": Command("preference model: decoder + zero-initialised scalar head trained with soft "
+                  "Bradley-Terry on AI harmlessness (+ human helpfulness) comparisons",
+                  "experiments/smollm2_135m_cpu.gin", _pm, True),
     "sample": Command("complete each {\"prompt\"} of --prompts=FILE.jsonl into --out=FILE.jsonl",
                       "experiments/smollm2_135m_cpu.gin", _sample, False),
     "import": Command("HF folder or .gguf (--from=PATH) -> model directory (--out=DIR)",

@@ -95,7 +95,8 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
     if x.shape[0] % n:
       raise ValueError(f"batch size {x.shape[0]} is not divisible by num_microbatches={n}")
     y = x.reshape((n, x.shape[0] // n) + x.shape[1:])
-    return constrain(y, (None, axes.BATCH, axes.LENGTH) + (None,) * (x.ndim - 2))
+    names = (None, axes.BATCH) + (((axes.LENGTH,) + (None,) * (x.ndim - 2)) if x.ndim >= 2 else ())
+    return constrain(y, names)
   return jax.tree_util.tree_map(split, batch)
 
 

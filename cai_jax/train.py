@@ -4,7 +4,8 @@
 output directory. Layout of ``out_dir``:
   checkpoints/    orbax TrainState + data-iterator state, every save_every steps
   metrics.jsonl   one row per step: loss, learning_rate, grad_norm, tokens,
-                  step_time_s, tokens_per_s
+                  step_time_s, tokens_per_s (token positions of every batch field whose
+                  name starts with 'tokens', per second)
   tb/             TensorBoard event files
   model/          the final model (see ``cai_jax.model_dir``), written
                   last, so its presence means the run finished
@@ -122,7 +123,7 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
           raise NonFiniteLossError(
               f"non-finite loss ({loss}) at step {step}; the last good checkpoint is "
               f"{'step ' + str(last) if last is not None else 'none'} in {out_dir}/checkpoints")
-        tokens = int(np.prod(batch["tokens"].shape))
+        tokens = sum(int(np.prod(v.shape)) for k, v in batch.items() if k.startswith("tokens"))
         metrics = writer.write(step, dict(out, step_time_s=dt, tokens_per_s=tokens / dt))
         manager.save(step, state, iterator.get_state(), force=step == train_cfg.num_steps)
         bar.update(1)

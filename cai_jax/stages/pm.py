@@ -1,0 +1,532 @@
+"""Stage `pm`: the preference model (Bai et al. 2022, §4.1; Askell et al. 2021).
+
+The PM is the decoder of `init_from` with its LM head replaced by a zero-initialised
+scalar head; its score for a (conversation, response) is the head's output at an
+end-of-context token appended after the response. It is trained with the soft-target
+Bradley–Terry loss
+
+  loss = -[p · log σ(Δ) + (1 - p) · log σ(-Δ)],   Δ = score(A) - score(B),
+
+on a mix of AI harmlessness comparisons (soft labels p_a from the `feedback` stage) and
+human helpfulness comparisons (HH-RLHF: chosen beats rejected, p = 1).
+
+Inputs (``load_comparisons``):
+  comparisons        a finished feedback output directory, or a JSONL file of
+                     {"prompt" | "messages", "response_a", "response_b", "p_a"}
+                     (a JSONL file of HH-RLHF {"chosen", "rejected"} is also read).
+  human_comparisons  HH-RLHF JSONL ({"chosen", "rejected"} transcripts), p = 1.
+  pmp_comparisons    optional preference-model pretraining set (either form above).
+A comparison whose label is missing, not a number or outside [0, 1], or whose response
+is empty (after stripping whitespace), is skipped and counted; more than
+max_skip_fraction skipped in any one input is an error.
+
+Sequences (``encode_response``): the conversation plus the response as an assistant
+turn, rendered in `chat_format` by ``tokenizer.encode_chat`` (no EOS of its own), then
+the tokenizer's EOS id as the end-of-context token where the score is read. A sequence
+longer than seq_len is truncated from the LEFT (the start of the conversation, BOS
+included, is dropped) so the response and the end token survive; RoPE positions count
+real tokens, so a left-truncated sequence is scored as if it started there. Sequences
+are right-padded to seq_len with the tokenizer's pad id.
+
+Split and mix (``split_and_mix``): each input is split into train / held-out by a
+permutation seeded by TrainConfig.seed (heldout_fraction of it, at least one comparison
+when the fraction is positive and there are two or more). For each split,
+round(mix_ratio × #AI comparisons) human comparisons are drawn (seeded) from that split
+of the human set, like ``sl.build_examples`` draws its helpful examples: for training with
+replacement only when there are too few, for the held-out set without replacement (at
+most all of it). With no AI comparisons, every human comparison is used.
+
+Batches: a grain MapDataset (shuffled, repeated, batched) of
+  tokens_a, mask_a, tokens_b, mask_b  [B, T] (int32, bool)
+  p                                   [B, 1] float32, probability that A is better
+Phases: with pmp_comparisons, a preference-model pretraining run (its own
+``train.train`` into out_dir/pmp, pmp_num_steps steps, saved as out_dir/pmp/model)
+comes first; its trunk and head start the main phase (with a fresh optimizer).
+
+Outputs in out_dir:
+  checkpoints/, metrics.jsonl, tb/   from ``cai_jax.train`` (one row per step), plus one
+                       row at the final step with eval/loss, eval/accuracy,
+                       eval/mean_delta, eval/ece (and eval/<source>/... per source)
+  heldout_scores.jsonl one line per held-out pair: {"index", "source", "p", "score_a",
+                       "score_b"}
+  model/               the PM, a model directory with head 'scalar'
+  pm_config.json       what the run was started with (data fingerprint and configs)
+  summary.json         counts, skips, final loss and the held-out metrics
+Resuming: a rerun with the same out_dir continues from out_dir/checkpoints (and skips a
+finished PMP phase). A rerun whose data, model, optimizer, chat format, sequence length,
+batch size or seed differ from pm_config.json is refused; num_steps may grow, and
+progress, checkpointing cadence and the mesh may change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cai_jax import data, losses, model_dir, models, sharding, train
+from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+
+_LOG = logging.getLogger(__name__)
+
+SOURCE_AI = "ai"
+SOURCE_HUMAN = "human"
+SOURCE_PMP = "pmp"
+
+# TrainConfig fields that may change between a run and its resumption.
+_RESUMABLE_FIELDS = ("num_steps", "progress", "async_checkpoint", "save_every", "keep_checkpoints")
+
+
+# --------------------------------------------------------------------------------------
+# Reading comparisons
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SkipCounts:
+  """Comparisons of one input that were read, kept and skipped (by reason)."""
+
+  total: int = 0
+  bad_label: int = 0
+  empty_response: int = 0
+
+  @property
+  def skipped(self) -> int:
+    return self.bad_label + self.empty_response
+
+  def as_dict(self) -> Dict[str, int]:
+    return {"total": self.total, "kept": self.total - self.skipped, "bad_label": self.bad_label,
+            "empty_response": self.empty_response}
+
+
+def _conversation(record: dict, where: str) -> List[Dict[str, str]]:
+  """The conversation before the compared responses (ends with the user's turn)."""
+  if "messages" in record:
+    msgs = data.example_messages({"messages": record["messages"]}, where)
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+  if isinstance(record.get("prompt"), str):
+    return [{"role": "user", "content": record["prompt"]}]
+  raise data.DataError(f"{where}: expected a 'prompt' string or a 'messages' list")
+
+
+def _valid_label(p: Any) -> bool:
+  if isinstance(p, bool) or not isinstance(p, (int, float)):
+    return False
+  return math.isfinite(p) and 0.0 <= p <= 1.0
+
+
+def normalize_comparisons(records: Sequence[dict], source: str, where: str = "comparisons",
+                          label_key: str = "p_a") -> Tuple[List[dict], SkipCounts]:
+  """(comparisons, counts): records -> {"messages", "response_a", "response_b", "p", "source"}.
+
+  Accepted forms: {"prompt" | "messages", "response_a", "response_b", label_key} and
+  HH-RLHF records from ``prompt_sets.import_hh_rlhf`` ({"messages", "chosen",
+  "rejected"}: A = chosen, p = 1). A label that is missing, not a number or outside
+  [0, 1], or an empty response, makes the comparison skipped and counted. A record with
+  neither form is a DataError naming it.
+  """
+  out, counts = [], SkipCounts()
+  for i, r in enumerate(records):
+    at = f"{where}: record {i}" + (f" ({r['id']})" if isinstance(r, dict) and "id" in r else "")
+    if not isinstance(r, dict):
+      raise data.DataError(f"{at}: expected a JSON object")
+    counts.total += 1
+    if "chosen" in r and "rejected" in r and "response_a" not in r:
+      a, b, p = r["chosen"], r["rejected"], 1.0
+    elif "response_a" in r and "response_b" in r:
+      a, b, p = r["response_a"], r["response_b"], r.get(label_key)
+    else:
+      raise data.DataError(f"{at}: expected 'response_a', 'response_b' and '{label_key}' "
+                           f"(or HH-RLHF 'chosen' / 'rejected'), got keys {sorted(r)}")
+    if not isinstance(a, str) or not isinstance(b, str):
+      raise data.DataError(f"{at}: responses must be strings")
+    msgs = _conversation(r, at)
+    if not _valid_label(p):
+      counts.bad_label += 1
+      continue
+    if not a.strip() or not b.strip():
+      counts.empty_response += 1
+      continue
+    out.append({"messages": msgs, "response_a": a, "response_b": b, "p": float(p),
+                "source": source})
+  return out, counts
+
+
+def load_comparisons(spec: str, source: str) -> Tuple[List[dict], SkipCounts]:
+  """Comparisons of a feedback output directory, a comparison JSONL or an HH-RLHF JSONL."""
+  from cai_jax import prompt_sets
+  path = data.resolve_path(spec)
+  if os.path.isdir(path):
+    from cai_jax.stages.feedback import read_comparisons
+    rows = read_comparisons(path)
+  elif os.path.isfile(path):
+    first = next(iter(data.iter_jsonl(path)), (0, {}))[1]
+    if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):
+      rows = prompt_sets.import_hh_rlhf(path)
+    else:
+      rows = data.read_jsonl(path)
+  else:
+    raise FileNotFoundError(f"{spec}: no such comparisons (a feedback output directory or .jsonl)")
+  return normalize_comparisons(rows, source, spec)
+
+
+def check_skips(counts: SkipCounts, what: str, max_skip_fraction: float) -> None:
+  """Logs a summary line of skipped comparisons; DataError above max_skip_fraction."""
+  if counts.skipped:
+    _LOG.warning("pm: %s: skipped %d of %d comparisons (%d with a label outside [0, 1] or "
+                 "missing, %d with an empty response)", what, counts.skipped, counts.total,
+                 counts.bad_label, counts.empty_response)
+  if counts.total and counts.skipped > max_skip_fraction * counts.total:
+    raise data.DataError(
+        f"pm: {what}: {counts.skipped} of {counts.total} comparisons skipped "
+        f"({counts.bad_label} bad labels, {counts.empty_response} empty responses), more than "
+        f"max_skip_fraction={max_skip_fraction}")
+
+
+# --------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------
+
+
+def encode_response(tok: Any, messages: Sequence[Dict[str, str]], response: str,
+                    chat_format: str, seq_len: int) -> Tuple[np.ndarray, np.ndarray, bool]:
+  """(tokens [seq_len] int32, mask [seq_len] bool, truncated) of conversation + response.
+
+  The end-of-context token (the tokenizer's EOS id) is the last real token; a sequence
+  longer than seq_len keeps its last seq_len tokens (left truncation).
+  """
+  from cai_jax.tokenizer import encode_chat
+  if tok.eos_id is None:
+    raise ValueError("pm: the tokenizer has no EOS id to use as the end-of-context token")
+  convo = list(messages) + [{"role": "assistant", "content": response}]
+  ids, _ = encode_chat(tok, convo, chat_format, append_eos=False)
+  ids = list(ids) + [tok.eos_id]
+  truncated = len(ids) > seq_len
+  ids = ids[-seq_len:]
+  pad = tok.pad_id if tok.pad_id is not None else 0
+  tokens = np.full((seq_len,), pad, np.int32)
+  tokens[:len(ids)] = ids
+  mask = np.zeros((seq_len,), bool)
+  mask[:len(ids)] = True
+  return tokens, mask, truncated
+
+
+def encode_pair(tok: Any, comparison: dict, chat_format: str, seq_len: int) -> Dict[str, np.ndarray]:
+  """One comparison -> {tokens_a, mask_a, tokens_b, mask_b [seq_len], p [1] float32}."""
+  ta, ma, _ = encode_response(tok, comparison["messages"], comparison["response_a"],
+                              chat_format, seq_len)
+  tb, mb, _ = encode_response(tok, comparison["messages"], comparison["response_b"],
+                              chat_format, seq_len)
+  return {"tokens_a": ta, "mask_a": ma, "tokens_b": tb, "mask_b": mb,
+          "p": np.full((1,), comparison["p"], np.float32)}
+
+
+def count_truncated(tok: Any, comparisons: Sequence[dict], chat_format: str, seq_len: int) -> int:
+  """Number of comparisons with a response sequence longer than seq_len."""
+  n = 0
+  for c in comparisons:
+    n += any(encode_response(tok, c["messages"], c[k], chat_format, seq_len)[2]
+             for k in ("response_a", "response_b"))
+  return n
+
+
+def pair_dataset(comparisons: Sequence[dict], tok: Any, chat_format: str, seq_len: int,
+                 batch_size: int, seed: int) -> grain.MapDataset:
+  """Shuffled, repeated, batched grain dataset of pair batches (see the module doc)."""
+  if len(comparisons) < batch_size:
+    raise data.DataError(f"pm: {len(comparisons)} training comparisons, fewer than "
+                         f"batch_size={batch_size}")
+  ds = grain.MapDataset.source(list(comparisons)).shuffle(seed=seed)
+  ds = ds.map(lambda c: encode_pair(tok, c, chat_format, seq_len))
+  return ds.repeat(None).batch(batch_size, drop_remainder=True)
+
+
+# --------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------
+
+
+def pm_loss_sums(params: Any, model_cfg: ModelConfig, batch: Dict[str, jax.Array]):
+  """(Σ soft Bradley–Terry loss, number of pairs) of a pair batch; A and B in one pass."""
+  tokens = jnp.concatenate([batch["tokens_a"], batch["tokens_b"]], axis=0)
+  mask = jnp.concatenate([batch["mask_a"], batch["mask_b"]], axis=0)
+  s = models.score(params, model_cfg, tokens, mask)
+  n = batch["tokens_a"].shape[0]
+  return losses.soft_bt_loss_sums(s[:n], s[n:], jnp.reshape(batch["p"], (n,)))
+
+
+def pm_init_params(config: ModelConfig, params: Any) -> Any:
+  """LM params -> PM params: lm_head dropped, a zero scalar_head added.
+
+  Params that already carry a scalar head (a PM) are returned unchanged. The result is
+  checked against ``models.abstract_params(config, 'scalar')``.
+  """
+  from cai_jax import checkpoints
+  target = sharding.unbox_shapes(models.abstract_params(config, "scalar"))
+  out = {k: v for k, v in params.items() if k != "lm_head"}
+  if "scalar_head" not in out:
+    out["scalar_head"] = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
+                                                target["scalar_head"])
+  checkpoints.check_compatible(out, target, "preference-model init params")
+  return out
+
+
+def score_pairs(params: Any, config: ModelConfig, tok: Any, comparisons: Sequence[dict],
+                chat_format: str, seq_len: int, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(score_a [N], score_b [N]) from ``models.score``, in fixed-size padded batches."""
+  fn = jax.jit(models.score, static_argnums=1)
+  sa, sb = [], []
+  for start in range(0, len(comparisons), batch_size):
+    chunk = [encode_pair(tok, c, chat_format, seq_len) for c in comparisons[start:start + batch_size]]
+    n = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - n)
+    tokens = np.concatenate([np.stack([c["tokens_a"] for c in chunk]),
+                             np.stack([c["tokens_b"] for c in chunk])])
+    mask = np.concatenate([np.stack([c["mask_a"] for c in chunk]),
+                           np.stack([c["mask_b"] for c in chunk])])
+    s = np.asarray(fn(params, config, tokens, mask), np.float32)
+    sa.append(s[:n])
+    sb.append(s[batch_size:batch_size + n])
+  if not sa:
+    return np.zeros((0,), np.float32), np.zeros((0,), np.float32)
+  return np.concatenate(sa), np.concatenate(sb)
+
+
+def evaluate(score_a: np.ndarray, score_b: np.ndarray, comparisons: Sequence[dict]) -> Dict[str, float]:
+  """``losses.pm_metrics`` over all pairs, and per source when there are several."""
+  p = np.array([c["p"] for c in comparisons], np.float32)
+  out = {k: float(v) for k, v in losses.pm_metrics(score_a, score_b, p).items()}
+  out["pairs"] = len(comparisons)
+  sources = sorted({c["source"] for c in comparisons})
+  if len(sources) > 1:
+    for s in sources:
+      idx = np.array([c["source"] == s for c in comparisons])
+      m = losses.pm_metrics(score_a[idx], score_b[idx], p[idx])
+      out.update({f"{s}/{k}": float(v) for k, v in m.items()})
+      out[f"{s}/pairs"] = int(idx.sum())
+  return out
+
+
+# --------------------------------------------------------------------------------------
+# Split and mix
+# --------------------------------------------------------------------------------------
+
+
+def split(comparisons: Sequence[dict], fraction: float, seed: int, stream: int
+          ) -> Tuple[List[dict], List[dict]]:
+  """(train, heldout): a seeded permutation; the first round(fraction·n) are held out."""
+  n = len(comparisons)
+  n_held = int(round(fraction * n))
+  if fraction > 0 and n_held == 0 and n >= 2:
+    n_held = 1
+  n_held = min(n_held, n - 1) if n else 0
+  order = np.random.default_rng([seed, stream]).permutation(n)
+  held = sorted(int(i) for i in order[:n_held])
+  train_idx = sorted(int(i) for i in order[n_held:])
+  return [comparisons[i] for i in train_idx], [comparisons[i] for i in held]
+
+
+def _draw(pool: Sequence[dict], n: int, rng: np.random.Generator) -> List[dict]:
+  if not n:
+    return []
+  if not pool:
+    raise data.DataError("pm: mix_ratio > 0 but there are no human comparisons in this split")
+  picks = rng.choice(len(pool), size=n, replace=n > len(pool))
+  return [pool[int(i)] for i in picks]
+
+
+def split_and_mix(ai: Sequence[dict], human: Sequence[dict], mix_ratio: float,
+                  heldout_fraction: float, seed: int) -> Tuple[List[dict], List[dict]]:
+  """(train, heldout) mixes of AI and human comparisons (see the module doc)."""
+  if mix_ratio < 0:
+    raise ValueError(f"pm.mix_ratio must be >= 0, got {mix_ratio}")
+  if not 0.0 <= heldout_fraction < 1.0:
+    raise ValueError(f"pm.heldout_fraction must be in [0, 1), got {heldout_fraction}")
+  ai_train, ai_held = split(ai, heldout_fraction, seed, 1)
+  hu_train, hu_held = split(human, heldout_fraction, seed, 2)
+  rng = np.random.default_rng([seed, 3])
+  if ai:
+    tr = ai_train + _draw(hu_train, int(round(mix_ratio * len(ai_train))), rng)
+    he = ai_held + _draw(hu_held, min(int(round(mix_ratio * len(ai_held))), len(hu_held)), rng)
+  else:
+    tr, he = hu_train, hu_held
+  order = rng.permutation(len(tr))
+  return [tr[int(i)] for i in order], he
+
+
+# --------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------
+
+
+def _fingerprint(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _check_rerun(out_dir: str, run_config: dict) -> None:
+  """Writes out_dir/pm_config.json, or refuses a rerun whose config differs from it."""
+  path = os.path.join(out_dir, "pm_config.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
+    if diff:
+      raise ValueError(f"pm: {out_dir} holds a run with a different {', '.join(diff)} "
+                       f"(see {path}); use a new out_dir")
+    return
+  os.makedirs(out_dir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(run_config, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _write_eval(out_dir: str, step: int, metrics: Dict[str, float]) -> None:
+  """Appends the held-out metrics row to metrics.jsonl (replacing one from an earlier run)."""
+  from cai_jax.metrics import MetricsWriter, read_jsonl_metrics
+  path = os.path.join(out_dir, "metrics.jsonl")
+  if os.path.exists(path):
+    rows = [r for r in read_jsonl_metrics(path) if not any(k.startswith("eval/") for k in r)]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")
+    os.replace(path + ".tmp", path)
+  writer = MetricsWriter(out_dir)
+  writer.write(step, {f"eval/{k}": v for k, v in metrics.items() if not k.endswith("pairs")})
+  writer.close()
+
+
+def _train_config_key(cfg: TrainConfig) -> dict:
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
+
+
+def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = None,
+        mix_ratio: float = 1.0, init_from: str = "", pmp_comparisons: Optional[str] = None,
+        pmp_num_steps: Optional[int] = None, heldout_fraction: float = 0.1,
+        chat_format: str = "raw", max_skip_fraction: float = 0.2,
+        model_config: ModelConfig = ModelConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
+        train_config: TrainConfig = TrainConfig(),
+        mesh: MeshConfig = MeshConfig(1, 1, 1, "dp")) -> dict:
+  """Trains the preference model; returns the summary (also out_dir/summary.json).
+
+  Args:
+    comparisons: AI comparisons: a feedback output directory or a JSONL of
+      {prompt | messages, response_a, response_b, p_a}.
+    human_comparisons: HH-RLHF JSONL (chosen beats rejected, p = 1).
+    mix_ratio: human comparisons drawn per AI comparison (seeded).
+    init_from: the LM to start from (model directory, .gguf, HF folder or 'pkg:' spec);
+      its LM head is replaced by a zero scalar head.
+    pmp_comparisons: optional preference-model pretraining set, trained first
+      (out_dir/pmp) for pmp_num_steps steps (default: train_config.num_steps).
+    heldout_fraction: fraction of each input held out for evaluation (seeded split).
+    chat_format: 'raw' (the paper's Human/Assistant transcript), 'chatml' or 'llama3'.
+    max_skip_fraction: error when more than this fraction of an input is skipped.
+    model_config: only its runtime fields (dtype, remat, scan) are used.
+  """
+  from cai_jax.stages.train_lm import load_initial
+  if not out_dir:
+    raise ValueError("pm.out_dir is not set (use --out_dir=DIR)")
+  if not comparisons and not human_comparisons:
+    raise ValueError("pm.comparisons is not set (the feedback output or a comparisons JSONL)")
+  if not init_from:
+    raise ValueError("pm.init_from is not set (the language model the PM starts from)")
+  if not 0.0 <= max_skip_fraction <= 1.0:
+    raise ValueError(f"pm.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+  out_dir = os.path.abspath(out_dir)
+  seed, seq_len, bs = train_config.seed, train_config.seq_len, train_config.batch_size
+
+  ai, human, skips = [], [], {}
+  if comparisons:
+    ai, counts = load_comparisons(comparisons, SOURCE_AI)
+    check_skips(counts, f"comparisons {comparisons}", max_skip_fraction)
+    skips[SOURCE_AI] = counts.as_dict()
+  if human_comparisons and (mix_ratio > 0 or not comparisons):
+    human, counts = load_comparisons(human_comparisons, SOURCE_HUMAN)
+    check_skips(counts, f"human_comparisons {human_comparisons}", max_skip_fraction)
+    skips[SOURCE_HUMAN] = counts.as_dict()
+  if comparisons and mix_ratio > 0 and not human_comparisons:
+    mix_ratio = 0.0  # nothing to mix in
+  train_set, heldout = split_and_mix(ai, human, mix_ratio, heldout_fraction, seed)
+  pmp = []
+  if pmp_comparisons:
+    pmp, counts = load_comparisons(pmp_comparisons, SOURCE_PMP)
+    check_skips(counts, f"pmp_comparisons {pmp_comparisons}", max_skip_fraction)
+    skips[SOURCE_PMP] = counts.as_dict()
+
+  config, lm_params, tok = load_initial(init_from, model_config)
+  if tok is None:
+    raise ValueError(f"pm: model {init_from!r} has no tokenizer")
+  if tok.vocab_size > config.vocab_size:
+    raise ValueError(f"pm: tokenizer has {tok.vocab_size} tokens but the model has "
+                     f"{config.vocab_size}")
+  params = pm_init_params(config, lm_params)
+  del lm_params
+
+  _check_rerun(out_dir, {
+      "data": _fingerprint([train_set, heldout]), "pmp_data": _fingerprint(pmp) if pmp else None,
+      "init_from": init_from, "model": dataclasses.asdict(config), "chat_format": chat_format,
+      "optimizer": dataclasses.asdict(optimizer), "train_config": _train_config_key(train_config),
+      "pmp_num_steps": pmp_num_steps if pmp else None})
+
+  pmp_summary = None
+  if pmp:
+    pmp_dir = os.path.join(out_dir, "pmp")
+    pmp_model = os.path.join(pmp_dir, "model")
+    pmp_summary_path = os.path.join(pmp_dir, "summary.json")
+    if model_dir.is_model_dir(pmp_model) and os.path.exists(pmp_summary_path):
+      _, params = model_dir.load_model(pmp_model, config)
+      with open(pmp_summary_path, encoding="utf-8") as f:
+        pmp_summary = json.load(f)
+    else:
+      pmp_cfg = dataclasses.replace(train_config, num_steps=pmp_num_steps or train_config.num_steps)
+      ds = pair_dataset(pmp, tok, chat_format, seq_len, bs, seed)
+      result = train.train(config, optimizer, pmp_cfg, mesh, ds, pmp_dir, init_params=params,
+                           head="scalar", loss_sums=pm_loss_sums)
+      params = result.state.params
+      model_dir.save_model(pmp_model, config, params, tok, head="scalar")
+      pmp_summary = {"comparisons": len(pmp), "steps": int(result.state.step),
+                     "final_loss": result.last_metrics.get("loss"),
+                     "resumed_from": result.resumed_from}
+      with open(pmp_summary_path, "w", encoding="utf-8") as f:
+        json.dump(pmp_summary, f, indent=1)
+
+  ds = pair_dataset(train_set, tok, chat_format, seq_len, bs, seed)
+  result = train.train(config, optimizer, train_config, mesh, ds, out_dir, init_params=params,
+                       head="scalar", loss_sums=pm_loss_sums)
+  final = result.state.params
+  step = int(result.state.step)
+
+  metrics = None
+  if heldout:
+    sa, sb = score_pairs(final, config, tok, heldout, chat_format, seq_len, bs)
+    metrics = evaluate(sa, sb, heldout)
+    with open(os.path.join(out_dir, "heldout_scores.jsonl"), "w", encoding="utf-8") as f:
+      for i, (c, a, b) in enumerate(zip(heldout, sa, sb)):
+        f.write(json.dumps({"index": i, "source": c["source"], "p": c["p"],
+                            "score_a": float(a), "score_b": float(b)}) + "\n")
+    _write_eval(out_dir, step, metrics)
+  model_dir.save_model(os.path.join(out_dir, "model"), config, final, tok, head="scalar")
+
+  summary = {
+      "out_dir": out_dir, "steps": step, "final_loss": result.last_metrics.get("loss"),
+      "resumed_from": result.resumed_from, "train_pairs": len(train_set),
+      "train_pairs_by_source": {s: sum(c["source"] == s for c in train_set)
+                                for s in (SOURCE_AI, SOURCE_HUMAN)},
+      "heldout_pairs": len(heldout), "skipped": skips, "mix_ratio": mix_ratio,
+      "truncated_pairs": count_truncated(tok, train_set + heldout, chat_format, seq_len),
+      "heldout": metrics, "pmp": pmp_summary, "model": os.path.join(out_dir, "model")}
+  if summary["truncated_pairs"]:
+    _LOG.warning("pm: %d of %d comparisons were longer than seq_len=%d and left-truncated",
+                 summary["truncated_pairs"], len(train_set) + len(heldout), seq_len)
+  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1)
+  return summary
