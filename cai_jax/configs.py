@@ -193,3 +193,61 @@ class TrainConfig:
     if self.batch_size % self.num_microbatches:
       raise ValueError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
                        f"num_microbatches={self.num_microbatches}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  """PPO hyper-parameters (paper defaults: β = 0.001, clip 0.2, γ = 1, no entropy bonus,
+  responses capped at 128 tokens, temperature 1).
+
+  Attributes:
+    kl_coef: β, the per-token KL penalty coefficient (initial value if adaptive).
+    kl_kind: KL estimator, 'k1' | 'k2' | 'k3' (see ``losses.kl_per_token``).
+    adaptive_kl: update β after each iteration with ``losses.adaptive_beta``.
+    target_kl: target KL per sequence (nats) of the adaptive controller.
+    kl_horizon: horizon of the adaptive controller, in sampled sequences.
+    gamma, lam: GAE discount and λ.
+    clip: policy ratio clip ε.
+    value_clip: value clip, in PM-score units.
+    epochs: K passes over each rollout batch.
+    minibatches: minibatches per pass (must divide rollout_batch).
+    whiten_advantages: normalise advantages over the rollout batch.
+    value_loss_coef: multiplies the value loss.
+    max_new_tokens: N, response cap in tokens.
+    temperature: sampling temperature (1 samples the policy itself).
+    rollout_batch: B, sequences sampled per iteration.
+  """
+
+  kl_coef: float = 0.001
+  kl_kind: str = "k1"
+  adaptive_kl: bool = False
+  target_kl: float = 6.0
+  kl_horizon: int = 10000
+  gamma: float = 1.0
+  lam: float = 0.95
+  clip: float = 0.2
+  value_clip: float = 0.2
+  epochs: int = 4
+  minibatches: int = 4
+  whiten_advantages: bool = True
+  value_loss_coef: float = 1.0
+  max_new_tokens: int = 128
+  temperature: float = 1.0
+  rollout_batch: int = 16
+
+  def __post_init__(self):
+    from cai_jax.losses import KL_KINDS  # deferred: configs stays free of jax-heavy imports
+    if self.kl_kind not in KL_KINDS:
+      raise ValueError(f"PPOConfig.kl_kind must be one of {losses.KL_KINDS}, got {self.kl_kind!r}")
+    for name in ("epochs", "minibatches", "max_new_tokens", "rollout_batch", "kl_horizon"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.rollout_batch % self.minibatches:
+      raise ValueError(f"PPOConfig.minibatches={self.minibatches} must divide "
+                       f"rollout_batch={self.rollout_batch}")
+    if self.kl_coef < 0:
+      raise ValueError(f"PPOConfig.kl_coef must be >= 0, got {self.kl_coef}")
+    if self.target_kl <= 0:
+      raise ValueError(f"PPOConfig.target_kl must be > 0, got {self.target_kl}")
+    if self.temperature <= 0:
+      raise ValueError(f"PPOConfig.temperature must be > 0, got {self.temperature}")

@@ -89,6 +89,11 @@ def _pm():
   return pm.run
 
 
+def _rl():
+  from cai_jax.stages import rl
+  return rl.run
+
+
 def _sl():
   from cai_jax.stages import sl
   return sl.run
@@ -142,6 +147,9 @@ COMMANDS: Dict[str, Command] = {
     "pm": Command("preference model: decoder + zero-initialised scalar head trained with soft "
                   "Bradley-Terry on AI harmlessness (+ human helpfulness) comparisons",
                   "experiments/smollm2_135m_cpu.gin", _pm, True),
+    "rl": Command("RL-CAI: PPO from the SL-CAI policy against the preference model, reward = PM "
+                  "score - beta * KL(policy || SL-CAI); snapshots for evaluation",
+                  "experiments/smollm2_135m_cpu.gin", _rl, True),
     "sample": Command("complete each {\"prompt\"} of --prompts=FILE.jsonl into --out=FILE.jsonl",
                       "experiments/smollm2_135m_cpu.gin", _sample, False),
     "import": Command("HF folder or .gguf (--from=PATH) -> model directory (--out=DIR)",
@@ -187,7 +195,8 @@ def rewrite_gin_args(argv: List[str]) -> List[str]:
 
 def _config_classes():
   from cai_jax import configs
-  return (configs.ModelConfig, configs.MeshConfig, configs.OptimizerConfig, configs.TrainConfig)
+  return (configs.ModelConfig, configs.MeshConfig, configs.OptimizerConfig, configs.TrainConfig,
+          configs.PPOConfig)
 
 
 def _register_configurables(gin, command: str):

@@ -118,7 +118,7 @@ def _chain(tmp_path, base_args, cr_gin, extra_cr=(), extra_sl=()):
 
 
 def test_sl_cai_path_on_the_tiny_model_from_the_cli(tmp_path):
-  """train_lm -> critique_revision -> sl -> feedback on the tiny preset, from the CLI."""
+  """train_lm -> critique_revision -> sl -> feedback -> pm -> rl on the tiny preset, from the CLI."""
   base = _run_ok("train_lm", f"--out_dir={tmp_path / 'base'}", "--gin.TrainConfig.num_steps=10",
                  "--gin.TrainConfig.progress=False")
   model = f"--model={tmp_path / 'base' / 'model'}"
@@ -137,6 +137,18 @@ def test_sl_cai_path_on_the_tiny_model_from_the_cli(tmp_path):
   assert fb["comparisons"] + fb["skipped_empty"] == 4
   rows = [json.loads(l) for f in sorted((tmp_path / "fb").glob("*.jsonl")) for l in open(f)]
   assert len(rows) == fb["comparisons"] and all(0.0 <= r["p_a"] <= 1.0 for r in rows)
+  pm = _run_ok("pm", "--gin_file=gin/experiments/tiny_cpu_cai.gin",
+               f"--gin.pm.comparisons='{tmp_path / 'fb'}'", f"--gin.pm.init_from='{tmp_path / 'sl' / 'model'}'",
+               f"--out_dir={tmp_path / 'pm'}", "--gin.TrainConfig.num_steps=4",
+               "--gin.TrainConfig.batch_size=2", "--gin.pm.heldout_fraction=0.0",
+               "--gin.TrainConfig.progress=False")
+  assert pm["steps"] == 4 and np.isfinite(pm["final_loss"])
+  rl = _run_ok("rl", "--gin_file=gin/experiments/tiny_cpu_cai.gin",
+               f"--policy={tmp_path / 'sl' / 'model'}", f"--gin.rl.pm='{tmp_path / 'pm' / 'model'}'",
+               f"--out_dir={tmp_path / 'rl'}", "--gin.rl.iterations=2", "--gin.rl.progress=False")
+  assert (tmp_path / "rl" / "snapshots").exists() and (tmp_path / "rl" / "model" / "model.json").exists()
+  rows = [json.loads(l) for l in open(tmp_path / "rl" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["kl"]) for r in rows)
 
 
 @pytest.mark.slow

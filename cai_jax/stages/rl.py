@@ -1,0 +1,336 @@
+"""Stage `rl`: PPO of the SL-CAI policy against the preference model (RL-CAI).
+
+Reward per sequence = PM score of (prompt, response, end token); per token the rewards
+carry -β·KL(policy ‖ reference) (``cai_jax.ppo``). The value model starts from the PM
+(a scalar-head model) unless another is given.
+
+Outputs in ``out_dir``:
+  checkpoints/              policy + value TrainStates, data state {iteration,
+                            prompt_cursor, beta} (resumed from automatically)
+  metrics.jsonl, tb/        one row per iteration (step = iterations done)
+  snapshots/step-XXXXX/     policy model directories every `snapshot_every` iterations
+  model/, value_model/      the final policy and value model directories
+  summary.json
+
+Determinism: prompt order, sampling seed and minibatch shuffles of iteration i are
+functions of (seed, i) only, so a run killed and resumed from its latest checkpoint ends
+with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from cai_jax import checkpoints, losses, model_dir, models, ppo as ppo_lib, sampler, sharding
+from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig
+from cai_jax.metrics import MetricsWriter
+from cai_jax.ppo import PPOConfig
+
+PROBE = "Human: Can you help me?\n\nAssistant: Sure, here's 1 idea: «ünïcödé» 🙂"
+
+# score_fn(prompt indices [B], GenerateResult of those prompts) -> scores [B]
+ScoreFn = Callable[[np.ndarray, sampler.GenerateResult], np.ndarray]
+# reward_fn(prompt token lists, response token arrays incl. any EOS / stop tokens) -> [B]
+RewardFn = Callable[[List[List[int]], List[np.ndarray]], Any]
+
+
+def _seed(*parts: int) -> int:
+  """A 32-bit seed derived from integers (stable across runs and platforms)."""
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def prompt_indices(num_prompts: int, iteration: int, batch: int, seed: int) -> np.ndarray:
+  """Prompt indices [batch] of `iteration`: positions iteration*batch ... of the endless
+  sequence of seeded permutations of range(num_prompts) (one permutation per pass)."""
+  out, perms = [], {}
+  for pos in range(iteration * batch, (iteration + 1) * batch):
+    epoch, k = divmod(pos, num_prompts)
+    if epoch not in perms:
+      perms[epoch] = np.random.default_rng(_seed(seed, 1, epoch)).permutation(num_prompts)
+    out.append(perms[epoch][k])
+  return np.asarray(out, np.int64)
+
+
+def reward_score_fn(prompt_ids: Sequence[Sequence[int]], reward_fn: RewardFn) -> ScoreFn:
+  """A ScoreFn calling reward_fn(prompts, responses) on the prompts' token lists."""
+  def score(indices, result):
+    return np.asarray(reward_fn([list(prompt_ids[i]) for i in indices], list(result.tokens)),
+                      np.float32)
+  return score
+
+
+def check_tokenizers(named: Dict[str, Any]) -> None:
+  """ValueError unless every tokenizer has the same vocab size and encodes PROBE the same.
+
+  named: role -> tokenizer (e.g. {'policy': t1, 'reference': t2, 'pm': t3}); a None
+  tokenizer is an error (compatibility cannot be checked).
+  """
+  missing = [k for k, t in named.items() if t is None]
+  if missing:
+    raise ValueError(f"model(s) {missing} have no tokenizer; cannot check they match the policy")
+  items = list(named.items())
+  base_name, base = items[0]
+  for name, tok in items[1:]:
+    if tok.vocab_size != base.vocab_size:
+      raise ValueError(f"incompatible tokenizers: {base_name} has vocab size {base.vocab_size}, "
+                       f"{name} has {tok.vocab_size}")
+    a, b = base.encode(PROBE), tok.encode(PROBE)
+    if list(a) != list(b):
+      raise ValueError(f"incompatible tokenizers: {base_name} and {name} encode the probe "
+                       f"{PROBE!r} differently ({list(a)[:12]}... vs {list(b)[:12]}...)")
+
+
+def value_params_from_lm(lm_params: Any, config: ModelConfig, seed: int = 0) -> Any:
+  """Scalar-head params: the LM's body with a fresh (zero-initialised) scalar head."""
+  fresh = models.init(config, jax.random.PRNGKey(seed), head="scalar")
+  return {k: (lm_params[k] if k in lm_params else v) for k, v in fresh.items()}
+
+
+def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg: ModelConfig,
+              ref_params: Any, value_cfg: ModelConfig, value_params: Any,
+              prompt_ids: Sequence[Sequence[int]], score_fn: ScoreFn,
+              ppo: PPOConfig = PPOConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
+              value_optimizer: Optional[OptimizerConfig] = None, iterations: int = 100,
+              eos_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (),
+              snapshot_every: int = 0, save_every: int = 10, keep_checkpoints: int = 2,
+              seed: int = 0, mesh=None, rules=None, progress: bool = True,
+              tokenizer: Any = None, extra_summary: Optional[dict] = None) -> dict:
+  """The PPO loop on token ids (what ``run`` calls once models and prompts are loaded).
+
+  Args:
+    policy_cfg/policy_params, ref_cfg/ref_params: LM-head models (the reference is frozen);
+    value_cfg/value_params: scalar-head model. The caller's arrays are never modified.
+    prompt_ids: the prompt set as token lists (left-truncated to fit max_seq_len - N).
+    score_fn: (prompt indices [B], GenerateResult) -> [B] scores (PM or a known reward).
+    iterations: total iterations (a resumed run continues up to it).
+    eos_ids, stop_sequences: end of a response (as in ``sampler.SamplingParams``).
+    snapshot_every: save the policy under out_dir/snapshots/step-XXXXX every that many
+      iterations (0: never; the final model is always saved).
+    save_every: checkpoint every that many iterations (and always at the end).
+  Returns the summary dict (also out_dir/summary.json): iterations, resumed_from,
+  last metrics, snapshot paths.
+  """
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  value_optimizer = value_optimizer or optimizer
+  n = ppo.max_new_tokens
+  limit = min(policy_cfg.max_seq_len, ref_cfg.max_seq_len, value_cfg.max_seq_len) - n
+  if limit < 1:
+    raise ValueError(f"max_new_tokens={n} leaves no room for a prompt (max_seq_len "
+                     f"{policy_cfg.max_seq_len})")
+  prompts = [[int(t) for t in p][-limit:] for p in prompt_ids]
+  if not prompts or any(not p for p in prompts):
+    raise ValueError("the prompt set is empty or has an empty prompt")
+  plen = min(sampler.bucket_length(max(len(p) for p in prompts)), limit)
+  plen = max(plen, max(len(p) for p in prompts))
+
+  policy_state = ppo_lib.init_state(policy_params, optimizer)
+  value_state = ppo_lib.init_state(value_params, value_optimizer)
+  ref_params = jax.tree_util.tree_map(jnp.asarray, ref_params)
+  beta, start = float(ppo.kl_coef), 0
+  ckpt = checkpoints.CheckpointManager(os.path.join(out_dir, "checkpoints"), save_every=save_every,
+                                       keep=keep_checkpoints)
+  resumed_from = ckpt.latest_step()
+  if resumed_from is not None:
+    state, data_state = ckpt.restore({"policy": policy_state, "value": value_state})
+    policy_state, value_state = state["policy"], state["value"]
+    start, beta = int(data_state["iteration"]), float(data_state["beta"])
+  writer = MetricsWriter(out_dir)
+  writer.truncate_after(start)
+  policy_step = ppo_lib.make_policy_step(policy_cfg, ppo, optimizer)
+  value_step = ppo_lib.make_value_step(value_cfg, ppo, value_optimizer)
+  snapshots, last = [], {}
+
+  def snapshot(it):
+    path = os.path.join(out_dir, "snapshots", f"step-{it:05d}")
+    model_dir.save_model(path, policy_cfg, jax.device_get(policy_state.params), tokenizer)
+    snapshots.append(path)
+
+  ctx = lambda: sharding.use_mesh(mesh, rules) if mesh is not None else _null()
+  try:
+    with tqdm(total=iterations, initial=min(start, iterations), desc="rl",
+              disable=not progress) as bar:
+      for it in range(start, iterations):
+        idx = prompt_indices(len(prompts), it, ppo.rollout_batch, seed)
+        batch_prompts = [prompts[i] for i in idx]
+        sp = sampler.SamplingParams(temperature=ppo.temperature, max_new_tokens=n,
+                                    eos_ids=tuple(eos_ids),
+                                    stop_sequences=tuple(tuple(s) for s in stop_sequences),
+                                    seed=_seed(seed, 2, it))
+        result = sampler.generate(policy_state.params, policy_cfg, batch_prompts, sp,
+                                  ppo.rollout_batch, mesh=mesh, rules=rules, progress=False)
+        scores = np.asarray(score_fn(idx, result), np.float32).reshape(-1)
+        if scores.shape != (len(idx),):
+          raise ValueError(f"score function returned shape {scores.shape}; expected ({len(idx)},)")
+        batch = ppo_lib.make_batch(batch_prompts, result.tokens, plen, n)
+        with ctx():
+          ro = ppo_lib.rollout(policy_state.params, policy_cfg, ref_params, ref_cfg,
+                               value_state.params, value_cfg, batch, scores, beta, ppo)
+        metrics = ppo_lib.rollout_metrics(ro, batch["response_mask"], scores, beta)
+        sampled = np.zeros_like(ro["logp"])
+        for r, lp in enumerate(result.logprobs):
+          sampled[r, :len(lp)] = lp
+        metrics["logp_mismatch"] = float(np.max(np.abs(sampled - ro["logp"]),
+                                                initial=0.0, where=batch["response_mask"]))
+        losses.check_finite(metrics, it + 1)
+        sums: Dict[str, float] = {}
+        count = 0
+        rng = np.random.default_rng(_seed(seed, 3, it))
+        with ctx():
+          for pol, val in ppo_lib.minibatches(ro, batch, ppo, rng):
+            policy_state, pm = policy_step(policy_state, pol)
+            value_state, vm = value_step(value_state, val)
+            step_metrics = jax.device_get({**pm, **vm})
+            losses.check_finite({"policy_loss": step_metrics["policy_loss"],
+                                 "value_loss": step_metrics["value_loss"]}, it + 1)
+            for k, v in step_metrics.items():
+              sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+        metrics.update({k: v / count for k, v in sums.items()})
+        metrics["clip_fraction"] = metrics["policy_clip_frac"]
+        if ppo.adaptive_kl:
+          beta = float(losses.adaptive_beta(beta, metrics["kl"], ppo.target_kl, ppo.kl_horizon,
+                                            ppo.rollout_batch))
+        done = it + 1
+        last = writer.write(done, metrics)
+        data_state = {"iteration": done, "prompt_cursor": done * ppo.rollout_batch,
+                      "beta": beta}
+        ckpt.save(done, {"policy": policy_state, "value": value_state}, data_state,
+                  force=done == iterations)
+        if snapshot_every and done % snapshot_every == 0:
+          snapshot(done)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
+        bar.update(1)
+  finally:
+    ckpt.close()
+    writer.close()
+
+  model_dir.save_model(os.path.join(out_dir, "model"), policy_cfg,
+                       jax.device_get(policy_state.params), tokenizer)
+  model_dir.save_model(os.path.join(out_dir, "value_model"), value_cfg,
+                       jax.device_get(value_state.params), tokenizer, head="scalar")
+  summary = {"out_dir": out_dir, "iterations": iterations, "resumed_from": resumed_from,
+             "beta": beta, "last_metrics": last, "snapshots": snapshots,
+             "ppo": dataclasses.asdict(ppo)}
+  summary.update(extra_summary or {})
+  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def _load(spec: str, what: str, model: ModelConfig):
+  from cai_jax.stages.train_lm import load_initial
+  try:
+    return load_initial(spec, model)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f"rl.{what}={spec!r}: {e}") from None
+
+
+def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value: str = "",
+        prompts: str = "red_team", helpful_prompts: Optional[str] = None,
+        prompt_split: Optional[str] = "train", chat_format: str = "raw",
+        ppo: PPOConfig = PPOConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
+        value_optimizer: Optional[OptimizerConfig] = None, iterations: int = 100,
+        snapshot_every: int = 25, save_every: int = 10, keep_checkpoints: int = 2,
+        seed: int = 0, mesh: MeshConfig = MeshConfig(1, 1, 1, "dp"),
+        model: ModelConfig = ModelConfig(), progress: bool = True,
+        reward_fn: Optional[RewardFn] = None, data_dir: Optional[str] = None) -> dict:
+  """Runs PPO and writes out_dir (see the module docstring); returns the summary.
+
+  Args:
+    policy: the SL-CAI model (model directory, .gguf, HF folder or 'pkg:' spec).
+    reference: the frozen KL reference (default: the policy).
+    pm: the preference model directory (scalar head); unused when reward_fn is given.
+    value: the value model's initialisation (default: the PM; with reward_fn and no PM,
+      the policy's body with a fresh scalar head).
+    prompts, helpful_prompts: prompt sets (``prompt_sets.load_prompts`` specs); the
+      second, if given, is mixed in. prompt_split: their split (None = all).
+    chat_format: 'chatml', 'llama3' or 'raw'; prompts are one user turn with the
+      generation prompt; responses stop at EOS or the format's stop strings.
+    model: only its runtime fields (dtype, remat, scan) are used.
+    reward_fn: reward_fn(prompt token lists, response token arrays) -> [B] scores,
+      replacing the PM (tests).
+  Raises ValueError before any work if the policy, reference and PM tokenizers differ.
+  """
+  from cai_jax import prompt_sets
+  from cai_jax.tokenizer import encode_chat, stop_strings, trim_at_stop
+  if not out_dir:
+    raise ValueError("rl.out_dir is not set (use --out_dir=DIR)")
+  if not policy:
+    raise ValueError("rl.policy is not set (the SL-CAI model)")
+  if not pm and reward_fn is None:
+    raise ValueError("rl.pm is not set (the preference model directory)")
+  policy_cfg, policy_params, tok = _load(policy, "policy", model)
+  ref_cfg, ref_params, ref_tok = (policy_cfg, policy_params, tok) if not reference else \
+      _load(reference, "reference", model)
+  toks = {"policy": tok, "reference": ref_tok}
+  pm_cfg = pm_params = None
+  if pm:
+    pm_cfg, pm_params, pm_tok = _load(pm, "pm", model)
+    toks["pm"] = pm_tok
+    if model_dir.load_head(model_dir.resolve_model_spec(pm)) != "scalar":
+      raise ValueError(f"rl.pm={pm!r} is not a scalar-head (preference) model")
+  if value:
+    value_cfg, value_params, value_tok = _load(value, "value", model)
+    toks["value"] = value_tok
+    if model_dir.load_head(model_dir.resolve_model_spec(value)) != "scalar":
+      raise ValueError(f"rl.value={value!r} is not a scalar-head model")
+  elif pm:
+    value_cfg, value_params = pm_cfg, pm_params
+  else:
+    value_cfg, value_params = policy_cfg, value_params_from_lm(policy_params, policy_cfg, seed)
+  check_tokenizers(toks)
+
+  records = prompt_sets.load_prompts(prompts, prompt_split, data_dir)
+  if helpful_prompts:
+    records = records + prompt_sets.load_prompts(helpful_prompts, prompt_split, data_dir)
+  messages = [r["messages"] for r in records]
+  prompt_ids = [encode_chat(tok, m, chat_format, add_generation_prompt=True)[0] for m in messages]
+  stops = stop_strings(chat_format)
+  stop_ids = [tuple(tok.encode(s)) for s in stops]
+  eos = (tok.eos_id,) if tok.eos_id is not None else ()
+  m = sharding.make_mesh(mesh)
+  rules = sharding.rules_for(mesh.rules)
+
+  if reward_fn is not None:
+    score_fn = reward_score_fn(prompt_ids, reward_fn)
+  else:
+    pm_jit = jax.jit(lambda p, t, k: models.score(p, pm_cfg, t, k))
+
+    def score_fn(indices, result):
+      seqs = []
+      for r, i in enumerate(indices):
+        text = trim_at_stop(tok.decode(result.content_tokens(r).tolist()), stops)
+        conv = list(messages[i]) + [{"role": "assistant", "content": text}]
+        ids = encode_chat(tok, conv, chat_format)[0]
+        seqs.append(ids[-pm_cfg.max_seq_len:])
+      width = sampler.bucket_length(max(len(s) for s in seqs))
+      width = max(width, max(len(s) for s in seqs))
+      t = np.zeros((len(seqs), width), np.int32)
+      k = np.zeros((len(seqs), width), bool)
+      for r, s in enumerate(seqs):
+        t[r, :len(s)], k[r, :len(s)] = s, True
+      return np.asarray(pm_jit(pm_params, t, k))
+
+  return train_ppo(out_dir, policy_cfg, policy_params, ref_cfg, ref_params, value_cfg,
+                   value_params, prompt_ids, score_fn, ppo, optimizer, value_optimizer,
+                   iterations, eos, stop_ids, snapshot_every, save_every, keep_checkpoints,
+                   seed, m, rules, progress, tok,
+                   {"policy": policy, "reference": reference or policy, "pm": pm,
+                    "value": value or pm or policy, "prompts": len(prompt_ids)})

@@ -1,0 +1,179 @@
+"""Tests of the RL stage: toy PPO with a known reward, β, resume, NaN and tokenizer checks."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cai_jax import model_dir, models
+from cai_jax.configs import ModelConfig, OptimizerConfig
+from cai_jax.metrics import read_jsonl_metrics
+from cai_jax.ppo import PPOConfig
+from cai_jax.stages import rl
+
+CFG = ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64,
+                  max_seq_len=32)
+EOS, TARGET = 1, 7
+OPT = OptimizerConfig(learning_rate=2e-3)
+POLICY = models.init(CFG, jax.random.PRNGKey(0))
+VALUE = rl.value_params_from_lm(POLICY, CFG)
+_rs = np.random.RandomState(0)
+PROMPTS = [list(_rs.randint(2, 16, size=_rs.randint(1, 4))) for _ in range(12)]
+
+
+def target_fraction(prompts, responses):
+  """Known reward: fraction of response tokens equal to TARGET (0 for an empty response)."""
+  return np.array([np.mean(np.asarray(r) == TARGET) if len(r) else 0.0 for r in responses])
+
+
+def _train(out_dir, beta, iterations, reward_fn=target_fraction, ppo_kw=None, **kw):
+  cfg = PPOConfig(kl_coef=beta, max_new_tokens=8, rollout_batch=32, minibatches=2, epochs=4,
+                  **(ppo_kw or {}))
+  return rl.train_ppo(str(out_dir), CFG, POLICY, CFG, POLICY, CFG, VALUE, PROMPTS,
+                      rl.reward_score_fn(PROMPTS, reward_fn), cfg, OPT, iterations=iterations,
+                      eos_ids=(EOS,), progress=False, **kw)
+
+
+def _rows(out_dir):
+  return read_jsonl_metrics(os.path.join(str(out_dir), "metrics.jsonl"))
+
+
+def _params(out_dir):
+  return model_dir.load_model(os.path.join(str(out_dir), "model"))[1]
+
+
+def test_toy_ppo_raises_reward_and_large_beta_stays_near_reference(tmp_path):
+  _train(tmp_path / "small", 0.05, 8, snapshot_every=4)
+  _train(tmp_path / "large", 2.0, 8)
+  small, large = _rows(tmp_path / "small"), _rows(tmp_path / "large")
+  assert [r["step"] for r in small] == list(range(1, 9))
+  for r in small:
+    assert r["logp_mismatch"] < 1e-5
+  start = small[0]["reward"]                        # the initial policy (same for both runs)
+  assert large[0]["reward"] == pytest.approx(start)
+  end_small = np.mean([r["reward"] for r in small[-2:]])
+  end_large = np.mean([r["reward"] for r in large[-2:]])
+  kl_small = np.mean([r["kl"] for r in small[-2:]])
+  kl_large = np.mean([r["kl"] for r in large[-2:]])
+  print(f"reward {start:.3f} -> small beta {end_small:.3f} (kl {kl_small:.2f}), "
+        f"large beta {end_large:.3f} (kl {kl_large:.2f})")
+  assert end_small > start + 0.15                   # random start is about 1/16
+  assert max(r["kl"] for r in small) < 10.0
+  assert abs(end_large - start) < 0.1
+  assert kl_large < 0.6 * kl_small
+  snaps = sorted(os.listdir(tmp_path / "small" / "snapshots"))
+  assert snaps == ["step-00004", "step-00008"]
+  summary = json.load(open(tmp_path / "small" / "summary.json"))
+  assert summary["iterations"] == 8 and summary["resumed_from"] is None
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+  _train(tmp_path / "full", 0.05, 5, save_every=2)
+  _train(tmp_path / "cut", 0.05, 3, save_every=2)     # "killed" after iteration 3
+  summary = _train(tmp_path / "cut", 0.05, 5, save_every=2)
+  assert summary["resumed_from"] == 3
+  full, cut = _params(tmp_path / "full"), _params(tmp_path / "cut")
+  for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(cut)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3, 4, 5]
+  assert [r["reward"] for r in _rows(tmp_path / "cut")] == [r["reward"] for r in _rows(tmp_path / "full")]
+
+
+def test_nan_reward_stops_naming_iteration(tmp_path):
+  calls = []
+
+  def bad(prompts, responses):
+    calls.append(1)
+    out = target_fraction(prompts, responses)
+    return out * np.nan if len(calls) == 2 else out
+
+  with pytest.raises(FloatingPointError, match=r"step 2: .*reward=nan"):
+    _train(tmp_path, 0.05, 3, reward_fn=bad)
+
+
+def _bpe_tokenizer(tmp_path):
+  from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, trainers
+  from cai_jax.tokenizer import load_tokenizer
+  tok = Tokenizer(tk_models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(["the cat sat on the mat", "hello world"] * 20, trainer=trainer)
+  path = str(tmp_path / "tokenizer.json")
+  tok.save(path)
+  return load_tokenizer(path)
+
+
+def test_incompatible_tokenizers_fail_before_any_work(tmp_path):
+  from cai_jax.tokenizer import load_tokenizer
+  cfg = ModelConfig(vocab_size=320, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                    max_seq_len=64)
+  byte = load_tokenizer("byte")
+  bpe = _bpe_tokenizer(tmp_path)
+  policy = model_dir.save_model(str(tmp_path / "policy"), cfg,
+                                models.init(cfg, jax.random.PRNGKey(0)), byte)
+  scalar = models.init(cfg, jax.random.PRNGKey(1), head="scalar")
+  pm_bad = model_dir.save_model(str(tmp_path / "pm_bad"), cfg, scalar, bpe, head="scalar")
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match="incompatible tokenizers: policy .* pm"):
+    rl.run(str(out), policy=policy, pm=pm_bad, prompts="unused.jsonl", progress=False)
+  assert not out.exists()
+  with pytest.raises(ValueError, match="vocab size"):
+    rl.check_tokenizers({"policy": byte, "reference": _Fake(byte, 321)})
+  with pytest.raises(ValueError, match="no tokenizer"):
+    rl.check_tokenizers({"policy": byte, "pm": None})
+  rl.check_tokenizers({"policy": byte, "reference": load_tokenizer("byte")})
+
+
+class _Fake:
+  def __init__(self, tok, vocab_size):
+    self.vocab_size, self.encode = vocab_size, tok.encode
+
+
+def test_run_with_preference_model_end_to_end(tmp_path):
+  from cai_jax.tokenizer import load_tokenizer
+  cfg = ModelConfig(vocab_size=320, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                    max_seq_len=96)
+  byte = load_tokenizer("byte")
+  policy = model_dir.save_model(str(tmp_path / "policy"), cfg,
+                                models.init(cfg, jax.random.PRNGKey(0)), byte)
+  scalar = models.init(cfg, jax.random.PRNGKey(1), head="scalar")
+  scalar["scalar_head"] = jax.tree_util.tree_map(
+      lambda x: jax.random.normal(jax.random.PRNGKey(2), x.shape), scalar["scalar_head"])
+  pm = model_dir.save_model(str(tmp_path / "pm"), cfg, scalar, byte, head="scalar")
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(6)))
+  cfg_ppo = PPOConfig(max_new_tokens=4, rollout_batch=4, minibatches=1, epochs=1)
+  summary = rl.run(str(tmp_path / "out"), policy=policy, pm=pm, prompts=str(prompts),
+                   prompt_split=None, ppo=cfg_ppo, iterations=2, snapshot_every=1,
+                   progress=False)
+  assert summary["prompts"] == 6 and summary["value"] == pm
+  rows = _rows(tmp_path / "out")
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(np.isfinite(r["reward"]) and r["reward"] != 0 for r in rows)
+  for name in ("model", "value_model", "snapshots/step-00001", "snapshots/step-00002"):
+    assert model_dir.is_model_dir(str(tmp_path / "out" / name))
+  assert model_dir.load_head(str(tmp_path / "out" / "value_model")) == "scalar"
+
+
+def test_prompt_order_is_seeded_and_covers_each_pass():
+  a = [rl.prompt_indices(10, it, 4, seed=3) for it in range(5)]
+  assert all(np.array_equal(x, rl.prompt_indices(10, it, 4, seed=3)) for it, x in enumerate(a))
+  flat = np.concatenate(a)
+  assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+  assert not np.array_equal(flat[:10], flat[10:20])
+
+
+def test_adaptive_beta_grows_when_kl_exceeds_target(tmp_path):
+  kw = dict(adaptive_kl=True, target_kl=0.5, kl_horizon=64)
+  summary = _train(tmp_path, 0.05, 3, ppo_kw=kw)
+  betas = [r["beta"] for r in _rows(tmp_path)]
+  kls = [r["kl"] for r in _rows(tmp_path)]
+  assert kls[0] == pytest.approx(0.0, abs=1e-6) and min(kls[1:]) > 0.6
+  # β ← β·(1 + clip(kl/target - 1, ±0.2)·B/horizon): ×0.9 after KL 0, then ×1.1.
+  assert betas == pytest.approx([0.05, 0.045, 0.0495], rel=1e-5)
+  assert summary["beta"] == pytest.approx(0.0495 * 1.1, rel=1e-5)
