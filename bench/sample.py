@@ -205,7 +205,6 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
   import functools
 
   import jax
-  import numpy as np
 
   backend = jax.default_backend()
   if args.device == "gpu" and backend != "gpu":

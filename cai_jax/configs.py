@@ -238,7 +238,7 @@ class PPOConfig:
   def __post_init__(self):
     from cai_jax.losses import KL_KINDS  # deferred: configs stays free of jax-heavy imports
     if self.kl_kind not in KL_KINDS:
-      raise ValueError(f"PPOConfig.kl_kind must be one of {losses.KL_KINDS}, got {self.kl_kind!r}")
+      raise ValueError(f"PPOConfig.kl_kind must be one of {KL_KINDS}, got {self.kl_kind!r}")
     for name in ("epochs", "minibatches", "max_new_tokens", "rollout_batch", "kl_horizon"):
       if getattr(self, name) < 1:
         raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -74,7 +74,7 @@ import logging
 import os
 import re
 import tempfile
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -634,3 +634,32 @@ def sample_principles(constitution_or_principles: Union[Constitution, Sequence[A
   rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) \
       else np.random.default_rng(rng_or_seed)
   return [pool[i] for i in rng.integers(0, len(pool), size=int(n))]
+
+
+_NEED_WORDS = {"critique_revision": "critique/revision", "feedback": "feedback"}
+
+
+def spec_label(spec: Union[str, Constitution]) -> str:
+  """How a constitution spec is named in messages and run configs: the path, '(default)'
+  for '' (the shipped default), '(object NAME)' for a Constitution instance."""
+  return (spec or "(default)") if isinstance(spec, str) else f"(object {spec.name!r})"
+
+
+def resolve(spec: Union[str, Constitution], need: Optional[str] = None) -> Constitution:
+  """A Constitution from a path ('' = the shipped default) or a Constitution instance.
+
+  Args:
+    spec: constitution file or folder, '' for ``load_default()``, or a Constitution.
+    need: 'critique_revision' or 'feedback': the principle list a stage draws from;
+      a constitution without any is refused (ValueError naming the spec). None checks
+      nothing.
+  """
+  if need is not None and need not in _NEED_WORDS:
+    raise ValueError(f"need must be one of {tuple(_NEED_WORDS)}, got {need!r}")
+  if isinstance(spec, Constitution):
+    c = spec
+  else:
+    c = load_constitution(spec) if spec else load_default()
+  if need is not None and not getattr(c, need):
+    raise ValueError(f"constitution {spec_label(spec)} has no {_NEED_WORDS[need]} principles")
+  return c

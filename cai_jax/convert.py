@@ -664,7 +664,6 @@ def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: 
   order = sorted(flat, key=position)
   shards: List[Dict[str, np.ndarray]] = [{}]
   size = 0
-  written: List[Tuple[str, List[str]]] = []
   tmp_names = []
 
   def flush():

@@ -22,7 +22,6 @@ in PM-score units, KL in nats (per sequence where named so).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Dict, Sequence, Tuple
 

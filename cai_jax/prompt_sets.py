@@ -42,7 +42,7 @@ import os
 import re
 import shutil
 import unicodedata
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from cai_jax import data
 from cai_jax.data import DataError
@@ -369,6 +369,55 @@ def load_prompts(spec: str, split: Optional[str] = None,
   if not records:
     raise DataError(f"{where}: empty prompt set")
   return records
+
+
+def prompt_items(spec: Any, split: Optional[str] = None, limit: Optional[int] = None,
+                 what: str = "prompt", who: str = "stage",
+                 loader: Optional[Any] = None) -> List[Record]:
+  """The prompt items a generating stage works through, first `limit` of them.
+
+  Args:
+    spec: a list of prompt dicts ({"prompt", "messages"?, "id"?, ...}) or strings, or a
+      spec for the loader ('red_team', 'helpful', a .jsonl path).
+    split: with a spec, the split to read; None reads every prompt (and calls the
+      loader without a split argument).
+    limit: keep only the first `limit` items (after `split`); None keeps all.
+    what, who: name the set and the stage in error messages ("{who}: {what} item 3 ...").
+    loader: spec (, split=...) -> list of prompt dicts; default: ``load_prompts``.
+  Returns:
+    Dicts with every field of the item plus "prompt" (the last user turn) and
+    "messages" (the conversation as {"role", "content"} turns ending with a user turn;
+    [the prompt as a user turn] when the item has none).
+  Raises:
+    ValueError for an item without a non-empty "prompt" string, malformed "messages",
+    or an empty result.
+  """
+  if isinstance(spec, str):
+    load = loader or load_prompts
+    items = list(load(spec) if split is None else load(spec, split=split))
+  else:
+    items = list(spec or [])
+  out = []
+  for i, item in enumerate(items):
+    if isinstance(item, str):
+      item = {"prompt": item}
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) \
+        or not item["prompt"].strip():
+      raise ValueError(f"{who}: {what} item {i} needs a non-empty 'prompt' string")
+    msgs = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
+    if not isinstance(msgs, list) or any(
+        not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+        or not isinstance(m.get("content"), str) for m in msgs) or msgs[-1]["role"] != "user":
+      raise ValueError(f"{who}: {what} item {i}: 'messages' must be a list of "
+                       "{role, content} turns ending with a user turn")
+    out.append(dict(item, messages=[{"role": m["role"], "content": m["content"]}
+                                    for m in msgs]))
+  if limit is not None:
+    out = out[:int(limit)]
+  if not out:
+    name = repr(spec) if isinstance(spec, str) else "(list)"
+    raise ValueError(f"{who}: the {what} set {name} has no prompts")
+  return out
 
 
 # ----------------------------------------------------------------------------

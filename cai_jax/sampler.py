@@ -18,7 +18,8 @@ step ``t`` is ``fold_in(fold_in(key(seed), i), t)``. Samples therefore depend on
 the seed, the prompt index and the logits only, not on the batch size, the batch
 a prompt lands in or the other prompts (up to float rounding of the logits).
 
-The tokenizer is not used here: callers encode prompts, pass stop strings as
+Apart from ``text_generate_fn`` (a text-level wrapper for the stages), the tokenizer is
+not used here: callers encode prompts, pass stop strings as
 the token sequences they tokenize to, and trim decoded text at the stop string
 (a stop string can tokenize differently inside a generation, so the token-level
 stop is an early exit, not the final word).
@@ -685,3 +686,45 @@ def sum_logprobs(params: Params, config: ModelConfig, prompts: Sequence[Sequence
   """[num] float32: total log p(continuation | prompt) (``score_continuations`` summed)."""
   lps = score_continuations(params, config, prompts, continuations, batch_size, **kwargs)
   return np.array([float(np.sum(lp, dtype=np.float64)) for lp in lps], np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Text level: the one place where stages turn the sampler into a text generator.
+
+
+def wants_bos(tok: Any) -> bool:
+  """True when the tokenizer asks for a BOS token in front of every sequence."""
+  return bool(getattr(tok, "add_bos_token", False)) and tok.bos_id is not None
+
+
+def text_generate_fn(params: Params, config: ModelConfig, tok: Any, stops: Sequence[str],
+                     temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
+                     mesh=None, rules=None, truncate: Optional[str] = None):
+  """fn(prefix_text, prompt_texts, seed) -> completions (list of str) over ``generate``.
+
+  The prefix (e.g. few-shot transcripts) is encoded once and passed as ``prefix=``
+  (prefilled once per call, KV cache broadcast over the rows); prompt texts are encoded
+  on their own and appended. BOS goes in front of the prefix, or of each prompt when
+  there is no prefix, if the tokenizer wants one. Generation stops at EOS or the token
+  sequences of `stops`; the returned text is the decoded content tokens (trailing EOS /
+  stop tokens removed; callers still trim at the stop strings).
+  """
+  bos = wants_bos(tok)
+  base = SamplingParams(
+      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+      eos_ids=(tok.eos_id,) if tok.eos_id is not None else (),
+      stop_sequences=tuple(tuple(tok.encode(s)) for s in stops if tok.encode(s)))
+
+  def fn(prefix: str, texts: Sequence[str], seed: int) -> List[str]:
+    pre = tok.encode(prefix) if prefix else []
+    ids = [tok.encode(t) for t in texts]
+    if bos:
+      if pre:
+        pre = pre if pre[0] == tok.bos_id else [tok.bos_id] + pre
+      else:
+        ids = [x if x and x[0] == tok.bos_id else [tok.bos_id] + x for x in ids]
+    res = generate(params, config, ids, dataclasses.replace(base, seed=seed), batch_size,
+                   mesh=mesh, rules=rules, progress=False, prefix=pre or None, truncate=truncate)
+    return [tok.decode(res.content_tokens(i).tolist()) for i in range(len(texts))]
+
+  return fn

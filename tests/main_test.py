@@ -149,6 +149,7 @@ def test_sl_cai_path_on_the_tiny_model_from_the_cli(tmp_path):
   assert (tmp_path / "rl" / "snapshots").exists() and (tmp_path / "rl" / "model" / "model.json").exists()
   rows = [json.loads(l) for l in open(tmp_path / "rl" / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["kl"]) for r in rows)
+  assert rl["iterations"] == 2 and rl["snapshots"]
 
 
 @pytest.mark.slow

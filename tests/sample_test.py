@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from cai_jax.tokenizer import trim_at_stop
 

@@ -1,14 +1,13 @@
 """SL-CAI stage: the example mix, the assistant-only loss mask, and a tiny end-to-end run."""
 
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 
 from cai_jax import data, model_dir, models
-from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cai_jax.configs import ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.stages import sl
 from cai_jax.tokenizer import load_tokenizer
 

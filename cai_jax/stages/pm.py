@@ -73,7 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax import data, losses, model_dir, models, sharding, train
+from cai_jax import data, losses, model_dir, models, shards, sharding, train
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 
 _LOG = logging.getLogger(__name__)
@@ -166,8 +166,7 @@ def load_comparisons(spec: str, source: str) -> Tuple[List[dict], SkipCounts]:
   from cai_jax import prompt_sets
   path = data.resolve_path(spec)
   if os.path.isdir(path):
-    from cai_jax.stages.feedback import read_comparisons
-    rows = read_comparisons(path)
+    rows = [r for shard in shards.read_run(path, "feedback").values() for r in shard]
   elif os.path.isfile(path):
     first = next(iter(data.iter_jsonl(path)), (0, {}))[1]
     if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):

@@ -18,39 +18,32 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import math
 import os
 from typing import List, Optional, Tuple
 
 import numpy as np
 
-from cai_jax import data
+from cai_jax import data, shards
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.stages.train_lm import fine_tune, load_initial
 
 
 def read_records(source: str) -> List[dict]:
-  """Records of a critique_revision output directory (refused if unfinished) or a JSONL file."""
+  """Records of a critique_revision output directory (refused if unfinished), a directory
+  of .jsonl files without a manifest, or a JSONL file."""
   path = data.resolve_path(source)
   if os.path.isfile(path):
     return data.read_jsonl(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{source}: no such critique_revision output (directory or .jsonl)")
-  manifest_path = os.path.join(path, "manifest.json")
-  if os.path.exists(manifest_path):
-    with open(manifest_path, encoding="utf-8") as f:
-      manifest = json.load(f)
-    if not manifest.get("complete", False):
-      raise ValueError(f"{source}: critique_revision output is incomplete "
-                       f"(rerun critique_revision to finish it)")
-  files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
-  if not files:
+  if os.path.exists(os.path.join(path, shards.MANIFEST)):
+    per_shard = shards.read_run(path)
+  else:
+    per_shard = {f: data.read_jsonl(f) for f in sorted(glob.glob(os.path.join(path, "*.jsonl")))}
+  if not per_shard:
     raise ValueError(f"{source}: no .jsonl shards")
-  rows = []
-  for file in files:
-    rows.extend(data.read_jsonl(file))
-  return rows
+  return [r for rows in per_shard.values() for r in rows]
 
 
 def _example(record: dict, completion: str) -> dict:
