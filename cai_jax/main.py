@@ -94,6 +94,11 @@ def _rl():
   return rl.run
 
 
+def _dpo():
+  from cai_jax.stages import dpo
+  return dpo.run
+
+
 def _sl():
   from cai_jax.stages import sl
   return sl.run
@@ -150,6 +155,9 @@ COMMANDS: Dict[str, Command] = {
     "rl": Command("RL-CAI: PPO from the SL-CAI policy against the preference model, reward = PM "
                   "score - beta * KL(policy || SL-CAI); snapshots for evaluation",
                   "experiments/smollm2_135m_cpu.gin", _rl, True),
+    "dpo": Command("DPO on the AI-labelled comparisons (soft labels) against a frozen reference: "
+                   "the lighter alternative to pm + rl",
+                   "experiments/smollm2_135m_cpu.gin", _dpo, True),
     "sample": Command("complete each {\"prompt\"} of --prompts=FILE.jsonl into --out=FILE.jsonl",
                       "experiments/smollm2_135m_cpu.gin", _sample, False),
     "import": Command("HF folder or .gguf (--from=PATH) -> model directory (--out=DIR)",

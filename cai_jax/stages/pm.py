@@ -64,7 +64,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -73,7 +72,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax import data, losses, model_dir, models, shards, sharding, train
+from cai_jax import data, losses, model_dir, models, sharding, train
+from cai_jax.comparisons import (SkipCounts, check_skips, load_comparisons,  # noqa: F401
+                                 normalize_comparisons)
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 
 _LOG = logging.getLogger(__name__)
@@ -89,106 +90,6 @@ _RESUMABLE_FIELDS = ("num_steps", "progress", "async_checkpoint", "save_every", 
 # --------------------------------------------------------------------------------------
 # Reading comparisons
 # --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class SkipCounts:
-  """Comparisons of one input that were read, kept and skipped (by reason)."""
-
-  total: int = 0
-  bad_label: int = 0
-  empty_response: int = 0
-
-  @property
-  def skipped(self) -> int:
-    return self.bad_label + self.empty_response
-
-  def as_dict(self) -> Dict[str, int]:
-    return {"total": self.total, "kept": self.total - self.skipped, "bad_label": self.bad_label,
-            "empty_response": self.empty_response}
-
-
-def _conversation(record: dict, where: str) -> List[Dict[str, str]]:
-  """The conversation before the compared responses (ends with the user's turn)."""
-  if "messages" in record:
-    msgs = data.example_messages({"messages": record["messages"]}, where)
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
-  if isinstance(record.get("prompt"), str):
-    return [{"role": "user", "content": record["prompt"]}]
-  raise data.DataError(f"{where}: expected a 'prompt' string or a 'messages' list")
-
-
-def _valid_label(p: Any) -> bool:
-  if isinstance(p, bool) or not isinstance(p, (int, float)):
-    return False
-  return math.isfinite(p) and 0.0 <= p <= 1.0
-
-
-def normalize_comparisons(records: Sequence[dict], source: str, where: str = "comparisons",
-                          label_key: str = "p_a") -> Tuple[List[dict], SkipCounts]:
-  """(comparisons, counts): records -> {"messages", "response_a", "response_b", "p", "source"}.
-
-  Accepted forms: {"prompt" | "messages", "response_a", "response_b", label_key} and
-  HH-RLHF records from ``prompt_sets.import_hh_rlhf`` ({"messages", "chosen",
-  "rejected"}: A = chosen, p = 1). A label that is missing, not a number or outside
-  [0, 1], or an empty response, makes the comparison skipped and counted. A record with
-  neither form is a DataError naming it.
-  """
-  out, counts = [], SkipCounts()
-  for i, r in enumerate(records):
-    at = f"{where}: record {i}" + (f" ({r['id']})" if isinstance(r, dict) and "id" in r else "")
-    if not isinstance(r, dict):
-      raise data.DataError(f"{at}: expected a JSON object")
-    counts.total += 1
-    if "chosen" in r and "rejected" in r and "response_a" not in r:
-      a, b, p = r["chosen"], r["rejected"], 1.0
-    elif "response_a" in r and "response_b" in r:
-      a, b, p = r["response_a"], r["response_b"], r.get(label_key)
-    else:
-      raise data.DataError(f"{at}: expected 'response_a', 'response_b' and '{label_key}' "
-                           f"(or HH-RLHF 'chosen' / 'rejected'), got keys {sorted(r)}")
-    if not isinstance(a, str) or not isinstance(b, str):
-      raise data.DataError(f"{at}: responses must be strings")
-    msgs = _conversation(r, at)
-    if not _valid_label(p):
-      counts.bad_label += 1
-      continue
-    if not a.strip() or not b.strip():
-      counts.empty_response += 1
-      continue
-    out.append({"messages": msgs, "response_a": a, "response_b": b, "p": float(p),
-                "source": source})
-  return out, counts
-
-
-def load_comparisons(spec: str, source: str) -> Tuple[List[dict], SkipCounts]:
-  """Comparisons of a feedback output directory, a comparison JSONL or an HH-RLHF JSONL."""
-  from cai_jax import prompt_sets
-  path = data.resolve_path(spec)
-  if os.path.isdir(path):
-    rows = [r for shard in shards.read_run(path, "feedback").values() for r in shard]
-  elif os.path.isfile(path):
-    first = next(iter(data.iter_jsonl(path)), (0, {}))[1]
-    if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):
-      rows = prompt_sets.import_hh_rlhf(path)
-    else:
-      rows = data.read_jsonl(path)
-  else:
-    raise FileNotFoundError(f"{spec}: no such comparisons (a feedback output directory or .jsonl)")
-  return normalize_comparisons(rows, source, spec)
-
-
-def check_skips(counts: SkipCounts, what: str, max_skip_fraction: float) -> None:
-  """Logs a summary line of skipped comparisons; DataError above max_skip_fraction."""
-  if counts.skipped:
-    _LOG.warning("pm: %s: skipped %d of %d comparisons (%d with a label outside [0, 1] or "
-                 "missing, %d with an empty response)", what, counts.skipped, counts.total,
-                 counts.bad_label, counts.empty_response)
-  if counts.total and counts.skipped > max_skip_fraction * counts.total:
-    raise data.DataError(
-        f"pm: {what}: {counts.skipped} of {counts.total} comparisons skipped "
-        f"({counts.bad_label} bad labels, {counts.empty_response} empty responses), more than "
-        f"max_skip_fraction={max_skip_fraction}")
 
 
 # --------------------------------------------------------------------------------------

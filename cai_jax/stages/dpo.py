@@ -1,0 +1,140 @@
+"""Stage `dpo`: Direct Preference Optimization on AI-labelled comparisons (soft labels).
+
+The lighter alternative to pm + rl: the policy is trained directly on the comparisons
+against a frozen reference (default: the starting policy), with the soft-target DPO
+loss −[p·logσ(βΔ) + (1−p)·logσ(−βΔ)], Δ = (log π(a) − log π_ref(a)) − (log π(b) − log π_ref(b))
+summed over the response tokens (``cai_jax.losses.dpo_loss``); p = 1 is the usual DPO.
+
+Sequences: the conversation plus one response, rendered in `chat_format` with the
+response as the assistant turn (``data.tokenize_example``); the log-prob of a response
+is the sum over its assistant tokens (including the end-of-turn token), right-truncated
+to seq_len. Reference log-probs are computed once before training and carried in the
+batches:
+  tokens_a, mask_a, loss_mask_a, tokens_b, mask_b, loss_mask_b  [B, T]
+  ref_a, ref_b, p                                                [B, 1] float32
+Outputs in out_dir: checkpoints/, metrics.jsonl, tb/, model/ (the DPO policy) and
+summary.json (with the final implicit-reward accuracy on the training comparisons).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cai_jax import data, losses, model_dir, models, train
+from cai_jax.comparisons import check_skips, load_comparisons
+from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cai_jax.stages.train_lm import load_initial
+
+
+def encode_comparison(tok: Any, comparison: dict, chat_format: str, seq_len: int) -> Dict[str, np.ndarray]:
+  """{tokens, mask, loss_mask}_{a,b} [seq_len] and p [1] for one comparison."""
+  out = {"p": np.full((1,), comparison["p"], np.float32)}
+  for side in ("a", "b"):
+    ex = {"messages": list(comparison["messages"]) +
+          [{"role": "assistant", "content": comparison[f"response_{side}"]}]}
+    enc = data.tokenize_example(ex, tok, chat_format, seq_len)
+    for k, v in enc.items():
+      out[f"{k}_{side}"] = v
+  return out
+
+
+def response_logprob_sums(params: Any, config: ModelConfig, tokens: jax.Array, mask: jax.Array,
+                          loss_mask: jax.Array) -> jax.Array:
+  """Σ log p(response tokens) per row, [B] float32 (tokens, masks [B, T])."""
+  lp = models.token_logprobs(params, config, tokens, mask)
+  w = (loss_mask[:, 1:] & mask[:, 1:]).astype(jnp.float32)
+  return jnp.sum(lp * w, axis=-1)
+
+
+def reference_logprobs(params: Any, config: ModelConfig, encoded: Sequence[Dict[str, np.ndarray]],
+                       batch_size: int) -> List[np.ndarray]:
+  """[ref_a, ref_b] arrays [N] of the reference model's response log-prob sums."""
+  fn = jax.jit(response_logprob_sums, static_argnums=1)
+  out = {"a": [], "b": []}
+  for start in range(0, len(encoded), batch_size):
+    chunk = list(encoded[start:start + batch_size])
+    n = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - n)
+    for side in ("a", "b"):
+      stack = {k: np.stack([c[f"{k}_{side}"] for c in chunk]) for k in ("tokens", "mask", "loss_mask")}
+      out[side].append(np.asarray(fn(params, config, stack["tokens"], stack["mask"],
+                                     stack["loss_mask"]))[:n])
+  return [np.concatenate(out["a"]), np.concatenate(out["b"])]
+
+
+def dpo_loss_sums(beta: float):
+  """loss_sums(params, config, batch) -> (Σ soft DPO loss, number of pairs)."""
+
+  def loss_sums(params, config, batch):
+    n = batch["tokens_a"].shape[0]
+    tokens = jnp.concatenate([batch["tokens_a"], batch["tokens_b"]])
+    mask = jnp.concatenate([batch["mask_a"], batch["mask_b"]])
+    loss_mask = jnp.concatenate([batch["loss_mask_a"], batch["loss_mask_b"]])
+    lp = response_logprob_sums(params, config, tokens, mask, loss_mask)
+    per_pair, _, _ = losses.dpo_loss(lp[:n], lp[n:], batch["ref_a"][:, 0], batch["ref_b"][:, 0],
+                                     beta, batch["p"][:, 0])
+    return jnp.sum(per_pair), jnp.asarray(n, jnp.float32)
+
+  return loss_sums
+
+
+def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = "",
+        beta: float = 0.1, chat_format: str = "raw", max_skip_fraction: float = 0.2,
+        model_config: ModelConfig = ModelConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
+        train_config: TrainConfig = TrainConfig(), mesh: MeshConfig = MeshConfig(1, 1, 1, "dp")) -> dict:
+  """Trains the policy with DPO; returns the summary (also out_dir/summary.json).
+
+  Args:
+    comparisons: a finished feedback run, a comparison JSONL or an HH-RLHF JSONL.
+    policy: the starting policy (SL-CAI model; model dir, .gguf, HF folder or 'pkg:').
+    reference: the frozen reference (default: the starting policy).
+    beta: DPO temperature β.
+  """
+  if not out_dir:
+    raise ValueError("dpo.out_dir is not set (use --out_dir=DIR)")
+  if not comparisons:
+    raise ValueError("dpo.comparisons is not set (a feedback output directory or .jsonl)")
+  if not policy:
+    raise ValueError("dpo.policy is not set (the SL-CAI model)")
+  comps, counts = load_comparisons(comparisons, "ai")
+  check_skips(counts, f"comparisons {comparisons}", max_skip_fraction, who="dpo")
+  if len(comps) < train_config.batch_size:
+    raise data.DataError(f"dpo: {len(comps)} comparisons, fewer than batch_size={train_config.batch_size}")
+  config, params, tok = load_initial(policy, model_config)
+  if tok is None:
+    raise ValueError(f"policy {policy!r} has no tokenizer")
+  ref_config, ref_params = config, params
+  if reference and reference != policy:
+    ref_config, ref_params, ref_tok = load_initial(reference, model_config)
+    probe = "Compare: (A) or (B)?"
+    if ref_tok is None or ref_tok.encode(probe) != tok.encode(probe):
+      raise ValueError(f"reference {reference!r} does not share the policy's tokenizer")
+  encoded = [encode_comparison(tok, c, chat_format, train_config.seq_len) for c in comps]
+  ref_a, ref_b = reference_logprobs(ref_params, ref_config, encoded, train_config.batch_size)
+  for e, ra, rb in zip(encoded, ref_a, ref_b):
+    e["ref_a"] = np.full((1,), ra, np.float32)
+    e["ref_b"] = np.full((1,), rb, np.float32)
+  ds = grain.MapDataset.source(encoded).shuffle(seed=train_config.seed).repeat(None)
+  ds = ds.batch(train_config.batch_size, drop_remainder=True)
+  result = train.train(config, optimizer, train_config, mesh, ds, out_dir, init_params=params,
+                       loss_sums=dpo_loss_sums(beta))
+  model_dir.save_model(os.path.join(out_dir, "model"), config, result.state.params, tok)
+  pol_a, pol_b = reference_logprobs(result.state.params, config, encoded, train_config.batch_size)
+  margin = beta * ((pol_a - ref_a) - (pol_b - ref_b))
+  p = np.array([c["p"] for c in comps])
+  decided = p != 0.5
+  accuracy = float(np.mean((margin[decided] > 0) == (p[decided] > 0.5))) if decided.any() else None
+  summary = {"out_dir": out_dir, "steps": int(result.state.step),
+             "final_loss": result.last_metrics.get("loss"), "resumed_from": result.resumed_from,
+             "comparisons": len(comps), "skipped": counts.as_dict(), "beta": beta,
+             "implicit_reward_accuracy": accuracy, "mean_margin": float(np.mean(margin))}
+  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1)
+  return summary

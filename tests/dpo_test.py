@@ -1,0 +1,61 @@
+"""DPO stage: loss at the reference is log 2, masks cover the response, a planted preference is learned."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from cai_jax import model_dir, models
+from cai_jax.configs import ModelConfig, OptimizerConfig, TrainConfig
+from cai_jax.stages import dpo
+from cai_jax.tokenizer import load_tokenizer
+
+TOK = load_tokenizer("byte")
+
+
+def _comparisons(n):
+  rows = []
+  for i in range(n):
+    good, bad = f"Sure, happy to help {i}.", f"No. Go away {i}."
+    a_first = i % 2 == 0
+    rows.append({"prompt": f"Question {i}?", "response_a": good if a_first else bad,
+                 "response_b": bad if a_first else good, "p_a": 1.0 if a_first else 0.0})
+  return rows
+
+
+def test_encoded_response_mask_is_the_assistant_turn():
+  comp = {"messages": [{"role": "user", "content": "hi"}], "response_a": "yes", "response_b": "no",
+          "p": 0.8}
+  enc = dpo.encode_comparison(TOK, comp, "raw", 64)
+  assert enc["p"].tolist() == [pytest.approx(0.8)]
+  ids = enc["tokens_a"][enc["loss_mask_a"]].tolist()
+  assert TOK.decode(ids[:-1]).strip() == "yes" and ids[-1] == TOK.eos_id
+
+
+def test_dpo_learns_a_planted_preference(tmp_path):
+  cfg = ModelConfig()
+  model_dir.save_model(str(tmp_path / "base"), cfg, models.init(cfg, jax.random.PRNGKey(0)), TOK)
+  path = tmp_path / "comps.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in _comparisons(16)))
+  summary = dpo.run(str(tmp_path / "dpo"), comparisons=str(path), policy=str(tmp_path / "base"),
+                    beta=0.5, optimizer=OptimizerConfig(learning_rate=3e-3),
+                    train_config=TrainConfig(num_steps=30, batch_size=8, seq_len=64, save_every=100,
+                                             progress=False, async_checkpoint=False))
+  rows = [json.loads(l) for l in open(tmp_path / "dpo" / "metrics.jsonl")]
+  # Policy == reference at step 1: every margin is 0, so the loss is log 2 exactly.
+  assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+  assert rows[-1]["loss"] < 0.3
+  assert summary["implicit_reward_accuracy"] == 1.0 and summary["mean_margin"] != 0
+  assert model_dir.is_model_dir(str(tmp_path / "dpo" / "model"))
+
+
+def test_bad_labels_over_the_limit_are_refused(tmp_path):
+  rows = _comparisons(4)
+  for r in rows[:2]:
+    r["p_a"] = 1.7
+  path = tmp_path / "comps.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  with pytest.raises(ValueError, match="dpo: .*2 of 4 comparisons skipped"):
+    dpo.run(str(tmp_path / "out"), comparisons=str(path), policy="unused")
