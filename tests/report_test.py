@@ -1,0 +1,203 @@
+"""Tests for cai_jax.report: Bradley-Terry Elo fitting, bootstrap intervals, table, plot."""
+
+import math
+
+import numpy as np
+import pytest
+
+from cai_jax import report
+
+PLANTED = {"s0": -200.0, "s1": -50.0, "s2": 0.0, "s3": 120.0, "s4": 300.0}
+
+
+def _simulate(ratings, n_games, seed=0):
+  """Random pairs with hard win/loss outcomes drawn from the Elo model."""
+  rng = np.random.default_rng(seed)
+  names = list(ratings)
+  games = []
+  for _ in range(n_games):
+    i, j = rng.choice(len(names), size=2, replace=False)
+    a, b = names[i], names[j]
+    p = report.win_probability(ratings[a], ratings[b])
+    games.append((a, b, float(rng.random() < p)))
+  return games
+
+
+@pytest.fixture(scope="module")
+def games():
+  return _simulate(PLANTED, 4000, seed=0)
+
+
+def _centred(d):
+  m = np.mean(list(d.values()))
+  return {k: v - m for k, v in d.items()}
+
+
+def test_win_probability_scale():
+  assert report.win_probability(0.0, 0.0) == pytest.approx(0.5)
+  assert report.win_probability(400.0, 0.0) == pytest.approx(10.0 / 11.0)
+  assert report.win_probability(100.0, 0.0) == pytest.approx(0.64, abs=0.005)
+
+
+def test_fit_recovers_planted_ratings(games):
+  fit = report.fit_elo(games, players=list(PLANTED), anchor=None)
+  truth = _centred(PLANTED)
+  assert abs(np.mean(list(fit.values()))) < 1e-6
+  for p in PLANTED:
+    assert abs(fit[p] - truth[p]) < 30.0, (p, fit[p], truth[p])
+  # Order is recovered too.
+  assert sorted(fit, key=fit.get) == list(PLANTED)
+
+
+def test_fit_is_the_likelihood_maximum(games):
+  """Moving any rating away from the fit lowers the log-likelihood."""
+  fit = report.fit_elo(games, anchor=None)
+
+  def loglik(r):
+    s = 0.0
+    for a, b, y in games:
+      p = report.win_probability(r[a], r[b])
+      s += y * math.log(p) + (1 - y) * math.log(1 - p)
+    return s
+
+  best = loglik(fit)
+  for p in fit:
+    for delta in (-5.0, 5.0):
+      moved = dict(fit)
+      moved[p] += delta
+      assert loglik(moved) < best
+
+
+def test_bootstrap_intervals_cover_truth(games):
+  boot = report.bootstrap_elo(games, n_boot=200, seed=0, ci=0.95, players=list(PLANTED),
+                              anchor="s2")
+  truth = {k: v - PLANTED["s2"] for k, v in PLANTED.items()}
+  assert boot["s2"] == (0.0, 0.0, 0.0)
+  for p, (e, lo, hi) in boot.items():
+    assert lo <= e <= hi
+    assert lo <= truth[p] <= hi, (p, lo, truth[p], hi)
+    assert abs(e - truth[p]) < 30.0
+    if p != "s2":
+      assert 5.0 < hi - lo < 120.0  # a real interval, neither degenerate nor vacuous
+  # Point estimate equals the plain fit.
+  fit = report.fit_elo(games, players=list(PLANTED), anchor="s2")
+  for p in PLANTED:
+    assert boot[p][0] == pytest.approx(fit[p], abs=1e-4)
+
+
+def test_bootstrap_deterministic_and_narrows_with_more_data():
+  small = _simulate(PLANTED, 300, seed=1)
+  a = report.bootstrap_elo(small, n_boot=50, seed=3)
+  b = report.bootstrap_elo(small, n_boot=50, seed=3)
+  assert a == b
+  big = _simulate(PLANTED, 3000, seed=1)
+  c = report.bootstrap_elo(big, n_boot=50, seed=3)
+  width = lambda r, p: r[p][2] - r[p][1]
+  assert width(c, "s4") < width(a, "s4")
+
+
+def test_symmetric_outcomes_give_equal_ratings():
+  games = []
+  for a, b in [("x", "y"), ("y", "z"), ("x", "z")]:
+    games += [(a, b, 1.0), (a, b, 0.0), (b, a, 0.5)]
+  fit = report.fit_elo(games, anchor=None)
+  for v in fit.values():
+    assert v == pytest.approx(0.0, abs=1e-6)
+  # A single tie between two players: equal.
+  fit = report.fit_elo([("a", "b", 0.5)])
+  assert fit == pytest.approx({"a": 0.0, "b": 0.0}, abs=1e-6)
+
+
+def test_known_win_rate_gives_known_gap():
+  """a beats b 75% of the time -> gap = 400 log10(3)."""
+  games = [("a", "b", 1.0)] * 75 + [("a", "b", 0.0)] * 25
+  fit = report.fit_elo(games, anchor="b")
+  assert fit["a"] == pytest.approx(400.0 * math.log10(3.0), abs=0.1)
+  assert fit["b"] == 0.0
+
+
+def test_soft_outcomes_equal_expected_counts():
+  soft = [("a", "b", 0.7), ("b", "c", 0.4), ("a", "c", 0.9), ("c", "a", 0.25)]
+  counted = []
+  for a, b, p in soft:
+    counted += [(a, b, 1.0)] * int(round(p * 100)) + [(a, b, 0.0)] * int(round((1 - p) * 100))
+  weighted = []
+  for a, b, p in soft:
+    weighted += [(a, b, 1.0, p), (a, b, 0.0, 1 - p)]
+  f_soft = report.fit_elo([(a, b, p, 100.0) for a, b, p in soft])
+  f_count = report.fit_elo(counted)
+  f_weighted = report.fit_elo(weighted)
+  f_soft1 = report.fit_elo(soft)
+  for p in "abc":
+    assert f_soft[p] == pytest.approx(f_count[p], abs=1e-3)
+    assert f_soft1[p] == pytest.approx(f_weighted[p], abs=1e-3)
+  assert f_soft["a"] > f_soft["b"]
+
+
+def test_anchor_is_zero():
+  games = _simulate(PLANTED, 500, seed=2)
+  default = report.fit_elo(games, players=list(PLANTED))
+  assert default["s0"] == 0.0
+  for name in PLANTED:
+    fit = report.fit_elo(games, players=list(PLANTED), anchor=name)
+    assert fit[name] == 0.0
+    # Anchoring only shifts the ratings.
+    diffs = {p: fit[p] - default[p] for p in PLANTED}
+    assert np.ptp(list(diffs.values())) < 1e-6
+  mean0 = report.fit_elo(games, anchor=None)
+  assert abs(sum(mean0.values())) < 1e-6
+  # Without players=, the first player to appear is the anchor.
+  first = games[0][0]
+  assert report.fit_elo(games)[first] == 0.0
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="at least two snapshots"):
+    report.fit_elo([])
+  with pytest.raises(ValueError, match="at least two snapshots"):
+    report.fit_elo([], players=["only"])
+  with pytest.raises(ValueError, match="at least two snapshots"):
+    report.bootstrap_elo([], n_boot=2)
+  with pytest.raises(ValueError, match=r"comparison 2.*outside \[0, 1\]"):
+    report.fit_elo([("a", "b", 1.0), ("a", "b", 0.0), ("a", "b", 1.5)])
+  with pytest.raises(ValueError, match=r"comparison 1.*outside"):
+    report.fit_elo([("a", "b", 1.0), ("a", "b", -0.1)])
+  with pytest.raises(ValueError, match=r"comparison 0.*outside"):
+    report.fit_elo([("a", "b", float("nan"))])
+  with pytest.raises(ValueError, match="not in players"):
+    report.fit_elo([("a", "z", 1.0)], players=["a", "b"])
+  with pytest.raises(ValueError, match="anchor"):
+    report.fit_elo([("a", "b", 1.0)], anchor="q")
+  with pytest.raises(ValueError, match="itself"):
+    report.fit_elo([("a", "a", 1.0), ("a", "b", 1.0)])
+
+
+def test_elo_table():
+  boot = {"sl": (0.0, 0.0, 0.0), "rl-100": (85.4, 60.2, 110.9)}
+  text = report.elo_table({"helpful": boot, "harmless": {"sl": 0.0, "rl-100": 140.0}})
+  lines = text.splitlines()
+  assert "helpful" in lines[0] and "harmless" in lines[0]
+  assert len(lines) == 4
+  assert lines[3].startswith("rl-100")
+  assert "85 [60, 111]" in lines[3] and "140" in lines[3]
+  single = report.elo_table({"a": 12.345, "b": -3.0}, precision=1)
+  assert "12.3" in single and "-3.0" in single
+
+
+def test_frontier_plot_writes_png(tmp_path, games):
+  help_elo = report.bootstrap_elo(games, n_boot=20, seed=0)
+  harm_elo = {p: (-e, -hi, -lo) for p, (e, lo, hi) in help_elo.items()}
+  path = str(tmp_path / "sub" / "frontier.png")
+  out = report.frontier_plot(help_elo, harm_elo, path, labels=[f"step {k}" for k in range(5)])
+  assert out == path
+  with open(path, "rb") as f:
+    data = f.read()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n"
+  assert len(data) > 5000
+  # Plain ratings (no intervals) also plot.
+  path2 = str(tmp_path / "plain.png")
+  report.frontier_plot({"a": 0.0, "b": 50.0}, {"a": 0.0, "b": 20.0}, path2)
+  with open(path2, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match="lacks"):
+    report.frontier_plot({"a": 0.0, "b": 1.0}, {"a": 0.0}, str(tmp_path / "x.png"))
