@@ -138,3 +138,17 @@ def parse_mesh(parser, text: str):
   except ValueError:
     parser.error(f"--mesh must be three comma-separated ints data,fsdp,tensor; got {text!r}")
   return dims
+
+
+def fill_defaults(args, defaults: dict) -> None:
+  """Sets every argparse attribute still None to its value in `defaults`."""
+  for key, value in defaults.items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+
+
+def logger(name: str):
+  """A function that prints '[name] message' to stderr."""
+  def log(msg: str) -> None:
+    print(f"[{name}] {msg}", file=sys.stderr, flush=True)
+  return log

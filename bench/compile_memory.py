@@ -80,8 +80,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   return args
 
 
-def _log(msg: str) -> None:
-  print(f"[compile_memory] {msg}", file=sys.stderr, flush=True)
+_log = _presets.logger("compile_memory")
 
 
 def _gib(n: float) -> float:

@@ -94,15 +94,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   return args
 
 
-def _log(msg: str) -> None:
-  print(f"[ppo_step] {msg}", file=sys.stderr, flush=True)
+_log = _presets.logger("ppo_step")
 
 
 def _resolve_defaults(args: argparse.Namespace, accelerator: bool) -> None:
-  defaults = _ACCEL_DEFAULTS if accelerator else _CPU_DEFAULTS
-  for key, value in defaults.items():
-    if getattr(args, key) is None:
-      setattr(args, key, value)
+  _presets.fill_defaults(args, _ACCEL_DEFAULTS if accelerator else _CPU_DEFAULTS)
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:

@@ -134,8 +134,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   return args
 
 
-def _log(msg: str) -> None:
-  print(f"[sample] {msg}", file=sys.stderr, flush=True)
+_log = _presets.logger("sample")
 
 
 def _lengths(args: argparse.Namespace) -> List[int]:
