@@ -7,6 +7,7 @@ the effective config beside the outputs, and calls the stage.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util  # noqa: F401  (gin 0.5.0's relative includes need it imported)
 import functools
 import json
@@ -53,9 +54,11 @@ class Command(NamedTuple):
     return self.gin_name or command
 
 
-def _train_lm():
-  from cai_jax.stages import train_lm
-  return train_lm.run
+def _stage(module: str, attr: str = "run") -> Callable[[], Callable]:
+  """A loader of cai_jax.stages.<module>.<attr>, imported only when the command runs."""
+  def load():
+    return getattr(importlib.import_module(f"cai_jax.stages.{module}"), attr)
+  return load
 
 
 def _constitution():
@@ -67,56 +70,6 @@ def _constitution():
       raise CliError(f"constitution: unknown action {action!r}; usage: cai-jax constitution check PATH")
     return constitution.check(path or constitution.DEFAULT_PATH)
   return constitution_command
-
-
-def _critique_revision():
-  from cai_jax.stages import critique_revision
-  return critique_revision.run
-
-
-def _redteam_prompts():
-  from cai_jax.stages import redteam_prompts
-  return redteam_prompts.run
-
-
-def _feedback():
-  from cai_jax.stages import feedback
-  return feedback.run
-
-
-def _pm():
-  from cai_jax.stages import pm
-  return pm.run
-
-
-def _rl():
-  from cai_jax.stages import rl
-  return rl.run
-
-
-def _dpo():
-  from cai_jax.stages import dpo
-  return dpo.run
-
-
-def _sl():
-  from cai_jax.stages import sl
-  return sl.run
-
-
-def _sample():
-  from cai_jax.stages import sample
-  return sample.run
-
-
-def _import():
-  from cai_jax.stages import checkpoint_io
-  return checkpoint_io.run_import
-
-
-def _export():
-  from cai_jax.stages import checkpoint_io
-  return checkpoint_io.run_export
 
 
 def _info():
@@ -134,36 +87,36 @@ def _info():
 
 COMMANDS: Dict[str, Command] = {
     "train_lm": Command("fine-tune a decoder on a JSONL or TFDS text/conversation dataset",
-                        "experiments/tiny_cpu.gin", _train_lm, True),
+                        "experiments/tiny_cpu.gin", _stage("train_lm", "run"), True),
     "constitution": Command("`constitution check PATH`: validate a constitution (our format or "
                             "Anthropic's prompts/ folder) and print its counts",
                             None, _constitution, False, positional=("action", "path")),
     "redteam_prompts": Command("expand the red-team prompt set with the model itself (few-shot, "
                                "deduplicated, length-filtered) into --out=FILE.jsonl",
-                               "experiments/smollm2_135m_cpu.gin", _redteam_prompts, False),
+                               "experiments/smollm2_135m_cpu.gin", _stage("redteam_prompts", "run"), False),
     "critique_revision": Command("sample responses, then n rounds of critique -> revision with "
                                  "random principles; sharded, resumable output in --out_dir",
-                                 "experiments/smollm2_135m_cpu.gin", _critique_revision, True),
+                                 "experiments/smollm2_135m_cpu.gin", _stage("critique_revision", "run"), True),
     "feedback": Command("AI feedback: two policy responses per harmful prompt, labelled by the "
                         "feedback model with a soft p_A; sharded, resumable output in --out_dir",
-                        "experiments/smollm2_135m_cpu.gin", _feedback, True),
+                        "experiments/smollm2_135m_cpu.gin", _stage("feedback", "run"), True),
     "sl": Command("SL-CAI: fine-tune the pretrained model on critique_revision output",
-                  "experiments/smollm2_135m_cpu.gin", _sl, True),
+                  "experiments/smollm2_135m_cpu.gin", _stage("sl", "run"), True),
     "pm": Command("preference model: decoder + zero-initialised scalar head trained with soft "
                   "Bradley-Terry on AI harmlessness (+ human helpfulness) comparisons",
-                  "experiments/smollm2_135m_cpu.gin", _pm, True),
+                  "experiments/smollm2_135m_cpu.gin", _stage("pm", "run"), True),
     "rl": Command("RL-CAI: PPO from the SL-CAI policy against the preference model, reward = PM "
                   "score - beta * KL(policy || SL-CAI); snapshots for evaluation",
-                  "experiments/smollm2_135m_cpu.gin", _rl, True),
+                  "experiments/smollm2_135m_cpu.gin", _stage("rl", "run"), True),
     "dpo": Command("DPO on the AI-labelled comparisons (soft labels) against a frozen reference: "
                    "the lighter alternative to pm + rl",
-                   "experiments/smollm2_135m_cpu.gin", _dpo, True),
+                   "experiments/smollm2_135m_cpu.gin", _stage("dpo", "run"), True),
     "sample": Command("complete each {\"prompt\"} of --prompts=FILE.jsonl into --out=FILE.jsonl",
-                      "experiments/smollm2_135m_cpu.gin", _sample, False),
+                      "experiments/smollm2_135m_cpu.gin", _stage("sample", "run"), False),
     "import": Command("HF folder or .gguf (--from=PATH) -> model directory (--out=DIR)",
-                      None, _import, False, "import_checkpoint"),
+                      None, _stage("checkpoint_io", "run_import"), False, "import_checkpoint"),
     "export": Command("model directory (--from=DIR) -> Hugging Face safetensors folder (--out=DIR)",
-                      None, _export, False, "export_checkpoint"),
+                      None, _stage("checkpoint_io", "run_export"), False, "export_checkpoint"),
     "info": Command("print a model config's shape and exact parameter count as one JSON line",
                     "models/tiny.gin", _info, False),
 }
@@ -210,16 +163,19 @@ def _config_classes():
 def _register_configurables(gin, command: str):
   """Registers the config classes and the command's runner.
 
-  Returns (configured runner, kwargs): for every runner argument whose default is a
-  config dataclass and which the gin files do not bind, kwargs holds an instance
-  built by gin (so `ModelConfig.d_model = ...` lines apply without `runner.model = @ModelConfig()`).
+  Returns (configured runner, wrapped config classes, {argument: config class} for the
+  runner arguments whose default is a config dataclass, [required argument names]).
+  ``parse_gin`` builds the unbound config arguments with gin (so `ModelConfig.d_model = ...`
+  lines apply without `runner.model = @ModelConfig()`) and names unbound required ones.
   """
   import inspect
   wrapped = {cls: gin.external_configurable(cls, cls.__name__) for cls in _config_classes()}
   fn = COMMANDS[command].runner()
-  defaults = {name: type(p.default) for name, p in inspect.signature(fn).parameters.items()
-              if type(p.default) in wrapped}
-  return gin.external_configurable(fn, COMMANDS[command].configurable(command)), wrapped, defaults
+  params = inspect.signature(fn).parameters
+  defaults = {name: type(p.default) for name, p in params.items() if type(p.default) in wrapped}
+  required = [name for name, p in params.items() if p.default is inspect.Parameter.empty]
+  configured = gin.external_configurable(fn, COMMANDS[command].configurable(command))
+  return configured, wrapped, defaults, required
 
 
 def _first_line(e: BaseException) -> str:
@@ -233,7 +189,7 @@ def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_pa
   gin.clear_config()
   for path in [GIN_DIR, os.getcwd()] + list(search_paths):
     gin.add_config_file_search_path(path)
-  fn, wrapped, config_args = _register_configurables(gin, command)
+  fn, wrapped, config_args, required = _register_configurables(gin, command)
   files = list(gin_files) or ([os.path.join(GIN_DIR, COMMANDS[command].default_gin)]
                               if COMMANDS[command].default_gin else [])
   for f in files:
@@ -251,8 +207,14 @@ def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_pa
     raise CliError(f"gin: {_first_line(e)}") from None
   finally:
     logging.set_verbosity(level)
-  bound = gin.get_bindings(COMMANDS[command].configurable(command))
-  kwargs = {name: wrapped[cls]() for name, cls in config_args.items() if name not in bound}
+  name = COMMANDS[command].configurable(command)
+  bound = gin.get_bindings(name)
+  missing = [arg for arg in required if arg not in bound]
+  if missing:
+    flag_of = {arg: flag for flag, arg in _FLAG_ARGS.items()}
+    how = ", ".join(f"--{flag_of[a]}" if a in flag_of else f"--gin.{name}.{a}=..." for a in missing)
+    raise CliError(f"{command}: {', '.join(missing)} not set (pass {how})")
+  kwargs = {arg: wrapped[cls]() for arg, cls in config_args.items() if arg not in bound}
   return gin, functools.partial(fn, **kwargs)
 
 

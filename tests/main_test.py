@@ -35,6 +35,8 @@ def test_info_prints_exact_count_as_one_json_line():
     (["info", "--gin.ModelConfig.bogus=1"], "bogus"),
     (["info", "--gin.NoSuchThing.x=1"], "NoSuchThing"),
     (["frobnicate"], "frobnicate"),
+    (["import"], "--from"),
+    (["sample", "--prompts=data/sample_prompts.jsonl"], "--out"),
     (["train_lm", "--gin.train_lm.dataset='missing.jsonl'", "--out_dir=/tmp/cai_jax_never"],
      "missing.jsonl"),
 ])
