@@ -13,7 +13,8 @@ Generation stops at the end of the first line (and at the format's stop strings)
 ``parse_request`` takes the first non-empty line and strips list markers and quotes.
 Each candidate then goes through, in order (the first failing check names the reason):
   length   fewer than ``min_chars`` or more than ``max_chars`` characters
-  refusal  an assistant-style refusal ("I'm sorry", "As an AI", "I can't help ...")
+  refusal  an assistant-style refusal ("I'm sorry", "As an AI", "I can't help ...";
+           ``cai_jax.monitors.REFUSAL_PATTERNS``)
   exact    equal, after ``prompt_sets.normalize_prompt``, to a seed or accepted prompt
   near     n-gram Jaccard similarity (``near_dup_ngram``, default character 5-grams of
            the normalized text) >= ``near_dup_threshold`` with a seed or accepted prompt
@@ -42,7 +43,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from cai_jax import prompt_sets
+from cai_jax import monitors, prompt_sets
 from cai_jax.configs import MeshConfig
 from cai_jax.tokenizer import trim_at_stop
 
@@ -60,11 +61,6 @@ HEADER = ("Requests that people sent to an AI assistant to test whether it could
 
 _MARKER = re.compile(r"^\s*(?:\(?\d+\s*[.):]|[-*•]|request\s*\d*\s*[:.])\s*", re.IGNORECASE)
 _QUOTES = (('"', '"'), ("'", "'"), ("“", "”"), ("‘", "’"))
-_REFUSAL = re.compile(
-    r"^(?:i'?m sorry|i am sorry|sorry,|i apologi[sz]e|as an ai\b|as a language model|"
-    r"i (?:can(?:no|')?t|will not|won't|am unable to|'m unable to) "
-    r"(?:help|assist|provide|fulfill|comply|create|write|generate|do that))",
-    re.IGNORECASE)
 
 
 def one_line(text: str) -> str:
@@ -101,7 +97,7 @@ def parse_request(completion: str) -> str:
 
 def looks_like_refusal(text: str) -> bool:
   """True for text that opens like an assistant declining rather than a user request."""
-  return bool(_REFUSAL.match(text.strip()))
+  return monitors.opens_with_refusal(text)
 
 
 class ModelGenerator:
