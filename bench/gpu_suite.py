@@ -1,0 +1,361 @@
+"""The GPU bench suite: train_step, sample and ppo_step in one call, one combined table.
+
+Runs the three bench scripts one after another at the shapes the project's GPU targets name
+(tinyllama_1b in bfloat16 on one device), each with ``--json``, keeps every script's output
+under ``--out``, and prints one table that puts cai_jax beside the transformers peer each
+script measured in the same run:
+
+  train_step  --preset tinyllama_1b --batch 8 --seq 2048 --remat full
+  sample      --preset tinyllama_1b --dtype bfloat16 --device gpu --batch_sizes 1,32
+              --max_new_tokens 64
+  ppo_step    --preset tinyllama_1b --dtype bfloat16 --rollout_batch 64 --prompt_len 64
+              --max_new_tokens 128 --epochs 4 --minibatches 4 (no peer: no ratio)
+
+``--quick`` runs the same scripts on the `tiny` preset with tiny shapes (a smoke test of the
+suite, about a minute on a 2-core CPU). Per bench, ``--out`` holds NAME.json (the script's
+JSON line), NAME.log (its stderr); then suite.json (commands, exit codes, seconds, every
+result) and summary.md (the table). The exit status is 1 when a bench failed or printed no
+JSON, else 0.
+
+  bash bench/gpu.sh                          # the full suite (GPU machine)
+  bash bench/gpu.sh --quick --out /tmp/b     # tiny smoke test, any machine
+  bash bench/gpu.sh --dry-run                # print the commands only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ("train_step", "sample", "ppo_step")
+
+# The project's GPU targets (bench/RESULTS.md): ratios are cai_jax / transformers tokens/s.
+TRAIN_RATIO_TARGET = 1.5
+SAMPLE_DECODE_MS_TARGET = 2.0
+SAMPLE_BATCH32_RATIO_TARGET = 20.0
+
+
+class Bench(NamedTuple):
+  name: str
+  argv: List[str]   # run with cwd = the repository root
+  device: str       # 'gpu' or 'cpu': the children's JAX_PLATFORMS / CUDA_VISIBLE_DEVICES
+
+
+def bench_commands(quick: bool, device: str, python: str = "python3",
+                   only: Sequence[str] = NAMES) -> List[Bench]:
+  """The suite's command lines, in run order.
+
+  Args:
+    quick: tiny preset and shapes instead of the tinyllama_1b GPU shapes.
+    device: 'gpu' or 'cpu' (sample's --device; on 'cpu' the other two are kept off the GPU
+      through the environment, see ``child_env``).
+    python: the interpreter of every script.
+    only: the benches to run (a subset of NAMES).
+  """
+  if quick:
+    args = {
+        "train_step": ["--preset", "tiny", "--batch", "2", "--seq", "32", "--steps", "2",
+                       "--warmup", "1"],
+        "sample": ["--preset", "tiny", "--device", device, "--batch_sizes", "1,2",
+                   "--max_new_tokens", "8", "--prompt_len", "8", "--repeats", "1"],
+        "ppo_step": ["--preset", "tiny", "--rollout_batch", "2", "--prompt_len", "8",
+                     "--max_new_tokens", "8", "--epochs", "1", "--minibatches", "1",
+                     "--iterations", "1"],
+    }
+  else:
+    args = {
+        "train_step": ["--preset", "tinyllama_1b", "--batch", "8", "--seq", "2048", "--remat",
+                       "full"],
+        "sample": ["--preset", "tinyllama_1b", "--dtype", "bfloat16", "--device", device,
+                   "--batch_sizes", "1,32", "--max_new_tokens", "64"],
+        "ppo_step": ["--preset", "tinyllama_1b", "--dtype", "bfloat16", "--rollout_batch", "64",
+                     "--prompt_len", "64", "--max_new_tokens", "128", "--epochs", "4",
+                     "--minibatches", "4"],
+    }
+  unknown = [n for n in only if n not in NAMES]
+  if unknown:
+    raise ValueError(f"--only: unknown bench {unknown[0]!r}; one of {', '.join(NAMES)}")
+  return [Bench(n, [python, f"bench/{n}.py", *args[n], "--json"], device)
+          for n in NAMES if n in only]
+
+
+def child_env(device: str, environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+  """The environment of a bench process: the repository on PYTHONPATH; on 'cpu' no GPU."""
+  env = dict(os.environ if environ is None else environ)
+  paths = [REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+  env["PYTHONPATH"] = os.pathsep.join(paths)
+  env["PYTHONUNBUFFERED"] = "1"
+  if device == "cpu":
+    env["JAX_PLATFORMS"] = "cpu"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+  return env
+
+
+def last_json(text: str) -> Optional[dict]:
+  """The last line of `text` that parses as a JSON object, or None."""
+  for line in reversed(text.splitlines()):
+    line = line.strip()
+    if line.startswith("{"):
+      try:
+        value = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(value, dict):
+        return value
+  return None
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _num(x: Optional[float], fmt: str = ",.1f", suffix: str = "") -> str:
+  return "n/a" if x is None else format(x, fmt) + suffix
+
+
+def _pct(fraction: Optional[float]) -> str:
+  return _num(None if fraction is None else fraction * 100, ".1f", " %")
+
+
+def _ratio(x: Optional[float]) -> str:
+  return "n/a" if x is None else f"{x:.2f}x"
+
+
+def _met(ok: Optional[bool]) -> str:
+  return "" if ok is None else ("yes" if ok else "no")
+
+
+def _train_rows(r: dict, targets: bool) -> List[List[str]]:
+  ours, peer = r.get("ours") or {}, r.get("peer") or {}
+  setting = (f"{r['preset']} {r['batch']}x{r['seq']}, remat {ours.get('remat', '?')}, "
+             f"{ours.get('dtype', '?')}")
+  if "error" in ours:
+    return [["train_step", setting, "tokens/s", f"error: {ours['error']}",
+             _num(peer.get("tokens_per_s")), "n/a", "", ""]]
+  ratio = r.get("ratio")
+  target = f">= {TRAIN_RATIO_TARGET:g}x" if targets else ""
+  met = _met(ratio >= TRAIN_RATIO_TARGET) if targets and ratio is not None else ""
+  peer_tps = (f"error: {peer['error']}" if "error" in peer else _num(peer.get("tokens_per_s")))
+  rows = [["train_step", setting, "tokens/s", _num(ours.get("tokens_per_s")), peer_tps,
+           _ratio(ratio), target, met],
+          ["train_step", setting, "step s (median)", _num(ours.get("step_s"), ".4f"),
+           _num(peer.get("step_s"), ".4f"), "", "", ""]]
+  if ours.get("mfu") is not None or peer.get("mfu") is not None:
+    rows.append(["train_step", setting, "MFU", _pct(ours.get("mfu")), _pct(peer.get("mfu")),
+                 "", "", ""])
+  return rows
+
+
+def _sample_rows(r: dict, targets: bool) -> List[List[str]]:
+  summary = r.get("summary") or {}
+  ours, peer = summary.get("ours") or {}, summary.get("peer") or {}
+  ratios = r.get("ratio") or {}
+  base = f"{r['dtype']}, N {r['max_new_tokens']}"
+  rows = []
+  for b in r["batch_sizes"]:
+    o, p, key = ours.get(str(b), {}), peer.get(str(b), {}), str(b)
+    setting = f"batch {b}, {base}"
+    ratio = ratios.get(key)
+    target, met = "", ""
+    if targets and b == 32:
+      target = f">= {SAMPLE_BATCH32_RATIO_TARGET:g}x"
+      met = _met(ratio >= SAMPLE_BATCH32_RATIO_TARGET) if ratio is not None else ""
+    rows.append(["sample", setting, "tokens/s", _num(o.get("tokens_per_s")),
+                 _num(p.get("tokens_per_s")), _ratio(ratio), target, met])
+    o_ms, p_ms = o.get("decode_ms_per_step"), p.get("decode_ms_per_step")
+    target, met = "", ""
+    if targets and b == 1:
+      target = f"<= {SAMPLE_DECODE_MS_TARGET:g} ms"
+      met = _met(o_ms <= SAMPLE_DECODE_MS_TARGET) if o_ms is not None else ""
+    rows.append(["sample", setting, "decode ms/step", _num(o_ms, ".3f"), _num(p_ms, ".3f"),
+                 _ratio(p_ms / o_ms if o_ms and p_ms else None), target, met])
+  roof = (r.get("roofline") or {}).get("ms_per_step")
+  if roof is not None:
+    rows.append(["sample", f"batch 1, {base}", "HBM roofline ms/step", _num(roof, ".3f"), "", "",
+                 "", ""])
+  agree = r.get("agreement") or {}
+  if agree.get("checked"):
+    div = agree.get("first_divergence")
+    text = "yes" if agree.get("agree_first") else "no"
+    text += f" (first divergence at {div})" if div is not None else " (no divergence)"
+    rows.append(["sample", f"batch 1, first {agree.get('check_tokens')} ids", "greedy ids agree",
+                 text, "", "", "", ""])
+  return rows
+
+
+def _ppo_rows(r: dict) -> List[List[str]]:
+  setting = (f"{r['preset']} {r['dtype']}, B {r['rollout_batch']}, P {r['prompt_len']}, "
+             f"N {r['max_new_tokens']}, K {r['ppo']['epochs']}, M {r['ppo']['minibatches']}")
+  med, share = r.get("median_s") or {}, r.get("share") or {}
+  rows = [["ppo_step", setting, f"{phase} s (share)",
+           f"{_num(med.get(phase), '.3f')} ({_pct(share.get(phase))})",
+           "no peer", "", "", ""] for phase in ("rollout", "scoring", "update")]
+  rows.append(["ppo_step", setting, "iteration s", _num(r.get("iteration_median_s"), ".3f"),
+               "no peer", "", "", ""])
+  rows.append(["ppo_step", setting, "rollout tokens/s", _num(r.get("rollout_tokens_per_s")),
+               "no peer", "", "", ""])
+  return rows
+
+
+def summary_rows(results: Dict[str, Dict[str, Any]], targets: bool) -> List[List[str]]:
+  """Rows of the combined table: bench, setting, metric, cai_jax, transformers, speed-up,
+  target, met.
+
+  Args:
+    results: {bench name: {'exit_code': int, 'result': the script's JSON dict or None,
+      'log': path}} for the benches that ran, in run order.
+    targets: add the project's GPU targets (the full suite; not --quick).
+  Speed-up is cai_jax / transformers for throughputs and transformers / cai_jax for times.
+  """
+  rows: List[List[str]] = []
+  for name, res in results.items():
+    r = res.get("result")
+    if res.get("exit_code") != 0 or r is None:
+      why = f"exit {res.get('exit_code')}" + ("" if r is not None else ", no JSON")
+      rows.append([name, f"see {res.get('log')}", "failed", why, "", "", "", ""])
+    elif name == "train_step":
+      rows += _train_rows(r, targets)
+    elif name == "sample":
+      rows += _sample_rows(r, targets)
+    else:
+      rows += _ppo_rows(r)
+  return rows
+
+
+HEADER = ["bench", "setting", "metric", "cai_jax", "transformers", "speed-up", "target", "met"]
+
+
+def markdown_table(rows: Sequence[Sequence[str]], header: Sequence[str] = HEADER) -> str:
+  """A padded Markdown table."""
+  widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+            for i, h in enumerate(header)]
+
+  def line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+  return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                   + [line(r) for r in rows])
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _pump(stream, sinks) -> None:
+  for line in iter(stream.readline, ""):
+    for sink in sinks:
+      sink.write(line)
+      sink.flush()
+  stream.close()
+
+
+def run_bench(bench: Bench, out_dir: str, timeout: Optional[float]) -> Dict[str, Any]:
+  """Runs one bench script: stderr streamed to ours and to NAME.log, stdout to NAME.json."""
+  log_path = os.path.join(out_dir, f"{bench.name}.log")
+  print(f"[gpu_suite] {bench.name}: {shlex.join(bench.argv)}", file=sys.stderr, flush=True)
+  t0 = time.perf_counter()
+  with open(log_path, "w", encoding="utf-8") as log:
+    proc = subprocess.Popen(bench.argv, cwd=REPO_ROOT, env=child_env(bench.device), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    chunks: List[str] = []
+    err = threading.Thread(target=_pump, args=(proc.stderr, [log, sys.stderr]), daemon=True)
+    out = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
+    err.start()
+    out.start()
+    timed_out = False
+    try:
+      code = proc.wait(timeout=timeout or None)
+    except subprocess.TimeoutExpired:
+      timed_out = True
+      os.killpg(proc.pid, signal.SIGKILL)  # the bench and the child processes it started
+      code = proc.wait()
+    out.join()
+    err.join()
+  stdout = "".join(chunks)
+  with open(os.path.join(out_dir, f"{bench.name}.json"), "w", encoding="utf-8") as f:
+    f.write(stdout)
+  seconds = time.perf_counter() - t0
+  if timed_out:
+    print(f"[gpu_suite] {bench.name}: killed after {timeout:g} s", file=sys.stderr)
+  print(f"[gpu_suite] {bench.name}: exit {code} after {seconds:.1f} s", file=sys.stderr, flush=True)
+  return {"argv": bench.argv, "exit_code": code, "timed_out": timed_out,
+          "seconds": round(seconds, 3), "log": log_path, "result": last_json(stdout)}
+
+
+def _gpu_names() -> List[str]:
+  if not shutil.which("nvidia-smi"):
+    return []
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                          "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+  except (OSError, subprocess.TimeoutExpired):
+    return []
+  return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="bench/gpu.sh", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=__doc__.split("\n\n", 1)[1])
+  p.add_argument("--quick", action="store_true", help="tiny preset and shapes (smoke test)")
+  p.add_argument("--out", default=os.path.join("runs", "bench_gpu"),
+                 help="directory of the logs, JSON and summary (default runs/bench_gpu, "
+                 "relative to the repository root)")
+  p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                 help="auto: gpu for the full suite, cpu with --quick")
+  p.add_argument("--only", default=",".join(NAMES), help="comma-separated subset of "
+                 f"{','.join(NAMES)}")
+  p.add_argument("--timeout", type=float, default=0, help="seconds per bench before it is "
+                 "killed (0: no limit)")
+  p.add_argument("--python", default=sys.executable, help="interpreter of the bench scripts")
+  p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                 help="print the commands, prefixed '+ ', and run nothing")
+  return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  device = args.device if args.device != "auto" else ("cpu" if args.quick else "gpu")
+  try:
+    benches = bench_commands(args.quick, device, args.python,
+                             [n.strip() for n in args.only.split(",") if n.strip()])
+  except ValueError as e:
+    print(f"gpu_suite: error: {e}", file=sys.stderr)
+    return 2
+  if args.dry_run:
+    for b in benches:
+      env = " JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=" if b.device == "cpu" else ""
+      print(f"+{env} {shlex.join(b.argv)}")
+    return 0
+  out_dir = os.path.join(REPO_ROOT, args.out) if not os.path.isabs(args.out) else args.out
+  os.makedirs(out_dir, exist_ok=True)
+  machine = {"platform": platform.platform(), "python": platform.python_version(),
+             "gpus": _gpu_names(), "device": device, "quick": args.quick}
+  results: Dict[str, Dict[str, Any]] = {}
+  for bench in benches:
+    results[bench.name] = run_bench(bench, out_dir, args.timeout)
+    with open(os.path.join(out_dir, "suite.json"), "w", encoding="utf-8") as f:
+      json.dump({"machine": machine, "benches": results}, f, indent=1)
+  table = markdown_table(summary_rows(results, targets=not args.quick))
+  gpus = "; ".join(machine["gpus"]) or "no nvidia-smi GPU"
+  text = (f"GPU bench suite ({'quick, tiny preset' if args.quick else 'tinyllama_1b'}; "
+          f"device {device}; {gpus}; Python {machine['python']})\n\n{table}\n\n"
+          "speed-up: cai_jax / transformers for throughputs, transformers / cai_jax for times; "
+          f"logs and JSON in {out_dir}\n")
+  with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
+    f.write(text)
+  print("\n" + text)
+  ok = all(r["exit_code"] == 0 and r["result"] is not None for r in results.values())
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,360 @@
+"""Launch scripts (launch/tpu_vm.sh, launch/slurm.sbatch) and the GPU bench suite (bench/gpu.sh).
+
+Syntax (`bash -n`) and shellcheck of every script; the exact commands of each dry run; the
+remote / srun commands executed against fake gcloud-side and SLURM-side programs to check
+that the cai-jax arguments arrive unchanged; the suite's combined table from hand-made
+bench results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("launch/*.sbatch"),
+                  *REPO.glob("bench/*.sh")])
+
+
+def _env(**extra: str) -> dict:
+  """The environment minus every variable the scripts read, plus `extra`."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("TPU_", "SLURM_")) and k not in ("DRY_RUN", "LAUNCH_MODE",
+                                                               "COORDINATOR_PORT", "CAI_JAX",
+                                                               "PYTHON")}
+  env.update(extra)
+  return env
+
+
+def _bash(script: str, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+  return subprocess.run(["bash", str(REPO / script), *args], capture_output=True, text=True,
+                        env=_env(**env), cwd=REPO, timeout=timeout)
+
+
+def _lines(proc: subprocess.CompletedProcess):
+  assert proc.returncode == 0, proc.stderr
+  return proc.stdout.splitlines()
+
+
+def _executable(path: Path, text: str) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  path.chmod(path.stat().st_mode | stat.S_IXUSR)
+  return path
+
+
+# A stand-in for cai-jax: prints its arguments as one JSON line.
+FAKE_CAI_JAX = f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n"
+
+
+def test_scripts_found():
+  names = {p.relative_to(REPO).as_posix() for p in SCRIPTS}
+  assert {"launch/tpu_vm.sh", "launch/slurm.sbatch", "bench/gpu.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+  proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script):
+  if shutil.which("shellcheck") is None:
+    if os.environ.get("CI") == "true":
+      pytest.fail("shellcheck is not installed (apt-get install shellcheck)")
+    pytest.skip("shellcheck is not installed")
+  proc = subprocess.run(["shellcheck", "--shell=bash", str(script)], capture_output=True,
+                        text=True)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- tpu_vm.sh
+
+
+def test_tpu_create_lines():
+  assert _lines(_bash("launch/tpu_vm.sh", "--dry-run", "create")) == [
+      "+ gcloud compute tpus tpu-vm create cai-jax --zone=us-east5-a "
+      "--accelerator-type=v5p-8 --version=v2-alpha-tpuv5"]
+  proc = _bash("launch/tpu_vm.sh", "create", "--name", "big", "--accelerator=v5p-256",
+               "--project=proj-1", "--queued", "--spot", DRY_RUN="1", TPU_ZONE="europe-west4-b")
+  assert _lines(proc) == [
+      "+ gcloud compute tpus queued-resources create big --zone=europe-west4-b "
+      "--project=proj-1 --node-id=big --accelerator-type=v5p-256 "
+      "--runtime-version=v2-alpha-tpuv5 --spot"]
+
+
+def test_tpu_copy_lines():
+  proc = _bash("launch/tpu_vm.sh", "--dry-run", "copy", TPU_NAME="pod", TMPDIR="/scratch")
+  assert _lines(proc) == [
+      "+ tar -czf /scratch/cai_jax-pod.tar.gz --exclude=./runs --exclude=./.git "
+      "--exclude=./.venv --exclude=__pycache__ --exclude=./.pytest_cache "
+      f"'--exclude=*.egg-info' -C {REPO} .",
+      "+ gcloud compute tpus tpu-vm scp /scratch/cai_jax-pod.tar.gz pod:cai_jax-src.tar.gz "
+      "--zone=us-east5-a --worker=all",
+      "+ gcloud compute tpus tpu-vm ssh pod --zone=us-east5-a --worker=all "
+      "'--command=mkdir -p cai_jax && tar -xzf cai_jax-src.tar.gz -C cai_jax "
+      "&& rm cai_jax-src.tar.gz'",
+      "+ rm -f /scratch/cai_jax-pod.tar.gz"]
+
+
+def test_tpu_install_logs_delete_lines():
+  install = _lines(_bash("launch/tpu_vm.sh", "--dry-run", "install"))
+  assert install == [
+      "+ gcloud compute tpus tpu-vm ssh cai-jax --zone=us-east5-a --worker=all "
+      "'--command=set -e; cd cai_jax; python3.11 -m venv .venv || { sudo apt-get -qq update "
+      "&& sudo DEBIAN_FRONTEND=noninteractive apt-get -qq install -y python3.11 python3.11-venv "
+      "&& python3.11 -m venv --clear .venv; }; .venv/bin/python -m pip install -q -U pip; "
+      ".venv/bin/python -m pip install -q -e . '\"'\"'jax[tpu]'\"'\"''"]
+  assert _lines(_bash("launch/tpu_vm.sh", "logs", "--dry-run", "--log_dir=/tmp/l")) == [
+      "+ mkdir -p /tmp/l",
+      "+ gcloud compute tpus tpu-vm scp 'cai-jax:cai_jax/logs/*' /tmp/l/ --zone=us-east5-a "
+      "--worker=all"]
+  assert _lines(_bash("launch/tpu_vm.sh", "--dry-run", "--queued", "delete")) == [
+      "+ gcloud compute tpus queued-resources delete cai-jax --zone=us-east5-a --force --quiet"]
+
+
+RUN_ARGS = ["rl", "--gin_file=gin/experiments/smollm2_135m_cpu.gin", '--gin.MODEL="b c"',
+            "--gin.sl.note='it''s'", "--out_dir=runs/x"]
+
+
+def test_tpu_run_line():
+  proc = _bash("launch/tpu_vm.sh", "--dry-run", "--name=pod", "run", "--", *RUN_ARGS)
+  q = "'\"'\"'"  # a single quote inside the single-quoted --command word
+  assert _lines(proc) == [
+      "+ gcloud compute tpus tpu-vm ssh pod --zone=us-east5-a --worker=all "
+      "'--command=set -o pipefail; cd cai_jax && mkdir -p logs && .venv/bin/cai-jax rl "
+      f"--gin_file=gin/experiments/smollm2_135m_cpu.gin {q}--gin.MODEL=\"b c\"{q} "
+      f"{q}--gin.sl.note={q}\"{q}\"{q}it{q}\"{q}\"{q}{q}\"{q}\"{q}s{q}\"{q}\"{q}{q} "
+      "--out_dir=runs/x --distributed=auto 2>&1 | tee -a logs/rl.$(hostname).log'"]
+
+
+def test_tpu_run_remote_command_executes(tmp_path):
+  """The --command of `run`, executed by bash in a fake home, passes the arguments unchanged
+  and tees the output to logs/LOG_NAME.HOST.log."""
+  proc = _bash("launch/tpu_vm.sh", "--dry-run", "--log_name=kl=0.1,x/y", "run", "--",
+               *RUN_ARGS, "--distributed=none")
+  words = shlex.split(_lines(proc)[0][2:])
+  command = next(w for w in words if w.startswith("--command="))[len("--command="):]
+  _executable(tmp_path / "cai_jax" / ".venv" / "bin" / "cai-jax", FAKE_CAI_JAX)
+  out = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  expected = RUN_ARGS + ["--distributed=none"]  # a given --distributed is not overridden
+  assert json.loads(out.stdout) == expected
+  logs = list((tmp_path / "cai_jax" / "logs").iterdir())
+  assert [p.name for p in logs] == [f"kl=0.1,x_y.{socket.gethostname()}.log"]
+  assert json.loads(logs[0].read_text()) == expected
+
+
+def test_tpu_detached_run_and_ssh(tmp_path):
+  proc = _bash("launch/tpu_vm.sh", "--dry-run", "--detach", "--worker=0", "run", "--", "sl",
+               "--out_dir=a b")
+  assert _lines(proc) == [
+      "+ gcloud compute tpus tpu-vm ssh cai-jax --zone=us-east5-a --worker=0 "
+      "'--command=cd cai_jax && mkdir -p logs && nohup .venv/bin/cai-jax sl "
+      "'\"'\"'--out_dir=a b'\"'\"' --distributed=auto >> logs/sl.$(hostname).log 2>&1 "
+      "< /dev/null &'"]
+  command = shlex.split(_lines(proc)[0][2:])[-1][len("--command="):]
+  _executable(tmp_path / "cai_jax" / ".venv" / "bin" / "cai-jax", FAKE_CAI_JAX)
+  out = subprocess.run(["bash", "-c", command + " wait"], cwd=tmp_path, capture_output=True,
+                       text=True)
+  assert out.returncode == 0 and out.stdout == "", out.stderr
+  log = tmp_path / "cai_jax" / "logs" / f"sl.{socket.gethostname()}.log"
+  assert json.loads(log.read_text()) == ["sl", "--out_dir=a b", "--distributed=auto"]
+  assert _lines(_bash("launch/tpu_vm.sh", "--dry-run", "ssh", "--", "tail", "-n", "3",
+                      "cai_jax/logs/*.log")) == [
+      "+ gcloud compute tpus tpu-vm ssh cai-jax --zone=us-east5-a --worker=all "
+      "'--command=tail -n 3 cai_jax/logs/*.log'"]
+
+
+def test_tpu_bad_usage():
+  proc = _bash("launch/tpu_vm.sh", "frobnicate")
+  assert proc.returncode != 0
+  assert "unknown command 'frobnicate'" in proc.stderr
+  usage = "usage: launch/tpu_vm.sh [OPTIONS] COMMAND [-- CAI_JAX_ARGS...]"
+  assert usage in proc.stderr.splitlines()
+  proc = _bash("launch/tpu_vm.sh", "--dry-run", "run")
+  assert proc.returncode != 0 and "run needs the cai-jax arguments" in proc.stderr
+  proc = _bash("launch/tpu_vm.sh", "--dry-run", "--spot", "create")
+  assert proc.returncode != 0 and "--spot needs --queued" in proc.stderr
+  proc = _bash("launch/tpu_vm.sh", "-h")
+  assert proc.returncode == 0 and proc.stdout.startswith("usage: launch/tpu_vm.sh")
+
+
+# ----------------------------------------------------------------------------- slurm.sbatch
+
+
+def test_slurm_dry_run_lines():
+  assert _lines(_bash("launch/slurm.sbatch", "--dry-run", *RUN_ARGS)) == [
+      "+ srun --kill-on-bad-exit=1 cai-jax rl --gin_file=gin/experiments/smollm2_135m_cpu.gin "
+      "'--gin.MODEL=\"b c\"' '--gin.sl.note='\"'\"'it'\"'\"''\"'\"'s'\"'\"'' --out_dir=runs/x "
+      "--distributed=auto"]
+  # Fake job 4242 on gpu[001-004]: the coordinator port is 61440 + 4242 % 4096 = 61586.
+  proc = _bash("launch/slurm.sbatch", "--mode=explicit", "sl", "--out_dir=o", DRY_RUN="1")
+  assert _lines(proc) == [
+      "+ srun --kill-on-bad-exit=1 bash -c 'exec \"$0\" \"$@\" --process_id=\"$SLURM_PROCID\"' "
+      "cai-jax sl --out_dir=o --distributed=explicit --coordinator_address=gpu001:61586 "
+      "--num_processes=32"]
+  assert "coordinator gpu001:61586" in proc.stderr
+
+
+def test_slurm_first_host_of_node_lists():
+  for nodelist, first in [("gpu[001-004]", "gpu001"), ("a17,b[2-3]", "a17"),
+                          ("n[7,9-12],m1", "n7"), ("solo", "solo")]:
+    proc = _bash("launch/slurm.sbatch", "--dry-run", "--mode", "explicit", "info",
+                 SLURM_JOB_ID="5000", SLURM_JOB_NODELIST=nodelist, SLURM_NNODES="2",
+                 SLURM_NTASKS="16")
+    assert f"--coordinator_address={first}:62344 --num_processes=16" in _lines(proc)[0]
+
+
+def test_slurm_runs_srun_in_a_job(tmp_path):
+  """Not a dry run: fake scontrol / srun / cai-jax on PATH, SLURM variables of a 2-node job."""
+  bin_dir = tmp_path / "bin"
+  _executable(bin_dir / "scontrol", "#!/usr/bin/env bash\nprintf 'node-a\\nnode-b\\n'\n")
+  # srun: drop its own options, then run the command as task 5.
+  _executable(bin_dir / "srun", "#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n"
+              "SLURM_PROCID=5 exec \"$@\"\n")
+  _executable(bin_dir / "cai-jax", FAKE_CAI_JAX)
+  env = dict(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="8193",
+             SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="2", SLURM_NTASKS="16")
+  proc = _bash("launch/slurm.sbatch", "--mode=explicit", *RUN_ARGS, **env)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout) == RUN_ARGS + [
+      "--distributed=explicit", "--coordinator_address=node-a:61441", "--num_processes=16",
+      "--process_id=5"]
+  proc = _bash("launch/slurm.sbatch", *RUN_ARGS, **env)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout) == RUN_ARGS + ["--distributed=auto"]
+
+
+def test_slurm_bad_usage():
+  proc = _bash("launch/slurm.sbatch", "rl")
+  assert proc.returncode != 0 and "not inside a SLURM job" in proc.stderr
+  proc = _bash("launch/slurm.sbatch", "--dry-run")
+  assert proc.returncode != 0 and "no cai-jax command given" in proc.stderr
+  proc = _bash("launch/slurm.sbatch", "--dry-run", "--mode=mpi", "rl")
+  assert proc.returncode != 0 and "--mode must be auto or explicit" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- bench/gpu.sh
+
+
+def test_gpu_suite_dry_run_lines():
+  assert _lines(_bash("bench/gpu.sh", "--dry-run", PYTHON="python3")) == [
+      "+ python3 bench/train_step.py --preset tinyllama_1b --batch 8 --seq 2048 --remat full "
+      "--json",
+      "+ python3 bench/sample.py --preset tinyllama_1b --dtype bfloat16 --device gpu "
+      "--batch_sizes 1,32 --max_new_tokens 64 --json",
+      "+ python3 bench/ppo_step.py --preset tinyllama_1b --dtype bfloat16 --rollout_batch 64 "
+      "--prompt_len 64 --max_new_tokens 128 --epochs 4 --minibatches 4 --json"]
+  cpu = "+ JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= python3"
+  assert _lines(_bash("bench/gpu.sh", "--quick", "--dry-run", "--only=ppo_step,train_step",
+                      PYTHON="python3")) == [
+      f"{cpu} bench/train_step.py --preset tiny --batch 2 --seq 32 --steps 2 --warmup 1 --json",
+      f"{cpu} bench/ppo_step.py --preset tiny --rollout_batch 2 --prompt_len 8 "
+      "--max_new_tokens 8 --epochs 1 --minibatches 1 --iterations 1 --json"]
+  proc = _bash("bench/gpu.sh", "--dry-run", "--only=sampel")
+  assert proc.returncode == 2 and "unknown bench 'sampel'" in proc.stderr
+
+
+def _suite():
+  spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "bench" / "gpu_suite.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_gpu_suite_table_from_results():
+  suite = _suite()
+  train = {"preset": "tinyllama_1b", "batch": 8, "seq": 2048, "ratio": 1.5,
+           "ours": {"remat": "full", "dtype": "bfloat16", "tokens_per_s": 66000.0,
+                    "step_s": 0.25, "mfu": 0.5},
+           "peer": {"tokens_per_s": 44000.0, "step_s": 0.375, "mfu": 0.34}}
+  sample = {"batch_sizes": [1, 32], "max_new_tokens": 64, "dtype": "bfloat16",
+            "ratio": {"1": 10.0, "32": 19.5},
+            "summary": {"ours": {"1": {"tokens_per_s": 400.0, "decode_ms_per_step": 2.5},
+                                 "32": {"tokens_per_s": 9750.0, "decode_ms_per_step": 3.0}},
+                        "peer": {"1": {"tokens_per_s": 40.0, "decode_ms_per_step": 50.0},
+                                 "32": {"tokens_per_s": 500.0, "decode_ms_per_step": 60.0}}},
+            "roofline": {"ms_per_step": 0.657},
+            "agreement": {"checked": True, "check_tokens": 16, "agree_first": True,
+                          "first_divergence": 40}}
+  results = {"train_step": {"exit_code": 0, "result": train, "log": "t.log"},
+             "sample": {"exit_code": 0, "result": sample, "log": "s.log"},
+             "ppo_step": {"exit_code": 137, "result": None, "log": "p.log"}}
+  rows = suite.summary_rows(results, targets=True)
+  setting = "tinyllama_1b 8x2048, remat full, bfloat16"
+  assert rows == [
+      ["train_step", setting, "tokens/s", "66,000.0", "44,000.0", "1.50x", ">= 1.5x", "yes"],
+      ["train_step", setting, "step s (median)", "0.2500", "0.3750", "", "", ""],
+      ["train_step", setting, "MFU", "50.0 %", "34.0 %", "", "", ""],
+      ["sample", "batch 1, bfloat16, N 64", "tokens/s", "400.0", "40.0", "10.00x", "", ""],
+      ["sample", "batch 1, bfloat16, N 64", "decode ms/step", "2.500", "50.000", "20.00x",
+       "<= 2 ms", "no"],
+      ["sample", "batch 32, bfloat16, N 64", "tokens/s", "9,750.0", "500.0", "19.50x",
+       ">= 20x", "no"],
+      ["sample", "batch 32, bfloat16, N 64", "decode ms/step", "3.000", "60.000", "20.00x", "",
+       ""],
+      ["sample", "batch 1, bfloat16, N 64", "HBM roofline ms/step", "0.657", "", "", "", ""],
+      ["sample", "batch 1, first 16 ids", "greedy ids agree",
+       "yes (first divergence at 40)", "", "", "", ""],
+      ["ppo_step", "see p.log", "failed", "exit 137, no JSON", "", "", "", ""]]
+  table = suite.markdown_table(rows[:1], suite.HEADER).splitlines()
+  assert table[0].startswith("| bench      | setting ")
+  assert table[2] == ("| train_step | " + setting + " | tokens/s | 66,000.0 | 44,000.0     "
+                      "| 1.50x    | >= 1.5x | yes |")
+
+
+def test_gpu_suite_ppo_rows_and_json_line():
+  suite = _suite()
+  ppo = {"preset": "tiny", "dtype": "float32", "rollout_batch": 2, "prompt_len": 8,
+         "max_new_tokens": 8, "ppo": {"epochs": 1, "minibatches": 1},
+         "median_s": {"rollout": 0.5, "scoring": 0.25, "update": 1.25},
+         "share": {"rollout": 0.25, "scoring": 0.125, "update": 0.625},
+         "iteration_median_s": 2.0, "rollout_tokens_per_s": 32.0}
+  rows = suite.summary_rows({"ppo_step": {"exit_code": 0, "result": ppo}}, targets=False)
+  assert [r[2:4] for r in rows] == [["rollout s (share)", "0.500 (25.0 %)"],
+                                    ["scoring s (share)", "0.250 (12.5 %)"],
+                                    ["update s (share)", "1.250 (62.5 %)"],
+                                    ["iteration s", "2.000"], ["rollout tokens/s", "32.0"]]
+  # cai_jax's side failed (out of memory, say) but the script still timed the peer.
+  train = {"preset": "tinyllama_1b", "batch": 8, "seq": 2048, "ratio": None,
+           "ours": {"impl": "cai_jax", "error": "failed (exit 1, see stderr)"},
+           "peer": {"tokens_per_s": 1234.5}}
+  assert suite.summary_rows({"train_step": {"exit_code": 0, "result": train}}, True) == [
+      ["train_step", "tinyllama_1b 8x2048, remat ?, ?", "tokens/s",
+       "error: failed (exit 1, see stderr)", "1,234.5", "n/a", "", ""]]
+  assert suite.last_json('log\n{"a": 1}\n{"b": [2]}\nnot json {\n') == {"b": [2]}
+  assert suite.last_json("nothing\n[1, 2]\n") is None
+
+
+@pytest.mark.slow
+def test_gpu_suite_quick_runs(tmp_path):
+  """The whole --quick suite on the CPU (about a minute on 2 idle cores)."""
+  proc = _bash("bench/gpu.sh", "--quick", "--out", str(tmp_path), timeout=900,
+               PYTHON=sys.executable)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  record = json.loads((tmp_path / "suite.json").read_text())
+  assert list(record["benches"]) == ["train_step", "sample", "ppo_step"]
+  for name, res in record["benches"].items():
+    assert res["exit_code"] == 0 and res["result"]["bench"] == name
+  rows = [[c.strip() for c in line.strip("|").split("|")]
+          for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| ")]
+  assert rows[0] == ["bench", "setting", "metric", "cai_jax", "transformers", "speed-up",
+                     "target", "met"]
+  metrics = [r[:3] for r in rows[1:]]
+  assert ["train_step", "tiny 2x32, remat none, float32", "tokens/s"] in metrics
+  assert ["sample", "batch 2, float32, N 8", "tokens/s"] in metrics
+  assert ["ppo_step", "tiny float32, B 2, P 8, N 8, K 1, M 1", "iteration s"] in metrics
+  train = record["benches"]["train_step"]["result"]
+  assert rows[1][3] == f"{train['ours']['tokens_per_s']:,.1f}"
