@@ -351,8 +351,21 @@ class CheckpointManager:
 # --------------------------------------------------------------------------- params export
 
 
-def _params_checkpointer() -> ocp.Checkpointer:
-  return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+def _params_checkpointer(this_process_only: bool = False) -> ocp.Checkpointer:
+  """Collective checkpointer (every process calls it), or one for this process alone."""
+  if not this_process_only or jax.process_count() == 1:
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  me = jax.process_index()
+  options = ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"export{me}")
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler(multiprocessing_options=options),
+                          multiprocessing_options=options)
+
+
+def _is_host_local(tree: PyTree) -> bool:
+  """True when no leaf is a jax.Array with shards on other processes' devices."""
+  return all(not isinstance(x, jax.Array) or x.is_fully_addressable
+             for x in jax.tree_util.tree_leaves(tree))
 
 
 def _absolute(directory: epath.PathLike) -> epath.Path:
@@ -366,12 +379,17 @@ def export_params(params: PyTree, directory: epath.PathLike, overwrite: bool = F
 
   Synchronous and atomic (written to ``<directory>.orbax-checkpoint-tmp*``, then renamed).
   An existing `directory` is an error unless `overwrite`.
+  Multi-process runs: params with shards on several processes are saved collectively
+  (every process calls this); params held whole by this process (numpy arrays or fully
+  addressable jax.Arrays, e.g. from ``distributed.gather_to_host``) are written by the
+  calling process alone, so call it from one process only (process 0).
   """
   path = _absolute(directory)
   if path.exists() and not overwrite:
     raise FileExistsError(f"params export {path} already exists (pass overwrite=True to replace it)")
-  with _params_checkpointer() as ckptr:
-    ckptr.save(path, args=ocp.args.StandardSave(nn.meta.unbox(params)), force=overwrite)
+  params = nn.meta.unbox(params)
+  with _params_checkpointer(this_process_only=_is_host_local(params)) as ckptr:
+    ckptr.save(path, args=ocp.args.StandardSave(params), force=overwrite)
   return path
 
 

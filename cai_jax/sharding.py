@@ -145,7 +145,48 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2, shape: Optional[Tupl
   return NamedSharding(mesh, spec)
 
 
-def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
-  """Places a host batch (dict of numpy arrays, leading dim = batch) on the mesh."""
-  return jax.tree_util.tree_map(
-      lambda x: jax.device_put(x, batch_sharding(mesh, rules, max(np.ndim(x), 1), np.shape(x))), batch)
+def process_rows(sharding: jax.sharding.Sharding, global_shape: Tuple[int, ...]) -> np.ndarray:
+  """Indices of the leading-dim rows that this process's devices hold, ascending.
+
+  For the batch sharding of a mesh built by ``make_mesh`` (devices in process order)
+  with the batch split over all devices, process p of P holds rows
+  [p * B/P, (p + 1) * B/P). A leading dim that is not split over processes gives all rows.
+  Returns an int64 array of row indices (length <= global_shape[0]).
+  """
+  n = int(global_shape[0])
+  held = np.zeros(n, dtype=bool)
+  for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+    held[index[0] if index else slice(None)] = True
+  return np.flatnonzero(held)
+
+
+def put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """Places host array `x` (the GLOBAL value, identical on every process) with `sharding`.
+
+  Single process: ``jax.device_put``. Several processes: each passes only its own rows
+  (``process_rows``) to ``jax.make_array_from_process_local_data``, so no process
+  copies rows that other processes' devices hold.
+  """
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  local = x
+  if x.ndim:
+    rows = process_rows(sharding, x.shape)
+    local = x if len(rows) == x.shape[0] else x[rows]
+  return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+
+def shard_batch(batch: Any, mesh: Mesh, rules: Rules, shardings: Any = None) -> Any:
+  """Places a host batch (dict of numpy arrays, leading dim = batch) on the mesh.
+
+  batch: the GLOBAL batch, the same on every process (each process reads the same
+    deterministic stream); in a multi-process run each process contributes only its
+    rows (see ``put_global``), and the result is one global jax.Array per field.
+  shardings: per-field shardings (same structure as `batch`); default ``batch_sharding``
+    of each field's shape.
+  """
+  if shardings is None:
+    shardings = jax.tree_util.tree_map(
+        lambda x: batch_sharding(mesh, rules, max(np.ndim(x), 1), np.shape(x)), batch)
+  return jax.tree_util.tree_map(put_global, batch, shardings)

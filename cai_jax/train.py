@@ -8,9 +8,16 @@ output directory. Layout of ``out_dir``:
                   name starts with 'tokens', per second)
   tb/             TensorBoard event files
   model/          the final model (see ``cai_jax.model_dir``), written
-                  last, so its presence means the run finished
+                  last (``save_model``), so its presence means the run finished
 A rerun with the same out_dir resumes from the newest checkpoint with the data
 iterator at the exact next batch; the result equals an uninterrupted run.
+
+Multi-process runs (``cai_jax.distributed``): every process calls ``train`` with the
+same arguments and the same dataset of GLOBAL batches; each feeds only its own rows
+of each batch (``sharding.shard_batch``), checkpoints are saved and restored
+collectively on a directory all processes share, and only process 0 writes
+metrics.jsonl, tb/ and the progress bar. The result equals a single-process run on
+the same global mesh.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from cai_jax import checkpoints, sharding, steps
+from cai_jax import checkpoints, distributed, model_dir, sharding, steps
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.metrics import MetricsWriter
 
@@ -43,8 +50,16 @@ class TrainResult:
 
 
 def state_from_params(model_cfg: ModelConfig, tx, params: Any, state_shardings: Any) -> steps.TrainState:
-  """A step-0 TrainState around given params, placed in the sharded layout."""
-  params = jax.device_put(params, state_shardings.params)
+  """A step-0 TrainState around given params, placed in the sharded layout.
+
+  params: plain pytree (numpy or jax arrays) with the same values on every process.
+  """
+  if jax.process_count() == 1:
+    params = jax.device_put(params, state_shardings.params)
+  else:
+    params = jax.tree_util.tree_map(
+        lambda x, s: jax.device_put(x, s) if isinstance(x, jax.Array) and not x.is_fully_addressable
+        else sharding.put_global(np.asarray(x), s), params, state_shardings.params)
 
   def make(p):
     return steps.TrainState(step=np.zeros((), np.int32), params=p, opt_state=tx.init(p))
@@ -114,7 +129,7 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
       for step in range(start + 1, train_cfg.num_steps + 1):
         batch = next(iterator)
         t0 = time.perf_counter()
-        state, out = step_fn(state, {k: jax.device_put(v, batch_shardings[k]) for k, v in batch.items()})
+        state, out = step_fn(state, sharding.shard_batch(batch, mesh, rules, batch_shardings))
         loss = float(out["loss"])
         dt = time.perf_counter() - t0
         if not math.isfinite(loss):
@@ -134,3 +149,21 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
       manager.close()
       writer.close()
   return TrainResult(state=state, last_metrics=metrics, resumed_from=resumed_from)
+
+
+def save_model(directory: str, config: ModelConfig, params: Any, tokenizer: Any = None,
+               head: str = "lm") -> str:
+  """``model_dir.save_model`` that is safe in multi-process runs; returns the directory.
+
+  Every process must call it (the params are gathered collectively); process 0 alone
+  writes the directory from the gathered host arrays, and all processes return once
+  it is complete. Single process: the same as ``model_dir.save_model``.
+  """
+  directory = os.path.abspath(directory)
+  if jax.process_count() == 1:
+    return model_dir.save_model(directory, config, params, tokenizer, head)
+  host = distributed.gather_to_host(params)
+  if distributed.is_primary():
+    model_dir.save_model(directory, config, host, tokenizer, head)
+  distributed.barrier(f"save_model:{directory}")
+  return directory

@@ -48,13 +48,14 @@ def fine_tune(out_dir: str, examples: Sequence[dict], model: ModelConfig, optimi
   ds = data.lm_dataset(examples, tok, chat_format, train_config.seq_len,
                        train_config.batch_size, train_config.seed)
   result = train.train(model, optimizer, train_config, mesh, ds, out_dir, init_params=init_params)
-  model_dir.save_model(os.path.join(out_dir, "model"), model, result.state.params, tok)
+  train.save_model(os.path.join(out_dir, "model"), model, result.state.params, tok)
   summary = {"out_dir": out_dir, "steps": int(result.state.step),
              "final_loss": result.last_metrics.get("loss"),
              "resumed_from": result.resumed_from, "examples": len(examples)}
   summary.update(extra_summary or {})
-  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  if jax.process_index() == 0:   # multi-process runs: process 0 writes the files
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=1)
   return summary
 
 

@@ -1,0 +1,225 @@
+"""Multi-process (multi-host) runs through JAX's own distributed runtime.
+
+One process runs per host (or per group of local devices); ``initialize`` connects
+them through ``jax.distributed.initialize`` before any other jax call, after which
+``jax.devices()`` lists the devices of every process and one mesh spans them all.
+
+Modes:
+  'none'      single process; nothing is initialized.
+  'auto'      initialize only when the environment shows a multi-process launch:
+                explicit values (arguments, or the environment variables
+                CAI_COORDINATOR_ADDRESS, CAI_NUM_PROCESSES, CAI_PROCESS_ID);
+                SLURM with SLURM_NTASKS > 1 (jax reads the other SLURM_* variables);
+                a Cloud TPU pod worker (TPU_WORKER_HOSTNAMES or TPU_PROCESS_ADDRESSES
+                listing more than one host, or MEGASCALE_COORDINATOR_ADDRESS set for
+                multi-slice); values not given explicitly are detected by jax.
+              Otherwise nothing happens, so a plain single-process run is unchanged.
+  'explicit'  initialize from coordinator_address, num_processes and process_id (arguments
+              or the CAI_* environment variables), all three required.
+
+In a multi-process run every process executes the same program: each reads the same
+deterministic data stream and keeps its own rows of each global batch
+(``sharding.shard_batch``); checkpoints are collective; metrics and exports are
+written by process 0 (``is_primary``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+MODES = ("none", "auto", "explicit")
+ENV_COORDINATOR_ADDRESS = "CAI_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "CAI_NUM_PROCESSES"
+ENV_PROCESS_ID = "CAI_PROCESS_ID"
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """A detected multi-process launch.
+
+  Attributes:
+    source: 'explicit', 'slurm' or 'tpu' (what showed the launch).
+    coordinator_address: 'host:port' of process 0's coordinator, or None (jax detects it).
+    num_processes: number of processes, or None (jax detects it).
+    process_id: this process's index in [0, num_processes), or None (jax detects it).
+  """
+
+  source: str
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> Optional[int]:
+  text = environ.get(name)
+  if text is None or text.strip() == "":
+    return None
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+
+
+def _host_count(value: Optional[str]) -> int:
+  """Number of comma-separated, non-empty entries of a host list variable."""
+  return len([h for h in (value or "").split(",") if h.strip()])
+
+
+def cluster_source(environ: Mapping[str, str]) -> Optional[str]:
+  """'slurm' or 'tpu' when `environ` shows a multi-process cluster launch, else None."""
+  ntasks = _env_int(environ, "SLURM_NTASKS")
+  if ntasks is not None and ntasks > 1:
+    return "slurm"
+  hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
+  if _host_count(hosts) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "tpu"
+  return None
+
+
+def detect_launch(mode: str = "auto", coordinator_address: Optional[str] = None,
+                  num_processes: Optional[int] = None, process_id: Optional[int] = None,
+                  environ: Optional[Mapping[str, str]] = None) -> Optional[Launch]:
+  """The multi-process launch to initialize, or None for a single-process run.
+
+  Pure function of its arguments and `environ` (default: os.environ); arguments win
+  over the CAI_* environment variables.
+  Raises:
+    ValueError: unknown mode; 'explicit' without one of the three values (the message
+      names the flag); 'auto' with some explicit values, no cluster to supply the rest
+      and one missing; a non-integer variable; process_id outside [0, num_processes).
+  """
+  if mode not in MODES:
+    raise ValueError(f"distributed mode {mode!r} is not one of {', '.join(MODES)}")
+  if mode == "none":
+    return None
+  environ = os.environ if environ is None else environ
+  address = coordinator_address or environ.get(ENV_COORDINATOR_ADDRESS) or None
+  count = num_processes if num_processes is not None else _env_int(environ, ENV_NUM_PROCESSES)
+  index = process_id if process_id is not None else _env_int(environ, ENV_PROCESS_ID)
+  given = {"coordinator_address": (address, ENV_COORDINATOR_ADDRESS),
+           "num_processes": (count, ENV_NUM_PROCESSES),
+           "process_id": (index, ENV_PROCESS_ID)}
+  missing = [f"--{flag} (or {env})" for flag, (value, env) in given.items() if value is None]
+  source = "explicit"
+  if mode == "auto":
+    if len(missing) == len(given):
+      cluster = cluster_source(environ)
+      return Launch(cluster) if cluster else None
+    if missing and cluster_source(environ):
+      source = cluster_source(environ)
+      missing = []
+  if missing:
+    raise ValueError(f"distributed mode {mode!r} needs {missing[0]}")
+  if count is not None and count < 1:
+    raise ValueError(f"num_processes must be positive, got {count}")
+  if index is not None and count is not None and not 0 <= index < count:
+    raise ValueError(f"process_id must be in [0, {count}), got {index}")
+  return Launch(source, address, count, index)
+
+
+def start(mode: str = "auto", coordinator_address: Optional[str] = None,
+          num_processes: Optional[int] = None, process_id: Optional[int] = None,
+          local_device_ids: Optional[Sequence[int]] = None,
+          environ: Optional[Mapping[str, str]] = None) -> bool:
+  """Connects this process to the others if a launch is detected; returns whether it did.
+
+  Touches no jax backend when nothing is to be initialized, so it is free in
+  single-process use. Calling it again after a successful start does nothing.
+  Raises ValueError as ``detect_launch``; RuntimeError (from jax) if another jax
+  computation already initialized the backend.
+  """
+  launch = detect_launch(mode, coordinator_address, num_processes, process_id, environ)
+  if launch is None:
+    return False
+  import jax
+  if jax.distributed.is_initialized():
+    return True
+  logging.info("jax.distributed.initialize: %s launch, coordinator=%s processes=%s id=%s",
+               launch.source, launch.coordinator_address, launch.num_processes, launch.process_id)
+  jax.distributed.initialize(
+      coordinator_address=launch.coordinator_address, num_processes=launch.num_processes,
+      process_id=launch.process_id,
+      local_device_ids=None if local_device_ids is None else list(local_device_ids))
+  return True
+
+
+def runtime_info() -> dict:
+  """{process_index, process_count, local_devices, global_devices} (device counts) of this run."""
+  import jax
+  return {"process_index": jax.process_index(), "process_count": jax.process_count(),
+          "local_devices": jax.local_device_count(), "global_devices": jax.device_count()}
+
+
+def initialize(mode: str = "auto", coordinator_address: Optional[str] = None,
+               num_processes: Optional[int] = None, process_id: Optional[int] = None,
+               local_device_ids: Optional[Sequence[int]] = None) -> dict:
+  """Initializes jax.distributed as `mode` asks (see the module docstring); call before any jax use.
+
+  Args:
+    mode: 'none', 'auto' or 'explicit'.
+    coordinator_address: 'host:port' of process 0 (env CAI_COORDINATOR_ADDRESS).
+    num_processes: number of processes (env CAI_NUM_PROCESSES).
+    process_id: this process's index, 0 .. num_processes - 1 (env CAI_PROCESS_ID).
+    local_device_ids: restricts this process to these local devices (GPU launches).
+  Returns:
+    {'process_index': int, 'process_count': int, 'local_devices': int (devices of this
+    process), 'global_devices': int (devices of all processes)}.
+  """
+  start(mode, coordinator_address, num_processes, process_id, local_device_ids)
+  return runtime_info()
+
+
+def main_flags_hook(flag_values: Any) -> Optional[dict]:
+  """``start`` from parsed absl flags `distributed`, `coordinator_address`, `num_processes`,
+  `process_id`; returns ``runtime_info()`` when a multi-process run was started, else None
+  (and leaves the jax backend untouched)."""
+  started = start(flag_values.distributed, flag_values.coordinator_address,
+                  flag_values.num_processes, flag_values.process_id)
+  return runtime_info() if started else None
+
+
+def is_primary() -> bool:
+  """True on process 0, the one that writes metrics, summaries and exports."""
+  import jax
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Blocks until every process reaches the barrier `name` (no-op with one process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def gather_to_host(tree: Any) -> Any:
+  """The pytree with every jax.Array as a full numpy array on every process.
+
+  Arrays sharded over other processes' devices are replicated by one jitted identity
+  (one compilation for the whole tree): a collective, so every process must call this
+  with the same tree. Other leaves go through ``np.asarray``. Every process ends up
+  holding the whole tree in host memory.
+  """
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  remote = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+  out = [None if i in remote else np.asarray(x) for i, x in enumerate(leaves)]
+  named = [i for i in remote if isinstance(leaves[i].sharding, NamedSharding)]
+  if named:
+    replicated = tuple(NamedSharding(leaves[i].sharding.mesh, PartitionSpec()) for i in named)
+    gathered = jax.jit(lambda *xs: xs, out_shardings=replicated)(*[leaves[i] for i in named])
+    for i, x in zip(named, gathered):
+      out[i] = np.asarray(x.addressable_data(0))
+  others = [i for i in remote if i not in named]
+  if others:
+    from jax.experimental import multihost_utils
+    for i in others:
+      out[i] = np.asarray(multihost_utils.process_allgather(leaves[i], tiled=True))
+  return jax.tree_util.tree_unflatten(treedef, out)

@@ -1,0 +1,220 @@
+"""Multi-process runs: launch detection, per-process batch rows, and 2 processes x 4 devices
+training exactly like 1 process x 8 devices (checkpoint, resume and export included)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from cai_jax import distributed, model_dir, sharding
+from cai_jax.configs import MeshConfig
+from cai_jax.metrics import read_jsonl_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
+TIMEOUT_S = 180  # per launch; a worker killed at it fails the test with its stderr
+
+
+# --------------------------------------------------------------------------- launch detection
+
+
+def test_single_process_environments_start_nothing():
+  assert distributed.detect_launch("none", "h:1", 2, 0, environ={}) is None
+  assert distributed.detect_launch("auto", environ={}) is None
+  assert distributed.detect_launch("auto", environ={"SLURM_NTASKS": "1"}) is None
+  assert distributed.detect_launch("auto", environ={"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+  assert distributed.start("auto", environ={}) is False
+
+
+@pytest.mark.parametrize("environ,source", [
+    ({"SLURM_NTASKS": "4"}, "slurm"),
+    ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1"}, "tpu"),
+    ({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8476,10.0.0.2:8476"}, "tpu"),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, "tpu"),
+])
+def test_auto_detects_cluster_launches(environ, source):
+  assert distributed.detect_launch("auto", environ=environ) == distributed.Launch(source)
+
+
+def test_explicit_values_from_arguments_or_environment():
+  env = {"CAI_COORDINATOR_ADDRESS": "10.1.2.3:1234", "CAI_NUM_PROCESSES": "4", "CAI_PROCESS_ID": "3"}
+  expected = distributed.Launch("explicit", "10.1.2.3:1234", 4, 3)
+  assert distributed.detect_launch("auto", environ=env) == expected
+  assert distributed.detect_launch("explicit", environ=env) == expected
+  # Arguments win over the environment.
+  assert distributed.detect_launch("explicit", "h:9", 2, 0, environ=env) == distributed.Launch(
+      "explicit", "h:9", 2, 0)
+  # A partial explicit launch is completed by the cluster (jax detects the rest).
+  assert distributed.detect_launch("auto", "h:9", environ={"SLURM_NTASKS": "2"}) == distributed.Launch(
+      "slurm", "h:9", None, None)
+
+
+@pytest.mark.parametrize("mode,args,environ,needle", [
+    ("explicit", (None, 2, 0), {}, "--coordinator_address (or CAI_COORDINATOR_ADDRESS)"),
+    ("explicit", ("h:1", None, 0), {}, "--num_processes (or CAI_NUM_PROCESSES)"),
+    ("explicit", ("h:1", 2, None), {}, "--process_id (or CAI_PROCESS_ID)"),
+    ("auto", ("h:1", None, None), {}, "--num_processes"),
+    ("explicit", ("h:1", 2, 2), {}, "process_id must be in [0, 2), got 2"),
+    ("explicit", ("h:1", 0, 0), {}, "num_processes must be positive"),
+    ("auto", (None, None, None), {"CAI_NUM_PROCESSES": "two"}, "CAI_NUM_PROCESSES='two'"),
+    ("auto", (None, None, None), {"SLURM_NTASKS": "x"}, "SLURM_NTASKS='x'"),
+    ("cluster", (None, None, None), {}, "'cluster' is not one of none, auto, explicit"),
+])
+def test_bad_launch_values_are_one_line_errors(mode, args, environ, needle):
+  with pytest.raises(ValueError) as err:
+    distributed.detect_launch(mode, *args, environ=environ)
+  assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_initialize_none_reports_this_single_process():
+  assert distributed.initialize("none") == {
+      "process_index": 0, "process_count": 1, "local_devices": 8, "global_devices": 8}
+  assert distributed.is_primary()
+
+
+def test_cli_hook_is_a_no_op_without_a_launch(monkeypatch):
+  for name in list(os.environ):
+    if name.startswith(("CAI_", "SLURM_", "TPU_", "MEGASCALE_")):
+      monkeypatch.delenv(name)
+  flag_values = types.SimpleNamespace(distributed="auto", coordinator_address=None,
+                                      num_processes=None, process_id=None)
+  assert distributed.main_flags_hook(flag_values) is None
+  assert not jax.distributed.is_initialized()
+
+
+def test_cli_explicit_without_coordinator_is_one_line_error():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  out = subprocess.run([sys.executable, "-m", "cai_jax.main", "info", "--distributed=explicit",
+                        "--num_processes=2", "--process_id=0"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      "cai-jax: error: ValueError: distributed mode 'explicit' needs --coordinator_address "
+      "(or CAI_COORDINATOR_ADDRESS)"]
+
+
+# --------------------------------------------------------------------------- batch rows
+
+
+def test_process_rows_single_process_holds_every_row():
+  mesh = sharding.make_mesh(MeshConfig(2, 4, 1, "fsdp"))
+  s = sharding.batch_sharding(mesh, sharding.rules_for("fsdp"), 2, (16, 4))
+  np.testing.assert_array_equal(sharding.process_rows(s, (16, 4)), np.arange(16))
+
+
+def test_shard_batch_places_rows_on_devices_in_mesh_order():
+  mesh = sharding.make_mesh(MeshConfig(2, 4, 1, "fsdp"))
+  rules = sharding.rules_for("fsdp")
+  host = {"tokens": np.arange(16 * 3, dtype=np.int32).reshape(16, 3)}
+  out = sharding.shard_batch(host, mesh, rules)["tokens"]
+  np.testing.assert_array_equal(np.asarray(out), host["tokens"])
+  for shard in out.addressable_shards:
+    k = list(mesh.devices.flat).index(shard.device)  # device k of the (data, fsdp) grid
+    np.testing.assert_array_equal(np.asarray(shard.data), host["tokens"][2 * k:2 * k + 2])
+
+
+# --------------------------------------------------------------------------- 2 processes x 4 devices
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _worker_env(devices: int, cache_dir) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("CAI_", "SLURM_", "TPU_"))}
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  # The resumed run recompiles the same step: served from the persistent cache.
+  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
+  return env
+
+
+def _launch(out_dir, logs, name, devices, *flags):
+  """Starts one worker; returns (Popen, stdout path, stderr path)."""
+  stdout, stderr = logs / f"{name}.out", logs / f"{name}.err"
+  with open(stdout, "w") as fo, open(stderr, "w") as fe:
+    proc = subprocess.Popen([sys.executable, WORKER, str(out_dir), *flags], cwd=REPO,
+                            env=_worker_env(devices, logs / f"cache-{devices}"), stdout=fo, stderr=fe)
+  return proc, stdout, stderr
+
+
+def _wait(procs, deadline):
+  """Reports of all workers; kills every worker and fails (with stderr) on error or timeout."""
+  reports = []
+  try:
+    for proc, stdout, stderr in procs:
+      try:
+        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        rc = None
+      if rc != 0:
+        for other, _, _ in procs:
+          other.kill()
+        logs = "\n".join(f"--- {err.name} ---\n{err.read_text()[-4000:]}" for _, _, err in procs)
+        pytest.fail(f"{stderr.stem} {'timed out' if rc is None else f'exited with {rc}'}\n{logs}")
+      lines = [l for l in stdout.read_text().splitlines() if l.startswith("REPORT ")]
+      assert len(lines) == 1, stderr.read_text()[-4000:]
+      reports.append(json.loads(lines[0][len("REPORT "):]))
+  finally:
+    for proc, _, _ in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return reports
+
+
+def test_two_processes_train_resume_and_export_like_one_process(tmp_path):
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  address = f"localhost:{_free_port()}"
+  procs = [_launch(multi, tmp_path, f"worker{i}", 4, "--mode=explicit",
+                   f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}")
+           for i in range(2)]
+  reports = _wait(procs, time.monotonic() + TIMEOUT_S)
+  # Reference: one process with 8 devices, the same mesh, steps and data.
+  [ref] = _wait([_launch(single, tmp_path, "single", 8, "--mode=none")],
+                time.monotonic() + TIMEOUT_S)
+
+  info = [r["initialize"] for r in reports]
+  assert info == [{"process_index": i, "process_count": 2, "local_devices": 4, "global_devices": 8}
+                  for i in range(2)]
+  # Process p feeds rows [p * B/P, (p + 1) * B/P) of each global batch of B = 8.
+  assert [r["rows"] for r in reports] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert [r["writes_metrics"] for r in reports] == [True, False]
+  assert [r["primary"] for r in reports] == [True, False]
+  assert ref["initialize"] == {"process_index": 0, "process_count": 1, "local_devices": 8,
+                               "global_devices": 8}
+  for r in reports + [ref]:
+    assert (r["first_resumed_from"], r["resumed_from"], r["final_step"]) == (None, 2, 4)
+  assert sorted(os.listdir(multi / "checkpoints")) == ["2", "4"]
+
+  multi_rows, single_rows = read_jsonl_metrics(multi / "metrics.jsonl"), read_jsonl_metrics(
+      single / "metrics.jsonl")
+  assert [r["step"] for r in multi_rows] == [1, 2, 3, 4]  # written once, by process 0
+  assert [r["step"] for r in single_rows] == [1, 2, 3, 4]
+  for key in ("loss", "grad_norm", "learning_rate", "tokens"):
+    np.testing.assert_allclose([r[key] for r in multi_rows], [r[key] for r in single_rows],
+                               rtol=1e-5, atol=1e-5, err_msg=key)
+  assert all(r["loss"] > 1.0 and r["grad_norm"] > 0 for r in multi_rows)
+
+  _, multi_params = model_dir.load_model(str(multi / "model"))
+  _, single_params = model_dir.load_model(str(single / "model"))
+  multi_leaves = jax.tree_util.tree_leaves_with_path(multi_params)
+  single_leaves = {jax.tree_util.keystr(p): x
+                   for p, x in jax.tree_util.tree_leaves_with_path(single_params)}
+  assert len(multi_leaves) == len(single_leaves)
+  for path, leaf in multi_leaves:
+    np.testing.assert_allclose(np.asarray(leaf), np.asarray(single_leaves[jax.tree_util.keystr(path)]), atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
