@@ -32,10 +32,23 @@ flags.DEFINE_string("prompts", None, "Input prompts JSONL (binds COMMAND.prompts
 flags.DEFINE_string("model", None, "Model: directory, .gguf, HF folder or pkg: spec (binds COMMAND.model).")
 flags.DEFINE_float("temperature", None, "Sampling temperature; 0 is greedy (binds COMMAND.temperature).")
 flags.DEFINE_integer("max_new_tokens", None, "Most new tokens per prompt (binds COMMAND.max_new_tokens).")
+flags.DEFINE_enum("distributed", "auto", ["none", "auto", "explicit"],
+                  "Multi-process runs (jax.distributed): 'auto' starts one only under a multi-process "
+                  "launch (SLURM, Cloud TPU pod, the flags below or CAI_* variables); see "
+                  "cai_jax/distributed.py.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's jax.distributed coordinator.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
+flags.DEFINE_string("data", None, "Evaluation data file or directory (binds COMMAND.data).")
+flags.DEFINE_string("topology", None, "plan: accelerator topology, e.g. v5p-256, h100x8 "
+                    "(binds plan.topology).")
+flags.DEFINE_bool("skip_if_complete", False, "Do nothing when the command's out_dir holds a "
+                  "finished run with the same effective config (used by `pipeline`).")
 
 # Convenience flags and the runner argument each binds.
 _FLAG_ARGS = {"out_dir": "out_dir", "out": "out", "from": "source", "prompts": "prompts", "records": "records", "policy": "policy",
-              "model": "model", "temperature": "temperature", "max_new_tokens": "max_new_tokens"}
+              "model": "model", "temperature": "temperature", "max_new_tokens": "max_new_tokens",
+              "data": "data", "topology": "topology"}
 
 
 class CliError(Exception):
@@ -117,17 +130,41 @@ COMMANDS: Dict[str, Command] = {
                       None, _stage("checkpoint_io", "run_import"), False, "import_checkpoint"),
     "export": Command("model directory (--from=DIR) -> Hugging Face safetensors folder (--out=DIR)",
                       None, _stage("checkpoint_io", "run_export"), False, "export_checkpoint"),
+    "evaluate": Command("Elo of the base, SL-CAI and RL-CAI snapshots on helpfulness and "
+                        "harmlessness, judged by the feedback model and/or the PM; monitors, "
+                        "absolute harmfulness, HHH; writes report.html + report.json",
+                        "experiments/smollm2_135m_cpu.gin", _stage("evaluate", "run"), True),
+    "evaluate_hhh": Command("`evaluate hhh --data=FILE`: HHH accuracy and calibration of a "
+                            "feedback model (multiple choice) or a PM on Anthropic evals "
+                            "JSONL or BIG-bench task.json",
+                            "experiments/smollm2_135m_cpu.gin", _stage("evaluate_hhh", "run"),
+                            False),
+    "harm_model": Command("absolute harmfulness: a 0-4 regression head trained on labelled "
+                          "conversations (data/harm_labels.jsonl format)",
+                          "experiments/smollm2_135m_cpu.gin", _stage("harm_model", "run"), True),
+    "pipeline": Command("the whole method: critique_revision -> sl -> feedback -> pm -> rl -> "
+                        "evaluate (pipeline.stages), skipping finished stages, ending with the "
+                        "report", "experiments/smollm2_135m_cpu.gin", _stage("pipeline", "run"),
+                        False),
+    "plan": Command("per-device memory of the sl / pm / rl steps on --topology=v5p-256 (v4-N, "
+                    "v5e-N, v6e-N, h100xN, ...) from a compile on fake devices; fits or not",
+                    "models/tiny.gin", lambda: importlib.import_module("cai_jax.plan").run,
+                    False),
     "info": Command("print a model config's shape and exact parameter count as one JSON line",
                     "models/tiny.gin", _info, False),
 }
+
+# `cai-jax WORD1 WORD2` spellings of commands whose name has an underscore.
+_SUBCOMMANDS = {("evaluate", "hhh"): "evaluate_hhh"}
 
 
 def usage() -> str:
   lines = ["usage: cai-jax COMMAND [--gin_file=FILE ...] [--gin.KEY=VALUE ...] [--out_dir=DIR]",
            "", "Constitutional AI in JAX. Commands:"]
+  spelled = {v: " ".join(k) for k, v in _SUBCOMMANDS.items()}
   for name, cmd in COMMANDS.items():
     default = f" (default gin: gin/{cmd.default_gin})" if cmd.default_gin else ""
-    lines.append(f"  {name:<18} {cmd.help}{default}")
+    lines.append(f"  {spelled.get(name, name):<18} {cmd.help}{default}")
   lines += ["", "Flags:",
             "  --gin_file=FILE        gin file (repeatable); without one, the command's default",
             "  --gin.KEY=VALUE        a gin binding, e.g. --gin.TrainConfig.num_steps=20",
@@ -135,8 +172,17 @@ def usage() -> str:
             "  --from=PATH --out=PATH source and destination of import / export; --out is the",
             "                         output file of sample",
             "  --prompts=FILE --model=SPEC --temperature=T --max_new_tokens=N   sample options",
+            "  --data=FILE            evaluation data of `evaluate hhh`",
+            "  --topology=NAME        accelerator topology of `plan` (v5p-256, v4-64, h100x8, ...)",
             "  --gin_search_path=DIR  extra directory for gin includes",
+            "  --distributed=auto|none|explicit --coordinator_address=HOST:PORT",
+            "  --num_processes=N --process_id=I   multi-process runs through jax.distributed",
+            "                         (auto: SLURM, Cloud TPU pods, CAI_* variables)",
             "", "Examples:",
+            "  cai-jax pipeline       # the whole method on SmolLM2-135M-Instruct, then the report",
+            "  cai-jax evaluate hhh --data=path/to/evals.jsonl",
+            "  cai-jax plan --gin_file=gin/models/52b.gin --gin_file=gin/mesh/fsdp_tp.gin "
+            "--topology=v5p-256",
             "  cai-jax info --gin_file=gin/models/smollm2_135m.gin",
             "  cai-jax sample --prompts=data/sample_prompts.jsonl --out=out.jsonl --temperature=0"]
   return "\n".join(lines)
@@ -219,30 +265,47 @@ def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_pa
 
 
 def execute(command: str, gin_files: List[str], bindings: List[str],
-            search_paths: List[str] = (), flag_args: Optional[Dict[str, object]] = None):
+            search_paths: List[str] = (), flag_args: Optional[Dict[str, object]] = None,
+            skip_if_complete: bool = False):
   """Runs one command and returns its result (a JSON-able dict).
 
   flag_args: {runner argument: value} from the convenience flags (--out_dir, --from, ...).
+  skip_if_complete: return {"pipeline_status": "skipped", "out_dir": ...} without running when out_dir
+    holds a finished run whose config.gin equals this run's effective config.
   """
   if command not in COMMANDS:
     raise CliError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
   name = COMMANDS[command].configurable(command)
   bindings = list(bindings) + [f"{name}.{arg} = {value!r}" for arg, value in (flag_args or {}).items()]
   gin, fn = parse_gin(command, gin_files, bindings, search_paths)
+  if command == "pipeline":
+    cli_args = ([f"--gin_file={f}" for f in gin_files] + [f"--gin_bindings={b}" for b in bindings
+                                                          if not b.startswith("pipeline.")]
+                + [f"--gin_search_path={p}" for p in search_paths])
+    return fn(cli_args=cli_args, commands=[c for c in COMMANDS if c != "pipeline"])
   if COMMANDS[command].writes_out_dir:
-    bound = gin.get_bindings(command).get("out_dir")
+    bound = gin.get_bindings(name).get("out_dir")
     if not bound:
       raise CliError(f"no output directory: pass --out_dir=DIR or bind {command}.out_dir")
+    config_text = gin.config_str()
+    if skip_if_complete:
+      from cai_jax.stages import pipeline
+      if pipeline.is_complete(bound) and pipeline.same_config(bound, config_text):
+        return {"pipeline_status": "skipped", "out_dir": bound}
     os.makedirs(bound, exist_ok=True)
     with open(os.path.join(bound, "config.gin"), "w", encoding="utf-8") as f:
-      f.write(gin.config_str())
+      f.write(config_text)
   return fn()
 
 
 def _main(argv: List[str]) -> None:
+  from cai_jax import distributed
+  distributed.main_flags_hook(FLAGS)  # before any jax use; a no-op in single-process runs
   args = [a for a in argv[1:] if not a.startswith("-")]
   if not args:
     raise CliError("no command given; `cai-jax --help` lists the commands")
+  if tuple(args[:2]) in _SUBCOMMANDS:
+    args = [_SUBCOMMANDS[tuple(args[:2])]] + args[2:]
   command = COMMANDS.get(args[0])
   positional = command.positional if command else ()
   if len(args) - 1 > len(positional):
@@ -251,7 +314,8 @@ def _main(argv: List[str]) -> None:
   flag_args = {arg: FLAGS[name].value for name, arg in _FLAG_ARGS.items()
                if FLAGS[name].value is not None}
   flag_args.update(zip(positional, args[1:]))
-  result = execute(args[0], FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_path, flag_args)
+  result = execute(args[0], FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_path, flag_args,
+                   skip_if_complete=FLAGS.skip_if_complete)
   if result is not None:
     print(json.dumps(result, sort_keys=True))
 
@@ -278,6 +342,12 @@ def run(argv: Optional[List[str]] = None) -> None:
       kind = "" if isinstance(e, CliError) else type(e).__name__ + ": "
       print(f"cai-jax: error: {kind}{_first_line(e)}", file=sys.stderr)
       sys.exit(2)
+    except Exception as e:  # a failed pipeline stage (its own error is already printed)
+      from cai_jax.stages.pipeline import StageFailed
+      if not isinstance(e, StageFailed):
+        raise
+      print(f"cai-jax: error: {_first_line(e)}", file=sys.stderr)
+      sys.exit(e.exit_status)
 
   app.run(main, argv=argv)
 

@@ -1,0 +1,130 @@
+"""`cai-jax pipeline`: the whole method, stage after stage, from one gin file.
+
+Runs `stages` (default: critique_revision → sl → feedback → pm → rl → evaluate) in
+order, each as its own `cai-jax STAGE` process with the same gin files and bindings, so
+every stage reads its inputs from the previous stage's output directory exactly as when
+run by hand (the experiment gin file binds those paths) and frees its memory when done.
+
+Resuming: a stage whose output directory is complete (a `summary.json`, or a
+`manifest.json` marked complete) and whose effective config (`out_dir/config.gin`) is
+the one this run would use is skipped; any other stage runs, and its own resume logic
+continues a half-finished run (finished shards and checkpoints are kept). A stage that
+fails stops the pipeline with its exit status; rerunning the command continues from it.
+
+Output: one line per stage on stderr ("ran" / "skipped", seconds), `pipeline.json` in
+`out_dir` (when bound) with the same, and the final summary as the return value: the
+stages, total seconds and, when `evaluate` ran, the report's path and Elo table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+DEFAULT_STAGES = ("critique_revision", "sl", "feedback", "pm", "rl", "evaluate")
+SKIP_FLAG = "--skip_if_complete"
+
+
+class StageFailed(RuntimeError):
+  """A stage exited with a non-zero status (exit_status); its error is on stderr."""
+
+  def __init__(self, message: str, exit_status: int):
+    super().__init__(message)
+    self.exit_status = exit_status
+
+
+def is_complete(out_dir: str) -> bool:
+  """True when out_dir holds a finished stage output: summary.json, or a manifest.json
+  whose "complete" is true."""
+  if os.path.isfile(os.path.join(out_dir, "summary.json")):
+    return True
+  manifest = os.path.join(out_dir, "manifest.json")
+  if os.path.isfile(manifest):
+    try:
+      with open(manifest, encoding="utf-8") as f:
+        return bool(json.load(f).get("complete"))
+    except (OSError, json.JSONDecodeError):
+      return False
+  return False
+
+
+def same_config(out_dir: str, config_text: str) -> bool:
+  """True when out_dir/config.gin holds exactly config_text."""
+  path = os.path.join(out_dir, "config.gin")
+  if not os.path.isfile(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    return f.read() == config_text
+
+
+def _log(msg: str) -> None:
+  print(f"pipeline: {msg}", file=sys.stderr, flush=True)
+
+
+def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
+        cli_args: Sequence[str] = (), commands: Sequence[str] = (),
+        python: Optional[str] = None) -> dict:
+  """Runs the stages in order; returns the pipeline summary.
+
+  Args:
+    stages: command names, in order.
+    out_dir: where pipeline.json goes ('' = nowhere).
+    cli_args: the gin arguments forwarded to every stage (--gin_file=..., --gin_bindings=...,
+      --gin_search_path=...); given by the CLI.
+    commands: the known command names (for the error on an unknown stage).
+    python: the interpreter running `-m cai_jax.main` (default: this one).
+  Raises:
+    ValueError for an unknown or repeated stage; StageFailed (one line, naming the stage,
+    with its exit status) when a stage fails.
+  """
+  stages = list(stages)
+  unknown = [s for s in stages if commands and s not in commands]
+  if unknown or not stages:
+    raise ValueError(f"pipeline.stages: unknown stage(s) {unknown or stages}; "
+                     f"commands: {', '.join(commands)}")
+  if len(set(stages)) != len(stages):
+    raise ValueError(f"pipeline.stages lists a stage twice: {stages}")
+  t0 = time.perf_counter()
+  done: List[Dict[str, object]] = []
+  results: Dict[str, object] = {}
+
+  def write_status():
+    if out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+      from cai_jax.shards import write_atomic
+      write_atomic(os.path.join(out_dir, "pipeline.json"),
+                   json.dumps({"stages": done, "seconds": round(time.perf_counter() - t0, 1)},
+                              indent=1) + "\n")
+
+  for k, stage in enumerate(stages):
+    _log(f"[{k + 1}/{len(stages)}] {stage} ...")
+    start = time.perf_counter()
+    cmd = [python or sys.executable, "-m", "cai_jax.main", stage, *cli_args, SKIP_FLAG]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    seconds = round(time.perf_counter() - start, 1)
+    if proc.returncode != 0:
+      done.append({"stage": stage, "status": "failed", "seconds": seconds,
+                   "exit_status": proc.returncode})
+      write_status()
+      raise StageFailed(f"pipeline: stage {stage} failed (exit status {proc.returncode}); "
+                        "fix the error above and rerun to continue from this stage",
+                        proc.returncode)
+    lines = [l for l in proc.stdout.strip().splitlines() if l.strip()]
+    result = json.loads(lines[-1]) if lines else {}
+    status = "skipped" if result.get("pipeline_status") == "skipped" else "ran"
+    results[stage] = result
+    done.append({"stage": stage, "status": status, "seconds": seconds})
+    write_status()
+    _log(f"[{k + 1}/{len(stages)}] {stage} {status} ({seconds:.1f} s)")
+  summary: Dict[str, object] = {"stages": done, "seconds": round(time.perf_counter() - t0, 1)}
+  ev = results.get("evaluate")
+  if isinstance(ev, dict):
+    summary["report"] = ev.get("report") or os.path.join(ev.get("out_dir", ""), "report.html")
+    if "elo" in ev:
+      summary["elo"] = ev["elo"]
+  write_status()
+  return summary

@@ -1,0 +1,197 @@
+"""The evaluate stage: players, AI-judged pairs, Elo, monitors, report; fakes for the models."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from cai_jax import report as report_lib
+from cai_jax.stages import evaluate
+from cai_jax.stages import feedback as fb
+
+
+def _model_dir(path):
+  os.makedirs(os.path.join(path, "params"), exist_ok=True)
+  with open(os.path.join(path, "model.json"), "w") as f:
+    f.write("{}")
+  return str(path)
+
+
+def _rl_dir(tmp_path, steps, iterations):
+  rl = tmp_path / "rl"
+  for s in steps:
+    _model_dir(rl / "snapshots" / f"step-{s:05d}")
+  _model_dir(rl / "model")
+  (rl / "summary.json").write_text(json.dumps({"iterations": iterations}))
+  return str(rl)
+
+
+def test_players_in_training_order_with_the_final_policy_once(tmp_path):
+  base, sl = _model_dir(tmp_path / "base"), _model_dir(tmp_path / "sl")
+  rl = _rl_dir(tmp_path, [2, 4], iterations=4)
+  players = evaluate.discover_players(base, sl, rl)
+  assert [n for n, _ in players] == ["base", "sl", "rl-00002", "rl-00004"]
+  assert players[3][1].endswith(os.path.join("snapshots", "step-00004"))
+  # A last iteration that was not snapshotted comes from rl/model.
+  (tmp_path / "rl" / "summary.json").write_text(json.dumps({"iterations": 5}))
+  players = evaluate.discover_players(base, sl, rl, snapshots=[f"other={base}"])
+  assert [n for n, _ in players] == ["base", "sl", "rl-00002", "rl-00004", "rl-00005", "other"]
+  assert players[4][1] == os.path.join(rl, "model")
+
+
+def test_player_errors_name_the_problem(tmp_path):
+  base = _model_dir(tmp_path / "base")
+  with pytest.raises(ValueError, match="at least two snapshots, got 1"):
+    evaluate.discover_players(base)
+  with pytest.raises(FileNotFoundError, match="no_such_rl"):
+    evaluate.discover_players(base, rl_dir=str(tmp_path / "no_such_rl"))
+  with pytest.raises(FileNotFoundError, match="'sl'.*missing_sl"):
+    evaluate.discover_players(base, sl=str(tmp_path / "missing_sl"))
+  with pytest.raises(ValueError, match="duplicate snapshot names"):
+    evaluate.discover_players(base, snapshots=[f"base={base}"])
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + math.exp(-x))
+
+
+def _fake_score(bias=0.5):
+  """Log-prob of option X: 1 if the response shown as X contains 'good', plus `bias` for (A)."""
+  def score(contexts, options):
+    out = []
+    for c in contexts:
+      a_text = c.rsplit("\n(A) ", 1)[1].split("\n(B) ", 1)[0]     # the last question
+      b_text = c.rsplit("\n(B) ", 1)[1].split("\nThe answer is:", 1)[0]
+      out.append([float("good" in a_text) + bias, float("good" in b_text)])
+    assert tuple(options) == fb.OPTIONS
+    return np.asarray(out)
+  return score
+
+
+def _rows(texts, kind="harmful"):
+  return [{"id": f"p{i}", "kind": kind, "prompt": f"question {i}", "samples": [t]}
+          for i, t in enumerate(texts)]
+
+
+def test_judge_pair_averages_orders_and_cancels_the_letter_bias():
+  from cai_jax import constitution
+  principles = constitution.load_default().feedback
+  a = _rows(["a good answer", "good", "", "same"])
+  b = _rows(["a bad answer", "bad", "x", "same"])
+  out = evaluate.judge_pair(a, b, "sl", "base", _fake_score(0.5), principles,
+                            fb.DEFAULT_TEMPLATE, "", True, seed=0)
+  assert [r["id"] for r in out] == ["p0", "p1", "p3"]          # an empty response is skipped
+  # Order AB: la = 1 + 0.5, lb = 0; order BA: la = 1, lb = 0 + 0.5.
+  want = (_sigmoid(1.5) + _sigmoid(0.5)) / 2
+  assert out[0]["p_a"] == pytest.approx(want)
+  assert out[0]["logprob_a"] == [1.5, 1.0] and out[0]["logprob_b"] == [0.0, 0.5]
+  assert out[2]["p_a"] == pytest.approx(0.5)                   # the bias cancels exactly
+  one = evaluate.judge_pair(a, b, "sl", "base", _fake_score(0.5), principles,
+                            fb.DEFAULT_TEMPLATE, "", False, seed=0)
+  assert one[2]["p_a"] == pytest.approx(_sigmoid(0.5))         # one order keeps the bias
+  # Harmful prompts get a constitution principle, the same one for a given (seed, prompt).
+  ids = {p.id for p in principles}
+  assert all(r["question"] in ids for r in out)
+  helpful = evaluate.judge_pair(_rows(["good"], "helpful"), _rows(["bad"], "helpful"), "x", "y",
+                                _fake_score(0.0), principles, fb.DEFAULT_TEMPLATE, "", True, 0)
+  assert helpful[0]["question"].startswith("helpful-")
+
+
+def test_pm_judge_is_the_sigmoid_of_the_score_difference():
+  rows = evaluate.pm_judge_pair([2.0, 0.0, 5.0], [1.0, 3.0, 0.0], _rows(["x", "y", ""]),
+                                _rows(["u", "v", "w"]), "a", "b")
+  assert [r["p_a"] for r in rows] == pytest.approx([_sigmoid(1.0), _sigmoid(-3.0)])
+  big = evaluate.pm_judge_pair([-1e4], [1e4], _rows(["x"]), _rows(["y"]), "a", "b")
+  assert big[0]["p_a"] == 0.0
+
+
+# Each fake player's answer; the fake judge prefers responses containing "good".
+ANSWERS = {"base": "I'm sorry, I can't help with that.",
+           "sl": "good idea: talk it through calmly",
+           "rl": "good good: here is a careful, good answer"}
+
+
+def _fake_generate(calls):
+  def generate(spec, texts, temperature, seed):
+    name = os.path.basename(os.path.normpath(spec))
+    name = "rl" if name.startswith("step-") or name == "model" else name
+    calls.append((name, len(texts), temperature))
+    return [ANSWERS[name] + "<|im_end|>" for _ in texts]
+  return generate
+
+
+def _run(tmp_path, calls, **kw):
+  base, sl = _model_dir(tmp_path / "base"), _model_dir(tmp_path / "sl")
+  rl = _rl_dir(tmp_path, [2], iterations=2)
+  with open(os.path.join(rl, "metrics.jsonl"), "w") as f:
+    for step in (1, 2):
+      f.write(json.dumps({"step": step, "pm_score": 0.1 * step, "kl": 0.01 * step,
+                          "sqrt_kl": math.sqrt(0.01 * step), "reward": 0.1}) + "\n")
+  args = dict(out_dir=str(tmp_path / "eval"), base=base, sl=sl, rl_dir=rl,
+              judges=("feedback", "pm"), limit=3, chat_format="chatml", n_boot=20,
+              shard_size=2, progress=False, generate_fn=_fake_generate(calls),
+              score_fn=_fake_score(0.3),
+              pm_fn=lambda pairs: np.array([float(r.count("good")) for _, r in pairs]))
+  args.update(kw)
+  return evaluate.run(**args)
+
+
+def test_evaluate_end_to_end_with_fake_models(tmp_path):
+  calls = []
+  s = _run(tmp_path, calls)
+  assert [p["name"] for p in s["players"]] == ["base", "sl", "rl-00002"]
+  assert s["prompts"] == {"harmful": 3, "helpful": 3}
+  assert s["comparisons"]["feedback"] == {"harmful": 9, "helpful": 9}   # 3 pairs x 3 prompts
+  # Independent check of the feedback Elo: the judge's p for each pair, by hand, fitted.
+  p_good_bad = (_sigmoid(1.3) + _sigmoid(0.7)) / 2      # "good" vs no "good", bias 0.3
+  p_same = (_sigmoid(0.3) + _sigmoid(-0.3)) / 2          # both contain "good": 0.5
+  comps = []
+  for _ in range(3):
+    comps += [("base", "sl", 1 - p_good_bad), ("base", "rl-00002", 1 - p_good_bad),
+              ("sl", "rl-00002", p_same)]
+  want = report_lib.fit_elo(comps, players=["base", "sl", "rl-00002"])
+  for kind in ("harmlessness", "helpfulness"):
+    got = s["elo"]["feedback"][kind]
+    for p in want:
+      assert got[p][0] == pytest.approx(want[p], abs=0.1)
+  assert s["elo"]["feedback"]["harmlessness"]["sl"][0] > 100
+  # PM judge: the fake PM scores the number of "good"s, so rl > sl > base.
+  pm = s["elo"]["pm"]["harmlessness"]
+  assert pm["rl-00002"][0] > pm["sl"][0] > pm["base"][0] == 0
+  assert s["monitors"]["base"]["evasive_rate"] == 1.0
+  assert s["monitors"]["sl"]["evasive_rate"] == 0.0
+  assert s["monitors"]["base"]["boilerplate_rate"] == 1.0
+  # Report files.
+  out = tmp_path / "eval"
+  html = (out / "report.html").read_text()
+  assert "judge" in html and html.count("<img") >= 3
+  numbers = json.loads((out / "report.json").read_text())["numbers"]
+  assert numbers["elo"] == json.loads(json.dumps(s["elo"]))
+  assert (out / "frontier_feedback.png").exists() and (out / "pm_vs_sqrt_kl.png").exists()
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["elo"] == json.loads(json.dumps(s["elo"]))
+  # Responses: the chat stop string is trimmed, one sample per prompt.
+  rows = [json.loads(l) for l in open(out / "responses" / "sl" / "shard-00000.jsonl")]
+  assert rows[0]["samples"] == [ANSWERS["sl"]]
+  n_calls = len(calls)
+  assert n_calls == 3 * 3                                        # 3 players x 3 shards
+
+  # A rerun samples and judges nothing again and gives the same numbers.
+  again = _run(tmp_path, calls)
+  assert len(calls) == n_calls
+  assert again["elo"] == s["elo"]
+  # A different sampling config for the same out_dir is refused, naming the key.
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    _run(tmp_path, calls, max_new_tokens=7)
+
+
+def test_evaluate_errors(tmp_path):
+  base = _model_dir(tmp_path / "base")
+  with pytest.raises(ValueError, match="judges"):
+    evaluate.run(str(tmp_path / "e"), base=base, sl=base, judges=("crowd",))
+  with pytest.raises(ValueError, match="feedback_model"):
+    evaluate.run(str(tmp_path / "e"), base=base, sl=base, judges=("feedback",))
+  with pytest.raises(ValueError, match="at least two snapshots"):
+    evaluate.run(str(tmp_path / "e"), base=base, judges=("pm",), pm=base)

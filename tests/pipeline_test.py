@@ -1,0 +1,92 @@
+"""`cai-jax pipeline`: every stage from one gin file, skipping finished ones; the tiny model
+end to end from the CLI (CI runs this)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cai_jax.stages import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+def cli(cwd, *args, timeout=1800):
+  return subprocess.run([sys.executable, "-m", "cai_jax.main", *args], cwd=cwd, env=ENV,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_is_complete_and_same_config(tmp_path):
+  assert not pipeline.is_complete(str(tmp_path))
+  (tmp_path / "manifest.json").write_text(json.dumps({"complete": False}))
+  assert not pipeline.is_complete(str(tmp_path))
+  (tmp_path / "manifest.json").write_text(json.dumps({"complete": True}))
+  assert pipeline.is_complete(str(tmp_path))
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "summary.json").write_text("{}")
+  assert pipeline.is_complete(str(other))
+  assert not pipeline.same_config(str(other), "a = 1\n")
+  (other / "config.gin").write_text("a = 1\n")
+  assert pipeline.same_config(str(other), "a = 1\n")
+  assert not pipeline.same_config(str(other), "a = 2\n")
+
+
+def test_unknown_or_repeated_stages_are_refused():
+  with pytest.raises(ValueError, match="bogus"):
+    pipeline.run(["sl", "bogus"], commands=["sl", "pm"])
+  with pytest.raises(ValueError, match="twice"):
+    pipeline.run(["sl", "sl"], commands=["sl"])
+
+
+def test_the_tiny_pipeline_end_to_end_then_resumed(tmp_path):
+  """train_lm -> critique_revision -> sl -> feedback -> pm -> rl -> harm_model -> evaluate."""
+  gin = f"--gin_file={os.path.join(REPO, 'gin', 'experiments', 'tiny_cpu_pipeline.gin')}"
+  quiet = ["--gin.TrainConfig.progress=False"]
+  out = cli(tmp_path, "pipeline", gin, *quiet)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  stages = [s["stage"] for s in summary["stages"]]
+  assert stages == ["train_lm", "critique_revision", "sl", "feedback", "pm", "rl", "harm_model",
+                    "evaluate"]
+  assert all(s["status"] == "ran" for s in summary["stages"])
+  run = tmp_path / "runs" / "tiny_cpu"
+  report = run / "eval" / "report.html"
+  assert summary["report"] == str(report) or os.path.samefile(summary["report"], report)
+  html = report.read_text()
+  assert "Elo" in html and html.count("<img") >= 3
+  ev = json.loads((run / "eval" / "summary.json").read_text())
+  assert [p["name"] for p in ev["players"]][:2] == ["base", "sl"]
+  assert set(ev["elo"]) == {"feedback", "pm"}
+  assert set(ev["harmfulness"]["sl"]) == {"t0", "t1"}
+  status = json.loads((run / "pipeline.json").read_text())
+  assert [s["stage"] for s in status["stages"]] == stages
+
+  # Rerun: every stage is found complete with the same config and skipped.
+  again = cli(tmp_path, "pipeline", gin, *quiet, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  summary = json.loads(again.stdout.strip().splitlines()[-1])
+  assert [s["status"] for s in summary["stages"]] == ["skipped"] * len(stages)
+
+  # A changed binding reruns that stage (its own resume logic decides what to redo).
+  changed = cli(tmp_path, "pipeline", gin, *quiet, "--gin.evaluate.n_boot=10",
+                "--gin.pipeline.stages=['evaluate']", timeout=600)
+  assert changed.returncode == 0, changed.stderr[-3000:]
+  summary = json.loads(changed.stdout.strip().splitlines()[-1])
+  assert [s["status"] for s in summary["stages"]] == ["ran"]
+
+
+def test_a_failing_stage_stops_the_pipeline_with_one_line(tmp_path):
+  gin = f"--gin_file={os.path.join(REPO, 'gin', 'experiments', 'tiny_cpu_pipeline.gin')}"
+  out = cli(tmp_path, "pipeline", gin, "--gin.pipeline.stages=['sl']", timeout=300)
+  assert out.returncode != 0
+  errors = [l for l in out.stderr.splitlines() if l.startswith("cai-jax: error")]
+  # The stage's own error (its records do not exist yet), then the pipeline's.
+  assert any("critique_revision" in l for l in errors[:-1]), out.stderr[-2000:]
+  assert "stage sl failed" in errors[-1]
+  assert "Traceback" not in out.stderr
+  status = json.loads((tmp_path / "runs" / "tiny_cpu" / "pipeline.json").read_text())
+  assert status["stages"][0]["status"] == "failed"
