@@ -1,14 +1,14 @@
 """Reads the model presets in gin/models/*.gin without gin-config.
 
 A preset file is a header of `#` comments followed by lines of the form
-``ModelConfig.<field> = <python literal>``. This parser accepts exactly that
-(plus blank lines and trailing comments) so the bench scripts run on machines
-where gin-config is not installed.
+``ModelConfig.<field> = <python literal>``; ``cai_jax.plan.parse_preset`` reads exactly
+that (plus blank lines and trailing comments), so the bench scripts run on machines
+where gin-config is not installed. Listing and locating presets stays free of jax
+imports (the scripts set XLA_FLAGS / JAX_PLATFORMS before jax is imported).
 """
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import sys
@@ -16,8 +16,6 @@ from typing import Any, Dict, List, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET_DIR = os.path.join(REPO_ROOT, "gin", "models")
-
-_LINE = re.compile(r"^ModelConfig\.([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.+?)\s*$")
 
 
 def ensure_repo_on_path() -> None:
@@ -41,36 +39,15 @@ def preset_path(name_or_path: str) -> str:
   return path
 
 
-def _strip_comment(line: str) -> str:
-  """Drops a trailing `# ...` that is not inside a string literal."""
-  quote = None
-  for i, ch in enumerate(line):
-    if quote:
-      if ch == quote:
-        quote = None
-    elif ch in ("'", '"'):
-      quote = ch
-    elif ch == "#":
-      return line[:i]
-  return line
-
-
 def parse(text: str, source: str = "<preset>") -> Dict[str, Any]:
-  """{field: value} of the `ModelConfig.field = literal` lines in `text`."""
-  fields: Dict[str, Any] = {}
-  for lineno, raw in enumerate(text.splitlines(), 1):
-    line = _strip_comment(raw).strip()
-    if not line:
-      continue
-    m = _LINE.match(line)
-    if not m:
-      raise ValueError(f"{source}:{lineno}: expected 'ModelConfig.<field> = <literal>', got {raw!r}")
-    key, value = m.group(1), m.group(2)
-    try:
-      fields[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError) as e:
-      raise ValueError(f"{source}:{lineno}: {value!r} is not a Python literal") from e
-  return fields
+  """{field: value} of the `ModelConfig.field = literal` lines in `text`.
+
+  ``cai_jax.plan.parse_preset``; it imports cai_jax (and so jax) on first use: call it after
+  setting XLA_FLAGS / JAX_PLATFORMS.
+  """
+  ensure_repo_on_path()
+  from cai_jax.plan import parse_preset
+  return parse_preset(text, source)
 
 
 def header_param_count(text: str) -> Optional[int]:

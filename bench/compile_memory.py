@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _presets  # noqa: E402  (no jax import: XLA_FLAGS must be set first)
 
 _REMAT_CHOICES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
-_HBM_DEFAULTS = (("TPU v5p", 95.0), ("H100", 80.0))
+_HBM_DEFAULTS = (("TPU v5p", "v5p-2"), ("H100", "h100x1"))   # (label, topology of cai_jax.plan)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -97,18 +97,6 @@ def _rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _shard_bytes(tree: Any, shardings: Any) -> Dict[str, float]:
-  """Global and per-device bytes of a tree of ShapeDtypeStructs under its shardings."""
-  import jax
-  import numpy as np
-  total = per_device = 0
-  for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
-    item = np.dtype(x.dtype).itemsize
-    total += int(np.prod(x.shape)) * item
-    per_device += int(np.prod(s.shard_shape(x.shape))) * item
-  return {"global": total, "per_device": per_device}
-
-
 def _top_temporaries(dump_dir: str, n: int) -> List[Dict[str, Any]]:
   """The n largest values XLA placed in temporary allocations of the train step.
 
@@ -150,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> None:
   import jax
   import jax.numpy as jnp
 
-  from cai_jax import sharding, steps
+  from cai_jax import plan, sharding, steps
   from cai_jax.configs import MeshConfig, OptimizerConfig
 
   devices = jax.devices()
@@ -172,21 +160,16 @@ def main(argv: Optional[List[str]] = None) -> None:
   tx = steps.make_optimizer(OptimizerConfig())
   timings = {}
   t0 = time.perf_counter()
-  with sharding.use_mesh(mesh, rules):
-    abstract_boxed = jax.eval_shape(lambda: steps.init_state_boxed(cfg, tx, jax.random.PRNGKey(0)))
-    state_sh = sharding.logical_shardings(abstract_boxed, mesh, rules)
-  abstract = sharding.unbox_shapes(abstract_boxed)
+  state_in, state_sh = plan.abstract_train_state(cfg, tx, mesh, rules)
   timings["eval_shape_s"] = time.perf_counter() - t0
 
-  state_in = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
   shape = (args.batch, args.seq)
-  batch_dtypes = {"tokens": jnp.int32, "mask": jnp.bool_, "loss_mask": jnp.bool_}
-  batch_sh = {k: sharding.batch_sharding(mesh, rules, 2, shape) for k in batch_dtypes}
-  batch_in = {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sh[k]) for k, d in batch_dtypes.items()}
+  batch_in, batch_sh = plan.batch_structs(
+      mesh, rules, {"tokens": (shape, jnp.int32), "mask": (shape, jnp.bool_),
+                    "loss_mask": (shape, jnp.bool_)})
 
-  params_bytes = _shard_bytes(abstract.params, state_sh.params)
-  opt_bytes = _shard_bytes(abstract.opt_state, state_sh.opt_state)
+  params_bytes = plan.shard_bytes(state_in.params)
+  opt_bytes = plan.shard_bytes(state_in.opt_state)
 
   step_fn = steps.make_train_step(cfg, tx, steps.lr_schedule(OptimizerConfig()), args.microbatches)
   jitted = steps.jit_train_step(step_fn, state_sh, batch_sh)
@@ -201,23 +184,15 @@ def main(argv: Optional[List[str]] = None) -> None:
   timings["total_s"] = time.perf_counter() - t_start
   _log(f"compiled in {timings['compile_s']:.1f} s")
 
-  mem = compiled.memory_analysis()
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes", "generated_code_size_in_bytes")
-  xla = {f: int(getattr(mem, f)) for f in fields}
-  xla["total_bytes"] = (xla["argument_size_in_bytes"] + xla["output_size_in_bytes"]
-                        - xla["alias_size_in_bytes"] + xla["temp_size_in_bytes"]
-                        + xla["generated_code_size_in_bytes"])
-  peak = getattr(mem, "peak_memory_in_bytes", None)
-  if peak:
-    xla["peak_memory_in_bytes"] = int(peak)
+  xla = plan.xla_memory(compiled)
 
   top = []
   if dump_dir:
     top = _top_temporaries(dump_dir, args.top_buffers)
     shutil.rmtree(dump_dir, ignore_errors=True)
 
-  limits = (("--hbm_gib", args.hbm_gib),) if args.hbm_gib else _HBM_DEFAULTS
+  limits = (("--hbm_gib", args.hbm_gib),) if args.hbm_gib else tuple(
+      (label, plan.parse_topology(name).hbm_gib) for label, name in _HBM_DEFAULTS)
   fits = {name: {"hbm_gib": gib, "fits": _gib(xla["total_bytes"]) <= gib} for name, gib in limits}
   tokens = args.batch * args.seq
   out = {
@@ -245,7 +220,7 @@ def main(argv: Optional[List[str]] = None) -> None:
   names = {"argument_size_in_bytes": "arguments", "output_size_in_bytes": "outputs",
            "alias_size_in_bytes": "aliased (donated, counted once)", "temp_size_in_bytes": "temporaries",
            "generated_code_size_in_bytes": "generated code"}
-  for f in fields:
+  for f in plan.XLA_FIELDS:
     print(f"| {names[f]} | {_size(xla[f])} |")
   print(f"| **total** = arg + out - alias + temp + code | **{_size(xla['total_bytes'])}** |")
   print()

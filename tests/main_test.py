@@ -39,6 +39,13 @@ def test_info_prints_exact_count_as_one_json_line():
     (["sample", "--prompts=data/sample_prompts.jsonl"], "--out"),
     (["train_lm", "--gin.train_lm.dataset='missing.jsonl'", "--out_dir=/tmp/cai_jax_never"],
      "missing.jsonl"),
+    (["evaluate", "hhh", "--data=missing_hhh.jsonl"], "missing_hhh.jsonl"),
+    (["evaluate", "--out_dir=/tmp/cai_jax_never_eval", "--gin.evaluate.sl='no_such_sl_model'"],
+     "no_such_sl_model"),
+    (["evaluate", "--out_dir=/tmp/cai_jax_never_eval", "--gin.evaluate.sl=''",
+      "--gin.evaluate.rl_dir=''"], "at least two snapshots"),
+    (["pipeline", "--gin.pipeline.stages=['sl', 'frobnicate']"], "frobnicate"),
+    (["plan", "--topology=v9z-3"], "v9z-3"),
 ])
 def test_bad_input_is_one_line_error(args, needle):
   out = cli(*args)
@@ -53,6 +60,19 @@ def test_help_lists_commands():
   assert out.returncode == 0
   for command in ("train_lm", "info"):
     assert command in out.stdout
+
+
+def test_evaluate_hhh_from_the_cli_on_a_tiny_model(tmp_path):
+  base = _run_ok("train_lm", f"--out_dir={tmp_path / 'base'}", "--gin.TrainConfig.num_steps=2",
+                 "--gin.TrainConfig.progress=False")
+  assert base["steps"] == 2
+  out = _run_ok("evaluate", "hhh", "--data=tests/fixtures/hhh/anthropic_style.jsonl",
+                f"--model={tmp_path / 'base' / 'model'}", f"--gin.evaluate_hhh.out_dir='{tmp_path / 'hhh'}'",
+                "--gin.evaluate_hhh.progress=False")
+  assert out["n"] == 6 and 0.0 <= out["accuracy"] <= 1.0 and set(out["per_category"]) == {
+      json.loads(l)["category"] for l in open(os.path.join(REPO, "tests/fixtures/hhh/anthropic_style.jsonl"))
+      if l.strip()}
+  assert (tmp_path / "hhh" / "hhh_calibration.png").exists()
 
 
 def _load_params(run):

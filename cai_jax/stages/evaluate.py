@@ -105,11 +105,18 @@ def discover_players(base: str = "", sl: str = "", rl_dir: str = "",
   duplicate name or fewer than two players.
   """
   from cai_jax import model_dir
+
+  def check(name, spec):
+    if not os.path.exists(model_dir.resolve_model_spec(spec)):
+      raise FileNotFoundError(f"evaluate: snapshot {name!r}: {spec!r} does not exist")
+
   players: List[Tuple[str, str]] = []
   if base:
     players.append(("base", base))
   if sl:
     players.append(("sl", sl))
+  for name, spec in players:
+    check(name, spec)
   if rl_dir:
     if not os.path.isdir(rl_dir):
       raise FileNotFoundError(f"evaluate.rl_dir={rl_dir!r}: no such directory (run `cai-jax rl` "
@@ -145,9 +152,7 @@ def discover_players(base: str = "", sl: str = "", rl_dir: str = "",
   if dup:
     raise ValueError(f"evaluate: duplicate snapshot names {dup}; name them with 'name=path'")
   for name, spec in players:
-    path = model_dir.resolve_model_spec(spec)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"evaluate: snapshot {name!r}: {spec!r} does not exist")
+    check(name, spec)
   if len(players) < 2:
     raise ValueError(f"evaluate: Elo needs at least two snapshots, got {len(players)} "
                      f"({', '.join(names) or 'none'}); set evaluate.base, evaluate.sl, "
@@ -323,18 +328,17 @@ def _player_generate(models: _Models, spec: str, chat_format: str, temperature: 
 
 def _pm_scorer(models: _Models, spec: str, chat_format: str, batch_size: int) -> PMScore:
   from cai_jax import model_dir
-  from cai_jax.stages import pm as pm_stage
+  from cai_jax.stages import evaluate_hhh
   if model_dir.load_head(model_dir.resolve_model_spec(spec)) != "scalar":
     raise ValueError(f"evaluate.pm={spec!r} is not a scalar-head (preference) model")
   cfg, params, tok = models.load(spec)
+  pair_score = evaluate_hhh.model_pair_score_fn(params, cfg, tok, chat_format, batch_size)
 
   def score(pairs):
     comps = [{"messages": list(m), "response_a": r, "response_b": r, "p": 1.0} for m, r in pairs]
     if not comps:
       return np.zeros((0,), np.float32)
-    sa, _ = pm_stage.score_pairs(params, cfg, tok, comps, chat_format, cfg.max_seq_len,
-                                 batch_size)
-    return sa
+    return pair_score(comps)[0]
 
   return score
 
