@@ -126,8 +126,9 @@ def boilerplate(responses: Sequence[str], n: int = 3) -> Dict[str, Any]:
 
   Returns:
     ``{"rate": share of all responses that open with the most frequent n-gram,
-    "ngram": that n-gram (ties: the lexicographically first; None when no response
-    has n words), "top": [[ngram, count], ...] the 5 most frequent, by count then
+    "ngram": that n-gram (ties: the lexicographically first; None when no opening is
+    shared by two or more responses: a phrase used once is not boilerplate, and the
+    rate is then 0), "top": [[ngram, count], ...] the 5 most frequent, by count then
     alphabetically}``. Responses with fewer than ``n`` words never count as
     boilerplate but do count in the denominator.
 
@@ -137,26 +138,10 @@ def boilerplate(responses: Sequence[str], n: int = 3) -> Dict[str, Any]:
   responses = _nonempty(responses, "boilerplate")
   counts = collections.Counter(g for g in (opening_ngram(r, n) for r in responses) if g)
   top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-  if not top:
-    return {"rate": 0.0, "ngram": None, "top": []}
-  return {"rate": top[0][1] / len(responses), "ngram": top[0][0],
-          "top": [[g, c] for g, c in top]}
-
-
-def snapshot_rates(responses_by_snapshot: Mapping[str, Sequence[str]], n: int = 3
-                   ) -> Dict[str, Dict[str, float]]:
-  """``{snapshot: {"boilerplate": rate, "evasiveness": rate}}`` in snapshot order.
-
-  Raises:
-    ValueError: a snapshot with no responses (the message names it).
-  """
-  out = {}
-  for snap, responses in responses_by_snapshot.items():
-    if not list(responses):
-      raise ValueError(f"snapshot {snap!r} has no responses")
-    out[snap] = {"boilerplate": boilerplate(responses, n)["rate"],
-                 "evasiveness": evasiveness_rate(responses)}
-  return out
+  listed = [[g, c] for g, c in top]
+  if not top or top[0][1] < 2:
+    return {"rate": 0.0, "ngram": None, "top": listed}
+  return {"rate": top[0][1] / len(responses), "ngram": top[0][0], "top": listed}
 
 
 # --------------------------------------------------------------------------------------
@@ -308,7 +293,7 @@ def rate_plot(rates_by_snapshot: Mapping[str, Mapping[str, float]], path: str,
 
   Args:
     rates_by_snapshot: ``{snapshot: {rate name: value in [0, 1]}}`` in training
-      order (``snapshot_rates`` output). Rate names are the union over snapshots; a
+      order. Rate names are the union over snapshots; a
       snapshot missing one gets no bar for it.
     path: output PNG path (parent folders are created).
     title: the plot title.

@@ -95,14 +95,10 @@ def test_boilerplate_ties_and_top_five():
     monitors.boilerplate([])
 
 
-def test_snapshot_rates():
-  rates = monitors.snapshot_rates({"step-1": ["Sure, here it is.", "I can't help with that."],
-                                   "step-2": ["I can't help with that."] * 3})
-  assert list(rates) == ["step-1", "step-2"]
-  assert rates["step-1"] == {"boilerplate": 0.5, "evasiveness": 0.5}
-  assert rates["step-2"] == {"boilerplate": 1.0, "evasiveness": 1.0}
-  with pytest.raises(ValueError, match="step-3"):
-    monitors.snapshot_rates({"step-3": []})
+def test_a_phrase_used_once_is_not_boilerplate():
+  b = monitors.boilerplate(["Sure, here it is.", "I can't help with that.", "Hi."], n=3)
+  assert b["rate"] == 0.0 and b["ngram"] is None
+  assert b["top"] == [["i can't help", 1], ["sure here it", 1]]
 
 
 def test_pm_vs_sqrt_kl_sorts_and_falls_back_to_kl():
