@@ -154,6 +154,11 @@ COMMANDS: Dict[str, Command] = {
                     "models/tiny.gin", _info, False),
 }
 
+# Commands that run as one program over several processes (jax.distributed): the LM
+# fine-tunes, whose outputs are written by process 0 alone. Others refuse a multi-process run.
+MULTI_HOST_COMMANDS = ("train_lm", "sl")
+_PROCESS = {"index": 0, "count": 1}
+
 # `cai-jax WORD1 WORD2` spellings of commands whose name has an underscore.
 _SUBCOMMANDS = {("evaluate", "hhh"): "evaluate_hhh"}
 
@@ -293,19 +298,26 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
       if pipeline.is_complete(bound) and pipeline.same_config(bound, config_text):
         return {"pipeline_status": "skipped", "out_dir": bound}
     os.makedirs(bound, exist_ok=True)
-    with open(os.path.join(bound, "config.gin"), "w", encoding="utf-8") as f:
-      f.write(config_text)
+    if _PROCESS["index"] == 0:
+      with open(os.path.join(bound, "config.gin"), "w", encoding="utf-8") as f:
+        f.write(config_text)
   return fn()
 
 
 def _main(argv: List[str]) -> None:
   from cai_jax import distributed
-  distributed.main_flags_hook(FLAGS)  # before any jax use; a no-op in single-process runs
+  info = distributed.main_flags_hook(FLAGS)  # before any jax use; a no-op in single-process runs
   args = [a for a in argv[1:] if not a.startswith("-")]
   if not args:
     raise CliError("no command given; `cai-jax --help` lists the commands")
   if tuple(args[:2]) in _SUBCOMMANDS:
     args = [_SUBCOMMANDS[tuple(args[:2])]] + args[2:]
+  if info and info["process_count"] > 1:
+    _PROCESS.update(index=info["process_index"], count=info["process_count"])
+    if args[0] not in MULTI_HOST_COMMANDS:
+      raise CliError(f"{args[0]} runs in one process; a multi-process run "
+                     f"({info['process_count']} processes) supports {', '.join(MULTI_HOST_COMMANDS)} "
+                     "(pass --distributed=none to run it on one host)")
   command = COMMANDS.get(args[0])
   positional = command.positional if command else ()
   if len(args) - 1 > len(positional):

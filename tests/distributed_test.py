@@ -218,3 +218,26 @@ def test_two_processes_train_resume_and_export_like_one_process(tmp_path):
   for path, leaf in multi_leaves:
     np.testing.assert_allclose(np.asarray(leaf), np.asarray(single_leaves[jax.tree_util.keystr(path)]), atol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_single_host_command_refuses_a_multi_process_run():
+  """`rl` (one host only) under 2 processes: each exits with one line naming the commands."""
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "cai_jax.main", "rl", "--distributed=explicit",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=120))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 2, err[-2000:]
+    lines = [l for l in err.splitlines() if l.startswith("cai-jax: error")]
+    assert len(lines) == 1 and "rl runs in one process" in lines[0] and "train_lm, sl" in lines[0]
