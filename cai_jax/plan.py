@@ -388,11 +388,18 @@ def _plan_train_stage(stage: str, model_config: ModelConfig, optimizer: Optimize
   return _finish(out, hbm_bytes)
 
 
+RL_PROMPT_LEN = 512
+"""Default prompt columns of the rl plan: rl pads a rollout batch to its longest prompt
+(bucketed), and red-team prompts are short; a model's whole context would size the plan for
+prompts the stage never sees."""
+
+
 def rl_prompt_len(model_config: ModelConfig, ppo: PPOConfig, prompt_len: Optional[int]) -> int:
-  """The prompt columns P of the rl plan: `prompt_len`, default max_seq_len - max_new_tokens
-  (the longest prompt the rl stage keeps)."""
+  """The prompt columns P of the rl plan: `prompt_len`, default min(RL_PROMPT_LEN,
+  max_seq_len - max_new_tokens)."""
   n = ppo.max_new_tokens
-  p = model_config.max_seq_len - n if prompt_len is None else int(prompt_len)
+  p = (min(RL_PROMPT_LEN, model_config.max_seq_len - n) if prompt_len is None
+       else int(prompt_len))
   if p < 1 or p + n > model_config.max_seq_len:
     raise ValueError(f"plan: prompt_len {p} + PPOConfig.max_new_tokens {n} must be in "
                      f"[{n + 1}, ModelConfig.max_seq_len={model_config.max_seq_len}]")
@@ -698,7 +705,8 @@ def run(topology: str, model_config: ModelConfig = ModelConfig(), mesh: MeshConf
     stages: any of 'sl', 'pm', 'rl'.
     microbatches: gradient-accumulation splits for sl / pm (default
       train_config.num_microbatches).
-    prompt_len: prompt columns of the rl plan (default max_seq_len - ppo.max_new_tokens).
+    prompt_len: prompt columns of the rl plan (default min(RL_PROMPT_LEN,
+      max_seq_len - ppo.max_new_tokens)).
     hbm_gib: device memory to check against instead of the topology's.
     suggest: when a stage does not fit, also search ``mesh_candidates`` (``suggest_mesh``).
   Returns {topology, devices, hbm_gib, mesh: [data, fsdp, tensor], rules, microbatches,
