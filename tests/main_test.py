@@ -199,8 +199,9 @@ def test_feedback_pm_rl_on_smollm2_from_the_cli(tmp_path):
   assert fb["comparisons"] + fb["skipped_empty"] == 4
   pm = _run_ok("pm", gin, f"--gin.pm.comparisons='{tmp_path / 'fb'}'", f"--gin.pm.init_from='{model}'",
                f"--out_dir={tmp_path / 'pm'}", "--gin.pm.heldout_fraction=0.0",
-               "--gin.TrainConfig.num_steps=2", "--gin.TrainConfig.batch_size=2",
-               "--gin.TrainConfig.seq_len=256", "--gin.TrainConfig.progress=False", timeout=1800)
+               # The experiment gives pm its own (scoped) TrainConfig.
+               "--gin.pm/TrainConfig.num_steps=2", "--gin.pm/TrainConfig.batch_size=2",
+               "--gin.pm/TrainConfig.seq_len=256", "--gin.TrainConfig.progress=False", timeout=1800)
   assert pm["steps"] == 2 and np.isfinite(pm["final_loss"])
   rl = _run_ok("rl", gin, f"--policy={model}", f"--gin.rl.pm='{tmp_path / 'pm' / 'model'}'",
                f"--out_dir={tmp_path / 'rl'}", "--gin.rl.iterations=1", "--gin.rl.snapshot_every=1",
