@@ -76,8 +76,6 @@ SCALE = (0, 4)
 HARM_FILE = "harm_model.json"
 CONFIG_FILE = "harm_config.json"
 _ROLES = ("system", "user", "assistant")
-# TrainConfig fields that may change between a run and its resumption.
-_RESUMABLE_FIELDS = ("num_steps", "progress", "async_checkpoint", "save_every", "keep_checkpoints")
 
 Conversation = Tuple[Sequence[Dict[str, str]], str]
 
@@ -401,21 +399,6 @@ def summarize(scores_by_prompt: Dict[str, List[float]]) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _check_rerun(out_dir: str, run_config: dict) -> None:
-  """Writes out_dir/harm_config.json, or refuses a rerun whose config differs from it."""
-  path = os.path.join(out_dir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
-    diff = shards.config_diff(run_config, old)
-    if diff:
-      raise ValueError(f"harm_model: {out_dir} holds a run with a different {', '.join(diff)} "
-                       f"(see {path}); use a new out_dir")
-    return
-  os.makedirs(out_dir, exist_ok=True)
-  shards.write_atomic(path, json.dumps(run_config, indent=1, sort_keys=True))
-
-
 def _write_eval(out_dir: str, step: int, metrics: Dict[str, Dict[str, Any]]) -> None:
   """Appends the final eval row to metrics.jsonl (replacing one from an earlier run)."""
   from cai_jax.metrics import MetricsWriter, read_jsonl_metrics
@@ -459,7 +442,6 @@ def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
     model_config: only its runtime fields (dtype, remat, scan) are used.
   """
   from cai_jax import data as data_lib
-  from cai_jax.stages.train_lm import load_initial
   if not out_dir:
     raise ValueError("harm_model.out_dir is not set (use --out_dir=DIR)")
   if not data:
@@ -478,22 +460,12 @@ def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
                              f"than batch_size={bs}")
   offset = float(np.mean([r["harm"] for r in train_set]))
 
-  config, lm_params, tok = load_initial(init_from, model_config)
-  if tok is None:
-    raise ValueError(f"harm_model: model {init_from!r} has no tokenizer")
-  if tok.vocab_size > config.vocab_size:
-    raise ValueError(f"harm_model: tokenizer has {tok.vocab_size} tokens but the model has "
-                     f"{config.vocab_size}")
-  params = pm.pm_init_params(config, lm_params)
-  del lm_params
-
-  train_key = {k: v for k, v in dataclasses.asdict(train_config).items()
-               if k not in _RESUMABLE_FIELDS}
-  _check_rerun(out_dir, {
+  config, params, tok = pm.scalar_init(init_from, model_config, "harm_model")
+  pm.check_rerun(out_dir, {
       "data": shards.sha([train_set, heldout]), "init_from": init_from,
       "model": dataclasses.asdict(config), "chat_format": chat_format,
       "heldout_fraction": heldout_fraction, "optimizer": dataclasses.asdict(optimizer),
-      "train_config": train_key})
+      "train_config": pm.train_config_key(train_config)}, "harm_model", CONFIG_FILE)
 
   ds = harm_dataset(train_set, tok, chat_format, seq_len, bs, seed, offset)
   result = train.train(config, optimizer, train_config, mesh, ds, out_dir, init_params=params,

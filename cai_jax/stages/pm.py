@@ -272,22 +272,22 @@ def _fingerprint(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _check_rerun(out_dir: str, run_config: dict) -> None:
-  """Writes out_dir/pm_config.json, or refuses a rerun whose config differs from it."""
-  path = os.path.join(out_dir, "pm_config.json")
+def check_rerun(out_dir: str, run_config: dict, stage: str = "pm",
+                filename: str = "pm_config.json") -> None:
+  """Writes out_dir/<filename>, or refuses a rerun whose config differs from it (one line
+  naming the differing keys). Shared by the scalar-head training stages (pm, harm_model)."""
+  from cai_jax import shards
+  path = os.path.join(out_dir, filename)
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       old = json.load(f)
-    diff = sorted(k for k in set(old) | set(run_config) if old.get(k) != run_config.get(k))
+    diff = shards.config_diff(run_config, old)
     if diff:
-      raise ValueError(f"pm: {out_dir} holds a run with a different {', '.join(diff)} "
+      raise ValueError(f"{stage}: {out_dir} holds a run with a different {', '.join(diff)} "
                        f"(see {path}); use a new out_dir")
     return
   os.makedirs(out_dir, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(run_config, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  shards.write_atomic(path, json.dumps(run_config, indent=1, sort_keys=True))
 
 
 def _write_eval(out_dir: str, step: int, metrics: Dict[str, float]) -> None:
@@ -305,8 +305,24 @@ def _write_eval(out_dir: str, step: int, metrics: Dict[str, float]) -> None:
   writer.close()
 
 
-def _train_config_key(cfg: TrainConfig) -> dict:
+def train_config_key(cfg: TrainConfig) -> dict:
+  """The TrainConfig fields a resumed run must keep (all but _RESUMABLE_FIELDS)."""
   return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
+
+
+def scalar_init(init_from: str, model_config: ModelConfig, stage: str = "pm"
+                ) -> Tuple[ModelConfig, Any, Any]:
+  """(config, scalar-head params, tokenizer) of a language model to train a scalar head on:
+  ``load_initial`` + ``pm_init_params``; ValueError when the model has no tokenizer or
+  one larger than its vocabulary."""
+  from cai_jax.stages.train_lm import load_initial
+  config, lm_params, tok = load_initial(init_from, model_config)
+  if tok is None:
+    raise ValueError(f"{stage}: model {init_from!r} has no tokenizer")
+  if tok.vocab_size > config.vocab_size:
+    raise ValueError(f"{stage}: tokenizer has {tok.vocab_size} tokens but the model has "
+                     f"{config.vocab_size}")
+  return config, pm_init_params(config, lm_params), tok
 
 
 def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = None,
@@ -332,7 +348,6 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
     max_skip_fraction: error when more than this fraction of an input is skipped.
     model_config: only its runtime fields (dtype, remat, scan) are used.
   """
-  from cai_jax.stages.train_lm import load_initial
   if not out_dir:
     raise ValueError("pm.out_dir is not set (use --out_dir=DIR)")
   if not comparisons and not human_comparisons:
@@ -362,19 +377,12 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
     check_skips(counts, f"pmp_comparisons {pmp_comparisons}", max_skip_fraction)
     skips[SOURCE_PMP] = counts.as_dict()
 
-  config, lm_params, tok = load_initial(init_from, model_config)
-  if tok is None:
-    raise ValueError(f"pm: model {init_from!r} has no tokenizer")
-  if tok.vocab_size > config.vocab_size:
-    raise ValueError(f"pm: tokenizer has {tok.vocab_size} tokens but the model has "
-                     f"{config.vocab_size}")
-  params = pm_init_params(config, lm_params)
-  del lm_params
+  config, params, tok = scalar_init(init_from, model_config)
 
-  _check_rerun(out_dir, {
+  check_rerun(out_dir, {
       "data": _fingerprint([train_set, heldout]), "pmp_data": _fingerprint(pmp) if pmp else None,
       "init_from": init_from, "model": dataclasses.asdict(config), "chat_format": chat_format,
-      "optimizer": dataclasses.asdict(optimizer), "train_config": _train_config_key(train_config),
+      "optimizer": dataclasses.asdict(optimizer), "train_config": train_config_key(train_config),
       "pmp_num_steps": pmp_num_steps if pmp else None})
 
   pmp_summary = None
