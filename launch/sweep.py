@@ -10,7 +10,8 @@ Each run gets an out_dir under --out_root named from its bindings
 (Python literal) syntax: strings quoted. ``--print`` (the default) prints one command per run,
 or the launcher's command (``bash launch/tpu_vm.sh ... run -- ...``, ``sbatch ...
 launch/slurm.sbatch ...``). ``--run`` runs them one after another, skips runs whose out_dir
-already holds summary.json, and writes out_root/sweep.json (each run's bindings, out_dir,
+holds a finished run (summary.json, or a manifest marked complete: the rule of
+``cai-jax pipeline``), and writes out_root/sweep.json (each run's bindings, out_dir,
 command, status and exit code) after every run. cai-jax writes each run's effective config to
 out_dir/config.gin.
 
@@ -33,6 +34,9 @@ import subprocess
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cai_jax.stages.pipeline import is_complete  # noqa: E402  (stdlib only: no jax import)
 
 LAUNCHERS = ("local", "tpu", "slurm")
 TPU_SCRIPT = "launch/tpu_vm.sh"
@@ -234,11 +238,6 @@ def launcher_argv(run: Run, launcher: str, cai_jax_words: int = 1) -> List[str]:
   raise ValueError(f"unknown launcher {launcher!r}; one of {', '.join(LAUNCHERS)}")
 
 
-def is_complete(out_dir: str) -> bool:
-  """A run is complete when its out_dir holds summary.json (written last by every stage)."""
-  return os.path.isfile(os.path.join(out_dir, "summary.json"))
-
-
 def _write_json(path: str, data: dict) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
@@ -252,7 +251,7 @@ def run_sweep(runs: Sequence[Run], launcher: str, out_root: str, header: Dict[st
               cai_jax_words: int = 1) -> List[Dict[str, Any]]:
   """Runs every command in sequence; returns the records also written to out_root/sweep.json.
 
-  status: 'skipped' (summary.json already there; exit_code None), 'ok' / 'failed' (exit code
+  status: 'skipped' (out_dir already complete; exit_code None), 'ok' / 'failed' (exit code
   of the command; for slurm 'submitted' when sbatch succeeded).
   """
   path = os.path.join(out_root, "sweep.json")
@@ -263,7 +262,7 @@ def run_sweep(runs: Sequence[Run], launcher: str, out_root: str, header: Dict[st
   for run, rec in zip(runs, records):
     if is_complete(run.out_dir):
       rec["status"] = "skipped"
-      print(f"sweep: {run.name}: skipped ({run.out_dir}/summary.json exists)", file=sys.stderr)
+      print(f"sweep: {run.name}: skipped ({run.out_dir} holds a finished run)", file=sys.stderr)
     else:
       print(f"sweep: {run.name}: {shlex.join(rec['command'])}", file=sys.stderr, flush=True)
       t0 = time.perf_counter()
