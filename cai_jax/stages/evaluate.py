@@ -600,21 +600,17 @@ def evaluate_hhh(data: str, judges: Sequence[str], feedback_model: str, pm: str,
                  progress: bool) -> Dict[str, dict]:
   """HHH accuracy of each judge on `data` ({judge: metrics}); the PM is evaluated only
   when the data has response candidates (BIG-bench format)."""
+  from cai_jax import hhh as hhh_lib
   from cai_jax.stages import evaluate_hhh as hhh_stage
+  has_responses = all(item["kind"] == "responses" for item in hhh_lib.load_items(data))
   out = {}
   for judge in judges:
     spec, mode = (feedback_model, "mc") if judge == "feedback" else (pm, "pm")
-    if not spec:
-      continue
-    try:
-      out[judge] = hhh_stage.run(data, spec, mode=mode, out_dir=os.path.join(out_dir,
-                                                                              f"hhh-{judge}"),
-                                 template=template, chat_format=chat_format,
-                                 batch_size=batch_size, seed=seed, mesh=mesh, progress=progress)
-    except ValueError as e:
-      if mode == "pm" and "response" in str(e):
-        continue   # an options-only file: nothing a PM can score
-      raise
+    if not spec or (mode == "pm" and not has_responses):
+      continue   # no model, or option strings only: nothing a PM can score
+    out[judge] = hhh_stage.run(data, spec, mode=mode, out_dir=os.path.join(out_dir, f"hhh-{judge}"),
+                               template=template, chat_format=chat_format, batch_size=batch_size,
+                               seed=seed, mesh=mesh, progress=progress)
   return out
 
 
