@@ -197,6 +197,10 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _identity(*xs):
+  return xs   # one module-level function, so jax.jit's caches hit across calls
+
+
 def gather_to_host(tree: Any) -> Any:
   """The pytree with every jax.Array as a full numpy array on every process.
 
@@ -214,7 +218,7 @@ def gather_to_host(tree: Any) -> Any:
   named = [i for i in remote if isinstance(leaves[i].sharding, NamedSharding)]
   if named:
     replicated = tuple(NamedSharding(leaves[i].sharding.mesh, PartitionSpec()) for i in named)
-    gathered = jax.jit(lambda *xs: xs, out_shardings=replicated)(*[leaves[i] for i in named])
+    gathered = jax.jit(_identity, out_shardings=replicated)(*[leaves[i] for i in named])
     for i, x in zip(named, gathered):
       out[i] = np.asarray(x.addressable_data(0))
   others = [i for i in remote if i not in named]

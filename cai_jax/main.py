@@ -154,9 +154,10 @@ COMMANDS: Dict[str, Command] = {
                     "models/tiny.gin", _info, False),
 }
 
-# Commands that run as one program over several processes (jax.distributed): the LM
-# fine-tunes, whose outputs are written by process 0 alone. Others refuse a multi-process run.
-MULTI_HOST_COMMANDS = ("train_lm", "sl")
+# Commands that run as one program over several processes (jax.distributed): every process
+# computes the same results on one global mesh and process 0 alone writes the outputs.
+# Others refuse a multi-process run.
+MULTI_HOST_COMMANDS = ("train_lm", "sl", "sample")
 _PROCESS = {"index": 0, "count": 1}
 
 # `cai-jax WORD1 WORD2` spellings of commands whose name has an underscore.
@@ -328,7 +329,7 @@ def _main(argv: List[str]) -> None:
   flag_args.update(zip(positional, args[1:]))
   result = execute(args[0], FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_path, flag_args,
                    skip_if_complete=FLAGS.skip_if_complete)
-  if result is not None:
+  if result is not None and _PROCESS["index"] == 0:   # multi-process runs: printed once
     print(json.dumps(result, sort_keys=True))
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
-from cai_jax import axes, models, sharding
+from cai_jax import axes, distributed, models, sharding
 from cai_jax.configs import ModelConfig
 from cai_jax.transformer import Cache, init_cache
 
@@ -461,8 +461,7 @@ def _place_params(params: Params, config: ModelConfig, mesh, rules) -> Params:
   if len(leaves) != len(shardings):
     raise ValueError(f"params have {len(leaves)} arrays but the model for this config has "
                      f"{len(shardings)}")
-  return jax.tree_util.tree_unflatten(
-      treedef, [jax.device_put(x, s) for x, s in zip(leaves, shardings)])
+  return jax.tree_util.tree_unflatten(treedef, sharding.place_tree(leaves, shardings))
 
 
 def _place(batch: Dict[str, np.ndarray], mesh, rules):
@@ -580,7 +579,7 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
                       batch["row_ids"], seed, prefix_cache, prefix_logits)
 
     def collect(ids, out):
-      out = jax.device_get(out)
+      out = distributed.gather_to_host(out)
       for r, i in enumerate(ids):
         k = int(out["lengths"][r])
         results[i] = (out["tokens"][r, :k].copy(), out["logprobs"][r, :k].copy(),
@@ -673,7 +672,7 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
       return fn(params, batch["p"], batch["pm"], batch["c"], batch["cm"])
 
     def collect(ids, out):
-      out = np.asarray(jax.device_get(out))
+      out = distributed.gather_to_host(out)
       for r, i in enumerate(ids):
         results[i] = out[r, :len(conts[i])].copy()
 

@@ -73,11 +73,22 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> Tuple[int, int, int]:
 def make_mesh(config: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
   """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: all).
 
-  A fully specified mesh smaller than the device count uses the first devices.
+  A fully specified mesh smaller than the device count uses the first devices. In a
+  multi-process run the default mesh must reach a device of every process (each process
+  runs the same program on its part of one global mesh); a smaller one is a ValueError.
   """
+  explicit = devices is not None
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(config, len(devices))
   devices = devices[:int(np.prod(shape))]
+  if not explicit and jax.process_count() > 1:
+    missing = sorted({d.process_index for d in jax.devices()} - {d.process_index for d in devices})
+    if missing:
+      raise ValueError(
+          f"the mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]} uses {len(devices)} of "
+          f"{jax.device_count()} devices and none of process {missing[0]}'s; a multi-process run "
+          "needs a mesh over every process (e.g. --gin_file=gin/mesh/fsdp.gin, or "
+          "MeshConfig.data = -1)")
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
@@ -175,6 +186,20 @@ def put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
     rows = process_rows(sharding, x.shape)
     local = x if len(rows) == x.shape[0] else x[rows]
   return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+
+def place_tree(tree: Any, shardings: Any) -> Any:
+  """Places every leaf of `tree` with the matching leaf of `shardings` (same structure).
+
+  Leaves are host arrays holding the GLOBAL value (the same on every process; placed
+  with ``put_global``) or jax.Arrays (moved with ``jax.device_put``, no copy when
+  already so placed). Safe in multi-process runs.
+  """
+  def leaf(x, s):
+    if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
+      return jax.device_put(x, s)
+    return put_global(np.asarray(x), s)
+  return jax.tree_util.tree_map(leaf, tree, shardings)
 
 
 def shard_batch(batch: Any, mesh: Mesh, rules: Rules, shardings: Any = None) -> Any:

@@ -14,6 +14,10 @@ Every file is written to a ``.tmp`` name, fsynced and renamed (``write_atomic``)
 file that exists is complete and a kill -9 loses at most the shard in flight; ``.tmp``
 leftovers are removed when the directory is opened again.
 
+Multi-process runs (``cai_jax.distributed``): every process opens the run and computes
+the same rows; process 0 alone writes files, and each write ends in a barrier, so all
+processes see the same shards on disk.
+
 Resumption (``open_run``): the shard files on disk are the truth, the manifest's
 per-shard counters ("shard_sums") a cache of them. A run whose stored config hash
 differs from the new one is refused with a one-line ValueError naming the differing
@@ -27,6 +31,8 @@ import hashlib
 import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from cai_jax import distributed
 
 MANIFEST = "manifest.json"
 SHARD_PREFIX = "shard-"
@@ -126,11 +132,16 @@ class Run:
     write_atomic(self.path(MANIFEST), json.dumps(manifest, indent=1) + "\n")
 
   def write_shard(self, name: str, rows: Sequence[dict], sums: Dict[str, Any]) -> None:
-    """Writes one finished shard (atomically), then the manifest recording it."""
-    write_jsonl(self.path(name), rows)
+    """Writes one finished shard (atomically), then the manifest recording it.
+
+    Multi-process runs: every process calls it with the same rows; process 0 writes,
+    and all return once the files are on disk."""
     self.done.add(name)
     self.sums[name] = sums
-    self.write_manifest()
+    if distributed.is_primary():
+      write_jsonl(self.path(name), rows)
+      self.write_manifest()
+    distributed.barrier(f"shard:{self.path(name)}")
 
 
 def open_run(out_dir: str, stage: str, config: Dict[str, Any], names: Sequence[str],
@@ -168,8 +179,9 @@ def open_run(out_dir: str, stage: str, config: Dict[str, Any], names: Sequence[s
     run.sums = {k: v for k, v in old.get("shard_sums", {}).items() if k in run.names}
   elif any(n.startswith(tuple(prefixes)) and n.endswith(".jsonl") for n in os.listdir(out_dir)):
     raise ValueError(f"{out_dir} has shard files but no {MANIFEST}; use a new out_dir")
+  primary = distributed.is_primary()
   for n in os.listdir(out_dir):   # leftovers of a killed run
-    if n.endswith(".tmp"):
+    if n.endswith(".tmp") and primary:
       os.remove(os.path.join(out_dir, n))
   for name in run.names:
     path = run.path(name)
@@ -179,7 +191,10 @@ def open_run(out_dir: str, stage: str, config: Dict[str, Any], names: Sequence[s
         run.sums[name] = recount(name, read_jsonl(path))
     else:
       run.sums.pop(name, None)
-  run.write_manifest()
+  if primary:
+    run.write_manifest()
+  # Every process has read the same shards before any writes a new one.
+  distributed.barrier(f"open_run:{os.path.abspath(out_dir)}")
   return run
 
 

@@ -54,12 +54,7 @@ def state_from_params(model_cfg: ModelConfig, tx, params: Any, state_shardings: 
 
   params: plain pytree (numpy or jax arrays) with the same values on every process.
   """
-  if jax.process_count() == 1:
-    params = jax.device_put(params, state_shardings.params)
-  else:
-    params = jax.tree_util.tree_map(
-        lambda x, s: jax.device_put(x, s) if isinstance(x, jax.Array) and not x.is_fully_addressable
-        else sharding.put_global(np.asarray(x), s), params, state_shardings.params)
+  params = sharding.place_tree(params, state_shardings.params)
 
   def make(p):
     return steps.TrainState(step=np.zeros((), np.int32), params=p, opt_state=tx.init(p))

@@ -3,7 +3,6 @@ training exactly like 1 process x 8 devices (checkpoint, resume and export inclu
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import pytest
 from cai_jax import distributed, model_dir, sharding
 from cai_jax.configs import MeshConfig
 from cai_jax.metrics import read_jsonl_metrics
+
+import multihost
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
@@ -123,62 +124,133 @@ def test_shard_batch_places_rows_on_devices_in_mesh_order():
 # --------------------------------------------------------------------------- 2 processes x 4 devices
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _worker_env(devices: int, cache_dir) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("CAI_", "SLURM_", "TPU_"))}
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env["JAX_PLATFORMS"] = "cpu"
-  # The resumed run recompiles the same step: served from the persistent cache.
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-  env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
-  return env
-
-
 def _launch(out_dir, logs, name, devices, *flags):
   """Starts one worker; returns (Popen, stdout path, stderr path)."""
-  stdout, stderr = logs / f"{name}.out", logs / f"{name}.err"
-  with open(stdout, "w") as fo, open(stderr, "w") as fe:
-    proc = subprocess.Popen([sys.executable, WORKER, str(out_dir), *flags], cwd=REPO,
-                            env=_worker_env(devices, logs / f"cache-{devices}"), stdout=fo, stderr=fe)
-  return proc, stdout, stderr
+  return multihost.launch([sys.executable, WORKER, str(out_dir), *flags], logs, name, devices)
 
 
 def _wait(procs, deadline):
-  """Reports of all workers; kills every worker and fails (with stderr) on error or timeout."""
+  """Report dicts of all workers; kills every worker and fails (with stderr) on error or timeout."""
   reports = []
-  try:
-    for proc, stdout, stderr in procs:
-      try:
-        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        rc = None
-      if rc != 0:
-        for other, _, _ in procs:
-          other.kill()
-        logs = "\n".join(f"--- {err.name} ---\n{err.read_text()[-4000:]}" for _, _, err in procs)
-        pytest.fail(f"{stderr.stem} {'timed out' if rc is None else f'exited with {rc}'}\n{logs}")
-      lines = [l for l in stdout.read_text().splitlines() if l.startswith("REPORT ")]
-      assert len(lines) == 1, stderr.read_text()[-4000:]
-      reports.append(json.loads(lines[0][len("REPORT "):]))
-  finally:
-    for proc, _, _ in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  for _, out, err in multihost.wait(procs, max(1.0, deadline - time.monotonic())):
+    lines = [l for l in out.splitlines() if l.startswith("REPORT ")]
+    assert len(lines) == 1, err[-4000:]
+    reports.append(json.loads(lines[0][len("REPORT "):]))
   return reports
 
 
 def test_two_processes_train_resume_and_export_like_one_process(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
-  address = f"localhost:{_free_port()}"
+  address = f"localhost:{multihost.free_port()}"
+  procs = [_launch(multi, tmp_path, f"worker{i}", 4, "--mode=explicit",
+                   f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}")
+           for i in range(2)]
+  reports = _wait(procs, time.monotonic() + TIMEOUT_S)
+  # Reference: one process with 8 devices, the same mesh, steps and data.
+  [ref] = _wait([_launch(single, tmp_path, "single", 8, "--mode=none")],
+                time.monotonic() + TIMEOUT_S)
+
+  info = [r["initialize"] for r in reports]
+  assert info == [{"process_index": i, "process_count": 2, "local_devices": 4, "global_devices": 8}
+                  for i in range(2)]
+  # Process p feeds rows [p * B/P, (p + 1) * B/P) of each global batch of B = 8.
+  assert [r["rows"] for r in reports] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert [r["writes_metrics"] for r in reports] == [True, False]
+  assert [r["primary"] for r in reports] == [True, False]
+  assert ref["initialize"] == {"process_index": 0, "process_count": 1, "local_devices": 8,
+                               "global_devices": 8}
+  for r in reports + [ref]:
+    assert (r["first_resumed_from"], r["resumed_from"], r["final_step"]) == (None, 2, 4)
+  assert sorted(os.listdir(multi / "checkpoints")) == ["2", "4"]
+
+  multi_rows, single_rows = read_jsonl_metrics(multi / "metrics.jsonl"), read_jsonl_metrics(
+      single / "metrics.jsonl")
+  assert [r["step"] for r in multi_rows] == [1, 2, 3, 4]  # written once, by process 0
+  assert [r["step"] for r in single_rows] == [1, 2, 3, 4]
+  for key in ("loss", "grad_norm", "learning_rate", "tokens"):
+    np.testing.assert_allclose([r[key] for r in multi_rows], [r[key] for r in single_rows],
+                               rtol=1e-5, atol=1e-5, err_msg=key)
+  assert all(r["loss"] > 1.0 and r["grad_norm"] > 0 for r in multi_rows)
+
+  _, multi_params = model_dir.load_model(str(multi / "model"))
+  _, single_params = model_dir.load_model(str(single / "model"))
+  multi_leaves = jax.tree_util.tree_leaves_with_path(multi_params)
+  single_leaves = {jax.tree_util.keystr(p): x
+                   for p, x in jax.tree_util.tree_leaves_with_path(single_params)}
+  assert len(multi_leaves) == len(single_leaves)
+  for path, leaf in multi_leaves:
+    np.testing.assert_allclose(np.asarray(leaf), np.asarray(single_leaves[jax.tree_util.keystr(path)]), atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _errors(results):
+  """The `cai-jax: error` lines of each process's stderr."""
+  return [[l for l in err.splitlines() if l.startswith("cai-jax: error")] for _, _, err in results]
+
+
+def test_a_single_host_command_refuses_a_multi_process_run(tmp_path):
+  """`plan` (one host only) under 2 processes: each exits with one line naming the commands."""
+  results = multihost.wait(multihost.launch_cli(["plan", "--topology=v4-8"], tmp_path, 2, 1),
+                           TIMEOUT_S, expect_rc=2)
+  for lines in _errors(results):
+    assert len(lines) == 1 and "plan runs in one process" in lines[0], lines
+    assert "train_lm, sl" in lines[0]
+
+
+def test_a_mesh_without_every_process_is_a_one_line_error(tmp_path):
+  """A 1-device mesh in a 2-process run would leave process 1 out: refused, naming the mesh."""
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text('{"prompt": "hi"}\n')
+  results = multihost.wait(multihost.launch_cli(
+      ["sample", f"--prompts={prompts}", f"--out={tmp_path / 'o.jsonl'}", "--gin.sample.model='byte'",
+       "--gin_file=mesh/single.gin"], tmp_path, 2, 2), TIMEOUT_S, expect_rc=2)
+  for lines in _errors(results):
+    assert len(lines) == 1, lines
+    assert "data=1 fsdp=1 tensor=1 uses 1 of 4 devices and none of process 1's" in lines[0]
+  assert not (tmp_path / "o.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- batch rows
+
+
+def test_process_rows_single_process_holds_every_row():
+  mesh = sharding.make_mesh(MeshConfig(2, 4, 1, "fsdp"))
+  s = sharding.batch_sharding(mesh, sharding.rules_for("fsdp"), 2, (16, 4))
+  np.testing.assert_array_equal(sharding.process_rows(s, (16, 4)), np.arange(16))
+
+
+def test_shard_batch_places_rows_on_devices_in_mesh_order():
+  mesh = sharding.make_mesh(MeshConfig(2, 4, 1, "fsdp"))
+  rules = sharding.rules_for("fsdp")
+  host = {"tokens": np.arange(16 * 3, dtype=np.int32).reshape(16, 3)}
+  out = sharding.shard_batch(host, mesh, rules)["tokens"]
+  np.testing.assert_array_equal(np.asarray(out), host["tokens"])
+  for shard in out.addressable_shards:
+    k = list(mesh.devices.flat).index(shard.device)  # device k of the (data, fsdp) grid
+    np.testing.assert_array_equal(np.asarray(shard.data), host["tokens"][2 * k:2 * k + 2])
+
+
+# --------------------------------------------------------------------------- 2 processes x 4 devices
+
+
+def _launch(out_dir, logs, name, devices, *flags):
+  """Starts one worker; returns (Popen, stdout path, stderr path)."""
+  return multihost.launch([sys.executable, WORKER, str(out_dir), *flags], logs, name, devices)
+
+
+def _wait(procs, deadline):
+  """Report dicts of all workers; kills every worker and fails (with stderr) on error or timeout."""
+  reports = []
+  for _, out, err in multihost.wait(procs, max(1.0, deadline - time.monotonic())):
+    lines = [l for l in out.splitlines() if l.startswith("REPORT ")]
+    assert len(lines) == 1, err[-4000:]
+    reports.append(json.loads(lines[0][len("REPORT "):]))
+  return reports
+
+
+def test_two_processes_train_resume_and_export_like_one_process(tmp_path):
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  address = f"localhost:{multihost.free_port()}"
   procs = [_launch(multi, tmp_path, f"worker{i}", 4, "--mode=explicit",
                    f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}")
            for i in range(2)]
@@ -222,7 +294,7 @@ def test_two_processes_train_resume_and_export_like_one_process(tmp_path):
 
 def test_a_single_host_command_refuses_a_multi_process_run():
   """`rl` (one host only) under 2 processes: each exits with one line naming the commands."""
-  port = _free_port()
+  port = multihost.free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   procs = [subprocess.Popen(
       [sys.executable, "-m", "cai_jax.main", "rl", "--distributed=explicit",

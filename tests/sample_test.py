@@ -49,3 +49,30 @@ def test_malformed_prompt_file_names_the_line(tmp_path):
   assert proc.returncode == 2
   assert "p.jsonl:2" in proc.stderr and "Traceback" not in proc.stderr
   assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path):
+  """2 processes x 4 devices sample exactly what 1 process x 8 devices samples (temperature 1,
+  batches split over both processes); process 0 alone writes the file."""
+  import jax
+  from cai_jax import model_dir, models
+  from cai_jax.configs import ModelConfig
+  from cai_jax.tokenizer import load_tokenizer
+  import multihost
+
+  cfg = ModelConfig(vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                    max_seq_len=256)
+  model = model_dir.save_model(str(tmp_path / "tiny"), cfg, models.init(cfg, jax.random.PRNGKey(0)),
+                               load_tokenizer("byte"))
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"prompt number {i}" + "!" * i}) + "\n"
+                             for i in range(12)))
+  args = ["sample", f"--prompts={prompts}", f"--gin.sample.model='{model}'", "--max_new_tokens=8",
+          "--gin.sample.progress=False", "--gin_file=mesh/fsdp.gin", "--gin.sample.batch_size=8"]
+  multi = multihost.run_cli(args + [f"--out={tmp_path / 'multi.jsonl'}"], tmp_path / "logs", 2, 4)
+  single = multihost.run_cli(args + [f"--out={tmp_path / 'single.jsonl'}"], tmp_path / "logs", 1, 8)
+  assert [out.strip().splitlines()[-1].startswith("{") for out in multi] == [True, False]
+  stats = json.loads(single[0].strip().splitlines()[-1])
+  assert stats["prompts"] == 12 and stats["batches"] == 2
+  assert (tmp_path / "multi.jsonl").read_text() == (tmp_path / "single.jsonl").read_text()
+  assert not os.path.exists(str(tmp_path / "multi.jsonl") + ".tmp")

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Optional
 
-from cai_jax import data, model_dir, sampler, sharding
+from cai_jax import data, distributed, model_dir, sampler, sharding
 from cai_jax.configs import MeshConfig
 from cai_jax.tokenizer import encode_chat, stop_strings, trim_at_stop
 
@@ -67,6 +67,17 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
   result = sampler.generate(params, config, ids, params_s, batch_size, mesh=m, rules=rules,
                             progress=progress, truncate=truncate)
   seconds = time.perf_counter() - t0
+  stats = dict(result.stats)
+  stats.update(out=out, seconds=round(seconds, 2),
+               tokens_per_s=round(stats.get("generated_tokens", 0) / max(seconds, 1e-9), 1))
+  if distributed.is_primary():   # multi-process runs: every process holds every result
+    _write(out, rows, result, tok, stops)
+  distributed.barrier(f"sample:{out}")
+  return stats
+
+
+def _write(out: str, rows, result: sampler.GenerateResult, tok, stops) -> None:
+  """The output JSONL, written to a temporary name and renamed when complete."""
   tmp = out + ".tmp"
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(tmp, "w", encoding="utf-8") as f:
@@ -78,7 +89,3 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
           "finish_reason": result.finish_reasons[i], "num_tokens": int(result.lengths[i]),
       }, ensure_ascii=False) + "\n")
   os.replace(tmp, out)
-  stats = dict(result.stats)
-  stats.update(out=out, seconds=round(seconds, 2),
-               tokens_per_s=round(stats.get("generated_tokens", 0) / max(seconds, 1e-9), 1))
-  return stats
