@@ -157,8 +157,11 @@ COMMANDS: Dict[str, Command] = {
 # Commands that run as one program over several processes (jax.distributed): every process
 # computes the same results on one global mesh and process 0 alone writes the outputs.
 # Others refuse a multi-process run.
-MULTI_HOST_COMMANDS = ("train_lm", "sl", "sample")
+MULTI_HOST_COMMANDS = ("train_lm", "sl", "sample", "critique_revision")
 _PROCESS = {"index": 0, "count": 1}
+# `pipeline`: the --distributed* flags its stages get, and this process's index when known
+# before any stage runs (None: a cluster launch whose index only jax detects).
+_PIPELINE: Dict[str, object] = {"distributed_args": [], "process_id": 0}
 
 # `cai-jax WORD1 WORD2` spellings of commands whose name has an underscore.
 _SUBCOMMANDS = {("evaluate", "hhh"): "evaluate_hhh"}
@@ -288,15 +291,19 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
     cli_args = ([f"--gin_file={f}" for f in gin_files] + [f"--gin_bindings={b}" for b in bindings
                                                           if not b.startswith("pipeline.")]
                 + [f"--gin_search_path={p}" for p in search_paths])
-    return fn(cli_args=cli_args, commands=[c for c in COMMANDS if c != "pipeline"])
+    return fn(cli_args=cli_args + list(_PIPELINE["distributed_args"]),
+              commands=[c for c in COMMANDS if c != "pipeline"], process_id=_PIPELINE["process_id"])
   if COMMANDS[command].writes_out_dir:
     bound = gin.get_bindings(name).get("out_dir")
     if not bound:
       raise CliError(f"no output directory: pass --out_dir=DIR or bind {command}.out_dir")
     config_text = gin.config_str()
     if skip_if_complete:
+      from cai_jax import distributed
       from cai_jax.stages import pipeline
-      if pipeline.is_complete(bound) and pipeline.same_config(bound, config_text):
+      skip = pipeline.is_complete(bound) and pipeline.same_config(bound, config_text)
+      distributed.barrier(f"skip_if_complete:{bound}")  # every process decided before config.gin changes
+      if skip:
         return {"pipeline_status": "skipped", "out_dir": bound}
     os.makedirs(bound, exist_ok=True)
     if _PROCESS["index"] == 0:
@@ -305,14 +312,32 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
   return fn()
 
 
+def _distributed_args() -> List[str]:
+  """The --distributed* flags as given, for the stage processes of a pipeline."""
+  out = [f"--distributed={FLAGS.distributed}"]
+  for name in ("coordinator_address", "num_processes", "process_id"):
+    if FLAGS[name].value is not None:
+      out.append(f"--{name}={FLAGS[name].value}")
+  return out
+
+
 def _main(argv: List[str]) -> None:
   from cai_jax import distributed
-  info = distributed.main_flags_hook(FLAGS)  # before any jax use; a no-op in single-process runs
   args = [a for a in argv[1:] if not a.startswith("-")]
-  if not args:
-    raise CliError("no command given; `cai-jax --help` lists the commands")
   if tuple(args[:2]) in _SUBCOMMANDS:
     args = [_SUBCOMMANDS[tuple(args[:2])]] + args[2:]
+  if args[:1] == ["pipeline"]:
+    # Each stage process joins the multi-process run itself; the pipeline only forwards the
+    # flags (and the environment), so it must not hold the coordinator.
+    launch = distributed.detect_launch(FLAGS.distributed, FLAGS.coordinator_address,
+                                       FLAGS.num_processes, FLAGS.process_id)
+    _PIPELINE.update(distributed_args=_distributed_args(),
+                     process_id=0 if launch is None else launch.process_id)
+    info = None
+  else:
+    info = distributed.main_flags_hook(FLAGS)  # before any jax use; no-op in single-process runs
+  if not args:
+    raise CliError("no command given; `cai-jax --help` lists the commands")
   if info and info["process_count"] > 1:
     _PROCESS.update(index=info["process_index"], count=info["process_count"])
     if args[0] not in MULTI_HOST_COMMANDS:
@@ -329,8 +354,15 @@ def _main(argv: List[str]) -> None:
   flag_args.update(zip(positional, args[1:]))
   result = execute(args[0], FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_path, flag_args,
                    skip_if_complete=FLAGS.skip_if_complete)
-  if result is not None and _PROCESS["index"] == 0:   # multi-process runs: printed once
-    print(json.dumps(result, sort_keys=True))
+  if result is not None:
+    if _PROCESS["count"] > 1:
+      # Every process prints its result, saying which it is, in one write on a line of its
+      # own: the collectives runtime prints to the same stdout from its own buffers.
+      result = dict(result, process_index=_PROCESS["index"])
+      sys.stdout.flush()
+      os.write(sys.stdout.fileno(), ("\n" + json.dumps(result, sort_keys=True) + "\n").encode())
+    else:
+      print(json.dumps(result, sort_keys=True))
 
 
 # Errors that mean "bad input": reported as one line, no traceback.

@@ -109,6 +109,17 @@ def wait(procs: Sequence[Proc], timeout_s: float = TIMEOUT_S, expect_rc: Optiona
 
 
 def run_cli(args: Sequence[str], log_dir, processes: int = 2, devices: int = 4,
-            name: str = "cli", timeout_s: float = TIMEOUT_S) -> List[str]:
+            name: str = "cli", timeout_s: float = TIMEOUT_S, cwd: str = REPO) -> List[str]:
   """Runs ``launch_cli`` to completion; each process's stdout (all must exit 0)."""
-  return [out for _, out, _ in wait(launch_cli(args, log_dir, processes, devices, name), timeout_s)]
+  return [out for _, out, _ in wait(launch_cli(args, log_dir, processes, devices, name, cwd),
+                                    timeout_s)]
+
+
+def result(stdout: str) -> dict:
+  """The JSON result a command printed (its last JSON-object line; the collectives runtime
+  of a multi-process run prints other lines to the same stdout). Fails the test if none."""
+  from cai_jax.stages.pipeline import last_json_line
+  value = last_json_line(stdout)
+  if not value:
+    pytest.fail(f"no JSON result in stdout:\n{stdout[-2000:]}")
+  return value

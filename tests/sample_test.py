@@ -71,8 +71,11 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
           "--gin.sample.progress=False", "--gin_file=mesh/fsdp.gin", "--gin.sample.batch_size=8"]
   multi = multihost.run_cli(args + [f"--out={tmp_path / 'multi.jsonl'}"], tmp_path / "logs", 2, 4)
   single = multihost.run_cli(args + [f"--out={tmp_path / 'single.jsonl'}"], tmp_path / "logs", 1, 8)
-  assert [out.strip().splitlines()[-1].startswith("{") for out in multi] == [True, False]
-  stats = json.loads(single[0].strip().splitlines()[-1])
+  results = [multihost.result(out) for out in multi]
+  assert [r.pop("process_index") for r in results] == [0, 1]
+  assert results[0] == results[1]
+  stats = multihost.result(single[0])
+  assert "process_index" not in stats
   assert stats["prompts"] == 12 and stats["batches"] == 2
   assert (tmp_path / "multi.jsonl").read_text() == (tmp_path / "single.jsonl").read_text()
   assert not os.path.exists(str(tmp_path / "multi.jsonl") + ".tmp")

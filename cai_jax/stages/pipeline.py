@@ -11,6 +11,12 @@ the one this run would use is skipped; any other stage runs, and its own resume 
 continues a half-finished run (finished shards and checkpoints are kept). A stage that
 fails stops the pipeline with its exit status; rerunning the command continues from it.
 
+Multi-process runs (``cai_jax.distributed``): start the same `cai-jax pipeline` command
+on every host (as for any stage). The pipeline process itself joins nothing: it passes its
+--distributed* flags (and environment) to each stage process, which joins the run; every
+host's pipeline makes the same skip decisions from the shared output directories, and
+process 0 writes `pipeline.json`.
+
 Output: one line per stage on stderr ("ran" / "skipped", seconds), `pipeline.json` in
 `out_dir` (when bound) with the same, and the final summary as the return value: the
 stages, total seconds and, when `evaluate` ran, the report's path and Elo table.
@@ -61,13 +67,28 @@ def same_config(out_dir: str, config_text: str) -> bool:
     return f.read() == config_text
 
 
+def last_json_line(text: str) -> dict:
+  """The last line of a command's stdout that is a JSON object (its result), or {}.
+
+  Multi-process runs: the collectives runtime prints its own lines to the same stdout."""
+  for line in reversed(text.splitlines()):
+    if line.startswith("{"):
+      try:
+        value = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(value, dict):
+        return value
+  return {}
+
+
 def _log(msg: str) -> None:
   print(f"pipeline: {msg}", file=sys.stderr, flush=True)
 
 
 def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
         cli_args: Sequence[str] = (), commands: Sequence[str] = (),
-        python: Optional[str] = None) -> dict:
+        python: Optional[str] = None, process_id: Optional[int] = 0) -> dict:
   """Runs the stages in order; returns the pipeline summary.
 
   Args:
@@ -77,6 +98,9 @@ def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
       --gin_search_path=...); given by the CLI.
     commands: the known command names (for the error on an unknown stage).
     python: the interpreter running `-m cai_jax.main` (default: this one).
+    process_id: this process's index in a multi-process run (0 when single-process), or
+      None when only the stages learn it (a cluster launch that jax detects): then it is
+      the "process_index" of the first stage result.
   Raises:
     ValueError for an unknown or repeated stage; StageFailed (one line, naming the stage,
     with its exit status) when a stage fails.
@@ -92,8 +116,10 @@ def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
   done: List[Dict[str, object]] = []
   results: Dict[str, object] = {}
 
+  primary = {"known": process_id is not None, "value": process_id == 0}
+
   def write_status():
-    if out_dir:
+    if out_dir and primary["value"]:
       os.makedirs(out_dir, exist_ok=True)
       from cai_jax.shards import write_atomic
       write_atomic(os.path.join(out_dir, "pipeline.json"),
@@ -113,8 +139,9 @@ def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
       raise StageFailed(f"pipeline: stage {stage} failed (exit status {proc.returncode}); "
                         "fix the error above and rerun to continue from this stage",
                         proc.returncode)
-    lines = [l for l in proc.stdout.strip().splitlines() if l.strip()]
-    result = json.loads(lines[-1]) if lines else {}
+    result = last_json_line(proc.stdout)
+    if not primary["known"] and result:   # a multi-process stage names its process
+      primary.update(known=True, value=result.get("process_index", 0) == 0)
     status = "skipped" if result.get("pipeline_status") == "skipped" else "ran"
     results[stage] = result
     done.append({"stage": stage, "status": status, "seconds": seconds})
