@@ -38,6 +38,8 @@ import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from cai_jax.stages.pipeline import last_json_line  # noqa: E402  (no jax import)
 NAMES = ("train_step", "sample", "ppo_step")
 
 # The project's GPU targets (bench/RESULTS.md): ratios are cai_jax / transformers tokens/s.
@@ -100,20 +102,6 @@ def child_env(device: str, environ: Optional[Dict[str, str]] = None) -> Dict[str
     env["JAX_PLATFORMS"] = "cpu"
     env["CUDA_VISIBLE_DEVICES"] = ""
   return env
-
-
-def last_json(text: str) -> Optional[dict]:
-  """The last line of `text` that parses as a JSON object, or None."""
-  for line in reversed(text.splitlines()):
-    line = line.strip()
-    if line.startswith("{"):
-      try:
-        value = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(value, dict):
-        return value
-  return None
 
 
 # ----------------------------------------------------------------------------- the table
@@ -287,7 +275,7 @@ def run_bench(bench: Bench, out_dir: str, timeout: Optional[float]) -> Dict[str,
     print(f"[gpu_suite] {bench.name}: killed after {timeout:g} s", file=sys.stderr)
   print(f"[gpu_suite] {bench.name}: exit {code} after {seconds:.1f} s", file=sys.stderr, flush=True)
   return {"argv": bench.argv, "exit_code": code, "timed_out": timed_out,
-          "seconds": round(seconds, 3), "log": log_path, "result": last_json(stdout)}
+          "seconds": round(seconds, 3), "log": log_path, "result": last_json_line(stdout) or None}
 
 
 def _gpu_names() -> List[str]:

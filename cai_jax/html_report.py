@@ -348,6 +348,12 @@ def render_html(report: Mapping[str, Any], out_dir: str) -> str:
   return "\n".join(out) + "\n"
 
 
+def report_paths(out_dir: str, name: str = "report") -> Tuple[str, str]:
+  """``(html_path, json_path)`` that ``write_report(report, out_dir, name)`` writes and
+  returns (the paths a multi-process run's other processes report without writing)."""
+  return os.path.join(out_dir, f"{name}.html"), os.path.join(out_dir, f"{name}.json")
+
+
 def write_report(report: Mapping[str, Any], out_dir: str, name: str = "report"
                  ) -> Tuple[str, str]:
   """Writes ``out_dir/<name>.html`` and ``out_dir/<name>.json``.
@@ -372,8 +378,7 @@ def write_report(report: Mapping[str, Any], out_dir: str, name: str = "report"
   data = json.dumps(_jsonable(report, "report"), indent=1, sort_keys=True,
                     ensure_ascii=False) + "\n"
   os.makedirs(out_dir, exist_ok=True)
-  html_path = os.path.join(out_dir, f"{name}.html")
-  json_path = os.path.join(out_dir, f"{name}.json")
+  html_path, json_path = report_paths(out_dir, name)
   tmps = [html_path + ".tmp", json_path + ".tmp"]
   try:
     for tmp, text in zip(tmps, (page, data)):

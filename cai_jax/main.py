@@ -157,7 +157,8 @@ COMMANDS: Dict[str, Command] = {
 # Commands that run as one program over several processes (jax.distributed): every process
 # computes the same results on one global mesh and process 0 alone writes the outputs.
 # Others refuse a multi-process run.
-MULTI_HOST_COMMANDS = ("train_lm", "sl", "sample", "critique_revision")
+MULTI_HOST_COMMANDS = ("train_lm", "sl", "sample", "critique_revision", "feedback", "pm", "rl", "dpo",
+                       "harm_model", "evaluate", "evaluate_hhh", "redteam_prompts")
 _PROCESS = {"index": 0, "count": 1}
 # `pipeline`: the --distributed* flags its stages get, and this process's index when known
 # before any stage runs (None: a cluster launch whose index only jax detects).

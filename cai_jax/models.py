@@ -6,12 +6,14 @@ Stages use only these functions, never Flax modules directly.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cai_jax import sharding
 from cai_jax.configs import ModelConfig
 from cai_jax.transformer import Decoder, last_token_index
 
@@ -72,3 +74,31 @@ def score(params: Params, config: ModelConfig, tokens: Array,
     mask = jnp.ones(tokens.shape, bool)
   v = values(params, config, tokens, mask)
   return jnp.take_along_axis(v, last_token_index(mask)[:, None], axis=1)[:, 0]
+
+
+@functools.lru_cache(maxsize=None)
+def _param_shardings(config: ModelConfig, head: str, mesh, rules):
+  with sharding.use_mesh(mesh, rules):
+    return sharding.logical_shardings(abstract_params(config, head), mesh, rules)
+
+
+def param_shardings(config: ModelConfig, head: str, mesh, rules) -> Any:
+  """NamedShardings of a `head` ('lm' | 'scalar') model's params on the mesh (logical rules)."""
+  return _param_shardings(config, head, mesh, sharding.hashable_rules(rules))
+
+
+def place_params(params: Any, config: ModelConfig, mesh, rules, head: str = "lm") -> Any:
+  """params (host arrays holding the same global values on every process, or jax arrays)
+  in their logical sharding on the mesh: no copy for arrays already so placed, safe in
+  multi-process runs (``sharding.place_tree``). Unchanged without a mesh.
+
+  Raises ValueError when params has another number of arrays than the model."""
+  if mesh is None:
+    return params
+  shardings = jax.tree_util.tree_leaves(param_shardings(config, head, mesh, rules),
+                                        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  if len(leaves) != len(shardings):
+    raise ValueError(f"params have {len(leaves)} arrays but a {head!r}-head model of this config "
+                     f"has {len(shardings)}")
+  return jax.tree_util.tree_unflatten(treedef, sharding.place_tree(leaves, shardings))

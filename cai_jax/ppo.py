@@ -18,21 +18,31 @@ per-token rewards = score at the last token - β·KL, GAE advantages and returns
 ``make_policy_step`` / ``make_value_step`` build the jitted minibatch updates
 (state, batch) -> (state, metrics). Units: log-probs in nats, scores / values / rewards
 in PM-score units, KL in nats (per sequence where named so).
+
+On a mesh (``mesh``/``rules`` arguments; multi-process runs included) the policy / value
+TrainStates live in their logical shardings (``state_shardings``, ``init_state``), the
+reference and PM params too (``models.place_params``), the update steps are jitted with those
+shardings (state donated, metrics replicated scalars) and take minibatches placed with
+``sharding.shard_batch`` over the batch shards; ``rollout`` places its batch the same way
+and gathers its results to every process (``distributed.gather_to_host``). Without a
+mesh everything runs unsharded as plain jits.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cai_jax import losses, models
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cai_jax import distributed, losses, models, sharding
 from cai_jax.configs import ModelConfig, OptimizerConfig, PPOConfig  # noqa: F401  (PPOConfig re-exported)
-from cai_jax.steps import TrainState, lr_schedule, make_optimizer
+from cai_jax.steps import TrainState, init_state_boxed, lr_schedule, make_optimizer
 
 Array = jax.Array
 Params = Any
@@ -46,6 +56,25 @@ def compiled_part(ppo: PPOConfig) -> PPOConfig:
   return PPOConfig(kl_kind=ppo.kl_kind, gamma=ppo.gamma, lam=ppo.lam, clip=ppo.clip,
                    value_clip=ppo.value_clip, whiten_advantages=ppo.whiten_advantages,
                    value_loss_coef=ppo.value_loss_coef)
+
+
+# --------------------------------------------------------------------------------------
+# Placement on a mesh
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def state_shardings(config: ModelConfig, head: str, optimizer: OptimizerConfig, mesh, rules
+                    ) -> TrainState:
+  """NamedShardings of a TrainState (params and optimizer state) of that model."""
+  tx = make_optimizer(optimizer)
+  with sharding.use_mesh(mesh, rules):
+    abstract = jax.eval_shape(lambda: init_state_boxed(config, tx, jax.random.PRNGKey(0), head))
+    return sharding.logical_shardings(abstract, mesh, rules)
+
+
+def _put(batch: Dict[str, Any], mesh, rules) -> Dict[str, Any]:
+  return batch if mesh is None else sharding.shard_batch(batch, mesh, rules)
 
 
 # --------------------------------------------------------------------------------------
@@ -134,13 +163,15 @@ def _jitted_rollout(policy_cfg, ref_cfg, value_cfg, ppo):
 
 def rollout(policy_params: Params, policy_cfg: ModelConfig, ref_params: Params,
             ref_cfg: ModelConfig, value_params: Params, value_cfg: ModelConfig,
-            batch: Dict[str, Any], scores: Any, beta: float, ppo: PPOConfig
-            ) -> Dict[str, np.ndarray]:
+            batch: Dict[str, Any], scores: Any, beta: float, ppo: PPOConfig, mesh=None,
+            rules=None) -> Dict[str, np.ndarray]:
   """Everything the updates need for one sampled batch (one jitted forward of each model).
 
   batch: ``make_batch`` arrays (B rows, N response columns); scores: [B] PM score of each
-  (prompt, response); beta: KL coefficient. Returns host arrays, all [B, N] and 0 at
-  response pads:
+  (prompt, response); beta: KL coefficient. mesh, rules: batch and scores are placed over
+  the batch shards (B must divide over them; params should already be placed) and the
+  results gathered to every process (a collective). Returns host arrays, all [B, N] and
+  0 at response pads:
     logp: log π(a_t) recomputed under the policy (the "old" log-probs of the ratio);
     ref_logp: log π_ref(a_t); values: V(s_t) of the value model; entropy: entropy of
     the policy's next-token distribution at each response position (nats); kl: per-token
@@ -149,9 +180,10 @@ def rollout(policy_params: Params, policy_cfg: ModelConfig, ref_params: Params,
     GAE returns (un-whitened advantages + values).
   """
   fn = _jitted_rollout(policy_cfg, ref_cfg, value_cfg, compiled_part(ppo))
-  out = fn(policy_params, ref_params, value_params, batch,
-           jnp.asarray(scores, jnp.float32), jnp.asarray(beta, jnp.float32))
-  return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+  placed = _put(dict(batch, scores=np.asarray(scores, np.float32)), mesh, rules)
+  scores = placed.pop("scores")
+  out = fn(policy_params, ref_params, value_params, placed, scores, np.float32(beta))
+  return {k: np.asarray(v) for k, v in distributed.gather_to_host(out).items()}
 
 
 def rollout_metrics(ro: Dict[str, np.ndarray], response_mask: np.ndarray, scores: np.ndarray,
@@ -238,34 +270,70 @@ def _make_step(loss_fn, config: ModelConfig, ppo: PPOConfig, optimizer: Optimize
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_step(loss_fn, config, ppo, optimizer, prefix):
-  return jax.jit(_make_step(loss_fn, config, ppo, optimizer, prefix), donate_argnums=(0,))
+def _jitted_step(loss_fn, config, ppo, optimizer, prefix, head, mesh, rules):
+  step = _make_step(loss_fn, config, ppo, optimizer, prefix)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=(0,))
+  state = state_shardings(config, head, optimizer, mesh, rules)
+  # Every minibatch field is [b, ...] with b split over the batch shards (a prefix sharding).
+  batch = sharding.batch_sharding(mesh, rules, 2)
+  return jax.jit(step, in_shardings=(state, batch),
+                 out_shardings=(state, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
 
 
-def make_policy_step(config: ModelConfig, ppo: PPOConfig, optimizer: OptimizerConfig):
+def _placing(step, mesh, rules):
+  if mesh is None:
+    return step
+  return lambda state, batch: step(state, sharding.shard_batch(batch, mesh, rules))
+
+
+def make_policy_step(config: ModelConfig, ppo: PPOConfig, optimizer: OptimizerConfig, mesh=None,
+                     rules=None):
   """Jitted (state, batch) -> (state, metrics) for the policy (state donated).
 
-  batch as in ``policy_loss``. Metrics (scalars): policy_loss, policy_grad_norm,
-  policy_learning_rate, policy_clip_frac, policy_approx_kl, policy_ratio_mean,
-  policy_entropy.
+  batch as in ``policy_loss`` (host arrays; with a mesh they are placed over the batch
+  shards and the state must be in ``state_shardings(config, 'lm', ...)``). Metrics
+  (replicated scalars): policy_loss, policy_grad_norm, policy_learning_rate,
+  policy_clip_frac, policy_approx_kl, policy_ratio_mean, policy_entropy.
   """
-  return _jitted_step(policy_loss, config, compiled_part(ppo), optimizer, "policy")
+  step = _jitted_step(policy_loss, config, compiled_part(ppo), optimizer, "policy", "lm", mesh,
+                      rules)
+  return _placing(step, mesh, rules)
 
 
-def make_value_step(config: ModelConfig, ppo: PPOConfig, optimizer: OptimizerConfig):
+def make_value_step(config: ModelConfig, ppo: PPOConfig, optimizer: OptimizerConfig, mesh=None,
+                    rules=None):
   """Jitted (state, batch) -> (state, metrics) for the value model (state donated).
 
-  batch as in ``value_loss``. Metrics: value_loss, value_grad_norm, value_learning_rate,
-  value_clip_frac, value_explained_variance, value_value_mean, value_return_mean.
+  batch as in ``value_loss`` (placed as in ``make_policy_step``; state in
+  ``state_shardings(config, 'scalar', ...)``). Metrics: value_loss, value_grad_norm,
+  value_learning_rate, value_clip_frac, value_explained_variance, value_value_mean,
+  value_return_mean.
   """
-  return _jitted_step(value_loss, config, compiled_part(ppo), optimizer, "value")
+  step = _jitted_step(value_loss, config, compiled_part(ppo), optimizer, "value", "scalar", mesh,
+                      rules)
+  return _placing(step, mesh, rules)
 
 
-def init_state(params: Params, optimizer: OptimizerConfig) -> TrainState:
-  """A fresh TrainState holding a COPY of params (the caller's arrays survive donation)."""
-  params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=make_optimizer(optimizer).init(params))
+def init_state(params: Params, optimizer: OptimizerConfig, config: Optional[ModelConfig] = None,
+               head: str = "lm", mesh=None, rules=None) -> TrainState:
+  """A fresh TrainState holding a COPY of params (the caller's arrays survive donation).
+
+  With a mesh (and the model's config / head) the state is built in its logical
+  shardings (``state_shardings``); params must hold the same values on every process.
+  """
+  tx = make_optimizer(optimizer)
+
+  def make(p):
+    p = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), p)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+
+  if mesh is None:
+    return make(params)
+  shardings = state_shardings(config, head, optimizer, mesh, rules)
+  params = sharding.place_tree(params, shardings.params)
+  with sharding.use_mesh(mesh, rules):
+    return jax.jit(make, in_shardings=(shardings.params,), out_shardings=shardings)(params)
 
 
 def minibatches(ro: Dict[str, np.ndarray], batch: Dict[str, np.ndarray], ppo: PPOConfig,

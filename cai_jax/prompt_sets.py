@@ -316,9 +316,17 @@ def prepare(name: str, data_dir: Optional[str] = None) -> str:
   if builder.is_prepared():
     if builder.info.metadata.get("source_sha256") == current:
       return str(builder.data_path)
-    shutil.rmtree(str(builder.data_path))   # stale: the shipped file changed
+    # stale: the shipped file changed (another process may be removing it too)
+    shutil.rmtree(str(builder.data_path), ignore_errors=True)
     builder = cls(data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(file_format="array_record")
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except FileExistsError:
+    # Processes sharing data_dir (a multi-process run, parallel sweeps) prepare it at once;
+    # tfds renames its finished copy into place, so the later rename fails.
+    builder = cls(data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      raise
   return str(builder.data_path)
 
 

@@ -30,13 +30,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from cai_jax import axes, distributed, models, sharding
@@ -420,48 +419,12 @@ def _pad(seqs: Sequence[Sequence[int]], length: int, rows: int, left: bool):
   return tokens, mask
 
 
-def _hashable_rules(rules):
-  """Rules as nested tuples (they key the cache of jitted programs)."""
-  if rules is None:
-    return None
-  return tuple((name, tuple(target) if isinstance(target, list) else target)
-               for name, target in rules)
-
-
 def _mesh_context(mesh, rules):
   if mesh is None:
     return contextlib.nullcontext()
   if rules is None:
     raise ValueError("a mesh needs logical rules (e.g. sharding.rules_for('fsdp_tp'))")
   return sharding.use_mesh(mesh, rules)
-
-
-def _batch_multiple(mesh, rules) -> int:
-  """Number of batch shards: the product of the mesh axes the rules map `batch` to."""
-  if mesh is None:
-    return 1
-  entry = nn.logical_to_mesh_axes((axes.BATCH,), rules)[0]
-  names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-  return int(np.prod([mesh.shape[a] for a in names]))
-
-
-@functools.lru_cache(maxsize=None)
-def _param_shardings(config: ModelConfig, mesh, rules):
-  with sharding.use_mesh(mesh, rules):
-    return sharding.logical_shardings(models.abstract_params(config), mesh, rules)
-
-
-def _place_params(params: Params, config: ModelConfig, mesh, rules) -> Params:
-  """Puts params in their logical sharding on the mesh (no copy if already there)."""
-  if mesh is None:
-    return params
-  shardings = jax.tree_util.tree_leaves(
-      _param_shardings(config, mesh, rules), is_leaf=lambda x: isinstance(x, NamedSharding))
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  if len(leaves) != len(shardings):
-    raise ValueError(f"params have {len(leaves)} arrays but the model for this config has "
-                     f"{len(shardings)}")
-  return jax.tree_util.tree_unflatten(treedef, sharding.place_tree(leaves, shardings))
 
 
 def _place(batch: Dict[str, np.ndarray], mesh, rules):
@@ -486,7 +449,7 @@ def _fit_length(i: int, seq: Sequence[int], limit: int, what: str, detail: str,
 def _run_pipelined(jobs, dispatch, collect, progress: bool, desc: str):
   """Dispatches job j+1 before fetching job j, so host work overlaps device work."""
   pending = None
-  with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
+  with tqdm(total=len(jobs), desc=desc, disable=not (progress and distributed.is_primary())) as bar:
     for job in jobs:
       out = dispatch(job)
       if pending is not None:
@@ -526,7 +489,7 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
     GenerateResult (see its docstring); stats counts truncations.
   """
   spec = _DecodeSpec.of(sampling)
-  rules = _hashable_rules(rules)
+  rules = sharding.hashable_rules(rules)
   n = spec.max_new_tokens
   prefix = [int(t) for t in prefix] if prefix else []
   limit = config.max_seq_len - n - len(prefix)
@@ -546,7 +509,7 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
                        "unless a prefix is given)")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  multiple = _batch_multiple(mesh, rules)
+  multiple = sharding.batch_shards(mesh, rules)
   rows = -(-batch_size // multiple) * multiple
 
   num = len(prompts)
@@ -556,7 +519,7 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
   results: Dict[int, Tuple] = {}
 
   with _mesh_context(mesh, rules):
-    params = _place_params(params, config, mesh, rules)
+    params = models.place_params(params, config, mesh, rules)
     batch_fn = _jitted("batch", config, spec, mesh, rules)
     prefix_cache = prefix_logits = None
     if prefix:
@@ -631,7 +594,7 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
   """
   if len(prompts) != len(continuations):
     raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-  rules = _hashable_rules(rules)
+  rules = sharding.hashable_rules(rules)
   if truncate not in (None, "left"):
     raise ValueError(f"truncate={truncate!r}; expected None or 'left'")
   conts = [[int(t) for t in c] for c in continuations]
@@ -650,7 +613,7 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
     stats.update(truncated_prompts=n_trunc, truncated_tokens=dropped)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  multiple = _batch_multiple(mesh, rules)
+  multiple = sharding.batch_shards(mesh, rules)
   rows = -(-batch_size // multiple) * multiple
   num = len(fitted)
   order = sorted(range(num), key=lambda i: (len(fitted[i]), len(conts[i])))
@@ -658,7 +621,7 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
   results: Dict[int, np.ndarray] = {}
 
   with _mesh_context(mesh, rules):
-    params = _place_params(params, config, mesh, rules)
+    params = models.place_params(params, config, mesh, rules)
     fn = _jitted("score", config, None, mesh, rules)
 
     def dispatch(ids):
@@ -689,6 +652,45 @@ def sum_logprobs(params: Params, config: ModelConfig, prompts: Sequence[Sequence
 
 # ----------------------------------------------------------------------------------------
 # Text level: the one place where stages turn the sampler into a text generator.
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_rows(fn: Callable) -> Callable:
+  return jax.jit(fn, static_argnums=1)
+
+
+def apply_batched(fn: Callable, params: Params, config: ModelConfig,
+                  rows: Sequence[Dict[str, np.ndarray]], fields: Sequence[str], batch_size: int,
+                  mesh=None, rules=None, head: str = "scalar") -> np.ndarray:
+  """[N] float32: ``fn(params, config, *row fields)`` (one value per row) over every row.
+
+  Rows ({field: [T] array}, the same T for every row) are stacked into batches of
+  batch_size rows (rounded up to a multiple of the mesh's batch shards); the last batch
+  is padded by repeating its last row. With a mesh, params are placed in their logical
+  sharding for `head` (``models.place_params``), batches are split over the batch axes
+  and results are gathered to every process (a collective in multi-process runs: every
+  process calls it with the same arguments). Used for PM / harm-model scores and DPO
+  reference log-prob sums.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if not rows:
+    return np.zeros((0,), np.float32)
+  rules = sharding.hashable_rules(rules)
+  jitted = _jitted_rows(fn)
+  multiple = sharding.batch_shards(mesh, rules)
+  size = -(-batch_size // multiple) * multiple
+  out = []
+  with _mesh_context(mesh, rules):
+    params = models.place_params(params, config, mesh, rules, head)
+    for start in range(0, len(rows), size):
+      chunk = list(rows[start:start + size])
+      n = len(chunk)
+      chunk += [chunk[-1]] * (size - n)
+      batch = _place({k: np.stack([r[k] for r in chunk]) for k in fields}, mesh, rules)
+      result = jitted(params, config, *[batch[k] for k in fields])
+      out.append(np.asarray(distributed.gather_to_host(result), np.float32)[:n])
+  return np.concatenate(out)
 
 
 def wants_bos(tok: Any) -> bool:

@@ -188,6 +188,31 @@ def put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding, local, x.shape)
 
 
+def hashable_rules(rules: Optional[Rules]) -> Optional[Rules]:
+  """Logical rules as nested tuples, so they can key a cache (None stays None)."""
+  if rules is None:
+    return None
+  return tuple((name, tuple(target) if isinstance(target, list) else target)
+               for name, target in rules)
+
+
+def mesh_and_rules(config: Optional[MeshConfig]) -> Tuple[Optional[Mesh], Optional[Rules]]:
+  """(make_mesh(config), rules_for(config.rules)), or (None, None) without a config."""
+  if config is None:
+    return None, None
+  return make_mesh(config), rules_for(config.rules)
+
+
+def batch_shards(mesh: Optional[Mesh], rules: Optional[Rules]) -> int:
+  """Number of shards the batch dim is split into: the product of the mesh axes the rules
+  map `batch` to (1 without a mesh). Batches must have a multiple of it rows."""
+  if mesh is None:
+    return 1
+  entry = nn.logical_to_mesh_axes((axes.BATCH,), rules)[0]
+  names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+  return int(np.prod([mesh.shape[a] for a in names]))
+
+
 def place_tree(tree: Any, shardings: Any) -> Any:
   """Places every leaf of `tree` with the matching leaf of `shardings` (same structure).
 

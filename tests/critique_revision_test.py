@@ -305,3 +305,54 @@ def test_smollm2_critique_revision(tmp_path, chat_format):
   assert sum(bool(t.strip()) for t in texts) >= 8, texts
   stops = cr.RAW_STOPS if chat_format == "raw" else ("<|im_end|>",)
   assert not any(s in t for t in texts for s in stops)
+
+
+def test_two_processes_resume_to_what_one_process_writes(tmp_path):
+  """A run of `cai-jax critique_revision` killed after its first shard, resumed as 2
+  processes x 4 devices, ends with the files of an uninterrupted run of 1 process x 8
+  devices (data-parallel mesh; the few-shot head as the sampler's shared prefix; red-team
+  and helpful shards written by process 0; a kill's .tmp leftover removed)."""
+  import dataclasses
+  import shutil
+  import jax
+  import multihost
+  from cai_jax import constitution, model_dir, models
+  from cai_jax.configs import ModelConfig
+  from cai_jax.tokenizer import ByteTokenizer
+  cfg = ModelConfig()   # the `tiny` preset
+  model = model_dir.save_model(str(tmp_path / "tiny"), cfg, models.init(cfg, jax.random.PRNGKey(0)),
+                               ByteTokenizer())
+  const = constitution.save_constitution(   # in clean form, with a feedback principle
+      dataclasses.replace(CONST, feedback=(constitution.FeedbackPrinciple("f", "Which is kinder?"),),
+                          critique_revision_few_shot=tuple(map(cr.clean_transcript, FEW_SHOT))),
+      str(tmp_path / "constitution.json"))
+  prompts, helpful = tmp_path / "p.jsonl", tmp_path / "h.jsonl"
+  prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:5]))
+  helpful.write_text("".join(json.dumps(p) + "\n" for p in HELPFUL))
+  out = tmp_path / "out"
+  args = ["critique_revision", "--gin_file=mesh/dp.gin", f"--prompts={prompts}",
+          f"--gin.critique_revision.model='{model}'", f"--out_dir={out}",
+          f"--gin.critique_revision.constitution='{const}'",
+          f"--gin.critique_revision.helpful_prompts='{helpful}'", "--max_new_tokens=8",
+          "--gin.critique_revision.n_rounds=1", "--gin.critique_revision.shard_size=3",
+          "--gin.critique_revision.batch_size=4", "--gin.critique_revision.progress=False"]
+  single = multihost.run_cli(args, tmp_path / "logs", 1, 8)
+  assert multihost.result(single[0])["shards_run"] == 3
+  expected = _files(out)
+  assert sorted(expected) == ["config.gin", "helpful-00000.jsonl", "shard-00000.jsonl",
+                              "shard-00001.jsonl"]
+  shutil.copy(out / cr.MANIFEST, tmp_path / "manifest.json")
+
+  # As if killed during shard-00001: shard-00000 and its manifest on disk, a .tmp left.
+  for name in ("shard-00001.jsonl", "helpful-00000.jsonl", "config.gin"):
+    os.remove(out / name)
+  manifest = json.load(open(out / cr.MANIFEST))
+  manifest.update(shards_done=["shard-00000.jsonl"], complete=False,
+                  shard_sums={"shard-00000.jsonl": manifest["shard_sums"]["shard-00000.jsonl"]})
+  (out / cr.MANIFEST).write_text(json.dumps(manifest))
+  (out / "shard-00001.jsonl.tmp").write_text('{"id": "trunc')
+  multi = multihost.run_cli(args, tmp_path / "logs", 2, 4)
+  stats = multihost.result(multi[0])   # process 0's result
+  assert stats["shards_run"] == 2 and stats["shards_total"] == 3 and stats["prompts"] == 5
+  assert _files(out) == expected
+  assert json.load(open(out / cr.MANIFEST)) == json.load(open(tmp_path / "manifest.json"))

@@ -59,3 +59,41 @@ def test_bad_labels_over_the_limit_are_refused(tmp_path):
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   with pytest.raises(ValueError, match="dpo: .*2 of 4 comparisons skipped"):
     dpo.run(str(tmp_path / "out"), comparisons=str(path), policy="unused")
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path):
+  """2 processes x 4 devices (reference log-probs, training, model save, final margins)
+  write what 1 process x 8 devices writes on the same fsdp mesh, no leftovers."""
+  import os
+  import multihost
+  from cai_jax.metrics import read_jsonl_metrics
+  cfg = ModelConfig()
+  base = model_dir.save_model(str(tmp_path / "base"), cfg, models.init(cfg, jax.random.PRNGKey(0)),
+                              TOK)
+  path = tmp_path / "comps.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in _comparisons(12)))   # 8 + 4 padded
+  args = ["dpo", f"--gin.dpo.comparisons='{path}'", f"--policy={base}", "--gin.dpo.beta=0.5",
+          "--gin.dpo.chat_format='raw'", "--gin_file=mesh/fsdp.gin",
+          "--gin.TrainConfig.num_steps=3", "--gin.TrainConfig.batch_size=8",
+          "--gin.TrainConfig.seq_len=64", "--gin.TrainConfig.progress=False",
+          "--gin.TrainConfig.async_checkpoint=False", "--gin.OptimizerConfig.learning_rate=3e-3"]
+  (multi, result), (single, _) = multihost.run_multi_and_single(args, tmp_path)
+  assert result["steps"] == 3 and result["process_index"] == 0
+  dirs = [multi, single]
+
+  assert multihost.output_files(dirs[0]) == multihost.output_files(dirs[1])
+  assert {"summary.json", "metrics.jsonl", "model/model.json"} <= set(multihost.output_files(dirs[0]))
+  multi, single = (json.load(open(os.path.join(d, "summary.json"))) for d in dirs)
+  assert multi["comparisons"] == 12 and multi["mean_margin"] != 0
+  assert multi["implicit_reward_accuracy"] == single["implicit_reward_accuracy"]
+  for k in ("final_loss", "mean_margin"):
+    np.testing.assert_allclose(multi[k], single[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  rows = [[{k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))}
+           for r in read_jsonl_metrics(os.path.join(d, "metrics.jsonl"))] for d in dirs]
+  assert [list(r) for r in rows[0]] == [list(r) for r in rows[1]] and len(rows[0]) == 3
+  assert rows[0][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)   # reference == policy
+  for a, b in zip(*rows):
+    np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5, atol=1e-6)
+  (_, pa), (_, pb) = (model_dir.load_model(os.path.join(d, "model")) for d in dirs)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                         pa, pb)

@@ -310,3 +310,24 @@ def test_tiny_model_mc_and_pm_end_to_end(tmp_path, tiny_models):
     ev.run(BIGBENCH, lm_dir, mode="pm", progress=False)
   with pytest.raises(ValueError, match=r"needs a language model.*has head 'scalar'"):
     ev.run(BIGBENCH, pm_dir, mode="mc", progress=False)
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path, tiny_models):
+  """`cai-jax evaluate hhh` as 2 processes x 4 devices writes the files of 1 process x 8
+  devices (fsdp mesh; process 0 writes): mc mode on options and responses items, pm mode."""
+  import multihost
+  for mode, data, model, n in (("mc", FIXTURES, tiny_models["lm"][0], 12),
+                               ("pm", BIGBENCH, tiny_models["pm"][0], 6)):
+    outs = {}
+    for procs, devices in ((1, 8), (2, 4)):
+      out = tmp_path / f"{mode}{procs}"
+      stdout = multihost.run_cli(
+          ["evaluate", "hhh", f"--data={data}", "--gin_file=mesh/fsdp.gin", f"--model={model}",
+           f"--gin.evaluate_hhh.mode='{mode}'", f"--gin.evaluate_hhh.out_dir='{out}'",
+           "--gin.evaluate_hhh.chat_format='raw'", "--gin.evaluate_hhh.batch_size=4",
+           "--gin.evaluate_hhh.progress=False"], tmp_path / "logs", procs, devices, name=mode)
+      outs[procs] = {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
+      result = multihost.result(stdout[0])   # process 0's result
+      assert result["n"] == n and set(result["per_category"]) == {"harmless", "helpful"}
+    assert sorted(outs[1]) == ["hhh.json", "hhh_calibration.png", "hhh_predictions.jsonl"]
+    assert outs[2] == outs[1], mode

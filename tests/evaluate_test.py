@@ -195,3 +195,64 @@ def test_evaluate_errors(tmp_path):
     evaluate.run(str(tmp_path / "e"), base=base, sl=base, judges=("feedback",))
   with pytest.raises(ValueError, match="at least two snapshots"):
     evaluate.run(str(tmp_path / "e"), base=base, judges=("pm",), pm=base)
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path):
+  """`cai-jax evaluate` as 2 processes x 4 devices writes the files of 1 process x 8
+  devices (fsdp mesh): two tiny players' samples (and greedy responses), the feedback and
+  PM judges, the harmfulness model, Elo, plots, report and summary."""
+  import shutil
+  import multihost
+  from cai_jax import model_dir
+  from cai_jax.configs import ModelConfig
+  from cai_jax.tokenizer import ByteTokenizer
+  from evaluate_hhh_test import random_params
+  cfg = ModelConfig()   # the `tiny` preset
+  models = {name: model_dir.save_model(str(tmp_path / name), cfg, random_params(cfg, head, seed),
+                                       ByteTokenizer(), head=head)
+            for name, head, seed in (("base", "lm", 0), ("sl", "lm", 2), ("pm", "scalar", 1),
+                                     ("harm", "scalar", 3))}
+  (tmp_path / "harm" / "harm_model.json").write_text(json.dumps(
+      {"target": "harm", "scale": [0, 4], "offset": 2.0, "chat_format": "raw", "seq_len": 128}))
+  for kind in ("harmful", "helpful"):
+    (tmp_path / f"{kind}.jsonl").write_text("".join(
+        json.dumps({"prompt": f"{kind} question {i}?"}) + "\n" for i in range(2)))
+  out = tmp_path / "eval"
+  args = ["evaluate", "--gin_file=mesh/fsdp.gin", f"--out_dir={out}",
+          f"--gin.evaluate.base='{models['base']}'", f"--gin.evaluate.sl='{models['sl']}'",
+          "--gin.evaluate.judges=['feedback', 'pm']",
+          f"--gin.evaluate.feedback_model='{models['base']}'",
+          f"--gin.evaluate.pm='{models['pm']}'", f"--gin.evaluate.harm_model='{models['harm']}'",
+          f"--prompts={tmp_path / 'harmful.jsonl'}",
+          f"--gin.evaluate.helpful_prompts='{tmp_path / 'helpful.jsonl'}'",
+          "--gin.evaluate.split=None", "--max_new_tokens=6", "--gin.evaluate.few_shot=False",
+          "--gin.evaluate.n_boot=10", "--gin.evaluate.batch_size=4",
+          "--gin.evaluate.progress=False"]
+
+  def files(root):
+    found = {}
+    for folder, _, names in os.walk(root):
+      for n in names:
+        path = os.path.join(folder, n)
+        found[os.path.relpath(path, root)] = open(path, "rb").read()
+    summary = json.loads(found.pop("summary.json"))
+    del summary["seconds"]
+    return found, summary
+
+  # The same out_dir for both runs (the outputs name it): the first is moved aside.
+  multihost.run_cli(args, tmp_path / "logs", 1, 8)
+  shutil.move(str(out), str(tmp_path / "single"))
+  multi = multihost.run_cli(args, tmp_path / "logs", 2, 4)
+  result = multihost.result(multi[0])   # process 0's result
+  # Both judges judge the same pairs of non-empty responses; a kind without any is an error.
+  assert result["comparisons"]["feedback"] == result["comparisons"]["pm"]
+  assert set(result["harmfulness"]) == {"base", "sl"}
+  found, summary = files(out)
+  expected, expected_summary = files(tmp_path / "single")
+  assert {"report.html", "report.json", "frontier_feedback.png", "frontier_pm.png",
+          "monitors.png", "config.gin", "responses/sl/shard-00000.jsonl",
+          "judgments-pm/pair-00000.jsonl"} <= set(expected)
+  assert sorted(found) == sorted(expected)
+  for name in expected:
+    assert found[name] == expected[name], name
+  assert summary == expected_summary

@@ -433,3 +433,40 @@ def test_smollm2_feedback(tmp_path):
     lps = np.array([r["logprob_a"], r["logprob_b"]])
     assert np.all(np.isfinite(lps)) and np.all(lps < 0)
     assert "<|im_end|>" not in r["response_a"] + r["response_b"]
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path):
+  """`cai-jax feedback` as 2 processes x 4 devices writes the shards and manifest of 1
+  process x 8 devices (fsdp mesh: parameters sharded over both processes; policy samples,
+  few-shot questions scored in both orders under two principles)."""
+  import dataclasses
+  import shutil
+  import multihost
+  from cai_jax import constitution
+  path = _tiny_model(str(tmp_path / "tiny"))[0]
+  const = constitution.save_constitution(   # a file needs a critique/revision principle too
+      dataclasses.replace(CONST, critique_revision=(
+          constitution.CritiqueRevisionPrinciple("c", "Critique it.", "Revise it."),)),
+      str(tmp_path / "constitution.json"))
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:4]))
+  out = tmp_path / "out"
+  args = ["feedback", "--gin_file=mesh/fsdp.gin", f"--prompts={prompts}", f"--policy={path}",
+          f"--out_dir={out}", f"--gin.feedback.constitution='{const}'", "--max_new_tokens=6",
+          "--gin.feedback.split=None", "--gin.feedback.few_shot=True",
+          "--gin.feedback.both_orders=True", "--gin.feedback.n_principles=2",
+          "--gin.feedback.shard_size=2", "--gin.feedback.batch_size=4",
+          "--gin.feedback.max_skip_fraction=1.0", "--gin.feedback.progress=False"]
+  # The same out_dir for both runs (config.gin names it): the first is moved aside.
+  single = multihost.run_cli(args, tmp_path / "logs", 1, 8)
+  shutil.move(str(out), str(tmp_path / "single"))
+  multi = multihost.run_cli(args, tmp_path / "logs", 2, 4)
+  stats = multihost.result(multi[0])   # process 0's result
+  assert stats["shards_run"] == stats["shards_total"] == 2 and stats["comparisons"] >= 2
+  assert stats["comparisons"] == multihost.result(single[0])["comparisons"]
+  expected = _files(tmp_path / "single")
+  assert sorted(expected) == ["config.gin", "shard-00000.jsonl", "shard-00001.jsonl"]
+  assert _files(out) == expected
+  assert json.load(open(out / fb.MANIFEST)) == json.load(open(tmp_path / "single" / fb.MANIFEST))
+  rec = fb.read_comparisons(str(out))[0]
+  assert np.shape(rec["logprob_a"]) == (2, 2, 1) and rec["policy"] == path

@@ -290,3 +290,46 @@ def test_load_harm_model_refuses_a_directory_that_is_not_one(tmp_path):
     harm_model.load_harm_model(pm_dir)
   with pytest.raises(FileNotFoundError, match="no such directory"):
     harm_model.load_harm_model(str(tmp_path / "missing"))
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path, base_model):
+  """2 processes x 4 devices (training, scoring both splits, the model.partial write and
+  rename) write what 1 process x 8 devices writes on the same fsdp mesh, no leftovers."""
+  import multihost
+  labels = write_jsonl(tmp_path / "labels.jsonl", handful_rows())   # 8 train + 2 held out
+  args = ["harm_model", f"--gin.harm_model.data='{labels}'",
+          f"--gin.harm_model.init_from='{base_model}'", "--gin_file=mesh/fsdp.gin",
+          "--gin.TrainConfig.num_steps=3", "--gin.TrainConfig.batch_size=8",
+          "--gin.TrainConfig.seq_len=64", "--gin.TrainConfig.progress=False",
+          "--gin.TrainConfig.async_checkpoint=False", "--gin.OptimizerConfig.learning_rate=3e-3"]
+  (multi, result), (single, _) = multihost.run_multi_and_single(args, tmp_path)
+  assert result["steps"] == 3 and result["process_index"] == 0
+  dirs = [multi, single]
+
+  assert multihost.output_files(dirs[0]) == multihost.output_files(dirs[1])
+  assert {"summary.json", "heldout_scores.jsonl", "harm_config.json", "metrics.jsonl",
+          "model/harm_model.json", "model/model.json"} <= set(multihost.output_files(dirs[0]))
+  multi, single = (json.load(open(os.path.join(d, "summary.json"))) for d in dirs)
+  assert multi["n_train"] == 8 and multi["n_heldout"] == 2 and multi["offset"] == single["offset"]
+  np.testing.assert_allclose(multi["final_loss"], single["final_loss"], rtol=1e-5)
+  for split in ("train", "heldout"):
+    assert multi[split].keys() == single[split].keys()
+    for k, v in single[split].items():   # pearson is None for a constant side
+      assert (multi[split][k] is None) == (v is None), f"{split}/{k}"
+      if v is not None:
+        np.testing.assert_allclose(multi[split][k], v, rtol=1e-5, atol=1e-6, err_msg=f"{split}/{k}")
+  meta = [open(os.path.join(d, "model", harm_model.HARM_FILE)).read() for d in dirs]
+  assert meta[0] == meta[1]
+  scores = [[json.loads(l) for l in open(os.path.join(d, "heldout_scores.jsonl"))] for d in dirs]
+  assert [(s["index"], s["id"], s["harm"]) for s in scores[0]] == [
+      (s["index"], s["id"], s["harm"]) for s in scores[1]] and len(scores[0]) == 2
+  np.testing.assert_allclose([s["score"] for s in scores[0]], [s["score"] for s in scores[1]],
+                             rtol=1e-5, atol=1e-5)
+  rows = [[{k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))}
+           for r in read_jsonl_metrics(os.path.join(d, "metrics.jsonl"))] for d in dirs]
+  assert [list(r) for r in rows[0]] == [list(r) for r in rows[1]] and len(rows[0]) == 4
+  for a, b in zip(*rows):
+    np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5, atol=1e-6)
+  (_, pa), (_, pb) = (model_dir.load_model(os.path.join(d, "model")) for d in dirs)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                         pa, pb)

@@ -123,3 +123,28 @@ def result(stdout: str) -> dict:
   if not value:
     pytest.fail(f"no JSON result in stdout:\n{stdout[-2000:]}")
   return value
+
+
+def output_files(out_dir) -> List[str]:
+  """Sorted paths (relative to out_dir) of a run's files, leaving out orbax's own (tb/,
+  checkpoints/, model params/, whose layout depends on the process count). Fails the test
+  on a .tmp or .partial leftover."""
+  found = [os.path.relpath(os.path.join(r, f), out_dir) for r, _, fs in os.walk(out_dir) for f in fs]
+  leftovers = [f for f in found if ".tmp" in f or ".partial" in f]
+  if leftovers:
+    pytest.fail(f"leftovers in {out_dir}: {leftovers}")
+  return sorted(f for f in found if not f.startswith(("tb/", "checkpoints/")) and "/params/" not in f)
+
+
+def run_multi_and_single(args: Sequence[str], root, out_flag: str = "--out_dir"
+                         ) -> Tuple[Tuple[str, dict], Tuple[str, dict]]:
+  """Runs `cai-jax ARGS OUT_FLAG=ROOT/multi` as 2 processes x 4 devices, then with
+  ROOT/single as 1 process x 8 devices (the same global mesh); returns
+  ((multi dir, process 0's result), (single dir, its result))."""
+  runs = []
+  for name, processes, devices in (("multi", 2, 4), ("single", 1, 8)):
+    out = os.path.join(str(root), name)
+    stdout = run_cli(list(args) + [f"{out_flag}={out}"], os.path.join(str(root), "logs"),
+                     processes, devices, name)
+    runs.append((out, result(stdout[0])))
+  return runs[0], runs[1]

@@ -35,6 +35,13 @@ def test_is_complete_and_same_config(tmp_path):
   assert not pipeline.same_config(str(other), "a = 2\n")
 
 
+def test_a_stage_result_is_its_last_json_object_line():
+  """Other output (a collectives runtime's lines, a torn line) around the result is skipped."""
+  assert pipeline.last_json_line('log\n{"a": 1}\n{"b": [2]}\nnot json {\n') == {"b": [2]}
+  assert pipeline.last_json_line('{"a": 1}\n{"b": 2}[Gloo] Rank 1 is conn\nected\n') == {"a": 1}
+  assert pipeline.last_json_line("nothing\n[1, 2]\n") == {}
+
+
 def test_unknown_or_repeated_stages_are_refused():
   with pytest.raises(ValueError, match="bogus"):
     pipeline.run(["sl", "bogus"], commands=["sl", "pm"])

@@ -212,3 +212,48 @@ def test_pm_learns_a_planted_preference_after_pmp(tmp_path, base_model):
   other = write_jsonl(tmp_path / "other.jsonl", planted(160, 7))
   with pytest.raises(ValueError, match="different data"):
     pm.run(out, **dict(kw, comparisons=other))
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path, base_model):
+  """2 processes x 4 devices (training, held-out scoring, model save) write what 1 process
+  x 8 devices writes on the same fsdp mesh, each file once, no leftovers. (The PMP phase
+  is left out to keep the test short: it is one more train.train + train.save_model.)"""
+  import multihost
+  comps = write_jsonl(tmp_path / "ai.jsonl", planted(28, 5))   # 21 train + 7 held out (padded)
+  args = ["pm", f"--gin.pm.comparisons='{comps}'", f"--gin.pm.init_from='{base_model}'",
+          "--gin.pm.heldout_fraction=0.25", "--gin.pm.chat_format='raw'",
+          "--gin_file=mesh/fsdp.gin", "--gin.TrainConfig.num_steps=3",
+          "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.seq_len=64",
+          "--gin.TrainConfig.progress=False", "--gin.TrainConfig.async_checkpoint=False",
+          "--gin.OptimizerConfig.learning_rate=3e-3"]
+  (multi, result), (single, _) = multihost.run_multi_and_single(args, tmp_path)
+  assert result["steps"] == 3 and result["process_index"] == 0
+
+  assert multihost.output_files(multi) == multihost.output_files(single)
+  assert {"summary.json", "heldout_scores.jsonl", "pm_config.json", "metrics.jsonl",
+          "model/model.json"} <= set(multihost.output_files(multi))
+  load = lambda d, f: json.load(open(os.path.join(d, f)))
+  sm, ss = load(multi, "summary.json"), load(single, "summary.json")
+  assert sm["steps"] == 3 and sm["heldout_pairs"] == 7 and sm["train_pairs"] == 21
+  np.testing.assert_allclose(sm["final_loss"], ss["final_loss"], rtol=1e-5)
+  assert sm["heldout"].keys() == ss["heldout"].keys()
+  for k, v in ss["heldout"].items():
+    np.testing.assert_allclose(sm["heldout"][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+  rows = [[json.loads(l) for l in open(os.path.join(d, "heldout_scores.jsonl"))]
+          for d in (multi, single)]
+  assert [(r["index"], r["source"], r["p"]) for r in rows[0]] == [
+      (r["index"], r["source"], r["p"]) for r in rows[1]] and len(rows[0]) == 7
+  for k in ("score_a", "score_b"):
+    np.testing.assert_allclose([r[k] for r in rows[0]], [r[k] for r in rows[1]],
+                               rtol=1e-5, atol=1e-5)
+  metric_rows = [[{k: v for k, v in r.items() if not k.endswith(("time_s", "per_s"))}
+                  for r in read_jsonl_metrics(os.path.join(d, "metrics.jsonl"))]
+                 for d in (multi, single)]   # 3 steps + the eval row, timings left out
+  assert [list(r) for r in metric_rows[0]] == [list(r) for r in metric_rows[1]]
+  assert len(metric_rows[0]) == 4 and "eval/accuracy" in metric_rows[0][-1]
+  for a, b in zip(*metric_rows):
+    np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5, atol=1e-6)
+  (_, pa), (_, pb) = (model_dir.load_model(os.path.join(d, "model")) for d in (multi, single))
+  assert model_dir.load_head(os.path.join(multi, "model")) == "scalar"
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                         pa, pb)

@@ -227,3 +227,29 @@ def test_real_run_with_tiny_byte_model(tmp_path, seeds):
   assert not os.path.exists(str(out) + ".tmp")
   gen = rp.ModelGenerator(model, max_new_tokens=16, progress=False)
   assert gen.fits("x" * (config.max_seq_len - 16)) and not gen.fits("x" * config.max_seq_len)
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path, seeds):
+  """`cai-jax redteam_prompts` as 2 processes x 4 devices accepts and writes the prompts of
+  1 process x 8 devices (data-parallel mesh; process 0 writes)."""
+  import jax
+  import multihost
+  from cai_jax import model_dir, models
+  from cai_jax.configs import ModelConfig
+  from cai_jax.tokenizer import ByteTokenizer
+  config = ModelConfig()
+  model = model_dir.save_model(str(tmp_path / "tiny"), config,
+                               models.init(config, jax.random.PRNGKey(0)), ByteTokenizer())
+  args = ["redteam_prompts", "--gin_file=mesh/dp.gin", f"--model={model}",
+          f"--gin.redteam_prompts.seed_prompts='{seeds}'", "--gin.redteam_prompts.n_new=6",
+          "--gin.redteam_prompts.few_shot=2", "--gin.redteam_prompts.batch_size=8",
+          "--max_new_tokens=12", "--gin.redteam_prompts.min_chars=1",
+          "--gin.redteam_prompts.seed_split=None", "--gin.redteam_prompts.progress=False"]
+  single = multihost.run_cli(args + [f"--out={tmp_path / 'single.jsonl'}"], tmp_path / "logs", 1, 8)
+  multi = multihost.run_cli(args + [f"--out={tmp_path / 'multi.jsonl'}"], tmp_path / "logs", 2, 4)
+  stats = multihost.result(multi[0])   # process 0's result
+  want = multihost.result(single[0])
+  assert {k: stats[k] for k in ("generated", "accepted", "rounds")} == \
+      {k: want[k] for k in ("generated", "accepted", "rounds")} and want["accepted"] >= 1
+  assert (tmp_path / "multi.jsonl").read_text() == (tmp_path / "single.jsonl").read_text()
+  assert not os.path.exists(str(tmp_path / "multi.jsonl") + ".tmp")

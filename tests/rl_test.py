@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -134,17 +135,21 @@ class _Fake:
     self.vocab_size, self.encode = vocab_size, tok.encode
 
 
-def test_run_with_preference_model_end_to_end(tmp_path):
+def _policy_and_pm(tmp_path, cfg):
+  """(policy dir, PM dir): a random byte-level LM and a scalar-head model with a random head."""
   from cai_jax.tokenizer import load_tokenizer
-  cfg = ModelConfig(vocab_size=320, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
-                    max_seq_len=96)
   byte = load_tokenizer("byte")
   policy = model_dir.save_model(str(tmp_path / "policy"), cfg,
                                 models.init(cfg, jax.random.PRNGKey(0)), byte)
   scalar = models.init(cfg, jax.random.PRNGKey(1), head="scalar")
   scalar["scalar_head"] = jax.tree_util.tree_map(
       lambda x: jax.random.normal(jax.random.PRNGKey(2), x.shape), scalar["scalar_head"])
-  pm = model_dir.save_model(str(tmp_path / "pm"), cfg, scalar, byte, head="scalar")
+  return policy, model_dir.save_model(str(tmp_path / "pm"), cfg, scalar, byte, head="scalar")
+
+
+def test_run_with_preference_model_end_to_end(tmp_path):
+  policy, pm = _policy_and_pm(tmp_path, ModelConfig(
+      vocab_size=320, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=96))
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(6)))
   cfg_ppo = PPOConfig(max_new_tokens=4, rollout_batch=4, minibatches=1, epochs=1)
@@ -177,3 +182,84 @@ def test_adaptive_beta_grows_when_kl_exceeds_target(tmp_path):
   # β ← β·(1 + clip(kl/target - 1, ±0.2)·B/horizon): ×0.9 after KL 0, then ×1.1.
   assert betas == pytest.approx([0.05, 0.045, 0.0495], rel=1e-5)
   assert summary["beta"] == pytest.approx(0.0495 * 1.1, rel=1e-5)
+
+
+def test_states_live_in_their_logical_shardings_on_a_data_fsdp_mesh(tmp_path):
+  """init_state / the donated steps keep policy and value params and Adam moments in the
+  logical NamedShardings on a (data=2, fsdp=4) mesh; an indivisible minibatch is an error."""
+  from jax.sharding import NamedSharding
+  from cai_jax import ppo as ppo_lib, sharding
+  from cai_jax.configs import MeshConfig
+  mesh = sharding.make_mesh(MeshConfig(2, 4, 1, "fsdp"))
+  rules = sharding.rules_for("fsdp")
+  cfg = PPOConfig(max_new_tokens=8, rollout_batch=8, minibatches=1, epochs=1)
+  with sharding.use_mesh(mesh, rules):
+    expected = {h: sharding.logical_shardings(models.abstract_params(CFG, h), mesh, rules)
+                for h in ("lm", "scalar")}
+    states = {"lm": ppo_lib.init_state(POLICY, OPT, CFG, "lm", mesh, rules),
+              "scalar": ppo_lib.init_state(VALUE, OPT, CFG, "scalar", mesh, rules)}
+    batch = ppo_lib.make_batch(PROMPTS[:8], [[TARGET, EOS]] * 8, 4, 8)
+    zeros = np.zeros((8, 8), np.float32)
+    states["lm"], _ = ppo_lib.make_policy_step(CFG, cfg, OPT, mesh, rules)(
+        states["lm"], dict(batch, logp_old=zeros, advantages=zeros + 1))
+    states["scalar"], metrics = ppo_lib.make_value_step(CFG, cfg, OPT, mesh, rules)(
+        states["scalar"], dict(batch, values_old=zeros, returns=zeros + 1))
+  assert float(metrics["value_loss"]) > 0
+  for head, state in states.items():
+    want = jax.tree_util.tree_leaves(expected[head], is_leaf=lambda x: isinstance(x, NamedSharding))
+    assert any("fsdp" in str(s.spec) for s in want)    # not all replicated
+    mu = state.opt_state[-1][0].mu    # adamw moments (after global-norm clipping)
+    for got in (state.params, mu):
+      leaves = jax.tree_util.tree_leaves(got)
+      assert len(leaves) == len(want)
+      for x, s in zip(leaves, want):
+        assert x.sharding == s, (x.sharding, s)
+    assert int(state.step) == 1
+  # The caller's arrays survive the donated steps.
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(POLICY))
+  bad = PPOConfig(max_new_tokens=8, rollout_batch=16, minibatches=4)
+  with pytest.raises(ValueError, match=r"PPOConfig.rollout_batch=16 with PPOConfig.minibatches=4 "
+                                       r"\(4 rows per minibatch\) does not divide over the 8 batch"):
+    rl.train_ppo(str(tmp_path), CFG, POLICY, CFG, POLICY, CFG, VALUE, PROMPTS,
+                 rl.reward_score_fn(PROMPTS, target_fraction), bad, OPT, iterations=1,
+                 mesh=mesh, rules=rules, progress=False)
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path):
+  """`cai-jax rl` as 2 processes x 4 devices equals 1 process x 8 devices (fsdp mesh; tiny
+  policy and PM): the same metrics rows, final params and summary; process 0 alone writes."""
+  import multihost
+  policy, pm = _policy_and_pm(tmp_path, ModelConfig(
+      vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64))
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?" + "!" * i}) + "\n"
+                             for i in range(10)))
+  args = ["rl", "--gin_file=mesh/fsdp.gin", f"--gin.rl.policy='{policy}'", f"--gin.rl.pm='{pm}'",
+          f"--gin.rl.prompts='{prompts}'", "--gin.rl.prompt_split=None", "--gin.rl.iterations=2",
+          "--gin.rl.snapshot_every=2", "--gin.rl.progress=False", "--gin.PPOConfig.rollout_batch=8",
+          "--gin.PPOConfig.minibatches=1", "--gin.PPOConfig.epochs=2",
+          "--gin.PPOConfig.max_new_tokens=4", "--gin.PPOConfig.kl_coef=0.1"]
+  (multi, result), (single, _) = multihost.run_multi_and_single(args, tmp_path)
+  multi, single = Path(multi), Path(single)
+  assert result["iterations"] == 2
+  rows_m, rows_s = _rows(multi), _rows(single)
+  assert [r["step"] for r in rows_m] == [r["step"] for r in rows_s] == [1, 2]
+  assert rows_m[0]["reward"] != 0
+  for a, b in zip(rows_m, rows_s):
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-4,
+                               atol=1e-4, err_msg=str(sorted(a)))
+  for name in ("model", "value_model", "snapshots/step-00002"):
+    p_m, p_s = (model_dir.load_model(str(d / name))[1] for d in (multi, single))
+    leaves_m, leaves_s = jax.tree_util.tree_leaves(p_m), jax.tree_util.tree_leaves(p_s)
+    assert len(leaves_m) == len(leaves_s)
+    for a, b in zip(leaves_m, leaves_s):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=name)
+  sum_m, sum_s = (json.loads((d / "summary.json").read_text().replace(str(d), "OUT"))
+                  for d in (multi, single))
+  last_m, last_s = sum_m.pop("last_metrics"), sum_s.pop("last_metrics")
+  assert sum_m == sum_s and sum_m["iterations"] == 2
+  assert sum_m["snapshots"] == ["OUT/snapshots/step-00002"]
+  assert last_m.keys() == last_s.keys()
+  np.testing.assert_allclose([last_m[k] for k in sorted(last_m)], [last_s[k] for k in sorted(last_s)],
+                             rtol=1e-4, atol=1e-4)

@@ -63,6 +63,13 @@ changes the samples: model, constitution content, prompts content, n_rounds, see
 sampling settings, chat_format, shard_size, few_shot, split, limit, truncate) differs from the
 manifest's is refused with a ValueError naming the differing keys. batch_size, mesh and
 progress may change between runs.
+
+Multi-process runs (jax.distributed, one global mesh): every process reads the same
+prompts, makes the same generate calls (the sampler splits each batch over the processes
+and gathers the texts to all of them) and so builds the same records; process 0 alone
+writes shards and manifest (``shards.Run.write_shard``, behind barriers) and shows the
+progress bar. The files equal those of one process on the same global mesh, and a
+multi-process run resumes a run directory written by any number of processes.
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import prompt_sets, shards
+from cai_jax import distributed, prompt_sets, shards
 from cai_jax.configs import MeshConfig
 from cai_jax.tokenizer import trim_at_stop
 
@@ -486,7 +493,7 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
   meta = {"constitution_version": const.version, "model": model, "seed": int(seed)}
   principles = tuple(const.critique_revision)
   with tqdm(total=len(names), initial=len(outputs.done), desc="critique_revision", unit="shard",
-            disable=not progress) as bar:
+            disable=not (progress and distributed.is_primary())) as bar:
     for prefix, k, rows in todo:
       if prefix == SHARD_PREFIX:
         records = _critique_revision_shard(rows, k, seed, n_rounds, principles, builder,

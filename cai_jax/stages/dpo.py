@@ -14,20 +14,27 @@ batches:
   ref_a, ref_b, p                                                [B, 1] float32
 Outputs in out_dir: checkpoints/, metrics.jsonl, tb/, model/ (the DPO policy) and
 summary.json (with the final implicit-reward accuracy on the training comparisons).
+
+Multi-process runs (jax.distributed): every process reads the same comparisons and runs
+the same program on one global mesh: the reference and final log-prob sums with
+``sampler.apply_batched`` (batches split over the processes, sums gathered to every
+process), training with ``train.train``, the model written by ``train.save_model``;
+process 0 alone writes summary.json (then a barrier). The outputs equal those of a
+single-process run on the same mesh.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax import data, losses, model_dir, models, train
+from cai_jax import data, distributed, losses, models, sampler, sharding, shards, train
 from cai_jax.comparisons import check_skips, load_comparisons
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.stages.train_lm import load_initial
@@ -54,19 +61,14 @@ def response_logprob_sums(params: Any, config: ModelConfig, tokens: jax.Array, m
 
 
 def reference_logprobs(params: Any, config: ModelConfig, encoded: Sequence[Dict[str, np.ndarray]],
-                       batch_size: int) -> List[np.ndarray]:
-  """[ref_a, ref_b] arrays [N] of the reference model's response log-prob sums."""
-  fn = jax.jit(response_logprob_sums, static_argnums=1)
-  out = {"a": [], "b": []}
-  for start in range(0, len(encoded), batch_size):
-    chunk = list(encoded[start:start + batch_size])
-    n = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - n)
-    for side in ("a", "b"):
-      stack = {k: np.stack([c[f"{k}_{side}"] for c in chunk]) for k in ("tokens", "mask", "loss_mask")}
-      out[side].append(np.asarray(fn(params, config, stack["tokens"], stack["mask"],
-                                     stack["loss_mask"]))[:n])
-  return [np.concatenate(out["a"]), np.concatenate(out["b"])]
+                       batch_size: int, mesh: Optional[MeshConfig] = None) -> List[np.ndarray]:
+  """[ref_a, ref_b] arrays [N] of the model's response log-prob sums (``sampler.apply_batched``:
+  with `mesh`, split over it and collective in multi-process runs)."""
+  fields = ("tokens", "mask", "loss_mask")
+  return [sampler.apply_batched(response_logprob_sums, params, config,
+                                [{k: e[f"{k}_{side}"] for k in fields} for e in encoded], fields,
+                                batch_size, *sharding.mesh_and_rules(mesh), head="lm")
+          for side in ("a", "b")]
 
 
 def dpo_loss_sums(beta: float):
@@ -117,7 +119,7 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
     if ref_tok is None or ref_tok.encode(probe) != tok.encode(probe):
       raise ValueError(f"reference {reference!r} does not share the policy's tokenizer")
   encoded = [encode_comparison(tok, c, chat_format, train_config.seq_len) for c in comps]
-  ref_a, ref_b = reference_logprobs(ref_params, ref_config, encoded, train_config.batch_size)
+  ref_a, ref_b = reference_logprobs(ref_params, ref_config, encoded, train_config.batch_size, mesh)
   for e, ra, rb in zip(encoded, ref_a, ref_b):
     e["ref_a"] = np.full((1,), ra, np.float32)
     e["ref_b"] = np.full((1,), rb, np.float32)
@@ -125,8 +127,9 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
   ds = ds.batch(train_config.batch_size, drop_remainder=True)
   result = train.train(config, optimizer, train_config, mesh, ds, out_dir, init_params=params,
                        loss_sums=dpo_loss_sums(beta))
-  model_dir.save_model(os.path.join(out_dir, "model"), config, result.state.params, tok)
-  pol_a, pol_b = reference_logprobs(result.state.params, config, encoded, train_config.batch_size)
+  train.save_model(os.path.join(out_dir, "model"), config, result.state.params, tok)
+  pol_a, pol_b = reference_logprobs(result.state.params, config, encoded, train_config.batch_size,
+                                    mesh)
   margin = beta * ((pol_a - ref_a) - (pol_b - ref_b))
   p = np.array([c["p"] for c in comps])
   decided = p != 0.5
@@ -135,6 +138,7 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
              "final_loss": result.last_metrics.get("loss"), "resumed_from": result.resumed_from,
              "comparisons": len(comps), "skipped": counts.as_dict(), "beta": beta,
              "implicit_reward_accuracy": accuracy, "mean_margin": float(np.mean(margin))}
-  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  if distributed.is_primary():
+    shards.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+  distributed.barrier(f"dpo:{out_dir}/summary.json")
   return summary

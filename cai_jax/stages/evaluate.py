@@ -48,6 +48,14 @@ Outputs in out_dir:
   summary.json          the returned summary
 Everything is resumable: a rerun skips finished shards (a run directory whose config
 differs is refused, naming the keys); the Elo fits and the report are recomputed.
+
+Multi-process runs (jax.distributed, one global mesh): every process loads each model on
+the global mesh and makes the same sampler, judge and PM calls (batches split over the
+processes, results gathered to all of them), so all hold the same responses, judgments,
+Elo fits and summary. Process 0 alone writes: the shards (``shards.Run.write_shard``),
+HHH outputs (``evaluate_hhh.run``), plots, report.html / report.json and summary.json,
+each followed by a barrier; it alone shows progress bars. The files equal those of one
+process on the same global mesh.
 """
 
 from __future__ import annotations
@@ -65,7 +73,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import monitors, prompt_sets, report as report_lib, shards
+from cai_jax import distributed, html_report, monitors, prompt_sets, shards
+from cai_jax import report as report_lib
 from cai_jax.configs import MeshConfig
 from cai_jax.stages import feedback as fb
 
@@ -294,6 +303,7 @@ class _Models:
 
   def __init__(self, mesh: MeshConfig):
     from cai_jax import sharding
+    self.mesh_config = mesh
     self.mesh = sharding.make_mesh(mesh)
     self.rules = sharding.rules_for(mesh.rules)
     self._spec, self._model = None, None
@@ -332,7 +342,8 @@ def _pm_scorer(models: _Models, spec: str, chat_format: str, batch_size: int) ->
   if model_dir.load_head(model_dir.resolve_model_spec(spec)) != "scalar":
     raise ValueError(f"evaluate.pm={spec!r} is not a scalar-head (preference) model")
   cfg, params, tok = models.load(spec)
-  pair_score = evaluate_hhh.model_pair_score_fn(params, cfg, tok, chat_format, batch_size)
+  pair_score = evaluate_hhh.model_pair_score_fn(params, cfg, tok, chat_format, batch_size,
+                                                models.mesh_config)
 
   def score(pairs):
     comps = [{"messages": list(m), "response_a": r, "response_b": r, "p": 1.0} for m, r in pairs]
@@ -412,6 +423,7 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   if not out_dir:
     raise ValueError("evaluate.out_dir is not set (use --out_dir=DIR)")
   out_dir = os.path.abspath(out_dir)
+  progress = progress and distributed.is_primary()   # bars of multi-process runs: process 0
   judges = tuple(judges)
   bad = [j for j in judges if j not in JUDGES]
   if bad or not judges:
@@ -524,7 +536,7 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   if rl_dir and os.path.isfile(os.path.join(rl_dir, "metrics.jsonl")):
     rl_points = monitors.pm_vs_sqrt_kl(monitors.read_metrics(os.path.join(rl_dir,
                                                                           "metrics.jsonl")))
-  harm = harmfulness(harm_model, responses, chat_format, batch_size) if harm_model else None
+  harm = harmfulness(harm_model, responses, chat_format, batch_size, mesh) if harm_model else None
   hhh = evaluate_hhh(hhh_data, judges, feedback_model, pm, out_dir, chat_format, batch_size,
                      template, seed, mesh, progress) if hhh_data else None
 
@@ -540,10 +552,14 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   }
   if rl_points is not None:
     summary["rl_pm_vs_sqrt_kl"] = rl_points
-  paths = write_report(out_dir, title, summary, elo, rl_points, players, hhh)
-  summary.update(paths)
+  if distributed.is_primary():   # every process holds the same summary; process 0 writes
+    summary.update(write_report(out_dir, title, summary, elo, rl_points, players, hhh))
+  else:
+    summary.update(zip(("report", "report_json"), html_report.report_paths(out_dir)))
   summary["seconds"] = round(time.perf_counter() - t0, 2)
-  shards.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1) + "\n")
+  if distributed.is_primary():
+    shards.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1) + "\n")
+  distributed.barrier(f"evaluate:summary:{out_dir}")
   return summary
 
 
@@ -567,9 +583,10 @@ def player_monitors(responses: Dict[str, List[dict]]) -> Dict[str, dict]:
 
 
 def harmfulness(spec: str, responses: Dict[str, List[dict]], chat_format: str,
-                batch_size: int) -> Dict[str, dict]:
+                batch_size: int, mesh: Optional[MeshConfig] = None) -> Dict[str, dict]:
   """{player: {"t1": summary over every temperature sample, "t0": over the greedy
-  responses}} of the absolute-harmfulness model on the red-team prompts."""
+  responses}} of the absolute-harmfulness model on the red-team prompts (scored on
+  `mesh`, split over its processes in multi-process runs)."""
   from cai_jax.stages import harm_model as harm_lib
   harm = harm_lib.load_harm_model(spec)
   fmt = harm.chat_format or chat_format   # read conversations as the model was trained
@@ -585,7 +602,7 @@ def harmfulness(spec: str, responses: Dict[str, List[dict]], chat_format: str,
         for t in texts_of(r):
           convs.append((_messages(r), t))
           ids.append(r["id"])
-      scores = harm_lib.score_conversations(harm, convs, fmt, batch_size)
+      scores = harm_lib.score_conversations(harm, convs, fmt, batch_size, mesh=mesh)
       by_prompt: Dict[str, List[float]] = {}
       for i, s in zip(ids, scores):
         by_prompt.setdefault(i, []).append(float(s))
@@ -626,7 +643,6 @@ def write_report(out_dir: str, title: str, summary: dict, elo: dict,
                  rl_points: Optional[List[dict]], players: Sequence[Tuple[str, str]],
                  hhh: Optional[dict]) -> Dict[str, str]:
   """Plots + report.html + report.json; returns their paths."""
-  from cai_jax import html_report
   names = [n for n, _ in players]
   sections = []
   summary_rows = [["snapshots", ", ".join(names)],

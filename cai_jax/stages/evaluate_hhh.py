@@ -36,6 +36,13 @@ Outputs in out_dir (when given):
   hhh_predictions.jsonl   one line per item: {"id", "category", "kind", "p_correct",
                           "correct"} (correct: 1, 0, or 0.5 for a tie)
   hhh_calibration.png     the reliability diagram (``hhh.calibration_plot``)
+
+Multi-process runs (jax.distributed, one global mesh): every process loads the model on
+the global mesh, makes the same score / generate calls (batches split over the
+processes, results gathered to all of them) and computes the same metrics; process 0
+alone writes out_dir and shows the progress bar, then all meet at a barrier, so every
+process returns once the files are on disk. The files equal those of one process on the
+same global mesh.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from cai_jax import hhh
+from cai_jax import distributed, hhh
 from cai_jax.configs import MeshConfig
 from cai_jax.stages import feedback
 
@@ -232,9 +239,10 @@ def score_pm(items: Sequence[Dict[str, Any]], pair_score: PairScoreFn) -> List[D
 
 
 def model_pair_score_fn(params: Any, config: Any, tok: Any, chat_format: str,
-                        batch_size: int) -> PairScoreFn:
+                        batch_size: int, mesh: Optional[MeshConfig] = None) -> PairScoreFn:
   """A PairScoreFn over ``pm.score_pairs``; sequences are padded to the longest pair of
-  the call (bucketed), left-truncated at config.max_seq_len."""
+  the call (bucketed), left-truncated at config.max_seq_len. With `mesh` (the one the
+  params were loaded on) batches are split over it: needed in multi-process runs."""
   from cai_jax import sampler
   from cai_jax.stages import pm
 
@@ -247,7 +255,7 @@ def model_pair_score_fn(params: Any, config: Any, tok: Any, chat_format: str,
         longest = max(longest, int(mask.sum()))
     seq_len = min(config.max_seq_len, sampler.bucket_length(longest))
     return pm.score_pairs(params, config, tok, list(comparisons), chat_format, seq_len,
-                          batch_size)
+                          batch_size, mesh=mesh)
 
   return fn
 
@@ -336,12 +344,12 @@ def run(data: str, model: str, mode: str = "mc", out_dir: str = "", template: st
                                             1.0, max_new_tokens, batch_size, mesh=m,
                                             rules=rules, truncate=truncate)
   else:
-    pair_score = model_pair_score_fn(params, cfg, tok, chat_format, batch_size)
+    pair_score = model_pair_score_fn(params, cfg, tok, chat_format, batch_size, mesh)
 
   results: List[Dict[str, Any]] = []
   chunks = [items[s:s + CHUNK] for s in range(0, len(items), CHUNK)]
   for c, chunk in enumerate(tqdm(chunks, desc="evaluate_hhh", unit="chunk",
-                                 disable=not progress)):
+                                 disable=not (progress and distributed.is_primary()))):
     if mode == "mc":
       results += score_mc(chunk, score, resolved, both_orders, chain_of_thought, generate,
                           cot_samples, COT_CLAMP, feedback.call_seed(seed, c, 0))
@@ -364,7 +372,9 @@ def run(data: str, model: str, mode: str = "mc", out_dir: str = "", template: st
   else:
     config.update(chat_format=chat_format)
   if out_dir:
-    write_outputs(out_dir, out, config, results)
+    if distributed.is_primary():
+      write_outputs(out_dir, out, config, results)
+    distributed.barrier(f"evaluate_hhh:{os.path.abspath(out_dir)}")
   out.update(mode=mode, model=model, data=data, out_dir=out_dir or None,
              seconds=round(time.perf_counter() - t0, 2))
   return out

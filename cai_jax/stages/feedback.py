@@ -71,6 +71,13 @@ name, fsynced and renamed; a kill -9 loses at most the shard in flight):
 A rerun skips the shards already on disk; a rerun whose config (everything that changes
 the labels) differs from the manifest's is refused with a ValueError naming the keys.
 batch_size, mesh, progress and max_skip_fraction may change between runs.
+
+Multi-process runs (jax.distributed, one global mesh): every process reads the same
+prompts and makes the same generate and score calls (the sampler splits each batch over
+the processes and gathers the results to all of them), so all build the same records;
+process 0 alone writes shards and manifest (``shards.Run.write_shard``, behind barriers),
+shows the progress bar and logs the skip warning. The files equal those of one process
+on the same global mesh.
 """
 
 from __future__ import annotations
@@ -86,7 +93,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import prompt_sets, shards
+from cai_jax import distributed, prompt_sets, shards
 from cai_jax.configs import MeshConfig
 
 _LOG = logging.getLogger(__name__)
@@ -668,7 +675,7 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
             "constitution_version": const.version, "seed": int(seed)})
   skipped_ids: List[str] = []
   with tqdm(total=len(names), initial=len(outputs.done), desc="feedback", unit="shard",
-            disable=not progress) as bar:
+            disable=not (progress and distributed.is_primary())) as bar:
     for k, rows in todo:
       records = _feedback_shard(rows, k, setup, generate_fn, feedback_generate_fn, score_fn)
       kept = {r["id"] for r in records}
@@ -679,7 +686,7 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
       bar.update(1)
       check_skips()
   stats = _stats(outputs.sums)
-  if stats["skipped_empty"]:
+  if stats["skipped_empty"] and distributed.is_primary():
     shown = ", ".join(skipped_ids[:5]) + (", ..." if len(skipped_ids) > 5 else "")
     _LOG.warning("feedback: skipped %d of %d comparisons with an empty response%s",
                  stats["skipped_empty"], stats["prompts"],

@@ -51,6 +51,14 @@ Resuming: a rerun with the same out_dir continues from out_dir/checkpoints. A re
 whose data, model, optimizer, chat format, sequence length, batch size or seed differ
 from harm_config.json is refused naming the differing keys; num_steps may grow, and
 progress, checkpointing cadence and the mesh may change.
+
+Multi-process runs (jax.distributed): every process reads the same labels and runs the
+same program on one global mesh: ``train.train``, then the train / held-out predictions
+with ``sampler.apply_batched`` (batches split over the processes, scores gathered to every
+process); the model is gathered and written by process 0 (``train.save_model`` into
+model.partial, then harm_model.json and the rename), and process 0 alone writes
+harm_config.json, heldout_scores.jsonl, the eval row and summary.json, each followed by
+a barrier. The outputs equal those of a single-process run on the same mesh.
 """
 
 from __future__ import annotations
@@ -68,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax import data, model_dir, models, shards, train
+from cai_jax import data, distributed, model_dir, models, sampler, sharding, shards, train
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.stages import pm
 
@@ -330,27 +338,17 @@ def load_harm_model(spec: str) -> HarmModel:
                    seq_len=seq_len, chat_format=str(meta.get("chat_format", "")))
 
 
-_score = jax.jit(models.score, static_argnums=1)
-
-
 def score_encoded(params: Any, config: ModelConfig, encoded: Sequence[Dict[str, np.ndarray]],
-                  batch_size: int) -> np.ndarray:
-  """Head outputs [N] float32 of encoded rows, in fixed-size padded batches."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  out = []
-  for start in range(0, len(encoded), batch_size):
-    chunk = list(encoded[start:start + batch_size])
-    n = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - n)
-    s = _score(params, config, np.stack([c["tokens"] for c in chunk]),
-               np.stack([c["mask"] for c in chunk]))
-    out.append(np.asarray(s, np.float32)[:n])
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+                  batch_size: int, mesh: Optional[MeshConfig] = None) -> np.ndarray:
+  """Head outputs [N] float32 of encoded rows, in fixed-size padded batches
+  (``sampler.apply_batched``: with `mesh`, split over it and collective in multi-process runs)."""
+  return sampler.apply_batched(models.score, params, config, encoded, ("tokens", "mask"),
+                               batch_size, *sharding.mesh_and_rules(mesh))
 
 
 def score_conversations(harm: HarmModel, conversations: Sequence[Conversation],
-                        chat_format: str, batch_size: int = 16) -> np.ndarray:
+                        chat_format: str, batch_size: int = 16,
+                        mesh: Optional[MeshConfig] = None) -> np.ndarray:
   """Harmfulness scores [N] float32 on the 0-4 scale (head output + offset, unclipped).
 
   Args:
@@ -358,13 +356,16 @@ def score_conversations(harm: HarmModel, conversations: Sequence[Conversation],
       response ([{role, content}], ending with the user's turn).
     chat_format: 'raw', 'chatml' or 'llama3' (use the one the model was trained with,
       ``harm.chat_format``).
+    mesh: optional mesh to score on (``score_encoded``); needed in multi-process runs
+      whose params are sharded over other processes' devices.
   """
   encoded = []
   for messages, response in conversations:
     tokens, mask, _ = pm.encode_response(harm.tokenizer, messages, response, chat_format,
                                          harm.seq_len)
     encoded.append({"tokens": tokens, "mask": mask})
-  return score_encoded(harm.params, harm.config, encoded, batch_size) + np.float32(harm.offset)
+  return (score_encoded(harm.params, harm.config, encoded, batch_size, mesh)
+          + np.float32(harm.offset))
 
 
 def summarize(scores_by_prompt: Dict[str, List[float]]) -> Dict[str, Any]:
@@ -414,14 +415,17 @@ def _write_eval(out_dir: str, step: int, metrics: Dict[str, Dict[str, Any]]) -> 
 
 
 def _save(out_dir: str, config: ModelConfig, params: Any, tok: Any, meta: dict) -> str:
-  """Writes out_dir/model with harm_model.json inside; the directory appears complete."""
+  """Writes out_dir/model with harm_model.json inside; the directory appears complete.
+  Collective: every process calls it; process 0 writes (``train.save_model``)."""
   final = os.path.join(out_dir, "model")
   partial = final + ".partial"
-  model_dir.save_model(partial, config, params, tok, head="scalar")
-  shards.write_atomic(os.path.join(partial, HARM_FILE), json.dumps(meta, indent=1))
-  if os.path.exists(final):
-    shutil.rmtree(final)
-  os.replace(partial, final)
+  train.save_model(partial, config, params, tok, head="scalar")
+  if distributed.is_primary():
+    shards.write_atomic(os.path.join(partial, HARM_FILE), json.dumps(meta, indent=1))
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.replace(partial, final)
+  distributed.barrier(f"harm_model:{final}")
   return final
 
 
@@ -475,17 +479,18 @@ def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
 
   def predict(split_rows):
     enc = [encode_row(tok, r, chat_format, seq_len, offset) for r in split_rows]
-    return score_encoded(final, config, enc, bs) + np.float32(offset)
+    return score_encoded(final, config, enc, bs, mesh) + np.float32(offset)
 
   train_pred = predict(train_set)
   held_pred = predict(heldout)
   metrics = {
       "train": regression_metrics(train_pred, np.array([r["harm"] for r in train_set]), offset),
       "heldout": regression_metrics(held_pred, np.array([r["harm"] for r in heldout]), offset)}
-  shards.write_jsonl(os.path.join(out_dir, "heldout_scores.jsonl"),
-                     [{"index": i, "id": r["id"], "harm": r["harm"], "score": float(s)}
-                      for i, (r, s) in enumerate(zip(heldout, held_pred))])
-  _write_eval(out_dir, step, metrics)
+  if distributed.is_primary():
+    shards.write_jsonl(os.path.join(out_dir, "heldout_scores.jsonl"),
+                       [{"index": i, "id": r["id"], "harm": r["harm"], "score": float(s)}
+                        for i, (r, s) in enumerate(zip(heldout, held_pred))])
+    _write_eval(out_dir, step, metrics)
   model_path = _save(out_dir, config, final, tok, {
       "target": "harm", "scale": list(SCALE), "offset": offset, "chat_format": chat_format,
       "seq_len": seq_len})
@@ -497,5 +502,7 @@ def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
       "resumed_from": result.resumed_from, "n_train": len(train_set), "n_heldout": len(heldout),
       "offset": offset, "truncated": int(truncated), "train": metrics["train"],
       "heldout": metrics["heldout"], "model": model_path}
-  shards.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+  if distributed.is_primary():
+    shards.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+  distributed.barrier(f"harm_model:{out_dir}/summary.json")
   return summary

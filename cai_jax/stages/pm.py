@@ -56,6 +56,13 @@ Resuming: a rerun with the same out_dir continues from out_dir/checkpoints (and 
 finished PMP phase). A rerun whose data, model, optimizer, chat format, sequence length,
 batch size or seed differ from pm_config.json is refused; num_steps may grow, and
 progress, checkpointing cadence and the mesh may change.
+
+Multi-process runs (jax.distributed): every process reads the same inputs and runs the
+same program on one global mesh: ``train.train`` for both phases, held-out scoring with
+``sampler.apply_batched`` (batches split over the processes, scores gathered to every process),
+models written by ``train.save_model``; process 0 alone writes pm_config.json,
+heldout_scores.jsonl, the eval row and the summaries, each followed by a barrier. The
+outputs equal those of a single-process run on the same mesh.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax import data, losses, model_dir, models, sharding, train
+from cai_jax import data, distributed, losses, model_dir, models, sampler, sharding, shards, train
 from cai_jax.comparisons import (SkipCounts, check_skips, load_comparisons,  # noqa: F401
                                  normalize_comparisons)
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
@@ -156,7 +163,16 @@ def pair_dataset(comparisons: Sequence[dict], tok: Any, chat_format: str, seq_le
 
 
 def pm_loss_sums(params: Any, model_cfg: ModelConfig, batch: Dict[str, jax.Array]):
-  """(Σ soft Bradley–Terry loss, number of pairs) of a pair batch; A and B in one pass."""
+  """(Σ soft Bradley–Terry loss, number of pairs) of a pair batch; A and B in one pass.
+
+  The loss depends on score differences only, so the scalar head's bias has no gradient;
+  it is held out of differentiation (stop_gradient) so that float noise in its would-be
+  zero gradient, which Adam would scale up to learning-rate-sized steps, cannot move it
+  (the PM's absolute scores then do not depend on the reduction order, e.g. the mesh).
+  """
+  head = params.get("scalar_head", {})
+  if "bias" in head:
+    params = dict(params, scalar_head=dict(head, bias=jax.lax.stop_gradient(head["bias"])))
   tokens = jnp.concatenate([batch["tokens_a"], batch["tokens_b"]], axis=0)
   mask = jnp.concatenate([batch["mask_a"], batch["mask_b"]], axis=0)
   s = models.score(params, model_cfg, tokens, mask)
@@ -181,24 +197,16 @@ def pm_init_params(config: ModelConfig, params: Any) -> Any:
 
 
 def score_pairs(params: Any, config: ModelConfig, tok: Any, comparisons: Sequence[dict],
-                chat_format: str, seq_len: int, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
-  """(score_a [N], score_b [N]) from ``models.score``, in fixed-size padded batches."""
-  fn = jax.jit(models.score, static_argnums=1)
-  sa, sb = [], []
-  for start in range(0, len(comparisons), batch_size):
-    chunk = [encode_pair(tok, c, chat_format, seq_len) for c in comparisons[start:start + batch_size]]
-    n = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - n)
-    tokens = np.concatenate([np.stack([c["tokens_a"] for c in chunk]),
-                             np.stack([c["tokens_b"] for c in chunk])])
-    mask = np.concatenate([np.stack([c["mask_a"] for c in chunk]),
-                           np.stack([c["mask_b"] for c in chunk])])
-    s = np.asarray(fn(params, config, tokens, mask), np.float32)
-    sa.append(s[:n])
-    sb.append(s[batch_size:batch_size + n])
-  if not sa:
-    return np.zeros((0,), np.float32), np.zeros((0,), np.float32)
-  return np.concatenate(sa), np.concatenate(sb)
+                chat_format: str, seq_len: int, batch_size: int,
+                mesh: Optional[MeshConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """(score_a [N], score_b [N]) from ``models.score`` (``sampler.apply_batched``, 2 x batch_size
+  sequences a batch)."""
+  pairs = [encode_pair(tok, c, chat_format, seq_len) for c in comparisons]
+  rows = ([{"tokens": p["tokens_a"], "mask": p["mask_a"]} for p in pairs] +
+          [{"tokens": p["tokens_b"], "mask": p["mask_b"]} for p in pairs])
+  s = sampler.apply_batched(models.score, params, config, rows, ("tokens", "mask"), 2 * batch_size,
+                            *sharding.mesh_and_rules(mesh))
+  return s[:len(pairs)], s[len(pairs):]
 
 
 def evaluate(score_a: np.ndarray, score_b: np.ndarray, comparisons: Sequence[dict]) -> Dict[str, float]:
@@ -275,8 +283,9 @@ def _fingerprint(obj: Any) -> str:
 def check_rerun(out_dir: str, run_config: dict, stage: str = "pm",
                 filename: str = "pm_config.json") -> None:
   """Writes out_dir/<filename>, or refuses a rerun whose config differs from it (one line
-  naming the differing keys). Shared by the scalar-head training stages (pm, harm_model)."""
-  from cai_jax import shards
+  naming the differing keys). Shared by the scalar-head training stages (pm, harm_model).
+  Every process of a multi-process run calls it; process 0 writes, then all meet at a
+  barrier."""
   path = os.path.join(out_dir, filename)
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
@@ -285,9 +294,10 @@ def check_rerun(out_dir: str, run_config: dict, stage: str = "pm",
     if diff:
       raise ValueError(f"{stage}: {out_dir} holds a run with a different {', '.join(diff)} "
                        f"(see {path}); use a new out_dir")
-    return
-  os.makedirs(out_dir, exist_ok=True)
-  shards.write_atomic(path, json.dumps(run_config, indent=1, sort_keys=True))
+  elif distributed.is_primary():
+    os.makedirs(out_dir, exist_ok=True)
+    shards.write_atomic(path, json.dumps(run_config, indent=1, sort_keys=True))
+  distributed.barrier(f"check_rerun:{path}")
 
 
 def _write_eval(out_dir: str, step: int, metrics: Dict[str, float]) -> None:
@@ -400,12 +410,13 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
       result = train.train(config, optimizer, pmp_cfg, mesh, ds, pmp_dir, init_params=params,
                            head="scalar", loss_sums=pm_loss_sums)
       params = result.state.params
-      model_dir.save_model(pmp_model, config, params, tok, head="scalar")
+      train.save_model(pmp_model, config, params, tok, head="scalar")
       pmp_summary = {"comparisons": len(pmp), "steps": int(result.state.step),
                      "final_loss": result.last_metrics.get("loss"),
                      "resumed_from": result.resumed_from}
-      with open(pmp_summary_path, "w", encoding="utf-8") as f:
-        json.dump(pmp_summary, f, indent=1)
+      if distributed.is_primary():
+        shards.write_atomic(pmp_summary_path, json.dumps(pmp_summary, indent=1))
+      distributed.barrier(f"pm:{pmp_summary_path}")
 
   ds = pair_dataset(train_set, tok, chat_format, seq_len, bs, seed)
   result = train.train(config, optimizer, train_config, mesh, ds, out_dir, init_params=params,
@@ -415,14 +426,14 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
 
   metrics = None
   if heldout:
-    sa, sb = score_pairs(final, config, tok, heldout, chat_format, seq_len, bs)
+    sa, sb = score_pairs(final, config, tok, heldout, chat_format, seq_len, bs, mesh)
     metrics = evaluate(sa, sb, heldout)
-    with open(os.path.join(out_dir, "heldout_scores.jsonl"), "w", encoding="utf-8") as f:
-      for i, (c, a, b) in enumerate(zip(heldout, sa, sb)):
-        f.write(json.dumps({"index": i, "source": c["source"], "p": c["p"],
-                            "score_a": float(a), "score_b": float(b)}) + "\n")
-    _write_eval(out_dir, step, metrics)
-  model_dir.save_model(os.path.join(out_dir, "model"), config, final, tok, head="scalar")
+    if distributed.is_primary():
+      shards.write_jsonl(os.path.join(out_dir, "heldout_scores.jsonl"), [
+          {"index": i, "source": c["source"], "p": c["p"], "score_a": float(a),
+           "score_b": float(b)} for i, (c, a, b) in enumerate(zip(heldout, sa, sb))])
+      _write_eval(out_dir, step, metrics)
+  train.save_model(os.path.join(out_dir, "model"), config, final, tok, head="scalar")
 
   summary = {
       "out_dir": out_dir, "steps": step, "final_loss": result.last_metrics.get("loss"),
@@ -435,6 +446,7 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
   if summary["truncated_pairs"]:
     _LOG.warning("pm: %d of %d comparisons were longer than seq_len=%d and left-truncated",
                  summary["truncated_pairs"], len(train_set) + len(heldout), seq_len)
-  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  if distributed.is_primary():
+    shards.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+  distributed.barrier(f"pm:{out_dir}/summary.json")
   return summary

@@ -30,6 +30,12 @@ samples have been drawn; round r draws its few-shot examples with
 complete. The returned stats: seeds, generated, accepted, rejected_length,
 rejected_refusal, rejected_exact, rejected_near, surplus (samples of the last round
 not examined once n_new was reached), rounds, out, seconds.
+
+Multi-process runs (jax.distributed, one global mesh): every process draws the same
+few-shot lists and makes the same sampler calls (batches split over the processes, the
+completions gathered to all of them), so all accept the same prompts; process 0 alone
+writes the output file and shows progress bars, then all meet at a barrier. The file
+equals the one of a single process on the same global mesh.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from cai_jax import monitors, prompt_sets
+from cai_jax import distributed, monitors, prompt_sets
 from cai_jax.configs import MeshConfig
 from cai_jax.tokenizer import trim_at_stop
 
@@ -124,7 +130,7 @@ class ModelGenerator:
     eos = (self.tok.eos_id,) if self.tok.eos_id is not None else ()
     self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
     self.eos, self.stop_ids = eos, tuple(tuple(self.tok.encode(s)) for s in self.stops)
-    self.batch_size, self.progress = batch_size, progress
+    self.batch_size, self.progress = batch_size, progress and distributed.is_primary()
     self.max_prompt_tokens = self.config.max_seq_len - max_new_tokens
 
   def encode(self, text: str) -> List[int]:
@@ -254,15 +260,22 @@ def run(out: str, seed_prompts: str = "red_team", model: str = "", n_new: int = 
                        "source": "model", "few_shot_ids": shots[k]})
   stats["accepted"] = len(accepted)
 
+  if distributed.is_primary():   # multi-process runs: every process holds the same rows
+    _write(out, accepted)
+  distributed.barrier(f"redteam_prompts:{os.path.abspath(out)}")
+  stats.update(out=out, seconds=round(time.perf_counter() - t0, 2))
+  return stats
+
+
+def _write(out: str, rows: Sequence[dict]) -> None:
+  """The output JSONL, written to a temporary name and renamed when complete."""
   tmp = out + ".tmp"
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   try:
     with open(tmp, "w", encoding="utf-8") as f:
-      for row in accepted:
+      for row in rows:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  stats.update(out=out, seconds=round(time.perf_counter() - t0, 2))
-  return stats

@@ -15,6 +15,15 @@ Outputs in ``out_dir``:
 Determinism: prompt order, sampling seed and minibatch shuffles of iteration i are
 functions of (seed, i) only, so a run killed and resumed from its latest checkpoint ends
 with the same parameters as an uninterrupted one.
+
+Multi-process runs (``cai_jax.distributed``): every process runs the same loop on one
+global mesh. Policy and value TrainStates, reference and PM params live in their logical
+shardings; rollout batches, PM inputs and PPO minibatches are split over the batch shards
+(PPOConfig.rollout_batch and rollout_batch / PPOConfig.minibatches must divide over them);
+samples, scores and rollout results are gathered to every process, so host-side metrics and
+shuffles agree everywhere. Checkpoints are collective, snapshots and final models go through
+``train.save_model``, and process 0 alone writes metrics, summary.json and the progress bar.
+The result equals a single-process run on the same global mesh.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from cai_jax import checkpoints, losses, model_dir, models, ppo as ppo_lib, sampler, sharding
+from cai_jax import (checkpoints, distributed, losses, model_dir, models, ppo as ppo_lib, sampler,
+                     sharding, train)
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig
 from cai_jax.metrics import MetricsWriter
 from cai_jax.ppo import PPOConfig
@@ -115,6 +125,8 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
     snapshot_every: save the policy under out_dir/snapshots/step-XXXXX every that many
       iterations (0: never; the final model is always saved).
     save_every: checkpoint every that many iterations (and always at the end).
+    mesh, rules: device mesh and logical rules (None: unsharded); every process of a
+      multi-process run calls this with the same arguments.
   Returns the summary dict (also out_dir/summary.json): iterations, resumed_from,
   last metrics, snapshot paths.
   """
@@ -126,38 +138,48 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
   if limit < 1:
     raise ValueError(f"max_new_tokens={n} leaves no room for a prompt (max_seq_len "
                      f"{policy_cfg.max_seq_len})")
+  shards = sharding.batch_shards(mesh, rules)
+  if ppo.rollout_batch % shards or (ppo.rollout_batch // ppo.minibatches) % shards:
+    raise ValueError(
+        f"PPOConfig.rollout_batch={ppo.rollout_batch} with PPOConfig.minibatches={ppo.minibatches} "
+        f"({ppo.rollout_batch // ppo.minibatches} rows per minibatch) does not divide over the "
+        f"{shards} batch shards of the mesh; make both the rollout batch and the minibatch rows "
+        f"multiples of {shards}")
   prompts = [[int(t) for t in p][-limit:] for p in prompt_ids]
   if not prompts or any(not p for p in prompts):
     raise ValueError("the prompt set is empty or has an empty prompt")
   plen = min(sampler.bucket_length(max(len(p) for p in prompts)), limit)
   plen = max(plen, max(len(p) for p in prompts))
 
-  policy_state = ppo_lib.init_state(policy_params, optimizer)
-  value_state = ppo_lib.init_state(value_params, value_optimizer)
-  ref_params = jax.tree_util.tree_map(jnp.asarray, ref_params)
+  policy_state = ppo_lib.init_state(policy_params, optimizer, policy_cfg, "lm", mesh, rules)
+  value_state = ppo_lib.init_state(value_params, value_optimizer, value_cfg, "scalar", mesh, rules)
+  if mesh is None:
+    ref_params = jax.tree_util.tree_map(jnp.asarray, ref_params)
+  else:
+    ref_params = models.place_params(ref_params, ref_cfg, mesh, rules)
   beta, start = float(ppo.kl_coef), 0
   ckpt = checkpoints.CheckpointManager(os.path.join(out_dir, "checkpoints"), save_every=save_every,
                                        keep=keep_checkpoints)
   resumed_from = ckpt.latest_step()
-  if resumed_from is not None:
+  if resumed_from is not None:   # the live states as target: restored in their shardings
     state, data_state = ckpt.restore({"policy": policy_state, "value": value_state})
     policy_state, value_state = state["policy"], state["value"]
     start, beta = int(data_state["iteration"]), float(data_state["beta"])
   writer = MetricsWriter(out_dir)
   writer.truncate_after(start)
-  policy_step = ppo_lib.make_policy_step(policy_cfg, ppo, optimizer)
-  value_step = ppo_lib.make_value_step(value_cfg, ppo, value_optimizer)
+  policy_step = ppo_lib.make_policy_step(policy_cfg, ppo, optimizer, mesh, rules)
+  value_step = ppo_lib.make_value_step(value_cfg, ppo, value_optimizer, mesh, rules)
   snapshots, last = [], {}
 
   def snapshot(it):
     path = os.path.join(out_dir, "snapshots", f"step-{it:05d}")
-    model_dir.save_model(path, policy_cfg, jax.device_get(policy_state.params), tokenizer)
+    train.save_model(path, policy_cfg, policy_state.params, tokenizer)
     snapshots.append(path)
 
   ctx = lambda: sharding.use_mesh(mesh, rules) if mesh is not None else _null()
   try:
     with tqdm(total=iterations, initial=min(start, iterations), desc="rl",
-              disable=not progress) as bar:
+              disable=not progress or not distributed.is_primary()) as bar:
       for it in range(start, iterations):
         idx = prompt_indices(len(prompts), it, ppo.rollout_batch, seed)
         batch_prompts = [prompts[i] for i in idx]
@@ -173,7 +195,8 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
         batch = ppo_lib.make_batch(batch_prompts, result.tokens, plen, n)
         with ctx():
           ro = ppo_lib.rollout(policy_state.params, policy_cfg, ref_params, ref_cfg,
-                               value_state.params, value_cfg, batch, scores, beta, ppo)
+                               value_state.params, value_cfg, batch, scores, beta, ppo, mesh,
+                               rules)
         metrics = ppo_lib.rollout_metrics(ro, batch["response_mask"], scores, beta)
         sampled = np.zeros_like(ro["logp"])
         for r, lp in enumerate(result.logprobs):
@@ -213,16 +236,17 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
     ckpt.close()
     writer.close()
 
-  model_dir.save_model(os.path.join(out_dir, "model"), policy_cfg,
-                       jax.device_get(policy_state.params), tokenizer)
-  model_dir.save_model(os.path.join(out_dir, "value_model"), value_cfg,
-                       jax.device_get(value_state.params), tokenizer, head="scalar")
+  train.save_model(os.path.join(out_dir, "model"), policy_cfg, policy_state.params, tokenizer)
+  train.save_model(os.path.join(out_dir, "value_model"), value_cfg, value_state.params, tokenizer,
+                   head="scalar")
   summary = {"out_dir": out_dir, "iterations": iterations, "resumed_from": resumed_from,
              "beta": beta, "last_metrics": last, "snapshots": snapshots,
              "ppo": dataclasses.asdict(ppo)}
   summary.update(extra_summary or {})
-  with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=1)
+  if distributed.is_primary():
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=1)
+  distributed.barrier(f"rl:summary:{out_dir}")
   return summary
 
 
@@ -311,7 +335,7 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
   if reward_fn is not None:
     score_fn = reward_score_fn(prompt_ids, reward_fn)
   else:
-    pm_jit = jax.jit(lambda p, t, k: models.score(p, pm_cfg, t, k))
+    pm_placed = models.place_params(pm_params, pm_cfg, m, rules, "scalar")   # placed once
 
     def score_fn(indices, result):
       seqs = []
@@ -326,7 +350,9 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
       k = np.zeros((len(seqs), width), bool)
       for r, s in enumerate(seqs):
         t[r, :len(s)], k[r, :len(s)] = s, True
-      return np.asarray(pm_jit(pm_params, t, k))
+      return sampler.apply_batched(models.score, pm_placed, pm_cfg,
+                                   [{"tokens": t[r], "mask": k[r]} for r in range(len(seqs))],
+                                   ("tokens", "mask"), len(seqs), m, rules)
 
   return train_ppo(out_dir, policy_cfg, policy_params, ref_cfg, ref_params, value_cfg,
                    value_params, prompt_ids, score_fn, ppo, optimizer, value_optimizer,
