@@ -73,10 +73,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
   path = tmp_path / "comps.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in _comparisons(12)))   # 8 + 4 padded
   args = ["dpo", f"--gin.dpo.comparisons='{path}'", f"--policy={base}", "--gin.dpo.beta=0.5",
-          "--gin.dpo.chat_format='raw'", "--gin_file=mesh/fsdp.gin",
-          "--gin.TrainConfig.num_steps=3", "--gin.TrainConfig.batch_size=8",
-          "--gin.TrainConfig.seq_len=64", "--gin.TrainConfig.progress=False",
-          "--gin.TrainConfig.async_checkpoint=False", "--gin.OptimizerConfig.learning_rate=3e-3"]
+          "--gin.dpo.chat_format='raw'", *multihost.SHORT_TRAINING]
   (multi, result), (single, _) = multihost.run_multi_and_single(args, tmp_path)
   assert result["steps"] == 3 and result["process_index"] == 0
   dirs = [multi, single]

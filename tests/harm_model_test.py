@@ -298,10 +298,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path, base_model):
   import multihost
   labels = write_jsonl(tmp_path / "labels.jsonl", handful_rows())   # 8 train + 2 held out
   args = ["harm_model", f"--gin.harm_model.data='{labels}'",
-          f"--gin.harm_model.init_from='{base_model}'", "--gin_file=mesh/fsdp.gin",
-          "--gin.TrainConfig.num_steps=3", "--gin.TrainConfig.batch_size=8",
-          "--gin.TrainConfig.seq_len=64", "--gin.TrainConfig.progress=False",
-          "--gin.TrainConfig.async_checkpoint=False", "--gin.OptimizerConfig.learning_rate=3e-3"]
+          f"--gin.harm_model.init_from='{base_model}'", *multihost.SHORT_TRAINING]
   (multi, result), (single, _) = multihost.run_multi_and_single(args, tmp_path)
   assert result["steps"] == 3 and result["process_index"] == 0
   dirs = [multi, single]

@@ -24,6 +24,12 @@ TIMEOUT_S = 300   # per launch; a process still running then is killed and the t
 
 Proc = Tuple[subprocess.Popen, str, str]   # (process, stdout path, stderr path)
 
+# Bindings of a 3-step training run on the fsdp mesh, batch 8 (a multiple of 8 devices).
+SHORT_TRAINING = ["--gin_file=mesh/fsdp.gin", "--gin.TrainConfig.num_steps=3",
+                  "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.seq_len=64",
+                  "--gin.TrainConfig.progress=False", "--gin.TrainConfig.async_checkpoint=False",
+                  "--gin.OptimizerConfig.learning_rate=3e-3"]
+
 
 def free_port() -> int:
   with socket.socket() as s:

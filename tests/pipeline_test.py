@@ -137,3 +137,23 @@ def test_two_processes_run_the_pipeline_like_one(tmp_path):
   # Rerun: both processes find every stage complete and skip it.
   for s in _multi_process_pipeline(multi, stages, "rerun", timeout_s=300):
     assert [x["status"] for x in s["stages"]] == ["skipped"] * 3
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_whole_tiny_pipeline(tmp_path):
+  """Every stage, train_lm -> ... -> evaluate, as 2 processes x 4 devices from the same gin
+  file plus a mesh over both processes; PPO minibatches of 8 rows (one per batch shard)."""
+  stages = ["train_lm", "critique_revision", "sl", "feedback", "pm", "rl", "harm_model", "evaluate"]
+  import multihost
+  args = ["pipeline", f"--gin_file={os.path.join(REPO, 'gin', 'experiments', 'tiny_cpu_pipeline.gin')}",
+          "--gin_file=mesh/fsdp.gin", "--gin.TrainConfig.progress=False",
+          "--gin.PPOConfig.minibatches=1"]
+  results = multihost.wait(multihost.launch_cli(args, tmp_path / "logs", 2, 4, name="full",
+                                                cwd=str(tmp_path)), 1800)
+  summaries = [multihost.result(out) for _, out, _ in results]
+  for s in summaries:
+    assert [(x["stage"], x["status"]) for x in s["stages"]] == [(x, "ran") for x in stages]
+  assert summaries[0]["elo"] == summaries[1]["elo"]
+  run = tmp_path / "runs" / "tiny_cpu"
+  assert "Elo" in (run / "eval" / "report.html").read_text()
+  assert [x["stage"] for x in json.loads((run / "pipeline.json").read_text())["stages"]] == stages

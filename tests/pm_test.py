@@ -222,10 +222,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path, base_model):
   comps = write_jsonl(tmp_path / "ai.jsonl", planted(28, 5))   # 21 train + 7 held out (padded)
   args = ["pm", f"--gin.pm.comparisons='{comps}'", f"--gin.pm.init_from='{base_model}'",
           "--gin.pm.heldout_fraction=0.25", "--gin.pm.chat_format='raw'",
-          "--gin_file=mesh/fsdp.gin", "--gin.TrainConfig.num_steps=3",
-          "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.seq_len=64",
-          "--gin.TrainConfig.progress=False", "--gin.TrainConfig.async_checkpoint=False",
-          "--gin.OptimizerConfig.learning_rate=3e-3"]
+          *multihost.SHORT_TRAINING]
   (multi, result), (single, _) = multihost.run_multi_and_single(args, tmp_path)
   assert result["steps"] == 3 and result["process_index"] == 0
 
