@@ -138,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> None:
   import jax
   import jax.numpy as jnp
 
-  from cai_jax import plan, sharding, steps
+  from cai_jax import checkpoints, plan, sharding, steps
   from cai_jax.configs import MeshConfig, OptimizerConfig
 
   devices = jax.devices()
@@ -160,7 +160,8 @@ def main(argv: Optional[List[str]] = None) -> None:
   tx = steps.make_optimizer(OptimizerConfig())
   timings = {}
   t0 = time.perf_counter()
-  state_in, state_sh = plan.abstract_train_state(cfg, tx, mesh, rules)
+  state_in = checkpoints.abstract_train_state(cfg, tx, mesh, rules)
+  state_sh = checkpoints.shardings_of(state_in)
   timings["eval_shape_s"] = time.perf_counter() - t0
 
   shape = (args.batch, args.seq)

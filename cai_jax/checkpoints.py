@@ -94,6 +94,20 @@ def abstract_state(init_fn: Callable[[], PyTree], mesh: Mesh, rules: sharding.Ru
   return with_shardings(sharding.unbox_shapes(boxed), shardings)
 
 
+def shardings_of(tree: PyTree) -> PyTree:
+  """The `.sharding` of every leaf (ShapeDtypeStructs or arrays): the inverse of with_shardings."""
+  return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+def abstract_train_state(config: Any, tx: Any, mesh: Mesh, rules: sharding.Rules,
+                         head: str = "lm") -> PyTree:
+  """``abstract_state`` of a model's TrainState (``steps.init_state_boxed``: params, optax
+  state of `tx`, step) laid out by the logical-axis `rules` on `mesh`; nothing is allocated."""
+  from cai_jax import steps
+  return abstract_state(lambda: steps.init_state_boxed(config, tx, jax.random.PRNGKey(0), head),
+                        mesh, rules)
+
+
 def as_abstract(tree: PyTree) -> PyTree:
   """Restore target from abstract or live leaves: jax.Array -> ShapeDtypeStruct with its sharding.
 

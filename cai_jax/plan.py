@@ -216,13 +216,6 @@ def preset_name(config: ModelConfig) -> Optional[str]:
 # --------------------------------------------------------------------------------------
 
 
-def with_shardings(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of `tree` (arrays or structs) that carry the matching shardings."""
-  import jax
-  return jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def shard_bytes(tree: Any, shardings: Any = None) -> Dict[str, int]:
   """{'global', 'per_device'} bytes of a tree of arrays / ShapeDtypeStructs.
 
@@ -265,22 +258,6 @@ def xla_memory(compiled: Any) -> Dict[str, int]:
   return out
 
 
-def abstract_train_state(model_config: ModelConfig, tx: Any, mesh: Any, rules: Any,
-                         head: str = "lm") -> Tuple[Any, Any]:
-  """(TrainState of ShapeDtypeStructs carrying their shardings, the NamedShardings).
-
-  The state of ``steps.init_state_boxed`` (params, optax state of `tx`, step) laid out by
-  the logical-axis `rules` on `mesh`; nothing is allocated.
-  """
-  import jax
-  from cai_jax import sharding, steps
-  with sharding.use_mesh(mesh, rules):
-    boxed = jax.eval_shape(
-        lambda: steps.init_state_boxed(model_config, tx, jax.random.PRNGKey(0), head))
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-  return with_shardings(sharding.unbox_shapes(boxed), shardings), shardings
-
-
 def batch_structs(mesh: Any, rules: Any, fields: Dict[str, Tuple[Tuple[int, ...], Any]]
                   ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """({name: ShapeDtypeStruct}, {name: NamedSharding}) of a batch, batch dim over (data, fsdp).
@@ -306,12 +283,12 @@ def kv_cache_structs(model_config: ModelConfig, batch: int, length: int, mesh: A
   """
   import flax.linen as nn
   import jax
-  from cai_jax import axes, sharding, transformer
+  from cai_jax import axes, checkpoints, sharding, transformer
   shapes = jax.eval_shape(lambda: transformer.init_cache(model_config, batch, length))
   kv_names = (None, axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.KV)
   boxed = {"k": nn.Partitioned(shapes["k"], kv_names), "v": nn.Partitioned(shapes["v"], kv_names),
            "mask": nn.Partitioned(shapes["mask"], (axes.BATCH, axes.LENGTH))}
-  return with_shardings(shapes, sharding.logical_shardings(boxed, mesh, rules))
+  return checkpoints.with_shardings(shapes, sharding.logical_shardings(boxed, mesh, rules))
 
 
 # --------------------------------------------------------------------------------------
@@ -349,7 +326,7 @@ def _plan_train_stage(stage: str, model_config: ModelConfig, optimizer: Optimize
                       hbm_bytes: int, prune: bool) -> Dict[str, Any]:
   """sl (LM head, token cross-entropy) or pm (scalar head, soft Bradley-Terry on pairs)."""
   import jax.numpy as jnp
-  from cai_jax import steps
+  from cai_jax import checkpoints, steps
   rows, seq = train_config.batch_size, train_config.seq_len
   if rows % microbatches:
     raise ValueError(f"plan: microbatches={microbatches} does not divide "
@@ -365,7 +342,8 @@ def _plan_train_stage(stage: str, model_config: ModelConfig, optimizer: Optimize
     fields = {k: ((rows, seq), d) for k, d in (("tokens_a", jnp.int32), ("mask_a", jnp.bool_),
                                                ("tokens_b", jnp.int32), ("mask_b", jnp.bool_))}
     fields["p"] = ((rows, 1), jnp.float32)
-  state, state_sh = abstract_train_state(model_config, tx, mesh, rules, head)
+  state = checkpoints.abstract_train_state(model_config, tx, mesh, rules, head)
+  state_sh = checkpoints.shardings_of(state)
   params = shard_bytes(state.params)["per_device"]
   opt = shard_bytes(state.opt_state)["per_device"]
   out: Dict[str, Any] = {
@@ -412,12 +390,12 @@ def _plan_rl_stage(model_config: ModelConfig, optimizer: OptimizerConfig, ppo: P
   """PPO: policy and value updates, rollout scoring, resident reference + PM, KV cache."""
   import jax
   import jax.numpy as jnp
-  from cai_jax import ppo as ppo_lib, steps
+  from cai_jax import checkpoints, ppo as ppo_lib, steps
   n = ppo.max_new_tokens
   big, rows, cols = ppo.rollout_batch, ppo.rollout_batch // ppo.minibatches, prompt_len + n
   tx = steps.make_optimizer(optimizer)
-  policy, _ = abstract_train_state(model_config, tx, mesh, rules, "lm")
-  value, _ = abstract_train_state(model_config, tx, mesh, rules, "scalar")
+  policy = checkpoints.abstract_train_state(model_config, tx, mesh, rules, "lm")
+  value = checkpoints.abstract_train_state(model_config, tx, mesh, rules, "scalar")
   policy_params = shard_bytes(policy.params)["per_device"]
   value_params = shard_bytes(value.params)["per_device"]
   opt = shard_bytes(policy.opt_state)["per_device"] + shard_bytes(value.opt_state)["per_device"]

@@ -40,9 +40,9 @@ import optax
 
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cai_jax import distributed, losses, models, sharding
+from cai_jax import checkpoints, distributed, losses, models, sharding
 from cai_jax.configs import ModelConfig, OptimizerConfig, PPOConfig  # noqa: F401  (PPOConfig re-exported)
-from cai_jax.steps import TrainState, init_state_boxed, lr_schedule, make_optimizer
+from cai_jax.steps import TrainState, lr_schedule, make_optimizer
 
 Array = jax.Array
 Params = Any
@@ -67,10 +67,8 @@ def compiled_part(ppo: PPOConfig) -> PPOConfig:
 def state_shardings(config: ModelConfig, head: str, optimizer: OptimizerConfig, mesh, rules
                     ) -> TrainState:
   """NamedShardings of a TrainState (params and optimizer state) of that model."""
-  tx = make_optimizer(optimizer)
-  with sharding.use_mesh(mesh, rules):
-    abstract = jax.eval_shape(lambda: init_state_boxed(config, tx, jax.random.PRNGKey(0), head))
-    return sharding.logical_shardings(abstract, mesh, rules)
+  return checkpoints.shardings_of(
+      checkpoints.abstract_train_state(config, make_optimizer(optimizer), mesh, rules, head))
 
 
 def _put(batch: Dict[str, Any], mesh, rules) -> Dict[str, Any]:

@@ -90,19 +90,16 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
   iterator = dataset.to_iter_dataset().__iter__()
 
   with sharding.use_mesh(mesh, rules):
-    abstract = jax.eval_shape(lambda: steps.init_state_boxed(model_cfg, tx, rng, head))
-    state_shardings = sharding.logical_shardings(abstract, mesh, rules)
+    target = checkpoints.abstract_train_state(model_cfg, tx, mesh, rules, head)
+    state_shardings = checkpoints.shardings_of(target)
     resumed_from = manager.latest_step()
     if resumed_from is not None:
-      target = jax.tree_util.tree_map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-          sharding.unbox_shapes(abstract), state_shardings)
       state, data_state = manager.restore(target, step=resumed_from)
       if data_state is not None:
         iterator.set_state(data_state)
       writer.truncate_after(resumed_from)
     elif init_params is not None:
-      checkpoints.check_compatible(sharding.unbox_shapes(abstract.params), init_params, "init params")
+      checkpoints.check_compatible(target.params, init_params, "init params")
       state = state_from_params(model_cfg, tx, init_params, state_shardings)
     else:
       state, _ = sharding.sharded_init(
