@@ -189,12 +189,83 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-  """Blocks until every process reaches the barrier `name` (no-op with one process)."""
+class PeerFailed(RuntimeError):
+  """Another process of this run reported a failure (``report_failure``) while this one waited."""
+
+
+# Keys in the coordination service's key-value store.
+_FAILED_DIR = "cai_jax/failed"     # FAILED_DIR/<process index> = "<error type>: <first line>"
+_BARRIER_DIR = "cai_jax/barrier"   # BARRIER_DIR/<name hash>.<n>/<process index> = "1"
+_barrier_counts: dict = {}         # barrier name -> times this process passed it
+_barrier_last: list = []           # key this process set at its previous barrier
+
+
+def _client():
+  """jax's coordination-service client of this run (orbax reaches it the same way)."""
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  if client is None:
+    raise RuntimeError("jax.distributed is not initialized")
+  return client
+
+
+def failures() -> list:
+  """["process I: ERROR", ...]: the failures processes of this run reported (``report_failure``)."""
+  return [f"process {key.rsplit('/', 1)[-1]} failed: {value}"
+          for key, value in sorted(_client().key_value_dir_get(_FAILED_DIR))]
+
+
+def report_failure(error: BaseException) -> None:
+  """Tells the other processes of a multi-process run that this one failed with `error`.
+
+  Processes waiting in ``barrier`` then raise ``PeerFailed`` naming it at once, instead of
+  waiting for the coordination service's heartbeat and shutdown timeouts (minutes) and
+  aborting. A no-op with one process; never raises (it runs while an error propagates).
+  """
+  try:
+    import sys
+    if "jax" not in sys.modules:   # failed before any jax use: nothing was initialized
+      return
+    import jax
+    if not jax.distributed.is_initialized() or jax.process_count() < 2:
+      return
+    first = (str(error).strip().splitlines() or [""])[0]
+    message = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    _client().key_value_set(f"{_FAILED_DIR}/{jax.process_index()}", message, allow_overwrite=True)
+  except Exception as e:  # the original error matters more than this report
+    logging.warning("could not report the failure to the other processes: %s", e)
+
+
+def barrier(name: str, poll_s: float = 0.05) -> None:
+  """Blocks until every process reaches the barrier `name` (no-op with one process).
+
+  Every process must pass the same barriers in the same order. Waits in the coordination
+  service's key-value store (no device computation), polling every `poll_s` seconds, and
+  raises PeerFailed as soon as another process has reported a failure (``report_failure``).
+  A process that dies without reporting is noticed by jax's own heartbeat, which ends the run.
+  """
   import jax
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+  count = jax.process_count()
+  if count < 2:
+    return
+  import hashlib
+  import time
+  client = _client()
+  passed = _barrier_counts.get(name, 0)
+  _barrier_counts[name] = passed + 1
+  directory = f"{_BARRIER_DIR}/{hashlib.sha1(name.encode()).hexdigest()[:16]}.{passed}"
+  key = f"{directory}/{jax.process_index()}"
+  client.key_value_set(key, "1")
+  delay = 0.001
+  while len(client.key_value_dir_get(directory)) < count:
+    if client.key_value_dir_get(_FAILED_DIR):
+      raise PeerFailed("; ".join(failures()) + f" (while this process waited at barrier {name!r})")
+    time.sleep(delay)
+    delay = min(2 * delay, poll_s)
+  # Every process has left the previous barrier once all reached this one: drop its key.
+  for old in _barrier_last:
+    client.key_value_delete(old)
+  _barrier_last[:] = [key]
 
 
 def _identity(*xs):

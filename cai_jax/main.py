@@ -310,6 +310,9 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
     if _PROCESS["index"] == 0:
       with open(os.path.join(bound, "config.gin"), "w", encoding="utf-8") as f:
         f.write(config_text)
+    if _PROCESS["count"] > 1:
+      from cai_jax import distributed
+      distributed.barrier(f"config.gin:{bound}")   # a failed write stops every process here
   return fn()
 
 
@@ -367,7 +370,8 @@ def _main(argv: List[str]) -> None:
 
 
 # Errors that mean "bad input": reported as one line, no traceback.
-_USER_ERRORS = (CliError, ValueError, FileNotFoundError, FloatingPointError)
+_USER_ERRORS = (CliError, ValueError, FileNotFoundError, FloatingPointError, IsADirectoryError,
+                NotADirectoryError, PermissionError)
 
 
 def run(argv: Optional[List[str]] = None) -> None:
@@ -382,17 +386,22 @@ def run(argv: Optional[List[str]] = None) -> None:
   def main(parsed):
     if not any(a.startswith(("--verbosity", "-v")) for a in argv):
       logging.set_verbosity(logging.WARNING)  # orbax / absl INFO chatter off by default
+    from cai_jax import distributed
     try:
       _main(parsed)
-    except _USER_ERRORS as e:
-      kind = "" if isinstance(e, CliError) else type(e).__name__ + ": "
-      print(f"cai-jax: error: {kind}{_first_line(e)}", file=sys.stderr)
-      sys.exit(2)
-    except Exception as e:  # a failed pipeline stage (its own error is already printed)
+    except distributed.PeerFailed as e:  # another process failed; its own error is printed there
+      print(f"cai-jax: error: {_first_line(e)}", file=sys.stderr)
+      sys.exit(1)
+    except (Exception, KeyboardInterrupt) as e:
+      distributed.report_failure(e)   # multi-process runs: the others stop waiting for this one
+      if isinstance(e, _USER_ERRORS):
+        kind = "" if isinstance(e, CliError) else type(e).__name__ + ": "
+        print(f"cai-jax: error: {kind}{_first_line(e)}", file=sys.stderr)
+        sys.exit(2)
       from cai_jax.stages.pipeline import StageFailed
       if not isinstance(e, StageFailed):
         raise
-      print(f"cai-jax: error: {_first_line(e)}", file=sys.stderr)
+      print(f"cai-jax: error: {_first_line(e)}", file=sys.stderr)   # the stage printed its own
       sys.exit(e.exit_status)
 
   app.run(main, argv=argv)

@@ -208,3 +208,25 @@ def test_a_mesh_without_every_process_is_a_one_line_error(tmp_path):
     assert len(lines) == 1, lines
     assert "data=1 fsdp=1 tensor=1 uses 1 of 4 devices and none of process 1's" in lines[0]
   assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_process_0_failure_stops_the_other_processes_at_once(tmp_path):
+  """Process 0 alone writes config.gin; when that fails (here a directory stands in its
+  place), process 1, waiting at the next barrier, exits at once naming process 0's error
+  rather than waiting out jax's heartbeat and shutdown timeouts (minutes) and aborting."""
+  out_dir = tmp_path / "run"
+  (out_dir / "config.gin").mkdir(parents=True)
+  start = time.monotonic()
+  results = multihost.wait(multihost.launch_cli(
+      ["train_lm", "--gin_file=models/tiny.gin", "--gin.train_lm.dataset='unused.jsonl'",
+       f"--out_dir={out_dir}"], tmp_path / "logs", 2, 1),
+      120, expect_rc=None)
+  assert time.monotonic() - start < 100
+  assert [rc for rc, _, _ in results] == [2, 1], [err[-2000:] for _, _, err in results]
+  errors = _errors(results)
+  assert len(errors[0]) == 1 and "IsADirectoryError" in errors[0][0], errors
+  assert len(errors[1]) == 1, errors
+  assert errors[1][0].startswith("cai-jax: error: process 0 failed: IsADirectoryError:"), errors
+  assert "config.gin" in errors[1][0]
+  assert "barrier 'config.gin:" in errors[1][0]
+  assert not list((out_dir).glob("checkpoints*"))
