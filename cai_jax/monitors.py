@@ -21,7 +21,6 @@ Everything here is plain Python, numpy and matplotlib (Agg canvas); no JAX.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import re
@@ -147,31 +146,6 @@ def boilerplate(responses: Sequence[str], n: int = 3) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------
 # PM score against sqrt(KL)
 # --------------------------------------------------------------------------------------
-
-
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-  """The rows of a metrics.jsonl file (one JSON object a line; blank lines skipped).
-
-  Raises:
-    FileNotFoundError: no such file.
-    ValueError: a line that is not a JSON object (the message names file and line).
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"metrics file {path} does not exist")
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                         f"{type(row).__name__}")
-      rows.append(row)
-  return rows
 
 
 def _number(row: Mapping[str, Any], key: str, step: Any) -> float:

@@ -163,6 +163,15 @@ def test_conversation_chat_format_and_template_checks(tmp_path):
 # Labels.
 
 
+def test_in_order_places_and_restores_the_responses():
+  assert fb.in_order("AB", "a", "b") == ("a", "b")
+  assert fb.in_order("BA", "a", "b") == ("b", "a")
+  for order in fb.ORDERS:   # scores of (A), (B) back to a, b: the same map again
+    assert fb.in_order(order, *fb.in_order(order, 1.0, 2.0)) == (1.0, 2.0)
+  with pytest.raises(ValueError, match="order must be one of"):
+    fb.in_order("ba", "a", "b")
+
+
 def test_soft_label_normalization(tmp_path):
   for la, lb in [(-1.0, -2.0), (-3.5, -0.25), (-0.7, -0.7)]:
     assert fb.soft_label(la, lb) == pytest.approx(math.exp(la) / (math.exp(la) + math.exp(lb)))

@@ -1,6 +1,5 @@
 """cai_jax.monitors: evasiveness, boilerplate openings, PM score vs sqrt(KL), plots."""
 
-import json
 import math
 
 import numpy as np
@@ -125,22 +124,6 @@ def test_pm_vs_sqrt_kl_sorts_and_falls_back_to_kl():
 def test_pm_vs_sqrt_kl_errors_name_the_step(row, match):
   with pytest.raises(ValueError, match=match):
     monitors.pm_vs_sqrt_kl([row])
-
-
-def test_read_metrics(tmp_path):
-  path = tmp_path / "metrics.jsonl"
-  path.write_text(json.dumps({"step": 1, "pm_score": 0.5, "kl": 1.0}) + "\n\n" +
-                  json.dumps({"step": 2, "pm_score": 0.6, "sqrt_kl": 1.5}) + "\n")
-  rows = monitors.read_metrics(str(path))
-  assert [r["step"] for r in rows] == [1, 2]
-  path.write_text(json.dumps({"step": 1}) + "\n{not json\n")
-  with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
-    monitors.read_metrics(str(path))
-  path.write_text("[1, 2]\n")
-  with pytest.raises(ValueError, match=r"metrics.jsonl:1: expected a JSON object"):
-    monitors.read_metrics(str(path))
-  with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-    monitors.read_metrics(str(tmp_path / "missing.jsonl"))
 
 
 def _assert_png(path, min_size=(200, 200)):

@@ -482,8 +482,7 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
   todo = [(p, k, rows) for (p, k, rows), n in zip(shard_rows, names) if n not in outputs.done]
   if todo and generate_fn is None:
     from cai_jax import model_dir, sharding
-    m = sharding.make_mesh(mesh)
-    rules = sharding.rules_for(mesh.rules)
+    m, rules = sharding.mesh_and_rules(mesh)
     cfg, params, tok = model_dir.load_any(model, m, rules)
     if tok is None:
       raise ValueError(f"model {model!r} has no tokenizer")

@@ -73,7 +73,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import distributed, html_report, monitors, prompt_sets, shards
+from cai_jax import data, distributed, html_report, monitors, prompt_sets, shards
 from cai_jax import report as report_lib
 from cai_jax.configs import MeshConfig
 from cai_jax.stages import feedback as fb
@@ -252,15 +252,15 @@ def judge_pair(rows_a: Sequence[dict], rows_b: Sequence[dict], a: str, b: str,
       question, qid, prefix = HELPFULNESS_QUESTIONS[k], f"helpful-{k}", ""
     kept.append((ra, qid))
     for order in orders:
-      first, second = (x, y) if order == "AB" else (y, x)
+      first, second = fb.in_order(order, x, y)
       units.append(prefix + fb.feedback_prompt(template, _messages(ra), question, first, second))
   if not units:
     return []
   lp = np.asarray(score(units, fb.OPTIONS), np.float64).reshape(len(kept), len(orders), 2)
   out = []
   for (ra, qid), l in zip(kept, lp):
-    la = [float(l[o][0] if orders[o] == "AB" else l[o][1]) for o in range(len(orders))]
-    lb = [float(l[o][1] if orders[o] == "AB" else l[o][0]) for o in range(len(orders))]
+    la, lb = (list(x) for x in zip(*(fb.in_order(order, float(l[o][0]), float(l[o][1]))
+                                     for o, order in enumerate(orders))))
     p = float(np.mean([fb.soft_label(u, v) for u, v in zip(la, lb)]))
     out.append({"id": ra["id"], "kind": ra["kind"], "a": a, "b": b, "question": qid,
                 "orders": list(orders), "logprob_a": la, "logprob_b": lb, "p_a": p})
@@ -304,8 +304,7 @@ class _Models:
   def __init__(self, mesh: MeshConfig):
     from cai_jax import sharding
     self.mesh_config = mesh
-    self.mesh = sharding.make_mesh(mesh)
-    self.rules = sharding.rules_for(mesh.rules)
+    self.mesh, self.rules = sharding.mesh_and_rules(mesh)
     self._spec, self._model = None, None
 
   def load(self, spec: str):
@@ -534,8 +533,8 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   monitor_rows = player_monitors(responses)
   rl_points = None
   if rl_dir and os.path.isfile(os.path.join(rl_dir, "metrics.jsonl")):
-    rl_points = monitors.pm_vs_sqrt_kl(monitors.read_metrics(os.path.join(rl_dir,
-                                                                          "metrics.jsonl")))
+    metrics = data.iter_jsonl(os.path.join(rl_dir, "metrics.jsonl"))
+    rl_points = monitors.pm_vs_sqrt_kl([row for _, row in metrics])
   harm = harmfulness(harm_model, responses, chat_format, batch_size, mesh) if harm_model else None
   hhh = evaluate_hhh(hhh_data, judges, feedback_model, pm, out_dir, chat_format, batch_size,
                      template, seed, mesh, progress) if hhh_data else None

@@ -148,7 +148,7 @@ def score_mc(items: Sequence[Dict[str, Any]], score: feedback.ScoreFn,
     cands = item["candidates"]
     for pi, (g, b) in enumerate(hhh.pairs(item)):
       for oi, order in enumerate(orders):
-        first, second = (cands[g], cands[b]) if order == "AB" else (cands[b], cands[g])
+        first, second = feedback.in_order(order, cands[g], cands[b])
         q = feedback.feedback_prompt(template, item["messages"], question, first, second)
         for s in range(n_samples):
           keys.append((k, pi, oi, s))
@@ -186,8 +186,7 @@ def score_mc(items: Sequence[Dict[str, Any]], score: feedback.ScoreFn,
     n_pairs = len(hhh.pairs(item))
     p_units: List[List[float]] = [[] for _ in range(n_pairs)]
     for (_, pi, oi, _), (l_first, l_second) in units:
-      p = (feedback.soft_label(l_first, l_second) if orders[oi] == "AB" else
-           feedback.soft_label(l_second, l_first))
+      p = feedback.soft_label(*feedback.in_order(orders[oi], l_first, l_second))
       p_units[pi].append(clamped(p))
     p_pairs = [float(np.mean(ps)) for ps in p_units]
     points = [pt for p in p_pairs for pt in ((p, True), (1.0 - p, False))]
@@ -330,8 +329,7 @@ def run(data: str, model: str, mode: str = "mc", out_dir: str = "", template: st
                      f"{model!r} has head {head!r}")
 
   from cai_jax import model_dir, sharding
-  m = sharding.make_mesh(mesh)
-  rules = sharding.rules_for(mesh.rules)
+  m, rules = sharding.mesh_and_rules(mesh)
   cfg, params, tok = model_dir.load_any(model, m, rules)
   if tok is None:
     raise ValueError(f"evaluate_hhh.model {model!r} has no tokenizer")

@@ -167,6 +167,14 @@ _SUMS = ("prompts", "comparisons", "skipped_empty", "identical_responses", "unit
 # Soft labels.
 
 
+def in_order(order: str, x: Any, y: Any) -> Tuple[Any, Any]:
+  """(x, y) for order "AB", (y, x) for "BA": response a and b as options (A) and (B) in that
+  order, and, applied to the options' scores, back to the scores of a and b."""
+  if order not in ORDERS:
+    raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+  return (x, y) if order == "AB" else (y, x)
+
+
 def soft_label(logprob_a: float, logprob_b: float) -> float:
   """P(A) = e^la / (e^la + e^lb) = sigmoid(la - lb), computed stably (0.5 if both are
   -inf or either is nan)."""
@@ -461,7 +469,7 @@ def _feedback_shard(items: Sequence[Tuple[int, dict]], shard: int, st: _Setup,
   for c, (_, item, a, b, ps) in enumerate(comps):
     for pi, p in enumerate(ps):
       for oi, order in enumerate(st.orders):
-        first, second = (a, b) if order == "AB" else (b, a)
+        first, second = in_order(order, a, b)
         if st.chain_of_thought:
           prefix = cot_prefix(st.cot_examples, p)
           question = feedback_prompt(st.cot_template, item["messages"], p, first, second)
@@ -501,10 +509,7 @@ def _feedback_shard(items: Sequence[Tuple[int, dict]], shard: int, st: _Setup,
   lb = [[[[0.0] * n_samples for _ in range(n_o)] for _ in range(n_p)] for _ in comps]
   for (key, _, _), (l_first, l_second) in zip(units, scores):
     c, pi, oi, s = key
-    if st.orders[oi] == "AB":
-      la[c][pi][oi][s], lb[c][pi][oi][s] = float(l_first), float(l_second)
-    else:
-      la[c][pi][oi][s], lb[c][pi][oi][s] = float(l_second), float(l_first)
+    la[c][pi][oi][s], lb[c][pi][oi][s] = in_order(st.orders[oi], float(l_first), float(l_second))
 
   records = []
   for c, (i, item, a, b, ps) in enumerate(comps):
@@ -708,8 +713,7 @@ def _model_fns(policy: str, feedback_model: str, generate_fn, score_fn, feedback
   if not (need_policy or need_feedback):
     return generate_fn, feedback_generate_fn, score_fn
   from cai_jax import model_dir, sharding
-  m = sharding.make_mesh(mesh)
-  rules = sharding.rules_for(mesh.rules)
+  m, rules = sharding.mesh_and_rules(mesh)
   loaded: Dict[str, Tuple[Any, Any, Any]] = {}
 
   def load(spec):

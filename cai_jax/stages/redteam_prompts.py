@@ -121,8 +121,7 @@ class ModelGenerator:
     from cai_jax import model_dir, sampler, sharding
     from cai_jax.tokenizer import stop_strings
     self._sampler = sampler
-    self.mesh = sharding.make_mesh(mesh)
-    self.rules = sharding.rules_for(mesh.rules)
+    self.mesh, self.rules = sharding.mesh_and_rules(mesh)
     self.config, self.params, self.tok = model_dir.load_any(model, self.mesh, self.rules)
     if self.tok is None:
       raise ValueError(f"model {model!r} has no tokenizer")

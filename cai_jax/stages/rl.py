@@ -329,8 +329,7 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
   stops = stop_strings(chat_format)
   stop_ids = [tuple(tok.encode(s)) for s in stops]
   eos = (tok.eos_id,) if tok.eos_id is not None else ()
-  m = sharding.make_mesh(mesh)
-  rules = sharding.rules_for(mesh.rules)
+  m, rules = sharding.mesh_and_rules(mesh)
 
   if reward_fn is not None:
     score_fn = reward_score_fn(prompt_ids, reward_fn)

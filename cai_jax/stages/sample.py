@@ -37,8 +37,7 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
   if not model:
     raise ValueError("sample.model is not set (a model directory, .gguf or HF folder)")
   rows = data.read_jsonl(data.resolve_path(prompts))
-  m = sharding.make_mesh(mesh)
-  rules = sharding.rules_for(mesh.rules)
+  m, rules = sharding.mesh_and_rules(mesh)
   config, params, tok = model_dir.load_any(model, m, rules)
   if tok is None:
     raise ValueError(f"model {model!r} has no tokenizer")
