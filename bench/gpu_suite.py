@@ -10,6 +10,8 @@ script measured in the same run:
               --max_new_tokens 64
   ppo_step    --preset tinyllama_1b --dtype bfloat16 --rollout_batch 64 --prompt_len 64
               --max_new_tokens 128 --epochs 4 --minibatches 4 (no peer: no ratio)
+  train_step_cudnn  bench/train_step.py as train_step with --attention cudnn --no-peer: the
+              fused causal attention kernel; its ratio is against train_step's peer
 
 ``--quick`` runs the same scripts on the `tiny` preset with tiny shapes (a smoke test of the
 suite, about a minute on a 2-core CPU). Per bench, ``--out`` holds NAME.json (the script's
@@ -40,7 +42,9 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from cai_jax.stages.pipeline import last_json_line  # noqa: E402  (no jax import)
-NAMES = ("train_step", "sample", "ppo_step")
+NAMES = ("train_step", "sample", "ppo_step", "train_step_cudnn")
+SCRIPTS = {"train_step": "train_step", "sample": "sample", "ppo_step": "ppo_step",
+           "train_step_cudnn": "train_step"}   # bench name -> bench/<script>.py
 
 # The project's GPU targets (bench/RESULTS.md): ratios are cai_jax / transformers tokens/s.
 TRAIN_RATIO_TARGET = 1.5
@@ -74,6 +78,11 @@ def bench_commands(quick: bool, device: str, python: str = "python3",
         "ppo_step": ["--preset", "tiny", "--rollout_batch", "2", "--prompt_len", "8",
                      "--max_new_tokens", "8", "--epochs", "1", "--minibatches", "1",
                      "--iterations", "1"],
+        # cuDNN needs a GPU and a 16-bit dtype; on the CPU the same run with XLA attention.
+        "train_step_cudnn": ["--preset", "tiny", "--batch", "2", "--seq", "32", "--steps", "2",
+                             "--warmup", "1", "--no-peer"] + (
+                                 ["--dtype", "bfloat16", "--attention", "cudnn"]
+                                 if device == "gpu" else ["--attention", "xla"]),
     }
   else:
     args = {
@@ -84,11 +93,13 @@ def bench_commands(quick: bool, device: str, python: str = "python3",
         "ppo_step": ["--preset", "tinyllama_1b", "--dtype", "bfloat16", "--rollout_batch", "64",
                      "--prompt_len", "64", "--max_new_tokens", "128", "--epochs", "4",
                      "--minibatches", "4"],
+        "train_step_cudnn": ["--preset", "tinyllama_1b", "--batch", "8", "--seq", "2048",
+                             "--remat", "full", "--attention", "cudnn", "--no-peer"],
     }
   unknown = [n for n in only if n not in NAMES]
   if unknown:
     raise ValueError(f"--only: unknown bench {unknown[0]!r}; one of {', '.join(NAMES)}")
-  return [Bench(n, [python, f"bench/{n}.py", *args[n], "--json"], device)
+  return [Bench(n, [python, f"bench/{SCRIPTS[n]}.py", *args[n], "--json"], device)
           for n in NAMES if n in only]
 
 
@@ -123,25 +134,46 @@ def _met(ok: Optional[bool]) -> str:
   return "" if ok is None else ("yes" if ok else "no")
 
 
-def _train_rows(r: dict, targets: bool) -> List[List[str]]:
-  ours, peer = r.get("ours") or {}, r.get("peer") or {}
+def _train_rows(r: dict, targets: bool, name: str = "train_step",
+                fallback_peer: Optional[dict] = None) -> List[List[str]]:
+  """Rows of one train_step.py result; a run without a peer (--no-peer) is compared with
+  `fallback_peer` (train_step's peer, same shape, same run) when given."""
+  ours, peer = r.get("ours") or {}, r.get("peer") or fallback_peer or {}
   setting = (f"{r['preset']} {r['batch']}x{r['seq']}, remat {ours.get('remat', '?')}, "
              f"{ours.get('dtype', '?')}")
+  if ours.get("attention") == "cudnn":
+    setting += ", cudnn attention"
   if "error" in ours:
-    return [["train_step", setting, "tokens/s", f"error: {ours['error']}",
+    return [[name, setting, "tokens/s", f"error: {ours['error']}",
              _num(peer.get("tokens_per_s")), "n/a", "", ""]]
   ratio = r.get("ratio")
+  if ratio is None and peer.get("tokens_per_s") and ours.get("tokens_per_s"):
+    ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
   target = f">= {TRAIN_RATIO_TARGET:g}x" if targets else ""
   met = _met(ratio >= TRAIN_RATIO_TARGET) if targets and ratio is not None else ""
   peer_tps = (f"error: {peer['error']}" if "error" in peer else _num(peer.get("tokens_per_s")))
-  rows = [["train_step", setting, "tokens/s", _num(ours.get("tokens_per_s")), peer_tps,
+  rows = [[name, setting, "tokens/s", _num(ours.get("tokens_per_s")), peer_tps,
            _ratio(ratio), target, met],
-          ["train_step", setting, "step s (median)", _num(ours.get("step_s"), ".4f"),
+          [name, setting, "step s (median)", _num(ours.get("step_s"), ".4f"),
            _num(peer.get("step_s"), ".4f"), "", "", ""]]
   if ours.get("mfu") is not None or peer.get("mfu") is not None:
-    rows.append(["train_step", setting, "MFU", _pct(ours.get("mfu")), _pct(peer.get("mfu")),
+    rows.append([name, setting, "MFU", _pct(ours.get("mfu")), _pct(peer.get("mfu")),
                  "", "", ""])
   return rows
+
+
+LOSS_AGREEMENT = 0.05   # |final loss - train_step's|: same data and init, bf16 noise only
+
+
+def _loss_check_row(r: dict, base: dict, name: str) -> List[List[str]]:
+  """A variant's final loss beside train_step's (same shape, data and init): a check that
+  the variant computes the same model, e.g. cuDNN's fused attention against XLA's."""
+  ours, theirs = (r.get("ours") or {}).get("final_loss"), (base.get("ours") or {}).get("final_loss")
+  if ours is None or theirs is None:
+    return []
+  return [[name, "same data and init as train_step", "final loss", _num(ours, ".4f"), "", "",
+           f"train_step {theirs:.4f} +- {LOSS_AGREEMENT:g}",
+           _met(abs(ours - theirs) <= LOSS_AGREEMENT)]]
 
 
 def _sample_rows(r: dict, targets: bool) -> List[List[str]]:
@@ -211,8 +243,12 @@ def summary_rows(results: Dict[str, Dict[str, Any]], targets: bool) -> List[List
     if res.get("exit_code") != 0 or r is None:
       why = f"exit {res.get('exit_code')}" + ("" if r is not None else ", no JSON")
       rows.append([name, f"see {res.get('log')}", "failed", why, "", "", "", ""])
-    elif name == "train_step":
-      rows += _train_rows(r, targets)
+    elif SCRIPTS[name] == "train_step":
+      base = (results.get("train_step") or {}).get("result") or {}
+      same_shape = all(base.get(k) == r.get(k) for k in ("preset", "batch", "seq"))
+      rows += _train_rows(r, targets, name, base.get("peer") if same_shape else None)
+      if name != "train_step" and same_shape:
+        rows += _loss_check_row(r, base, name)
     elif name == "sample":
       rows += _sample_rows(r, targets)
     else:

@@ -171,7 +171,11 @@ class Attention(nn.Module):
     """Args:
       x: [B, T, D] normalized hidden states.
       positions: [B, T] int32 RoPE positions.
-      attn_mask: without a cache, [B, T, T] bool, True where query t may attend key t';
+      attn_mask: without a cache, either [B, T, T] bool, True where query t may attend key
+        t', or [B] int32 key lengths: real tokens are a prefix of each row (right padding),
+        query t attends keys t' <= t with t' < length (``is_causal`` plus
+        ``key_value_seq_lengths``, which fused kernels such as cuDNN's run without a
+        [T, T] mask or bias);
         with a cache, [B, T, S + T]: the first S columns are the cache slots, the last
         T the new tokens (see ``cached_attention``).
       layer_cache: optional (k, v), each [B, S, K, Dh]; read, never written here.
@@ -198,7 +202,11 @@ class Attention(nn.Module):
     v = constrain(v, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.KV))
 
     new_kv = None
-    if layer_cache is None:
+    if layer_cache is None and attn_mask.ndim == 1:   # key lengths of right-padded rows
+      out = jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, key_value_seq_lengths=attn_mask.astype(jnp.int32),
+          scale=1.0 / math.sqrt(hd), implementation=cfg.attention_impl)
+    elif layer_cache is None:
       out = jax.nn.dot_product_attention(
           q, k, v, mask=attn_mask[:, None, :, :], scale=1.0 / math.sqrt(hd),
           implementation=cfg.attention_impl)

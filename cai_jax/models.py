@@ -48,9 +48,13 @@ def count_params(config: ModelConfig, head: str = "lm") -> int:
 
 
 def logits(params: Params, config: ModelConfig, tokens: Array,
-           mask: Optional[Array] = None) -> Array:
-  """Next-token logits [B, T, V] (float32) for tokens [B, T]."""
-  return module(config).apply({"params": params}, tokens, mask)
+           mask: Optional[Array] = None, right_padded: bool = False) -> Array:
+  """Next-token logits [B, T, V] (float32) for tokens [B, T].
+
+  right_padded: every row of mask [B, T] is real tokens then pads (see
+  ``transformer.Decoder``); lets a fused causal attention kernel run.
+  """
+  return module(config).apply({"params": params}, tokens, mask, right_padded=right_padded)
 
 
 def token_logprobs(params: Params, config: ModelConfig, tokens: Array,

@@ -2,7 +2,7 @@
 
 A batch is a dict of host arrays with a leading batch dim B:
   tokens    [B, T] int32  token ids
-  mask      [B, T] bool   real (non-pad) tokens
+  mask      [B, T] bool   real (non-pad) tokens, right-padded: True then False per row
   loss_mask [B, T] bool   tokens whose prediction is trained (assistant tokens); the
                           prediction of tokens[:, t] comes from position t - 1, so
                           loss_mask[:, 0] is ignored.
@@ -80,8 +80,13 @@ def init_state_boxed(model_cfg: ModelConfig, tx: optax.GradientTransformation, r
 
 
 def lm_loss_sums(params: Any, model_cfg: ModelConfig, batch: Batch) -> Tuple[Array, Array]:
-  """(sum of token cross-entropies over loss_mask, number of counted tokens), float32."""
-  logits = models.logits(params, model_cfg, batch["tokens"], batch["mask"])[:, :-1]
+  """(sum of token cross-entropies over loss_mask, number of counted tokens), float32.
+
+  The batch is right-padded (real tokens first in every row, as ``cai_jax.data`` builds
+  it), so attention runs with per-row lengths and a causal mask (``right_padded``).
+  """
+  logits = models.logits(params, model_cfg, batch["tokens"], batch["mask"],
+                         right_padded=True)[:, :-1]
   targets = batch["tokens"][:, 1:].astype(jnp.int32)
   weights = (batch["loss_mask"][:, 1:] & batch["mask"][:, 1:]).astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)

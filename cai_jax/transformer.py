@@ -8,7 +8,10 @@
 Padding: ``mask`` [B, T] marks real tokens; pads may sit anywhere (left padding for
 sampling, right padding for training). A query attends to a key only if the key is
 real and not in its future, and RoPE positions count real tokens only, so padding
-never changes the outputs at real tokens.
+never changes the outputs at real tokens. ``right_padded=True`` promises that every
+row's real tokens come first (as ``cai_jax.data`` batches them for training): attention
+then takes a causal mask with per-row key lengths instead of a [B, T, T] mask, which
+lets ``attention_impl='cudnn'`` run its fused causal kernel; outputs are the same.
 
 KV cache: ``init_cache`` gives ``{'k','v': [L, B, S, K, Dh], 'mask': [B, S] bool}``;
 calling with ``cache`` and ``cache_index`` writes the T new tokens at slots
@@ -67,10 +70,15 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, mask: Optional[Array] = None,
-               cache: Optional[Cache] = None, cache_index: Optional[Array] = None):
+               cache: Optional[Cache] = None, cache_index: Optional[Array] = None,
+               right_padded: bool = False):
     """Args:
       tokens: [B, T] int32 token ids.
       mask: [B, T] bool, True at real tokens (default: all real).
+      right_padded: (static) the caller promises each row of mask is True then False
+        (real tokens first); without a cache, attention then uses per-row key lengths
+        and a causal mask rather than a [B, T, T] mask. A row with pads before real
+        tokens gives wrong outputs under this promise.
       cache: optional KV cache from ``init_cache`` (S slots).
       cache_index: scalar int32, cache slot of tokens[:, 0] (default 0).
     Returns:
@@ -90,7 +98,8 @@ class Decoder(nn.Module):
     if cache is None:
       key_mask = mask                                          # [B, S=T]
       index = jnp.zeros((), jnp.int32)
-      attn_mask = causal[None] & mask[:, None, :]              # [B, T, T]
+      attn_mask = (jnp.sum(mask, axis=1, dtype=jnp.int32) if right_padded     # [B]
+                   else causal[None] & mask[:, None, :])       # [B, T, T]
     else:
       index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
       slots = cache["mask"].shape[1]

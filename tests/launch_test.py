@@ -256,7 +256,9 @@ def test_gpu_suite_dry_run_lines():
       "+ python3 bench/sample.py --preset tinyllama_1b --dtype bfloat16 --device gpu "
       "--batch_sizes 1,32 --max_new_tokens 64 --json",
       "+ python3 bench/ppo_step.py --preset tinyllama_1b --dtype bfloat16 --rollout_batch 64 "
-      "--prompt_len 64 --max_new_tokens 128 --epochs 4 --minibatches 4 --json"]
+      "--prompt_len 64 --max_new_tokens 128 --epochs 4 --minibatches 4 --json",
+      "+ python3 bench/train_step.py --preset tinyllama_1b --batch 8 --seq 2048 --remat full "
+      "--attention cudnn --no-peer --json"]
   cpu = "+ JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= python3"
   assert _lines(_bash("bench/gpu.sh", "--quick", "--dry-run", "--only=ppo_step,train_step",
                       PYTHON="python3")) == [
@@ -336,16 +338,48 @@ def test_gpu_suite_ppo_rows_and_json_line():
        "error: failed (exit 1, see stderr)", "1,234.5", "n/a", "", ""]]
 
 
+def test_gpu_suite_cudnn_row_takes_the_train_step_peer():
+  """train_step_cudnn runs without a peer; its ratio is against train_step's peer of the
+  same shape, and no peer is borrowed across shapes."""
+  suite = _suite()
+  shape = {"preset": "tinyllama_1b", "batch": 8, "seq": 2048}
+  base = dict(shape, ratio=1.0, ours={"remat": "full", "dtype": "bfloat16", "attention":
+                                      "xla (default)", "tokens_per_s": 44000.0, "step_s": 0.4},
+              peer={"tokens_per_s": 44000.0, "step_s": 0.4})
+  cudnn = dict(shape, ratio=None, peer=None,
+               ours={"remat": "full", "dtype": "bfloat16", "attention": "cudnn",
+                     "tokens_per_s": 88000.0, "step_s": 0.2})
+  rows = suite.summary_rows({"train_step": {"exit_code": 0, "result": base},
+                             "train_step_cudnn": {"exit_code": 0, "result": cudnn}}, True)
+  assert rows[2] == ["train_step_cudnn", "tinyllama_1b 8x2048, remat full, bfloat16, cudnn "
+                     "attention", "tokens/s", "88,000.0", "44,000.0", "2.00x", ">= 1.5x", "yes"]
+  assert all(r[2] != "final loss" for r in rows)   # no losses recorded, no check row
+  base["ours"]["final_loss"], cudnn["ours"]["final_loss"] = 10.4, 10.43
+  rows = suite.summary_rows({"train_step": {"exit_code": 0, "result": base},
+                             "train_step_cudnn": {"exit_code": 0, "result": cudnn}}, True)
+  assert rows[-1] == ["train_step_cudnn", "same data and init as train_step", "final loss",
+                      "10.4300", "", "", "train_step 10.4000 +- 0.05", "yes"]
+  cudnn["ours"]["final_loss"] = 10.6
+  rows = suite.summary_rows({"train_step": {"exit_code": 0, "result": base},
+                             "train_step_cudnn": {"exit_code": 0, "result": cudnn}}, True)
+  assert rows[-1][-1] == "no"
+  other = dict(cudnn, batch=4)
+  rows = suite.summary_rows({"train_step": {"exit_code": 0, "result": base},
+                             "train_step_cudnn": {"exit_code": 0, "result": other}}, True)
+  assert rows[2][3:6] == ["88,000.0", "n/a", "n/a"]
+
+
 @pytest.mark.slow
 def test_gpu_suite_quick_runs(tmp_path):
   """The whole --quick suite on the CPU (about a minute on 2 idle cores)."""
+  suite = _suite()
   proc = _bash("bench/gpu.sh", "--quick", "--out", str(tmp_path), timeout=900,
                PYTHON=sys.executable)
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads((tmp_path / "suite.json").read_text())
-  assert list(record["benches"]) == ["train_step", "sample", "ppo_step"]
+  assert list(record["benches"]) == ["train_step", "sample", "ppo_step", "train_step_cudnn"]
   for name, res in record["benches"].items():
-    assert res["exit_code"] == 0 and res["result"]["bench"] == name
+    assert res["exit_code"] == 0 and res["result"]["bench"] == suite.SCRIPTS[name]
   rows = [[c.strip() for c in line.strip("|").split("|")]
           for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| ")]
   assert rows[0] == ["bench", "setting", "metric", "cai_jax", "transformers", "speed-up",
@@ -354,5 +388,8 @@ def test_gpu_suite_quick_runs(tmp_path):
   assert ["train_step", "tiny 2x32, remat none, float32", "tokens/s"] in metrics
   assert ["sample", "batch 2, float32, N 8", "tokens/s"] in metrics
   assert ["ppo_step", "tiny float32, B 2, P 8, N 8, K 1, M 1", "iteration s"] in metrics
+  check = [r for r in rows if r[:3] == ["train_step_cudnn", "same data and init as train_step",
+                                        "final loss"]]
+  assert len(check) == 1 and check[0][-1] == "yes", rows
   train = record["benches"]["train_step"]["result"]
   assert rows[1][3] == f"{train['ours']['tokens_per_s']:,.1f}"

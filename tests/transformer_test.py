@@ -49,6 +49,27 @@ def test_padding_left_or_right_does_not_change_real_token_logits(params):
   np.testing.assert_allclose(jnp.concatenate([out[:5], out[9:]]), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_right_padded_lengths_path_equals_the_dense_mask(params, scan_layers):
+  """right_padded=True (causal + per-row key lengths, the fused-kernel path) gives the
+  dense [B, T, T] mask's logits at every position, pads included, and the same gradients."""
+  cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+  p = params if scan_layers else transformer.unstack_scanned_params(params, CFG.n_layers)
+  tokens = _tokens(4, 11)
+  mask = jnp.arange(11)[None] < jnp.array([11, 7, 1, 4])[:, None]
+  dense = models.logits(p, cfg, tokens, mask)
+  lengths = models.logits(p, cfg, tokens, mask, right_padded=True)
+  np.testing.assert_allclose(lengths, dense, atol=1e-5)
+
+  def loss(q, right_padded):
+    out = models.logits(q, cfg, tokens, mask, right_padded=right_padded)
+    return jnp.sum(jnp.where(mask[..., None], jnp.tanh(out), 0.0))
+
+  for a, b in zip(jax.tree_util.tree_leaves(jax.grad(loss)(p, True)),
+                  jax.tree_util.tree_leaves(jax.grad(loss)(p, False))):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_scanned_and_unrolled_layers_agree(params):
   unrolled_cfg = dataclasses.replace(CFG, scan_layers=False)
   unrolled = transformer.unstack_scanned_params(params, CFG.n_layers)
