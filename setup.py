@@ -1,8 +1,29 @@
 """cai_jax: Constitutional AI (Bai et al. 2022) in JAX/Flax."""
 
+import os
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# Shipped beside the code (cai_jax/resources.py): at the repository root in a checkout and an
+# editable install, copied into the package as cai_jax/_resources/ in a wheel.
+RESOURCE_DIRS = ("gin", "constitutions", "data")
+
+
+class BuildPyWithResources(build_py):
+  """build_py that also copies RESOURCE_DIRS into cai_jax/_resources (not for editable
+  installs, which read them from the checkout)."""
+
+  def run(self):
+    super().run()
+    if getattr(self, "editable_mode", False):
+      return
+    for name in RESOURCE_DIRS:
+      self.copy_tree(name, os.path.join(self.build_lib, "cai_jax", "_resources", name))
+
 
 setup(
+    cmdclass={"build_py": BuildPyWithResources},
     name="cai_jax",
     version="0.1.0",
     description="Constitutional AI (SL-CAI, AI feedback, preference models, PPO) in JAX/Flax",

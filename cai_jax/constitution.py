@@ -78,10 +78,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from cai_jax import resources
+
 _LOG = logging.getLogger(__name__)
 
-DEFAULT_PATH = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "constitutions", "default")
+DEFAULT_PATH = os.path.join(resources.CONSTITUTIONS_DIR, "default")
 """The folder of the project's default constitution (holds `constitution.json`)."""
 
 CONSTITUTION_FILE = "constitution.json"

@@ -19,6 +19,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import grain
 import numpy as np
 
+from cai_jax import resources
+
 Example = Dict[str, Any]
 
 
@@ -84,15 +86,12 @@ def _to_py(v):
   return v
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def resolve_path(path: str) -> str:
-  """A relative path is looked up in the working directory, then in the repository root
-  (so the shipped gin files can name shipped data as 'data/...')."""
+  """A relative path is looked up in the working directory, then in the shipped resources
+  (``cai_jax.resources``: so the shipped gin files can name shipped data as 'data/...')."""
   if os.path.isabs(path) or os.path.exists(path):
     return path
-  candidate = os.path.join(REPO_ROOT, path)
+  candidate = os.path.join(resources.RESOURCE_ROOT, path)
   return candidate if os.path.exists(candidate) else path
 
 

@@ -17,7 +17,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from absl import app, flags, logging
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+from cai_jax import resources
+
+GIN_DIR = resources.GIN_DIR
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s); relative includes resolve against gin/.")

@@ -51,11 +51,11 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from cai_jax import resources
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, PPOConfig, TrainConfig
 
 STAGES = ("sl", "pm", "rl")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESET_DIR = os.path.join(REPO_ROOT, "gin", "models")
+PRESET_DIR = resources.PRESET_DIR
 GIB = 2**30
 
 # --------------------------------------------------------------------------------------
@@ -551,7 +551,8 @@ def child_env(devices: int) -> Dict[str, str]:
   env["XLA_FLAGS"] = flags
   env["JAX_NUM_CPU_DEVICES"] = str(devices)
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (resources.IMPORT_ROOT, env.get("PYTHONPATH"))
+                                      if p)
   return env
 
 

@@ -44,12 +44,12 @@ import shutil
 import unicodedata
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
-from cai_jax import data
+from cai_jax import data, resources
 from cai_jax.data import DataError
 
 Record = Dict[str, Any]
 
-PROMPTS_DIR = os.path.join(data.REPO_ROOT, "data", "prompts")
+PROMPTS_DIR = os.path.join(resources.DATA_DIR, "prompts")
 RED_TEAM_CATEGORIES = ("violence", "weapons", "theft", "fraud", "hacking", "self_harm",
                        "harassment", "hate", "privacy", "drugs", "sexual_content",
                        "misinformation")
