@@ -6,6 +6,8 @@ axes; model code never names a mesh axis directly.
 
 BATCH = "batch"        # examples in a batch
 LENGTH = "length"      # token positions
+ACTIVATION_LENGTH = "activation_length"  # token positions of the residual stream between
+                                         # blocks (sequence parallelism under fsdp_tp)
 EMBED = "embed"        # residual stream (d_model)
 MLP = "mlp"            # SwiGLU hidden (d_ff)
 HEADS = "heads"        # query heads
@@ -14,4 +16,4 @@ KV = "kv"              # per-head feature dimension (head_dim)
 VOCAB = "vocab"        # token ids
 LAYERS = "layers"      # stacked decoder blocks under nn.scan
 
-ALL = (BATCH, LENGTH, EMBED, MLP, HEADS, KV_HEADS, KV, VOCAB, LAYERS)
+ALL = (BATCH, LENGTH, ACTIVATION_LENGTH, EMBED, MLP, HEADS, KV_HEADS, KV, VOCAB, LAYERS)

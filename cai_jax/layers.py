@@ -16,15 +16,24 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from cai_jax import axes
+from cai_jax import axes, sharding
 from cai_jax.configs import ModelConfig, dtype_from_name
 
 Array = jax.Array
 
 
 def constrain(x: Array, names: Tuple[Optional[str], ...]) -> Array:
-  """Annotates an activation with logical axis names (no-op without rules)."""
-  return nn.with_logical_constraint(x, names)
+  """Annotates an activation with logical axis names (no-op without rules or a mesh).
+
+  A mesh axis that does not divide its dim is left out rather than padded (one decode
+  position is not split over tensor=8), as for parameters (``sharding.fit_spec``).
+  """
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return nn.with_logical_constraint(x, names)
+  spec = sharding.fit_spec(nn.logical_to_mesh_axes(names, rules), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 class DenseND(nn.Module):
@@ -259,13 +268,13 @@ class DecoderBlock(nn.Module):
   def __call__(self, x, positions, attn_mask, layer_cache=None):
     cfg = self.config
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
-    x = constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+    x = constrain(x, (axes.BATCH, axes.ACTIVATION_LENGTH, axes.EMBED))
     h, new_kv = Attention(cfg, name="attn")(
         RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x),
         positions, attn_mask, layer_cache)
     x = x + h
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(x))
-    x = constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+    x = constrain(x, (axes.BATCH, axes.ACTIVATION_LENGTH, axes.EMBED))
     return x, new_kv
 
 

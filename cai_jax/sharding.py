@@ -30,9 +30,13 @@ RULE_PRESETS = {
     "dp": ((axes.BATCH, _BATCH_AXES),),
     # ZeRO-3 style: parameters and optimizer state sharded over fsdp along embed.
     "fsdp": ((axes.BATCH, _BATCH_AXES), (axes.EMBED, "fsdp")),
-    # fsdp plus Megatron-style tensor parallelism over heads / MLP / vocab.
+    # fsdp plus Megatron-style tensor parallelism over heads / MLP / vocab, and sequence
+    # parallelism: the residual stream between blocks (what remat keeps per layer, and the
+    # norms) is split over tensor along its positions, so those collectives become
+    # all-gather / reduce-scatter pairs instead of all-reduces of a replicated stream.
     "fsdp_tp": (
         (axes.BATCH, _BATCH_AXES),
+        (axes.ACTIVATION_LENGTH, "tensor"),
         (axes.HEADS, "tensor"),
         (axes.KV_HEADS, "tensor"),
         (axes.MLP, "tensor"),
@@ -99,8 +103,11 @@ def use_mesh(mesh: Mesh, rules: Rules):
     yield
 
 
-def _fit(spec: P, shape: Tuple[int, ...], mesh: Mesh) -> P:
-  """Drops mesh axes that do not divide their array dim (e.g. 3 kv heads on tensor=2)."""
+def fit_spec(spec: P, shape: Tuple[int, ...], mesh: Any) -> P:
+  """Drops mesh axes that do not divide their array dim (e.g. 3 kv heads on tensor=2).
+
+  mesh: a Mesh or AbstractMesh (anything with ``.shape``: {axis name: size}).
+  """
   out = []
   for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
@@ -129,7 +136,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
   mesh_specs = nn.logical_to_mesh(specs, rules)
   shapes = unbox_shapes(abstract_boxed)
   return jax.tree_util.tree_map(
-      lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)), mesh_specs, shapes,
+      lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)), mesh_specs, shapes,
       is_leaf=lambda s: isinstance(s, P))
 
 
@@ -152,7 +159,7 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2, shape: Optional[Tupl
   logical = (axes.BATCH, axes.LENGTH) + (None,) * (ndim - 2) if ndim >= 2 else (axes.BATCH,)
   spec = P(*nn.logical_to_mesh_axes(logical, rules))
   if shape is not None:
-    spec = _fit(spec, shape, mesh)
+    spec = fit_spec(spec, shape, mesh)
   return NamedSharding(mesh, spec)
 
 

@@ -56,3 +56,20 @@ def test_batch_sharding_splits_over_data_and_fsdp():
   assert s.spec == P(("data", "fsdp"), None)
   x = sharding.shard_batch({"t": jax.numpy.zeros((8, 4))}, mesh, sharding.rules_for("fsdp_tp"))["t"]
   assert len(x.addressable_shards) == 8 and x.addressable_shards[0].data.shape == (2, 4)
+
+
+@pytest.mark.parametrize("rules,length,expected", [
+    ("fsdp_tp", 8, P(("data", "fsdp"), "tensor", None)),   # sequence parallel residual stream
+    ("fsdp_tp", 1, P(("data", "fsdp"), None, None)),       # one decode position: not padded
+    ("fsdp", 8, P(("data", "fsdp"), None, None)),
+])
+def test_residual_stream_constraint(rules, length, expected):
+  """The blocks' residual stream (batch, activation_length, embed) splits its positions
+  over tensor under fsdp_tp, only where they divide, and not under the other presets."""
+  import jax.numpy as jnp
+  from cai_jax import axes, layers
+  mesh = sharding.make_mesh(MeshConfig(2, 2, 2, rules))
+  with sharding.use_mesh(mesh, sharding.rules_for(rules)):
+    out = jax.jit(lambda x: layers.constrain(x * 2, (axes.BATCH, axes.ACTIVATION_LENGTH,
+                                                     axes.EMBED)))(jnp.ones((4, length, 16)))
+  assert out.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, expected), 3), out.sharding
