@@ -58,25 +58,27 @@ def logits(params: Params, config: ModelConfig, tokens: Array,
 
 
 def token_logprobs(params: Params, config: ModelConfig, tokens: Array,
-                   mask: Optional[Array] = None) -> Array:
-  """log p(tokens[:, t+1] | tokens[:, :t+1]) as [B, T-1] float32."""
-  lg = logits(params, config, tokens, mask)[:, :-1]
+                   mask: Optional[Array] = None, right_padded: bool = False) -> Array:
+  """log p(tokens[:, t+1] | tokens[:, :t+1]) as [B, T-1] float32 (right_padded: as ``logits``)."""
+  lg = logits(params, config, tokens, mask, right_padded)[:, :-1]
   logp = jax.nn.log_softmax(lg, axis=-1)
   return jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def values(params: Params, config: ModelConfig, tokens: Array,
-           mask: Optional[Array] = None) -> Array:
-  """Scalar-head output at every position, [B, T] float32."""
-  return module(config, "scalar").apply({"params": params}, tokens, mask)
+           mask: Optional[Array] = None, right_padded: bool = False) -> Array:
+  """Scalar-head output at every position, [B, T] float32 (right_padded: as ``logits``)."""
+  return module(config, "scalar").apply({"params": params}, tokens, mask,
+                                        right_padded=right_padded)
 
 
 def score(params: Params, config: ModelConfig, tokens: Array,
-          mask: Optional[Array] = None) -> Array:
-  """Scalar-head output at the last real token of each sequence, [B] float32."""
+          mask: Optional[Array] = None, right_padded: bool = False) -> Array:
+  """Scalar-head output at the last real token of each sequence, [B] float32
+  (right_padded: as ``logits``)."""
   if mask is None:
     mask = jnp.ones(tokens.shape, bool)
-  v = values(params, config, tokens, mask)
+  v = values(params, config, tokens, mask, right_padded)
   return jnp.take_along_axis(v, last_token_index(mask)[:, None], axis=1)[:, 0]
 
 

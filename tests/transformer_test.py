@@ -60,6 +60,13 @@ def test_right_padded_lengths_path_equals_the_dense_mask(params, scan_layers):
   dense = models.logits(p, cfg, tokens, mask)
   lengths = models.logits(p, cfg, tokens, mask, right_padded=True)
   np.testing.assert_allclose(lengths, dense, atol=1e-5)
+  scalar = models.init(dataclasses.replace(cfg, scan_layers=True), jax.random.PRNGKey(3), "scalar")
+  kernel = scalar["scalar_head"]["kernel"]   # initialised to zero: make the score depend on x
+  scalar["scalar_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(4), kernel.shape)
+  if not scan_layers:
+    scalar = transformer.unstack_scanned_params(scalar, CFG.n_layers)
+  np.testing.assert_allclose(models.score(scalar, cfg, tokens, mask, right_padded=True),
+                             models.score(scalar, cfg, tokens, mask), atol=1e-5)
 
   def loss(q, right_padded):
     out = models.logits(q, cfg, tokens, mask, right_padded=right_padded)

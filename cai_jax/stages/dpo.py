@@ -54,8 +54,9 @@ def encode_comparison(tok: Any, comparison: dict, chat_format: str, seq_len: int
 
 def response_logprob_sums(params: Any, config: ModelConfig, tokens: jax.Array, mask: jax.Array,
                           loss_mask: jax.Array) -> jax.Array:
-  """Σ log p(response tokens) per row, [B] float32 (tokens, masks [B, T])."""
-  lp = models.token_logprobs(params, config, tokens, mask)
+  """Σ log p(response tokens) per row, [B] float32 (tokens, masks [B, T], right-padded as
+  ``data.tokenize_example`` makes them)."""
+  lp = models.token_logprobs(params, config, tokens, mask, right_padded=True)
   w = (loss_mask[:, 1:] & mask[:, 1:]).astype(jnp.float32)
   return jnp.sum(lp * w, axis=-1)
 

@@ -236,7 +236,8 @@ def harm_dataset(rows: Sequence[dict], tok: Any, chat_format: str, seq_len: int,
 
 def harm_loss_sums(params: Any, model_cfg: ModelConfig, batch: Dict[str, jax.Array]):
   """(Σ (score - target)², number of rows) of a batch; score from ``models.score``."""
-  s = models.score(params, model_cfg, batch["tokens"], batch["mask"])
+  s = models.score(params, model_cfg, batch["tokens"], batch["mask"],
+                   right_padded=True)   # pm.encode_response rows
   target = jnp.reshape(batch["target"], s.shape).astype(jnp.float32)
   err = s.astype(jnp.float32) - target
   return jnp.sum(err * err), jnp.asarray(s.shape[0], jnp.float32)

@@ -175,7 +175,7 @@ def pm_loss_sums(params: Any, model_cfg: ModelConfig, batch: Dict[str, jax.Array
     params = dict(params, scalar_head=dict(head, bias=jax.lax.stop_gradient(head["bias"])))
   tokens = jnp.concatenate([batch["tokens_a"], batch["tokens_b"]], axis=0)
   mask = jnp.concatenate([batch["mask_a"], batch["mask_b"]], axis=0)
-  s = models.score(params, model_cfg, tokens, mask)
+  s = models.score(params, model_cfg, tokens, mask, right_padded=True)   # encode_response
   n = batch["tokens_a"].shape[0]
   return losses.soft_bt_loss_sums(s[:n], s[n:], jnp.reshape(batch["p"], (n,)))
 
