@@ -11,10 +11,12 @@ the right. Batching stacks them to [batch, seq_len].
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gzip
 import json
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grain
 import numpy as np
@@ -150,19 +152,66 @@ def tokenize_example(example: Example, tokenizer: Any, chat_format: str, seq_len
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 
-def lm_dataset(examples: Sequence[Example], tokenizer: Any, chat_format: str, seq_len: int,
-               batch_size: int, seed: int, num_epochs: Optional[int] = None) -> grain.MapDataset:
-  """Shuffled, repeated (forever if num_epochs is None), batched grain dataset.
+@dataclasses.dataclass(frozen=True)
+class Batches:
+  """Shuffled, repeated, batched encodings of `items`, built per process.
 
-  Each element is a dict of [batch_size, seq_len] arrays. Its iterator's state
-  (``get_state()``) is a small JSON dict that checkpoints store, so a resumed
-  run continues at the exact next batch.
+  Global batch k holds ``encode(items[i])`` stacked for the item indices
+  i = order[k * batch_size:(k + 1) * batch_size], where order is a seeded permutation of
+  the items repeated num_epochs times (None: forever) and a last partial batch is
+  dropped. ``dataset(rows)`` gives a grain MapDataset of these batches restricted to the
+  positions `rows` of every batch, so each process of a multi-process run encodes
+  (tokenizes) only the rows its devices hold; ``cai_jax.train`` does that. Iterator
+  states (``get_state()``, small JSON dicts that checkpoints store) count batches, so
+  they do not depend on `rows`.
+
+  Attributes:
+    items: random-access items (examples, comparisons, rows).
+    encode: item -> {field: array}; every item gives the same fields and shapes.
+    batch_size: rows per global batch.
+    seed: shuffle seed.
+    num_epochs: passes over the items; None repeats forever.
+  """
+
+  items: Sequence[Any]
+  encode: Callable[[Any], Dict[str, np.ndarray]]
+  batch_size: int
+  seed: int
+  num_epochs: Optional[int] = None
+
+  def dataset(self, rows: Optional[Sequence[int]] = None) -> grain.MapDataset:
+    """Batches as a grain MapDataset: each element a dict of [len(rows) or batch_size, ...]
+    arrays (rows: ascending positions within every batch; None = all)."""
+    order = grain.MapDataset.range(len(self.items)).shuffle(seed=self.seed)
+    batches = order.repeat(self.num_epochs).batch(self.batch_size, drop_remainder=True)
+    pick = None if rows is None else np.asarray(rows, np.int64)
+
+    def fetch(indices: np.ndarray) -> Dict[str, np.ndarray]:
+      chosen = indices if pick is None else indices[pick]
+      encoded = [self.encode(self.items[int(i)]) for i in chosen]
+      return {k: np.stack([e[k] for e in encoded]) for k in encoded[0]}
+    return batches.map(fetch)
+
+  def __len__(self) -> int:
+    """Number of global batches (a very large number when repeating forever)."""
+    return len(self.dataset())
+
+  def __getitem__(self, k: int) -> Dict[str, np.ndarray]:
+    """Global batch k, every row."""
+    return self.dataset()[k]
+
+
+def lm_dataset(examples: Sequence[Example], tokenizer: Any, chat_format: str, seq_len: int,
+               batch_size: int, seed: int, num_epochs: Optional[int] = None) -> Batches:
+  """Shuffled, repeated (forever if num_epochs is None), batched tokenized examples.
+
+  Each batch is a dict of [batch_size, seq_len] arrays (``tokenize_example``: tokens,
+  mask, loss_mask, right-padded).
   """
   if len(examples) == 0:
     raise DataError("dataset is empty")
   if len(examples) < batch_size:
     raise DataError(f"dataset has {len(examples)} examples, fewer than batch_size={batch_size}")
-  ds = grain.MapDataset.source(examples).shuffle(seed=seed)
-  ds = ds.map(lambda ex: tokenize_example(ex, tokenizer, chat_format, seq_len))
-  ds = ds.repeat(num_epochs)
-  return ds.batch(batch_size, drop_remainder=True)
+  return Batches(examples, functools.partial(tokenize_example, tokenizer=tokenizer,
+                                             chat_format=chat_format, seq_len=seq_len),
+                 batch_size, seed, num_epochs)

@@ -18,8 +18,8 @@ Modes:
               or the CAI_* environment variables), all three required.
 
 In a multi-process run every process executes the same program: each reads the same
-deterministic data stream and keeps its own rows of each global batch
-(``sharding.shard_batch``); checkpoints are collective; metrics and exports are
+deterministic data stream and keeps its own rows of each global batch (training encodes
+only those rows, ``data.Batches``; other batches go through ``sharding.shard_batch``); checkpoints are collective; metrics and exports are
 written by process 0 (``is_primary``).
 """
 

@@ -178,6 +178,22 @@ def process_rows(sharding: jax.sharding.Sharding, global_shape: Tuple[int, ...])
   return np.flatnonzero(held)
 
 
+def put_process_rows(local: Any, sharding: jax.sharding.Sharding,
+                     global_shape: Tuple[int, ...]) -> jax.Array:
+  """The global array of shape `global_shape` from this process's rows of it.
+
+  local: the rows ``process_rows(sharding, global_shape)`` of the global value, in that
+  order (the whole value in a single-process run, or when the rows are not split over
+  processes). Several processes: ``jax.make_array_from_process_local_data``.
+  """
+  local = np.asarray(local)
+  if jax.process_count() == 1:
+    if tuple(local.shape) != tuple(global_shape):
+      raise ValueError(f"single-process batch of shape {local.shape}, expected {global_shape}")
+    return jax.device_put(local, sharding)
+  return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+
 def put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
   """Places host array `x` (the GLOBAL value, identical on every process) with `sharding`.
 
@@ -186,13 +202,11 @@ def put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
   copies rows that other processes' devices hold.
   """
   x = np.asarray(x)
-  if jax.process_count() == 1:
-    return jax.device_put(x, sharding)
   local = x
-  if x.ndim:
+  if x.ndim and jax.process_count() > 1:
     rows = process_rows(sharding, x.shape)
     local = x if len(rows) == x.shape[0] else x[rows]
-  return jax.make_array_from_process_local_data(sharding, local, x.shape)
+  return put_process_rows(local, sharding, x.shape)
 
 
 def hashable_rules(rules: Optional[Rules]) -> Optional[Rules]:

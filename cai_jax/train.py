@@ -1,6 +1,6 @@
 """The supervised training loop shared by train_lm, sl and pm.
 
-``train`` is a function of explicit configs, a grain dataset of batches and an
+``train`` is a function of explicit configs, the batches (``data.Batches``) and an
 output directory. Layout of ``out_dir``:
   checkpoints/    orbax TrainState + data-iterator state, every save_every steps
   metrics.jsonl   one row per step: loss, learning_rate, grad_norm, tokens,
@@ -13,8 +13,8 @@ A rerun with the same out_dir resumes from the newest checkpoint with the data
 iterator at the exact next batch; the result equals an uninterrupted run.
 
 Multi-process runs (``cai_jax.distributed``): every process calls ``train`` with the
-same arguments and the same dataset of GLOBAL batches; each feeds only its own rows
-of each batch (``sharding.shard_batch``), checkpoints are saved and restored
+same arguments and the same ``data.Batches``; each encodes and feeds only its own rows
+of each global batch (``sharding.process_rows``, ``sharding.put_process_rows``), checkpoints are saved and restored
 collectively on a directory all processes share, and only process 0 writes
 metrics.jsonl, tb/ and the progress bar. The result equals a single-process run on
 the same global mesh.
@@ -28,12 +28,11 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-import grain
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from cai_jax import checkpoints, distributed, model_dir, sharding, steps
+from cai_jax import checkpoints, data, distributed, model_dir, sharding, steps
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.metrics import MetricsWriter
 
@@ -63,14 +62,15 @@ def state_from_params(model_cfg: ModelConfig, tx, params: Any, state_shardings: 
 
 
 def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConfig,
-          mesh_cfg: MeshConfig, dataset: grain.MapDataset, out_dir: str,
+          mesh_cfg: MeshConfig, dataset: data.Batches, out_dir: str,
           init_params: Any = None, head: str = "lm",
           loss_sums: Callable = steps.lm_loss_sums, devices=None) -> TrainResult:
   """Trains to train_cfg.num_steps, resuming from out_dir/checkpoints if present.
 
   Args:
-    dataset: grain MapDataset whose elements are batches (dicts of [B, T] arrays,
-      B = train_cfg.batch_size); it should repeat at least as long as the run.
+    dataset: the batches (``data.Batches``, B = train_cfg.batch_size rows each); it
+      should repeat at least as long as the run. Each process encodes only the rows of
+      every batch that its devices hold.
     init_params: starting parameters (plain pytree); None = random init from the seed.
     head: 'lm' or 'scalar' (preference / value models).
     loss_sums: (params, model_cfg, batch) -> (loss sum, counted tokens).
@@ -87,7 +87,15 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
       f"{out_dir}/checkpoints", save_every=train_cfg.save_every,
       keep=train_cfg.keep_checkpoints, async_save=train_cfg.async_checkpoint)
   writer = MetricsWriter(out_dir)
-  iterator = dataset.to_iter_dataset().__iter__()
+  if dataset.batch_size != train_cfg.batch_size:
+    raise ValueError(f"the dataset's batches have {dataset.batch_size} rows but "
+                     f"TrainConfig.batch_size is {train_cfg.batch_size}")
+  global_rows = dataset.batch_size
+  # This process's rows of every global batch (all of them in a single-process run).
+  rows = sharding.process_rows(sharding.batch_sharding(mesh, rules, 1, (global_rows,)),
+                               (global_rows,))
+  local = dataset.dataset(None if len(rows) == global_rows else rows)
+  iterator = local.to_iter_dataset().__iter__()
 
   with sharding.use_mesh(mesh, rules):
     target = checkpoints.abstract_train_state(model_cfg, tx, mesh, rules, head)
@@ -105,10 +113,11 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
       state, _ = sharding.sharded_init(
           lambda: steps.init_state_boxed(model_cfg, tx, rng, head), mesh, rules)
 
-    if len(dataset) == 0:
+    if len(local) == 0:
       raise ValueError("training dataset yields no batches")
-    sample = dataset[0]
-    batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim, v.shape) for k, v in sample.items()}
+    global_shapes = {k: (global_rows,) + v.shape[1:] for k, v in local[0].items()}
+    batch_shardings = {k: sharding.batch_sharding(mesh, rules, len(s), s)
+                       for k, s in global_shapes.items()}
     step_fn = steps.jit_train_step(
         steps.make_train_step(model_cfg, tx, schedule, train_cfg.num_microbatches, loss_sums),
         state_shardings, batch_shardings)
@@ -121,7 +130,9 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
       for step in range(start + 1, train_cfg.num_steps + 1):
         batch = next(iterator)
         t0 = time.perf_counter()
-        state, out = step_fn(state, sharding.shard_batch(batch, mesh, rules, batch_shardings))
+        placed = {k: sharding.put_process_rows(v, batch_shardings[k], global_shapes[k])
+                  for k, v in batch.items()}
+        state, out = step_fn(state, placed)
         loss = float(out["loss"])
         dt = time.perf_counter() - t0
         if not math.isfinite(loss):
@@ -130,7 +141,7 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
           raise NonFiniteLossError(
               f"non-finite loss ({loss}) at step {step}; the last good checkpoint is "
               f"{'step ' + str(last) if last is not None else 'none'} in {out_dir}/checkpoints")
-        tokens = sum(int(np.prod(v.shape)) for k, v in batch.items() if k.startswith("tokens"))
+        tokens = sum(int(np.prod(s)) for k, s in global_shapes.items() if k.startswith("tokens"))
         metrics = writer.write(step, dict(out, step_time_s=dt, tokens_per_s=tokens / dt))
         manager.save(step, state, iterator.get_state(), force=step == train_cfg.num_steps)
         bar.update(1)

@@ -55,7 +55,7 @@ def test_truncation_on_the_right():
 
 def test_batches_fixed_shape_and_iterator_resumes_exactly():
   examples = [{"text": f"example {i}"} for i in range(10)]
-  ds = data.lm_dataset(examples, TOK, "chatml", 16, 4, seed=3)
+  ds = data.lm_dataset(examples, TOK, "chatml", 16, 4, seed=3).dataset()
   it = iter(ds.to_iter_dataset())
   first = next(it)
   assert first["tokens"].shape == (4, 16) and first["tokens"].dtype == np.int32
@@ -99,3 +99,29 @@ def test_tfds_array_record_dataset_read_without_tensorflow(tmp_path):
   assert ds[0]["tokens"].shape == (2, 32)
   with pytest.raises(data.DataError, match="tfds:NAME:SPLIT"):
     data.load_examples("tfds:only_name")
+
+
+def test_batches_encode_only_the_rows_asked_for():
+  """dataset(rows) holds those positions of every global batch, encoding nothing else;
+  its iterator state is the global one (a process's rows do not change it)."""
+  items = [{"text": f"example {i}"} for i in range(10)]
+  calls = []
+
+  def encode(item):
+    calls.append(item["text"])
+    return {"tokens": np.array([int(item["text"].split()[1])], np.int32)}
+
+  batches = data.Batches(items, encode, batch_size=4, seed=3)
+  whole = [batches[k]["tokens"][:, 0].tolist() for k in range(4)]   # crosses an epoch
+  assert sorted(whole[0] + whole[1]) == sorted(set(whole[0] + whole[1]))   # no repeats in an epoch
+  calls.clear()
+  part = batches.dataset(rows=[1, 3])
+  for k in range(4):
+    assert part[k]["tokens"][:, 0].tolist() == [whole[k][1], whole[k][3]]
+  assert len(calls) == 8
+  it = iter(part.to_iter_dataset())
+  next(it)
+  state = it.get_state()
+  it_whole = iter(batches.dataset().to_iter_dataset())
+  it_whole.set_state(state)
+  assert next(it_whole)["tokens"][:, 0].tolist() == whole[1]

@@ -1,7 +1,9 @@
 """Training loop: resume equals an uninterrupted run, NaN stops with the step, loss falls."""
 
+import dataclasses
 import os
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,14 +58,19 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     total, count = steps.lm_loss_sums(params, cfg, batch)
     return total * jnp.where(jnp.any(batch["tokens"] == 257), jnp.nan, 1.0), count
 
-  def poisoned(i, b):  # batch index 3 (step 4) carries the bos id 257 → NaN loss
-    if i == 3:
-      b = dict(b)
-      b["tokens"] = b["tokens"].copy()
-      b["tokens"][0, 0] = 257
-    return b
+  # The first row of batch index 3 (step 4) carries the bos id 257 → NaN loss.
+  base = _dataset()
+  assert len(base.items) > 16   # the item is not drawn in an earlier epoch
+  first_of_batch_3 = int(grain.MapDataset.range(len(base.items)).shuffle(seed=base.seed)[12])
 
-  ds = _dataset().map_with_index(poisoned)
+  def poisoned(item):
+    out = base.encode(item)
+    if item is base.items[first_of_batch_3]:
+      out["tokens"] = out["tokens"].copy()
+      out["tokens"][0] = 257
+    return out
+
+  ds = dataclasses.replace(base, encode=poisoned)
   tc = TrainConfig(num_steps=8, batch_size=4, seq_len=64, save_every=2, progress=False,
                    async_checkpoint=False)
   with pytest.raises(FloatingPointError, match="step 4"):

@@ -29,7 +29,6 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,8 +123,7 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
   for e, ra, rb in zip(encoded, ref_a, ref_b):
     e["ref_a"] = np.full((1,), ra, np.float32)
     e["ref_b"] = np.full((1,), rb, np.float32)
-  ds = grain.MapDataset.source(encoded).shuffle(seed=train_config.seed).repeat(None)
-  ds = ds.batch(train_config.batch_size, drop_remainder=True)
+  ds = data.Batches(encoded, dict, train_config.batch_size, train_config.seed)   # encoded above
   result = train.train(config, optimizer, train_config, mesh, ds, out_dir, init_params=params,
                        loss_sums=dpo_loss_sums(beta))
   train.save_model(os.path.join(out_dir, "model"), config, result.state.params, tok)

@@ -71,7 +71,6 @@ import os
 import shutil
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,14 +223,13 @@ def encode_row(tok: Any, row: dict, chat_format: str, seq_len: int, offset: floa
 
 
 def harm_dataset(rows: Sequence[dict], tok: Any, chat_format: str, seq_len: int,
-                 batch_size: int, seed: int, offset: float) -> grain.MapDataset:
-  """Shuffled, repeated, batched grain dataset of {tokens, mask [B, T], target [B, 1]}."""
+                 batch_size: int, seed: int, offset: float) -> data.Batches:
+  """Shuffled, repeated, batched {tokens, mask [B, T], target [B, 1]}."""
   if len(rows) < batch_size:
     raise data.DataError(f"harm_model: {len(rows)} training rows, fewer than "
                          f"batch_size={batch_size}")
-  ds = grain.MapDataset.source(list(rows)).shuffle(seed=seed)
-  ds = ds.map(lambda r: encode_row(tok, r, chat_format, seq_len, offset))
-  return ds.repeat(None).batch(batch_size, drop_remainder=True)
+  return data.Batches(list(rows), lambda r: encode_row(tok, r, chat_format, seq_len, offset),
+                      batch_size, seed)
 
 
 def harm_loss_sums(params: Any, model_cfg: ModelConfig, batch: Dict[str, jax.Array]):

@@ -74,7 +74,6 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,14 +146,13 @@ def count_truncated(tok: Any, comparisons: Sequence[dict], chat_format: str, seq
 
 
 def pair_dataset(comparisons: Sequence[dict], tok: Any, chat_format: str, seq_len: int,
-                 batch_size: int, seed: int) -> grain.MapDataset:
-  """Shuffled, repeated, batched grain dataset of pair batches (see the module doc)."""
+                 batch_size: int, seed: int) -> data.Batches:
+  """Shuffled, repeated, batched pair batches (see the module doc)."""
   if len(comparisons) < batch_size:
     raise data.DataError(f"pm: {len(comparisons)} training comparisons, fewer than "
                          f"batch_size={batch_size}")
-  ds = grain.MapDataset.source(list(comparisons)).shuffle(seed=seed)
-  ds = ds.map(lambda c: encode_pair(tok, c, chat_format, seq_len))
-  return ds.repeat(None).batch(batch_size, drop_remainder=True)
+  return data.Batches(list(comparisons), lambda c: encode_pair(tok, c, chat_format, seq_len),
+                      batch_size, seed)
 
 
 # --------------------------------------------------------------------------------------
