@@ -16,24 +16,18 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from cai_jax import axes, sharding
+from cai_jax import axes
 from cai_jax.configs import ModelConfig, dtype_from_name
 
 Array = jax.Array
 
 
 def constrain(x: Array, names: Tuple[Optional[str], ...]) -> Array:
-  """Annotates an activation with logical axis names (no-op without rules or a mesh).
-
-  A mesh axis that does not divide its dim is left out rather than padded (one decode
-  position is not split over tensor=8), as for parameters (``sharding.fit_spec``).
-  """
-  rules = nn.get_logical_axis_rules()
-  mesh = jax.sharding.get_abstract_mesh()
-  if not rules or mesh.empty:
-    return nn.with_logical_constraint(x, names)
-  spec = sharding.fit_spec(nn.logical_to_mesh_axes(names, rules), x.shape, mesh)
-  return jax.lax.with_sharding_constraint(x, spec)
+  """Annotates an activation with logical axis names (no-op without rules). A mesh axis
+  that does not divide its dim splits it unevenly (XLA pads), unlike parameters and
+  input batches (``sharding.fit_spec``), so e.g. a 16-row minibatch still spreads its
+  activations over 32 batch shards."""
+  return nn.with_logical_constraint(x, names)
 
 
 class DenseND(nn.Module):
@@ -182,9 +176,9 @@ class Attention(nn.Module):
       positions: [B, T] int32 RoPE positions.
       attn_mask: without a cache, either [B, T, T] bool, True where query t may attend key
         t', or [B] int32 key lengths: real tokens are a prefix of each row (right padding),
-        query t attends keys t' <= t with t' < length (``is_causal`` plus
-        ``key_value_seq_lengths``, which fused kernels such as cuDNN's run without a
-        [T, T] mask or bias);
+        query t attends keys t' <= t with t' < length; with attention_impl 'cudnn' that is
+        ``is_causal`` plus ``key_value_seq_lengths``, cuDNN's fused kernel without a [T, T]
+        mask or bias (other implementations get the equivalent dense mask);
         with a cache, [B, T, S + T]: the first S columns are the cache slots, the last
         T the new tokens (see ``cached_attention``).
       layer_cache: optional (k, v), each [B, S, K, Dh]; read, never written here.
@@ -211,11 +205,16 @@ class Attention(nn.Module):
     v = constrain(v, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.KV))
 
     new_kv = None
-    if layer_cache is None and attn_mask.ndim == 1:   # key lengths of right-padded rows
+    if layer_cache is None and attn_mask.ndim == 1 and cfg.attention_impl == "cudnn":
+      # Key lengths of right-padded rows: cuDNN's fused kernel with its padding-causal mask.
       out = jax.nn.dot_product_attention(
           q, k, v, is_causal=True, key_value_seq_lengths=attn_mask.astype(jnp.int32),
           scale=1.0 / math.sqrt(hd), implementation=cfg.attention_impl)
     elif layer_cache is None:
+      if attn_mask.ndim == 1:   # XLA materialises the scores anyway: the same dense mask
+        length = x.shape[1]
+        attn_mask = (jnp.tril(jnp.ones((length, length), bool))[None]
+                     & (jnp.arange(length)[None, :] < attn_mask[:, None])[:, None, :])
       out = jax.nn.dot_product_attention(
           q, k, v, mask=attn_mask[:, None, :, :], scale=1.0 / math.sqrt(hd),
           implementation=cfg.attention_impl)
@@ -268,13 +267,16 @@ class DecoderBlock(nn.Module):
   def __call__(self, x, positions, attn_mask, layer_cache=None):
     cfg = self.config
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
-    x = constrain(x, (axes.BATCH, axes.ACTIVATION_LENGTH, axes.EMBED))
+    # Sequence parallelism (fsdp_tp) for whole sequences; decode / cached steps keep
+    # their few positions whole.
+    seq = axes.ACTIVATION_LENGTH if layer_cache is None else axes.LENGTH
+    x = constrain(x, (axes.BATCH, seq, axes.EMBED))
     h, new_kv = Attention(cfg, name="attn")(
         RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x),
         positions, attn_mask, layer_cache)
     x = x + h
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dtype, pdtype, name="mlp_norm")(x))
-    x = constrain(x, (axes.BATCH, axes.ACTIVATION_LENGTH, axes.EMBED))
+    x = constrain(x, (axes.BATCH, seq, axes.EMBED))
     return x, new_kv
 
 

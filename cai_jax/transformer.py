@@ -117,7 +117,8 @@ class Decoder(nn.Module):
 
     embed = embedding(cfg, "embed")
     x = embed(tokens.astype(jnp.int32))
-    x = constrain(x, (axes.BATCH, axes.ACTIVATION_LENGTH, axes.EMBED))
+    x = constrain(x, (axes.BATCH, axes.ACTIVATION_LENGTH if cache is None else axes.LENGTH,
+                      axes.EMBED))
 
     block_cls = _block_class(cfg)
     layer_caches = None if cache is None else (cache["k"], cache["v"])

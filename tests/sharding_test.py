@@ -58,18 +58,23 @@ def test_batch_sharding_splits_over_data_and_fsdp():
   assert len(x.addressable_shards) == 8 and x.addressable_shards[0].data.shape == (2, 4)
 
 
-@pytest.mark.parametrize("rules,length,expected", [
-    ("fsdp_tp", 8, P(("data", "fsdp"), "tensor", None)),   # sequence parallel residual stream
-    ("fsdp_tp", 1, P(("data", "fsdp"), None, None)),       # one decode position: not padded
-    ("fsdp", 8, P(("data", "fsdp"), None, None)),
+@pytest.mark.parametrize("rules,cached,expected", [
+    ("fsdp_tp", False, P(("data", "fsdp"), "tensor", None)),   # sequence parallel stream
+    ("fsdp_tp", True, P(("data", "fsdp"), None, None)),        # a cached (decode) step
+    ("fsdp", False, P(("data", "fsdp"), None, None)),
 ])
-def test_residual_stream_constraint(rules, length, expected):
-  """The blocks' residual stream (batch, activation_length, embed) splits its positions
-  over tensor under fsdp_tp, only where they divide, and not under the other presets."""
+def test_residual_stream_sharding(rules, cached, expected):
+  """A decoder block's output (the residual stream) splits its positions over tensor under
+  fsdp_tp for whole sequences, not for cached steps, and not under the other presets."""
   import jax.numpy as jnp
-  from cai_jax import axes, layers
+  from cai_jax import layers
+  cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=32)
   mesh = sharding.make_mesh(MeshConfig(2, 2, 2, rules))
+  block = layers.DecoderBlock(cfg)
+  x, pos = jnp.ones((4, 8, 16)), jnp.broadcast_to(jnp.arange(8), (4, 8))
+  params = block.init(jax.random.PRNGKey(0), x, pos, jnp.full((4,), 8))
+  cache = (jnp.zeros((4, 8, 2, 4)), jnp.zeros((4, 8, 2, 4))) if cached else None
+  mask = jnp.ones((4, 8, 16), bool) if cached else jnp.full((4,), 8)
   with sharding.use_mesh(mesh, sharding.rules_for(rules)):
-    out = jax.jit(lambda x: layers.constrain(x * 2, (axes.BATCH, axes.ACTIVATION_LENGTH,
-                                                     axes.EMBED)))(jnp.ones((4, length, 16)))
+    out, _ = jax.jit(lambda p: block.apply(p, x, pos, mask, cache))(params)
   assert out.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, expected), 3), out.sharding

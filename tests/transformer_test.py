@@ -77,6 +77,22 @@ def test_right_padded_lengths_path_equals_the_dense_mask(params, scan_layers):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_causal_key_lengths_attention_equals_the_dense_mask():
+  """What the cuDNN branch of layers.Attention relies on: jax.nn.dot_product_attention
+  with is_causal and key_value_seq_lengths (here XLA's implementation of the same
+  semantics) equals the decoder's dense mask for right-padded rows, pad rows included."""
+  b, t, heads, kv_heads, hd = 3, 7, 4, 2, 8
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (b, t, h, hd))
+             for i, h in enumerate((heads, kv_heads, kv_heads)))
+  lengths = jnp.array([7, 4, 1], jnp.int32)
+  real = jnp.arange(t)[None] < lengths[:, None]
+  dense = jnp.tril(jnp.ones((t, t), bool))[None] & real[:, None, :]
+  want = jax.nn.dot_product_attention(q, k, v, mask=dense[:, None], implementation="xla")
+  got = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths,
+                                     implementation="xla")
+  np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_scanned_and_unrolled_layers_agree(params):
   unrolled_cfg = dataclasses.replace(CFG, scan_layers=False)
   unrolled = transformer.unstack_scanned_params(params, CFG.n_layers)
