@@ -19,8 +19,9 @@ Modes:
 
 In a multi-process run every process executes the same program: each reads the same
 deterministic data stream and keeps its own rows of each global batch (training encodes
-only those rows, ``data.Batches``; other batches go through ``sharding.shard_batch``); checkpoints are collective; metrics and exports are
-written by process 0 (``is_primary``).
+only those rows, ``data.Batches``; other batches go through ``sharding.shard_batch``);
+checkpoints are collective; metrics and exports are written by process 0
+(``is_primary``), and a failing process tells the others (``report_failure``, ``barrier``).
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ def _client():
 
 
 def failures() -> list:
-  """["process I: ERROR", ...]: the failures processes of this run reported (``report_failure``)."""
+  """["process I failed: ERROR", ...]: the failures this run's processes reported
+  (``report_failure``)."""
   return [f"process {key.rsplit('/', 1)[-1]} failed: {value}"
           for key, value in sorted(_client().key_value_dir_get(_FAILED_DIR))]
 

@@ -14,10 +14,10 @@ iterator at the exact next batch; the result equals an uninterrupted run.
 
 Multi-process runs (``cai_jax.distributed``): every process calls ``train`` with the
 same arguments and the same ``data.Batches``; each encodes and feeds only its own rows
-of each global batch (``sharding.process_rows``, ``sharding.put_process_rows``), checkpoints are saved and restored
-collectively on a directory all processes share, and only process 0 writes
-metrics.jsonl, tb/ and the progress bar. The result equals a single-process run on
-the same global mesh.
+of each global batch (``sharding.process_rows``, ``sharding.put_process_rows``),
+checkpoints are saved and restored collectively on a directory all processes share,
+and only process 0 writes metrics.jsonl, tb/ and the progress bar. The result equals a
+single-process run on the same global mesh.
 """
 
 from __future__ import annotations
