@@ -444,10 +444,12 @@ def test_smollm2_feedback(tmp_path):
     assert "<|im_end|>" not in r["response_a"] + r["response_b"]
 
 
-def test_two_processes_write_what_one_process_writes(tmp_path):
+@pytest.mark.parametrize("cot", [False, True], ids=["few_shot", "chain_of_thought"])
+def test_two_processes_write_what_one_process_writes(tmp_path, cot):
   """`cai-jax feedback` as 2 processes x 4 devices writes the shards and manifest of 1
   process x 8 devices (fsdp mesh: parameters sharded over both processes; policy samples,
-  few-shot questions scored in both orders under two principles)."""
+  few-shot questions, or sampled chain-of-thought reasoning, scored in both orders under
+  two principles)."""
   import dataclasses
   import shutil
   import multihost
@@ -466,6 +468,8 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
           "--gin.feedback.both_orders=True", "--gin.feedback.n_principles=2",
           "--gin.feedback.shard_size=2", "--gin.feedback.batch_size=4",
           "--gin.feedback.max_skip_fraction=1.0", "--gin.feedback.progress=False"]
+  if cot:
+    args.append("--gin.feedback.chain_of_thought=True")
   # The same out_dir for both runs (config.gin names it): the first is moved aside.
   single = multihost.run_cli(args, tmp_path / "logs", 1, 8)
   shutil.move(str(out), str(tmp_path / "single"))
@@ -479,3 +483,4 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
   assert json.load(open(out / fb.MANIFEST)) == json.load(open(tmp_path / "single" / fb.MANIFEST))
   rec = fb.read_comparisons(str(out))[0]
   assert np.shape(rec["logprob_a"]) == (2, 2, 1) and rec["policy"] == path
+  assert ("reasoning" in rec) == cot
