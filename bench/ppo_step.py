@@ -12,7 +12,7 @@ with the same library calls, and times three phases:
            sequences, so every row samples exactly --max_new_tokens tokens); it
            returns host arrays, so the time includes the device work.
   scoring  the PM score of every (prompt, response) (right-padded to the sampler's
-           length bucket, one jitted ``models.score``), ``ppo.make_batch``,
+           length bucket, one jitted ``models.score_right_padded``), ``ppo.make_batch``,
            ``ppo.rollout`` (policy and reference log-probs, values, KL-penalised
            rewards, GAE; host arrays) and ``ppo.rollout_metrics``.
   update   K epochs x M minibatches of ``ppo.make_policy_step`` and
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   plen = max(min(sampler.bucket_length(plen_in), limit), plen_in)
   policy_step = ppo_lib.make_policy_step(cfg, ppo, opt)
   value_step = ppo_lib.make_value_step(cfg, ppo, opt)
-  pm_jit = jax.jit(lambda p, t, k: models.score(p, cfg, t, k))
+  pm_jit = jax.jit(lambda p, t, k: models.score_right_padded(p, cfg, t, k))
   beta = ppo.kl_coef
   state = {"policy": policy_state, "value": value_state}
   del policy_state, value_state

@@ -48,13 +48,17 @@ def count_params(config: ModelConfig, head: str = "lm") -> int:
 
 
 def logits(params: Params, config: ModelConfig, tokens: Array,
-           mask: Optional[Array] = None, right_padded: bool = False) -> Array:
+           mask: Optional[Array] = None, right_padded: bool = False,
+           columns: Optional[Array] = None) -> Array:
   """Next-token logits [B, T, V] (float32) for tokens [B, T].
 
   right_padded: every row of mask [B, T] is real tokens then pads (see
   ``transformer.Decoder``); lets a fused causal attention kernel run.
+  columns: optional [B, K] int32; the LM head runs only at those columns of each row and
+  the result is [B, K, V] (``Decoder``'s head_columns).
   """
-  return module(config).apply({"params": params}, tokens, mask, right_padded=right_padded)
+  return module(config).apply({"params": params}, tokens, mask, right_padded=right_padded,
+                              head_columns=columns)
 
 
 def token_logprobs(params: Params, config: ModelConfig, tokens: Array,
@@ -66,10 +70,12 @@ def token_logprobs(params: Params, config: ModelConfig, tokens: Array,
 
 
 def values(params: Params, config: ModelConfig, tokens: Array,
-           mask: Optional[Array] = None, right_padded: bool = False) -> Array:
-  """Scalar-head output at every position, [B, T] float32 (right_padded: as ``logits``)."""
+           mask: Optional[Array] = None, right_padded: bool = False,
+           columns: Optional[Array] = None) -> Array:
+  """Scalar-head output at every position, [B, T] float32 (right_padded, columns: as
+  ``logits``; with columns [B, K] the result is [B, K])."""
   return module(config, "scalar").apply({"params": params}, tokens, mask,
-                                        right_padded=right_padded)
+                                        right_padded=right_padded, head_columns=columns)
 
 
 def score(params: Params, config: ModelConfig, tokens: Array,
@@ -78,8 +84,14 @@ def score(params: Params, config: ModelConfig, tokens: Array,
   (right_padded: as ``logits``)."""
   if mask is None:
     mask = jnp.ones(tokens.shape, bool)
-  v = values(params, config, tokens, mask, right_padded)
-  return jnp.take_along_axis(v, last_token_index(mask)[:, None], axis=1)[:, 0]
+  return values(params, config, tokens, mask, right_padded,
+                columns=last_token_index(mask)[:, None])[:, 0]
+
+
+def score_right_padded(params: Params, config: ModelConfig, tokens: Array, mask: Array) -> Array:
+  """``score`` of right-padded rows (real tokens first), [B] float32: the fused-attention
+  path, for ``sampler.apply_batched``, which calls fn(params, config, *fields)."""
+  return score(params, config, tokens, mask, right_padded=True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -417,13 +417,14 @@ def _plan_rl_stage(model_config: ModelConfig, optimizer: OptimizerConfig, ppo: P
 
   f32, i32, b = jnp.float32, jnp.int32, jnp.bool_
   base = {"tokens": ((rows, cols), i32), "mask": ((rows, cols), b),
-          "response_mask": ((rows, n), b)}
+          "response_start": ((rows,), i32), "response_mask": ((rows, n), b)}
   pol_batch, _ = batch_structs(mesh, rules, dict(base, logp_old=((rows, n), f32),
                                                  advantages=((rows, n), f32)))
   val_batch, _ = batch_structs(mesh, rules, dict(base, values_old=((rows, n), f32),
                                                  returns=((rows, n), f32)))
   ro_batch, _ = batch_structs(mesh, rules, {"tokens": ((big, cols), i32),
                                             "mask": ((big, cols), b),
+                                            "response_start": ((big,), i32),
                                             "response_mask": ((big, n), b)})
   scores, _ = batch_structs(mesh, rules, {"s": ((big,), f32)})
   beta = jax.ShapeDtypeStruct((), f32)

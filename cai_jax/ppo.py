@@ -2,15 +2,19 @@
 
 A rollout batch is one fixed-shape array layout for every model that reads it:
 
-  tokens         [B, P + N] int32  prompt left-padded into the first P columns, the
-                                   sampled response right-padded into the last N
-  mask           [B, P + N] bool   real (non-pad) tokens
-  response_mask  [B, N]     bool   real response tokens (the actions)
+  tokens          [B, P + N] int32  each row's prompt, then its sampled response, then pads
+  mask            [B, P + N] bool   real (non-pad) tokens: a prefix of every row
+  response_start  [B]        int32  the column of each row's first response token (its
+                                    prompt length, 1..P)
+  response_mask   [B, N]     bool   real response tokens (the actions)
 
-Response token j sits at column P + j; its log-prob comes from the logits at column
-P + j - 1 and the value V(s_j) of the state before it is the value head's output at
-column P + j - 1. The decoder ignores pads wherever they sit, so a row's numbers do not
-depend on the padding its batch needed.
+Response token j of row b sits at column s = response_start[b] + j; its log-prob comes
+from the logits at column s - 1 and the value V(s_j) of the state before it is the value
+head's output at column s - 1. The heads run only at those N columns of each row, so
+neither [B, P + N, V] logits nor their softmax exist. Rows are right-padded (real tokens
+first), so the decoder runs with ``right_padded=True``: per-row key lengths and a causal
+mask, which is cuDNN's fused attention kernel under ``attention_impl='cudnn'``. A row's
+numbers do not depend on the padding its batch needed.
 
 ``rollout`` turns a sampled batch plus the PM scores into everything an update needs:
 policy log-probs (recomputed with one forward pass), reference log-probs, values,
@@ -86,30 +90,47 @@ def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[in
 
   prompts: B non-empty token lists (at most prompt_len each); responses: B token lists
   (at most response_len each; may be empty). Returns tokens [B, P + N] int32, mask
-  [B, P + N] bool, response_mask [B, N] bool with P = prompt_len, N = response_len.
+  [B, P + N] bool, response_start [B] int32, response_mask [B, N] bool with
+  P = prompt_len, N = response_len.
   """
   if len(prompts) != len(responses):
     raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
   b = len(prompts)
   tokens = np.zeros((b, prompt_len + response_len), np.int32)
   mask = np.zeros((b, prompt_len + response_len), bool)
+  start = np.zeros((b,), np.int32)
+  response_mask = np.zeros((b, response_len), bool)
   for i, (p, r) in enumerate(zip(prompts, responses)):
     p, r = [int(t) for t in p], [int(t) for t in r]
     if not p or len(p) > prompt_len:
       raise ValueError(f"prompt {i} has {len(p)} tokens; need 1..{prompt_len}")
     if len(r) > response_len:
       raise ValueError(f"response {i} has {len(r)} tokens; at most {response_len} fit")
-    tokens[i, prompt_len - len(p):prompt_len] = p
-    mask[i, prompt_len - len(p):prompt_len] = True
-    tokens[i, prompt_len:prompt_len + len(r)] = r
-    mask[i, prompt_len:prompt_len + len(r)] = True
-  return {"tokens": tokens, "mask": mask, "response_mask": mask[:, prompt_len:].copy()}
+    tokens[i, :len(p) + len(r)] = p + r
+    mask[i, :len(p) + len(r)] = True
+    start[i] = len(p)
+    response_mask[i, :len(r)] = True
+  return {"tokens": tokens, "mask": mask, "response_start": start,
+          "response_mask": response_mask}
+
+
+def _state_columns(start: Array, n: int) -> Array:
+  """[B, N] int32: the column before each response token (start - 1 + j), where the
+  heads read the state that the token follows."""
+  return start.astype(jnp.int32)[:, None] - 1 + jnp.arange(n, dtype=jnp.int32)[None, :]
+
+
+def _response_targets(tokens: Array, start: Array, n: int) -> Array:
+  """[B, N] int32: the response tokens (the actions), column start + j of each row."""
+  return jnp.take_along_axis(tokens, _state_columns(start, n) + 1, axis=1)
 
 
 def _response_logits(params: Params, config: ModelConfig, tokens: Array, mask: Array,
-                     n: int) -> Array:
-  """Logits [B, N, V] that predict the N response columns of tokens [B, P + N]."""
-  return models.logits(params, config, tokens, mask)[:, -n - 1:-1]
+                     start: Array, n: int) -> Array:
+  """Logits [B, N, V] that predict the N response tokens of each row of tokens [B, P + N]
+  (the LM head runs at those N columns only)."""
+  return models.logits(params, config, tokens, mask, right_padded=True,
+                       columns=_state_columns(start, n))
 
 
 def _logp_and_entropy(logits: Array, targets: Array) -> Tuple[Array, Array]:
@@ -121,9 +142,10 @@ def _logp_and_entropy(logits: Array, targets: Array) -> Tuple[Array, Array]:
 
 
 def response_values(params: Params, config: ModelConfig, tokens: Array, mask: Array,
-                    n: int) -> Array:
+                    start: Array, n: int) -> Array:
   """V(s_j) [B, N]: the scalar head at the column before each response token."""
-  return models.values(params, config, tokens, mask)[:, -n - 1:-1]
+  return models.values(params, config, tokens, mask, right_padded=True,
+                       columns=_state_columns(start, n))
 
 
 # --------------------------------------------------------------------------------------
@@ -135,12 +157,13 @@ def _rollout(policy_cfg: ModelConfig, ref_cfg: ModelConfig, value_cfg: ModelConf
              ppo: PPOConfig, policy_params: Params, ref_params: Params, value_params: Params,
              batch: Batch, scores: Array, beta: Array) -> Dict[str, Array]:
   tokens, mask, rmask = batch["tokens"], batch["mask"], batch["response_mask"]
-  n = rmask.shape[1]
-  targets = tokens[:, -n:]
-  logp, entropy = _logp_and_entropy(_response_logits(policy_params, policy_cfg, tokens, mask, n),
-                                    targets)
-  ref_logp, _ = _logp_and_entropy(_response_logits(ref_params, ref_cfg, tokens, mask, n), targets)
-  values = response_values(value_params, value_cfg, tokens, mask, n)
+  start, n = batch["response_start"], rmask.shape[1]
+  targets = _response_targets(tokens, start, n)
+  logp, entropy = _logp_and_entropy(
+      _response_logits(policy_params, policy_cfg, tokens, mask, start, n), targets)
+  ref_logp, _ = _logp_and_entropy(_response_logits(ref_params, ref_cfg, tokens, mask, start, n),
+                                  targets)
+  values = response_values(value_params, value_cfg, tokens, mask, start, n)
   kl = losses.kl_per_token(logp, ref_logp, ppo.kl_kind)
   rewards = losses.kl_penalized_rewards(scores, logp, ref_logp, rmask, beta, ppo.kl_kind)
   adv, returns = losses.gae(rewards, values, rmask, ppo.gamma, ppo.lam)
@@ -222,13 +245,14 @@ def policy_loss(params: Params, config: ModelConfig, ppo: PPOConfig, batch: Batc
                 ) -> Tuple[Array, Metrics]:
   """Clipped-surrogate loss of one minibatch.
 
-  batch: tokens, mask [b, P + N]; response_mask, logp_old, advantages [b, N].
-  Returns (loss scalar, metrics: clip_frac, approx_kl, ratio_mean, entropy).
+  batch: tokens, mask [b, P + N]; response_start [b]; response_mask, logp_old,
+  advantages [b, N]. Returns (loss scalar, metrics: clip_frac, approx_kl, ratio_mean,
+  entropy).
   """
-  rmask = batch["response_mask"]
+  rmask, start = batch["response_mask"], batch["response_start"]
   n = rmask.shape[1]
-  logits = _response_logits(params, config, batch["tokens"], batch["mask"], n)
-  logp, entropy = _logp_and_entropy(logits, batch["tokens"][:, -n:])
+  logits = _response_logits(params, config, batch["tokens"], batch["mask"], start, n)
+  logp, entropy = _logp_and_entropy(logits, _response_targets(batch["tokens"], start, n))
   loss, metrics = losses.ppo_policy_loss(logp, batch["logp_old"], batch["advantages"], rmask,
                                          ppo.clip)
   metrics = dict(metrics, entropy=jax.lax.stop_gradient(losses.masked_mean(entropy, rmask)))
@@ -239,11 +263,13 @@ def value_loss(params: Params, config: ModelConfig, ppo: PPOConfig, batch: Batch
                ) -> Tuple[Array, Metrics]:
   """value_loss_coef · clipped value loss of one minibatch.
 
-  batch: tokens, mask [b, P + N]; response_mask, values_old, returns [b, N].
-  Returns (loss scalar, metrics: clip_frac, explained_variance, value_mean, return_mean).
+  batch: tokens, mask [b, P + N]; response_start [b]; response_mask, values_old,
+  returns [b, N]. Returns (loss scalar, metrics: clip_frac, explained_variance,
+  value_mean, return_mean).
   """
   rmask = batch["response_mask"]
-  v = response_values(params, config, batch["tokens"], batch["mask"], rmask.shape[1])
+  v = response_values(params, config, batch["tokens"], batch["mask"], batch["response_start"],
+                      rmask.shape[1])
   loss, metrics = losses.ppo_value_loss(v, batch["values_old"], batch["returns"], rmask,
                                         ppo.value_clip)
   return ppo.value_loss_coef * loss, metrics
@@ -273,8 +299,9 @@ def _jitted_step(loss_fn, config, ppo, optimizer, prefix, head, mesh, rules):
   if mesh is None:
     return jax.jit(step, donate_argnums=(0,))
   state = state_shardings(config, head, optimizer, mesh, rules)
-  # Every minibatch field is [b, ...] with b split over the batch shards (a prefix sharding).
-  batch = sharding.batch_sharding(mesh, rules, 2)
+  # Every minibatch field is [b, ...] with b split over the batch shards: a 1-d spec is a
+  # prefix sharding for the [b] and [b, T] fields alike.
+  batch = sharding.batch_sharding(mesh, rules, 1)
   return jax.jit(step, in_shardings=(state, batch),
                  out_shardings=(state, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
 
@@ -346,7 +373,7 @@ def minibatches(ro: Dict[str, np.ndarray], batch: Dict[str, np.ndarray], ppo: PP
     order = rng.permutation(b)
     for j in range(ppo.minibatches):
       idx = np.sort(order[j * size:(j + 1) * size])
-      base = {k: batch[k][idx] for k in ("tokens", "mask", "response_mask")}
+      base = {k: batch[k][idx] for k in ("tokens", "mask", "response_start", "response_mask")}
       pol = dict(base, logp_old=ro["logp"][idx], advantages=ro["advantages"][idx])
       val = dict(base, values_old=ro["values"][idx], returns=ro["returns"][idx])
       yield pol, val

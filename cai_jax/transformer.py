@@ -71,7 +71,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, mask: Optional[Array] = None,
                cache: Optional[Cache] = None, cache_index: Optional[Array] = None,
-               right_padded: bool = False):
+               right_padded: bool = False, head_columns: Optional[Array] = None):
     """Args:
       tokens: [B, T] int32 token ids.
       mask: [B, T] bool, True at real tokens (default: all real).
@@ -81,13 +81,18 @@ class Decoder(nn.Module):
         tokens gives wrong outputs under this promise.
       cache: optional KV cache from ``init_cache`` (S slots).
       cache_index: scalar int32, cache slot of tokens[:, 0] (default 0).
+      head_columns: optional [B, K] int32 columns of tokens (no cache): the head runs only
+        at those positions (each row its own), so the output has K positions instead of T
+        and no [B, T, V] logits exist (PPO reads only its response columns).
     Returns:
-      logits [B, T, V] float32 (head='lm') or values [B, T] float32 (head='scalar');
-      with a cache, the tuple (output, new_cache).
+      logits [B, T, V] float32 (head='lm') or values [B, T] float32 (head='scalar'), with K
+      in place of T when head_columns is given; with a cache, the tuple (output, new_cache).
     """
     cfg = self.config
     if self.head not in ("lm", "scalar"):
       raise ValueError(f"Decoder.head={self.head!r}; expected 'lm' or 'scalar'")
+    if head_columns is not None and cache is not None:
+      raise ValueError("head_columns applies to whole sequences, not cached calls")
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
     batch, length = tokens.shape
     if mask is None:
@@ -140,6 +145,9 @@ class Decoder(nn.Module):
           new_v.append(c[1])
       new_kv = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
 
+    if head_columns is not None:
+      x = jnp.take_along_axis(x, head_columns.astype(jnp.int32)[..., None], axis=1)  # [B, K, D]
+      x = constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
     x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
     if self.head == "lm":
       if cfg.tie_embeddings:

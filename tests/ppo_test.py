@@ -61,6 +61,26 @@ def test_values_are_taken_before_each_response_token(models_and_rollout):
                                atol=1e-5)
 
 
+def test_policy_loss_terms_match_unpadded_rows(models_and_rollout):
+  """The minibatch loss reads each row's response at its own columns: log-probs and
+  entropies equal a forward pass of that row alone, with no padding at all."""
+  d = models_and_rollout
+  batch, result = d["batch"], d["result"]
+  logits = ppo._response_logits(d["policy"], CFG, batch["tokens"], batch["mask"],
+                                batch["response_start"], batch["response_mask"].shape[1])
+  logp, entropy = ppo._logp_and_entropy(
+      logits, ppo._response_targets(batch["tokens"], batch["response_start"], 6))
+  for i, p in enumerate(d["prompts"]):
+    r = list(result.tokens[i])
+    seq = np.asarray([p + r], np.int32)
+    full = np.asarray(models.logits(d["policy"], CFG, seq))[0, len(p) - 1:len(p) - 1 + len(r)]
+    lp = jax.nn.log_softmax(full, axis=-1)
+    np.testing.assert_allclose(np.asarray(logp)[i, :len(r)],
+                               np.asarray(lp)[np.arange(len(r)), r], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(entropy)[i, :len(r)],
+                               -(np.exp(lp) * lp).sum(-1), atol=1e-5)
+
+
 def _numpy_pipeline(logp, ref_logp, values, scores, mask, beta, gamma, lam):
   b, t = logp.shape
   rewards = np.zeros((b, t))
@@ -139,6 +159,8 @@ def test_config_and_batch_validation():
     ppo.PPOConfig(kl_kind="k4")
   with pytest.raises(ValueError, match="response 0 has 3 tokens"):
     ppo.make_batch([[2]], [[3, 4, 5]], 4, 2)
-  b = ppo.make_batch([[2, 3]], [[4]], 3, 2)
-  assert b["tokens"].tolist() == [[0, 2, 3, 4, 0]]
-  assert b["response_mask"].tolist() == [[True, False]]
+  b = ppo.make_batch([[2, 3], [5]], [[4], [6, 7]], 3, 2)
+  assert b["tokens"].tolist() == [[2, 3, 4, 0, 0], [5, 6, 7, 0, 0]]
+  assert b["mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+  assert b["response_start"].tolist() == [2, 1]
+  assert b["response_mask"].tolist() == [[True, False], [True, True]]

@@ -195,6 +195,27 @@ def test_scalar_head_reads_last_real_token():
   np.testing.assert_allclose(models.score(p, CFG, tokens[1:, :5])[0], s[1], atol=1e-5)
 
 
+def test_head_columns_equal_the_full_output_at_those_columns(params):
+  """columns= runs the head at K chosen positions per row: the same numbers as the full
+  [B, T, ...] output gathered there, for both heads; and it refuses a cached call."""
+  tokens = _tokens(3, 9)
+  mask = jnp.arange(9)[None] < jnp.array([9, 6, 2])[:, None]
+  cols = jnp.array([[0, 8, 3], [5, 1, 1], [1, 0, 7]], jnp.int32)
+  full = models.logits(params, CFG, tokens, mask, right_padded=True)
+  got = models.logits(params, CFG, tokens, mask, right_padded=True, columns=cols)
+  assert got.shape == (3, 3, CFG.vocab_size)
+  np.testing.assert_allclose(got, jnp.take_along_axis(full, cols[..., None], axis=1), atol=1e-6)
+  scalar = models.init(CFG, jax.random.PRNGKey(3), "scalar")
+  scalar["scalar_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(4),
+                                                      scalar["scalar_head"]["kernel"].shape)
+  values = models.values(scalar, CFG, tokens, mask)
+  np.testing.assert_allclose(models.values(scalar, CFG, tokens, mask, columns=cols),
+                             jnp.take_along_axis(values, cols, axis=1), atol=1e-6)
+  cache = transformer.init_cache(CFG, 3, 9)
+  with pytest.raises(ValueError, match="head_columns"):
+    models.module(CFG).apply({"params": params}, tokens, mask, cache=cache, head_columns=cols)
+
+
 def test_kv_cache_decode_matches_full_forward(params):
   tokens = _tokens(2, 10)
   mask = jnp.ones((2, 10), bool).at[0, :3].set(False)  # row 0 left padded

@@ -339,10 +339,11 @@ def load_harm_model(spec: str) -> HarmModel:
 
 def score_encoded(params: Any, config: ModelConfig, encoded: Sequence[Dict[str, np.ndarray]],
                   batch_size: int, mesh: Optional[MeshConfig] = None) -> np.ndarray:
-  """Head outputs [N] float32 of encoded rows, in fixed-size padded batches
-  (``sampler.apply_batched``: with `mesh`, split over it and collective in multi-process runs)."""
-  return sampler.apply_batched(models.score, params, config, encoded, ("tokens", "mask"),
-                               batch_size, *sharding.mesh_and_rules(mesh))
+  """Head outputs [N] float32 of encoded (right-padded, ``encode_row``) rows, in fixed-size
+  padded batches (``sampler.apply_batched``: with `mesh`, split over it and collective in
+  multi-process runs)."""
+  return sampler.apply_batched(models.score_right_padded, params, config, encoded,
+                               ("tokens", "mask"), batch_size, *sharding.mesh_and_rules(mesh))
 
 
 def score_conversations(harm: HarmModel, conversations: Sequence[Conversation],

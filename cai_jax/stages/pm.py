@@ -197,13 +197,13 @@ def pm_init_params(config: ModelConfig, params: Any) -> Any:
 def score_pairs(params: Any, config: ModelConfig, tok: Any, comparisons: Sequence[dict],
                 chat_format: str, seq_len: int, batch_size: int,
                 mesh: Optional[MeshConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """(score_a [N], score_b [N]) from ``models.score`` (``sampler.apply_batched``, 2 x batch_size
-  sequences a batch)."""
+  """(score_a [N], score_b [N]) from ``models.score`` of the right-padded ``encode_pair`` rows
+  (``sampler.apply_batched``, 2 x batch_size sequences a batch)."""
   pairs = [encode_pair(tok, c, chat_format, seq_len) for c in comparisons]
   rows = ([{"tokens": p["tokens_a"], "mask": p["mask_a"]} for p in pairs] +
           [{"tokens": p["tokens_b"], "mask": p["mask_b"]} for p in pairs])
-  s = sampler.apply_batched(models.score, params, config, rows, ("tokens", "mask"), 2 * batch_size,
-                            *sharding.mesh_and_rules(mesh))
+  s = sampler.apply_batched(models.score_right_padded, params, config, rows, ("tokens", "mask"),
+                            2 * batch_size, *sharding.mesh_and_rules(mesh))
   return s[:len(pairs)], s[len(pairs):]
 
 

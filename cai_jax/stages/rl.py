@@ -349,7 +349,7 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
       k = np.zeros((len(seqs), width), bool)
       for r, s in enumerate(seqs):
         t[r, :len(s)], k[r, :len(s)] = s, True
-      return sampler.apply_batched(models.score, pm_placed, pm_cfg,
+      return sampler.apply_batched(models.score_right_padded, pm_placed, pm_cfg,
                                    [{"tokens": t[r], "mask": k[r]} for r in range(len(seqs))],
                                    ("tokens", "mask"), len(seqs), m, rules)
 
