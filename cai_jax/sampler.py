@@ -356,24 +356,20 @@ def _prefix_program(config: ModelConfig, params: Params, tokens: Array, mask: Ar
   return cache, logits
 
 
-def _score_program(config: ModelConfig, params: Params, prompt: Array, prompt_mask: Array,
-                   cont: Array, cont_mask: Array) -> Array:
-  """log p(cont | prompt) per token.
+def _score_program(config: ModelConfig, params: Params, tokens: Array, mask: Array,
+                   start: Array, cont_mask: Array) -> Array:
+  """log p(cont | prompt) per token, one forward pass of right-padded rows.
 
-  prompt, prompt_mask: [B, P] left-padded; cont, cont_mask: [B, C] right-padded.
-  Returns [B, C] float32 (0 at pads). The prompt's first P - 1 columns only fill the
-  cache; logits are computed for the C query columns that predict the continuation.
+  tokens, mask: [B, T], each row its prompt, then its continuation from column start [B],
+  then pads (the fused-attention path); cont_mask: [B, C] real continuation tokens.
+  Returns [B, C] float32 (0 at pads). The LM head runs at the C columns that predict the
+  continuation only (``models.continuation_logits``).
   """
-  batch, plen = prompt.shape
-  clen = cont.shape[1]
-  cache = _constrain_cache(init_cache(config, batch, plen + clen - 1))
-  if plen > 1:
-    _, cache = _apply(params, config, prompt[:, :-1], prompt_mask[:, :-1], cache, 0)
-  q_tokens = jnp.concatenate([prompt[:, -1:], cont[:, :-1]], axis=1)
-  q_mask = jnp.concatenate([prompt_mask[:, -1:], cont_mask[:, :-1]], axis=1)
-  logits, _ = _apply(params, config, q_tokens, q_mask, cache, plen - 1)   # [B, C, V]
+  clen = cont_mask.shape[1]
+  logits = models.continuation_logits(params, config, tokens, mask, start, clen)   # [B, C, V]
   logp = jax.nn.log_softmax(logits, axis=-1)
-  lp = jnp.take_along_axis(logp, cont[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  cont = models.continuation_tokens(tokens, start, clen)
+  lp = jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]
   return jnp.where(cont_mask, lp, 0.0)
 
 
@@ -627,12 +623,14 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
     def dispatch(ids):
       ps = [fitted[i] for i in ids] + [[PAD_ID]] * (rows - len(ids))
       cs = [conts[i] for i in ids] + [[]] * (rows - len(ids))
-      plen = bucket_length(max(len(p) for p in ps), bucket)
       clen = bucket_length(max(max(len(c) for c in cs), 1), bucket)
-      ptok, pmask = _pad(ps, plen, rows, left=True)
-      ctok, cmask = _pad(cs, clen, rows, left=False)
-      batch = _place({"p": ptok, "pm": pmask, "c": ctok, "cm": cmask}, mesh, rules)
-      return fn(params, batch["p"], batch["pm"], batch["c"], batch["cm"])
+      # Every row's continuation columns [len(p), len(p) + clen) must fit in the width.
+      width = bucket_length(max(len(p) for p in ps) + clen, bucket)
+      tokens, mask = _pad([p + c for p, c in zip(ps, cs)], width, rows, left=False)
+      _, cmask = _pad(cs, clen, rows, left=False)
+      start = np.array([len(p) for p in ps], np.int32)
+      batch = _place({"t": tokens, "m": mask, "s": start, "cm": cmask}, mesh, rules)
+      return fn(params, batch["t"], batch["m"], batch["s"], batch["cm"])
 
     def collect(ids, out):
       out = distributed.gather_to_host(out)

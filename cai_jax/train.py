@@ -83,74 +83,76 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
   tx = steps.make_optimizer(opt_cfg)
   schedule = steps.lr_schedule(opt_cfg)
   rng = jax.random.PRNGKey(train_cfg.seed)
+  if dataset.batch_size != train_cfg.batch_size:
+    raise ValueError(f"the dataset's batches have {dataset.batch_size} rows but "
+                     f"TrainConfig.batch_size is {train_cfg.batch_size}")
   manager = checkpoints.CheckpointManager(
       f"{out_dir}/checkpoints", save_every=train_cfg.save_every,
       keep=train_cfg.keep_checkpoints, async_save=train_cfg.async_checkpoint)
   writer = MetricsWriter(out_dir)
-  if dataset.batch_size != train_cfg.batch_size:
-    raise ValueError(f"the dataset's batches have {dataset.batch_size} rows but "
-                     f"TrainConfig.batch_size is {train_cfg.batch_size}")
-  global_rows = dataset.batch_size
-  # This process's rows of every global batch (all of them in a single-process run).
-  rows = sharding.process_rows(sharding.batch_sharding(mesh, rules, 1, (global_rows,)),
-                               (global_rows,))
-  local = dataset.dataset(None if len(rows) == global_rows else rows)
-  iterator = local.to_iter_dataset().__iter__()
+  try:   # the manager's threads and the writer close on every error below too
+    global_rows = dataset.batch_size
+    # This process's rows of every global batch (all of them in a single-process run).
+    rows = sharding.process_rows(sharding.batch_sharding(mesh, rules, 1, (global_rows,)),
+                                 (global_rows,))
+    local = dataset.dataset(None if len(rows) == global_rows else rows)
+    iterator = local.to_iter_dataset().__iter__()
 
-  with sharding.use_mesh(mesh, rules):
-    target = checkpoints.abstract_train_state(model_cfg, tx, mesh, rules, head)
-    state_shardings = checkpoints.shardings_of(target)
-    resumed_from = manager.latest_step()
-    if resumed_from is not None:
-      state, data_state = manager.restore(target, step=resumed_from)
-      if data_state is not None:
-        iterator.set_state(data_state)
-      writer.truncate_after(resumed_from)
-    elif init_params is not None:
-      checkpoints.check_compatible(target.params, init_params, "init params")
-      state = state_from_params(model_cfg, tx, init_params, state_shardings)
-    else:
-      state, _ = sharding.sharded_init(
-          lambda: steps.init_state_boxed(model_cfg, tx, rng, head), mesh, rules)
+    with sharding.use_mesh(mesh, rules):
+      target = checkpoints.abstract_train_state(model_cfg, tx, mesh, rules, head)
+      state_shardings = checkpoints.shardings_of(target)
+      resumed_from = manager.latest_step()
+      if resumed_from is not None:
+        state, data_state = manager.restore(target, step=resumed_from)
+        if data_state is not None:
+          iterator.set_state(data_state)
+        writer.truncate_after(resumed_from)
+      elif init_params is not None:
+        checkpoints.check_compatible(target.params, init_params, "init params")
+        state = state_from_params(model_cfg, tx, init_params, state_shardings)
+      else:
+        state, _ = sharding.sharded_init(
+            lambda: steps.init_state_boxed(model_cfg, tx, rng, head), mesh, rules)
 
-    if len(local) == 0:
-      raise ValueError("training dataset yields no batches")
-    global_shapes = {k: (global_rows,) + v.shape[1:] for k, v in local[0].items()}
-    batch_shardings = {k: sharding.batch_sharding(mesh, rules, len(s), s)
-                       for k, s in global_shapes.items()}
-    step_fn = steps.jit_train_step(
-        steps.make_train_step(model_cfg, tx, schedule, train_cfg.num_microbatches, loss_sums),
-        state_shardings, batch_shardings)
+      if len(local) == 0:
+        raise ValueError("training dataset yields no batches")
+      global_shapes = {k: (global_rows,) + v.shape[1:] for k, v in local[0].items()}
+      batch_shardings = {k: sharding.batch_sharding(mesh, rules, len(s), s)
+                         for k, s in global_shapes.items()}
+      step_fn = steps.jit_train_step(
+          steps.make_train_step(model_cfg, tx, schedule, train_cfg.num_microbatches, loss_sums),
+          state_shardings, batch_shardings)
 
-    start = int(state.step)
-    metrics = {}
-    bar = tqdm(total=train_cfg.num_steps, initial=start, desc="train", unit="step",
-               disable=not train_cfg.progress or jax.process_index() != 0)
-    try:
-      for step in range(start + 1, train_cfg.num_steps + 1):
-        batch = next(iterator)
-        t0 = time.perf_counter()
-        placed = {k: sharding.put_process_rows(v, batch_shardings[k], global_shapes[k])
-                  for k, v in batch.items()}
-        state, out = step_fn(state, placed)
-        loss = float(out["loss"])
-        dt = time.perf_counter() - t0
-        if not math.isfinite(loss):
-          manager.wait_until_finished()
-          last = manager.latest_step()
-          raise NonFiniteLossError(
-              f"non-finite loss ({loss}) at step {step}; the last good checkpoint is "
-              f"{'step ' + str(last) if last is not None else 'none'} in {out_dir}/checkpoints")
-        tokens = sum(int(np.prod(s)) for k, s in global_shapes.items() if k.startswith("tokens"))
-        metrics = writer.write(step, dict(out, step_time_s=dt, tokens_per_s=tokens / dt))
-        manager.save(step, state, iterator.get_state(), force=step == train_cfg.num_steps)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['learning_rate']:.2e}")
-    finally:
-      bar.close()
-      manager.wait_until_finished()
-      manager.close()
-      writer.close()
+      start = int(state.step)
+      metrics = {}
+      bar = tqdm(total=train_cfg.num_steps, initial=start, desc="train", unit="step",
+                 disable=not train_cfg.progress or jax.process_index() != 0)
+      try:
+        for step in range(start + 1, train_cfg.num_steps + 1):
+          batch = next(iterator)
+          t0 = time.perf_counter()
+          placed = {k: sharding.put_process_rows(v, batch_shardings[k], global_shapes[k])
+                    for k, v in batch.items()}
+          state, out = step_fn(state, placed)
+          loss = float(out["loss"])
+          dt = time.perf_counter() - t0
+          if not math.isfinite(loss):
+            manager.wait_until_finished()
+            last = manager.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) at step {step}; the last good checkpoint is "
+                f"{'step ' + str(last) if last is not None else 'none'} in {out_dir}/checkpoints")
+          tokens = sum(int(np.prod(s)) for k, s in global_shapes.items() if k.startswith("tokens"))
+          metrics = writer.write(step, dict(out, step_time_s=dt, tokens_per_s=tokens / dt))
+          manager.save(step, state, iterator.get_state(), force=step == train_cfg.num_steps)
+          bar.update(1)
+          bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+      finally:
+        bar.close()
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
   return TrainResult(state=state, last_metrics=metrics, resumed_from=resumed_from)
 
 

@@ -66,10 +66,10 @@ def test_policy_loss_terms_match_unpadded_rows(models_and_rollout):
   entropies equal a forward pass of that row alone, with no padding at all."""
   d = models_and_rollout
   batch, result = d["batch"], d["result"]
-  logits = ppo._response_logits(d["policy"], CFG, batch["tokens"], batch["mask"],
-                                batch["response_start"], batch["response_mask"].shape[1])
+  logits = models.continuation_logits(d["policy"], CFG, batch["tokens"], batch["mask"],
+                                      batch["response_start"], batch["response_mask"].shape[1])
   logp, entropy = ppo._logp_and_entropy(
-      logits, ppo._response_targets(batch["tokens"], batch["response_start"], 6))
+      logits, models.continuation_tokens(batch["tokens"], batch["response_start"], 6))
   for i, p in enumerate(d["prompts"]):
     r = list(result.tokens[i])
     seq = np.asarray([p + r], np.int32)

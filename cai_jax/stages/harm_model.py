@@ -77,6 +77,7 @@ import numpy as np
 
 from cai_jax import data, distributed, model_dir, models, sampler, sharding, shards, train
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cai_jax.metrics import replace_eval_row
 from cai_jax.stages import pm
 
 SCALE = (0, 4)
@@ -400,20 +401,6 @@ def summarize(scores_by_prompt: Dict[str, List[float]]) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _write_eval(out_dir: str, step: int, metrics: Dict[str, Dict[str, Any]]) -> None:
-  """Appends the final eval row to metrics.jsonl (replacing one from an earlier run)."""
-  from cai_jax.metrics import MetricsWriter, read_jsonl_metrics
-  path = os.path.join(out_dir, "metrics.jsonl")
-  if os.path.exists(path):
-    rows = [r for r in read_jsonl_metrics(path) if not any(k.startswith("eval/") for k in r)]
-    shards.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-  row = {f"eval/{split}/{k}": v for split, m in metrics.items() for k, v in m.items()
-         if v is not None and k != "n"}
-  writer = MetricsWriter(out_dir)
-  writer.write(step, row)
-  writer.close()
-
-
 def _save(out_dir: str, config: ModelConfig, params: Any, tok: Any, meta: dict) -> str:
   """Writes out_dir/model with harm_model.json inside; the directory appears complete.
   Collective: every process calls it; process 0 writes (``train.save_model``)."""
@@ -490,7 +477,8 @@ def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
     shards.write_jsonl(os.path.join(out_dir, "heldout_scores.jsonl"),
                        [{"index": i, "id": r["id"], "harm": r["harm"], "score": float(s)}
                         for i, (r, s) in enumerate(zip(heldout, held_pred))])
-    _write_eval(out_dir, step, metrics)
+    replace_eval_row(out_dir, step, {f"eval/{split}/{k}": v for split, m in metrics.items()
+                                     for k, v in m.items() if v is not None and k != "n"})
   model_path = _save(out_dir, config, final, tok, {
       "target": "harm", "scale": list(SCALE), "offset": offset, "chat_format": chat_format,
       "seq_len": seq_len})

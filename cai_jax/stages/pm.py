@@ -82,6 +82,7 @@ from cai_jax import data, distributed, losses, model_dir, models, sampler, shard
 from cai_jax.comparisons import (SkipCounts, check_skips, load_comparisons,  # noqa: F401
                                  normalize_comparisons)
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cai_jax.metrics import replace_eval_row
 
 _LOG = logging.getLogger(__name__)
 
@@ -298,21 +299,6 @@ def check_rerun(out_dir: str, run_config: dict, stage: str = "pm",
   distributed.barrier(f"check_rerun:{path}")
 
 
-def _write_eval(out_dir: str, step: int, metrics: Dict[str, float]) -> None:
-  """Appends the held-out metrics row to metrics.jsonl (replacing one from an earlier run)."""
-  from cai_jax.metrics import MetricsWriter, read_jsonl_metrics
-  path = os.path.join(out_dir, "metrics.jsonl")
-  if os.path.exists(path):
-    rows = [r for r in read_jsonl_metrics(path) if not any(k.startswith("eval/") for k in r)]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
-  writer = MetricsWriter(out_dir)
-  writer.write(step, {f"eval/{k}": v for k, v in metrics.items() if not k.endswith("pairs")})
-  writer.close()
-
-
 def train_config_key(cfg: TrainConfig) -> dict:
   """The TrainConfig fields a resumed run must keep (all but _RESUMABLE_FIELDS)."""
   return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
@@ -430,7 +416,8 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
       shards.write_jsonl(os.path.join(out_dir, "heldout_scores.jsonl"), [
           {"index": i, "source": c["source"], "p": c["p"], "score_a": float(a),
            "score_b": float(b)} for i, (c, a, b) in enumerate(zip(heldout, sa, sb))])
-      _write_eval(out_dir, step, metrics)
+      replace_eval_row(out_dir, step, {f"eval/{k}": v for k, v in metrics.items()
+                                       if not k.endswith("pairs")})
   train.save_model(os.path.join(out_dir, "model"), config, final, tok, head="scalar")
 
   summary = {
