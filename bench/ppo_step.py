@@ -82,6 +82,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                  help="compute dtype of all four models (default bfloat16 on GPU/TPU, the preset's "
                       "on CPU); parameters and optimizer state stay in the preset's param_dtype")
+  p.add_argument("--attention", default="preset", choices=("preset", "xla", "cudnn"),
+                 help="jax.nn.dot_product_attention implementation of the four models (default: "
+                      "the preset's); 'cudnn' (GPU, 16-bit dtype) runs the fused causal kernel "
+                      "in the PM scoring, the rollout analysis and the updates (right-padded "
+                      "rows), not in the sampler's cached attention")
   p.add_argument("--iterations", type=int, default=3,
                  help="timed iterations after the warm-up one (medians are reported)")
   p.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and sampling")
@@ -115,7 +120,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   b, plen_in, n = args.rollout_batch, args.prompt_len, args.max_new_tokens
   preset_fields = _presets.load_fields(args.preset)
   max_len = max(preset_fields.get("max_seq_len", 0), plen_in + n)
-  cfg = _presets.model_config(args.preset, dtype=args.dtype, max_seq_len=max_len)
+  overrides = {} if args.attention == "preset" else {"attention_impl": args.attention}
+  cfg = _presets.model_config(args.preset, dtype=args.dtype, max_seq_len=max_len, **overrides)
   ppo = PPOConfig(rollout_batch=b, max_new_tokens=n, epochs=args.epochs,
                   minibatches=args.minibatches)
   opt = OptimizerConfig()
@@ -214,6 +220,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
       "models": "policy (lm), reference (lm, copy of the policy), value (scalar), PM (scalar); "
                 "all on one device",
       "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+      "attention": cfg.attention_impl or "xla (default)",
       "rollout_batch": b, "prompt_len": plen_in, "batch_prompt_columns": plen,
       "max_new_tokens": n, "iterations": args.iterations,
       "ppo": dataclasses.asdict(ppo),
@@ -246,7 +253,8 @@ def print_table(out: Dict[str, Any]) -> None:
   ppo = out["ppo"]
   print(f"ppo_step bench: {out['framework']} on {out['device']}")
   print(f"models: {out['models']}; preset {out['preset']} ({out['params_per_model']:,} params "
-        f"each), dtype {out['dtype']}, params/optimizer {out['param_dtype']}")
+        f"each), dtype {out['dtype']}, params/optimizer {out['param_dtype']}, "
+        f"attention {out['attention']}")
   print(f"shapes: B={out['rollout_batch']} prompts x P={out['prompt_len']} random tokens "
         f"(batch columns {out['batch_prompt_columns']}), N={out['max_new_tokens']} sampled tokens, "
         f"K={ppo['epochs']} x M={ppo['minibatches']} = {out['update_steps_per_iteration']} policy + "

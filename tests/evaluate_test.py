@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from cai_jax import report as report_lib
 from cai_jax.stages import evaluate
 from cai_jax.stages import feedback as fb
+
+HHH_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "hhh", "bigbench")
 
 
 def _model_dir(path):
@@ -200,7 +203,8 @@ def test_evaluate_errors(tmp_path):
 def test_two_processes_write_what_one_process_writes(tmp_path):
   """`cai-jax evaluate` as 2 processes x 4 devices writes the files of 1 process x 8
   devices (fsdp mesh): two tiny players' samples (and greedy responses), the feedback and
-  PM judges, the harmfulness model, Elo, plots, report and summary."""
+  PM judges, the harmfulness model, HHH accuracy of both judges, Elo, plots, report and
+  summary."""
   import shutil
   import multihost
   from cai_jax import model_dir
@@ -227,14 +231,17 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
           f"--gin.evaluate.helpful_prompts='{tmp_path / 'helpful.jsonl'}'",
           "--gin.evaluate.split=None", "--max_new_tokens=6", "--gin.evaluate.few_shot=False",
           "--gin.evaluate.n_boot=10", "--gin.evaluate.batch_size=4",
-          "--gin.evaluate.progress=False"]
+          "--gin.evaluate.progress=False",
+          f"--gin.evaluate.hhh_data='{HHH_DIR}'"]
 
   def files(root):
     found = {}
     for folder, _, names in os.walk(root):
       for n in names:
         path = os.path.join(folder, n)
-        found[os.path.relpath(path, root)] = open(path, "rb").read()
+        # Wall times (the HHH runs' seconds, shown in the report) differ between runs.
+        found[os.path.relpath(path, root)] = re.sub(rb'seconds(&quot;|")?: [0-9.]+',
+                                                    rb"seconds\1: 0", open(path, "rb").read())
     summary = json.loads(found.pop("summary.json"))
     del summary["seconds"]
     return found, summary
@@ -252,6 +259,8 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
   assert {"report.html", "report.json", "frontier_feedback.png", "frontier_pm.png",
           "monitors.png", "config.gin", "responses/sl/shard-00000.jsonl",
           "judgments-pm/pair-00000.jsonl"} <= set(expected)
+  assert any(n.startswith("hhh-feedback/") for n in expected)
+  assert any(n.startswith("hhh-pm/") for n in expected)
   assert sorted(found) == sorted(expected)
   for name in expected:
     assert found[name] == expected[name], name
