@@ -21,7 +21,15 @@ In a multi-process run every process executes the same program: each reads the s
 deterministic data stream and keeps its own rows of each global batch (training encodes
 only those rows, ``data.Batches``; other batches go through ``sharding.shard_batch``);
 checkpoints are collective; metrics and exports are written by process 0
-(``is_primary``), and a failing process tells the others (``report_failure``, ``barrier``).
+(``is_primary``).
+
+A failing process tells the others (``report_failure``) through the coordination service's
+key-value store; they stop at their next ``barrier`` (``PeerFailed``) or, wherever they are,
+a jitted step or device collective included, through the thread of ``watch_failures``.
+Such a run ends through ``end_run`` in every process, which skips jax's shutdown barrier
+(the processes no longer meet there); process 0, which hosts the coordination service,
+ends last. So no process waits out jax's heartbeat and shutdown timeouts (minutes) or
+aborts.
 """
 
 from __future__ import annotations
@@ -29,7 +37,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Mapping, Optional, Sequence
+import sys
+import threading
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -196,6 +207,8 @@ class PeerFailed(RuntimeError):
 
 # Keys in the coordination service's key-value store.
 _FAILED_DIR = "cai_jax/failed"     # FAILED_DIR/<process index> = "<error type>: <first line>"
+_ENDED_DIR = "cai_jax/ended"       # ENDED_DIR/<process index> = "1": ended after a peer failed
+_ending = threading.Event()        # this process reported a failure or is ending for a peer's
 _BARRIER_DIR = "cai_jax/barrier"   # BARRIER_DIR/<name hash>.<n>/<process index> = "1"
 _barrier_counts: dict = {}         # barrier name -> times this process passed it
 _barrier_last: list = []           # key this process set at its previous barrier
@@ -210,11 +223,88 @@ def _client():
   return client
 
 
-def failures() -> list:
+def _index_of(key: str) -> int:
+  return int(key.rsplit("/", 1)[-1])
+
+
+def failures(others_only: bool = False) -> list:
   """["process I failed: ERROR", ...]: the failures this run's processes reported
-  (``report_failure``)."""
-  return [f"process {key.rsplit('/', 1)[-1]} failed: {value}"
-          for key, value in sorted(_client().key_value_dir_get(_FAILED_DIR))]
+  (``report_failure``); with others_only, not this process's own."""
+  import jax
+  me = jax.process_index()
+  return [f"process {_index_of(key)} failed: {value}"
+          for key, value in sorted(_client().key_value_dir_get(_FAILED_DIR))
+          if not (others_only and _index_of(key) == me)]
+
+
+def end_run(status: int, timeout_s: float = 60.0) -> None:
+  """Ends this process of a multi-process run at once with `status`, skipping jax's shutdown
+  barrier and atexit handlers (the processes no longer meet there), after flushing stdout
+  and stderr; returns without doing anything in a single-process run.
+
+  For a run that failed (``report_failure`` here or in another process). Every process
+  marks itself ended in the key-value store first; process 0, whose exit stops the
+  coordination service (and would abort the others), then waits until every other process
+  has marked itself ended, at most timeout_s, before it goes.
+  """
+  if "jax" not in sys.modules:   # failed before any jax use: nothing was initialized
+    return
+  import jax
+  try:
+    if not jax.distributed.is_initialized() or jax.process_count() < 2:
+      return
+  except Exception:
+    return
+  _ending.set()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:
+      pass
+  try:
+    client, count, me = _client(), jax.process_count(), jax.process_index()
+    client.key_value_set(f"{_ENDED_DIR}/{me}", "1", allow_overwrite=True)
+    if me == 0:
+      deadline = time.monotonic() + timeout_s
+      while time.monotonic() < deadline:
+        if len({_index_of(k) for k, _ in client.key_value_dir_get(_ENDED_DIR)}) >= count:
+          time.sleep(0.2)   # let the last ones finish exiting before the service stops
+          break
+        time.sleep(0.05)
+  except Exception as e:
+    logging.warning("could not coordinate the end of this run with the other processes: %s", e)
+  os._exit(status)
+
+
+def watch_failures(on_peer_failure: Callable[[str], None], poll_s: float = 0.5
+                   ) -> Optional[threading.Thread]:
+  """Starts a daemon thread that calls on_peer_failure(message) (which should end the process,
+  through ``end_run``) as soon as another process reports a failure, wherever the main
+  thread is: in a jitted step or a device collective that the failed process will never
+  join, the main thread would otherwise wait for jax's heartbeat timeout. message is
+  "process I failed: ERROR (this process stopped for it while running)". Returns the
+  thread, or None in a single-process run.
+  """
+  import jax
+  if not jax.distributed.is_initialized() or jax.process_count() < 2:
+    return None
+  client = _client()
+
+  def watch():
+    while not _ending.wait(poll_s):
+      try:
+        found = client.key_value_dir_get(_FAILED_DIR)
+      except Exception:   # the coordination service is gone; jax's own heartbeat reports it
+        return
+      if any(_index_of(k) != jax.process_index() for k, _ in found) and not _ending.is_set():
+        _ending.set()
+        on_peer_failure("; ".join(failures(others_only=True))
+                        + " (this process stopped for it while running)")
+        return
+
+  thread = threading.Thread(target=watch, name="cai_jax-failure-watch", daemon=True)
+  thread.start()
+  return thread
 
 
 def report_failure(error: BaseException) -> None:
@@ -231,6 +321,7 @@ def report_failure(error: BaseException) -> None:
     import jax
     if not jax.distributed.is_initialized() or jax.process_count() < 2:
       return
+    _ending.set()   # this process's own failure: its watcher stands down
     first = (str(error).strip().splitlines() or [""])[0]
     message = f"{type(error).__name__}: {first}" if first else type(error).__name__
     _client().key_value_set(f"{_FAILED_DIR}/{jax.process_index()}", message, allow_overwrite=True)
@@ -251,7 +342,6 @@ def barrier(name: str, poll_s: float = 0.05) -> None:
   if count < 2:
     return
   import hashlib
-  import time
   client = _client()
   passed = _barrier_counts.get(name, 0)
   _barrier_counts[name] = passed + 1
@@ -261,6 +351,7 @@ def barrier(name: str, poll_s: float = 0.05) -> None:
   delay = 0.001
   while len(client.key_value_dir_get(directory)) < count:
     if client.key_value_dir_get(_FAILED_DIR):
+      _ending.set()
       raise PeerFailed("; ".join(failures()) + f" (while this process waited at barrier {name!r})")
     time.sleep(delay)
     delay = min(2 * delay, poll_s)

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+import traceback
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from absl import app, flags, logging
@@ -346,6 +347,7 @@ def _main(argv: List[str]) -> None:
     raise CliError("no command given; `cai-jax --help` lists the commands")
   if info and info["process_count"] > 1:
     _PROCESS.update(index=info["process_index"], count=info["process_count"])
+    distributed.watch_failures(_end_for_peer)
     if args[0] not in MULTI_HOST_COMMANDS:
       raise CliError(f"{args[0]} runs in one process; a multi-process run "
                      f"({info['process_count']} processes) supports {', '.join(MULTI_HOST_COMMANDS)} "
@@ -376,6 +378,14 @@ _USER_ERRORS = (CliError, ValueError, FileNotFoundError, FloatingPointError, IsA
                 NotADirectoryError, PermissionError)
 
 
+def _end_for_peer(message: str) -> None:
+  """Another process of a multi-process run failed: one line, exit status 1, at once."""
+  print(f"cai-jax: error: {message}", file=sys.stderr)
+  from cai_jax import distributed
+  distributed.end_run(1)
+  sys.exit(1)
+
+
 def run(argv: Optional[List[str]] = None) -> None:
   """Console-script entry point."""
   argv = list(sys.argv if argv is None else argv)
@@ -392,19 +402,26 @@ def run(argv: Optional[List[str]] = None) -> None:
     try:
       _main(parsed)
     except distributed.PeerFailed as e:  # another process failed; its own error is printed there
-      print(f"cai-jax: error: {_first_line(e)}", file=sys.stderr)
-      sys.exit(1)
+      _end_for_peer(_first_line(e))
     except (Exception, KeyboardInterrupt) as e:
-      distributed.report_failure(e)   # multi-process runs: the others stop waiting for this one
+      # Multi-process runs: the others stop for this one and every process ends through
+      # distributed.end_run (no jax shutdown barrier); single-process runs end as usual.
+      distributed.report_failure(e)
+      from cai_jax.stages.pipeline import StageFailed
       if isinstance(e, _USER_ERRORS):
         kind = "" if isinstance(e, CliError) else type(e).__name__ + ": "
         print(f"cai-jax: error: {kind}{_first_line(e)}", file=sys.stderr)
-        sys.exit(2)
-      from cai_jax.stages.pipeline import StageFailed
-      if not isinstance(e, StageFailed):
+        status = 2
+      elif isinstance(e, StageFailed):
+        print(f"cai-jax: error: {_first_line(e)}", file=sys.stderr)   # the stage printed its own
+        status = e.exit_status
+      else:
+        if _PROCESS["count"] > 1:
+          traceback.print_exc()
+          distributed.end_run(1)
         raise
-      print(f"cai-jax: error: {_first_line(e)}", file=sys.stderr)   # the stage printed its own
-      sys.exit(e.exit_status)
+      distributed.end_run(status)
+      sys.exit(status)
 
   app.run(main, argv=argv)
 

@@ -228,5 +228,31 @@ def test_a_process_0_failure_stops_the_other_processes_at_once(tmp_path):
   assert len(errors[1]) == 1, errors
   assert errors[1][0].startswith("cai-jax: error: process 0 failed: IsADirectoryError:"), errors
   assert "config.gin" in errors[1][0]
-  assert "barrier 'config.gin:" in errors[1][0]
+  # Noticed at the barrier after config.gin or, if sooner, by process 1's failure watcher.
+  assert ("barrier 'config.gin:" in errors[1][0]
+          or "this process stopped for it while running" in errors[1][0]), errors
   assert not list((out_dir).glob("checkpoints*"))
+
+
+def test_a_failure_away_from_barriers_stops_the_other_processes_at_once(tmp_path):
+  """Process 0 alone opens metrics.jsonl (here a directory stands in its place) while
+  process 1 goes on into work that needs process 0 (the sharded init, a collective it never
+  joins). Process 1's failure watcher ends it at once naming process 0's error; process 0
+  ends once process 1 is gone; neither waits out jax's timeouts or aborts."""
+  out_dir = tmp_path / "run"
+  (out_dir / "metrics.jsonl").mkdir(parents=True)
+  data = tmp_path / "text.jsonl"
+  data.write_text("".join(json.dumps({"text": f"sentence number {i}."}) + "\n" for i in range(16)))
+  start = time.monotonic()
+  results = multihost.wait(multihost.launch_cli(
+      ["train_lm", "--gin_file=models/tiny.gin", f"--gin.train_lm.dataset='{data}'",
+       f"--out_dir={out_dir}", *multihost.SHORT_TRAINING], tmp_path / "logs", 2, 4), 150,
+      expect_rc=None)
+  assert time.monotonic() - start < 120
+  assert [rc for rc, _, _ in results] == [2, 1], [err[-2000:] for _, _, err in results]
+  errors = _errors(results)
+  assert len(errors[0]) == 1 and "IsADirectoryError" in errors[0][0], errors
+  assert len(errors[1]) == 1, errors
+  assert errors[1][0].startswith("cai-jax: error: process 0 failed: IsADirectoryError:"), errors
+  assert "metrics.jsonl" in errors[1][0], errors
+  assert errors[1][0].endswith("(this process stopped for it while running)"), errors
