@@ -208,7 +208,8 @@ class PeerFailed(RuntimeError):
 # Keys in the coordination service's key-value store.
 _FAILED_DIR = "cai_jax/failed"     # FAILED_DIR/<process index> = "<error type>: <first line>"
 _ENDED_DIR = "cai_jax/ended"       # ENDED_DIR/<process index> = "1": ended after a peer failed
-_ending = threading.Event()        # this process reported a failure or is ending for a peer's
+_ending = threading.Event()        # this process is ending a failed run (``claim_end``)
+_claim_lock = threading.Lock()
 _BARRIER_DIR = "cai_jax/barrier"   # BARRIER_DIR/<name hash>.<n>/<process index> = "1"
 _barrier_counts: dict = {}         # barrier name -> times this process passed it
 _barrier_last: list = []           # key this process set at its previous barrier
@@ -227,14 +228,54 @@ def _index_of(key: str) -> int:
   return int(key.rsplit("/", 1)[-1])
 
 
-def failures(others_only: bool = False) -> list:
+def failures() -> list:
   """["process I failed: ERROR", ...]: the failures this run's processes reported
-  (``report_failure``); with others_only, not this process's own."""
-  import jax
-  me = jax.process_index()
+  (``report_failure``)."""
   return [f"process {_index_of(key)} failed: {value}"
-          for key, value in sorted(_client().key_value_dir_get(_FAILED_DIR))
-          if not (others_only and _index_of(key) == me)]
+          for key, value in sorted(_client().key_value_dir_get(_FAILED_DIR))]
+
+
+def failure_message(error: BaseException) -> str:
+  """"<error type>: <first line>", as ``report_failure`` tells the other processes."""
+  first = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def peer_failures(error: Optional[BaseException] = None) -> list:
+  """``failures`` of the other processes of a multi-process run, leaving out those that
+  failed with the same message as `error` (every process failing alike on bad input);
+  [] in a single-process run or when the coordination service cannot be asked. Lets a
+  process whose collective broke because a peer ended (e.g. a closed connection) name the
+  peer's error instead of its own."""
+  if "jax" not in sys.modules:
+    return []
+  try:
+    import jax
+    if not jax.distributed.is_initialized() or jax.process_count() < 2:
+      return []
+    same = None if error is None else failure_message(error)
+    return [f"process {_index_of(key)} failed: {value}"
+            for key, value in sorted(_client().key_value_dir_get(_FAILED_DIR))
+            if _index_of(key) != jax.process_index() and value != same]
+  except Exception:
+    return []
+
+
+def claim_end() -> bool:
+  """True for the first caller in this process, the one that ends a failed run (the main
+  thread with its own error, or the failure watcher for a peer's); False for any later
+  one, which should leave the ending to it (``wait_for_end``)."""
+  with _claim_lock:
+    if _ending.is_set():
+      return False
+    _ending.set()
+    return True
+
+
+def wait_for_end(timeout_s: float = 120.0) -> None:
+  """Blocks while another thread of this process ends it (after ``claim_end`` returned
+  False), returning only if it has not done so within timeout_s."""
+  time.sleep(timeout_s)
 
 
 def end_run(status: int, timeout_s: float = 60.0) -> None:
@@ -255,7 +296,6 @@ def end_run(status: int, timeout_s: float = 60.0) -> None:
       return
   except Exception:
     return
-  _ending.set()
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()
@@ -288,7 +328,7 @@ def watch_failures(on_peer_failure: Callable[[str], None], poll_s: float = 0.5
   import jax
   if not jax.distributed.is_initialized() or jax.process_count() < 2:
     return None
-  client = _client()
+  client, me = _client(), jax.process_index()   # no jax calls in the thread itself
 
   def watch():
     while not _ending.wait(poll_s):
@@ -296,10 +336,11 @@ def watch_failures(on_peer_failure: Callable[[str], None], poll_s: float = 0.5
         found = client.key_value_dir_get(_FAILED_DIR)
       except Exception:   # the coordination service is gone; jax's own heartbeat reports it
         return
-      if any(_index_of(k) != jax.process_index() for k, _ in found) and not _ending.is_set():
-        _ending.set()
-        on_peer_failure("; ".join(failures(others_only=True))
-                        + " (this process stopped for it while running)")
+      if any(_index_of(k) != me for k, _ in found):
+        if claim_end():   # else the main thread is already ending this process
+          on_peer_failure("; ".join(f"process {_index_of(k)} failed: {v}" for k, v in sorted(found)
+                                    if _index_of(k) != me)
+                          + " (this process stopped for it while running)")
         return
 
   thread = threading.Thread(target=watch, name="cai_jax-failure-watch", daemon=True)
@@ -321,10 +362,8 @@ def report_failure(error: BaseException) -> None:
     import jax
     if not jax.distributed.is_initialized() or jax.process_count() < 2:
       return
-    _ending.set()   # this process's own failure: its watcher stands down
-    first = (str(error).strip().splitlines() or [""])[0]
-    message = f"{type(error).__name__}: {first}" if first else type(error).__name__
-    _client().key_value_set(f"{_FAILED_DIR}/{jax.process_index()}", message, allow_overwrite=True)
+    _client().key_value_set(f"{_FAILED_DIR}/{jax.process_index()}", failure_message(error),
+                            allow_overwrite=True)
   except Exception as e:  # the original error matters more than this report
     logging.warning("could not report the failure to the other processes: %s", e)
 
@@ -351,7 +390,6 @@ def barrier(name: str, poll_s: float = 0.05) -> None:
   delay = 0.001
   while len(client.key_value_dir_get(directory)) < count:
     if client.key_value_dir_get(_FAILED_DIR):
-      _ending.set()
       raise PeerFailed("; ".join(failures()) + f" (while this process waited at barrier {name!r})")
     time.sleep(delay)
     delay = min(2 * delay, poll_s)

@@ -402,8 +402,15 @@ def run(argv: Optional[List[str]] = None) -> None:
     try:
       _main(parsed)
     except distributed.PeerFailed as e:  # another process failed; its own error is printed there
+      if not distributed.claim_end():   # the failure watcher is ending this process already
+        distributed.wait_for_end()
       _end_for_peer(_first_line(e))
     except (Exception, KeyboardInterrupt) as e:
+      if not distributed.claim_end():
+        distributed.wait_for_end()
+      peers = distributed.peer_failures(e)
+      if peers:   # e.g. a collective broke because that process ended: name its error
+        _end_for_peer("; ".join(peers) + f" (this process stopped for it: {type(e).__name__})")
       # Multi-process runs: the others stop for this one and every process ends through
       # distributed.end_run (no jax shutdown barrier); single-process runs end as usual.
       distributed.report_failure(e)
