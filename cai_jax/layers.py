@@ -119,6 +119,33 @@ def _large_negative(dtype) -> Array:
   return jnp.asarray(-0.7 * big, dtype)
 
 
+# Query block of ``chunked_causal_attention``: measured on a 2-core CPU at the SmolLM2-135M
+# scoring shape (B 8, T 448, 9 heads): dense 120 ms, blocks of 64 65 ms, of 128 69 ms.
+CAUSAL_CHUNK = 64
+
+
+def chunked_causal_attention(q: Array, k: Array, v: Array, lengths: Array, scale: float,
+                             chunk: int = CAUSAL_CHUNK) -> Array:
+  """Causal attention of right-padded rows, one block of `chunk` queries at a time, each
+  against only the keys up to its last query: the masked upper triangle of the score
+  matrix is never computed (about half the work and a [B, H, chunk, T] score block in
+  memory instead of [B, H, T, T]). The same result as the dense causal + key-length mask.
+
+  q: [B, T, H, Dh]; k, v: [B, T, K, Dh]; lengths: [B] int32 real tokens per row (a prefix).
+  Returns [B, T, H, Dh].
+  """
+  length = q.shape[1]
+  outs = []
+  for start in range(0, length, chunk):
+    end = min(start + chunk, length)
+    query = jnp.arange(start, end)[:, None]
+    key = jnp.arange(end)[None, :]
+    mask = (key <= query)[None] & (key < lengths[:, None, None])    # [B, end - start, end]
+    outs.append(jax.nn.dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
+                                             mask=mask[:, None], scale=scale))
+  return jnp.concatenate(outs, axis=1)
+
+
 def cached_attention(q: Array, k_cache: Array, v_cache: Array, k: Array, v: Array,
                      mask: Array, scale: float) -> Array:
   """Grouped-query attention over the cache slots followed by the new keys.
@@ -178,7 +205,8 @@ class Attention(nn.Module):
         t', or [B] int32 key lengths: real tokens are a prefix of each row (right padding),
         query t attends keys t' <= t with t' < length; with attention_impl 'cudnn' that is
         ``is_causal`` plus ``key_value_seq_lengths``, cuDNN's fused kernel without a [T, T]
-        mask or bias (other implementations get the equivalent dense mask);
+        mask or bias; with attention_impl None on the CPU backend (T > CAUSAL_CHUNK),
+        ``chunked_causal_attention``; otherwise the equivalent dense mask;
         with a cache, [B, T, S + T]: the first S columns are the cache slots, the last
         T the new tokens (see ``cached_attention``).
       layer_cache: optional (k, v), each [B, S, K, Dh]; read, never written here.
@@ -210,6 +238,10 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(
           q, k, v, is_causal=True, key_value_seq_lengths=attn_mask.astype(jnp.int32),
           scale=1.0 / math.sqrt(hd), implementation=cfg.attention_impl)
+    elif (layer_cache is None and attn_mask.ndim == 1 and cfg.attention_impl is None
+          and x.shape[1] > CAUSAL_CHUNK and jax.default_backend() == "cpu"):
+      # Key lengths on the CPU, where XLA computes every score: skip the upper triangle.
+      out = chunked_causal_attention(q, k, v, attn_mask.astype(jnp.int32), 1.0 / math.sqrt(hd))
     elif layer_cache is None:
       if attn_mask.ndim == 1:   # XLA materialises the scores anyway: the same dense mask
         length = x.shape[1]

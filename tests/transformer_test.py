@@ -77,6 +77,17 @@ def test_right_padded_lengths_path_equals_the_dense_mask(params, scan_layers):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_right_padded_rows_longer_than_a_chunk_equal_the_dense_mask(params):
+  """On the CPU backend, right-padded rows longer than layers.CAUSAL_CHUNK take the chunked
+  causal attention (attention_impl None): the same logits as the dense mask."""
+  from cai_jax import layers
+  length = 2 * layers.CAUSAL_CHUNK + 9
+  tokens = _tokens(2, length)
+  mask = jnp.arange(length)[None] < jnp.array([length, layers.CAUSAL_CHUNK + 2])[:, None]
+  np.testing.assert_allclose(models.logits(params, CFG, tokens, mask, right_padded=True),
+                             models.logits(params, CFG, tokens, mask), atol=2e-5)
+
+
 def test_causal_key_lengths_attention_equals_the_dense_mask():
   """What the cuDNN branch of layers.Attention relies on: jax.nn.dot_product_attention
   with is_causal and key_value_seq_lengths (here XLA's implementation of the same
