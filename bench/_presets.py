@@ -278,3 +278,29 @@ def load_weights(model: str, preset: Optional[str], dtype: str, seed: int, min_s
     source = model
   jax.block_until_ready(params)
   return cfg, params, tokenizer, source
+
+
+def markdown_table(head, rows) -> str:
+  """A markdown table of string cells, columns padded to their widest cell."""
+  widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+            for i, h in enumerate(head)]
+  lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+  lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def machine_line(m: Dict[str, Any]) -> str:
+  """The 'machine: ...' line of a bench table from its machine record (cpu_info)."""
+  return (f"machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs (os.cpu_count "
+          f"{m['cpu_count']}), load average (1/5/15 min) {m['loadavg_at_start']} at start, "
+          f"{m['loadavg_at_end']} at end")
+
+
+def attention_label(attention_impl: Optional[str], backend: str) -> str:
+  """What attention a model config runs on `backend` (jax.default_backend()), for tables."""
+  if attention_impl:
+    return attention_impl
+  if backend == "cpu":
+    return "default (chunked causal on CPU for rows over 64 tokens)"
+  return "default (jax's choice)"

@@ -42,6 +42,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from cai_jax.stages.pipeline import last_json_line  # noqa: E402  (no jax import)
+sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
+import _presets  # noqa: E402  (no jax import)
 NAMES = ("train_step", "sample", "ppo_step", "train_step_cudnn")
 SCRIPTS = {"train_step": "train_step", "sample": "sample", "ppo_step": "ppo_step",
            "train_step_cudnn": "train_step"}   # bench name -> bench/<script>.py
@@ -260,14 +262,8 @@ HEADER = ["bench", "setting", "metric", "cai_jax", "transformers", "speed-up", "
 
 
 def markdown_table(rows: Sequence[Sequence[str]], header: Sequence[str] = HEADER) -> str:
-  """A padded Markdown table."""
-  widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-            for i, h in enumerate(header)]
-
-  def line(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-  return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                   + [line(r) for r in rows])
+  """A padded Markdown table of the suite's rows."""
+  return _presets.markdown_table(header, rows)
 
 
 # ----------------------------------------------------------------------------- running

@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
       "models": "policy (lm), reference (lm, copy of the policy), value (scalar), PM (scalar); "
                 "all on one device",
       "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-      "attention": cfg.attention_impl or "xla (default)",
+      "attention": _presets.attention_label(cfg.attention_impl, backend),
       "rollout_batch": b, "prompt_len": plen_in, "batch_prompt_columns": plen,
       "max_new_tokens": n, "iterations": args.iterations,
       "ppo": dataclasses.asdict(ppo),
@@ -273,11 +273,7 @@ def print_table(out: Dict[str, Any]) -> None:
     rows.append((k, f"{out['median_s'][k]:.3f}", f"{100 * out['share'][k]:.1f}%", tps))
   rows.append(("iteration", f"{out['iteration_median_s']:.3f}", "100%",
                f"{out['iteration_tokens_per_s']:,.1f}"))
-  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-  print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-  for r in rows:
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+  print(_presets.markdown_table(head, rows))
   print(f"\nlast iteration: reward {out['last']['reward']:.4f}, kl {out['last']['kl']:.4f}, "
         f"policy loss {out['last']['policy_loss']:.4f}, value loss {out['last']['value_loss']:.4f}")
   print(f"{out['peer_note']}.")

@@ -349,10 +349,7 @@ def print_table(out: Dict[str, Any]) -> None:
         f"{ours['param_bytes'] / 1e9:.3f} GB {cfg['param_dtype']}), dtype {out['dtype']}, "
         f"prompt {out['prompt_len']} tokens, N = {out['max_new_tokens']} new tokens per row "
         f"(greedy, EOS off), warm-up + median of {out['repeats']}")
-  m = out["machine"]
-  print(f"machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs (os.cpu_count "
-        f"{m['cpu_count']}), load average (1/5/15 min) {m['loadavg_at_start']} at start, "
-        f"{m['loadavg_at_end']} at end")
+  print(_presets.machine_line(out["machine"]))
   print(f"cai_jax: {ours['framework']} on {ours['device']}"
         + (f", XLA_FLAGS={ours['xla_flags']!r}" if ours["xla_flags"] else ""))
   if peer:
@@ -374,11 +371,7 @@ def print_table(out: Dict[str, Any]) -> None:
                  _f(p["decode_ms_per_step"] if p else None, ".2f"),
                  _f(o["prefill_s"] and o["prefill_s"] * 1e3, ".1f"),
                  _f(p["prefill_s"] * 1e3 if p and p["prefill_s"] else None, ".1f")))
-  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-  print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-  for r in rows:
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+  print(_presets.markdown_table(head, rows))
   print("\ntokens/s = batch * N / median time of the whole generate call (prefill included); "
         "decode ms/step = (t(N) - t(1)) / (N - 1); t(1) = prefill + first token")
   roof = out["roofline"]

@@ -371,14 +371,6 @@ def summarize(args: argparse.Namespace, ours: Dict[str, Any], peer: Optional[Dic
   return cases
 
 
-def _fmt_table(head: Tuple[str, ...], rows: List[Tuple[str, ...]]) -> str:
-  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-  lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
-           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-  lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-  return "\n".join(lines)
-
-
 def print_table(out: Dict[str, Any]) -> None:
   ours, peer = out["ours"], out["peer"]
   cfg = ours["model_config"]
@@ -386,10 +378,7 @@ def print_table(out: Dict[str, Any]) -> None:
         f"{ours['param_bytes'] / 1e9:.3f} GB {cfg['param_dtype']}), dtype {out['dtype']}, "
         f"{out['rows']} rows per case, batch size {out['batch_size']}, warm-up + median of "
         f"{out['repeats']}")
-  m = out["machine"]
-  print(f"machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs (os.cpu_count "
-        f"{m['cpu_count']}), load average (1/5/15 min) {m['loadavg_at_start']} at start, "
-        f"{m['loadavg_at_end']} at end")
+  print(_presets.machine_line(out["machine"]))
   print(f"cai_jax: {ours['framework']} on {ours['device']}, sampler.score_continuations"
         + (f", XLA_FLAGS={ours['xla_flags']!r}" if ours["xla_flags"] else ""))
   if peer:
@@ -414,7 +403,7 @@ def print_table(out: Dict[str, Any]) -> None:
                  f"{c['peer_tokens_per_s']:,.0f}" if has else "n/a",
                  f"{c['ratio']:.2f}x" if has else "n/a",
                  f"{c['max_abs_diff']:.2e}" if has else "n/a"))
-  print(_fmt_table(head, rows))
+  print(_presets.markdown_table(head, rows))
   print("\ns = median time of one call over all rows of the case; tok/s = (prompt + "
         "continuation tokens) / s; ratio = ours / transformers throughput (> 1: cai_jax "
         "faster); max |d log p| = largest per-token log-prob difference between the sides")

@@ -200,7 +200,8 @@ def run_ours(args: argparse.Namespace, announce=None) -> Dict[str, Any]:
       "backend": backend,
       **_resolved(args, cfg),
       "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat_policy,
-      "scan_layers": cfg.scan_layers, "attention": cfg.attention_impl or "xla (default)",
+      "scan_layers": cfg.scan_layers,
+      "attention": _presets.attention_label(cfg.attention_impl, backend),
       "microbatches": args.microbatches, "mesh": dict(mesh.shape), "rules": args.rules,
       "params": cfg.param_count(),
       "init_s": init_s, "compile_s": compile_s,
@@ -376,11 +377,7 @@ def print_table(out: Dict[str, Any]) -> None:
                  f"{r['tokens_per_s']:,.0f}", f"{r['model_tflops']:.2f}",
                  "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", mem_s,
                  f"{r['final_loss']:.4f}"))
-  widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-  print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-  for row in rows:
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+  print(_presets.markdown_table(head, rows))
   if out["ratio"] is not None:
     print(f"\nratio cai_jax / transformers tokens/s: {out['ratio']:.2f}x")
 
