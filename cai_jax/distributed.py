@@ -228,11 +228,29 @@ def _index_of(key: str) -> int:
   return int(key.rsplit("/", 1)[-1])
 
 
+def _multi_process() -> bool:
+  """True in an initialized run of several processes; never initializes jax (a process
+  that fails before any jax use has nothing to coordinate)."""
+  if "jax" not in sys.modules:
+    return False
+  import jax
+  try:
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+  except Exception:
+    return False
+
+
+def _failure_lines(found, skip: Optional[int] = None, same: Optional[str] = None) -> list:
+  """["process I failed: ERROR", ...] of the FAILED_DIR entries `found`, leaving out
+  process `skip` and failures whose message equals `same`."""
+  return [f"process {_index_of(key)} failed: {value}" for key, value in sorted(found)
+          if _index_of(key) != skip and value != same]
+
+
 def failures() -> list:
   """["process I failed: ERROR", ...]: the failures this run's processes reported
   (``report_failure``)."""
-  return [f"process {_index_of(key)} failed: {value}"
-          for key, value in sorted(_client().key_value_dir_get(_FAILED_DIR))]
+  return _failure_lines(_client().key_value_dir_get(_FAILED_DIR))
 
 
 def failure_message(error: BaseException) -> str:
@@ -247,16 +265,12 @@ def peer_failures(error: Optional[BaseException] = None) -> list:
   [] in a single-process run or when the coordination service cannot be asked. Lets a
   process whose collective broke because a peer ended (e.g. a closed connection) name the
   peer's error instead of its own."""
-  if "jax" not in sys.modules:
+  if not _multi_process():
     return []
+  import jax
   try:
-    import jax
-    if not jax.distributed.is_initialized() or jax.process_count() < 2:
-      return []
-    same = None if error is None else failure_message(error)
-    return [f"process {_index_of(key)} failed: {value}"
-            for key, value in sorted(_client().key_value_dir_get(_FAILED_DIR))
-            if _index_of(key) != jax.process_index() and value != same]
+    return _failure_lines(_client().key_value_dir_get(_FAILED_DIR), skip=jax.process_index(),
+                          same=None if error is None else failure_message(error))
   except Exception:
     return []
 
@@ -288,14 +302,9 @@ def end_run(status: int, timeout_s: float = 60.0) -> None:
   coordination service (and would abort the others), then waits until every other process
   has marked itself ended, at most timeout_s, before it goes.
   """
-  if "jax" not in sys.modules:   # failed before any jax use: nothing was initialized
+  if not _multi_process():
     return
   import jax
-  try:
-    if not jax.distributed.is_initialized() or jax.process_count() < 2:
-      return
-  except Exception:
-    return
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()
@@ -325,9 +334,9 @@ def watch_failures(on_peer_failure: Callable[[str], None], poll_s: float = 0.5
   "process I failed: ERROR (this process stopped for it while running)". Returns the
   thread, or None in a single-process run.
   """
-  import jax
-  if not jax.distributed.is_initialized() or jax.process_count() < 2:
+  if not _multi_process():
     return None
+  import jax
   client, me = _client(), jax.process_index()   # no jax calls in the thread itself
 
   def watch():
@@ -338,8 +347,7 @@ def watch_failures(on_peer_failure: Callable[[str], None], poll_s: float = 0.5
         return
       if any(_index_of(k) != me for k, _ in found):
         if claim_end():   # else the main thread is already ending this process
-          on_peer_failure("; ".join(f"process {_index_of(k)} failed: {v}" for k, v in sorted(found)
-                                    if _index_of(k) != me)
+          on_peer_failure("; ".join(_failure_lines(found, skip=me))
                           + " (this process stopped for it while running)")
         return
 
@@ -356,12 +364,9 @@ def report_failure(error: BaseException) -> None:
   aborting. A no-op with one process; never raises (it runs while an error propagates).
   """
   try:
-    import sys
-    if "jax" not in sys.modules:   # failed before any jax use: nothing was initialized
+    if not _multi_process():
       return
     import jax
-    if not jax.distributed.is_initialized() or jax.process_count() < 2:
-      return
     _client().key_value_set(f"{_FAILED_DIR}/{jax.process_index()}", failure_message(error),
                             allow_overwrite=True)
   except Exception as e:  # the original error matters more than this report
