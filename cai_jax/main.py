@@ -179,9 +179,11 @@ def usage() -> str:
     default = f" (default gin: gin/{cmd.default_gin})" if cmd.default_gin else ""
     lines.append(f"  {spelled.get(name, name):<18} {cmd.help}{default}")
   lines += ["", "Flags:",
+            "  --version              print the versions of cai-jax, jax, flax and python",
             "  --gin_file=FILE        gin file (repeatable); without one, the command's default",
             "  --gin.KEY=VALUE        a gin binding, e.g. --gin.TrainConfig.num_steps=20",
-            "  --out_dir=DIR          output directory of a training run",
+            "  --out_dir=DIR          output directory of the command; for pipeline, the root",
+            "                         every stage's output is moved under",
             "  --from=PATH --out=PATH source and destination of import / export; --out is the",
             "                         output file of sample",
             "  --prompts=FILE --model=SPEC --temperature=T --max_new_tokens=N   sample options",
@@ -199,6 +201,20 @@ def usage() -> str:
             "  cai-jax info --gin_file=gin/models/smollm2_135m.gin",
             "  cai-jax sample --prompts=data/sample_prompts.jsonl --out=out.jsonl --temperature=0"]
   return "\n".join(lines)
+
+
+def version_line() -> str:
+  """'cai-jax 0.1.0 (jax 0.10.2, flax 0.12.8, python 3.11.7)': what `--version` prints."""
+  from importlib import metadata
+  import platform
+  from cai_jax import __version__
+  found = []
+  for dist in ("jax", "flax"):
+    try:
+      found.append(f"{dist} {metadata.version(dist)}")
+    except metadata.PackageNotFoundError:
+      found.append(f"{dist} not installed")
+  return f"cai-jax {__version__} ({', '.join(found)}, python {platform.python_version()})"
 
 
 def rewrite_gin_args(argv: List[str]) -> List[str]:
@@ -292,8 +308,11 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
   bindings = list(bindings) + [f"{name}.{arg} = {value!r}" for arg, value in (flag_args or {}).items()]
   gin, fn = parse_gin(command, gin_files, bindings, search_paths)
   if command == "pipeline":
-    cli_args = ([f"--gin_file={f}" for f in gin_files] + [f"--gin_bindings={b}" for b in bindings
-                                                          if not b.startswith("pipeline.")]
+    stage_bindings = [b for b in bindings if not b.startswith("pipeline.")]
+    moved = _pipeline_moves(name, gin_files, stage_bindings, search_paths)
+    gin, fn = parse_gin(command, gin_files, bindings, search_paths)   # the stages' parses cleared it
+    cli_args = ([f"--gin_file={f}" for f in gin_files]
+                + [f"--gin_bindings={b}" for b in stage_bindings + moved]
                 + [f"--gin_search_path={p}" for p in search_paths])
     return fn(cli_args=cli_args + list(_PIPELINE["distributed_args"]),
               commands=[c for c in COMMANDS if c != "pipeline"], process_id=_PIPELINE["process_id"])
@@ -317,6 +336,57 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
       from cai_jax import distributed
       distributed.barrier(f"config.gin:{bound}")   # a failed write stops every process here
   return fn()
+
+
+def _gin_values(gin) -> Dict[str, object]:
+  """{binding key: value} of the parsed config: 'sl.records', 'pm/TrainConfig.batch_size', and
+  'NAME' for a macro (gin 0.5.0 keeps them in config._CONFIG by (scope, full selector))."""
+  out = {}
+  for (scope, selector), params in gin.config._CONFIG.items():
+    for param, value in params.items():
+      if selector == "gin.macro" and param == "value":
+        out[scope] = value
+      else:
+        out[f"{scope + '/' if scope else ''}{selector.rsplit('.', 1)[-1]}.{param}"] = value
+  return out
+
+
+def _pipeline_moves(name: str, gin_files: List[str], bindings: List[str],
+                    search_paths: List[str]) -> List[str]:
+  """The gin bindings that move the output of every stage that runs under pipeline.out_dir
+  (see `pipeline.relocate`), from each command's own parse of the same files and bindings.
+
+  A command whose config does not parse is left out here; when it is a stage, its own process
+  reports the error when the pipeline reaches it."""
+  import gin
+  from cai_jax.stages import pipeline
+  bound = gin.get_bindings(name)
+  root = bound.get("out_dir") or ""
+  if not root:
+    return []
+  stages = list(bound.get("stages", pipeline.DEFAULT_STAGES))
+  stage_dirs, values = {}, {}
+  for command, cmd in COMMANDS.items():
+    if command == "pipeline":
+      continue
+    try:
+      parse_gin(command, gin_files, bindings, search_paths)
+    except CliError:
+      continue
+    command_bound = gin.get_bindings(cmd.configurable(command))
+    out = command_bound.get("out_dir") or command_bound.get("out")   # a directory, or a file
+    if out:
+      stage_dirs[command] = out
+      values.update(_gin_values(gin))
+  try:
+    moves = pipeline.relocate(stage_dirs, values, root, stages)
+  except ValueError as e:
+    raise CliError(str(e)) from None
+  if moves:
+    common = os.path.commonpath([os.path.normpath(d) for d in stage_dirs.values()])
+    print(f"pipeline: stage outputs under {common or '.'} are written under {root} instead",
+          file=sys.stderr, flush=True)
+  return [f"{key} = {value!r}" for key, value in sorted(moves.items())]
 
 
 def _distributed_args() -> List[str]:
@@ -392,6 +462,9 @@ def run(argv: Optional[List[str]] = None) -> None:
   if len(argv) == 1 or any(a in ("-h", "--help", "help", "--helpfull") for a in argv[1:2]) or \
       (len(argv) > 2 and argv[2] in ("-h", "--help")):
     print(usage())
+    sys.exit(0)
+  if argv[1:2] == ["--version"]:
+    print(version_line())
     sys.exit(0)
   argv = rewrite_gin_args(argv)
 

@@ -46,6 +46,8 @@ def test_info_prints_exact_count_as_one_json_line():
       "--gin.evaluate.rl_dir=''"], "at least two snapshots"),
     (["pipeline", "--gin.pipeline.stages=['sl', 'frobnicate']"], "frobnicate"),
     (["plan", "--topology=v9z-3"], "v9z-3"),
+    (["pipeline", "--out_dir=/tmp/cai_jax_never_pipe", "--gin.sl.out_dir='/abs/sl'"],
+     "mix absolute and relative"),
 ])
 def test_bad_input_is_one_line_error(args, needle):
   out = cli(*args)
@@ -60,6 +62,16 @@ def test_help_lists_commands():
   assert out.returncode == 0
   for command in ("train_lm", "info"):
     assert command in out.stdout
+
+
+def test_version_names_the_installed_packages():
+  from importlib import metadata
+  import platform
+  import cai_jax
+  out = cli("--version")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == (f"cai-jax {cai_jax.__version__} (jax {metadata.version('jax')}, "
+                                f"flax {metadata.version('flax')}, python {platform.python_version()})")
 
 
 def test_evaluate_hhh_from_the_cli_on_a_tiny_model(tmp_path):

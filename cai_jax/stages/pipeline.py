@@ -17,6 +17,15 @@ on every host (as for any stage). The pipeline process itself joins nothing: it 
 host's pipeline makes the same skip decisions from the shared output directories, and
 process 0 writes `pipeline.json`.
 
+Moving a run (`cai-jax pipeline --out_dir=DIR`): `out_dir` is the root of every stage's
+output. When the stages' own out_dirs lie under another common directory (the experiment
+file's root, e.g. runs/smollm2_cpu), each is moved to the same place under `out_dir`
+(runs/smollm2_cpu/sl -> DIR/sl), and so is every binding that points into the output of a
+stage that runs (the next stage's inputs: sl.records, rl.pm, a macro like
+BASE = 'runs/tiny_cpu/model'); other inputs (data files, the embedded model, the outputs of
+stages left out of `stages`) stay. `relocate` computes those bindings;
+the CLI passes them to every stage.
+
 Output: one line per stage on stderr ("ran" / "skipped", seconds), `pipeline.json` in
 `out_dir` (when bound) with the same, and the final summary as the return value: the
 stages, total seconds and, when `evaluate` ran, the report's path and Elo table.
@@ -67,6 +76,63 @@ def same_config(out_dir: str, config_text: str) -> bool:
     return f.read() == config_text
 
 
+def _under(path: str, root: str) -> bool:
+  return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def relocate(stage_dirs: Dict[str, str], values: Dict[str, object], root: str,
+             stages: Sequence[str]) -> Dict[str, object]:
+  """The bindings that move the outputs of `stages` under `root`.
+
+  Args:
+    stage_dirs: {command: its bound out_dir}, for every command the config binds one for
+      (their common directory is the experiment's root, e.g. runs/smollm2_cpu).
+    values: {binding key: value} of the run's gin bindings (e.g. 'sl.records', 'BASE',
+      'pm/TrainConfig.num_steps'); strings, and lists / tuples of strings, are path
+      candidates, other values are ignored.
+    root: the pipeline's out_dir.
+    stages: the commands that run; only their outputs move.
+  Returns:
+    {binding key: new value} for every value at or under the out_dir of a stage that runs
+    (the out_dir bindings themselves included): out_dir -> root/relpath(out_dir, common).
+    The most specific out_dir decides, so a path into a stage that does not run (an input
+    from an earlier run) stays. Empty when `root` is empty or already the common directory.
+  Raises:
+    ValueError (one line) when the out_dirs share no directory (absolute and relative paths
+    mixed).
+  """
+  if not root or not stage_dirs:
+    return {}
+  dirs = {s: os.path.normpath(d) for s, d in stage_dirs.items()}
+  try:
+    common = os.path.normpath(os.path.commonpath(list(dirs.values())) or ".")
+  except ValueError:
+    raise ValueError(f"pipeline.out_dir={root!r}: the stages' out_dirs {sorted(dirs.values())} "
+                     "mix absolute and relative paths; bind each STAGE.out_dir instead") from None
+  root = os.path.normpath(root)
+  if root == common:
+    return {}
+  moving = {dirs[s] for s in stages if s in dirs}
+  table = sorted(((d, os.path.normpath(os.path.join(root, os.path.relpath(d, common)))
+                   if d in moving else d) for d in set(dirs.values())), key=lambda m: -len(m[0]))
+
+  def moved(value):
+    if not isinstance(value, str) or not value or ":" in value.split(os.sep, 1)[0]:
+      return value   # not a path, or a spec like pkg:... / gs://...
+    path = os.path.normpath(value)
+    for old, new in table:
+      if _under(path, old):
+        return value if new == old else new + path[len(old):]
+    return value
+
+  out: Dict[str, object] = {}
+  for key, value in values.items():
+    new = type(value)(moved(v) for v in value) if isinstance(value, (list, tuple)) else moved(value)
+    if new != value:
+      out[key] = new
+  return out
+
+
 def last_json_line(text: str) -> dict:
   """The last line of a command's stdout that is a JSON object (its result), or {}.
 
@@ -93,7 +159,8 @@ def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
 
   Args:
     stages: command names, in order.
-    out_dir: where pipeline.json goes ('' = nowhere).
+    out_dir: where pipeline.json goes ('' = nowhere); the CLI has already moved the
+      stages' outputs under it (`relocate`, in cli_args).
     cli_args: the gin arguments forwarded to every stage (--gin_file=..., --gin_bindings=...,
       --gin_search_path=...); given by the CLI.
     commands: the known command names (for the error on an unknown stage).
