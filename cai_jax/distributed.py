@@ -210,9 +210,9 @@ _FAILED_DIR = "cai_jax/failed"     # FAILED_DIR/<process index> = "<error type>:
 _ENDED_DIR = "cai_jax/ended"       # ENDED_DIR/<process index> = "1": ended after a peer failed
 _ending = threading.Event()        # this process is ending a failed run (``claim_end``)
 _claim_lock = threading.Lock()
-_BARRIER_DIR = "cai_jax/barrier"   # BARRIER_DIR/<name hash>.<n>/<process index> = "1"
+_BARRIER_DIR = "cai_jax/barrier"   # BARRIER_DIR/<name hash>.<n> = processes arrived (a counter)
 _barrier_counts: dict = {}         # barrier name -> times this process passed it
-_barrier_last: list = []           # key this process set at its previous barrier
+_barrier_last: list = []           # the counter key of this process's previous barrier
 
 
 def _client():
@@ -377,8 +377,10 @@ def barrier(name: str, poll_s: float = 0.05) -> None:
   """Blocks until every process reaches the barrier `name` (no-op with one process).
 
   Every process must pass the same barriers in the same order. Waits in the coordination
-  service's key-value store (no device computation), polling every `poll_s` seconds, and
-  raises PeerFailed as soon as another process has reported a failure (``report_failure``).
+  service's key-value store (no device computation): each process increments the barrier's
+  counter once, then polls it every `poll_s` seconds at most (one key per poll, so the
+  service's load grows with the number of processes, not with its square), and raises
+  PeerFailed as soon as another process has reported a failure (``report_failure``).
   A process that dies without reporting is noticed by jax's own heartbeat, which ends the run.
   """
   import jax
@@ -389,18 +391,19 @@ def barrier(name: str, poll_s: float = 0.05) -> None:
   client = _client()
   passed = _barrier_counts.get(name, 0)
   _barrier_counts[name] = passed + 1
-  directory = f"{_BARRIER_DIR}/{hashlib.sha1(name.encode()).hexdigest()[:16]}.{passed}"
-  key = f"{directory}/{jax.process_index()}"
-  client.key_value_set(key, "1")
+  key = f"{_BARRIER_DIR}/{hashlib.sha1(name.encode()).hexdigest()[:16]}.{passed}"
+  arrived = client.key_value_increment(key, 1)
   delay = 0.001
-  while len(client.key_value_dir_get(directory)) < count:
+  while arrived < count:
     if client.key_value_dir_get(_FAILED_DIR):
       raise PeerFailed("; ".join(failures()) + f" (while this process waited at barrier {name!r})")
     time.sleep(delay)
     delay = min(2 * delay, poll_s)
-  # Every process has left the previous barrier once all reached this one: drop its key.
-  for old in _barrier_last:
-    client.key_value_delete(old)
+    arrived = int(client.key_value_try_get(key))
+  # Every process has left the previous barrier once all reached this one: drop its counter.
+  if jax.process_index() == 0:
+    for old in _barrier_last:
+      client.key_value_delete(old)
   _barrier_last[:] = [key]
 
 

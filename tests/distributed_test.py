@@ -271,6 +271,20 @@ def test_a_failure_away_from_barriers_stops_the_other_processes_at_once(tmp_path
   assert errors[1][0].endswith("(this process stopped for it while running)"), errors
 
 
+def test_barriers_hold_every_process_and_clean_up(tmp_path):
+  """3 processes pass 20 barriers (two names alternating) after random delays: none leaves a
+  barrier before every process has arrived, and only the last barrier's counter remains."""
+  address = f"localhost:{multihost.free_port()}"
+  procs = [multihost.launch([sys.executable, os.path.join(multihost.REPO, "tests", "barrier_worker.py"),
+                             f"--coordinator_address={address}", "--num_processes=3",
+                             f"--process_id={i}", f"--dir={tmp_path}"], tmp_path / "logs",
+                            f"worker{i}", 1)
+           for i in range(3)]
+  results = multihost.wait(procs, 120)
+  for _, out, err in results:
+    assert "barriers ok" in out, err[-2000:]
+
+
 @pytest.mark.parametrize("failer", [0, 1])
 def test_a_process_failing_while_the_other_is_in_a_collective(tmp_path, failer):
   """Process `failer` fails while the other waits in a device collective it never joins:
