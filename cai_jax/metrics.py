@@ -17,6 +17,8 @@ from typing import Any, Dict, Mapping
 import jax
 import numpy as np
 
+from cai_jax.shards import write_atomic
+
 
 def _scalar(v: Any) -> float:
   return float(np.asarray(v))
@@ -82,10 +84,7 @@ def replace_eval_row(out_dir: str, step: int, scalars: Mapping[str, Any]) -> Non
   path = os.path.join(out_dir, "metrics.jsonl")
   if os.path.exists(path):
     rows = [r for r in read_jsonl_metrics(path) if not any(k.startswith("eval/") for k in r)]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
   writer = MetricsWriter(out_dir)
   try:
     writer.write(step, scalars)
