@@ -400,6 +400,17 @@ def bucket_length(n: int, bucket: int = 64) -> int:
   return -(-n // bucket) * bucket
 
 
+def batch_rows(n: int, rows: int, multiple: int = 1) -> int:
+  """Rows of the jitted batch that holds n real rows, at most `rows` (the full batch, a
+  multiple of `multiple`): the smallest multiple * 2^k >= n. A short last (or only) batch is
+  padded that far rather than to a full batch, for at most log2(rows / multiple) more
+  compiled shapes."""
+  size = multiple
+  while size < n:
+    size *= 2
+  return min(size, rows)
+
+
 def _pad(seqs: Sequence[Sequence[int]], length: int, rows: int, left: bool):
   tokens = np.full((rows, length), PAD_ID, np.int32)
   mask = np.zeros((rows, length), bool)
@@ -470,8 +481,8 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
     prompts: token-id lists (non-empty unless a prefix is given). With a prefix they
       are the per-prompt suffixes: the model sees prefix + prompt.
     sampling: SamplingParams (everything but the seed is compiled in).
-    batch_size: rows per jitted batch; the last batch is padded up to it (and, with
-      a mesh, up to a multiple of the data * fsdp size).
+    batch_size: rows per jitted batch (with a mesh, rounded up to a multiple of the
+      data * fsdp size); a short last batch is padded only up to ``batch_rows``.
     mesh, rules: optional device mesh and logical rules; batch is split over
       (data, fsdp) and heads over tensor. Params are placed in their logical sharding.
     progress: tqdm bar over batches.
@@ -528,9 +539,10 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
       plen = bucket_length(max(max(len(s) for s in seqs), 1), bucket)
       plen = max(min(plen, limit), max(len(s) for s in seqs), 1)
       filler = [[PAD_ID]] if not prefix else [[]]
-      tokens, mask = _pad(seqs + filler * (rows - len(ids)), plen, rows, left=True)
-      active = np.arange(rows) < len(ids)
-      row_ids = np.zeros((rows,), np.int32)
+      size = batch_rows(len(ids), rows, multiple)
+      tokens, mask = _pad(seqs + filler * (size - len(ids)), plen, size, left=True)
+      active = np.arange(size) < len(ids)
+      row_ids = np.zeros((size,), np.int32)
       row_ids[:len(ids)] = ids
       batch = _place({"tokens": tokens, "mask": mask, "active": active, "row_ids": row_ids},
                      mesh, rules)
@@ -577,8 +589,8 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
 
   Args:
     prompts: non-empty token-id lists; continuations: token-id lists (same count).
-    batch_size: rows per jitted batch (padded; with a mesh, to a multiple of
-      data * fsdp).
+    batch_size: rows per jitted batch (with a mesh, rounded up to a multiple of
+      data * fsdp); a short last batch is padded only up to ``batch_rows``.
     mesh, rules: as in ``generate``.
     truncate: None raises ValueError when len(prompt) + len(continuation) exceeds
       config.max_seq_len; 'left' drops the prompt's first tokens instead.
@@ -621,13 +633,14 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
     fn = _jitted("score", config, None, mesh, rules)
 
     def dispatch(ids):
-      ps = [fitted[i] for i in ids] + [[PAD_ID]] * (rows - len(ids))
-      cs = [conts[i] for i in ids] + [[]] * (rows - len(ids))
+      size = batch_rows(len(ids), rows, multiple)
+      ps = [fitted[i] for i in ids] + [[PAD_ID]] * (size - len(ids))
+      cs = [conts[i] for i in ids] + [[]] * (size - len(ids))
       clen = bucket_length(max(max(len(c) for c in cs), 1), bucket)
       # Every row's continuation columns [len(p), len(p) + clen) must fit in the width.
       width = bucket_length(max(len(p) for p in ps) + clen, bucket)
-      tokens, mask = _pad([p + c for p, c in zip(ps, cs)], width, rows, left=False)
-      _, cmask = _pad(cs, clen, rows, left=False)
+      tokens, mask = _pad([p + c for p, c in zip(ps, cs)], width, size, left=False)
+      _, cmask = _pad(cs, clen, size, left=False)
       start = np.array([len(p) for p in ps], np.int32)
       batch = _place({"t": tokens, "m": mask, "s": start, "cm": cmask}, mesh, rules)
       return fn(params, batch["t"], batch["m"], batch["s"], batch["cm"])
@@ -663,11 +676,11 @@ def apply_batched(fn: Callable, params: Params, config: ModelConfig,
   """[N] float32: ``fn(params, config, *row fields)`` (one value per row) over every row.
 
   Rows ({field: [T] array}, the same T for every row) are stacked into batches of
-  batch_size rows (rounded up to a multiple of the mesh's batch shards); the last batch
-  is padded by repeating its last row. With a mesh, params are placed in their logical
-  sharding for `head` (``models.place_params``), batches are split over the batch axes
-  and results are gathered to every process (a collective in multi-process runs: every
-  process calls it with the same arguments). Used for PM / harm-model scores and DPO
+  batch_size rows (rounded up to a multiple of the mesh's batch shards); a short last
+  batch is padded by repeating its last row up to ``batch_rows``. With a mesh, params
+  are placed in their logical sharding for `head` (``models.place_params``), batches are
+  split over the batch axes and results are gathered to every process (a collective in
+  multi-process runs: every process calls it with the same arguments). Used for PM / harm-model scores and DPO
   reference log-prob sums.
   """
   if batch_size < 1:
@@ -684,7 +697,7 @@ def apply_batched(fn: Callable, params: Params, config: ModelConfig,
     for start in range(0, len(rows), size):
       chunk = list(rows[start:start + size])
       n = len(chunk)
-      chunk += [chunk[-1]] * (size - n)
+      chunk += [chunk[-1]] * (batch_rows(n, size, multiple) - n)
       batch = _place({k: np.stack([r[k] for r in chunk]) for k in fields}, mesh, rules)
       result = jitted(params, config, *[batch[k] for k in fields])
       out.append(np.asarray(distributed.gather_to_host(result), np.float32)[:n])

@@ -214,13 +214,24 @@ def test_determinism_and_batch_independence(params, prompts):
   b = _generate(params, prompts, T1)
   c = _generate(params, prompts, T1, sort_by_length=False)   # other batch composition
   d = _generate(params, prompts, dataclasses.replace(T1, seed=8))
+  # Other batch shapes: one batch of 16 (padded only to batch_rows), single rows.
+  wide = _generate(params, prompts, T1, batch_size=16)
+  single = _generate(params, prompts, T1, batch_size=1)
   for r in range(len(prompts)):
     np.testing.assert_array_equal(a.tokens[r], b.tokens[r])
     np.testing.assert_array_equal(a.tokens[r], c.tokens[r])
+    np.testing.assert_array_equal(a.tokens[r], wide.tokens[r])
+    np.testing.assert_array_equal(a.tokens[r], single.tokens[r])
   assert any(not np.array_equal(a.tokens[r], d.tokens[r]) for r in range(len(prompts)))
   # Identical prompts at different indices get different keys.
   e = _generate(params, [prompts[0]] * 4, T1)
   assert len({tuple(t) for t in e.tokens}) > 1
+
+
+def test_a_short_batch_is_padded_to_a_power_of_two_rows_only():
+  assert [sampler.batch_rows(n, 16) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+  assert [sampler.batch_rows(n, 12, 2) for n in (1, 2, 3, 5, 9, 12)] == [2, 2, 4, 8, 12, 12]
+  assert sampler.batch_rows(3, 8, 8) == 8
 
 
 def _expected_stop(seq, eos, stops):
