@@ -77,6 +77,7 @@ def _stage(module: str, attr: str = "run") -> Callable[[], Callable]:
   return load
 
 
+@functools.lru_cache(maxsize=None)   # one object: gin refuses a second, different registration
 def _constitution():
   from cai_jax import constitution
 
@@ -88,6 +89,7 @@ def _constitution():
   return constitution_command
 
 
+@functools.lru_cache(maxsize=None)
 def _info():
   from cai_jax.configs import ModelConfig
 
@@ -308,12 +310,8 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
   bindings = list(bindings) + [f"{name}.{arg} = {value!r}" for arg, value in (flag_args or {}).items()]
   gin, fn = parse_gin(command, gin_files, bindings, search_paths)
   if command == "pipeline":
-    stage_bindings = [b for b in bindings if not b.startswith("pipeline.")]
-    moved = _pipeline_moves(name, gin_files, stage_bindings, search_paths)
+    cli_args = pipeline_stage_args(gin_files, bindings, search_paths)
     gin, fn = parse_gin(command, gin_files, bindings, search_paths)   # the stages' parses cleared it
-    cli_args = ([f"--gin_file={f}" for f in gin_files]
-                + [f"--gin_bindings={b}" for b in stage_bindings + moved]
-                + [f"--gin_search_path={p}" for p in search_paths])
     return fn(cli_args=cli_args + list(_PIPELINE["distributed_args"]),
               commands=[c for c in COMMANDS if c != "pipeline"], process_id=_PIPELINE["process_id"])
   if COMMANDS[command].writes_out_dir:
@@ -349,6 +347,22 @@ def _gin_values(gin) -> Dict[str, object]:
       else:
         out[f"{scope + '/' if scope else ''}{selector.rsplit('.', 1)[-1]}.{param}"] = value
   return out
+
+
+def pipeline_stage_args(gin_files: List[str], bindings: List[str],
+                        search_paths: List[str]) -> List[str]:
+  """The gin arguments of every stage process of `cai-jax pipeline`: the pipeline's gin files
+  (its default one when none is given, so that no stage falls back to a default of its
+  own), its bindings except pipeline.*, the bindings that move the stages' outputs under
+  pipeline.out_dir (``_pipeline_moves``), and its search paths. Parses gin (and clears it)."""
+  gin_files = list(gin_files) or [os.path.join(GIN_DIR, COMMANDS["pipeline"].default_gin)]
+  parse_gin("pipeline", gin_files, bindings, search_paths)
+  stage_bindings = [b for b in bindings if not b.startswith("pipeline.")]
+  moved = _pipeline_moves(COMMANDS["pipeline"].configurable("pipeline"), gin_files,
+                          stage_bindings, search_paths)
+  return ([f"--gin_file={f}" for f in gin_files]
+          + [f"--gin_bindings={b}" for b in stage_bindings + moved]
+          + [f"--gin_search_path={p}" for p in search_paths])
 
 
 def _pipeline_moves(name: str, gin_files: List[str], bindings: List[str],

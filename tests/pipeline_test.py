@@ -80,6 +80,24 @@ def test_relocate_moves_stage_outputs_and_the_bindings_into_them():
     pipeline.relocate({"sl": "/a/sl", "rl": "b/rl"}, values, "x", ["sl"])
 
 
+def test_stage_args_of_the_default_pipeline():
+  """Without --gin_file the stages get the pipeline's default file (not each its own
+  default), and nothing moves; --out_dir moves every output under it, inputs stay."""
+  from cai_jax import main
+  default = os.path.join(main.GIN_DIR, "experiments", "smollm2_135m_cpu.gin")
+  args = main.pipeline_stage_args([], [], [])
+  assert args == [f"--gin_file={default}"]
+  args = main.pipeline_stage_args([], ["pipeline.out_dir = 'exp'", "sl.chat_format = 'chatml'"], [])
+  assert args[:2] == [f"--gin_file={default}", "--gin_bindings=sl.chat_format = 'chatml'"]
+  moved = dict(a[len("--gin_bindings="):].split(" = ", 1) for a in args[2:])
+  assert moved["critique_revision.out_dir"] == "'exp/critique_revision'"
+  assert moved["sl.records"] == "'exp/critique_revision'"
+  assert moved["rl.pm"] == "'exp/pm/model'" and moved["evaluate.rl_dir"] == "'exp/rl'"
+  # dpo does not run: its output stays, its input (the feedback stage's output) moves.
+  assert "dpo.out_dir" not in moved and moved["dpo.comparisons"] == "'exp/feedback'"
+  assert not any("MODEL" in k or "harm_model.data" in k for k in moved)
+
+
 def test_out_dir_moves_every_stage_and_its_inputs(tmp_path):
   """`pipeline --out_dir=DIR`: train_lm, critique_revision and sl write under DIR and read each
   other's outputs there (BASE and sl.records move with them); nothing lands in the experiment
