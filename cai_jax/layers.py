@@ -124,14 +124,15 @@ def _large_negative(dtype) -> Array:
 CAUSAL_CHUNK = 64
 
 
-def chunked_causal_attention(q: Array, k: Array, v: Array, lengths: Array, scale: float,
+def chunked_causal_attention(q: Array, k: Array, v: Array, key_mask: Array, scale: float,
                              chunk: int = CAUSAL_CHUNK) -> Array:
-  """Causal attention of right-padded rows, one block of `chunk` queries at a time, each
-  against only the keys up to its last query: the masked upper triangle of the score
-  matrix is never computed (about half the work and a [B, H, chunk, T] score block in
-  memory instead of [B, H, T, T]). The same result as the dense causal + key-length mask.
+  """Causal attention, one block of `chunk` queries at a time, each against only the keys up
+  to its last query: the masked upper triangle of the score matrix is never computed (about
+  half the work and a [B, H, chunk, T] score block in memory instead of [B, H, T, T]). The
+  same result as the dense causal & key mask.
 
-  q: [B, T, H, Dh]; k, v: [B, T, K, Dh]; lengths: [B] int32 real tokens per row (a prefix).
+  q: [B, T, H, Dh]; k, v: [B, T, K, Dh]; key_mask: [B, T] bool, True at real keys (any
+  padding: right-padded rows, or the left-padded prompts of a prefill).
   Returns [B, T, H, Dh].
   """
   length = q.shape[1]
@@ -140,10 +141,16 @@ def chunked_causal_attention(q: Array, k: Array, v: Array, lengths: Array, scale
     end = min(start + chunk, length)
     query = jnp.arange(start, end)[:, None]
     key = jnp.arange(end)[None, :]
-    mask = (key <= query)[None] & (key < lengths[:, None, None])    # [B, end - start, end]
+    mask = (key <= query)[None] & key_mask[:, None, :end]    # [B, end - start, end]
     outs.append(jax.nn.dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
                                              mask=mask[:, None], scale=scale))
   return jnp.concatenate(outs, axis=1)
+
+
+def causal_key_mask(key_mask: Array) -> Array:
+  """[B, T] key mask -> the dense [B, T, T] causal & key mask."""
+  length = key_mask.shape[1]
+  return jnp.tril(jnp.ones((length, length), bool))[None] & key_mask[:, None, :]
 
 
 def cached_attention(q: Array, k_cache: Array, v_cache: Array, k: Array, v: Array,
@@ -201,15 +208,19 @@ class Attention(nn.Module):
     """Args:
       x: [B, T, D] normalized hidden states.
       positions: [B, T] int32 RoPE positions.
-      attn_mask: without a cache, either [B, T, T] bool, True where query t may attend key
-        t', or [B] int32 key lengths: real tokens are a prefix of each row (right padding),
-        query t attends keys t' <= t with t' < length; with attention_impl 'cudnn' that is
-        ``is_causal`` plus ``key_value_seq_lengths``, cuDNN's fused kernel without a [T, T]
-        mask or bias; with attention_impl None on the CPU backend (T > CAUSAL_CHUNK),
-        ``chunked_causal_attention``; otherwise the equivalent dense mask;
-        with a cache, [B, T, S + T]: the first S columns are the cache slots, the last
-        T the new tokens (see ``cached_attention``).
-      layer_cache: optional (k, v), each [B, S, K, Dh]; read, never written here.
+      attn_mask: without a cache (or with one of S = 0 slots), causal attention among the
+        T tokens, given as either [B] int32 key lengths: real tokens are a prefix of each
+        row (right padding), query t attends keys t' <= t with t' < length; with
+        attention_impl 'cudnn' that is ``is_causal`` plus ``key_value_seq_lengths``,
+        cuDNN's fused kernel without a [T, T] mask or bias; or [B, T] bool, True at real
+        keys (any padding), query t attends real keys t' <= t. Either one, with
+        attention_impl None on the CPU backend (T > CAUSAL_CHUNK), goes through
+        ``chunked_causal_attention``, and otherwise through the equivalent dense mask.
+        With a cache of S > 0 slots, [B, T, S + T]: the first S columns are the cache
+        slots, the last T the new tokens (see ``cached_attention``).
+      layer_cache: optional (k, v), each [B, S, K, Dh]; read, never written here. With
+        S = 0 (a prefill into an empty cache: nothing to read) the attention is the
+        no-cache one and only the new keys / values are returned.
     Returns:
       ([B, T, D] output, None without a cache, else the new (k, v), each [B, T, K, Dh]
       in the cache dtype, for the caller to write into the cache).
@@ -233,30 +244,31 @@ class Attention(nn.Module):
     v = constrain(v, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.KV))
 
     new_kv = None
-    if layer_cache is None and attn_mask.ndim == 1 and cfg.attention_impl == "cudnn":
-      # Key lengths of right-padded rows: cuDNN's fused kernel with its padding-causal mask.
-      out = jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, key_value_seq_lengths=attn_mask.astype(jnp.int32),
-          scale=1.0 / math.sqrt(hd), implementation=cfg.attention_impl)
-    elif (layer_cache is None and attn_mask.ndim == 1 and cfg.attention_impl is None
-          and x.shape[1] > CAUSAL_CHUNK and jax.default_backend() == "cpu"):
-      # Key lengths on the CPU, where XLA computes every score: skip the upper triangle.
-      out = chunked_causal_attention(q, k, v, attn_mask.astype(jnp.int32), 1.0 / math.sqrt(hd))
-    elif layer_cache is None:
-      if attn_mask.ndim == 1:   # XLA materialises the scores anyway: the same dense mask
-        length = x.shape[1]
-        attn_mask = (jnp.tril(jnp.ones((length, length), bool))[None]
-                     & (jnp.arange(length)[None, :] < attn_mask[:, None])[:, None, :])
-      out = jax.nn.dot_product_attention(
-          q, k, v, mask=attn_mask[:, None, :, :], scale=1.0 / math.sqrt(hd),
-          implementation=cfg.attention_impl)
-    else:
+    if layer_cache is not None:
       k_cache, v_cache = layer_cache
       # Round the new keys / values through the cache dtype, as if read back from it.
       new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
-      out = cached_attention(q, k_cache.astype(dtype), v_cache.astype(dtype),
-                             new_kv[0].astype(dtype), new_kv[1].astype(dtype), attn_mask,
-                             1.0 / math.sqrt(hd))
+      k, v = new_kv[0].astype(dtype), new_kv[1].astype(dtype)
+    scale = 1.0 / math.sqrt(hd)
+    if layer_cache is not None and layer_cache[0].shape[1] > 0:
+      out = cached_attention(q, k_cache.astype(dtype), v_cache.astype(dtype), k, v, attn_mask,
+                             scale)
+    elif attn_mask.ndim == 1 and cfg.attention_impl == "cudnn":
+      # Key lengths of right-padded rows: cuDNN's fused kernel with its padding-causal mask.
+      out = jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, key_value_seq_lengths=attn_mask.astype(jnp.int32),
+          scale=scale, implementation=cfg.attention_impl)
+    else:
+      if attn_mask.ndim == 1:
+        attn_mask = jnp.arange(x.shape[1])[None, :] < attn_mask[:, None]    # [B, T] keys
+      if (cfg.attention_impl is None and x.shape[1] > CAUSAL_CHUNK
+          and jax.default_backend() == "cpu"):
+        # On the CPU, where XLA computes every score: skip the upper triangle.
+        out = chunked_causal_attention(q, k, v, attn_mask, scale)
+      else:   # XLA materialises the scores anyway: the dense mask
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=causal_key_mask(attn_mask)[:, None, :, :], scale=scale,
+            implementation=cfg.attention_impl)
     out = constrain(out, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV))
     out = checkpoint_name(out, "attention_out")
     out = DenseND((cfg.n_heads, hd), (cfg.d_model,), (axes.HEADS, axes.KV, axes.EMBED),

@@ -373,6 +373,31 @@ def _score_program(config: ModelConfig, params: Params, tokens: Array, mask: Arr
   return jnp.where(cont_mask, lp, 0.0)
 
 
+def _shared_score_program(config: ModelConfig, group: int, params: Params, tokens: Array,
+                          mask: Array, cont: Array, cont_mask: Array) -> Array:
+  """log p(cont | prompt) per token for `group` continuations per prompt, the prompt run once.
+
+  tokens, mask: [U, P] left-padded prompts; cont, cont_mask: [U * group, C] right-padded
+  continuations, rows u * group .. u * group + group - 1 continuing prompt u. The prompts
+  fill a KV cache of P + C slots (``prefill``), each row of it is repeated `group` times
+  (on the row's own device: the prompt's rows are adjacent), and the continuations run
+  against it. Returns [U * group, C] float32 (0 at pads).
+  """
+  plen, clen = tokens.shape[1], cont.shape[1]
+  cache = _constrain_cache(init_cache(config, tokens.shape[0], plen + clen))
+  last, cache = prefill(params, config, tokens, mask, cache, 0)        # [U, V]
+  cache = _constrain_cache({"k": jnp.repeat(cache["k"], group, axis=1),
+                            "v": jnp.repeat(cache["v"], group, axis=1),
+                            "mask": jnp.repeat(cache["mask"], group, axis=0)})
+  logits = jnp.repeat(last, group, axis=0)[:, None].astype(jnp.float32)   # predicts cont[:, 0]
+  if clen > 1:
+    more, _ = _apply(params, config, cont[:, :-1], cont_mask[:, :-1], cache, plen)
+    logits = jnp.concatenate([logits, more.astype(jnp.float32)], axis=1)   # [U * group, C, V]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  lp = jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]
+  return jnp.where(cont_mask, lp, 0.0)
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted(kind: str, config: ModelConfig, spec: Optional[_DecodeSpec], mesh, rules):
   """One jax.jit per (program, config, static sampling, mesh, rules); jit caches shapes."""
@@ -383,6 +408,8 @@ def _jitted(kind: str, config: ModelConfig, spec: Optional[_DecodeSpec], mesh, r
     return jax.jit(functools.partial(_prefix_program, config))
   if kind == "score":
     return jax.jit(functools.partial(_score_program, config))
+  if kind == "shared_score":
+    return jax.jit(functools.partial(_shared_score_program, config), static_argnums=0)
   raise ValueError(kind)
 
 
@@ -583,9 +610,15 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
 def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int]],
                         continuations: Sequence[Sequence[int]], batch_size: int, mesh=None,
                         rules=None, progress: bool = False, truncate: Optional[str] = None,
-                        bucket: int = 64, stats: Optional[Dict[str, int]] = None
-                        ) -> List[np.ndarray]:
+                        bucket: int = 64, stats: Optional[Dict[str, int]] = None,
+                        share_prompts: bool = True) -> List[np.ndarray]:
   """Per-token log-probs of each continuation given its prompt.
+
+  Two programs, the same numbers (to float rounding): rows whose prompts are all different
+  go through one right-padded forward pass each (``_score_program``). When prompts repeat
+  (the options of a multiple-choice question, a chosen / rejected pair), each distinct
+  prompt runs once and its continuations run against its KV cache
+  (``_shared_score_program``), whenever that processes fewer token columns.
 
   Args:
     prompts: non-empty token-id lists; continuations: token-id lists (same count).
@@ -596,6 +629,7 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
       config.max_seq_len; 'left' drops the prompt's first tokens instead.
     bucket: prompt and continuation columns are padded to ``bucket_length``.
     stats: optional dict that receives truncated_prompts / truncated_tokens counts.
+    share_prompts: False always runs the one-pass-per-row program.
   Returns:
     list of [len(continuation_i)] float32 arrays:
     log p(c_t | prompt, c_<t) under the raw model distribution.
@@ -624,6 +658,18 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
   multiple = sharding.batch_shards(mesh, rules)
   rows = -(-batch_size // multiple) * multiple
   num = len(fitted)
+  groups: Dict[Tuple[int, ...], List[int]] = {}
+  for i, p in enumerate(fitted):
+    groups.setdefault(tuple(p), []).append(i)
+  group = max((len(g) for g in groups.values()), default=1)
+  if share_prompts and group > 1 and num:
+    # Token columns each program runs: every prompt + continuation, or each distinct prompt
+    # once + `group` continuation rows of the longest continuation per prompt.
+    one_pass = sum(len(p) + len(c) for p, c in zip(fitted, conts))
+    shared = sum(len(p) for p in groups) + len(groups) * group * max(len(c) for c in conts)
+    if shared < one_pass:
+      return _score_shared(params, config, list(groups.values()), fitted, conts, group, rows,
+                           multiple, mesh, rules, progress, bucket)
   order = sorted(range(num), key=lambda i: (len(fitted[i]), len(conts[i])))
   jobs = [order[s:s + rows] for s in range(0, num, rows)]
   results: Dict[int, np.ndarray] = {}
@@ -652,6 +698,46 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
 
     _run_pipelined(jobs, dispatch, collect, progress, "score")
   return [results[i] for i in range(num)]
+
+
+def _score_shared(params: Params, config: ModelConfig, groups: List[List[int]],
+                  fitted: List[List[int]], conts: List[List[int]], group: int, rows: int,
+                  multiple: int, mesh, rules, progress: bool, bucket: int) -> List[np.ndarray]:
+  """``score_continuations`` through ``_shared_score_program``: groups[g] lists the rows
+  (indices into fitted / conts) that share prompt fitted[groups[g][0]]; every group is
+  padded to `group` rows with empty continuations. A batch holds about rows / group prompts
+  (at least one, a multiple of `multiple`)."""
+  per_batch = max(multiple, (rows // group) // multiple * multiple)
+  order = sorted(range(len(groups)), key=lambda g: len(fitted[groups[g][0]]))
+  jobs = [order[s:s + per_batch] for s in range(0, len(order), per_batch)]
+  results: Dict[int, np.ndarray] = {}
+
+  with _mesh_context(mesh, rules):
+    params = models.place_params(params, config, mesh, rules)
+    fn = _jitted("shared_score", config, None, mesh, rules)
+
+    def dispatch(gs):
+      size = batch_rows(len(gs), per_batch, multiple)
+      ps = [fitted[groups[g][0]] for g in gs] + [[PAD_ID]] * (size - len(gs))
+      cs = [[]] * (size * group)
+      for r, g in enumerate(gs):
+        for j, i in enumerate(groups[g]):
+          cs[r * group + j] = conts[i]
+      plen = bucket_length(max(len(p) for p in ps), bucket)
+      clen = bucket_length(max(max(len(c) for c in cs), 1), bucket)
+      tokens, mask = _pad(ps, plen, size, left=True)
+      ctok, cmask = _pad(cs, clen, size * group, left=False)
+      batch = _place({"t": tokens, "m": mask, "c": ctok, "cm": cmask}, mesh, rules)
+      return fn(group, params, batch["t"], batch["m"], batch["c"], batch["cm"])
+
+    def collect(gs, out):
+      out = distributed.gather_to_host(out)
+      for r, g in enumerate(gs):
+        for j, i in enumerate(groups[g]):
+          results[i] = out[r * group + j, :len(conts[i])].copy()
+
+    _run_pipelined(jobs, dispatch, collect, progress, "score")
+  return [results[i] for i in range(len(fitted))]
 
 
 def sum_logprobs(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int]],

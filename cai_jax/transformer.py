@@ -80,7 +80,9 @@ class Decoder(nn.Module):
         and a causal mask rather than a [B, T, T] mask. A row with pads before real
         tokens gives wrong outputs under this promise.
       cache: optional KV cache from ``init_cache`` (S slots).
-      cache_index: scalar int32, cache slot of tokens[:, 0] (default 0).
+      cache_index: scalar int32, cache slot of tokens[:, 0] (default 0). A static 0 (a
+        Python int, or None) means an empty cache: the prefill attends among its own
+        tokens as without a cache (fused / chunked attention) and writes them at slot 0.
       head_columns: optional [B, K] int32 columns of tokens (no cache): the head runs only
         at those positions (each row its own), so the output has K positions instead of T
         and no [B, T, V] logits exist (PPO reads only its response columns).
@@ -99,12 +101,16 @@ class Decoder(nn.Module):
       mask = jnp.ones((batch, length), bool)
     mask = mask.astype(bool)
 
-    causal = jnp.tril(jnp.ones((length, length), bool))          # [T, T]
-    if cache is None:
+    # A prefill into an empty cache (slot 0, a static index) reads nothing from it: its
+    # layers attend among the new tokens as without a cache and only return their keys.
+    fresh = cache is not None and isinstance(cache_index, (int, type(None))) and not cache_index
+    if cache is None or fresh:
       key_mask = mask                                          # [B, S=T]
       index = jnp.zeros((), jnp.int32)
       attn_mask = (jnp.sum(mask, axis=1, dtype=jnp.int32) if right_padded     # [B]
-                   else causal[None] & mask[:, None, :])       # [B, T, T]
+                   else mask)                                  # [B, T]: causal & real keys
+      if fresh:
+        key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, 0, axis=1)
     else:
       index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
       slots = cache["mask"].shape[1]
@@ -112,6 +118,7 @@ class Decoder(nn.Module):
       # Keys are the cache slots written before this call (all precede every query)
       # followed by the T new tokens (causal among themselves).
       written = cache["mask"] & (jnp.arange(slots)[None, :] < index)   # [B, S]
+      causal = jnp.tril(jnp.ones((length, length), bool))     # [T, T]
       attn_mask = jnp.concatenate(
           [jnp.broadcast_to(written[:, None, :], (batch, length, slots)),
            causal[None] & mask[:, None, :]], axis=2)           # [B, T, S + T]
@@ -127,6 +134,8 @@ class Decoder(nn.Module):
 
     block_cls = _block_class(cfg)
     layer_caches = None if cache is None else (cache["k"], cache["v"])
+    if fresh:   # zero slots: the layers read nothing and learn the cache dtype
+      layer_caches = (cache["k"][:, :, :0], cache["v"][:, :, :0])
     if cfg.scan_layers:
       # The cache is a read-only scanned input; the new keys / values come out stacked
       # as [L, B, T, K, Dh] and are written below with one update (in place in a loop).

@@ -49,12 +49,13 @@ def _generate(params, prompts, sp=GREEDY, batch_size=4, config=CFG, **kw):
                           bucket=BUCKET, **kw)
 
 
-def test_cached_decoding_matches_full_forward(params):
+@pytest.mark.parametrize("lens,plen", [([2, 9, 16], 16), ([3, 70, 150], 150)])
+def test_cached_decoding_matches_full_forward(params, lens, plen):
+  """Prefill into an empty cache, then decode steps, give the full forward pass's logits;
+  prompts longer than layers.CAUSAL_CHUNK take the chunked attention on the CPU."""
   rng = np.random.default_rng(1)
-  lens = [2, 9, 16]
   seqs = [[int(t) for t in rng.integers(1, CFG.vocab_size, size=n)] for n in lens]
   forced = rng.integers(1, CFG.vocab_size, size=(len(lens), 6)).astype(np.int32)
-  plen = 16
   tokens = np.zeros((3, plen), np.int32)
   mask = np.zeros((3, plen), bool)
   for r, s in enumerate(seqs):
@@ -289,6 +290,64 @@ def test_score_continuations_equals_log_softmax(params):
     np.testing.assert_allclose(got[r], want, atol=1e-5)
   sums = sampler.sum_logprobs(params, CFG, ps, cs, batch_size=4, bucket=BUCKET)
   np.testing.assert_allclose(sums, [g.sum() for g in got], atol=1e-5)
+
+
+def _log_softmax_reference(params, ps, cs, width=64):
+  """Per-token log p(c | p) from full forward passes (float64 log-softmax)."""
+  lg = _full_logits(params, [p + c for p, c in zip(ps, cs)], width).astype(np.float64)
+  logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+  return [np.array([logp[r, len(p) - 1 + t, c[t]] for t in range(len(c))])
+          for r, (p, c) in enumerate(zip(ps, cs))]
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_shared_prompts_are_run_once_with_the_same_scores(params, sharded):
+  """Prompts repeated 2 or 3 times (and one alone), continuations of 0..6 tokens, in shuffled
+  order: the shared-prompt program gives the full forward pass's log-probs, as the
+  one-pass-per-row program does, also on a 2 x 2 x 2 mesh."""
+  rng = np.random.default_rng(5)
+  base = [[int(t) for t in rng.integers(1, CFG.vocab_size, size=n)] for n in (29, 12, 40, 20)]
+  ps, cs = [], []
+  for k, p in enumerate(base):
+    for _ in range((2, 3, 1, 2)[k]):
+      ps.append(list(p))
+      cs.append([int(t) for t in rng.integers(1, CFG.vocab_size, size=rng.integers(0, 7))])
+  perm = rng.permutation(len(ps))
+  ps, cs = [ps[i] for i in perm], [cs[i] for i in perm]
+  kw = {}
+  if sharded:
+    kw = dict(mesh=sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)),
+              rules=sharding.rules_for("fsdp_tp"))
+  calls = []
+  real = sampler._score_shared
+  try:   # the shared program is the one that runs
+    sampler._score_shared = lambda *a, **k: calls.append(1) or real(*a, **k)
+    # batch_size 8: batches of 2 prompts x 3 rows (4 x 3 on the mesh's 4 batch shards)
+    shared = sampler.score_continuations(params, CFG, ps, cs, batch_size=8, bucket=BUCKET, **kw)
+  finally:
+    sampler._score_shared = real
+  assert calls == [1]
+  single = sampler.score_continuations(params, CFG, ps, cs, batch_size=4, bucket=BUCKET,
+                                       share_prompts=False, **kw)
+  want = _log_softmax_reference(params, ps, cs)
+  for r in range(len(ps)):
+    assert shared[r].shape == (len(cs[r]),)
+    np.testing.assert_allclose(shared[r], want[r], atol=1e-5)
+    np.testing.assert_allclose(single[r], want[r], atol=1e-5)
+
+
+def test_all_different_prompts_take_the_one_pass_program(params):
+  ps = [[1, 2, 3], [4, 5], [6]]
+  cs = [[7], [8, 9], [10]]
+  real = sampler._score_shared
+  try:
+    sampler._score_shared = None   # would fail if called
+    got = sampler.score_continuations(params, CFG, ps, cs, batch_size=2, bucket=BUCKET)
+  finally:
+    sampler._score_shared = real
+  want = _log_softmax_reference(params, ps, cs)
+  for r in range(3):
+    np.testing.assert_allclose(got[r], want[r], atol=1e-5)
 
 
 # --- context limits ----------------------------------------------------------------------
