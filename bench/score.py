@@ -6,10 +6,13 @@ comparison prompt), the PPO reference log-probs and multiple-choice evaluation c
 Both sides score the same rows with the same weights:
 
   * cai_jax: one ``sampler.score_continuations(params, cfg, prompts, continuations,
-    batch_size)`` call over all rows of a case. It sorts the rows by length, cuts them into
-    batches of ``--batch_size`` and runs one jitted right-padded forward pass per batch
-    (columns padded to ``sampler.bucket_length``; the LM head only at the continuation
-    columns; host padding and the device->host copy of the results included);
+    batch_size)`` call over all rows of a case. Rows whose prompts all differ: it sorts them
+    by length, cuts them into batches of ``--batch_size`` and runs one jitted right-padded
+    forward pass per batch (columns padded to ``sampler.bucket_length``; the LM head only at
+    the continuation columns). Rows that repeat a prompt (the feedback case: both options of
+    each question): each distinct prompt runs once into a KV cache and its continuations run
+    against it (``--no-share_prompts`` forces the one-pass program). Host padding and the
+    device->host copy of the results included;
   * transformers: ``AutoModelForCausalLM`` (SDPA attention, torch in the same dtype,
     ``torch.inference_mode()``, ``use_cache=False``), the same rows in the same sorted
     order and the same batch size, each batch right-padded to its longest row with an
@@ -19,10 +22,12 @@ Both sides score the same rows with the same weights:
 
 Cases (``--cases``, default both), rows deterministic from ``--seed``:
 
-  * feedback: ``--rows`` (16) prompts of 300..420 tokens (a different length per row) and
-    3-token continuations: with the default weights each prompt is a window of an English
-    passage (repeated) followed by a two-option question ending "The answer is:", and the
-    continuations are " (A)" / " (B)" (3 SmolLM2 tokens each); with ``--preset`` random ids;
+  * feedback: ``--rows`` (16) rows = ``--rows`` / 2 questions of 300..420 tokens (a
+    different length per question), each scored with both 3-token options, as the AI-feedback
+    stage does: with the default weights each question is a window of an English passage
+    (repeated) followed by a two-option question ending "The answer is:", and the
+    continuations are " (A)" and " (B)" (3 SmolLM2 tokens each); with ``--preset`` random ids;
+    the peer scores each row in full, as a plain batched forward pass does;
   * ppo: ``--rows`` (16) prompts of 64 tokens and continuations of 128 tokens (PPO
     reference log-probs): the next 128 tokens of the passage, or random ids.
 
@@ -97,6 +102,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   p.add_argument("--tolerance", type=float, default=None,
                  help="largest allowed max |log p difference| between the sides (default 1e-3 "
                       "in float32, 0.5 in bfloat16 / float16)")
+  p.add_argument("--share_prompts", default=True, action=argparse.BooleanOptionalAction,
+                 help="let score_continuations run a repeated prompt once (default on; "
+                      "--no-share_prompts: one forward pass per row, like the peer)")
   p.add_argument("--peer", default=True, action=argparse.BooleanOptionalAction,
                  help="also time transformers (default on)")
   p.add_argument("--torch_threads", type=int, default=0,
@@ -130,10 +138,15 @@ def _make_rows(case: str, tokenizer, vocab_size: int, rows: int, seed: int
   low, high, clen = _SHAPES[case]
   rng = np.random.default_rng([seed, CASES.index(case)])
   plens = rng.integers(low, high + 1, rows).tolist()
+  if case == "feedback":   # row r: question r // 2 with option r % 2
+    plens = [plens[r // 2] for r in range(rows)]
   if tokenizer is None:
     lo = min(3, vocab_size - 1)   # avoid the usual special ids 0..2
     prompts = [rng.integers(lo, vocab_size, n).tolist() for n in plens]
     conts = [rng.integers(lo, vocab_size, clen).tolist() for _ in range(rows)]
+    if case == "feedback":
+      prompts = [prompts[r - r % 2] for r in range(rows)]
+      conts = [conts[r % 2] for r in range(rows)]
     return prompts, conts
   stride = 7                      # row r starts r * stride tokens into the (repeated) passage
   need = high + clen + stride * rows
@@ -141,7 +154,7 @@ def _make_rows(case: str, tokenizer, vocab_size: int, rows: int, seed: int
   while len(ids) < need:
     copies += 1
     ids = [int(t) for t in tokenizer.encode(" ".join([_presets.PASSAGE] * copies))]
-  starts = [r * stride for r in range(rows)]
+  starts = [(r - r % 2 if case == "feedback" else r) * stride for r in range(rows)]
   if case == "feedback":
     # A window of the passage, then the question; the prompt is plens[r] tokens in all.
     question = [int(t) for t in tokenizer.encode(_FEEDBACK_QUESTION)]
@@ -205,7 +218,8 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
     def run(prompts=prompts, conts=conts):
       # Returns host numpy arrays: the results are on the host when it returns.
       return sampler.score_continuations(params, cfg, prompts, conts,
-                                         batch_size=args.batch_size, progress=False)
+                                         batch_size=args.batch_size, progress=False,
+                                         share_prompts=args.share_prompts)
 
     res = _presets.timed(run, args.repeats)
     out = res.pop("out")
@@ -380,6 +394,7 @@ def print_table(out: Dict[str, Any]) -> None:
         f"{out['repeats']}")
   print(_presets.machine_line(out["machine"]))
   print(f"cai_jax: {ours['framework']} on {ours['device']}, sampler.score_continuations"
+        + ("" if out["share_prompts"] else " (--no-share_prompts: one pass per row)")
         + (f", XLA_FLAGS={ours['xla_flags']!r}" if ours["xla_flags"] else ""))
   if peer:
     print(f"transformers: {peer['framework']} on {peer['device']}, torch.get_num_threads() = "
@@ -456,6 +471,7 @@ def main(argv: Optional[List[str]] = None) -> None:
   out = {
       "bench": "score", "device": args.device, "dtype": args.dtype,
       "cases_run": args.case_list, "rows": args.rows, "batch_size": args.batch_size,
+      "share_prompts": args.share_prompts,
       "repeats": args.repeats, "seed": args.seed, "torch_threads": args.torch_threads,
       "tolerance": args.tolerance, "max_abs_diff": worst,
       "machine": dict(machine_before, loadavg_at_start=machine_before["loadavg_1_5_15"],
