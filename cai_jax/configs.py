@@ -53,8 +53,9 @@ class ModelConfig:
     scan_layers: run blocks under nn.scan (one compiled block) instead of unrolled.
     remat_policy: one of REMAT_POLICIES; what the backward pass keeps.
     attention_impl: 'xla' or 'cudnn': jax.nn.dot_product_attention implementation of the
-      no-cache path (training, scoring) and of a prefill into an empty KV cache; cached
-      decoding uses its own einsum attention; None lets JAX choose, except that on the CPU
+      no-cache path (training, scoring) and of a prefill into an empty KV cache ('cudnn':
+      cuDNN's fused padding-causal kernel for right-padded rows, XLA for other padding);
+      cached decoding uses its own einsum attention; None lets JAX choose, except that on the CPU
       backend rows longer than ``layers.CAUSAL_CHUNK`` use
       ``layers.chunked_causal_attention`` (blocks of queries that skip the masked upper
       triangle: about 2x faster attention on a CPU).

@@ -215,7 +215,8 @@ class Attention(nn.Module):
         cuDNN's fused kernel without a [T, T] mask or bias; or [B, T] bool, True at real
         keys (any padding), query t attends real keys t' <= t. Either one, with
         attention_impl None on the CPU backend (T > CAUSAL_CHUNK), goes through
-        ``chunked_causal_attention``, and otherwise through the equivalent dense mask.
+        ``chunked_causal_attention``, and otherwise through the equivalent dense mask
+        (XLA's implementation for a [B, T] mask under 'cudnn').
         With a cache of S > 0 slots, [B, T, S + T]: the first S columns are the cache
         slots, the last T the new tokens (see ``cached_attention``).
       layer_cache: optional (k, v), each [B, S, K, Dh]; read, never written here. With
@@ -265,10 +266,13 @@ class Attention(nn.Module):
           and jax.default_backend() == "cpu"):
         # On the CPU, where XLA computes every score: skip the upper triangle.
         out = chunked_causal_attention(q, k, v, attn_mask, scale)
-      else:   # XLA materialises the scores anyway: the dense mask
+      else:
+        # XLA materialises the scores anyway: the dense mask. cuDNN's fused kernel serves
+        # right-padded rows (above); other padding (a prefill's left-padded prompts) goes
+        # through XLA rather than a [B, 1, T, T] bias into cuDNN.
         out = jax.nn.dot_product_attention(
             q, k, v, mask=causal_key_mask(attn_mask)[:, None, :, :], scale=scale,
-            implementation=cfg.attention_impl)
+            implementation=None if cfg.attention_impl == "cudnn" else cfg.attention_impl)
     out = constrain(out, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV))
     out = checkpoint_name(out, "attention_out")
     out = DenseND((cfg.n_heads, hd), (cfg.d_model,), (axes.HEADS, axes.KV, axes.EMBED),

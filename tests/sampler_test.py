@@ -75,6 +75,18 @@ def test_cached_decoding_matches_full_forward(params, lens, plen):
       logits, cache = step(params, cache, jnp.asarray(forced[:, t]), plen + t)
 
 
+def test_generation_under_cudnn_attention_never_calls_cudnn(params, prompts):
+  """attention_impl='cudnn' takes cuDNN's fused kernel for right-padded rows only: the
+  sampler's left-padded prefill goes through XLA and its decode steps through the cache
+  einsum, so on this CPU (no cuDNN) generation runs and equals the default's."""
+  cudnn = dataclasses.replace(CFG, attention_impl="cudnn")
+  base = _generate(params, prompts)
+  res = _generate(params, prompts, config=cudnn)
+  for r in range(len(prompts)):
+    np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
+    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-5)
+
+
 def test_greedy_matches_argmax_of_full_forward(params, prompts):
   res = _generate(params, prompts)
   seqs = [list(p) for p in prompts]
