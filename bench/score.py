@@ -20,7 +20,7 @@ Both sides score the same rows with the same weights:
     continuation tokens (so its LM head, too, runs only there), then ``log_softmax`` in
     float32 and a gather of the continuation ids; results copied to the host.
 
-Cases (``--cases``, default both), rows deterministic from ``--seed``:
+Cases (``--cases``, default all), rows deterministic from ``--seed``:
 
   * feedback: ``--rows`` (16) rows = ``--rows`` / 2 questions of 300..420 tokens (a
     different length per question), each scored with both 3-token options, as the AI-feedback
@@ -28,6 +28,11 @@ Cases (``--cases``, default both), rows deterministic from ``--seed``:
     (repeated) followed by a two-option question ending "The answer is:", and the
     continuations are " (A)" and " (B)" (3 SmolLM2 tokens each); with ``--preset`` random ids;
     the peer scores each row in full, as a plain batched forward pass does;
+  * few_shot: the feedback case (other passage windows) behind the shipped constitution's
+    few-shot feedback examples (``feedback.few_shot_prefix``, about 600 tokens; random ids
+    of about that count with ``--preset``), as the feedback stage asks with ``few_shot``
+    on: score_continuations runs that common prefix once (batch 1) and each question's
+    rest after it; the peer again scores each row in full;
   * ppo: ``--rows`` (16) prompts of 64 tokens and continuations of 128 tokens (PPO
     reference log-probs): the next 128 tokens of the passage, or random ids.
 
@@ -49,7 +54,7 @@ all cases (float32: expect ~1e-4 or below). The script exits non-zero after prin
 it exceeds ``--tolerance`` (default 1e-3 for float32; 0.5 for bfloat16 / float16, whose
 rounding differs between the two frameworks' kernels).
 
-  python bench/score.py                                     # CPU, SmolLM2-135M float32, both cases
+  python bench/score.py                                     # CPU, SmolLM2-135M float32, all cases
   python bench/score.py --preset tiny --repeats 1           # smoke test
   python bench/score.py --cases ppo --batch_size 16 --repeats 5 --json
   python bench/score.py --preset tinyllama_1b --dtype bfloat16 --device gpu
@@ -69,9 +74,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _presets  # noqa: E402  (no jax import: JAX_PLATFORMS is set in the child first)
 
 WHO = "bench/score.py"
-CASES = ("feedback", "ppo")
-# (prompt length low, high (inclusive), continuation length) per case.
-_SHAPES = {"feedback": (300, 420, 3), "ppo": (64, 64, 128)}
+CASES = ("feedback", "few_shot", "ppo")
+# (prompt length low, high (inclusive), continuation length) per case; few_shot's prompts
+# are a feedback case's behind a prefix of at most _FEW_SHOT_MAX tokens.
+_FEW_SHOT_MAX = 1024
+_SHAPES = {"feedback": (300, 420, 3), "few_shot": (300, 420 + _FEW_SHOT_MAX, 3),
+           "ppo": (64, 64, 128)}
 _FEEDBACK_QUESTION = ("\n\nWhich of these statements is more accurate?\n(A) The passage is about "
                       "astronomy.\n(B) The passage is about cooking.\nThe answer is:")
 _FEEDBACK_TEXT = (" (A)", " (B)")
@@ -94,7 +102,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  help="cpu (JAX_PLATFORMS=cpu, torch on cpu) or gpu (JAX's GPU backend, torch "
                       "on cuda; fails if either finds no GPU). Default cpu")
   p.add_argument("--cases", default=",".join(CASES),
-                 help=f"comma-separated workloads among {','.join(CASES)} (default both)")
+                 help=f"comma-separated workloads among {','.join(CASES)} (default all)")
   p.add_argument("--rows", type=int, default=16, help="rows (prompt, continuation) per case")
   p.add_argument("--batch_size", type=int, default=8,
                  help="rows per jitted batch on our side and per forward pass on the peer's")
@@ -103,8 +111,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  help="largest allowed max |log p difference| between the sides (default 1e-3 "
                       "in float32, 0.5 in bfloat16 / float16)")
   p.add_argument("--share_prompts", default=True, action=argparse.BooleanOptionalAction,
-                 help="let score_continuations run a repeated prompt once (default on; "
-                      "--no-share_prompts: one forward pass per row, like the peer)")
+                 help="let score_continuations run a repeated prompt and a common prefix "
+                      "once (default on; --no-share_prompts: one forward pass per row, like "
+                      "the peer)")
   p.add_argument("--peer", default=True, action=argparse.BooleanOptionalAction,
                  help="also time transformers (default on)")
   p.add_argument("--torch_threads", type=int, default=0,
@@ -135,6 +144,10 @@ def _make_rows(case: str, tokenizer, vocab_size: int, rows: int, seed: int
                ) -> Tuple[List[List[int]], List[List[int]]]:
   """(prompts, continuations) of a case, deterministic from seed."""
   import numpy as np
+  if case == "few_shot":
+    prompts, conts = _make_rows("feedback", tokenizer, vocab_size, rows, seed + 1)
+    prefix = _few_shot_prefix(tokenizer, vocab_size, seed)
+    return [prefix + p for p in prompts], conts
   low, high, clen = _SHAPES[case]
   rng = np.random.default_rng([seed, CASES.index(case)])
   plens = rng.integers(low, high + 1, rows).tolist()
@@ -165,6 +178,28 @@ def _make_rows(case: str, tokenizer, vocab_size: int, rows: int, seed: int
     prompts = [ids[s:s + n] for s, n in zip(starts, plens)]
     conts = [ids[s + n:s + n + clen] for s, n in zip(starts, plens)]
   return prompts, conts
+
+
+def _few_shot_prefix(tokenizer, vocab_size: int, seed: int) -> List[int]:
+  """The shipped constitution's few-shot feedback examples, as the feedback stage puts them
+  in front of every question (``feedback.few_shot_prefix``), tokenized; random ids of the
+  same count without a tokenizer."""
+  import numpy as np
+
+  from cai_jax import constitution
+  from cai_jax.stages import feedback
+
+  text = feedback.few_shot_prefix(constitution.resolve("", "feedback").feedback_few_shot)
+  if tokenizer is not None:
+    ids = [int(t) for t in tokenizer.encode(text)]
+  else:
+    n = len(text) // 4
+    ids = np.random.default_rng([seed, 99]).integers(min(3, vocab_size - 1), vocab_size,
+                                                     n).tolist()
+  if len(ids) > _FEW_SHOT_MAX:
+    raise SystemExit(f"{WHO}: the few-shot prefix has {len(ids)} tokens, more than "
+                     f"{_FEW_SHOT_MAX}")
+  return ids
 
 
 def _tokens(prompts: List[List[int]], conts: List[List[int]]) -> int:

@@ -147,6 +147,29 @@ def chunked_causal_attention(q: Array, k: Array, v: Array, key_mask: Array, scal
   return jnp.concatenate(outs, axis=1)
 
 
+def chunked_cached_attention(q: Array, k_cache: Array, v_cache: Array, k: Array, v: Array,
+                             mask: Array, scale: float, chunk: int = CAUSAL_CHUNK) -> Array:
+  """``cached_attention``'s result, one block of `chunk` queries at a time, each against the
+  cache slots and only the new keys up to its last query (a prefill after a prefix or of a
+  second chunk: the causal upper triangle of the new tokens is never computed, and the
+  score block is [B, H, chunk, S + T] at most).
+
+  Args and result as ``cached_attention``; mask [B, T, S + T] must be causal among the new
+  tokens (False where t' > t), as the decoder builds it. A query with no visible key gets
+  a uniform average over its block's keys (nothing reads it).
+  """
+  slots, length = k_cache.shape[1], q.shape[1]
+  keys = jnp.concatenate([k_cache, k], axis=1)       # [B, S + T, K, Dh]
+  values = jnp.concatenate([v_cache, v], axis=1)
+  outs = []
+  for start in range(0, length, chunk):
+    end = min(start + chunk, length)
+    outs.append(jax.nn.dot_product_attention(
+        q[:, start:end], keys[:, :slots + end], values[:, :slots + end],
+        mask=mask[:, None, start:end, :slots + end], scale=scale))
+  return jnp.concatenate(outs, axis=1).astype(v.dtype)
+
+
 def causal_key_mask(key_mask: Array) -> Array:
   """[B, T] key mask -> the dense [B, T, T] causal & key mask."""
   length = key_mask.shape[1]
@@ -218,7 +241,8 @@ class Attention(nn.Module):
         ``chunked_causal_attention``, and otherwise through the equivalent dense mask
         (XLA's implementation for a [B, T] mask under 'cudnn').
         With a cache of S > 0 slots, [B, T, S + T]: the first S columns are the cache
-        slots, the last T the new tokens (see ``cached_attention``).
+        slots, the last T the new tokens (see ``cached_attention``; on the CPU backend,
+        T > CAUSAL_CHUNK and attention_impl None, ``chunked_cached_attention``).
       layer_cache: optional (k, v), each [B, S, K, Dh]; read, never written here. With
         S = 0 (a prefill into an empty cache: nothing to read) the attention is the
         no-cache one and only the new keys / values are returned.
@@ -251,9 +275,12 @@ class Attention(nn.Module):
       new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
       k, v = new_kv[0].astype(dtype), new_kv[1].astype(dtype)
     scale = 1.0 / math.sqrt(hd)
+    on_cpu = jax.default_backend() == "cpu"
     if layer_cache is not None and layer_cache[0].shape[1] > 0:
-      out = cached_attention(q, k_cache.astype(dtype), v_cache.astype(dtype), k, v, attn_mask,
-                             scale)
+      attend = cached_attention
+      if cfg.attention_impl is None and x.shape[1] > CAUSAL_CHUNK and on_cpu:
+        attend = chunked_cached_attention   # a long chunk after cached ones: skip the triangle
+      out = attend(q, k_cache.astype(dtype), v_cache.astype(dtype), k, v, attn_mask, scale)
     elif attn_mask.ndim == 1 and cfg.attention_impl == "cudnn":
       # Key lengths of right-padded rows: cuDNN's fused kernel with its padding-causal mask.
       out = jax.nn.dot_product_attention(
@@ -262,8 +289,7 @@ class Attention(nn.Module):
     else:
       if attn_mask.ndim == 1:
         attn_mask = jnp.arange(x.shape[1])[None, :] < attn_mask[:, None]    # [B, T] keys
-      if (cfg.attention_impl is None and x.shape[1] > CAUSAL_CHUNK
-          and jax.default_backend() == "cpu"):
+      if cfg.attention_impl is None and x.shape[1] > CAUSAL_CHUNK and on_cpu:
         # On the CPU, where XLA computes every score: skip the upper triangle.
         out = chunked_causal_attention(q, k, v, attn_mask, scale)
       else:

@@ -325,28 +325,36 @@ def _batch_program(config: ModelConfig, spec: _DecodeSpec, params: Params, token
   """
   batch, plen = tokens.shape
   n = spec.max_new_tokens
-  if prefix_cache is None:
-    base = plen
-    cache = _constrain_cache(init_cache(config, batch, plen + n - 1))
-  else:
-    pre = prefix_cache["mask"].shape[1]
-    base = pre + plen
-    rest = init_cache(config, batch, plen + n - 1)
-
-    def extend(pre_x, rest_x, axis):
-      shape = rest_x.shape[:axis] + (pre,) + rest_x.shape[axis + 1:]
-      return jnp.concatenate([jnp.broadcast_to(pre_x, shape), rest_x], axis=axis)
-
-    cache = {"k": extend(prefix_cache["k"], rest["k"], 2),
-             "v": extend(prefix_cache["v"], rest["v"], 2),
-             "mask": extend(prefix_cache["mask"], rest["mask"], 1)}
-    cache = _constrain_cache(cache)
+  cache = _cache_after_prefix(config, batch, plen + n - 1, prefix_cache)
+  base = _prefix_slots(prefix_cache) + plen
   logits, cache = prefill(params, config, tokens, mask, cache, base - plen)
   if prefix_logits is not None:
     # An empty suffix leaves a pad in the last column: continue from the prefix.
     logits = jnp.where(mask[:, -1:], logits, prefix_logits)
   keys = _row_keys(seed, row_ids)
   return _decode_loop(params, config, spec, cache, logits, base, active, keys)
+
+
+def _prefix_slots(prefix_cache: Optional[Cache]) -> int:
+  return 0 if prefix_cache is None else prefix_cache["mask"].shape[1]
+
+
+def _cache_after_prefix(config: ModelConfig, batch: int, slots: int,
+                        prefix_cache: Optional[Cache]) -> Cache:
+  """A cache for `batch` rows: the batch-1 prefix cache's Pp slots (broadcast over the rows;
+  none without one), then `slots` empty ones."""
+  rest = init_cache(config, batch, slots)
+  if prefix_cache is None:
+    return _constrain_cache(rest)
+  pre = _prefix_slots(prefix_cache)
+
+  def extend(pre_x, rest_x, axis):
+    shape = rest_x.shape[:axis] + (pre,) + rest_x.shape[axis + 1:]
+    return jnp.concatenate([jnp.broadcast_to(pre_x, shape), rest_x], axis=axis)
+
+  return _constrain_cache({"k": extend(prefix_cache["k"], rest["k"], 2),
+                           "v": extend(prefix_cache["v"], rest["v"], 2),
+                           "mask": extend(prefix_cache["mask"], rest["mask"], 1)})
 
 
 def _prefix_program(config: ModelConfig, params: Params, tokens: Array, mask: Array):
@@ -374,24 +382,28 @@ def _score_program(config: ModelConfig, params: Params, tokens: Array, mask: Arr
 
 
 def _shared_score_program(config: ModelConfig, group: int, params: Params, tokens: Array,
-                          mask: Array, cont: Array, cont_mask: Array) -> Array:
+                          mask: Array, cont: Array, cont_mask: Array,
+                          prefix_cache: Optional[Cache] = None) -> Array:
   """log p(cont | prompt) per token for `group` continuations per prompt, the prompt run once.
 
-  tokens, mask: [U, P] left-padded prompts; cont, cont_mask: [U * group, C] right-padded
-  continuations, rows u * group .. u * group + group - 1 continuing prompt u. The prompts
-  fill a KV cache of P + C slots (``prefill``), each row of it is repeated `group` times
-  (on the row's own device: the prompt's rows are adjacent), and the continuations run
-  against it. Returns [U * group, C] float32 (0 at pads).
+  tokens, mask: [U, P] left-padded prompts (the suffixes after the prefix when a prefix
+  cache is given); cont, cont_mask: [U * group, C] right-padded continuations, rows
+  u * group .. u * group + group - 1 continuing prompt u. prefix_cache: None, or the
+  batch-1 cache of Pp slots of the prefix every prompt starts with (``_prefix_program``).
+  The prompts fill a KV cache of (Pp +) P + C slots (``prefill``), each row of it is
+  repeated `group` times (on the row's own device: the prompt's rows are adjacent), and
+  the continuations run against it. Returns [U * group, C] float32 (0 at pads).
   """
   plen, clen = tokens.shape[1], cont.shape[1]
-  cache = _constrain_cache(init_cache(config, tokens.shape[0], plen + clen))
-  last, cache = prefill(params, config, tokens, mask, cache, 0)        # [U, V]
+  pre = _prefix_slots(prefix_cache)
+  cache = _cache_after_prefix(config, tokens.shape[0], plen + clen, prefix_cache)
+  last, cache = prefill(params, config, tokens, mask, cache, pre)      # [U, V]
   cache = _constrain_cache({"k": jnp.repeat(cache["k"], group, axis=1),
                             "v": jnp.repeat(cache["v"], group, axis=1),
                             "mask": jnp.repeat(cache["mask"], group, axis=0)})
   logits = jnp.repeat(last, group, axis=0)[:, None].astype(jnp.float32)   # predicts cont[:, 0]
   if clen > 1:
-    more, _ = _apply(params, config, cont[:, :-1], cont_mask[:, :-1], cache, plen)
+    more, _ = _apply(params, config, cont[:, :-1], cont_mask[:, :-1], cache, pre + plen)
     logits = jnp.concatenate([logits, more.astype(jnp.float32)], axis=1)   # [U * group, C, V]
   logp = jax.nn.log_softmax(logits, axis=-1)
   lp = jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]
@@ -618,7 +630,10 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
   go through one right-padded forward pass each (``_score_program``). When prompts repeat
   (the options of a multiple-choice question, a chosen / rejected pair), each distinct
   prompt runs once and its continuations run against its KV cache
-  (``_shared_score_program``), whenever that processes fewer token columns.
+  (``_shared_score_program``), whenever that processes fewer token columns. That program
+  also runs a prefix that every prompt starts with (few-shot examples, a question
+  template's preamble; whole multiples of `bucket` tokens) once, into a cache every batch
+  starts from, and each prompt's rest after it.
 
   Args:
     prompts: non-empty token-id lists; continuations: token-id lists (same count).
@@ -629,7 +644,8 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
       config.max_seq_len; 'left' drops the prompt's first tokens instead.
     bucket: prompt and continuation columns are padded to ``bucket_length``.
     stats: optional dict that receives truncated_prompts / truncated_tokens counts.
-    share_prompts: False always runs the one-pass-per-row program.
+    share_prompts: False always runs the one-pass-per-row program (no repeated prompt
+      and no common prefix run once).
   Returns:
     list of [len(continuation_i)] float32 arrays:
     log p(c_t | prompt, c_<t) under the raw model distribution.
@@ -662,14 +678,20 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
   for i, p in enumerate(fitted):
     groups.setdefault(tuple(p), []).append(i)
   group = max((len(g) for g in groups.values()), default=1)
-  if share_prompts and group > 1 and num:
-    # Token columns each program runs: every prompt + continuation, or each distinct prompt
-    # once + `group` continuation rows of the longest continuation per prompt.
+  # A prefix every distinct prompt starts with (few-shot examples, a template's preamble),
+  # in whole buckets (one compiled shape per prefix size), leaving each prompt >= 1 token.
+  pre = common_prefix_length(list(groups)) if share_prompts and len(groups) > 1 else 0
+  pre = min(pre, min((len(p) for p in groups), default=1) - 1) // bucket * bucket
+  if share_prompts and (group > 1 or pre) and num:
+    # Token columns each program runs: every prompt + continuation, or the prefix once and
+    # each distinct prompt's rest once + `group` continuation rows of the longest
+    # continuation per prompt.
     one_pass = sum(len(p) + len(c) for p, c in zip(fitted, conts))
-    shared = sum(len(p) for p in groups) + len(groups) * group * max(len(c) for c in conts)
+    shared = (pre + sum(len(p) - pre for p in groups)
+              + len(groups) * group * max(len(c) for c in conts))
     if shared < one_pass:
       return _score_shared(params, config, list(groups.values()), fitted, conts, group, rows,
-                           multiple, mesh, rules, progress, bucket)
+                           multiple, mesh, rules, progress, bucket, pre)
   order = sorted(range(num), key=lambda i: (len(fitted[i]), len(conts[i])))
   jobs = [order[s:s + rows] for s in range(0, num, rows)]
   results: Dict[int, np.ndarray] = {}
@@ -702,11 +724,14 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
 
 def _score_shared(params: Params, config: ModelConfig, groups: List[List[int]],
                   fitted: List[List[int]], conts: List[List[int]], group: int, rows: int,
-                  multiple: int, mesh, rules, progress: bool, bucket: int) -> List[np.ndarray]:
+                  multiple: int, mesh, rules, progress: bool, bucket: int,
+                  pre: int = 0) -> List[np.ndarray]:
   """``score_continuations`` through ``_shared_score_program``: groups[g] lists the rows
   (indices into fitted / conts) that share prompt fitted[groups[g][0]]; every group is
   padded to `group` rows with empty continuations. A batch holds about rows / group prompts
-  (at least one, a multiple of `multiple`)."""
+  (at least one, a multiple of `multiple`). pre > 0: every prompt starts with the same
+  `pre` tokens (and has more), prefilled once into a batch-1 cache that every batch starts
+  from."""
   per_batch = max(multiple, (rows // group) // multiple * multiple)
   order = sorted(range(len(groups)), key=lambda g: len(fitted[groups[g][0]]))
   jobs = [order[s:s + per_batch] for s in range(0, len(order), per_batch)]
@@ -715,10 +740,15 @@ def _score_shared(params: Params, config: ModelConfig, groups: List[List[int]],
   with _mesh_context(mesh, rules):
     params = models.place_params(params, config, mesh, rules)
     fn = _jitted("shared_score", config, None, mesh, rules)
+    prefix_cache = None
+    if pre:
+      head = fitted[groups[0][0]][:pre]
+      ptok, pmask = _pad([head], pre, 1, left=True)
+      prefix_cache, _ = _jitted("prefix", config, None, mesh, rules)(params, ptok, pmask)
 
     def dispatch(gs):
       size = batch_rows(len(gs), per_batch, multiple)
-      ps = [fitted[groups[g][0]] for g in gs] + [[PAD_ID]] * (size - len(gs))
+      ps = [fitted[groups[g][0]][pre:] for g in gs] + [[PAD_ID]] * (size - len(gs))
       cs = [[]] * (size * group)
       for r, g in enumerate(gs):
         for j, i in enumerate(groups[g]):
@@ -728,7 +758,7 @@ def _score_shared(params: Params, config: ModelConfig, groups: List[List[int]],
       tokens, mask = _pad(ps, plen, size, left=True)
       ctok, cmask = _pad(cs, clen, size * group, left=False)
       batch = _place({"t": tokens, "m": mask, "c": ctok, "cm": cmask}, mesh, rules)
-      return fn(group, params, batch["t"], batch["m"], batch["c"], batch["cm"])
+      return fn(group, params, batch["t"], batch["m"], batch["c"], batch["cm"], prefix_cache)
 
     def collect(gs, out):
       out = distributed.gather_to_host(out)
@@ -738,6 +768,20 @@ def _score_shared(params: Params, config: ModelConfig, groups: List[List[int]],
 
     _run_pipelined(jobs, dispatch, collect, progress, "score")
   return [results[i] for i in range(len(fitted))]
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+  """Length of the longest token prefix that every sequence starts with (0 for none)."""
+  if not seqs:
+    return 0
+  first = seqs[0]
+  n = min(len(s) for s in seqs)
+  for s in seqs[1:]:
+    k = 0
+    while k < n and s[k] == first[k]:
+      k += 1
+    n = k
+  return n
 
 
 def sum_logprobs(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int]],

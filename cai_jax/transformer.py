@@ -83,6 +83,8 @@ class Decoder(nn.Module):
       cache_index: scalar int32, cache slot of tokens[:, 0] (default 0). A static 0 (a
         Python int, or None) means an empty cache: the prefill attends among its own
         tokens as without a cache (fused / chunked attention) and writes them at slot 0.
+        Another static (Python int) index reads only the slots before it; a traced one
+        reads all S slots, masking those at or after it.
       head_columns: optional [B, K] int32 columns of tokens (no cache): the head runs only
         at those positions (each row its own), so the output has K positions instead of T
         and no [B, T, V] logits exist (PPO reads only its response columns).
@@ -113,11 +115,13 @@ class Decoder(nn.Module):
         key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, 0, axis=1)
     else:
       index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
-      slots = cache["mask"].shape[1]
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, index, axis=1)
       # Keys are the cache slots written before this call (all precede every query)
-      # followed by the T new tokens (causal among themselves).
-      written = cache["mask"] & (jnp.arange(slots)[None, :] < index)   # [B, S]
+      # followed by the T new tokens (causal among themselves). A static index reads only
+      # the slots before it (a prefill after a prefix, the continuation of a scored prompt);
+      # a traced one (the decode loop) reads all S and masks the rest.
+      slots = cache_index if isinstance(cache_index, int) else cache["mask"].shape[1]
+      written = cache["mask"][:, :slots] & (jnp.arange(slots)[None, :] < index)   # [B, S]
       causal = jnp.tril(jnp.ones((length, length), bool))     # [T, T]
       attn_mask = jnp.concatenate(
           [jnp.broadcast_to(written[:, None, :], (batch, length, slots)),
@@ -134,8 +138,11 @@ class Decoder(nn.Module):
 
     block_cls = _block_class(cfg)
     layer_caches = None if cache is None else (cache["k"], cache["v"])
-    if fresh:   # zero slots: the layers read nothing and learn the cache dtype
-      layer_caches = (cache["k"][:, :, :0], cache["v"][:, :, :0])
+    if fresh or (cache is not None and isinstance(cache_index, int)):
+      # The slots before a static index (none for a fresh prefill, which thus attends among
+      # its own tokens only; the layers learn the cache dtype from the empty slices).
+      read = 0 if fresh else cache_index
+      layer_caches = (cache["k"][:, :, :read], cache["v"][:, :, :read])
     if cfg.scan_layers:
       # The cache is a read-only scanned input; the new keys / values come out stacked
       # as [L, B, T, K, Dh] and are written below with one update (in place in a loop).

@@ -39,3 +39,36 @@ def test_chunked_causal_attention_equals_the_dense_mask(length, chunk, padding):
            for f in (chunked, dense)]
   for got, want in zip(*grads):
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots,length,chunk", [(6, 13, 4), (0, 9, 4), (5, 7, 16)])
+def test_chunked_cached_attention_equals_the_dense_cached_attention(slots, length, chunk):
+  """Query blocks over the cache slots and the new keys up to each block's end give
+  ``cached_attention``'s result at every query that sees a key, and its gradients: cache
+  slots partly written (a row with none), new tokens left-padded, grouped-query heads, a
+  length the block size does not divide."""
+  b, heads, kv_heads, hd = 3, 4, 2, 8
+  shapes = ((b, length, heads, hd), (b, slots, kv_heads, hd), (b, slots, kv_heads, hd),
+            (b, length, kv_heads, hd), (b, length, kv_heads, hd))
+  q, kc, vc, k, v = (jax.random.normal(jax.random.PRNGKey(i), s) for i, s in enumerate(shapes))
+  written = jnp.arange(slots)[None] < jnp.array([slots, slots - 2, 0])[:, None]   # [B, S]
+  real = jnp.arange(length)[None] >= jnp.array([0, 3, 1])[:, None]              # [B, T]
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  mask = jnp.concatenate([jnp.broadcast_to(written[:, None], (b, length, slots)),
+                          causal[None] & real[:, None]], axis=2)                 # [B, T, S + T]
+  sees = mask.any(-1)[..., None, None]                                            # [B, T, 1, 1]
+
+  def dense(*x):
+    return layers.cached_attention(*x, mask, 0.3)
+
+  def chunked(*x):
+    return layers.chunked_cached_attention(*x, mask, 0.3, chunk)
+
+  args = (q, kc, vc, k, v)
+  np.testing.assert_allclose(jnp.where(sees, chunked(*args), 0),
+                             jnp.where(sees, dense(*args), 0), atol=1e-6)
+  weights = jax.random.normal(jax.random.PRNGKey(9), (b, length, heads, hd)) * sees
+  grads = [jax.grad(lambda *x: jnp.sum(f(*x) * weights), argnums=(0, 1, 2, 3, 4))(*args)
+           for f in (chunked, dense)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, atol=1e-5)

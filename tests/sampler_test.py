@@ -312,6 +312,14 @@ def _log_softmax_reference(params, ps, cs, width=64):
           for r, (p, c) in enumerate(zip(ps, cs))]
 
 
+def _mesh_kwargs(sharded):
+  """{} or the mesh / rules of a 2 x 2 x 2 fsdp_tp mesh of the fake CPU devices."""
+  if not sharded:
+    return {}
+  return dict(mesh=sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)),
+              rules=sharding.rules_for("fsdp_tp"))
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_shared_prompts_are_run_once_with_the_same_scores(params, sharded):
   """Prompts repeated 2 or 3 times (and one alone), continuations of 0..6 tokens, in shuffled
@@ -326,10 +334,7 @@ def test_shared_prompts_are_run_once_with_the_same_scores(params, sharded):
       cs.append([int(t) for t in rng.integers(1, CFG.vocab_size, size=rng.integers(0, 7))])
   perm = rng.permutation(len(ps))
   ps, cs = [ps[i] for i in perm], [cs[i] for i in perm]
-  kw = {}
-  if sharded:
-    kw = dict(mesh=sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)),
-              rules=sharding.rules_for("fsdp_tp"))
+  kw = _mesh_kwargs(sharded)
   calls = []
   real = sampler._score_shared
   try:   # the shared program is the one that runs
@@ -346,6 +351,43 @@ def test_shared_prompts_are_run_once_with_the_same_scores(params, sharded):
     assert shared[r].shape == (len(cs[r]),)
     np.testing.assert_allclose(shared[r], want[r], atol=1e-5)
     np.testing.assert_allclose(single[r], want[r], atol=1e-5)
+
+
+@pytest.mark.parametrize("repeat,sharded", [(1, False), (2, False), (2, True)])
+def test_common_prefix_is_run_once_with_the_same_scores(params, repeat, sharded):
+  """Prompts that all start with the same 37 tokens (a few-shot preamble), then differ
+  (rests of 1..25 tokens; one prompt is the preamble and one more token), each asked once or
+  with `repeat` continuations: the 32-token prefix (two buckets of 16) is prefilled once
+  (batch 1) and the scores equal the full forward pass's, also on a 2 x 2 x 2 mesh."""
+  rng = np.random.default_rng(8)
+  head = [int(t) for t in rng.integers(1, CFG.vocab_size, size=37)]
+  rests = [[int(t) for t in rng.integers(1, CFG.vocab_size, size=n)] for n in (1, 9, 25, 4, 14)]
+  ps, cs = [], []
+  for r in rests:
+    for _ in range(repeat):
+      ps.append(head + r)
+      cs.append([int(t) for t in rng.integers(1, CFG.vocab_size, size=rng.integers(1, 5))])
+  assert sampler.common_prefix_length(ps) == 37
+  kw = _mesh_kwargs(sharded)
+  prefixes = []
+  real = sampler._score_shared
+  try:
+    sampler._score_shared = lambda *a, **k: prefixes.append(a[-1]) or real(*a, **k)
+    got = sampler.score_continuations(params, CFG, ps, cs, batch_size=4, bucket=BUCKET, **kw)
+  finally:
+    sampler._score_shared = real
+  assert prefixes == [32]
+  want = _log_softmax_reference(params, ps, cs, width=80)
+  for r in range(len(ps)):
+    assert got[r].shape == (len(cs[r]),)
+    np.testing.assert_allclose(got[r], want[r], atol=1e-5)
+
+
+def test_common_prefix_length():
+  assert sampler.common_prefix_length([]) == 0
+  assert sampler.common_prefix_length([[1, 2, 3]]) == 3
+  assert sampler.common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+  assert sampler.common_prefix_length([[1, 2], [2, 1]]) == 0
 
 
 def test_all_different_prompts_take_the_one_pass_program(params):

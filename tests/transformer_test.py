@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import models, transformer
+from cai_jax import layers, models, transformer
 from cai_jax.configs import ModelConfig
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -242,9 +242,10 @@ def test_kv_cache_decode_matches_full_forward(params):
     np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_kv_cache_chunks_at_nonzero_index_match_full_forward(params, scan_layers):
-  """Prefill 5 columns, then a 3-column chunk, then single tokens; left pads and a gap."""
+@pytest.mark.parametrize("scan_layers,traced", [(True, False), (False, False), (True, True)])
+def test_kv_cache_chunks_at_nonzero_index_match_full_forward(params, scan_layers, traced):
+  """Prefill 5 columns, then a 3-column chunk, then single tokens; left pads and a gap. A
+  static (Python int) index reads only the slots before it, a traced one all of them."""
   cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
   p = params if scan_layers else transformer.unstack_scanned_params(params, CFG.n_layers)
   tokens = _tokens(3, 11, seed=4)
@@ -257,13 +258,32 @@ def test_kv_cache_chunks_at_nonzero_index_match_full_forward(params, scan_layers
   cache = transformer.init_cache(cfg, 3, 12)
   for start, stop in ((0, 5), (5, 8), (8, 9), (9, 10), (10, 11)):
     out, cache = dec.apply({"params": p}, tokens[:, start:stop], mask[:, start:stop],
-                           cache=cache, cache_index=start)
+                           cache=cache, cache_index=jnp.int32(start) if traced else start)
     assert np.all(np.isfinite(np.asarray(out))), (start, stop)
     real = np.asarray(mask[:, start:stop])
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(full[:, start:stop])[real],
                                atol=1e-5, err_msg=f"columns [{start}, {stop})")
   np.testing.assert_array_equal(cache["mask"][:, :11], mask)
   assert not cache["mask"][:, 11:].any()
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_long_chunks_after_cached_ones_match_full_forward(params, traced):
+  """Chunks longer than layers.CAUSAL_CHUNK at a nonzero index (a prompt's rest after a
+  prefix: the chunked cached attention on the CPU) give the full forward pass's logits, with
+  left pads in the second chunk."""
+  width = 2 * layers.CAUSAL_CHUNK + 40
+  tokens = _tokens(2, width, seed=11)
+  mask = jnp.ones((2, width), bool).at[1, 70:75].set(False)
+  full = models.logits(params, CFG, tokens, mask)
+  dec = models.module(CFG)
+  cache = transformer.init_cache(CFG, 2, width + 8)
+  for start, stop in ((0, 70), (70, width)):
+    out, cache = dec.apply({"params": params}, tokens[:, start:stop], mask[:, start:stop],
+                           cache=cache, cache_index=jnp.int32(start) if traced else start)
+    real = np.asarray(mask[:, start:stop])
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(full[:, start:stop])[real],
+                               atol=2e-5, err_msg=f"columns [{start}, {stop})")
 
 
 def test_kv_cache_writes_only_new_slots(params):
