@@ -308,12 +308,12 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
     raise CliError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
   name = COMMANDS[command].configurable(command)
   bindings = list(bindings) + [f"{name}.{arg} = {value!r}" for arg, value in (flag_args or {}).items()]
-  gin, fn = parse_gin(command, gin_files, bindings, search_paths)
   if command == "pipeline":
     cli_args = pipeline_stage_args(gin_files, bindings, search_paths)
     gin, fn = parse_gin(command, gin_files, bindings, search_paths)   # the stages' parses cleared it
     return fn(cli_args=cli_args + list(_PIPELINE["distributed_args"]),
               commands=[c for c in COMMANDS if c != "pipeline"], process_id=_PIPELINE["process_id"])
+  gin, fn = parse_gin(command, gin_files, bindings, search_paths)
   if COMMANDS[command].writes_out_dir:
     bound = gin.get_bindings(name).get("out_dir")
     if not bound:
@@ -397,8 +397,8 @@ def _pipeline_moves(name: str, gin_files: List[str], bindings: List[str],
   except ValueError as e:
     raise CliError(str(e)) from None
   if moves:
-    common = os.path.commonpath([os.path.normpath(d) for d in stage_dirs.values()])
-    print(f"pipeline: stage outputs under {common or '.'} are written under {root} instead",
+    common = pipeline.common_dir(stage_dirs, root)
+    print(f"pipeline: stage outputs under {common} are written under {root} instead",
           file=sys.stderr, flush=True)
   return [f"{key} = {value!r}" for key, value in sorted(moves.items())]
 

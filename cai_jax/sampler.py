@@ -326,13 +326,13 @@ def _batch_program(config: ModelConfig, spec: _DecodeSpec, params: Params, token
   batch, plen = tokens.shape
   n = spec.max_new_tokens
   cache = _cache_after_prefix(config, batch, plen + n - 1, prefix_cache)
-  base = _prefix_slots(prefix_cache) + plen
-  logits, cache = prefill(params, config, tokens, mask, cache, base - plen)
+  pre = _prefix_slots(prefix_cache)
+  logits, cache = prefill(params, config, tokens, mask, cache, pre)
   if prefix_logits is not None:
     # An empty suffix leaves a pad in the last column: continue from the prefix.
     logits = jnp.where(mask[:, -1:], logits, prefix_logits)
   keys = _row_keys(seed, row_ids)
-  return _decode_loop(params, config, spec, cache, logits, base, active, keys)
+  return _decode_loop(params, config, spec, cache, logits, pre + plen, active, keys)
 
 
 def _prefix_slots(prefix_cache: Optional[Cache]) -> int:

@@ -103,9 +103,18 @@ class Decoder(nn.Module):
       mask = jnp.ones((batch, length), bool)
     mask = mask.astype(bool)
 
-    # A prefill into an empty cache (slot 0, a static index) reads nothing from it: its
-    # layers attend among the new tokens as without a cache and only return their keys.
-    fresh = cache is not None and isinstance(cache_index, (int, type(None))) and not cache_index
+    # Cache slots this call reads: those before a static (Python int) index (a prefill
+    # after a prefix, the continuation of a scored prompt), all S for a traced one (the
+    # decode loop, which masks the rest). A prefill into an empty cache (static slot 0)
+    # reads none: its layers attend among the new tokens as without a cache and only
+    # return their keys.
+    if cache is None:
+      read = None
+    elif isinstance(cache_index, (int, type(None))):
+      read = cache_index or 0
+    else:
+      read = cache["mask"].shape[1]
+    fresh = read == 0
     if cache is None or fresh:
       key_mask = mask                                          # [B, S=T]
       index = jnp.zeros((), jnp.int32)
@@ -116,16 +125,13 @@ class Decoder(nn.Module):
     else:
       index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, index, axis=1)
-      # Keys are the cache slots written before this call (all precede every query)
-      # followed by the T new tokens (causal among themselves). A static index reads only
-      # the slots before it (a prefill after a prefix, the continuation of a scored prompt);
-      # a traced one (the decode loop) reads all S and masks the rest.
-      slots = cache_index if isinstance(cache_index, int) else cache["mask"].shape[1]
-      written = cache["mask"][:, :slots] & (jnp.arange(slots)[None, :] < index)   # [B, S]
+      # Keys are the read cache slots written before this call (all precede every query)
+      # followed by the T new tokens (causal among themselves).
+      written = cache["mask"][:, :read] & (jnp.arange(read)[None, :] < index)   # [B, R]
       causal = jnp.tril(jnp.ones((length, length), bool))     # [T, T]
       attn_mask = jnp.concatenate(
-          [jnp.broadcast_to(written[:, None, :], (batch, length, slots)),
-           causal[None] & mask[:, None, :]], axis=2)           # [B, T, S + T]
+          [jnp.broadcast_to(written[:, None, :], (batch, length, read)),
+           causal[None] & mask[:, None, :]], axis=2)           # [B, T, R + T]
     # RoPE position of every slot = number of real tokens before it.
     slot_positions = jnp.cumsum(key_mask.astype(jnp.int32), axis=1) - 1
     positions = jax.lax.dynamic_slice_in_dim(slot_positions, index, length, axis=1)
@@ -137,12 +143,8 @@ class Decoder(nn.Module):
                       axes.EMBED))
 
     block_cls = _block_class(cfg)
-    layer_caches = None if cache is None else (cache["k"], cache["v"])
-    if fresh or (cache is not None and isinstance(cache_index, int)):
-      # The slots before a static index (none for a fresh prefill, which thus attends among
-      # its own tokens only; the layers learn the cache dtype from the empty slices).
-      read = 0 if fresh else cache_index
-      layer_caches = (cache["k"][:, :, :read], cache["v"][:, :, :read])
+    # The layers learn the cache dtype from the (possibly empty) slices.
+    layer_caches = None if cache is None else (cache["k"][:, :, :read], cache["v"][:, :, :read])
     if cfg.scan_layers:
       # The cache is a read-only scanned input; the new keys / values come out stacked
       # as [L, B, T, K, Dh] and are written below with one update (in place in a loop).

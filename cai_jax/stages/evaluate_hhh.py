@@ -47,7 +47,6 @@ same global mesh.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -56,7 +55,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from cai_jax import distributed, hhh
+from cai_jax import distributed, hhh, shards
 from cai_jax.configs import MeshConfig
 from cai_jax.stages import feedback
 
@@ -355,10 +354,10 @@ def run(data: str, model: str, mode: str = "mc", out_dir: str = "", template: st
       results += score_pm(chunk, pair_score)
   out = hhh.metrics(results)
 
-  fingerprint = json.dumps([[i["id"], i["category"], i.get("context"), i.get("messages"),
-                             i["candidates"], i["correct"]] for i in items])
+  fingerprint = [[i["id"], i["category"], i.get("context"), i.get("messages"),
+                  i["candidates"], i["correct"]] for i in items]
   config = {"data": data, "model": model, "mode": mode,
-            "items_sha256": hashlib.sha256(fingerprint.encode("utf-8")).hexdigest()[:16],
+            "items_sha256": shards.sha(fingerprint)[:16],
             "limit": limit, "seed": int(seed)}
   if mode == "mc":
     config.update(template=resolved, both_orders=bool(both_orders),

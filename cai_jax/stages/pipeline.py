@@ -80,6 +80,18 @@ def _under(path: str, root: str) -> bool:
   return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def common_dir(stage_dirs: Dict[str, str], root: str) -> str:
+  """The directory that every out_dir in {command: out_dir} lies under ('.' if none is
+  shared by relative paths). Raises a one-line ValueError naming pipeline.out_dir=root
+  when absolute and relative paths are mixed."""
+  dirs = [os.path.normpath(d) for d in stage_dirs.values()]
+  try:
+    return os.path.normpath(os.path.commonpath(dirs) or ".")
+  except ValueError:
+    raise ValueError(f"pipeline.out_dir={root!r}: the stages' out_dirs {sorted(set(dirs))} "
+                     "mix absolute and relative paths; bind each STAGE.out_dir instead") from None
+
+
 def relocate(stage_dirs: Dict[str, str], values: Dict[str, object], root: str,
              stages: Sequence[str]) -> Dict[str, object]:
   """The bindings that move the outputs of `stages` under `root`.
@@ -104,11 +116,7 @@ def relocate(stage_dirs: Dict[str, str], values: Dict[str, object], root: str,
   if not root or not stage_dirs:
     return {}
   dirs = {s: os.path.normpath(d) for s, d in stage_dirs.items()}
-  try:
-    common = os.path.normpath(os.path.commonpath(list(dirs.values())) or ".")
-  except ValueError:
-    raise ValueError(f"pipeline.out_dir={root!r}: the stages' out_dirs {sorted(dirs.values())} "
-                     "mix absolute and relative paths; bind each STAGE.out_dir instead") from None
+  common = common_dir(stage_dirs, root)
   root = os.path.normpath(root)
   if root == common:
     return {}

@@ -68,7 +68,6 @@ outputs equal those of a single-process run on the same mesh.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -275,10 +274,6 @@ def split_and_mix(ai: Sequence[dict], human: Sequence[dict], mix_ratio: float,
 # --------------------------------------------------------------------------------------
 
 
-def _fingerprint(obj: Any) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
-
-
 def check_rerun(out_dir: str, run_config: dict, stage: str = "pm",
                 filename: str = "pm_config.json") -> None:
   """Writes out_dir/<filename>, or refuses a rerun whose config differs from it (one line
@@ -374,7 +369,7 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
   config, params, tok = scalar_init(init_from, model_config)
 
   check_rerun(out_dir, {
-      "data": _fingerprint([train_set, heldout]), "pmp_data": _fingerprint(pmp) if pmp else None,
+      "data": shards.sha([train_set, heldout]), "pmp_data": shards.sha(pmp) if pmp else None,
       "init_from": init_from, "model": dataclasses.asdict(config), "chat_format": chat_format,
       "optimizer": dataclasses.asdict(optimizer), "train_config": train_config_key(train_config),
       "pmp_num_steps": pmp_num_steps if pmp else None})
