@@ -34,6 +34,7 @@ aborts.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -212,6 +213,7 @@ _ending = threading.Event()        # this process is ending a failed run (``clai
 _claim_lock = threading.Lock()
 _BARRIER_DIR = "cai_jax/barrier"   # BARRIER_DIR/<name hash>.<n> = processes arrived (a counter)
 _barrier_counts: dict = {}         # barrier name -> times this process passed it
+_watchers: list = []               # stop functions of the running ``watch_failures`` threads
 _barrier_last: list = []           # the counter key of this process's previous barrier
 
 
@@ -338,9 +340,10 @@ def watch_failures(on_peer_failure: Callable[[str], None], poll_s: float = 0.5
     return None
   import jax
   client, me = _client(), jax.process_index()   # no jax calls in the thread itself
+  stop = threading.Event()
 
   def watch():
-    while not _ending.wait(poll_s):
+    while not stop.wait(poll_s) and not _ending.is_set():
       try:
         found = client.key_value_dir_get(_FAILED_DIR)
       except Exception:   # the coordination service is gone; jax's own heartbeat reports it
@@ -353,7 +356,25 @@ def watch_failures(on_peer_failure: Callable[[str], None], poll_s: float = 0.5
 
   thread = threading.Thread(target=watch, name="cai_jax-failure-watch", daemon=True)
   thread.start()
+
+  def stop_watching(timeout_s: float = 10.0) -> None:
+    # A daemon thread that returns from a jaxlib call (GIL released) while the interpreter
+    # finalizes is ended by CPython inside C++ frames, which aborts the process ("FATAL:
+    # exception not rethrown") after a run that succeeded. Stop it before that, and before
+    # jax's own atexit shutdown (atexit runs handlers last registered first).
+    stop.set()
+    if thread is not threading.current_thread():
+      thread.join(timeout_s)
+
+  _watchers.append(stop_watching)
+  atexit.register(stop_watching)
   return thread
+
+
+def stop_watching_failures() -> None:
+  """Stops the threads of ``watch_failures`` and waits for them (also run at exit)."""
+  while _watchers:
+    _watchers.pop()()
 
 
 def report_failure(error: BaseException) -> None:
