@@ -297,10 +297,16 @@ def machine_line(m: Dict[str, Any]) -> str:
           f"{m['loadavg_at_end']} at end")
 
 
-def attention_label(attention_impl: Optional[str], backend: str) -> str:
-  """What attention a model config runs on `backend` (jax.default_backend()), for tables."""
-  if attention_impl:
-    return attention_impl
-  if backend == "cpu":
+def attention_label(cfg: Any) -> str:
+  """What attention a ModelConfig's training / scoring path runs on this backend, for
+  tables. Call after jax is initialised."""
+  import jax
+  ensure_repo_on_path()
+  from cai_jax.layers import fused_causal_impl
+  if cfg.attention_impl:
+    return cfg.attention_impl
+  if jax.default_backend() == "cpu":
     return "default (chunked causal on CPU for rows over 64 tokens)"
-  return "default (jax's choice)"
+  if fused_causal_impl(cfg) == "cudnn":
+    return "cudnn (default on a GPU in 16-bit)"
+  return "xla (default)"

@@ -5,13 +5,15 @@ Runs the three bench scripts one after another at the shapes the project's GPU t
 under ``--out``, and prints one table that puts cai_jax beside the transformers peer each
 script measured in the same run:
 
-  train_step  --preset tinyllama_1b --batch 8 --seq 2048 --remat full
+  train_step  --preset tinyllama_1b --batch 8 --seq 2048 --remat full (attention: the default,
+              cuDNN's fused causal kernel on a GPU in bfloat16)
   sample      --preset tinyllama_1b --dtype bfloat16 --device gpu --batch_sizes 1,32
               --max_new_tokens 64
   ppo_step    --preset tinyllama_1b --dtype bfloat16 --rollout_batch 64 --prompt_len 64
               --max_new_tokens 128 --epochs 4 --minibatches 4 (no peer: no ratio)
-  train_step_cudnn  bench/train_step.py as train_step with --attention cudnn --no-peer: the
-              fused causal attention kernel; its ratio is against train_step's peer
+  train_step_xla  bench/train_step.py as train_step with --attention xla --no-peer: XLA's
+              dense-mask attention instead of the fused kernel; its ratio is against
+              train_step's peer, and its final loss must match train_step's
 
 ``--quick`` runs the same scripts on the `tiny` preset with tiny shapes (a smoke test of the
 suite, about a minute on a 2-core CPU). Per bench, ``--out`` holds NAME.json (the script's
@@ -44,9 +46,9 @@ sys.path.insert(0, REPO_ROOT)
 from cai_jax.stages.pipeline import last_json_line  # noqa: E402  (no jax import)
 sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 import _presets  # noqa: E402  (no jax import)
-NAMES = ("train_step", "sample", "ppo_step", "train_step_cudnn")
+NAMES = ("train_step", "sample", "ppo_step", "train_step_xla")
 SCRIPTS = {"train_step": "train_step", "sample": "sample", "ppo_step": "ppo_step",
-           "train_step_cudnn": "train_step"}   # bench name -> bench/<script>.py
+           "train_step_xla": "train_step"}   # bench name -> bench/<script>.py
 
 # The project's GPU targets (bench/RESULTS.md): ratios are cai_jax / transformers tokens/s.
 TRAIN_RATIO_TARGET = 1.5
@@ -72,19 +74,18 @@ def bench_commands(quick: bool, device: str, python: str = "python3",
     only: the benches to run (a subset of NAMES).
   """
   if quick:
+    # On a GPU in bfloat16 the tiny train step takes cuDNN's fused attention by default.
+    gpu16 = ["--dtype", "bfloat16"] if device == "gpu" else []
     args = {
         "train_step": ["--preset", "tiny", "--batch", "2", "--seq", "32", "--steps", "2",
-                       "--warmup", "1"],
+                       "--warmup", "1"] + gpu16,
         "sample": ["--preset", "tiny", "--device", device, "--batch_sizes", "1,2",
                    "--max_new_tokens", "8", "--prompt_len", "8", "--repeats", "1"],
         "ppo_step": ["--preset", "tiny", "--rollout_batch", "2", "--prompt_len", "8",
                      "--max_new_tokens", "8", "--epochs", "1", "--minibatches", "1",
                      "--iterations", "1"],
-        # cuDNN needs a GPU and a 16-bit dtype; on the CPU the same run with XLA attention.
-        "train_step_cudnn": ["--preset", "tiny", "--batch", "2", "--seq", "32", "--steps", "2",
-                             "--warmup", "1", "--no-peer"] + (
-                                 ["--dtype", "bfloat16", "--attention", "cudnn"]
-                                 if device == "gpu" else ["--attention", "xla"]),
+        "train_step_xla": ["--preset", "tiny", "--batch", "2", "--seq", "32", "--steps", "2",
+                           "--warmup", "1", "--no-peer", "--attention", "xla"] + gpu16,
     }
   else:
     args = {
@@ -95,8 +96,8 @@ def bench_commands(quick: bool, device: str, python: str = "python3",
         "ppo_step": ["--preset", "tinyllama_1b", "--dtype", "bfloat16", "--rollout_batch", "64",
                      "--prompt_len", "64", "--max_new_tokens", "128", "--epochs", "4",
                      "--minibatches", "4"],
-        "train_step_cudnn": ["--preset", "tinyllama_1b", "--batch", "8", "--seq", "2048",
-                             "--remat", "full", "--attention", "cudnn", "--no-peer"],
+        "train_step_xla": ["--preset", "tinyllama_1b", "--batch", "8", "--seq", "2048",
+                           "--remat", "full", "--attention", "xla", "--no-peer"],
     }
   unknown = [n for n in only if n not in NAMES]
   if unknown:
@@ -143,8 +144,11 @@ def _train_rows(r: dict, targets: bool, name: str = "train_step",
   ours, peer = r.get("ours") or {}, r.get("peer") or fallback_peer or {}
   setting = (f"{r['preset']} {r['batch']}x{r['seq']}, remat {ours.get('remat', '?')}, "
              f"{ours.get('dtype', '?')}")
-  if ours.get("attention") == "cudnn":
+  attention = str(ours.get("attention", ""))
+  if attention.startswith("cudnn"):
     setting += ", cudnn attention"
+  elif attention.startswith("xla"):
+    setting += ", XLA attention"
   if "error" in ours:
     return [[name, setting, "tokens/s", f"error: {ours['error']}",
              _num(peer.get("tokens_per_s")), "n/a", "", ""]]

@@ -84,9 +84,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                       "on CPU); parameters and optimizer state stay in the preset's param_dtype")
   p.add_argument("--attention", default="preset", choices=("preset", "xla", "cudnn"),
                  help="jax.nn.dot_product_attention implementation of the four models (default: "
-                      "the preset's); 'cudnn' (GPU, 16-bit dtype) runs the fused causal kernel "
-                      "in the PM scoring, the rollout analysis and the updates (right-padded "
-                      "rows), not in the sampler's cached attention")
+                      "the preset's, which on a GPU in 16-bit is 'cudnn'); 'cudnn' runs the "
+                      "fused causal kernel in the PM scoring, the rollout analysis and the "
+                      "updates (right-padded rows), not in the sampler's cached attention")
   p.add_argument("--iterations", type=int, default=3,
                  help="timed iterations after the warm-up one (medians are reported)")
   p.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and sampling")
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
       "models": "policy (lm), reference (lm, copy of the policy), value (scalar), PM (scalar); "
                 "all on one device",
       "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-      "attention": _presets.attention_label(cfg.attention_impl, backend),
+      "attention": _presets.attention_label(cfg),
       "rollout_batch": b, "prompt_len": plen_in, "batch_prompt_columns": plen,
       "max_new_tokens": n, "iterations": args.iterations,
       "ppo": dataclasses.asdict(ppo),

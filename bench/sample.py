@@ -89,6 +89,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   p.add_argument("--repeats", type=int, default=3, help="timed runs per program (median)")
   p.add_argument("--check_tokens", type=int, default=16,
                  help="leading batch-1 tokens that must agree between the two sides")
+  p.add_argument("--scan_layers", default=None, action=argparse.BooleanOptionalAction,
+                 help="cai_jax's decoder blocks under nn.scan (default: the model's, on); "
+                      "--no-scan_layers unrolls them, one set of parameters per layer")
   p.add_argument("--no_decode_split", dest="decode_split", action="store_false",
                  help="skip the max_new_tokens=1 runs (no decode ms/step)")
   p.add_argument("--peer", default=True, action=argparse.BooleanOptionalAction,
@@ -157,6 +160,12 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
       args.model, args.preset, args.dtype, args.seed, args.prompt_len + args.max_new_tokens,
       "bench/sample.py")
   load_s = time.perf_counter() - t0
+  if args.scan_layers is not None and args.scan_layers != cfg.scan_layers:
+    from cai_jax import transformer
+    convert_layers = (transformer.stack_unrolled_params if args.scan_layers
+                      else transformer.unstack_scanned_params)
+    params = jax.block_until_ready(convert_layers(params, cfg.n_layers))
+    cfg = dataclasses.replace(cfg, scan_layers=args.scan_layers)
 
   need = args.prompt_len + args.max_new_tokens
   if need > cfg.max_seq_len:

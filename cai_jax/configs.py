@@ -55,10 +55,12 @@ class ModelConfig:
     attention_impl: 'xla' or 'cudnn': jax.nn.dot_product_attention implementation of the
       no-cache path (training, scoring) and of a prefill into an empty KV cache ('cudnn':
       cuDNN's fused padding-causal kernel for right-padded rows, XLA for other padding);
-      cached decoding uses its own einsum attention; None lets JAX choose, except that on the CPU
-      backend rows longer than ``layers.CAUSAL_CHUNK`` use
-      ``layers.chunked_causal_attention`` (blocks of queries that skip the masked upper
-      triangle: about 2x faster attention on a CPU).
+      cached decoding uses its own einsum attention. None picks per backend: on a GPU with
+      a 16-bit dtype, 'cudnn' for right-padded rows where the kernel takes the head width
+      (``layers.fused_causal_impl``; 2.6x the train step's XLA attention on an H200, see
+      bench/RESULTS.md), XLA otherwise; on the CPU backend, rows longer than
+      ``layers.CAUSAL_CHUNK`` use ``layers.chunked_causal_attention`` (blocks of queries
+      that skip the masked upper triangle: about 2x faster attention on a CPU).
   """
 
   vocab_size: int = 320

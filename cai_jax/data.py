@@ -16,12 +16,14 @@ import functools
 import gzip
 import json
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import grain
 import numpy as np
 
 from cai_jax import resources
+
+if TYPE_CHECKING:
+  import grain
 
 Example = Dict[str, Any]
 
@@ -181,7 +183,9 @@ class Batches:
 
   def dataset(self, rows: Optional[Sequence[int]] = None) -> grain.MapDataset:
     """Batches as a grain MapDataset: each element a dict of [len(rows) or batch_size, ...]
-    arrays (rows: ascending positions within every batch; None = all)."""
+    arrays (rows: ascending positions within every batch; None = all). grain is imported
+    here, so the readers above work where it is not installed."""
+    import grain
     order = grain.MapDataset.range(len(self.items)).shuffle(seed=self.seed)
     batches = order.repeat(self.num_epochs).batch(self.batch_size, drop_remainder=True)
     pick = None if rows is None else np.asarray(rows, np.int64)

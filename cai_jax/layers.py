@@ -8,7 +8,9 @@ Every parameter is created with logical axis names (see ``cai_jax.axes``).
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from typing import Optional, Tuple
 
 import flax.linen as nn
@@ -170,6 +172,30 @@ def chunked_cached_attention(q: Array, k_cache: Array, v_cache: Array, k: Array,
   return jnp.concatenate(outs, axis=1).astype(v.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def cudnn_capable() -> bool:
+  """Whether the default backend is CUDA on a GPU of compute capability 8.0 or later
+  (Ampere, Hopper, ...), where cuDNN's fused attention runs. False on a CPU or ROCm."""
+  if jax.default_backend() != "gpu":
+    return False
+  match = re.fullmatch(r"(\d+)\.(\d+)", str(getattr(jax.devices()[0], "compute_capability", "")))
+  return match is not None and int(match.group(1)) >= 8
+
+
+def fused_causal_impl(config: ModelConfig) -> Optional[str]:
+  """'cudnn' where right-padded causal attention (per-row key lengths) runs cuDNN's fused
+  kernel: attention_impl 'cudnn', or attention_impl None on a CUDA GPU that runs it
+  (``cudnn_capable``) with a 16-bit compute dtype and a head width the kernel takes on
+  every such GPU (a multiple of 8, at most 128). None otherwise (XLA, or the chunked
+  kernel on a CPU)."""
+  if config.attention_impl == "cudnn":
+    return "cudnn"
+  if (config.attention_impl is None and config.dtype in ("bfloat16", "float16")
+      and config.dim_per_head % 8 == 0 and config.dim_per_head <= 128 and cudnn_capable()):
+    return "cudnn"
+  return None
+
+
 def causal_key_mask(key_mask: Array) -> Array:
   """[B, T] key mask -> the dense [B, T, T] causal & key mask."""
   length = key_mask.shape[1]
@@ -234,8 +260,9 @@ class Attention(nn.Module):
       attn_mask: without a cache (or with one of S = 0 slots), causal attention among the
         T tokens, given as either [B] int32 key lengths: real tokens are a prefix of each
         row (right padding), query t attends keys t' <= t with t' < length; with
-        attention_impl 'cudnn' that is ``is_causal`` plus ``key_value_seq_lengths``,
-        cuDNN's fused kernel without a [T, T] mask or bias; or [B, T] bool, True at real
+        attention_impl 'cudnn' (and None on a GPU in 16-bit, see ``fused_causal_impl``)
+        that is ``is_causal`` plus ``key_value_seq_lengths``, cuDNN's fused kernel
+        without a [T, T] mask or bias; or [B, T] bool, True at real
         keys (any padding), query t attends real keys t' <= t. Either one, with
         attention_impl None on the CPU backend (T > CAUSAL_CHUNK), goes through
         ``chunked_causal_attention``, and otherwise through the equivalent dense mask
@@ -281,11 +308,11 @@ class Attention(nn.Module):
       if cfg.attention_impl is None and x.shape[1] > CAUSAL_CHUNK and on_cpu:
         attend = chunked_cached_attention   # a long chunk after cached ones: skip the triangle
       out = attend(q, k_cache.astype(dtype), v_cache.astype(dtype), k, v, attn_mask, scale)
-    elif attn_mask.ndim == 1 and cfg.attention_impl == "cudnn":
+    elif attn_mask.ndim == 1 and fused_causal_impl(cfg) == "cudnn":
       # Key lengths of right-padded rows: cuDNN's fused kernel with its padding-causal mask.
       out = jax.nn.dot_product_attention(
           q, k, v, is_causal=True, key_value_seq_lengths=attn_mask.astype(jnp.int32),
-          scale=scale, implementation=cfg.attention_impl)
+          scale=scale, implementation="cudnn")
     else:
       if attn_mask.ndim == 1:
         attn_mask = jnp.arange(x.shape[1])[None, :] < attn_mask[:, None]    # [B, T] keys

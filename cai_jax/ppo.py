@@ -13,7 +13,8 @@ from the logits at column s - 1 and the value V(s_j) of the state before it is t
 head's output at column s - 1. The heads run only at those N columns of each row, so
 neither [B, P + N, V] logits nor their softmax exist. Rows are right-padded (real tokens
 first), so the decoder runs with ``right_padded=True``: per-row key lengths and a causal
-mask, which is cuDNN's fused attention kernel under ``attention_impl='cudnn'``. A row's
+mask, which is cuDNN's fused attention kernel on a GPU in 16-bit
+(``layers.fused_causal_impl``). A row's
 numbers do not depend on the padding its batch needed.
 
 ``rollout`` turns a sampled batch plus the PM scores into everything an update needs:

@@ -11,7 +11,8 @@ real and not in its future, and RoPE positions count real tokens only, so paddin
 never changes the outputs at real tokens. ``right_padded=True`` promises that every
 row's real tokens come first (as ``cai_jax.data`` batches them for training): attention
 then takes a causal mask with per-row key lengths instead of a [B, T, T] mask, which
-lets ``attention_impl='cudnn'`` run its fused causal kernel; outputs are the same.
+lets cuDNN's fused causal kernel run (``attention_impl='cudnn'``, and the default on a GPU
+in 16-bit, see ``layers.fused_causal_impl``); outputs are the same.
 
 KV cache: ``init_cache`` gives ``{'k','v': [L, B, S, K, Dh], 'mask': [B, S] bool}``;
 calling with ``cache`` and ``cache_index`` writes the T new tokens at slots

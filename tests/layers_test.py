@@ -72,3 +72,28 @@ def test_chunked_cached_attention_equals_the_dense_cached_attention(slots, lengt
            for f in (chunked, dense)]
   for got, want in zip(*grads):
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("capable,impl,dtype,head_dim,want", [
+    (True, None, "bfloat16", 64, "cudnn"),      # the default on a CUDA GPU in 16-bit
+    (True, None, "float16", 128, "cudnn"),
+    (True, None, "float32", 64, None),          # cuDNN's flash kernel takes 16-bit only
+    (True, None, "bfloat16", 256, None),        # wider heads than every GPU's kernel takes
+    (True, None, "bfloat16", 36, None),         # not a multiple of 8
+    (True, "xla", "bfloat16", 64, None),        # an explicit choice wins
+    (False, None, "bfloat16", 64, None),        # a CPU, ROCm, or a GPU before Ampere
+    (False, "cudnn", "float32", 64, "cudnn"),   # explicit: jax's own error if unsupported
+])
+def test_fused_causal_impl_picks_cudnn_only_where_its_kernel_applies(
+    monkeypatch, capable, impl, dtype, head_dim, want):
+  from cai_jax.configs import ModelConfig
+  monkeypatch.setattr(layers, "cudnn_capable", lambda: capable)
+  cfg = ModelConfig(d_model=4 * head_dim, n_heads=4, n_kv_heads=2, dtype=dtype,
+                    attention_impl=impl)
+  assert layers.fused_causal_impl(cfg) == want
+
+
+def test_cudnn_capable_is_false_on_the_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU backend")
+  assert not layers.cudnn_capable()
