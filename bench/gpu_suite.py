@@ -1,6 +1,6 @@
-"""The GPU bench suite: train_step, sample and ppo_step in one call, one combined table.
+"""The GPU bench suite: train_step, sample, ppo_step and score in one call, one combined table.
 
-Runs the three bench scripts one after another at the shapes the project's GPU targets name
+Runs the bench scripts one after another at the shapes the project's GPU targets name
 (tinyllama_1b in bfloat16 on one device), each with ``--json``, keeps every script's output
 under ``--out``, and prints one table that puts cai_jax beside the transformers peer each
 script measured in the same run:
@@ -14,6 +14,12 @@ script measured in the same run:
   train_step_xla  bench/train_step.py as train_step with --attention xla --no-peer: XLA's
               dense-mask attention instead of the fused kernel; its ratio is against
               train_step's peer, and its final loss must match train_step's
+  score       --preset tinyllama_1b --dtype bfloat16 --device gpu (continuation scoring:
+              feedback labels, few-shot prefix, PPO log-probs)
+  sample_unrolled  sample with --no-scan_layers --no-peer: straight-line decoder layers
+  sample_cmdbuf    sample with --no-peer under XLA_FLAGS=--xla_gpu_enable_command_buffer=
+              FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE (the decode loop
+              in CUDA graphs); both decode variants are compared with sample's peer
 
 ``--quick`` runs the same scripts on the `tiny` preset with tiny shapes (a smoke test of the
 suite, about a minute on a 2-core CPU). Per bench, ``--out`` holds NAME.json (the script's
@@ -46,9 +52,15 @@ sys.path.insert(0, REPO_ROOT)
 from cai_jax.stages.pipeline import last_json_line  # noqa: E402  (no jax import)
 sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 import _presets  # noqa: E402  (no jax import)
-NAMES = ("train_step", "sample", "ppo_step", "train_step_xla")
+NAMES = ("train_step", "sample", "ppo_step", "train_step_xla", "score", "sample_unrolled",
+         "sample_cmdbuf")
 SCRIPTS = {"train_step": "train_step", "sample": "sample", "ppo_step": "ppo_step",
-           "train_step_xla": "train_step"}   # bench name -> bench/<script>.py
+           "train_step_xla": "train_step", "score": "score", "sample_unrolled": "sample",
+           "sample_cmdbuf": "sample"}   # bench name -> bench/<script>.py
+# Extra environment of a bench (on top of child_env).
+COMMAND_BUFFERS = ("--xla_gpu_enable_command_buffer="
+                   "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE")
+EXTRA_ENV = {"sample_cmdbuf": {"XLA_FLAGS": COMMAND_BUFFERS}}
 
 # The project's GPU targets (bench/RESULTS.md): ratios are cai_jax / transformers tokens/s.
 TRAIN_RATIO_TARGET = 1.5
@@ -60,6 +72,7 @@ class Bench(NamedTuple):
   name: str
   argv: List[str]   # run with cwd = the repository root
   device: str       # 'gpu' or 'cpu': the children's JAX_PLATFORMS / CUDA_VISIBLE_DEVICES
+  env: Dict[str, str] = {}   # extra environment (EXTRA_ENV)
 
 
 def bench_commands(quick: bool, device: str, python: str = "python3",
@@ -86,6 +99,7 @@ def bench_commands(quick: bool, device: str, python: str = "python3",
                      "--iterations", "1"],
         "train_step_xla": ["--preset", "tiny", "--batch", "2", "--seq", "32", "--steps", "2",
                            "--warmup", "1", "--no-peer", "--attention", "xla"] + gpu16,
+        "score": ["--preset", "tiny", "--device", device, "--rows", "4", "--repeats", "1"],
     }
   else:
     args = {
@@ -98,17 +112,25 @@ def bench_commands(quick: bool, device: str, python: str = "python3",
                      "--minibatches", "4"],
         "train_step_xla": ["--preset", "tinyllama_1b", "--batch", "8", "--seq", "2048",
                            "--remat", "full", "--attention", "xla", "--no-peer"],
+        "score": ["--preset", "tinyllama_1b", "--dtype", "bfloat16", "--device", device],
     }
+  args["sample_unrolled"] = args["sample"] + ["--no-scan_layers", "--no-peer"]
+  args["sample_cmdbuf"] = args["sample"] + ["--no-peer"]
   unknown = [n for n in only if n not in NAMES]
   if unknown:
     raise ValueError(f"--only: unknown bench {unknown[0]!r}; one of {', '.join(NAMES)}")
-  return [Bench(n, [python, f"bench/{SCRIPTS[n]}.py", *args[n], "--json"], device)
+  return [Bench(n, [python, f"bench/{SCRIPTS[n]}.py", *args[n], "--json"], device,
+                EXTRA_ENV.get(n, {}))
           for n in NAMES if n in only]
 
 
-def child_env(device: str, environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-  """The environment of a bench process: the repository on PYTHONPATH; on 'cpu' no GPU."""
+def child_env(device: str, environ: Optional[Dict[str, str]] = None,
+              extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+  """The environment of a bench process: the repository on PYTHONPATH; on 'cpu' no GPU;
+  `extra` on top (its XLA_FLAGS after any XLA_FLAGS already set)."""
   env = dict(os.environ if environ is None else environ)
+  for key, value in (extra or {}).items():
+    env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
   paths = [REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
   env["PYTHONPATH"] = os.pathsep.join(paths)
   env["PYTHONUNBUFFERED"] = "1"
@@ -182,40 +204,67 @@ def _loss_check_row(r: dict, base: dict, name: str) -> List[List[str]]:
            _met(abs(ours - theirs) <= LOSS_AGREEMENT)]]
 
 
-def _sample_rows(r: dict, targets: bool) -> List[List[str]]:
+SAMPLE_VARIANTS = {"sample_unrolled": "unrolled layers", "sample_cmdbuf": "command buffers"}
+
+
+def _sample_rows(r: dict, targets: bool, name: str = "sample",
+                 fallback_peer: Optional[dict] = None) -> List[List[str]]:
+  """Rows of one sample.py result; a run without a peer (--no-peer, the decode variants)
+  is compared with `fallback_peer` (sample's peer summary, same shape, same run) when given."""
   summary = r.get("summary") or {}
-  ours, peer = summary.get("ours") or {}, summary.get("peer") or {}
+  ours, peer = summary.get("ours") or {}, summary.get("peer") or fallback_peer or {}
   ratios = r.get("ratio") or {}
   base = f"{r['dtype']}, N {r['max_new_tokens']}"
+  if name in SAMPLE_VARIANTS:
+    base += f", {SAMPLE_VARIANTS[name]}"
   rows = []
   for b in r["batch_sizes"]:
     o, p, key = ours.get(str(b), {}), peer.get(str(b), {}), str(b)
     setting = f"batch {b}, {base}"
     ratio = ratios.get(key)
+    if ratio is None and o.get("tokens_per_s") and p.get("tokens_per_s"):
+      ratio = o["tokens_per_s"] / p["tokens_per_s"]
     target, met = "", ""
     if targets and b == 32:
       target = f">= {SAMPLE_BATCH32_RATIO_TARGET:g}x"
       met = _met(ratio >= SAMPLE_BATCH32_RATIO_TARGET) if ratio is not None else ""
-    rows.append(["sample", setting, "tokens/s", _num(o.get("tokens_per_s")),
+    rows.append([name, setting, "tokens/s", _num(o.get("tokens_per_s")),
                  _num(p.get("tokens_per_s")), _ratio(ratio), target, met])
     o_ms, p_ms = o.get("decode_ms_per_step"), p.get("decode_ms_per_step")
     target, met = "", ""
     if targets and b == 1:
       target = f"<= {SAMPLE_DECODE_MS_TARGET:g} ms"
       met = _met(o_ms <= SAMPLE_DECODE_MS_TARGET) if o_ms is not None else ""
-    rows.append(["sample", setting, "decode ms/step", _num(o_ms, ".3f"), _num(p_ms, ".3f"),
+    rows.append([name, setting, "decode ms/step", _num(o_ms, ".3f"), _num(p_ms, ".3f"),
                  _ratio(p_ms / o_ms if o_ms and p_ms else None), target, met])
   roof = (r.get("roofline") or {}).get("ms_per_step")
-  if roof is not None:
-    rows.append(["sample", f"batch 1, {base}", "HBM roofline ms/step", _num(roof, ".3f"), "", "",
+  if roof is not None and name not in SAMPLE_VARIANTS:
+    rows.append([name, f"batch 1, {base}", "HBM roofline ms/step", _num(roof, ".3f"), "", "",
                  "", ""])
   agree = r.get("agreement") or {}
   if agree.get("checked"):
     div = agree.get("first_divergence")
     text = "yes" if agree.get("agree_first") else "no"
     text += f" (first divergence at {div})" if div is not None else " (no divergence)"
-    rows.append(["sample", f"batch 1, first {agree.get('check_tokens')} ids", "greedy ids agree",
+    rows.append([name, f"batch 1, first {agree.get('check_tokens')} ids", "greedy ids agree",
                  text, "", "", "", ""])
+  return rows
+
+
+def _score_rows(r: dict) -> List[List[str]]:
+  """Rows of one score.py result: tokens/s per case, then the largest log-prob difference
+  between the two sides against the script's tolerance."""
+  rows = []
+  for case in r.get("cases_run", []):
+    c = (r.get("cases") or {}).get(case, {})
+    setting = (f"{case}, {r['dtype']}, {c.get('rows', '?')} rows x "
+               f"{c.get('prompt_len_max', '?')}+{c.get('continuation_len', '?')} tokens")
+    rows.append(["score", setting, "tokens/s", _num(c.get("ours_tokens_per_s")),
+                 _num(c.get("peer_tokens_per_s")), _ratio(c.get("ratio")), "", ""])
+  worst, tol = r.get("max_abs_diff"), r.get("tolerance")
+  if worst is not None:
+    rows.append(["score", f"all cases, {r['dtype']}", "max |d log p|", f"{worst:.2e}", "", "",
+                 f"<= {tol:g}", _met(worst <= tol)])
   return rows
 
 
@@ -255,8 +304,14 @@ def summary_rows(results: Dict[str, Dict[str, Any]], targets: bool) -> List[List
       rows += _train_rows(r, targets, name, base.get("peer") if same_shape else None)
       if name != "train_step" and same_shape:
         rows += _loss_check_row(r, base, name)
-    elif name == "sample":
-      rows += _sample_rows(r, targets)
+    elif SCRIPTS[name] == "sample":
+      base = (results.get("sample") or {}).get("result") or {}
+      same_shape = all(base.get(k) == r.get(k) for k in ("dtype", "max_new_tokens",
+                                                          "batch_sizes"))
+      fallback = (base.get("summary") or {}).get("peer") if same_shape else None
+      rows += _sample_rows(r, targets, name, fallback if name != "sample" else None)
+    elif name == "score":
+      rows += _score_rows(r)
     else:
       rows += _ppo_rows(r)
   return rows
@@ -287,7 +342,7 @@ def run_bench(bench: Bench, out_dir: str, timeout: Optional[float]) -> Dict[str,
   print(f"[gpu_suite] {bench.name}: {shlex.join(bench.argv)}", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
   with open(log_path, "w", encoding="utf-8") as log:
-    proc = subprocess.Popen(bench.argv, cwd=REPO_ROOT, env=child_env(bench.device), text=True,
+    proc = subprocess.Popen(bench.argv, cwd=REPO_ROOT, env=child_env(bench.device, extra=bench.env), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     chunks: List[str] = []
     err = threading.Thread(target=_pump, args=(proc.stderr, [log, sys.stderr]), daemon=True)
@@ -357,6 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.dry_run:
     for b in benches:
       env = " JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=" if b.device == "cpu" else ""
+      env += "".join(f" {k}={shlex.quote(v)}" for k, v in b.env.items())
       print(f"+{env} {shlex.join(b.argv)}")
     return 0
   out_dir = os.path.join(REPO_ROOT, args.out) if not os.path.isabs(args.out) else args.out

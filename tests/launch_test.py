@@ -259,7 +259,13 @@ def test_gpu_suite_dry_run_lines():
       "+ python3 bench/ppo_step.py --preset tinyllama_1b --dtype bfloat16 --rollout_batch 64 "
       "--prompt_len 64 --max_new_tokens 128 --epochs 4 --minibatches 4 --json",
       "+ python3 bench/train_step.py --preset tinyllama_1b --batch 8 --seq 2048 --remat full "
-      "--attention xla --no-peer --json"]
+      "--attention xla --no-peer --json",
+      "+ python3 bench/score.py --preset tinyllama_1b --dtype bfloat16 --device gpu --json",
+      "+ python3 bench/sample.py --preset tinyllama_1b --dtype bfloat16 --device gpu "
+      "--batch_sizes 1,32 --max_new_tokens 64 --no-scan_layers --no-peer --json",
+      "+ XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+      "CONDITIONAL,WHILE python3 bench/sample.py --preset tinyllama_1b --dtype bfloat16 "
+      "--device gpu --batch_sizes 1,32 --max_new_tokens 64 --no-peer --json"]
   cpu = "+ JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= python3"
   assert _lines(_bash("bench/gpu.sh", "--quick", "--dry-run", "--only=ppo_step,train_step",
                       PYTHON="python3")) == [
@@ -316,6 +322,40 @@ def test_gpu_suite_table_from_results():
   assert table[0].startswith("| bench      | setting ")
   assert table[2] == ("| train_step | " + setting + " | tokens/s | 66,000.0 | 44,000.0     "
                       "| 1.50x    | >= 1.5x | yes |")
+
+
+def test_gpu_suite_decode_variants_take_the_sample_peer_and_score_rows():
+  """sample_unrolled / sample_cmdbuf run without a peer and are compared with sample's peer
+  of the same shape; score gives one row per case and its log-prob agreement."""
+  suite = _suite()
+  peer = {"1": {"tokens_per_s": 40.0, "decode_ms_per_step": 50.0}}
+  sample = {"batch_sizes": [1], "max_new_tokens": 64, "dtype": "bfloat16", "ratio": {"1": 8.0},
+            "summary": {"ours": {"1": {"tokens_per_s": 320.0, "decode_ms_per_step": 2.5}},
+                        "peer": peer}}
+  unrolled = dict(sample, ratio=None, roofline={"ms_per_step": 0.5},
+                  summary={"ours": {"1": {"tokens_per_s": 400.0, "decode_ms_per_step": 1.25}}})
+  score = {"dtype": "bfloat16", "cases_run": ["feedback"], "tolerance": 0.5,
+           "max_abs_diff": 0.03,
+           "cases": {"feedback": {"rows": 16, "prompt_len_max": 402, "continuation_len": 3,
+                                  "ours_tokens_per_s": 3000.0, "peer_tokens_per_s": 1000.0,
+                                  "ratio": 3.0}}}
+  rows = suite.summary_rows({"sample": {"exit_code": 0, "result": sample},
+                             "sample_unrolled": {"exit_code": 0, "result": unrolled},
+                             "score": {"exit_code": 0, "result": score}}, True)
+  setting = "batch 1, bfloat16, N 64, unrolled layers"
+  assert rows[2:] == [
+      ["sample_unrolled", setting, "tokens/s", "400.0", "40.0", "10.00x", "", ""],
+      ["sample_unrolled", setting, "decode ms/step", "1.250", "50.000", "40.00x", "<= 2 ms",
+       "yes"],
+      ["score", "feedback, bfloat16, 16 rows x 402+3 tokens", "tokens/s", "3,000.0", "1,000.0",
+       "3.00x", "", ""],
+      ["score", "all cases, bfloat16", "max |d log p|", "3.00e-02", "", "", "<= 0.5", "yes"]]
+  other = dict(unrolled, max_new_tokens=32)       # another shape: no borrowed peer
+  rows = suite.summary_rows({"sample": {"exit_code": 0, "result": sample},
+                             "sample_cmdbuf": {"exit_code": 0, "result": other}}, True)
+  assert rows[2][3:6] == ["400.0", "n/a", "n/a"]
+  assert suite.child_env("gpu", {"XLA_FLAGS": "--a=1"}, suite.EXTRA_ENV["sample_cmdbuf"])[
+      "XLA_FLAGS"] == "--a=1 " + suite.COMMAND_BUFFERS
 
 
 def test_gpu_suite_ppo_rows_and_json_line():
