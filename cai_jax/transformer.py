@@ -124,7 +124,7 @@ class Decoder(nn.Module):
       if fresh:
         key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, 0, axis=1)
     else:
-      index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+      index = jnp.asarray(cache_index, jnp.int32)   # not None: None is fresh
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, index, axis=1)
       # Keys are the read cache slots written before this call (all precede every query)
       # followed by the T new tokens (causal among themselves).
