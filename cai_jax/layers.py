@@ -310,8 +310,11 @@ class Attention(nn.Module):
       out = attend(q, k_cache.astype(dtype), v_cache.astype(dtype), k, v, attn_mask, scale)
     elif attn_mask.ndim == 1 and fused_causal_impl(cfg) == "cudnn":
       # Key lengths of right-padded rows: cuDNN's fused kernel with its padding-causal mask.
+      # A row with no real token (length 0, which nothing reads) attends its first column,
+      # so its outputs stay finite as on the other paths rather than 0 / 0.
       out = jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, key_value_seq_lengths=attn_mask.astype(jnp.int32),
+          q, k, v, is_causal=True,
+          key_value_seq_lengths=jnp.maximum(attn_mask.astype(jnp.int32), 1),
           scale=scale, implementation="cudnn")
     else:
       if attn_mask.ndim == 1:
