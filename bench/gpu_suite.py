@@ -129,14 +129,14 @@ def child_env(device: str, environ: Optional[Dict[str, str]] = None,
   """The environment of a bench process: the repository on PYTHONPATH; on 'cpu' no GPU;
   `extra` on top (its XLA_FLAGS after any XLA_FLAGS already set)."""
   env = dict(os.environ if environ is None else environ)
-  for key, value in (extra or {}).items():
-    env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
   paths = [REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
   env["PYTHONPATH"] = os.pathsep.join(paths)
   env["PYTHONUNBUFFERED"] = "1"
   if device == "cpu":
     env["JAX_PLATFORMS"] = "cpu"
     env["CUDA_VISIBLE_DEVICES"] = ""
+  for key, value in (extra or {}).items():
+    env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
   return env
 
 
@@ -153,6 +153,14 @@ def _pct(fraction: Optional[float]) -> str:
 
 def _ratio(x: Optional[float]) -> str:
   return "n/a" if x is None else f"{x:.2f}x"
+
+
+def _throughput_ratio(ratio: Optional[float], ours: dict, peer: dict) -> Optional[float]:
+  """`ratio` as the script reported it, else ours / peer tokens/s where both are known (a
+  run without a peer compared with another bench's peer)."""
+  if ratio is None and peer.get("tokens_per_s") and ours.get("tokens_per_s"):
+    return ours["tokens_per_s"] / peer["tokens_per_s"]
+  return ratio
 
 
 def _met(ok: Optional[bool]) -> str:
@@ -174,9 +182,7 @@ def _train_rows(r: dict, targets: bool, name: str = "train_step",
   if "error" in ours:
     return [[name, setting, "tokens/s", f"error: {ours['error']}",
              _num(peer.get("tokens_per_s")), "n/a", "", ""]]
-  ratio = r.get("ratio")
-  if ratio is None and peer.get("tokens_per_s") and ours.get("tokens_per_s"):
-    ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
+  ratio = _throughput_ratio(r.get("ratio"), ours, peer)
   target = f">= {TRAIN_RATIO_TARGET:g}x" if targets else ""
   met = _met(ratio >= TRAIN_RATIO_TARGET) if targets and ratio is not None else ""
   peer_tps = (f"error: {peer['error']}" if "error" in peer else _num(peer.get("tokens_per_s")))
@@ -221,9 +227,7 @@ def _sample_rows(r: dict, targets: bool, name: str = "sample",
   for b in r["batch_sizes"]:
     o, p, key = ours.get(str(b), {}), peer.get(str(b), {}), str(b)
     setting = f"batch {b}, {base}"
-    ratio = ratios.get(key)
-    if ratio is None and o.get("tokens_per_s") and p.get("tokens_per_s"):
-      ratio = o["tokens_per_s"] / p["tokens_per_s"]
+    ratio = _throughput_ratio(ratios.get(key), o, p)
     target, met = "", ""
     if targets and b == 32:
       target = f">= {SAMPLE_BATCH32_RATIO_TARGET:g}x"
@@ -309,7 +313,7 @@ def summary_rows(results: Dict[str, Dict[str, Any]], targets: bool) -> List[List
       same_shape = all(base.get(k) == r.get(k) for k in ("dtype", "max_new_tokens",
                                                           "batch_sizes"))
       fallback = (base.get("summary") or {}).get("peer") if same_shape else None
-      rows += _sample_rows(r, targets, name, fallback if name != "sample" else None)
+      rows += _sample_rows(r, targets, name, fallback)
     elif name == "score":
       rows += _score_rows(r)
     else:
@@ -342,8 +346,9 @@ def run_bench(bench: Bench, out_dir: str, timeout: Optional[float]) -> Dict[str,
   print(f"[gpu_suite] {bench.name}: {shlex.join(bench.argv)}", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
   with open(log_path, "w", encoding="utf-8") as log:
-    proc = subprocess.Popen(bench.argv, cwd=REPO_ROOT, env=child_env(bench.device, extra=bench.env), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(bench.argv, cwd=REPO_ROOT, env=child_env(bench.device, extra=bench.env),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     chunks: List[str] = []
     err = threading.Thread(target=_pump, args=(proc.stderr, [log, sys.stderr]), daemon=True)
     out = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
@@ -411,8 +416,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   if args.dry_run:
     for b in benches:
-      env = " JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=" if b.device == "cpu" else ""
-      env += "".join(f" {k}={shlex.quote(v)}" for k, v in b.env.items())
+      # What child_env sets beyond the repository on PYTHONPATH and unbuffered output.
+      shown = child_env(b.device, environ={}, extra=b.env)
+      env = "".join(f" {k}={shlex.quote(v) if v else ''}" for k, v in shown.items()
+                    if k not in ("PYTHONPATH", "PYTHONUNBUFFERED"))
       print(f"+{env} {shlex.join(b.argv)}")
     return 0
   out_dir = os.path.join(REPO_ROOT, args.out) if not os.path.isabs(args.out) else args.out
