@@ -16,7 +16,9 @@ script measured in the same run:
               train_step's peer, and its final loss must match train_step's
   score       --preset tinyllama_1b --dtype bfloat16 --device gpu (continuation scoring:
               feedback labels, few-shot prefix, PPO log-probs)
-  sample_unrolled  sample with --no-scan_layers --no-peer: straight-line decoder layers
+  sample_scan_decode  sample with --no-unroll_decode --no-peer: the decode loop scans the
+              stacked layers (each step slices every layer's weights out of them) instead of
+              running them unrolled over slices made once per batch (sample's default on a GPU)
   sample_cmdbuf    sample with --no-peer under XLA_FLAGS=--xla_gpu_enable_command_buffer=
               FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE (the decode loop
               in CUDA graphs); both decode variants are compared with sample's peer
@@ -52,10 +54,10 @@ sys.path.insert(0, REPO_ROOT)
 from cai_jax.stages.pipeline import last_json_line  # noqa: E402  (no jax import)
 sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 import _presets  # noqa: E402  (no jax import)
-NAMES = ("train_step", "sample", "ppo_step", "train_step_xla", "score", "sample_unrolled",
+NAMES = ("train_step", "sample", "ppo_step", "train_step_xla", "score", "sample_scan_decode",
          "sample_cmdbuf")
 SCRIPTS = {"train_step": "train_step", "sample": "sample", "ppo_step": "ppo_step",
-           "train_step_xla": "train_step", "score": "score", "sample_unrolled": "sample",
+           "train_step_xla": "train_step", "score": "score", "sample_scan_decode": "sample",
            "sample_cmdbuf": "sample"}   # bench name -> bench/<script>.py
 # Extra environment of a bench (on top of child_env).
 COMMAND_BUFFERS = ("--xla_gpu_enable_command_buffer="
@@ -114,7 +116,7 @@ def bench_commands(quick: bool, device: str, python: str = "python3",
                            "--remat", "full", "--attention", "xla", "--no-peer"],
         "score": ["--preset", "tinyllama_1b", "--dtype", "bfloat16", "--device", device],
     }
-  args["sample_unrolled"] = args["sample"] + ["--no-scan_layers", "--no-peer"]
+  args["sample_scan_decode"] = args["sample"] + ["--no-unroll_decode", "--no-peer"]
   args["sample_cmdbuf"] = args["sample"] + ["--no-peer"]
   unknown = [n for n in only if n not in NAMES]
   if unknown:
@@ -210,7 +212,7 @@ def _loss_check_row(r: dict, base: dict, name: str) -> List[List[str]]:
            _met(abs(ours - theirs) <= LOSS_AGREEMENT)]]
 
 
-SAMPLE_VARIANTS = {"sample_unrolled": "unrolled layers", "sample_cmdbuf": "command buffers"}
+SAMPLE_VARIANTS = {"sample_scan_decode": "scanned decode loop", "sample_cmdbuf": "command buffers"}
 
 
 def _sample_rows(r: dict, targets: bool, name: str = "sample",

@@ -92,6 +92,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   p.add_argument("--scan_layers", default=None, action=argparse.BooleanOptionalAction,
                  help="cai_jax's decoder blocks under nn.scan (default: the model's, on); "
                       "--no-scan_layers unrolls them, one set of parameters per layer")
+  p.add_argument("--unroll_decode", default=None, action=argparse.BooleanOptionalAction,
+                 help="cai_jax's decode loop over per-layer weight slices (on) or the scan "
+                      "over the stacked layers (--no-unroll_decode); default: "
+                      "ModelConfig.unroll_decode's rule, unrolled on a GPU only")
   p.add_argument("--no_decode_split", dest="decode_split", action="store_false",
                  help="skip the max_new_tokens=1 runs (no decode ms/step)")
   p.add_argument("--peer", default=True, action=argparse.BooleanOptionalAction,
@@ -166,6 +170,8 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
                       else transformer.unstack_scanned_params)
     params = jax.block_until_ready(convert_layers(params, cfg.n_layers))
     cfg = dataclasses.replace(cfg, scan_layers=args.scan_layers)
+  if args.unroll_decode is not None:
+    cfg = dataclasses.replace(cfg, unroll_decode=args.unroll_decode)
 
   need = args.prompt_len + args.max_new_tokens
   if need > cfg.max_seq_len:
@@ -184,7 +190,8 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
 
   dev = jax.devices()[0]
   _log(f"jax {jax.__version__} on {dev.device_kind} ({backend}); {source}: {n_params:,} params, "
-       f"{param_bytes / 1e9:.3f} GB {cfg.param_dtype}; load {load_s:.1f} s, save_hf {save_s:.1f} s")
+       f"{param_bytes / 1e9:.3f} GB {cfg.param_dtype}; load {load_s:.1f} s, save_hf {save_s:.1f} s; "
+       f"decode loop {'unrolled' if sampler.unrolled_decode(cfg) else 'as the layers'}")
 
   runs = []
   tokens_b1 = None
@@ -219,6 +226,7 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "source": source,
       "model_config": dataclasses.asdict(cfg),
+      "unrolled_decode": sampler.unrolled_decode(cfg),
       "params": n_params,
       "param_bytes": param_bytes,
       "load_s": load_s, "save_hf_s": save_s,
@@ -359,7 +367,8 @@ def print_table(out: Dict[str, Any]) -> None:
         f"prompt {out['prompt_len']} tokens, N = {out['max_new_tokens']} new tokens per row "
         f"(greedy, EOS off), warm-up + median of {out['repeats']}")
   print(_presets.machine_line(out["machine"]))
-  print(f"cai_jax: {ours['framework']} on {ours['device']}"
+  print(f"cai_jax: {ours['framework']} on {ours['device']}, scan_layers {cfg['scan_layers']}, "
+        f"decode loop {'unrolled' if ours['unrolled_decode'] else 'as the layers'}"
         + (f", XLA_FLAGS={ours['xla_flags']!r}" if ours["xla_flags"] else ""))
   if peer:
     print(f"transformers: {peer['framework']} on {peer['device']}, torch.get_num_threads() = "

@@ -61,6 +61,15 @@ class ModelConfig:
       bench/RESULTS.md), XLA otherwise; on the CPU backend, rows longer than
       ``layers.CAUSAL_CHUNK`` use ``layers.chunked_causal_attention`` (blocks of queries
       that skip the masked upper triangle: about 2x faster attention on a CPU).
+    unroll_decode: how the sampler's decode loop runs the blocks of a scanned model
+      (scan_layers True). True: unrolled, over per-layer weight arrays sliced once per
+      sampled batch before the loop (one more copy of the layer weights in memory while a
+      batch samples); False: the scan, whose every step slices each layer's weights out of
+      the stacked arrays. None picks per backend: True on a GPU, where XLA copies the
+      slices that feed its GEMM kernels in every decode step (each MLP matrix read three
+      times instead of once) and launches about 9 more kernels per layer (see
+      bench/RESULTS.md), False elsewhere. Prefill, scoring and training always follow
+      scan_layers.
   """
 
   vocab_size: int = 320
@@ -84,6 +93,7 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: Optional[str] = None
+  unroll_decode: Optional[bool] = None
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -100,6 +110,9 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
     dtype_from_name(self.param_dtype)
     dtype_from_name(self.dtype)
+    if self.unroll_decode not in (None, True, False):
+      raise ValueError(f"ModelConfig.unroll_decode={self.unroll_decode!r}; expected None, "
+                       "True or False")
 
   @property
   def dim_per_head(self) -> int:

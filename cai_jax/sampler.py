@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from cai_jax import axes, distributed, models, sharding
 from cai_jax.configs import ModelConfig
-from cai_jax.transformer import Cache, init_cache
+from cai_jax.transformer import Cache, init_cache, unstack_scanned_params
 
 Array = jax.Array
 Params = Any
@@ -256,12 +256,65 @@ def _stop_hit(out_tokens: Array, step: Array, stop_sequences) -> Array:
   return hit
 
 
+def unrolled_decode(config: ModelConfig) -> bool:
+  """Whether the decode loop of a model with `config` runs its blocks unrolled
+  (``ModelConfig.unroll_decode``; None: on a GPU backend). False when the model is not
+  scanned (its blocks are unrolled already)."""
+  if not config.scan_layers:
+    return False
+  if config.unroll_decode is None:
+    return jax.default_backend() == "gpu"
+  return config.unroll_decode
+
+
+def _reverse_dims(x: Array) -> Array:
+  return jnp.transpose(x, tuple(reversed(range(x.ndim))))
+
+
+def decode_model(params: Params, config: ModelConfig, batch: int
+                 ) -> Tuple[Params, ModelConfig, Callable[[Params], Params]]:
+  """What the decode loop of `batch` rows runs: (stored, config, view), the model's params
+  being ``view(stored)``, traced inside the loop body.
+
+  Without ``unrolled_decode(config)``: the params themselves and the identity. With it:
+  per-layer slices of the stacked layer weights, made where this is traced (outside the
+  loop: once per sampled batch), and the unrolled config. At batch 1 each block's
+  projection kernel is also stored with its dims reversed (a column-major copy, behind an
+  optimization barrier so XLA keeps it) and ``view`` reverses them back, which XLA does by a
+  change of layout: a batch-1 step multiplies a vector by each kernel, which XLA's GPU
+  compiler rewrites as an elementwise multiply and a sum over the contracted dims; with
+  those dims minor in memory the two fuse into one kernel that reads the weights once
+  (row-major, the multiply first writes a weight-sized product). Larger batches run GEMMs
+  on the row-major slices (reversed ones would cost transposes in every step).
+  Same outputs either way; the cache layout [L, B, S, K, Dh] does not change.
+  """
+  if not unrolled_decode(config):
+    return params, config, lambda stored: stored
+  unrolled = unstack_scanned_params(params, config.n_layers)
+  config = dataclasses.replace(config, scan_layers=False)
+  if batch != 1:
+    return unrolled, config, lambda stored: stored
+  layer_names = [f"layers_{i}" for i in range(config.n_layers)]
+
+  def on_kernels(fn, node):
+    return {k: (jax.tree_util.tree_map(fn, v) if k == "kernel" else
+                on_kernels(fn, v) if isinstance(v, Mapping) else v) for k, v in node.items()}
+
+  def map_kernels(fn, tree):
+    return {**tree, **{name: on_kernels(fn, tree[name]) for name in layer_names}}
+
+  stored = jax.lax.optimization_barrier(map_kernels(_reverse_dims, unrolled))
+  return stored, config, functools.partial(map_kernels, _reverse_dims)
+
+
 def _decode_loop(params: Params, config: ModelConfig, spec: _DecodeSpec, cache: Cache,
                  logits: Array, base: int, active: Array, keys: Array) -> Dict[str, Array]:
   """Samples up to N tokens per row, the first from `logits` [B, V].
 
-  Token t is fed back at cache slot base + t. Rows with active False start done.
+  Token t is fed back at cache slot base + t. Rows with active False start done. The
+  blocks run as ``decode_model`` says.
   """
+  stored, config, view = decode_model(params, config, logits.shape[0])
   batch = logits.shape[0]
   n = spec.max_new_tokens
   eos = jnp.asarray(spec.eos_ids if spec.eos_ids else (-1,), jnp.int32)
@@ -305,7 +358,7 @@ def _decode_loop(params: Params, config: ModelConfig, spec: _DecodeSpec, cache: 
   def body(carry):
     step, cache, state = carry
     prev = jax.lax.dynamic_slice_in_dim(state["tokens"], step - 1, 1, axis=1)[:, 0]
-    logits, cache = decode_step(params, config, cache, prev, base + step - 1)
+    logits, cache = decode_step(view(stored), config, cache, prev, base + step - 1)
     return step + 1, cache, pick(state, logits, step)
 
   _, _, state = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), cache, state))

@@ -19,9 +19,12 @@ calling with ``cache`` and ``cache_index`` writes the T new tokens at slots
 [cache_index, cache_index + T) and returns ``(output, new_cache)``. The layers only
 read the cache (queries attend to the slots written before cache_index plus the T new
 tokens); their new keys / values, [L, B, T, K, Dh], are written with one
-``dynamic_update_slice`` per tensor. With ``scan_layers`` XLA performs it in place
-when the cache is a loop carry or a donated buffer (no copy of the cache per decode
-step); the unrolled layers read the cache outside any loop, and XLA copies it there.
+``dynamic_update_slice`` per tensor, which XLA performs in place when the cache is a loop
+carry or a donated buffer. Each layer reads its own slice of the cache; inside the
+sampler's decode loop XLA copies those slices every step, scanned or unrolled (the
+cache's size per step, small beside the weights at decode lengths; see
+``bench/decode_kernels.py``). The sampler's decode loop may run a scanned model's blocks
+unrolled (``ModelConfig.unroll_decode``, ``sampler.decode_model``).
 """
 
 from __future__ import annotations

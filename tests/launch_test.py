@@ -262,7 +262,7 @@ def test_gpu_suite_dry_run_lines():
       "--attention xla --no-peer --json",
       "+ python3 bench/score.py --preset tinyllama_1b --dtype bfloat16 --device gpu --json",
       "+ python3 bench/sample.py --preset tinyllama_1b --dtype bfloat16 --device gpu "
-      "--batch_sizes 1,32 --max_new_tokens 64 --no-scan_layers --no-peer --json",
+      "--batch_sizes 1,32 --max_new_tokens 64 --no-unroll_decode --no-peer --json",
       "+ XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
       "CONDITIONAL,WHILE python3 bench/sample.py --preset tinyllama_1b --dtype bfloat16 "
       "--device gpu --batch_sizes 1,32 --max_new_tokens 64 --no-peer --json"]
@@ -325,14 +325,14 @@ def test_gpu_suite_table_from_results():
 
 
 def test_gpu_suite_decode_variants_take_the_sample_peer_and_score_rows():
-  """sample_unrolled / sample_cmdbuf run without a peer and are compared with sample's peer
+  """sample_scan_decode / sample_cmdbuf run without a peer and are compared with sample's peer
   of the same shape; score gives one row per case and its log-prob agreement."""
   suite = _suite()
   peer = {"1": {"tokens_per_s": 40.0, "decode_ms_per_step": 50.0}}
   sample = {"batch_sizes": [1], "max_new_tokens": 64, "dtype": "bfloat16", "ratio": {"1": 8.0},
             "summary": {"ours": {"1": {"tokens_per_s": 320.0, "decode_ms_per_step": 2.5}},
                         "peer": peer}}
-  unrolled = dict(sample, ratio=None, roofline={"ms_per_step": 0.5},
+  variant = dict(sample, ratio=None, roofline={"ms_per_step": 0.5},
                   summary={"ours": {"1": {"tokens_per_s": 400.0, "decode_ms_per_step": 1.25}}})
   score = {"dtype": "bfloat16", "cases_run": ["feedback"], "tolerance": 0.5,
            "max_abs_diff": 0.03,
@@ -340,17 +340,17 @@ def test_gpu_suite_decode_variants_take_the_sample_peer_and_score_rows():
                                   "ours_tokens_per_s": 3000.0, "peer_tokens_per_s": 1000.0,
                                   "ratio": 3.0}}}
   rows = suite.summary_rows({"sample": {"exit_code": 0, "result": sample},
-                             "sample_unrolled": {"exit_code": 0, "result": unrolled},
+                             "sample_scan_decode": {"exit_code": 0, "result": variant},
                              "score": {"exit_code": 0, "result": score}}, True)
-  setting = "batch 1, bfloat16, N 64, unrolled layers"
+  setting = "batch 1, bfloat16, N 64, scanned decode loop"
   assert rows[2:] == [
-      ["sample_unrolled", setting, "tokens/s", "400.0", "40.0", "10.00x", "", ""],
-      ["sample_unrolled", setting, "decode ms/step", "1.250", "50.000", "40.00x", "<= 2 ms",
+      ["sample_scan_decode", setting, "tokens/s", "400.0", "40.0", "10.00x", "", ""],
+      ["sample_scan_decode", setting, "decode ms/step", "1.250", "50.000", "40.00x", "<= 2 ms",
        "yes"],
       ["score", "feedback, bfloat16, 16 rows x 402+3 tokens", "tokens/s", "3,000.0", "1,000.0",
        "3.00x", "", ""],
       ["score", "all cases, bfloat16", "max |d log p|", "3.00e-02", "", "", "<= 0.5", "yes"]]
-  other = dict(unrolled, max_new_tokens=32)       # another shape: no borrowed peer
+  other = dict(variant, max_new_tokens=32)       # another shape: no borrowed peer
   rows = suite.summary_rows({"sample": {"exit_code": 0, "result": sample},
                              "sample_cmdbuf": {"exit_code": 0, "result": other}}, True)
   assert rows[2][3:6] == ["400.0", "n/a", "n/a"]

@@ -286,6 +286,78 @@ def test_sharded_greedy_matches_unsharded(params, prompts):
     np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-4)
 
 
+UNROLLED, SCANNED = (dataclasses.replace(CFG, unroll_decode=u) for u in (True, False))
+
+
+@pytest.mark.parametrize("batch_size,sp", [(1, GREEDY), (4, GREEDY), (4, T1)])
+def test_unrolled_decode_matches_scanned(params, prompts, batch_size, sp):
+  """The decode loop over per-layer weight slices (reversed kernels at batch 1) generates
+  what the scanned loop does; both share the scanned params and the prefill."""
+  base = _generate(params, prompts, sp, batch_size=batch_size, config=SCANNED)
+  res = _generate(params, prompts, sp, batch_size=batch_size, config=UNROLLED)
+  for r in range(len(prompts)):
+    np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
+    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-5)
+    np.testing.assert_allclose(res.sampling_logprobs[r], base.sampling_logprobs[r], atol=1e-5)
+
+
+def test_unrolled_decode_on_a_mesh(params, prompts):
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  rules = sharding.rules_for("fsdp_tp")
+  base = _generate(params, prompts[:2], batch_size=1, config=SCANNED)
+  res = _generate(params, prompts[:2], batch_size=1, config=UNROLLED, mesh=mesh, rules=rules)
+  for r in range(2):
+    np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
+    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-4)
+
+
+def _decode_loop_body(config, batch):
+  """The jaxpr of the decode while-loop's body in one batch program (prompt bucket 8)."""
+  spec = sampler._DecodeSpec.of(GREEDY)
+  p = models.abstract_params(config)
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  jaxpr = jax.make_jaxpr(functools.partial(sampler._batch_program, config, spec))(
+      p, i32(batch, 8), jax.ShapeDtypeStruct((batch, 8), bool),
+      jax.ShapeDtypeStruct((batch,), bool), i32(batch), jax.ShapeDtypeStruct((), jnp.uint32),
+      None, None)
+  loops = [e for e in jaxpr.eqns if e.primitive.name == "while"]
+  assert len(loops) == 1, [e.primitive.name for e in jaxpr.eqns]
+  return loops[0].params["body_jaxpr"].jaxpr
+
+
+def _primitives(jaxpr):
+  """Names of the primitives in a jaxpr and in the jaxprs its equations hold (loop bodies,
+  cond branches, pjit / remat calls)."""
+  names = set()
+  for e in jaxpr.eqns:
+    names.add(e.primitive.name)
+    for value in e.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)          # a ClosedJaxpr holds its Jaxpr
+        if hasattr(sub, "eqns"):
+          names |= _primitives(sub)
+  return names
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_unrolled_decode_loop_has_no_layer_scan(batch):
+  """Unrolled, the decode step holds no scan over the stacked layers (whose every step
+  slices each layer's weights out of them); the scanned one does."""
+  assert "scan" in _primitives(_decode_loop_body(SCANNED, batch))
+  assert "scan" not in _primitives(_decode_loop_body(UNROLLED, batch))
+
+
+def test_unroll_decode_default_is_gpu_only(monkeypatch):
+  assert not sampler.unrolled_decode(CFG)            # this CPU
+  assert sampler.unrolled_decode(UNROLLED) and not sampler.unrolled_decode(SCANNED)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert sampler.unrolled_decode(CFG)
+  assert not sampler.unrolled_decode(dataclasses.replace(CFG, scan_layers=False))
+  assert not sampler.unrolled_decode(SCANNED)
+  with pytest.raises(ValueError, match="unroll_decode"):
+    ModelConfig(unroll_decode="yes")
+
+
 # --- scoring -----------------------------------------------------------------------------
 
 

@@ -18,7 +18,8 @@ from cai_jax import data, model_dir, train
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, dtype_from_name
 
 # Fields of ModelConfig that change how a model runs, not what it is.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+                  "unroll_decode")
 
 
 def load_initial(init_from: str, model: ModelConfig) -> Tuple[ModelConfig, Any, Any]:
