@@ -250,7 +250,9 @@ def compile_batch_program(cfg, batch: int, prompt_len: int, max_new_tokens: int,
   def spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
 
-  params = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype), models.abstract_params(cfg))
+  import flax.linen as nn
+  params = jax.tree_util.tree_map(lambda a: spec(a.shape, a.dtype),
+                                  nn.meta.unbox(models.abstract_params(cfg)))
   decode = sampler._DecodeSpec.of(sampler.SamplingParams(temperature=0.0,
                                                          max_new_tokens=max_new_tokens))
   program = jax.jit(functools.partial(sampler._batch_program, cfg, decode))

@@ -172,6 +172,7 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = dataclasses.replace(cfg, scan_layers=args.scan_layers)
   if args.unroll_decode is not None:
     cfg = dataclasses.replace(cfg, unroll_decode=args.unroll_decode)
+  cfg = sampler.resolve_unroll_decode(cfg, params)     # what generate decides, for the report
 
   need = args.prompt_len + args.max_new_tokens
   if need > cfg.max_seq_len:
@@ -191,7 +192,7 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
   dev = jax.devices()[0]
   _log(f"jax {jax.__version__} on {dev.device_kind} ({backend}); {source}: {n_params:,} params, "
        f"{param_bytes / 1e9:.3f} GB {cfg.param_dtype}; load {load_s:.1f} s, save_hf {save_s:.1f} s; "
-       f"decode loop {'unrolled' if sampler.unrolled_decode(cfg) else 'as the layers'}")
+       f"decode loop {'scanned' if cfg.scan_layers and not sampler.unrolled_decode(cfg) else 'unrolled'}")
 
   runs = []
   tokens_b1 = None
@@ -368,7 +369,7 @@ def print_table(out: Dict[str, Any]) -> None:
         f"(greedy, EOS off), warm-up + median of {out['repeats']}")
   print(_presets.machine_line(out["machine"]))
   print(f"cai_jax: {ours['framework']} on {ours['device']}, scan_layers {cfg['scan_layers']}, "
-        f"decode loop {'unrolled' if ours['unrolled_decode'] else 'as the layers'}"
+        f"decode loop {'scanned' if cfg['scan_layers'] and not ours['unrolled_decode'] else 'unrolled'}"
         + (f", XLA_FLAGS={ours['xla_flags']!r}" if ours["xla_flags"] else ""))
   if peer:
     print(f"transformers: {peer['framework']} on {peer['device']}, torch.get_num_threads() = "

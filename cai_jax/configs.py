@@ -67,9 +67,10 @@ class ModelConfig:
       batch samples); False: the scan, whose every step slices each layer's weights out of
       the stacked arrays. None picks per backend: True on a GPU, where XLA copies the
       slices that feed its GEMM kernels in every decode step (each MLP matrix read three
-      times instead of once) and launches about 9 more kernels per layer (see
-      bench/RESULTS.md), False elsewhere. Prefill, scoring and training always follow
-      scan_layers.
+      times instead of once) and launches about 12 more kernels per layer (see
+      bench/RESULTS.md), unless the copy would take more than half of the device's free
+      memory (``sampler.resolve_unroll_decode``); False elsewhere. Prefill, scoring and
+      training always follow scan_layers.
   """
 
   vocab_size: int = 320

@@ -258,13 +258,37 @@ def _stop_hit(out_tokens: Array, step: Array, stop_sequences) -> Array:
 
 def unrolled_decode(config: ModelConfig) -> bool:
   """Whether the decode loop of a model with `config` runs its blocks unrolled
-  (``ModelConfig.unroll_decode``; None: on a GPU backend). False when the model is not
-  scanned (its blocks are unrolled already)."""
+  (``ModelConfig.unroll_decode``; None: on a GPU backend, see ``resolve_unroll_decode``).
+  False when the model is not scanned (its blocks are unrolled already)."""
   if not config.scan_layers:
     return False
   if config.unroll_decode is None:
     return jax.default_backend() == "gpu"
   return config.unroll_decode
+
+
+def _free_device_bytes() -> Optional[int]:
+  """Free bytes of the first local device's allocator (None where jax does not say)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats or "bytes_in_use" not in stats:
+    return None
+  return int(stats["bytes_limit"]) - int(stats["bytes_in_use"])
+
+
+def resolve_unroll_decode(config: ModelConfig, params: Params) -> ModelConfig:
+  """`config` with ``unroll_decode`` decided for these (placed) params. An explicit value
+  and an unscanned model stay as they are. None becomes True on a GPU where the unrolled
+  decode's copy of the layer weights (their bytes on one device) takes at most half of that
+  device's free memory, and False otherwise (another backend, or too little room)."""
+  if config.unroll_decode is not None or not config.scan_layers:
+    return config
+  unroll = jax.default_backend() == "gpu"
+  if unroll:
+    copy = sum(x.addressable_shards[0].data.nbytes if isinstance(x, jax.Array) else x.nbytes
+               for x in jax.tree_util.tree_leaves(params["layers"]))
+    free = _free_device_bytes()
+    unroll = free is None or copy <= free // 2
+  return dataclasses.replace(config, unroll_decode=unroll)
 
 
 def _reverse_dims(x: Array) -> Array:
@@ -569,7 +593,8 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
 
   Args:
     params: LM parameters (plain arrays) of ``config``.
-    config: the model's ModelConfig.
+    config: the model's ModelConfig (``unroll_decode`` None is decided per call by
+      ``resolve_unroll_decode``).
     prompts: token-id lists (non-empty unless a prefix is given). With a prefix they
       are the per-prompt suffixes: the model sees prefix + prompt.
     sampling: SamplingParams (everything but the seed is compiled in).
@@ -619,6 +644,7 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
 
   with _mesh_context(mesh, rules):
     params = models.place_params(params, config, mesh, rules)
+    config = resolve_unroll_decode(config, params)
     batch_fn = _jitted("batch", config, spec, mesh, rules)
     prefix_cache = prefix_logits = None
     if prefix:

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -314,7 +315,7 @@ def test_unrolled_decode_on_a_mesh(params, prompts):
 def _decode_loop_body(config, batch):
   """The jaxpr of the decode while-loop's body in one batch program (prompt bucket 8)."""
   spec = sampler._DecodeSpec.of(GREEDY)
-  p = models.abstract_params(config)
+  p = nn.meta.unbox(models.abstract_params(config))
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   jaxpr = jax.make_jaxpr(functools.partial(sampler._batch_program, config, spec))(
       p, i32(batch, 8), jax.ShapeDtypeStruct((batch, 8), bool),
@@ -356,6 +357,19 @@ def test_unroll_decode_default_is_gpu_only(monkeypatch):
   assert not sampler.unrolled_decode(SCANNED)
   with pytest.raises(ValueError, match="unroll_decode"):
     ModelConfig(unroll_decode="yes")
+
+
+def test_unroll_decode_needs_room_for_the_weight_copy(params, monkeypatch):
+  """generate's choice for unroll_decode None: a GPU with at least twice the layer weights'
+  bytes free (or no memory figures) unrolls; less room, or a CPU, keeps the scan."""
+  copy = sum(x.nbytes for x in jax.tree_util.tree_leaves(params["layers"]))
+  assert not sampler.resolve_unroll_decode(CFG, params).unroll_decode
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  for free, want in ((None, True), (2 * copy, True), (2 * copy - 1, False), (copy, False)):
+    monkeypatch.setattr(sampler, "_free_device_bytes", lambda free=free: free)
+    assert sampler.resolve_unroll_decode(CFG, params).unroll_decode is want, free
+  assert sampler.resolve_unroll_decode(UNROLLED, params) is UNROLLED
+  assert sampler.resolve_unroll_decode(SCANNED, params) is SCANNED
 
 
 # --- scoring -----------------------------------------------------------------------------
