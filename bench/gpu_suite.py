@@ -14,6 +14,10 @@ script measured in the same run:
   train_step_xla  bench/train_step.py as train_step with --attention xla --no-peer: XLA's
               dense-mask attention instead of the fused kernel; its ratio is against
               train_step's peer, and its final loss must match train_step's
+  train_step_noremat  bench/train_step.py as train_step with --remat none (both sides:
+              transformers without gradient checkpointing): no recomputed forward pass,
+              which fits in memory now that the fused kernel keeps no [T, T] scores; its
+              final loss must match train_step's
   score       --preset tinyllama_1b --dtype bfloat16 --device gpu (continuation scoring:
               feedback labels, few-shot prefix, PPO log-probs)
   sample_scan_decode  sample with --no-unroll_decode --no-peer: the decode loop scans the
@@ -24,7 +28,7 @@ script measured in the same run:
               in CUDA graphs); both decode variants are compared with sample's peer
 
 ``--quick`` runs the same scripts on the `tiny` preset with tiny shapes (a smoke test of the
-suite, about a minute on a 2-core CPU). Per bench, ``--out`` holds NAME.json (the script's
+suite, about a minute and a half on a 2-core CPU). Per bench, ``--out`` holds NAME.json (the script's
 JSON line), NAME.log (its stderr); then suite.json (commands, exit codes, seconds, every
 result) and summary.md (the table). The exit status is 1 when a bench failed or printed no
 JSON, else 0.
@@ -54,10 +58,10 @@ sys.path.insert(0, REPO_ROOT)
 from cai_jax.stages.pipeline import last_json_line  # noqa: E402  (no jax import)
 sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 import _presets  # noqa: E402  (no jax import)
-NAMES = ("train_step", "sample", "ppo_step", "train_step_xla", "score", "sample_scan_decode",
-         "sample_cmdbuf")
+NAMES = ("train_step", "sample", "ppo_step", "train_step_xla", "train_step_noremat", "score",
+         "sample_scan_decode", "sample_cmdbuf")
 SCRIPTS = {"train_step": "train_step", "sample": "sample", "ppo_step": "ppo_step",
-           "train_step_xla": "train_step", "score": "score", "sample_scan_decode": "sample",
+           "train_step_xla": "train_step", "train_step_noremat": "train_step", "score": "score", "sample_scan_decode": "sample",
            "sample_cmdbuf": "sample"}   # bench name -> bench/<script>.py
 # Extra environment of a bench (on top of child_env).
 COMMAND_BUFFERS = ("--xla_gpu_enable_command_buffer="
@@ -101,6 +105,8 @@ def bench_commands(quick: bool, device: str, python: str = "python3",
                      "--iterations", "1"],
         "train_step_xla": ["--preset", "tiny", "--batch", "2", "--seq", "32", "--steps", "2",
                            "--warmup", "1", "--no-peer", "--attention", "xla"] + gpu16,
+        "train_step_noremat": ["--preset", "tiny", "--batch", "2", "--seq", "32", "--steps",
+                               "2", "--warmup", "1", "--no-peer", "--remat", "none"] + gpu16,
         "score": ["--preset", "tiny", "--device", device, "--rows", "4", "--repeats", "1"],
     }
   else:
@@ -114,6 +120,8 @@ def bench_commands(quick: bool, device: str, python: str = "python3",
                      "--minibatches", "4"],
         "train_step_xla": ["--preset", "tinyllama_1b", "--batch", "8", "--seq", "2048",
                            "--remat", "full", "--attention", "xla", "--no-peer"],
+        "train_step_noremat": ["--preset", "tinyllama_1b", "--batch", "8", "--seq", "2048",
+                               "--remat", "none"],
         "score": ["--preset", "tinyllama_1b", "--dtype", "bfloat16", "--device", device],
     }
   args["sample_scan_decode"] = args["sample"] + ["--no-unroll_decode", "--no-peer"]

@@ -260,6 +260,8 @@ def test_gpu_suite_dry_run_lines():
       "--prompt_len 64 --max_new_tokens 128 --epochs 4 --minibatches 4 --json",
       "+ python3 bench/train_step.py --preset tinyllama_1b --batch 8 --seq 2048 --remat full "
       "--attention xla --no-peer --json",
+      "+ python3 bench/train_step.py --preset tinyllama_1b --batch 8 --seq 2048 --remat none "
+      "--json",
       "+ python3 bench/score.py --preset tinyllama_1b --dtype bfloat16 --device gpu --json",
       "+ python3 bench/sample.py --preset tinyllama_1b --dtype bfloat16 --device gpu "
       "--batch_sizes 1,32 --max_new_tokens 64 --no-unroll_decode --no-peer --json",
@@ -415,13 +417,13 @@ def test_gpu_suite_xla_row_takes_the_train_step_peer():
 
 @pytest.mark.slow
 def test_gpu_suite_quick_runs(tmp_path):
-  """The whole --quick suite on the CPU (about a minute on 2 idle cores)."""
+  """The whole --quick suite on the CPU (about a minute and a half on 2 idle cores)."""
   suite = _suite()
   proc = _bash("bench/gpu.sh", "--quick", "--out", str(tmp_path), timeout=900,
                PYTHON=sys.executable)
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads((tmp_path / "suite.json").read_text())
-  assert list(record["benches"]) == ["train_step", "sample", "ppo_step", "train_step_cudnn"]
+  assert list(record["benches"]) == list(suite.NAMES)
   for name, res in record["benches"].items():
     assert res["exit_code"] == 0 and res["result"]["bench"] == suite.SCRIPTS[name]
   rows = [[c.strip() for c in line.strip("|").split("|")]
@@ -432,9 +434,12 @@ def test_gpu_suite_quick_runs(tmp_path):
   assert ["train_step", "tiny 2x32, remat none, float32", "tokens/s"] in metrics
   assert ["sample", "batch 2, float32, N 8", "tokens/s"] in metrics
   assert ["ppo_step", "tiny float32, B 2, P 8, N 8, K 1, M 1", "iteration s"] in metrics
-  check = [r for r in rows if r[:3] == ["train_step_cudnn", "same data and init as train_step",
-                                        "final loss"]]
-  assert len(check) == 1 and check[0][-1] == "yes", rows
+  for variant in ("train_step_xla", "train_step_noremat"):
+    check = [r for r in rows if r[:3] == [variant, "same data and init as train_step",
+                                          "final loss"]]
+    assert len(check) == 1 and check[0][-1] == "yes", rows
+  assert ["sample_scan_decode", "batch 2, float32, N 8, scanned decode loop",
+          "tokens/s"] in metrics
   train = record["benches"]["train_step"]["result"]
   assert rows[1][3] == f"{train['ours']['tokens_per_s']:,.1f}"
 
