@@ -290,12 +290,14 @@ def test_sharded_greedy_matches_unsharded(params, prompts):
 UNROLLED, SCANNED = (dataclasses.replace(CFG, unroll_decode=u) for u in (True, False))
 
 
-@pytest.mark.parametrize("batch_size,sp", [(1, GREEDY), (4, GREEDY), (4, T1)])
-def test_unrolled_decode_matches_scanned(params, prompts, batch_size, sp):
+@pytest.mark.parametrize("batch_size,sp,prefix", [(1, GREEDY, None), (4, GREEDY, None),
+                                                  (4, T1, None), (1, T1, [5, 6, 7])])
+def test_unrolled_decode_matches_scanned(params, prompts, batch_size, sp, prefix):
   """The decode loop over per-layer weight slices (reversed kernels at batch 1) generates
-  what the scanned loop does; both share the scanned params and the prefill."""
-  base = _generate(params, prompts, sp, batch_size=batch_size, config=SCANNED)
-  res = _generate(params, prompts, sp, batch_size=batch_size, config=UNROLLED)
+  what the scanned loop does; both share the scanned params and the prefill (and a shared
+  prefix's cache)."""
+  base = _generate(params, prompts, sp, batch_size=batch_size, config=SCANNED, prefix=prefix)
+  res = _generate(params, prompts, sp, batch_size=batch_size, config=UNROLLED, prefix=prefix)
   for r in range(len(prompts)):
     np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
     np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-5)
