@@ -45,38 +45,6 @@ from typing import Any, Dict, List, Optional, Tuple
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _presets  # noqa: E402  (no jax import)
 
-# gpu_device_info of the deviceless targets (XLA's GpuTargetConfig text format). Numbers from
-# the vendors' data sheets (SXM parts); they steer XLA's fusion and tiling heuristics.
-_DEVICE_INFO = """gpu_device_info {{
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: {bandwidth}
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: {memory}
-  shared_memory_per_block_optin: 232448
-  cuda_compute_capability {{ major: 9 }}
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-dnn_version_info {{ major: 9 minor: 10 }}
-runtime_version {{ major: 13 minor: 0 patch: 0 }}
-device_description_str: "{name}"
-"""
-TARGETS = {
-    "h100": dict(name="NVIDIA H100 80GB HBM3", bandwidth=3_350_000_000_000, memory=85_520_000_000),
-    "h200": dict(name="NVIDIA H200", bandwidth=4_800_000_000_000, memory=150_000_000_000),
-}
-
 # Instructions that launch nothing: a computation's plumbing and control flow (a while loop's
 # body is counted by itself).
 _FREE_OPS = frozenset({"parameter", "get-tuple-element", "tuple", "constant", "bitcast",
@@ -205,7 +173,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  help=f"gin/models preset (one of {_presets.available()}; default tinyllama_1b)")
   p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
                  help="parameter and compute dtype (default bfloat16)")
-  p.add_argument("--target", default="h200", choices=sorted(TARGETS), help="GPU to compile for")
+  p.add_argument("--target", default="h200", choices=("a100", "h100", "h200"),
+                 help="GPU to compile for (default h200)")
   p.add_argument("--batch_sizes", default="1,32", help="rows of the batch program (default 1,32)")
   p.add_argument("--prompt_len", type=int, default=64, help="prompt bucket P (default 64)")
   p.add_argument("--max_new_tokens", type=int, default=64, help="N (default 64)")
@@ -225,17 +194,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def _deviceless_mesh(target: str):
   """A one-device mesh of the target GPU, from the CUDA plugin, with no GPU attached."""
   import jax
-  from jax.experimental import topologies
+  import numpy as np
+
+  from cai_jax import deviceless
   try:
-    topo = topologies.get_topology_desc(
-        platform="cuda", target_config=_DEVICE_INFO.format(**TARGETS[target]),
-        topology="1x1x1")
-  except Exception as e:   # noqa: BLE001  (no plugin: NotImplementedError, RuntimeError, ...)
-    raise SystemExit(
-        f"bench/decode_kernels.py: cannot compile for a CUDA target ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}); it needs the JAX CUDA plugin of jax "
-        f"{jax.__version__}, see --help") from None
-  return topologies.make_mesh(topo, (1,), ("x",))
+    devices = deviceless.gpu_devices(target, 1)
+  except RuntimeError as e:
+    raise SystemExit(f"bench/decode_kernels.py: {e}") from None
+  return jax.sharding.Mesh(np.array(devices), ("x",))
 
 
 def compile_batch_program(cfg, batch: int, prompt_len: int, max_new_tokens: int, mesh):
@@ -278,7 +244,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   by = {(r["batch"], r["decode_loop"]): r for r in rows}
   ratio = {str(b): by[b, "scanned"]["kernels_per_step"] / by[b, "unrolled"]["kernels_per_step"]
            for b in args.batches}
-  return {"preset": args.preset, "dtype": args.dtype, "target": TARGETS[args.target]["name"],
+  from cai_jax import deviceless
+  return {"preset": args.preset, "dtype": args.dtype,
+          "target": deviceless.GPU_TARGETS[args.target]["name"],
           "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
           "jax": jax.__version__, "rows": rows, "kernel_ratio": ratio}
 
@@ -298,10 +266,13 @@ def print_table(out: Dict[str, Any]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
   args = parse_args(argv)
-  # No GPU is used: the CUDA plugin compiles for the target, the host runs nothing on it.
-  os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
-  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   _presets.ensure_repo_on_path()
+  from cai_jax import deviceless   # no jax import
+  # No GPU is used: the CUDA plugin compiles for the target, the host runs nothing on it.
+  env = deviceless.environ(os.environ)
+  for key in set(os.environ) - set(env):
+    del os.environ[key]
+  os.environ.update(env)
   out = run(args)
   if args.json:
     print(json.dumps(out))

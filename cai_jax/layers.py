@@ -182,16 +182,17 @@ def cudnn_capable() -> bool:
   return match is not None and int(match.group(1)) >= 8
 
 
-def fused_causal_impl(config: ModelConfig) -> Optional[str]:
+def fused_causal_impl(config: ModelConfig, capable: Optional[bool] = None) -> Optional[str]:
   """'cudnn' where right-padded causal attention (per-row key lengths) runs cuDNN's fused
   kernel: attention_impl 'cudnn', or attention_impl None on a CUDA GPU that runs it
-  (``cudnn_capable``) with a 16-bit compute dtype and a head width the kernel takes on
-  every such GPU (a multiple of 8, at most 128). None otherwise (XLA, or the chunked
-  kernel on a CPU)."""
+  (`capable`, default ``cudnn_capable()``: this process's backend) with a 16-bit compute
+  dtype and a head width the kernel takes on every such GPU (a multiple of 8, at most 128).
+  None otherwise (XLA, or the chunked kernel on a CPU)."""
   if config.attention_impl == "cudnn":
     return "cudnn"
   if (config.attention_impl is None and config.dtype in ("bfloat16", "float16")
-      and config.dim_per_head % 8 == 0 and config.dim_per_head <= 128 and cudnn_capable()):
+      and config.dim_per_head % 8 == 0 and config.dim_per_head <= 128
+      and (cudnn_capable() if capable is None else capable)):
     return "cudnn"
   return None
 

@@ -30,7 +30,10 @@ The compile runs in a child process (``python -m cai_jax.plan --request=-``) bec
 fake-device count must be set before JAX creates its CPU backend. The CPU compiler's
 fusion and buffer assignment stand in for the TPU / GPU compiler's: argument sizes are
 exact, temporaries are an estimate that runs high for bf16 compute (the CPU backend widens
-bf16 arithmetic to f32 and can keep f32 copies of large bf16 buffers).
+bf16 arithmetic to f32 and can keep f32 copies of large bf16 buffers). For a GPU topology,
+``compiler='gpu'`` compiles with XLA's GPU compiler for that GPU instead, on a machine
+without one (``cai_jax.deviceless``: the JAX CUDA plugin installed, nothing run), so the
+temporaries are the GPU compiler's own (cuDNN attention, its fusions and buffer reuse).
 
 ``python -m cai_jax.plan --docs`` writes the markdown table of docs/PLAN.md.
 """
@@ -84,11 +87,13 @@ class Topology:
     name: the name as given, lower-cased (e.g. 'v5p-256').
     devices: number of JAX devices (chips; a TPU v4 / v5p chip has 2 TensorCores).
     hbm_gib: device memory per chip, GiB (nominal capacity).
+    gpu: the GPU kind of an h100xN / h200xN / a100xN cluster, None for a TPU slice.
   """
 
   name: str
   devices: int
   hbm_gib: float
+  gpu: Optional[str] = None   # 'h100', 'h200', 'a100' for a GPU cluster (``deviceless``)
 
   @property
   def hbm_bytes(self) -> int:
@@ -111,7 +116,8 @@ def parse_topology(name: str) -> Topology:
     if n < 1 or devices != int(devices):
       raise ValueError(f"topology {name!r}: N counts {unit} and must be a positive"
                        f"{' even' if per != 1 else ''} number")
-    return Topology(text, int(devices), hbm)
+    gpu = re.match(r"(h100|h200|a100)x", text)
+    return Topology(text, int(devices), hbm, gpu.group(1) if gpu else None)
   raise ValueError(f"unknown topology {name!r}; accepted forms: {TOPOLOGY_FORMS}")
 
 
@@ -512,38 +518,68 @@ def _job(model_config: ModelConfig, mesh: MeshConfig, train_config: TrainConfig,
           "prune": bool(prune)}
 
 
-def _run_job(job: Dict[str, Any]) -> Dict[str, Any]:
+def gpu_model_config(model: ModelConfig, gpu: str) -> ModelConfig:
+  """`model` as a run on GPU kind `gpu` resolves it: attention_impl None becomes 'cudnn'
+  where ``layers.fused_causal_impl`` takes cuDNN's fused kernel on that GPU (compute
+  capability 8.0 or later, 16-bit, a head width it takes). A deviceless compile needs this:
+  its process's backend is the CPU, which would keep XLA's attention."""
+  from cai_jax import deviceless, layers
+  capable = deviceless.GPU_TARGETS[gpu]["cc_major"] >= 8
+  if model.attention_impl is None and layers.fused_causal_impl(model, capable) == "cudnn":
+    return dataclasses.replace(model, attention_impl="cudnn")
+  return model
+
+
+def _run_job(job: Dict[str, Any], devices: Sequence[Any], gpu: Optional[str] = None
+             ) -> Dict[str, Any]:
+  """Plans one job on `devices`; for a deviceless GPU compile (`gpu`) the model config as
+  that GPU resolves it (``gpu_model_config``)."""
+  model = ModelConfig(**job["model"])
+  if gpu:
+    model = gpu_model_config(model, gpu)
   return plan_on_devices(
-      ModelConfig(**job["model"]), MeshConfig(**job["mesh"]), job["hbm_bytes"],
+      model, MeshConfig(**job["mesh"]), job["hbm_bytes"],
       TrainConfig(**job["train"]), PPOConfig(**job["ppo"]), OptimizerConfig(**job["optimizer"]),
-      job["stages"], job["microbatches"], job["prompt_len"], prune=job["prune"])
+      job["stages"], job["microbatches"], job["prompt_len"], devices=devices, prune=job["prune"])
 
 
 def serve(request: Dict[str, Any]) -> Dict[str, Any]:
-  """Evaluates a request in this process: {devices, groups: [[job, ...], ...]}.
+  """Evaluates a request in this process: {devices, groups: [[job, ...], ...], gpu}; gpu
+  (optional) names the GPU kind to compile for without one (``deviceless``), else the
+  process's own (fake CPU) devices are used.
 
   The jobs of a group are tried in order and the group stops at the first whose stages
   all fit. Returns {results: [[job result, ...] per group]}.
   """
   import jax
-  have = len(jax.devices())
-  if have != request["devices"]:
-    raise RuntimeError(f"plan: JAX sees {have} devices, the request needs {request['devices']} "
-                       "(XLA_FLAGS / JAX_NUM_CPU_DEVICES were not applied)")
+  if request.get("gpu"):
+    from cai_jax import deviceless
+    devices = deviceless.gpu_devices(request["gpu"], request["devices"])
+  else:
+    devices = jax.devices()
+    if len(devices) != request["devices"]:
+      raise RuntimeError(f"plan: JAX sees {len(devices)} devices, the request needs "
+                         f"{request['devices']} (XLA_FLAGS / JAX_NUM_CPU_DEVICES were not applied)")
   results = []
   for group in request["groups"]:
     done = []
     for job in group:
-      done.append(_run_job(job))
+      done.append(_run_job(job, devices, request.get("gpu")))
       if done[-1]["fits"]:
         break
     results.append(done)
   return {"results": results}
 
 
-def child_env(devices: int) -> Dict[str, str]:
-  """Environment of a child process that sees `devices` fake CPU devices."""
+def child_env(devices: int, gpu: Optional[str] = None) -> Dict[str, str]:
+  """Environment of a child process that sees `devices` fake CPU devices, or with `gpu`
+  one that compiles for absent GPUs (``deviceless.environ``)."""
   env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (resources.IMPORT_ROOT, env.get("PYTHONPATH"))
+                                      if p)
+  if gpu:
+    from cai_jax import deviceless
+    return deviceless.environ(env)
   flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", ""))
   flags = f"{flags.strip()} --xla_force_host_platform_device_count={devices}".strip()
   if "xla_backend_optimization_level" not in flags:
@@ -552,8 +588,6 @@ def child_env(devices: int) -> Dict[str, str]:
   env["XLA_FLAGS"] = flags
   env["JAX_NUM_CPU_DEVICES"] = str(devices)
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (resources.IMPORT_ROOT, env.get("PYTHONPATH"))
-                                      if p)
   return env
 
 
@@ -564,7 +598,7 @@ def _call_child(request: Dict[str, Any]) -> Dict[str, Any]:
   """
   proc = subprocess.Popen([sys.executable, "-m", "cai_jax.plan", "--request=-"],
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=child_env(request["devices"]))
+                          text=True, env=child_env(request["devices"], request.get("gpu")))
   tail: collections.deque = collections.deque(maxlen=20)
 
   def pump():
@@ -639,17 +673,43 @@ def _model_summary(config: ModelConfig) -> Dict[str, Any]:
           "remat_policy": config.remat_policy}
 
 
+COMPILERS = ("cpu", "gpu")
+
+
+def _request(topo: Topology, groups: List[List[Dict[str, Any]]], compiler: str) -> Dict[str, Any]:
+  """The child's request: the job groups, and for compiler 'gpu' the GPU kind to compile for.
+  ValueError for an unknown compiler, or 'gpu' with a TPU topology."""
+  if compiler not in COMPILERS:
+    raise ValueError(f"plan: compiler={compiler!r}; expected one of {COMPILERS}")
+  if compiler == "gpu" and topo.gpu is None:
+    raise ValueError(f"plan: compiler='gpu' needs a GPU topology (h100xN, h200xN, a100xN), "
+                     f"got {topo.name!r}")
+  request: Dict[str, Any] = {"devices": topo.devices, "groups": groups}
+  if compiler == "gpu":
+    request["gpu"] = topo.gpu
+  return request
+
+
+def compiler_label(topo: Topology, compiler: str) -> str:
+  """What compiled the plan, for its table."""
+  if compiler == "gpu":
+    from cai_jax import deviceless
+    return f"XLA's GPU compiler for {deviceless.GPU_TARGETS[topo.gpu]['name']} (no GPU attached)"
+  return f"XLA's CPU compiler on {topo.devices} fake devices (temporaries estimated)"
+
+
 def suggest_mesh(topology: str, model_config: ModelConfig = ModelConfig(),
                  train_config: TrainConfig = TrainConfig(), ppo: PPOConfig = PPOConfig(),
                  stages: Sequence[str] = STAGES, microbatches: Optional[int] = None,
                  optimizer: OptimizerConfig = OptimizerConfig(), prompt_len: Optional[int] = None,
                  hbm_gib: Optional[float] = None,
-                 exclude: Sequence[Tuple[Tuple[int, int, int], int]] = ()) -> Optional[Dict[str, Any]]:
+                 exclude: Sequence[Tuple[Tuple[int, int, int], int]] = (),
+                 compiler: str = "cpu") -> Optional[Dict[str, Any]]:
   """The first of ``mesh_candidates`` (each as asked, then with one sequence per batch shard
   per microbatch when sl / pm are planned) on which every stage fits, or None.
 
-  exclude: (mesh dims, microbatches) pairs already known not to fit. Returns a job result
-  ({mesh, rules, microbatches, stages, fits}) of one compile process.
+  exclude: (mesh dims, microbatches) pairs already known not to fit. compiler: as ``run``.
+  Returns a job result ({mesh, rules, microbatches, stages, fits}) of one compile process.
   """
   topo = parse_topology(topology)
   hbm = int((hbm_gib or topo.hbm_gib) * GIB)
@@ -667,7 +727,7 @@ def suggest_mesh(topology: str, model_config: ModelConfig = ModelConfig(),
                         hbm, prune=True))
   if not group:
     return None
-  tried = _call_child({"devices": topo.devices, "groups": [group]})["results"][0]
+  tried = _call_child(_request(topo, [group], compiler))["results"][0]
   return tried[-1] if tried[-1]["fits"] else None
 
 
@@ -675,8 +735,9 @@ def run(topology: str, model_config: ModelConfig = ModelConfig(), mesh: MeshConf
         train_config: TrainConfig = TrainConfig(), ppo: PPOConfig = PPOConfig(),
         stages: Sequence[str] = STAGES, microbatches: Optional[int] = None,
         optimizer: OptimizerConfig = OptimizerConfig(), prompt_len: Optional[int] = None,
-        hbm_gib: Optional[float] = None, suggest: bool = True) -> Dict[str, Any]:
-  """Will each stage fit `topology`? Compiles on fake devices in a child process.
+        hbm_gib: Optional[float] = None, suggest: bool = True,
+        compiler: str = "cpu") -> Dict[str, Any]:
+  """Will each stage fit `topology`? Compiles in a child process.
 
   Args:
     topology: 'v5p-256', 'h100x8', ... (``parse_topology``).
@@ -689,14 +750,20 @@ def run(topology: str, model_config: ModelConfig = ModelConfig(), mesh: MeshConf
       max_seq_len - ppo.max_new_tokens)).
     hbm_gib: device memory to check against instead of the topology's.
     suggest: when a stage does not fit, also search ``mesh_candidates`` (``suggest_mesh``).
-  Returns {topology, devices, hbm_gib, mesh: [data, fsdp, tensor], rules, microbatches,
+    compiler: 'cpu' (XLA's CPU compiler on fake host devices: runs anywhere, temporaries are
+      an estimate) or 'gpu' (for an h100xN / h200xN / a100xN topology: XLA's GPU compiler for
+      that GPU without one attached, ``cai_jax.deviceless``; needs the JAX CUDA plugin, and
+      its temporaries are the GPU compiler's own).
+  Returns {topology, devices, hbm_gib, compiler, mesh: [data, fsdp, tensor], rules, microbatches,
   model: {name, params, ...}, stages: {stage: {params_bytes, opt_state_bytes, temp_bytes,
   kv_cache_bytes, other_bytes, total_bytes, hbm_bytes, fits, headroom_bytes, programs, ...}},
   fits, suggestion (when searched), seconds}; the table (``format_table``) goes to stderr.
-  Raises ValueError for a bad topology, stage, mesh or batch split.
+  Raises ValueError for a bad topology, stage, mesh, batch split or compiler, RuntimeError
+  when compiler 'gpu' finds no CUDA plugin.
   """
   t0 = time.perf_counter()
   topo = parse_topology(topology)
+  _request(topo, [], compiler)   # checks the compiler before any work
   if hbm_gib is not None and hbm_gib <= 0:
     raise ValueError(f"plan: hbm_gib must be > 0, got {hbm_gib}")
   hbm_gib = float(hbm_gib or topo.hbm_gib)
@@ -709,16 +776,17 @@ def run(topology: str, model_config: ModelConfig = ModelConfig(), mesh: MeshConf
                      f"{train_config.batch_size}")
   if "rl" in stages:
     rl_prompt_len(model_config, ppo, prompt_len)
-  _log(f"{topo.name}: {topo.devices} fake devices, mesh {dims} ({mesh.rules}); compiling "
-       f"{', '.join(stages)}")
+  _log(f"{topo.name}: {topo.devices} devices, mesh {dims} ({mesh.rules}); compiling "
+       f"{', '.join(stages)} with {compiler_label(topo, compiler)}")
   job = _job(model_config, mesh, train_config, ppo, optimizer, stages, mb, prompt_len, hbm,
              prune=False)
-  planned = _call_child({"devices": topo.devices, "groups": [[job]]})["results"][0][0]
+  planned = _call_child(_request(topo, [[job]], compiler))["results"][0][0]
   result: Dict[str, Any] = {"topology": topo.name, "devices": topo.devices, "hbm_gib": hbm_gib,
+                            "compiler": compiler_label(topo, compiler),
                             "model": _model_summary(model_config), **planned}
   if suggest and not planned["fits"]:
     found = suggest_mesh(topo.name, model_config, train_config, ppo, stages, mb, optimizer,
-                         prompt_len, hbm_gib, exclude=[(tuple(dims), mb)])
+                         prompt_len, hbm_gib, exclude=[(tuple(dims), mb)], compiler=compiler)
     result["suggestion"] = None if found is None else {
         "mesh": found["mesh"], "rules": found["rules"], "microbatches": found["microbatches"],
         "total_bytes": {s: r["total_bytes"] for s, r in found["stages"].items()}}
@@ -761,7 +829,10 @@ def format_table(result: Dict[str, Any]) -> str:
                  _gib(s["total_bytes"]), _gib(s["hbm_bytes"]), _gib(s["headroom_bytes"]),
                  "yes" if s["fits"] else "NO"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-  lines = [head, "sizes per device in GiB"]
+  lines = [head]
+  if result.get("compiler"):
+    lines.append(f"compiled by {result['compiler']}")
+  lines.append("sizes per device in GiB")
   for r in rows:
     lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                            for i, (c, w) in enumerate(zip(r, widths))))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -53,6 +55,8 @@ def test_parse_topology_families():
     assert (topo.devices, topo.hbm_gib) == (devices, hbm), name
     assert topo.hbm_bytes == int(hbm * 2**30)
   assert plan.parse_topology("H100x8").name == "h100x8"
+  assert [plan.parse_topology(n).gpu for n in ("h100x8", "H200x2", "a100x4", "v5p-16")] == [
+      "h100", "h200", "a100", None]
 
 
 @pytest.mark.parametrize("name", ["v5p", "tpu-8", "h100-8", "v5p-7", "v4-0", "h100x", "v7-8", ""])
@@ -107,6 +111,38 @@ def test_child_error_is_one_line_value_error():
   with pytest.raises(ValueError, match=r"^plan: MeshConfig: data\*fsdp\*tensor = 8 but there are "
                                        r"only 2 devices$"):
     plan._call_child({"devices": 2, "groups": [[job]]})
+
+
+def test_gpu_compiler_checks_and_child_environment():
+  """compiler='gpu' wants a GPU topology and a known compiler name (checked before any child
+  starts); its child claims no GPU and lets the CUDA plugin load; without the plugin (as
+  here) the child's error names it."""
+  with pytest.raises(ValueError, match=r"compiler='gpu' needs a GPU topology .* got 'v5p-16'"):
+    plan.run("v5p-16", TINY, MESH, stages=("sl",), compiler="gpu")
+  with pytest.raises(ValueError, match=r"compiler='tpu'; expected one of \('cpu', 'gpu'\)"):
+    plan.run("h100x8", TINY, MESH, stages=("sl",), compiler="tpu")
+  cpu, gpu = plan.child_env(8), plan.child_env(8, "h100")
+  assert cpu["JAX_PLATFORMS"] == "cpu" and "device_count=8" in cpu["XLA_FLAGS"]
+  assert gpu["CUDA_VISIBLE_DEVICES"] == "-1" and "JAX_PLATFORMS" not in gpu
+  assert gpu["PYTHONPATH"] == cpu["PYTHONPATH"]
+  for plugin in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"):
+    try:
+      found = importlib.util.find_spec(plugin) is not None
+    except ImportError:       # no jax_plugins package at all
+      found = False
+    if found:
+      pytest.skip(f"{plugin} is installed here")
+  with pytest.raises(RuntimeError, match="needs the JAX CUDA plugin of jax"):
+    plan.run("h100x2", TINY, MeshConfig(data=1, fsdp=2, tensor=1), stages=("sl",),
+             compiler="gpu")
+
+
+def test_gpu_model_config_takes_the_fused_kernel_a_gpu_would():
+  bf16 = ModelConfig(dtype="bfloat16")
+  assert plan.gpu_model_config(bf16, "h100").attention_impl == "cudnn"
+  assert plan.gpu_model_config(ModelConfig(), "h100").attention_impl is None      # float32
+  xla = ModelConfig(dtype="bfloat16", attention_impl="xla")
+  assert plan.gpu_model_config(xla, "a100") is xla
 
 
 def test_sl_plan_tiny_bytes_and_does_not_fit_a_tiny_hbm():
