@@ -3,7 +3,9 @@
 ``generate`` left-pads prompts into fixed-shape batches and runs one jitted
 program per batch shape: a prefill of the KV cache followed by a
 ``lax.while_loop`` that decodes one token per step for every row until all rows
-are done or ``max_new_tokens`` is reached. ``score_continuations`` computes the
+are done or ``max_new_tokens`` is reached. On a GPU the loop runs a scanned model's
+layers unrolled over per-layer weight slices made once per batch (``decode_model``,
+``ModelConfig.unroll_decode``). ``score_continuations`` computes the
 log-probabilities of given continuations (AI-feedback labels, PPO reference
 log-probs, multiple-choice evaluation).
 
