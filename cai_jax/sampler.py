@@ -270,11 +270,20 @@ def unrolled_decode(config: ModelConfig) -> bool:
 
 
 def _free_device_bytes() -> Optional[int]:
-  """Free bytes of the first local device's allocator (None where jax does not say)."""
+  """Free bytes of the first local device's allocator (None where jax does not say); in a
+  multi-process run the least over the processes (a collective), so that every process
+  compiles the same program."""
   stats = jax.local_devices()[0].memory_stats() or {}
-  if "bytes_limit" not in stats or "bytes_in_use" not in stats:
-    return None
-  return int(stats["bytes_limit"]) - int(stats["bytes_in_use"])
+  free = None
+  if "bytes_limit" in stats and "bytes_in_use" in stats:
+    free = int(stats["bytes_limit"]) - int(stats["bytes_in_use"])
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    unknown = np.iinfo(np.int64).max
+    every = multihost_utils.process_allgather(np.int64(unknown if free is None else free))
+    least = int(np.min(every))
+    free = None if least == unknown else least
+  return free
 
 
 def resolve_unroll_decode(config: ModelConfig, params: Params) -> ModelConfig:

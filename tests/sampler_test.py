@@ -374,6 +374,21 @@ def test_unroll_decode_needs_room_for_the_weight_copy(params, monkeypatch):
   assert sampler.resolve_unroll_decode(SCANNED, params) is SCANNED
 
 
+def test_free_memory_is_the_least_over_processes(monkeypatch):
+  """Every process of a multi-process run must decide alike: the free bytes it goes by are
+  the least any process reports (an unknown figure counts as unlimited)."""
+  from jax.experimental import multihost_utils
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for others, want in (([7, 5], 5), ([None, 9], 9), ([None, None], None)):
+    unknown = np.iinfo(np.int64).max
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x, others=others: np.array(
+        [x] + [unknown if o is None else o for o in others[1:]], np.int64))
+    monkeypatch.setattr(jax.local_devices()[0].__class__, "memory_stats",
+                        lambda self, o=others[0]: None if o is None else
+                        {"bytes_limit": o + 1, "bytes_in_use": 1}, raising=False)
+    assert sampler._free_device_bytes() == want
+
+
 # --- scoring -----------------------------------------------------------------------------
 
 
