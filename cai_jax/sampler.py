@@ -269,15 +269,15 @@ def unrolled_decode(config: ModelConfig) -> bool:
   return config.unroll_decode
 
 
-def _free_device_bytes() -> Optional[int]:
-  """Free bytes of the first local device's allocator (None where jax does not say); in a
-  multi-process run the least over the processes (a collective), so that every process
-  compiles the same program."""
+def _free_device_bytes(across_processes: bool = False) -> Optional[int]:
+  """Free bytes of the first local device's allocator (None where jax does not say). With
+  `across_processes` in a multi-process run: the least over the processes (a collective
+  every process must call), so that all of them compile the same program."""
   stats = jax.local_devices()[0].memory_stats() or {}
   free = None
   if "bytes_limit" in stats and "bytes_in_use" in stats:
     free = int(stats["bytes_limit"]) - int(stats["bytes_in_use"])
-  if jax.process_count() > 1:
+  if across_processes and jax.process_count() > 1:
     from jax.experimental import multihost_utils
     unknown = np.iinfo(np.int64).max
     every = multihost_utils.process_allgather(np.int64(unknown if free is None else free))
@@ -290,14 +290,19 @@ def resolve_unroll_decode(config: ModelConfig, params: Params) -> ModelConfig:
   """`config` with ``unroll_decode`` decided for these (placed) params. An explicit value
   and an unscanned model stay as they are. None becomes True on a GPU where the unrolled
   decode's copy of the layer weights (their bytes on one device) takes at most half of that
-  device's free memory, and False otherwise (another backend, or too little room)."""
+  device's free memory (the least over the processes when the params span several), and
+  False otherwise (another backend, or too little room)."""
   if config.unroll_decode is not None or not config.scan_layers:
     return config
   unroll = jax.default_backend() == "gpu"
   if unroll:
+    leaves = jax.tree_util.tree_leaves(params["layers"])
     copy = sum(x.addressable_shards[0].data.nbytes if isinstance(x, jax.Array) else x.nbytes
-               for x in jax.tree_util.tree_leaves(params["layers"]))
-    free = _free_device_bytes()
+               for x in leaves)
+    # Params on a mesh over several processes: every process samples together, and they
+    # must agree.
+    shared = any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves)
+    free = _free_device_bytes(across_processes=shared)
     unroll = free is None or copy <= free // 2
   return dataclasses.replace(config, unroll_decode=unroll)
 

@@ -368,7 +368,7 @@ def test_unroll_decode_needs_room_for_the_weight_copy(params, monkeypatch):
   assert not sampler.resolve_unroll_decode(CFG, params).unroll_decode
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   for free, want in ((None, True), (2 * copy, True), (2 * copy - 1, False), (copy, False)):
-    monkeypatch.setattr(sampler, "_free_device_bytes", lambda free=free: free)
+    monkeypatch.setattr(sampler, "_free_device_bytes", lambda across_processes, free=free: free)
     assert sampler.resolve_unroll_decode(CFG, params).unroll_decode is want, free
   assert sampler.resolve_unroll_decode(UNROLLED, params) is UNROLLED
   assert sampler.resolve_unroll_decode(SCANNED, params) is SCANNED
@@ -386,7 +386,8 @@ def test_free_memory_is_the_least_over_processes(monkeypatch):
     monkeypatch.setattr(jax.local_devices()[0].__class__, "memory_stats",
                         lambda self, o=others[0]: None if o is None else
                         {"bytes_limit": o + 1, "bytes_in_use": 1}, raising=False)
-    assert sampler._free_device_bytes() == want
+    assert sampler._free_device_bytes(across_processes=True) == want
+    assert sampler._free_device_bytes() == others[0]      # this process's own figure
 
 
 # --- scoring -----------------------------------------------------------------------------
