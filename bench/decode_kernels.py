@@ -109,19 +109,20 @@ def _while_body(inst: Instruction) -> Tuple[str, Optional[int]]:
   return body, int(trip.group(1)) if trip else None
 
 
-def written_bytes(comps: Dict[str, List[Instruction]], inst: Instruction) -> int:
-  """Bytes `inst` writes: its output, except for a dynamic-update-slice (alone or as the
-  root of a fusion), which updates its buffer in place and writes only the update."""
+def written_bytes(comps: Dict[str, List[Instruction]], inst: Instruction,
+                  scope: List[Instruction]) -> int:
+  """Bytes `inst` (an instruction of computation `scope`) writes: its output, except for a
+  dynamic-update-slice (alone or as the root of a fusion), which updates its buffer in
+  place and writes only the update."""
   if inst.op == "fusion":
     called = re.search(r"calls=%?([\w.\-]+)", inst.line)
     body = comps.get(called.group(1), []) if called else []
     root = next((i for i in body if i.line.lstrip().startswith("ROOT ")), None)
     if root is not None and root.op == "dynamic-update-slice":
-      return written_bytes(comps, root) if body else inst.out_bytes
+      return written_bytes(comps, root, body)
   if inst.op == "dynamic-update-slice":
     operands = re.search(r"dynamic-update-slice\(([^)]*)\)", inst.line).group(1)
     update = operands.split(",")[1].strip().lstrip("%")
-    scope = next((c for c in comps.values() if inst in c), [])
     found = next((i for i in scope if i.name == update), None)
     if found is not None:
       return found.out_bytes
@@ -141,7 +142,7 @@ def step_cost(comps: Dict[str, List[Instruction]], name: str) -> Tuple[int, int]
       k, w = step_cost(comps, body)
       kernels, written = kernels + trip * k, written + trip * w
     elif inst.op not in _FREE_OPS:
-      kernels, written = kernels + 1, written + written_bytes(comps, inst)
+      kernels, written = kernels + 1, written + written_bytes(comps, inst, comps[name])
   return kernels, written
 
 

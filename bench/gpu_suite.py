@@ -28,8 +28,8 @@ script measured in the same run:
               in CUDA graphs); both decode variants are compared with sample's peer
 
 ``--quick`` runs the same scripts on the `tiny` preset with tiny shapes (a smoke test of the
-suite, about a minute and a half on a 2-core CPU). Per bench, ``--out`` holds NAME.json (the script's
-JSON line), NAME.log (its stderr); then suite.json (commands, exit codes, seconds, every
+suite, about a minute and a half on a 2-core CPU). Per bench, ``--out`` holds NAME.json (the
+script's JSON line), NAME.log (its stderr); then suite.json (commands, exit codes, seconds, every
 result) and summary.md (the table). The exit status is 1 when a bench failed or printed no
 JSON, else 0.
 
@@ -61,8 +61,8 @@ import _presets  # noqa: E402  (no jax import)
 NAMES = ("train_step", "sample", "ppo_step", "train_step_xla", "train_step_noremat", "score",
          "sample_scan_decode", "sample_cmdbuf")
 SCRIPTS = {"train_step": "train_step", "sample": "sample", "ppo_step": "ppo_step",
-           "train_step_xla": "train_step", "train_step_noremat": "train_step", "score": "score", "sample_scan_decode": "sample",
-           "sample_cmdbuf": "sample"}   # bench name -> bench/<script>.py
+           "train_step_xla": "train_step", "train_step_noremat": "train_step", "score": "score",
+           "sample_scan_decode": "sample", "sample_cmdbuf": "sample"}   # bench name -> bench/<script>.py
 # Extra environment of a bench (on top of child_env).
 COMMAND_BUFFERS = ("--xla_gpu_enable_command_buffer="
                    "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE")

@@ -173,6 +173,7 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
   if args.unroll_decode is not None:
     cfg = dataclasses.replace(cfg, unroll_decode=args.unroll_decode)
   cfg = sampler.resolve_unroll_decode(cfg, params)     # what generate decides, for the report
+  decode_loop = "scanned" if cfg.scan_layers and not sampler.unrolled_decode(cfg) else "unrolled"
 
   need = args.prompt_len + args.max_new_tokens
   if need > cfg.max_seq_len:
@@ -192,7 +193,7 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
   dev = jax.devices()[0]
   _log(f"jax {jax.__version__} on {dev.device_kind} ({backend}); {source}: {n_params:,} params, "
        f"{param_bytes / 1e9:.3f} GB {cfg.param_dtype}; load {load_s:.1f} s, save_hf {save_s:.1f} s; "
-       f"decode loop {'scanned' if cfg.scan_layers and not sampler.unrolled_decode(cfg) else 'unrolled'}")
+       f"decode loop {decode_loop}")
 
   runs = []
   tokens_b1 = None
@@ -227,7 +228,7 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "source": source,
       "model_config": dataclasses.asdict(cfg),
-      "unrolled_decode": sampler.unrolled_decode(cfg),
+      "decode_loop": decode_loop,
       "params": n_params,
       "param_bytes": param_bytes,
       "load_s": load_s, "save_hf_s": save_s,
@@ -369,7 +370,7 @@ def print_table(out: Dict[str, Any]) -> None:
         f"(greedy, EOS off), warm-up + median of {out['repeats']}")
   print(_presets.machine_line(out["machine"]))
   print(f"cai_jax: {ours['framework']} on {ours['device']}, scan_layers {cfg['scan_layers']}, "
-        f"decode loop {'scanned' if cfg['scan_layers'] and not ours['unrolled_decode'] else 'unrolled'}"
+        f"decode loop {ours['decode_loop']}"
         + (f", XLA_FLAGS={ours['xla_flags']!r}" if ours["xla_flags"] else ""))
   if peer:
     print(f"transformers: {peer['framework']} on {peer['device']}, torch.get_num_threads() = "

@@ -172,14 +172,20 @@ def chunked_cached_attention(q: Array, k_cache: Array, v_cache: Array, k: Array,
   return jnp.concatenate(outs, axis=1).astype(v.dtype)
 
 
+def cudnn_compute_capability(major: int) -> bool:
+  """Whether cuDNN's fused attention runs on a CUDA GPU of compute capability `major`.x:
+  8.0 or later (Ampere, Hopper, ...)."""
+  return major >= 8
+
+
 @functools.lru_cache(maxsize=None)
 def cudnn_capable() -> bool:
-  """Whether the default backend is CUDA on a GPU of compute capability 8.0 or later
-  (Ampere, Hopper, ...), where cuDNN's fused attention runs. False on a CPU or ROCm."""
+  """Whether the default backend is CUDA on a GPU where cuDNN's fused attention runs
+  (``cudnn_compute_capability``). False on a CPU or ROCm."""
   if jax.default_backend() != "gpu":
     return False
   match = re.fullmatch(r"(\d+)\.(\d+)", str(getattr(jax.devices()[0], "compute_capability", "")))
-  return match is not None and int(match.group(1)) >= 8
+  return match is not None and cudnn_compute_capability(int(match.group(1)))
 
 
 def fused_causal_impl(config: ModelConfig, capable: Optional[bool] = None) -> Optional[str]:

@@ -65,15 +65,16 @@ GIB = 2**30
 # Topologies
 # --------------------------------------------------------------------------------------
 
-# (pattern of the lower-cased name, what N counts, JAX devices per N, HBM per device in GiB)
+# (pattern of the lower-cased name, what N counts, JAX devices per N, HBM per device in GiB,
+#  GPU kind of cai_jax.deviceless or None)
 _FAMILIES = (
-    (r"v4-(\d+)", "TensorCores", 0.5, 32.0),
-    (r"v5p-(\d+)", "TensorCores", 0.5, 95.0),
-    (r"(?:v5e|v5litepod)-(\d+)", "chips", 1, 16.0),
-    (r"v6e-(\d+)", "chips", 1, 32.0),
-    (r"h100x(\d+)", "GPUs", 1, 80.0),
-    (r"h200x(\d+)", "GPUs", 1, 141.0),
-    (r"a100x(\d+)", "GPUs", 1, 80.0),
+    (r"v4-(\d+)", "TensorCores", 0.5, 32.0, None),
+    (r"v5p-(\d+)", "TensorCores", 0.5, 95.0, None),
+    (r"(?:v5e|v5litepod)-(\d+)", "chips", 1, 16.0, None),
+    (r"v6e-(\d+)", "chips", 1, 32.0, None),
+    (r"h100x(\d+)", "GPUs", 1, 80.0, "h100"),
+    (r"h200x(\d+)", "GPUs", 1, 141.0, "h200"),
+    (r"a100x(\d+)", "GPUs", 1, 80.0, "a100"),
 )
 TOPOLOGY_FORMS = ("v4-N, v5p-N (N TensorCores = 2 per chip), v5e-N, v5litepod-N, v6e-N "
                   "(N chips), h100xN, h200xN, a100xN (N GPUs)")
@@ -107,7 +108,7 @@ def parse_topology(name: str) -> Topology:
   count that is not a positive even number.
   """
   text = str(name).strip().lower()
-  for pattern, unit, per, hbm in _FAMILIES:
+  for pattern, unit, per, hbm, gpu in _FAMILIES:
     m = re.fullmatch(pattern, text)
     if not m:
       continue
@@ -116,8 +117,7 @@ def parse_topology(name: str) -> Topology:
     if n < 1 or devices != int(devices):
       raise ValueError(f"topology {name!r}: N counts {unit} and must be a positive"
                        f"{' even' if per != 1 else ''} number")
-    gpu = re.match(r"(h100|h200|a100)x", text)
-    return Topology(text, int(devices), hbm, gpu.group(1) if gpu else None)
+    return Topology(text, int(devices), hbm, gpu)
   raise ValueError(f"unknown topology {name!r}; accepted forms: {TOPOLOGY_FORMS}")
 
 
@@ -524,7 +524,7 @@ def gpu_model_config(model: ModelConfig, gpu: str) -> ModelConfig:
   capability 8.0 or later, 16-bit, a head width it takes). A deviceless compile needs this:
   its process's backend is the CPU, which would keep XLA's attention."""
   from cai_jax import deviceless, layers
-  capable = deviceless.GPU_TARGETS[gpu]["cc_major"] >= 8
+  capable = layers.cudnn_compute_capability(deviceless.GPU_TARGETS[gpu]["cc_major"])
   if model.attention_impl is None and layers.fused_causal_impl(model, capable) == "cudnn":
     return dataclasses.replace(model, attention_impl="cudnn")
   return model
@@ -676,14 +676,19 @@ def _model_summary(config: ModelConfig) -> Dict[str, Any]:
 COMPILERS = ("cpu", "gpu")
 
 
-def _request(topo: Topology, groups: List[List[Dict[str, Any]]], compiler: str) -> Dict[str, Any]:
-  """The child's request: the job groups, and for compiler 'gpu' the GPU kind to compile for.
-  ValueError for an unknown compiler, or 'gpu' with a TPU topology."""
+def _check_compiler(topo: Topology, compiler: str) -> None:
+  """ValueError for an unknown compiler, or 'gpu' with a TPU topology."""
   if compiler not in COMPILERS:
     raise ValueError(f"plan: compiler={compiler!r}; expected one of {COMPILERS}")
   if compiler == "gpu" and topo.gpu is None:
     raise ValueError(f"plan: compiler='gpu' needs a GPU topology (h100xN, h200xN, a100xN), "
                      f"got {topo.name!r}")
+
+
+def _request(topo: Topology, groups: List[List[Dict[str, Any]]], compiler: str) -> Dict[str, Any]:
+  """The child's request: the job groups, and for compiler 'gpu' the GPU kind to compile for
+  (``_check_compiler``'s errors)."""
+  _check_compiler(topo, compiler)
   request: Dict[str, Any] = {"devices": topo.devices, "groups": groups}
   if compiler == "gpu":
     request["gpu"] = topo.gpu
@@ -763,7 +768,7 @@ def run(topology: str, model_config: ModelConfig = ModelConfig(), mesh: MeshConf
   """
   t0 = time.perf_counter()
   topo = parse_topology(topology)
-  _request(topo, [], compiler)   # checks the compiler before any work
+  _check_compiler(topo, compiler)
   if hbm_gib is not None and hbm_gib <= 0:
     raise ValueError(f"plan: hbm_gib must be > 0, got {hbm_gib}")
   hbm_gib = float(hbm_gib or topo.hbm_gib)
