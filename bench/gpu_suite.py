@@ -25,7 +25,11 @@ script measured in the same run:
               running them unrolled over slices made once per batch (sample's default on a GPU)
   sample_cmdbuf    sample with --no-peer under XLA_FLAGS=--xla_gpu_enable_command_buffer=
               FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE (the decode loop
-              in CUDA graphs); both decode variants are compared with sample's peer
+              in CUDA graphs)
+  sample_pallas    sample with --decode_attention pallas --no-peer: each decode step's
+              attention as one Pallas kernel per layer that reads the stacked KV cache in
+              place (ModelConfig.decode_attention); the three decode variants are compared
+              with sample's peer
 
 ``--quick`` runs the same scripts on the `tiny` preset with tiny shapes (a smoke test of the
 suite, about a minute and a half on a 2-core CPU). Per bench, ``--out`` holds NAME.json (the
@@ -59,10 +63,11 @@ from cai_jax.stages.pipeline import last_json_line  # noqa: E402  (no jax import
 sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 import _presets  # noqa: E402  (no jax import)
 NAMES = ("train_step", "sample", "ppo_step", "train_step_xla", "train_step_noremat", "score",
-         "sample_scan_decode", "sample_cmdbuf")
+         "sample_scan_decode", "sample_cmdbuf", "sample_pallas")
 SCRIPTS = {"train_step": "train_step", "sample": "sample", "ppo_step": "ppo_step",
            "train_step_xla": "train_step", "train_step_noremat": "train_step", "score": "score",
-           "sample_scan_decode": "sample", "sample_cmdbuf": "sample"}   # bench name -> bench/<script>.py
+           "sample_scan_decode": "sample", "sample_cmdbuf": "sample",
+           "sample_pallas": "sample"}   # bench name -> bench/<script>.py
 # Extra environment of a bench (on top of child_env).
 COMMAND_BUFFERS = ("--xla_gpu_enable_command_buffer="
                    "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE")
@@ -126,6 +131,7 @@ def bench_commands(quick: bool, device: str, python: str = "python3",
     }
   args["sample_scan_decode"] = args["sample"] + ["--no-unroll_decode", "--no-peer"]
   args["sample_cmdbuf"] = args["sample"] + ["--no-peer"]
+  args["sample_pallas"] = args["sample"] + ["--decode_attention", "pallas", "--no-peer"]
   unknown = [n for n in only if n not in NAMES]
   if unknown:
     raise ValueError(f"--only: unknown bench {unknown[0]!r}; one of {', '.join(NAMES)}")
@@ -220,7 +226,9 @@ def _loss_check_row(r: dict, base: dict, name: str) -> List[List[str]]:
            _met(abs(ours - theirs) <= LOSS_AGREEMENT)]]
 
 
-SAMPLE_VARIANTS = {"sample_scan_decode": "scanned decode loop", "sample_cmdbuf": "command buffers"}
+SAMPLE_VARIANTS = {"sample_scan_decode": "scanned decode loop",
+                   "sample_cmdbuf": "command buffers",
+                   "sample_pallas": "pallas decode attention"}
 
 
 def _sample_rows(r: dict, targets: bool, name: str = "sample",
@@ -262,6 +270,14 @@ def _sample_rows(r: dict, targets: bool, name: str = "sample",
     text += f" (first divergence at {div})" if div is not None else " (no divergence)"
     rows.append([name, f"batch 1, first {agree.get('check_tokens')} ids", "greedy ids agree",
                  text, "", "", "", ""])
+  check = (r.get("ours") or {}).get("attention_check") or {}
+  if check.get("checked"):
+    div = check.get("first_divergence")
+    text = "yes" if check.get("agree_first") else "no"
+    text += f" (first divergence at {div})" if div is not None else " (no divergence)"
+    text += f", max |d log p| {check.get('max_abs_logprob_diff', float('nan')):.1e}"
+    rows.append([name, f"batch 1, first {check.get('check_tokens')} ids",
+                 "greedy ids agree with XLA attention", text, "", "", "", ""])
   return rows
 
 

@@ -96,6 +96,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  help="cai_jax's decode loop over per-layer weight slices (on) or the scan "
                       "over the stacked layers (--no-unroll_decode); default: "
                       "ModelConfig.unroll_decode's rule, unrolled on a GPU only")
+  p.add_argument("--decode_attention", default=None, choices=("xla", "pallas"),
+                 help="attention of cai_jax's decode steps: XLA's einsums or one Pallas "
+                      "kernel per layer (ModelConfig.decode_attention; default: the model's, "
+                      "XLA)")
   p.add_argument("--no_decode_split", dest="decode_split", action="store_false",
                  help="skip the max_new_tokens=1 runs (no decode ms/step)")
   p.add_argument("--peer", default=True, action=argparse.BooleanOptionalAction,
@@ -156,6 +160,8 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
   jax = _presets.require_jax_device(args.device, "bench/sample.py")
   import dataclasses
 
+  import numpy as np
+
   from cai_jax import convert, sampler
 
   backend = jax.default_backend()
@@ -172,8 +178,12 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = dataclasses.replace(cfg, scan_layers=args.scan_layers)
   if args.unroll_decode is not None:
     cfg = dataclasses.replace(cfg, unroll_decode=args.unroll_decode)
+  if args.decode_attention is not None:
+    cfg = dataclasses.replace(cfg, decode_attention=args.decode_attention)
   cfg = sampler.resolve_unroll_decode(cfg, params)     # what generate decides, for the report
   decode_loop = "scanned" if cfg.scan_layers and not sampler.unrolled_decode(cfg) else "unrolled"
+  if cfg.decode_attention == "pallas":
+    decode_loop += ", pallas attention"
 
   need = args.prompt_len + args.max_new_tokens
   if need > cfg.max_seq_len:
@@ -210,10 +220,23 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
       if not all(int(k) == n for k in out.lengths):
         raise SystemExit(f"bench/sample.py: cai_jax generated lengths {list(out.lengths)} != {n}")
       if batch == 1 and n == args.max_new_tokens:
-        tokens_b1 = [int(t) for t in out.tokens[0]]
+        tokens_b1, out_b1 = [int(t) for t in out.tokens[0]], out
       _log(f"cai_jax batch {batch} N={n}: first call {res['first_s']:.2f} s, "
            f"median {res['median_s'] * 1e3:.1f} ms")
       runs.append(dict(batch=batch, max_new_tokens=n, **res))
+
+  attention_check = None
+  if cfg.decode_attention == "pallas" and tokens_b1 is not None:
+    # The kernel's numerics on this device: batch 1 again with XLA's einsum attention.
+    sp = sampler.SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, eos_ids=())
+    xla = sampler.generate(params, dataclasses.replace(cfg, decode_attention="xla"), rows[:1],
+                           sp, batch_size=1, progress=False)
+    ref = [int(t) for t in xla.tokens[0]]
+    attention_check = _agreement(tokens_b1, ref, args.check_tokens)
+    same = attention_check["first_divergence"] or len(ref)
+    attention_check["max_abs_logprob_diff"] = float(np.max(np.abs(
+        np.asarray(out_b1.logprobs[0][:same]) - np.asarray(xla.logprobs[0][:same]))))
+    _log(f"pallas decode attention against XLA's, batch 1: {attention_check}")
 
   text = None
   if tokenizer is not None and tokens_b1 is not None:
@@ -235,6 +258,7 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
       "runs": runs,
       "tokens_batch1": tokens_b1,
       "text_batch1": text,
+      "attention_check": attention_check,
   }
 
 
@@ -408,6 +432,13 @@ def print_table(out: Dict[str, Any]) -> None:
     print(f"batch-1 greedy ids: first {agree['check_tokens']} "
           f"{'AGREE' if agree['agree_first'] else 'DIFFER'}; first divergence at index "
           f"{first if first is not None else 'none'} of {agree['compared']}")
+  check = ours.get("attention_check")
+  if check:
+    first = check["first_divergence"]
+    print(f"pallas decode attention against XLA's, batch-1 greedy ids: first "
+          f"{check['check_tokens']} {'AGREE' if check['agree_first'] else 'DIFFER'}; first "
+          f"divergence at index {first if first is not None else 'none'} of "
+          f"{check['compared']}; max |d log p| before it {check['max_abs_logprob_diff']:.2e}")
   if ours.get("text_batch1"):
     t = ours["text_batch1"]
     print(f"prompt: {t['prompt']!r}\nours, first {agree.get('check_tokens', '')} tokens: "

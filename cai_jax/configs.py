@@ -71,6 +71,15 @@ class ModelConfig:
       bench/RESULTS.md), unless the copy would take more than half of the device's free
       memory (``sampler.resolve_unroll_decode``); False elsewhere. Prefill, scoring and
       training always follow scan_layers.
+    decode_attention: the attention of a cached call with one new token per row (the
+      sampler's decode steps and a prefill's last token). 'xla' (and None):
+      ``layers.cached_attention``, einsums XLA compiles into about nine kernels per layer
+      on a GPU, after copying each layer's cache slice out of the stacked cache. 'pallas':
+      ``cai_jax.decode_attention``, one Triton kernel per layer that reads the stacked
+      cache in place (with the blocks unrolled) and skips the slots after the step's;
+      a head width that is a power of two >= 16; on a backend other than a CUDA GPU it
+      runs in Pallas' interpret mode (slow: for tests). Opt-in until it is timed on a GPU
+      (bench/RESULTS.md).
   """
 
   vocab_size: int = 320
@@ -95,6 +104,7 @@ class ModelConfig:
   remat_policy: str = "none"
   attention_impl: Optional[str] = None
   unroll_decode: Optional[bool] = None
+  decode_attention: Optional[str] = None
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -114,6 +124,15 @@ class ModelConfig:
     if self.unroll_decode not in (None, True, False):
       raise ValueError(f"ModelConfig.unroll_decode={self.unroll_decode!r}; expected None, "
                        "True or False")
+    if self.decode_attention not in (None, "xla", "pallas"):
+      raise ValueError(f"ModelConfig.decode_attention={self.decode_attention!r}; expected "
+                       "None, 'xla' or 'pallas'")
+    if self.decode_attention == "pallas":
+      from cai_jax import decode_attention
+      try:
+        decode_attention.check_supported(self.n_heads, self.n_kv_heads, self.dim_per_head)
+      except ValueError as e:
+        raise ValueError(f"ModelConfig.decode_attention: {e}") from None
 
   @property
   def dim_per_head(self) -> int:

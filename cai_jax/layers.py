@@ -11,15 +11,16 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from cai_jax import axes
+from cai_jax import axes, sharding
 from cai_jax.configs import ModelConfig, dtype_from_name
+from cai_jax.decode_attention import decode_attention
 
 Array = jax.Array
 
@@ -249,11 +250,36 @@ def cached_attention(q: Array, k_cache: Array, v_cache: Array, k: Array, v: Arra
   return out.reshape(batch, length, heads, hd).astype(v.dtype)
 
 
+def decode_mesh_axes(batch: int, kv_heads: int) -> Optional[Tuple[object, object]]:
+  """(batch axes, kv-head axes) of the current mesh (``jax.set_mesh``) under the logical
+  rules, for ``decode_attention``'s shard_map: the mesh axes of BATCH and KV_HEADS that
+  divide `batch` and `kv_heads` (``sharding.fit_spec``; the others replicate). None
+  without a mesh of more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  spec = sharding.fit_spec(nn.logical_to_mesh_axes((axes.BATCH, axes.KV_HEADS)),
+                           (batch, kv_heads), mesh)
+  return spec[0], spec[1]
+
+
+class StackedLayerCache(NamedTuple):
+  """A block's view of the whole stacked KV cache, for ``decode_attention`` to read in
+  place (no per-layer slice is copied out): k, v [L, B, S, K, Dh], the block's `layer`
+  (a Python int) and the call's first cache slot `index` (scalar int32; slots at or after
+  it are not read)."""
+  k: Array
+  v: Array
+  layer: int
+  index: Array
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE and an optional, read-only KV cache.
 
   Without a cache it calls ``jax.nn.dot_product_attention`` (``config.attention_impl``
-  picks its implementation); with a cache, ``cached_attention``.
+  picks its implementation); with a cache, ``cached_attention``, or for one new token per
+  row with ``config.decode_attention`` 'pallas', ``decode_attention.decode_attention``.
   """
 
   config: ModelConfig
@@ -279,7 +305,9 @@ class Attention(nn.Module):
         T > CAUSAL_CHUNK and attention_impl None, ``chunked_cached_attention``).
       layer_cache: optional (k, v), each [B, S, K, Dh]; read, never written here. With
         S = 0 (a prefill into an empty cache: nothing to read) the attention is the
-        no-cache one and only the new keys / values are returned.
+        no-cache one and only the new keys / values are returned. Or, for one new token
+        per row (T = 1) with decode_attention 'pallas', a ``StackedLayerCache`` of the
+        whole [L, B, S, K, Dh] cache, which the kernel reads in place.
     Returns:
       ([B, T, D] output, None without a cache, else the new (k, v), each [B, T, K, Dh]
       in the cache dtype, for the caller to write into the cache).
@@ -303,14 +331,29 @@ class Attention(nn.Module):
     v = constrain(v, (axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.KV))
 
     new_kv = None
+    stacked = isinstance(layer_cache, StackedLayerCache)
+    if stacked and not (cfg.decode_attention == "pallas" and x.shape[1] == 1):
+      raise ValueError("a StackedLayerCache is read by decode_attention 'pallas' only, one "
+                       f"token per row; got decode_attention={cfg.decode_attention!r}, "
+                       f"T={x.shape[1]}")
     if layer_cache is not None:
-      k_cache, v_cache = layer_cache
+      k_cache, v_cache = layer_cache[0], layer_cache[1]
       # Round the new keys / values through the cache dtype, as if read back from it.
       new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
       k, v = new_kv[0].astype(dtype), new_kv[1].astype(dtype)
     scale = 1.0 / math.sqrt(hd)
     on_cpu = jax.default_backend() == "cpu"
-    if layer_cache is not None and layer_cache[0].shape[1] > 0:
+    slots = 0 if layer_cache is None else k_cache.shape[2 if stacked else 1]
+    if slots > 0 and cfg.decode_attention == "pallas" and x.shape[1] == 1:
+      # One kernel per layer (T = 1): the stacked cache read in place, or this slice.
+      mesh_axes = decode_mesh_axes(q.shape[0], k.shape[2])
+      if stacked:
+        out = decode_attention(q, k_cache, v_cache, layer_cache.layer, k, v, attn_mask,
+                               layer_cache.index, scale, mesh_axes=mesh_axes)
+      else:
+        out = decode_attention(q, k_cache[None], v_cache[None], 0, k, v, attn_mask, None,
+                               scale, mesh_axes=mesh_axes)
+    elif slots > 0:
       attend = cached_attention
       if cfg.attention_impl is None and x.shape[1] > CAUSAL_CHUNK and on_cpu:
         attend = chunked_cached_attention   # a long chunk after cached ones: skip the triangle

@@ -5,9 +5,10 @@ program per batch shape: a prefill of the KV cache followed by a
 ``lax.while_loop`` that decodes one token per step for every row until all rows
 are done or ``max_new_tokens`` is reached. On a GPU the loop runs a scanned model's
 layers unrolled over per-layer weight slices made once per batch (``decode_model``,
-``ModelConfig.unroll_decode``). ``score_continuations`` computes the
-log-probabilities of given continuations (AI-feedback labels, PPO reference
-log-probs, multiple-choice evaluation).
+``ModelConfig.unroll_decode``); ``ModelConfig.decode_attention`` 'pallas' runs each
+step's attention as one kernel per layer (``cai_jax.decode_attention``).
+``score_continuations`` computes the log-probabilities of given continuations
+(AI-feedback labels, PPO reference log-probs, multiple-choice evaluation).
 
 Shapes: B = rows of a batch, P = prompt bucket (left-padded prompt columns),
 Pp = prefix bucket, N = max_new_tokens, C = continuation bucket, S = cache slots,

@@ -23,8 +23,11 @@ tokens); their new keys / values, [L, B, T, K, Dh], are written with one
 carry or a donated buffer. Each layer reads its own slice of the cache; inside the
 sampler's decode loop XLA copies those slices every step, scanned or unrolled (the
 cache's size per step, small beside the weights at decode lengths; see
-``bench/decode_kernels.py``). The sampler's decode loop may run a scanned model's blocks
-unrolled (``ModelConfig.unroll_decode``, ``sampler.decode_model``).
+``bench/decode_kernels.py``), except that with the blocks unrolled and
+``ModelConfig.decode_attention`` 'pallas' a call with one token per row passes each block
+the whole cache (``layers.StackedLayerCache``), which its attention kernel reads in place.
+The sampler's decode loop may run a scanned model's blocks unrolled
+(``ModelConfig.unroll_decode``, ``sampler.decode_model``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ import jax.numpy as jnp
 
 from cai_jax import axes
 from cai_jax.configs import ModelConfig, dtype_from_name
-from cai_jax.layers import DecoderBlock, DenseND, RMSNorm, constrain, embedding
+from cai_jax.layers import (DecoderBlock, DenseND, RMSNorm, StackedLayerCache, constrain,
+                            embedding)
 
 Array = jax.Array
 Cache = Dict[str, Array]
@@ -159,8 +163,16 @@ class Decoder(nn.Module):
       x, new_kv = stack(x, positions, attn_mask, layer_caches)
     else:
       new_k, new_v = [], []
+      # One token per row under decode_attention 'pallas': each block's kernel reads the
+      # stacked cache in place instead of a slice XLA would copy out of it.
+      whole = cache is not None and not fresh and length == 1 and cfg.decode_attention == "pallas"
       for i in range(cfg.n_layers):
-        layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
+        if cache is None:
+          layer_cache = None
+        elif whole:
+          layer_cache = StackedLayerCache(layer_caches[0], layer_caches[1], i, index)
+        else:
+          layer_cache = (layer_caches[0][i], layer_caches[1][i])
         x, c = block_cls(cfg, name=f"layers_{i}")(x, positions, attn_mask, layer_cache)
         if c is not None:
           new_k.append(c[0])

@@ -267,7 +267,9 @@ def test_gpu_suite_dry_run_lines():
       "--batch_sizes 1,32 --max_new_tokens 64 --no-unroll_decode --no-peer --json",
       "+ XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
       "CONDITIONAL,WHILE python3 bench/sample.py --preset tinyllama_1b --dtype bfloat16 "
-      "--device gpu --batch_sizes 1,32 --max_new_tokens 64 --no-peer --json"]
+      "--device gpu --batch_sizes 1,32 --max_new_tokens 64 --no-peer --json",
+      "+ python3 bench/sample.py --preset tinyllama_1b --dtype bfloat16 --device gpu "
+      "--batch_sizes 1,32 --max_new_tokens 64 --decode_attention pallas --no-peer --json"]
   cpu = "+ JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= python3"
   assert _lines(_bash("bench/gpu.sh", "--quick", "--dry-run", "--only=ppo_step,train_step",
                       PYTHON="python3")) == [
@@ -358,6 +360,16 @@ def test_gpu_suite_decode_variants_take_the_sample_peer_and_score_rows():
   assert rows[2][3:6] == ["400.0", "n/a", "n/a"]
   assert suite.child_env("gpu", {"XLA_FLAGS": "--a=1"}, suite.EXTRA_ENV["sample_cmdbuf"])[
       "XLA_FLAGS"] == "--a=1 " + suite.COMMAND_BUFFERS
+  check = {"checked": True, "check_tokens": 16, "agree_first": True, "first_divergence": 40,
+           "compared": 64, "max_abs_logprob_diff": 0.0123}
+  pallas = dict(variant, ours={"attention_check": check})
+  rows = suite.summary_rows({"sample": {"exit_code": 0, "result": sample},
+                             "sample_pallas": {"exit_code": 0, "result": pallas}}, True)
+  assert rows[2][:4] == ["sample_pallas", "batch 1, bfloat16, N 64, pallas decode attention",
+                         "tokens/s", "400.0"]
+  assert rows[-1][:4] == ["sample_pallas", "batch 1, first 16 ids",
+                          "greedy ids agree with XLA attention",
+                          "yes (first divergence at 40), max |d log p| 1.2e-02"]
 
 
 def test_gpu_suite_ppo_rows_and_json_line():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import models, sampler, sharding
+from cai_jax import layers, models, sampler, sharding
 from cai_jax.configs import MeshConfig, ModelConfig
 from cai_jax.transformer import init_cache
 
@@ -314,6 +314,43 @@ def test_unrolled_decode_on_a_mesh(params, prompts):
     np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-4)
 
 
+PALLAS = dataclasses.replace(UNROLLED, decode_attention="pallas")
+
+
+@pytest.mark.parametrize("config,batch_size,sp,prefix", [
+    (PALLAS, 1, GREEDY, None), (PALLAS, 4, T1, None), (PALLAS, 4, GREEDY, [5, 6, 7]),
+    (dataclasses.replace(SCANNED, decode_attention="pallas"), 4, GREEDY, None)])
+def test_pallas_decode_attention_matches_xla(params, prompts, config, batch_size, sp, prefix):
+  """decode_attention 'pallas' (the kernel in interpret mode on the CPU; unrolled it reads
+  the stacked cache in place, scanned each layer's slice) generates what the einsum
+  attention does, with left-padded prompts of mixed lengths and a shared prefix."""
+  xla = dataclasses.replace(config, decode_attention=None)
+  base = _generate(params, prompts, sp, batch_size=batch_size, config=xla, prefix=prefix)
+  res = _generate(params, prompts, sp, batch_size=batch_size, config=config, prefix=prefix)
+  for r in range(len(prompts)):
+    np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
+    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-5)
+    np.testing.assert_allclose(res.sampling_logprobs[r], base.sampling_logprobs[r], atol=1e-5)
+
+
+def test_pallas_decode_attention_on_a_mesh(params, prompts, monkeypatch):
+  """On a mesh the kernel runs per shard (shard_map over the rows' and kv heads' mesh
+  axes) and generates what one device does."""
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  rules = sharding.rules_for("fsdp_tp")
+  seen = []
+  real = layers.decode_mesh_axes
+  monkeypatch.setattr(layers, "decode_mesh_axes", lambda *a: seen.append(real(*a)) or seen[-1])
+  base = _generate(params, prompts[:2], batch_size=2, config=UNROLLED)
+  assert not seen
+  res = _generate(params, prompts[:2], batch_size=2, config=PALLAS, mesh=mesh, rules=rules)
+  # fsdp_tp: rows over data and fsdp (4 rows per batch here), kv heads over tensor.
+  assert set(seen) == {(("data", "fsdp"), "tensor")}, seen
+  for r in range(2):
+    np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
+    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-4)
+
+
 def _decode_loop_body(config, batch):
   """The jaxpr of the decode while-loop's body in one batch program (prompt bucket 8)."""
   spec = sampler._DecodeSpec.of(GREEDY)
@@ -348,6 +385,27 @@ def test_unrolled_decode_loop_has_no_layer_scan(batch):
   slices each layer's weights out of them); the scanned one does."""
   assert "scan" in _primitives(_decode_loop_body(SCANNED, batch))
   assert "scan" not in _primitives(_decode_loop_body(UNROLLED, batch))
+
+
+def _count(jaxpr, name):
+  """Equations named `name` in a jaxpr and in the jaxprs its equations hold."""
+  n = 0
+  for e in jaxpr.eqns:
+    n += e.primitive.name == name
+    for value in e.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          n += _count(sub, name)
+  return n
+
+
+def test_pallas_decode_loop_calls_one_kernel_per_layer():
+  """One kernel per layer and step, held twice until lowering picks the platform (Triton
+  for a CUDA GPU, interpret mode elsewhere); none with the einsum attention."""
+  assert _count(_decode_loop_body(PALLAS, 4), "pallas_call") == 2 * CFG.n_layers
+  assert _count(_decode_loop_body(PALLAS, 4), "platform_index") == CFG.n_layers
+  assert _count(_decode_loop_body(UNROLLED, 4), "pallas_call") == 0
 
 
 def test_unroll_decode_default_is_gpu_only(monkeypatch):

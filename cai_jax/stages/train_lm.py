@@ -19,7 +19,7 @@ from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfi
 
 # Fields of ModelConfig that change how a model runs, not what it is.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
-                  "unroll_decode")
+                  "unroll_decode", "decode_attention")
 
 
 def load_initial(init_from: str, model: ModelConfig) -> Tuple[ModelConfig, Any, Any]:
