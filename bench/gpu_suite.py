@@ -275,7 +275,7 @@ def _sample_rows(r: dict, targets: bool, name: str = "sample",
     div = check.get("first_divergence")
     text = "yes" if check.get("agree_first") else "no"
     text += f" (first divergence at {div})" if div is not None else " (no divergence)"
-    text += f", max |d log p| {check.get('max_abs_logprob_diff', float('nan')):.1e}"
+    text += f", max abs(d log p) {check.get('max_abs_logprob_diff', float('nan')):.1e}"
     rows.append([name, f"batch 1, first {check.get('check_tokens')} ids",
                  "greedy ids agree with XLA attention", text, "", "", "", ""])
   return rows

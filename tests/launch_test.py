@@ -369,7 +369,7 @@ def test_gpu_suite_decode_variants_take_the_sample_peer_and_score_rows():
                          "tokens/s", "400.0"]
   assert rows[-1][:4] == ["sample_pallas", "batch 1, first 16 ids",
                           "greedy ids agree with XLA attention",
-                          "yes (first divergence at 40), max |d log p| 1.2e-02"]
+                          "yes (first divergence at 40), max abs(d log p) 1.2e-02"]
 
 
 def test_gpu_suite_ppo_rows_and_json_line():
