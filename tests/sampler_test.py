@@ -290,6 +290,14 @@ def test_sharded_greedy_matches_unsharded(params, prompts):
 UNROLLED, SCANNED = (dataclasses.replace(CFG, unroll_decode=u) for u in (True, False))
 
 
+def _assert_same_generation(res, base, rows, atol=1e-5):
+  """The first `rows` rows of two generate results: same tokens, log-probs within atol."""
+  for r in range(rows):
+    np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
+    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=atol)
+    np.testing.assert_allclose(res.sampling_logprobs[r], base.sampling_logprobs[r], atol=atol)
+
+
 @pytest.mark.parametrize("batch_size,sp,prefix", [(1, GREEDY, None), (4, GREEDY, None),
                                                   (4, T1, None), (1, T1, [5, 6, 7])])
 def test_unrolled_decode_matches_scanned(params, prompts, batch_size, sp, prefix):
@@ -298,10 +306,7 @@ def test_unrolled_decode_matches_scanned(params, prompts, batch_size, sp, prefix
   prefix's cache)."""
   base = _generate(params, prompts, sp, batch_size=batch_size, config=SCANNED, prefix=prefix)
   res = _generate(params, prompts, sp, batch_size=batch_size, config=UNROLLED, prefix=prefix)
-  for r in range(len(prompts)):
-    np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
-    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-5)
-    np.testing.assert_allclose(res.sampling_logprobs[r], base.sampling_logprobs[r], atol=1e-5)
+  _assert_same_generation(res, base, len(prompts))
 
 
 def test_unrolled_decode_on_a_mesh(params, prompts):
@@ -309,9 +314,7 @@ def test_unrolled_decode_on_a_mesh(params, prompts):
   rules = sharding.rules_for("fsdp_tp")
   base = _generate(params, prompts[:2], batch_size=1, config=SCANNED)
   res = _generate(params, prompts[:2], batch_size=1, config=UNROLLED, mesh=mesh, rules=rules)
-  for r in range(2):
-    np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
-    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-4)
+  _assert_same_generation(res, base, 2, atol=1e-4)
 
 
 PALLAS = dataclasses.replace(UNROLLED, decode_attention="pallas")
@@ -327,10 +330,7 @@ def test_pallas_decode_attention_matches_xla(params, prompts, config, batch_size
   xla = dataclasses.replace(config, decode_attention=None)
   base = _generate(params, prompts, sp, batch_size=batch_size, config=xla, prefix=prefix)
   res = _generate(params, prompts, sp, batch_size=batch_size, config=config, prefix=prefix)
-  for r in range(len(prompts)):
-    np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
-    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-5)
-    np.testing.assert_allclose(res.sampling_logprobs[r], base.sampling_logprobs[r], atol=1e-5)
+  _assert_same_generation(res, base, len(prompts))
 
 
 def test_pallas_decode_attention_on_a_mesh(params, prompts, monkeypatch):
@@ -346,9 +346,7 @@ def test_pallas_decode_attention_on_a_mesh(params, prompts, monkeypatch):
   res = _generate(params, prompts[:2], batch_size=2, config=PALLAS, mesh=mesh, rules=rules)
   # fsdp_tp: rows over data and fsdp (4 rows per batch here), kv heads over tensor.
   assert set(seen) == {(("data", "fsdp"), "tensor")}, seen
-  for r in range(2):
-    np.testing.assert_array_equal(res.tokens[r], base.tokens[r])
-    np.testing.assert_allclose(res.logprobs[r], base.logprobs[r], atol=1e-4)
+  _assert_same_generation(res, base, 2, atol=1e-4)
 
 
 def _decode_loop_body(config, batch):
