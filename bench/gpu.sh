@@ -2,7 +2,7 @@
 # The GPU bench suite in one call: bench/train_step.py, bench/sample.py, bench/ppo_step.py and
 # bench/score.py at the tinyllama_1b shapes of the project's GPU targets, each against
 # transformers where the script has a peer, plus the train step with XLA attention and without
-# remat and two decode variants, then one combined table (bench/gpu_suite.py does the work).
+# remat and three decode variants, then one combined table (bench/gpu_suite.py does the work).
 #
 #   bash bench/gpu.sh                       # full suite (its first four benches: 4 min on one H200)
 #   bash bench/gpu.sh --quick               # tiny preset on the CPU: a smoke test of the suite
