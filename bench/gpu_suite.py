@@ -265,20 +265,22 @@ def _sample_rows(r: dict, targets: bool, name: str = "sample",
                  "", ""])
   agree = r.get("agreement") or {}
   if agree.get("checked"):
-    div = agree.get("first_divergence")
-    text = "yes" if agree.get("agree_first") else "no"
-    text += f" (first divergence at {div})" if div is not None else " (no divergence)"
     rows.append([name, f"batch 1, first {agree.get('check_tokens')} ids", "greedy ids agree",
-                 text, "", "", "", ""])
+                 _agreement_text(agree), "", "", "", ""])
   check = (r.get("ours") or {}).get("attention_check") or {}
   if check.get("checked"):
-    div = check.get("first_divergence")
-    text = "yes" if check.get("agree_first") else "no"
-    text += f" (first divergence at {div})" if div is not None else " (no divergence)"
-    text += f", max abs(d log p) {check.get('max_abs_logprob_diff', float('nan')):.1e}"
+    text = (_agreement_text(check) + ", max abs(d log p) "
+            f"{check.get('max_abs_logprob_diff', float('nan')):.1e}")
     rows.append([name, f"batch 1, first {check.get('check_tokens')} ids",
                  "greedy ids agree with XLA attention", text, "", "", "", ""])
   return rows
+
+
+def _agreement_text(agree: dict) -> str:
+  """'yes' / 'no' and the first divergence of bench/sample.py's greedy-id agreement."""
+  div = agree.get("first_divergence")
+  text = "yes" if agree.get("agree_first") else "no"
+  return text + (f" (first divergence at {div})" if div is not None else " (no divergence)")
 
 
 def _score_rows(r: dict) -> List[List[str]]:

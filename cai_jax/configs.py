@@ -130,7 +130,7 @@ class ModelConfig:
     if self.decode_attention == "pallas":
       from cai_jax import decode_attention
       try:
-        decode_attention.check_supported(self.n_heads, self.n_kv_heads, self.dim_per_head)
+        decode_attention.check_supported(self.dim_per_head)
       except ValueError as e:
         raise ValueError(f"ModelConfig.decode_attention: {e}") from None
 

@@ -40,10 +40,10 @@ def _next_power_of_two(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def check_supported(n_heads: int, n_kv_heads: int, head_dim: int) -> None:
-  """Raises ValueError (one line) unless the kernel takes these attention shapes: a head
-  width that is a power of two of at least 16 (Triton's block shapes)."""
-  del n_heads, n_kv_heads   # any grouping: the rows are padded to a power of two
+def check_supported(head_dim: int) -> None:
+  """Raises ValueError (one line) unless the kernel takes this head width: a power of two of
+  at least 16 (Triton's block shapes). Any grouping of query heads is taken (the rows are
+  padded to a power of two)."""
   if head_dim < 16 or head_dim & (head_dim - 1):
     raise ValueError(f"decode_attention='pallas' needs a head width that is a power of two "
                      f">= 16 (Triton blocks); this model's is {head_dim}")
@@ -153,11 +153,11 @@ def decode_attention(q: Array, k_cache: Array, v_cache: Array, layer: int, k: Ar
   Returns:
     [B, 1, H, Dh] in the dtype of v.
   """
-  length, heads, hd = q.shape[1:]
-  kv_heads, slots = k.shape[2], k_cache.shape[2]
+  length, hd = q.shape[1], q.shape[3]
+  slots = k_cache.shape[2]
   if length != 1:
     raise ValueError(f"decode_attention takes one new token per row; got {length}")
-  check_supported(heads, kv_heads, hd)
+  check_supported(hd)
   operands = (jnp.full((1,), slots if index is None else index, jnp.int32), q[:, 0], k_cache,
               v_cache, k[:, 0].astype(v_cache.dtype), v[:, 0].astype(v_cache.dtype),
               mask[:, 0].astype(jnp.int32))
@@ -188,4 +188,3 @@ def reference(q: Array, k_cache: Array, v_cache: Array, layer: int, k: Array, v:
   values = jnp.concatenate([v_cache[layer], v], axis=1).astype(jnp.float32)
   return jax.nn.dot_product_attention(q.astype(jnp.float32), keys, values,
                                       mask=mask[:, None], scale=scale)
-
