@@ -1,5 +1,7 @@
-"""Test-session setup: 8 fake CPU devices (set before jax is imported) and markers."""
+"""Test-session setup: 8 fake CPU devices (set before jax is imported), and every test
+module's compiled programs released when the module ends."""
 
+import gc
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -7,7 +9,20 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's caches of compiled programs after each test module.
+
+  Each CPU executable keeps about three memory mappings of JIT-compiled code for as long as
+  a cache holds it. One pytest process compiles thousands of programs, and without this
+  the count reaches the kernel's limit (vm.max_map_count, 65530 by default) near the end of
+  the run: LLVM then fails to map code ("Failed to materialize symbols"), Python raises
+  MemoryError with free memory left, or XLA's compiler segfaults."""
+  yield
+  jax.clear_caches()
+  gc.collect()
