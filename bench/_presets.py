@@ -281,7 +281,10 @@ def load_weights(model: str, preset: Optional[str], dtype: str, seed: int, min_s
 
 
 def markdown_table(head, rows) -> str:
-  """A markdown table of string cells, columns padded to their widest cell."""
+  """A markdown table of string cells, columns padded to their widest cell. A '|' inside a
+  cell (e.g. 'max |d log p|') is written '\\|' so it stays one cell."""
+  head = [h.replace("|", "\\|") for h in head]
+  rows = [[c.replace("|", "\\|") for c in r] for r in rows]
   widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
             for i, h in enumerate(head)]
   lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -354,6 +355,10 @@ def test_gpu_suite_decode_variants_take_the_sample_peer_and_score_rows():
       ["score", "feedback, bfloat16, 16 rows x 402+3 tokens", "tokens/s", "3,000.0", "1,000.0",
        "3.00x", "", ""],
       ["score", "all cases, bfloat16", "max |d log p|", "3.00e-02", "", "", "<= 0.5", "yes"]]
+  table = suite.markdown_table(rows).splitlines()
+  cells = [len(re.findall(r"(?<!\\)\|", line)) for line in table]
+  assert cells == [len(suite.HEADER) + 1] * len(table)     # the metric's '|' stay in its cell
+  assert "| max \\|d log p\\| |" in table[-1]
   other = dict(variant, max_new_tokens=32)       # another shape: no borrowed peer
   rows = suite.summary_rows({"sample": {"exit_code": 0, "result": sample},
                              "sample_cmdbuf": {"exit_code": 0, "result": other}}, True)

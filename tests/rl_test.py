@@ -263,3 +263,40 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
   assert last_m.keys() == last_s.keys()
   np.testing.assert_allclose([last_m[k] for k in sorted(last_m)], [last_s[k] for k in sorted(last_s)],
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chat_format", ["chatml", "llama3", "raw"])
+def test_pm_reward_reads_the_score_where_the_pm_was_trained(tmp_path, chat_format):
+  """The PPO reward of (prompt, response) equals the PM stage's own score of that pair
+  (``pm.encode_response``: the chat rendering, then EOS), in every chat format; reading the
+  rendering's own last token instead would give another number."""
+  from cai_jax import sampler
+  from cai_jax.stages import pm as pm_stage
+  from cai_jax.tokenizer import encode_chat, load_tokenizer, stop_strings
+  cfg = ModelConfig(vocab_size=320, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                    max_seq_len=96)
+  _, pm_dir = _policy_and_pm(tmp_path, cfg)
+  pm_params = model_dir.load_model(pm_dir)[1]
+  tok = load_tokenizer("byte")
+  messages = [[{"role": "user", "content": "Why is the sky blue?"}],
+              [{"role": "user", "content": "Hi"}]]
+  texts = ["Rayleigh scattering.", "Hello there"]
+  gen = [np.array(tok.encode(t) + [tok.eos_id], np.int32) for t in texts]
+  result = sampler.GenerateResult(
+      tokens=gen, logprobs=[np.zeros(len(g), np.float32) for g in gen],
+      sampling_logprobs=[np.zeros(len(g), np.float32) for g in gen],
+      lengths=np.array([len(g) for g in gen]), finish_reasons=["eos", "eos"],
+      num_stop_tokens=np.array([1, 1]), prompt_lengths=np.array([3, 3]), stats={})
+  got = rl.pm_score_fn(pm_params, cfg, tok, messages, chat_format,
+                       stop_strings(chat_format))(np.array([0, 1]), result)
+  rows = [pm_stage.encode_response(tok, m, t, chat_format, cfg.max_seq_len)
+          for m, t in zip(messages, texts)]
+  want = models.score(pm_params, cfg, np.stack([r[0] for r in rows]),
+                      np.stack([r[1] for r in rows]), right_padded=True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  ids = encode_chat(tok, messages[0] + [{"role": "assistant", "content": texts[0]}],
+                    chat_format)[0]
+  other = models.score(pm_params, cfg, np.array([ids], np.int32),
+                       np.ones((1, len(ids)), bool), right_padded=True)
+  if ids[-1] != tok.eos_id:        # chatml / llama3 end their turn with other tokens
+    assert abs(float(other[0]) - float(want[0])) > 1e-4

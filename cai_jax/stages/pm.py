@@ -103,19 +103,28 @@ _RESUMABLE_FIELDS = ("num_steps", "progress", "async_checkpoint", "save_every", 
 # --------------------------------------------------------------------------------------
 
 
-def encode_response(tok: Any, messages: Sequence[Dict[str, str]], response: str,
-                    chat_format: str, seq_len: int) -> Tuple[np.ndarray, np.ndarray, bool]:
-  """(tokens [seq_len] int32, mask [seq_len] bool, truncated) of conversation + response.
-
-  The end-of-context token (the tokenizer's EOS id) is the last real token; a sequence
-  longer than seq_len keeps its last seq_len tokens (left truncation).
-  """
+def response_ids(tok: Any, messages: Sequence[Dict[str, str]], response: str,
+                 chat_format: str) -> List[int]:
+  """Token ids of conversation + response as the PM reads them, untruncated: the chat
+  rendering without an EOS of its own, then the tokenizer's EOS id as the end-of-context
+  token, where the score is read. Every caller that scores with a PM (training, `rl`'s
+  reward, `evaluate`, `evaluate_hhh`, `harm_model`) goes through this."""
   from cai_jax.tokenizer import encode_chat
   if tok.eos_id is None:
     raise ValueError("pm: the tokenizer has no EOS id to use as the end-of-context token")
   convo = list(messages) + [{"role": "assistant", "content": response}]
   ids, _ = encode_chat(tok, convo, chat_format, append_eos=False)
-  ids = list(ids) + [tok.eos_id]
+  return list(ids) + [tok.eos_id]
+
+
+def encode_response(tok: Any, messages: Sequence[Dict[str, str]], response: str,
+                    chat_format: str, seq_len: int) -> Tuple[np.ndarray, np.ndarray, bool]:
+  """(tokens [seq_len] int32, mask [seq_len] bool, truncated) of conversation + response.
+
+  The ids of ``response_ids`` (EOS last); a sequence longer than seq_len keeps its last
+  seq_len tokens (left truncation).
+  """
+  ids = response_ids(tok, messages, response, chat_format)
   truncated = len(ids) > seq_len
   ids = ids[-seq_len:]
   pad = tok.pad_id if tok.pad_id is not None else 0

@@ -43,6 +43,7 @@ from cai_jax import (checkpoints, distributed, losses, model_dir, models, ppo as
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig
 from cai_jax.metrics import MetricsWriter
 from cai_jax.ppo import PPOConfig
+from cai_jax.stages import pm as pm_stage
 
 PROBE = "Human: Can you help me?\n\nAssistant: Sure, here's 1 idea: «ünïcödé» 🙂"
 
@@ -258,6 +259,35 @@ class _null:
     return False
 
 
+def pm_score_fn(pm_params: Any, pm_cfg: ModelConfig, tok: Any,
+                messages: Sequence[Sequence[Dict[str, str]]], chat_format: str,
+                stops: Sequence[str], mesh=None, rules=None) -> ScoreFn:
+  """The PPO reward: the PM's score of each sampled response after its prompt.
+
+  The response text is the decoded content tokens, trimmed at the first stop string; the
+  scored sequence is ``pm.response_ids`` (the conversation in `chat_format`, then EOS, the
+  token the PM was trained to read), left-truncated to the PM's max_seq_len, right-padded
+  to a bucketed width. Returns score_fn(prompt indices [B], GenerateResult) -> [B] float32.
+  """
+  from cai_jax.tokenizer import trim_at_stop
+
+  def score_fn(indices, result):
+    seqs = []
+    for r, i in enumerate(indices):
+      text = trim_at_stop(tok.decode(result.content_tokens(r).tolist()), stops)
+      ids = pm_stage.response_ids(tok, messages[i], text, chat_format)
+      seqs.append(ids[-pm_cfg.max_seq_len:])
+    width = max(sampler.bucket_length(max(len(s) for s in seqs)), max(len(s) for s in seqs))
+    t = np.zeros((len(seqs), width), np.int32)
+    k = np.zeros((len(seqs), width), bool)
+    for r, s in enumerate(seqs):
+      t[r, :len(s)], k[r, :len(s)] = s, True
+    return sampler.apply_batched(models.score_right_padded, pm_params, pm_cfg,
+                                 [{"tokens": t[r], "mask": k[r]} for r in range(len(seqs))],
+                                 ("tokens", "mask"), len(seqs), mesh, rules)
+  return score_fn
+
+
 def _load(spec: str, what: str, model: ModelConfig):
   from cai_jax.stages.train_lm import load_initial
   try:
@@ -293,7 +323,7 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
   Raises ValueError before any work if the policy, reference and PM tokenizers differ.
   """
   from cai_jax import prompt_sets
-  from cai_jax.tokenizer import encode_chat, stop_strings, trim_at_stop
+  from cai_jax.tokenizer import encode_chat, stop_strings
   if not out_dir:
     raise ValueError("rl.out_dir is not set (use --out_dir=DIR)")
   if not policy:
@@ -335,23 +365,7 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
     score_fn = reward_score_fn(prompt_ids, reward_fn)
   else:
     pm_placed = models.place_params(pm_params, pm_cfg, m, rules, "scalar")   # placed once
-
-    def score_fn(indices, result):
-      seqs = []
-      for r, i in enumerate(indices):
-        text = trim_at_stop(tok.decode(result.content_tokens(r).tolist()), stops)
-        conv = list(messages[i]) + [{"role": "assistant", "content": text}]
-        ids = encode_chat(tok, conv, chat_format)[0]
-        seqs.append(ids[-pm_cfg.max_seq_len:])
-      width = sampler.bucket_length(max(len(s) for s in seqs))
-      width = max(width, max(len(s) for s in seqs))
-      t = np.zeros((len(seqs), width), np.int32)
-      k = np.zeros((len(seqs), width), bool)
-      for r, s in enumerate(seqs):
-        t[r, :len(s)], k[r, :len(s)] = s, True
-      return sampler.apply_batched(models.score_right_padded, pm_placed, pm_cfg,
-                                   [{"tokens": t[r], "mask": k[r]} for r in range(len(seqs))],
-                                   ("tokens", "mask"), len(seqs), m, rules)
+    score_fn = pm_score_fn(pm_placed, pm_cfg, tok, messages, chat_format, stops, m, rules)
 
   return train_ppo(out_dir, policy_cfg, policy_params, ref_cfg, ref_params, value_cfg,
                    value_params, prompt_ids, score_fn, ppo, optimizer, value_optimizer,
