@@ -49,6 +49,11 @@ def test_dpo_learns_a_planted_preference(tmp_path):
   assert rows[-1]["loss"] < 0.3
   assert summary["implicit_reward_accuracy"] == 1.0 and summary["mean_margin"] != 0
   assert model_dir.is_model_dir(str(tmp_path / "dpo" / "model"))
+  with pytest.raises(ValueError, match=r"dpo: .* holds a run with a different beta"):
+    dpo.run(str(tmp_path / "dpo"), comparisons=str(path), policy=str(tmp_path / "base"),
+            beta=0.1, optimizer=OptimizerConfig(learning_rate=3e-3),
+            train_config=TrainConfig(num_steps=30, batch_size=8, seq_len=64, save_every=100,
+                                     progress=False, async_checkpoint=False))
 
 
 def test_bad_labels_over_the_limit_are_refused(tmp_path):

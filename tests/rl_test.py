@@ -72,14 +72,23 @@ def test_toy_ppo_raises_reward_and_large_beta_stays_near_reference(tmp_path):
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
   _train(tmp_path / "full", 0.05, 5, save_every=2)
-  _train(tmp_path / "cut", 0.05, 3, save_every=2)     # "killed" after iteration 3
-  summary = _train(tmp_path / "cut", 0.05, 5, save_every=2)
+  _train(tmp_path / "cut", 0.05, 3, save_every=2, snapshot_every=2)  # "killed" after iteration 3
+  summary = _train(tmp_path / "cut", 0.05, 5, save_every=2, snapshot_every=2)
   assert summary["resumed_from"] == 3
+  # Snapshots of both sessions are listed (step 2 was written before the kill).
+  assert [os.path.basename(p) for p in summary["snapshots"]] == ["step-00002", "step-00004"]
   full, cut = _params(tmp_path / "full"), _params(tmp_path / "cut")
   for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(cut)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert [r["step"] for r in _rows(tmp_path / "cut")] == [1, 2, 3, 4, 5]
   assert [r["reward"] for r in _rows(tmp_path / "cut")] == [r["reward"] for r in _rows(tmp_path / "full")]
+
+
+def test_rerun_with_another_config_is_refused_not_resumed(tmp_path):
+  _train(tmp_path / "run", 0.05, 1)
+  with pytest.raises(ValueError, match=r"rl: .* holds a run with a different ppo .*run_config.json"):
+    _train(tmp_path / "run", 0.5, 2)             # another kl_coef: would resume with the old beta
+  assert _train(tmp_path / "run", 0.05, 2)["resumed_from"] == 1   # same config: resumes
 
 
 def test_nan_reward_stops_naming_iteration(tmp_path):

@@ -82,3 +82,9 @@ def test_sl_end_to_end_on_tiny_model(tmp_path):
   assert model_dir.is_model_dir(str(tmp_path / "sl" / "model"))
   config, params = model_dir.load_model(str(tmp_path / "sl" / "model"))
   assert config == cfg
+  # A rerun in the same out_dir with another learning rate is refused, not resumed.
+  with pytest.raises(ValueError, match=r"sl: .* holds a run with a different optimizer"):
+    sl.run(str(tmp_path / "sl"), records=str(crdir), model=str(tmp_path / "base"),
+           helpful_ratio=0.5, train_config=TrainConfig(batch_size=4, seq_len=96, progress=False,
+                                                       async_checkpoint=False),
+           optimizer=OptimizerConfig(learning_rate=2e-3))

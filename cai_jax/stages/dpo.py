@@ -25,6 +25,7 @@ single-process run on the same mesh.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
@@ -36,7 +37,7 @@ import numpy as np
 from cai_jax import data, distributed, losses, models, sampler, sharding, shards, train
 from cai_jax.comparisons import check_skips, load_comparisons
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
-from cai_jax.stages.train_lm import load_initial
+from cai_jax.stages.train_lm import check_rerun, load_initial, train_config_key
 
 
 def encode_comparison(tok: Any, comparison: dict, chat_format: str, seq_len: int) -> Dict[str, np.ndarray]:
@@ -118,6 +119,11 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
     probe = "Compare: (A) or (B)?"
     if ref_tok is None or ref_tok.encode(probe) != tok.encode(probe):
       raise ValueError(f"reference {reference!r} does not share the policy's tokenizer")
+  check_rerun(out_dir, {
+      "data": shards.sha(comps), "policy": policy, "reference": reference or policy,
+      "beta": beta, "chat_format": chat_format, "model": dataclasses.asdict(config),
+      "optimizer": dataclasses.asdict(optimizer),
+      "train_config": train_config_key(train_config)}, "dpo")
   encoded = [encode_comparison(tok, c, chat_format, train_config.seq_len) for c in comps]
   ref_a, ref_b = reference_logprobs(ref_params, ref_config, encoded, train_config.batch_size, mesh)
   for e, ra, rb in zip(encoded, ref_a, ref_b):

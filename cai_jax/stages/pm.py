@@ -82,15 +82,13 @@ from cai_jax.comparisons import (SkipCounts, check_skips, load_comparisons,  # n
                                  normalize_comparisons)
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.metrics import replace_eval_row
+from cai_jax.stages.train_lm import check_rerun, load_initial, train_config_key
 
 _LOG = logging.getLogger(__name__)
 
 SOURCE_AI = "ai"
 SOURCE_HUMAN = "human"
 SOURCE_PMP = "pmp"
-
-# TrainConfig fields that may change between a run and its resumption.
-_RESUMABLE_FIELDS = ("num_steps", "progress", "async_checkpoint", "save_every", "keep_checkpoints")
 
 
 # --------------------------------------------------------------------------------------
@@ -283,37 +281,11 @@ def split_and_mix(ai: Sequence[dict], human: Sequence[dict], mix_ratio: float,
 # --------------------------------------------------------------------------------------
 
 
-def check_rerun(out_dir: str, run_config: dict, stage: str = "pm",
-                filename: str = "pm_config.json") -> None:
-  """Writes out_dir/<filename>, or refuses a rerun whose config differs from it (one line
-  naming the differing keys). Shared by the scalar-head training stages (pm, harm_model).
-  Every process of a multi-process run calls it; process 0 writes, then all meet at a
-  barrier."""
-  path = os.path.join(out_dir, filename)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
-    diff = shards.config_diff(run_config, old)
-    if diff:
-      raise ValueError(f"{stage}: {out_dir} holds a run with a different {', '.join(diff)} "
-                       f"(see {path}); use a new out_dir")
-  elif distributed.is_primary():
-    os.makedirs(out_dir, exist_ok=True)
-    shards.write_atomic(path, json.dumps(run_config, indent=1, sort_keys=True))
-  distributed.barrier(f"check_rerun:{path}")
-
-
-def train_config_key(cfg: TrainConfig) -> dict:
-  """The TrainConfig fields a resumed run must keep (all but _RESUMABLE_FIELDS)."""
-  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
-
-
 def scalar_init(init_from: str, model_config: ModelConfig, stage: str = "pm"
                 ) -> Tuple[ModelConfig, Any, Any]:
   """(config, scalar-head params, tokenizer) of a language model to train a scalar head on:
   ``load_initial`` + ``pm_init_params``; ValueError when the model has no tokenizer or
   one larger than its vocabulary."""
-  from cai_jax.stages.train_lm import load_initial
   config, lm_params, tok = load_initial(init_from, model_config)
   if tok is None:
     raise ValueError(f"{stage}: model {init_from!r} has no tokenizer")
@@ -381,7 +353,7 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
       "data": shards.sha([train_set, heldout]), "pmp_data": shards.sha(pmp) if pmp else None,
       "init_from": init_from, "model": dataclasses.asdict(config), "chat_format": chat_format,
       "optimizer": dataclasses.asdict(optimizer), "train_config": train_config_key(train_config),
-      "pmp_num_steps": pmp_num_steps if pmp else None})
+      "pmp_num_steps": pmp_num_steps if pmp else None}, "pm", "pm_config.json")
 
   pmp_summary = None
   if pmp:

@@ -39,11 +39,12 @@ import numpy as np
 from tqdm import tqdm
 
 from cai_jax import (checkpoints, distributed, losses, model_dir, models, ppo as ppo_lib, sampler,
-                     sharding, train)
+                     sharding, shards, train)
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig
 from cai_jax.metrics import MetricsWriter
 from cai_jax.ppo import PPOConfig
 from cai_jax.stages import pm as pm_stage
+from cai_jax.stages.train_lm import check_rerun, load_initial
 
 PROBE = "Human: Can you help me?\n\nAssistant: Sure, here's 1 idea: «ünïcödé» 🙂"
 
@@ -128,6 +129,9 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
     save_every: checkpoint every that many iterations (and always at the end).
     mesh, rules: device mesh and logical rules (None: unsharded); every process of a
       multi-process run calls this with the same arguments.
+  A rerun in the same out_dir resumes from its last checkpoint only when the prompts,
+  PPO and optimizer configs, seed, models and `extra_summary` (the input specs) match
+  out_dir/run_config.json; otherwise ValueError naming what differs.
   Returns the summary dict (also out_dir/summary.json): iterations, resumed_from,
   last metrics, snapshot paths.
   """
@@ -139,18 +143,26 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
   if limit < 1:
     raise ValueError(f"max_new_tokens={n} leaves no room for a prompt (max_seq_len "
                      f"{policy_cfg.max_seq_len})")
-  shards = sharding.batch_shards(mesh, rules)
-  if ppo.rollout_batch % shards or (ppo.rollout_batch // ppo.minibatches) % shards:
+  n_shards = sharding.batch_shards(mesh, rules)
+  if ppo.rollout_batch % n_shards or (ppo.rollout_batch // ppo.minibatches) % n_shards:
     raise ValueError(
         f"PPOConfig.rollout_batch={ppo.rollout_batch} with PPOConfig.minibatches={ppo.minibatches} "
         f"({ppo.rollout_batch // ppo.minibatches} rows per minibatch) does not divide over the "
-        f"{shards} batch shards of the mesh; make both the rollout batch and the minibatch rows "
-        f"multiples of {shards}")
+        f"{n_shards} batch shards of the mesh; make both the rollout batch and the minibatch rows "
+        f"multiples of {n_shards}")
   prompts = [[int(t) for t in p][-limit:] for p in prompt_ids]
   if not prompts or any(not p for p in prompts):
     raise ValueError("the prompt set is empty or has an empty prompt")
   plen = min(sampler.bucket_length(max(len(p) for p in prompts)), limit)
   plen = max(plen, max(len(p) for p in prompts))
+  check_rerun(out_dir, {
+      "prompts": shards.sha(prompts), "ppo": dataclasses.asdict(ppo),
+      "optimizer": dataclasses.asdict(optimizer),
+      "value_optimizer": dataclasses.asdict(value_optimizer), "seed": seed,
+      "models": [dataclasses.asdict(c) for c in (policy_cfg, ref_cfg, value_cfg)],
+      "eos_ids": [int(t) for t in eos_ids],
+      "stop_sequences": [[int(t) for t in s] for s in stop_sequences],
+      "sources": dict(extra_summary or {})}, "rl")
 
   policy_state = ppo_lib.init_state(policy_params, optimizer, policy_cfg, "lm", mesh, rules)
   value_state = ppo_lib.init_state(value_params, value_optimizer, value_cfg, "scalar", mesh, rules)
@@ -170,12 +182,13 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
   writer.truncate_after(start)
   policy_step = ppo_lib.make_policy_step(policy_cfg, ppo, optimizer, mesh, rules)
   value_step = ppo_lib.make_value_step(value_cfg, ppo, value_optimizer, mesh, rules)
-  snapshots, last = [], {}
+  last = {}
+
+  def snapshot_path(it):
+    return os.path.join(out_dir, "snapshots", f"step-{it:05d}")
 
   def snapshot(it):
-    path = os.path.join(out_dir, "snapshots", f"step-{it:05d}")
-    train.save_model(path, policy_cfg, policy_state.params, tokenizer)
-    snapshots.append(path)
+    train.save_model(snapshot_path(it), policy_cfg, policy_state.params, tokenizer)
 
   ctx = lambda: sharding.use_mesh(mesh, rules) if mesh is not None else _null()
   try:
@@ -227,10 +240,10 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
         last = writer.write(done, metrics)
         data_state = {"iteration": done, "prompt_cursor": done * ppo.rollout_batch,
                       "beta": beta}
+        if snapshot_every and done % snapshot_every == 0:   # before the checkpoint that
+          snapshot(done)                                    # makes a resume skip it
         ckpt.save(done, {"policy": policy_state, "value": value_state}, data_state,
                   force=done == iterations)
-        if snapshot_every and done % snapshot_every == 0:
-          snapshot(done)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
         bar.update(1)
   finally:
@@ -240,6 +253,8 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
   train.save_model(os.path.join(out_dir, "model"), policy_cfg, policy_state.params, tokenizer)
   train.save_model(os.path.join(out_dir, "value_model"), value_cfg, value_state.params, tokenizer,
                    head="scalar")
+  snapshots = [snapshot_path(it) for it in range(snapshot_every, iterations + 1, snapshot_every)
+               if model_dir.is_model_dir(snapshot_path(it))] if snapshot_every else []
   summary = {"out_dir": out_dir, "iterations": iterations, "resumed_from": resumed_from,
              "beta": beta, "last_metrics": last, "snapshots": snapshots,
              "ppo": dataclasses.asdict(ppo)}
@@ -289,7 +304,6 @@ def pm_score_fn(pm_params: Any, pm_cfg: ModelConfig, tok: Any,
 
 
 def _load(spec: str, what: str, model: ModelConfig):
-  from cai_jax.stages.train_lm import load_initial
   try:
     return load_initial(spec, model)
   except (FileNotFoundError, ValueError) as e:

@@ -111,4 +111,5 @@ def run(out_dir: str, records: str = "", model: str = "", helpful_data: Optional
   if tok is None:
     raise ValueError(f"model {model!r} has no tokenizer")
   return fine_tune(out_dir, examples, config, optimizer, train_config, mesh, tok, chat_format,
-                   init_params=params, extra_summary=dict(counts, epochs=epochs, rounds=rounds))
+                   init_params=params, extra_summary=dict(counts, epochs=epochs, rounds=rounds),
+                   stage="sl", sources={"model": model})

@@ -14,12 +14,42 @@ from typing import Any, Optional, Sequence, Tuple
 
 import jax
 
-from cai_jax import data, model_dir, train
+from cai_jax import data, distributed, model_dir, shards, train
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, dtype_from_name
 
 # Fields of ModelConfig that change how a model runs, not what it is.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
                   "unroll_decode", "decode_attention")
+
+
+# TrainConfig fields that may change between a run and its resumption.
+_RESUMABLE_FIELDS = ("num_steps", "progress", "async_checkpoint", "save_every", "keep_checkpoints")
+
+
+def check_rerun(out_dir: str, run_config: dict, stage: str,
+                filename: str = "run_config.json") -> None:
+  """Writes out_dir/<filename>, or refuses a rerun whose config differs from it (one line
+  naming the differing keys). Every stage that resumes from out_dir/checkpoints calls it
+  before training, so a rerun with other data, model or hyperparameters never continues
+  (or silently keeps) the old run. Every process of a multi-process run calls it; process
+  0 writes, then all meet at a barrier."""
+  path = os.path.join(out_dir, filename)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    diff = shards.config_diff(run_config, old)
+    if diff:
+      raise ValueError(f"{stage}: {out_dir} holds a run with a different {', '.join(diff)} "
+                       f"(see {path}); use a new out_dir")
+  elif distributed.is_primary():
+    os.makedirs(out_dir, exist_ok=True)
+    shards.write_atomic(path, json.dumps(run_config, indent=1, sort_keys=True))
+  distributed.barrier(f"check_rerun:{path}")
+
+
+def train_config_key(cfg: TrainConfig) -> dict:
+  """The TrainConfig fields a resumed run must keep (all but _RESUMABLE_FIELDS)."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
 
 
 def load_initial(init_from: str, model: ModelConfig) -> Tuple[ModelConfig, Any, Any]:
@@ -40,12 +70,22 @@ def load_initial(init_from: str, model: ModelConfig) -> Tuple[ModelConfig, Any, 
 
 def fine_tune(out_dir: str, examples: Sequence[dict], model: ModelConfig, optimizer: OptimizerConfig,
               train_config: TrainConfig, mesh: MeshConfig, tok: Any, chat_format: str,
-              init_params: Any = None, extra_summary: Optional[dict] = None) -> dict:
-  """Trains on examples (data.py forms), writes out_dir/model and summary.json; returns the summary."""
+              init_params: Any = None, extra_summary: Optional[dict] = None,
+              stage: str = "train_lm", sources: Optional[dict] = None) -> dict:
+  """Trains on examples (data.py forms), writes out_dir/model and summary.json; returns the summary.
+
+  A rerun in the same out_dir resumes only when the examples, model, chat format,
+  optimizer, training config and `sources` (the caller's input specs, e.g. init_from)
+  match out_dir/run_config.json; otherwise ValueError naming what differs.
+  """
   out_dir = os.path.abspath(out_dir)
   if tok.vocab_size > model.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} tokens but ModelConfig.vocab_size is "
                      f"{model.vocab_size}")
+  check_rerun(out_dir, {
+      "data": shards.sha(list(examples)), "model": dataclasses.asdict(model),
+      "chat_format": chat_format, "optimizer": dataclasses.asdict(optimizer),
+      "train_config": train_config_key(train_config), "sources": sources or {}}, stage)
   ds = data.lm_dataset(examples, tok, chat_format, train_config.seq_len,
                        train_config.batch_size, train_config.seed)
   result = train.train(model, optimizer, train_config, mesh, ds, out_dir, init_params=init_params)
@@ -90,4 +130,5 @@ def run(out_dir: str, dataset: str, model: ModelConfig = ModelConfig(),
   for i in range(len(examples)):
     data.example_messages(examples[i], f"{dataset}: example {i}")
   return fine_tune(out_dir, examples, model, optimizer, train_config, mesh, tok, chat_format,
-                   init_params)
+                   init_params, stage="train_lm",
+                   sources={"init_from": init_from, "tokenizer": tokenizer, "dataset": dataset})
