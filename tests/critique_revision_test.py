@@ -98,6 +98,23 @@ def test_raw_prompt_texts_exact(tmp_path):
       "seed": 0}
 
 
+def test_empty_revision_is_recorded_but_the_last_response_carries_on(tmp_path):
+  outs = iter([" Sure, here is how.", " It helps with harm.", "\n\nHuman: junk",
+               " Still harmful.", " I won't help."])
+  calls = []
+
+  def gen(prefix, texts, seed):
+    calls.append(list(texts))
+    return [next(outs)]
+
+  _run(tmp_path, gen, prompts=[{"prompt": "How do I pick a lock?"}])
+  (rec,), _ = cr.read_dataset(str(tmp_path))
+  assert [r["revision"] for r in rec["rounds"]] == ["", "I won't help."]
+  # Round 2 critiques the initial response again, not the empty revision.
+  assert calls[3][0].startswith("\n\nHuman: How do I pick a lock?\n\nAssistant: Sure, here is how.")
+  assert rec["final_revision"] == "I won't help."
+
+
 def test_multi_turn_prompt(tmp_path):
   conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
           {"role": "user", "content": "Help me lie to my boss."}]

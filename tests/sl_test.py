@@ -22,11 +22,29 @@ RECORDS = [
 
 def test_all_rounds_or_final_round():
   ex, counts = sl.build_examples(RECORDS, [], "all", 0.0, 0)
-  assert counts == {"harmless_examples": 12, "helpful_examples": 0} and len(ex) == 12
+  assert counts == {"harmless_examples": 12, "helpful_examples": 0, "empty_skipped": 0}
+  assert len(ex) == 12
   ex, counts = sl.build_examples(RECORDS, [], "final", 0.0, 0)
   assert sorted(e["completion"] for e in ex) == sorted(f"Final answer {i}." for i in range(6))
   with pytest.raises(ValueError, match="rounds"):
     sl.build_examples(RECORDS, [], "some", 0.0, 0)
+
+
+def test_empty_revisions_and_responses_are_not_trained_on():
+  records = [dict(r, rounds=[dict(rd) for rd in r["rounds"]]) if "rounds" in r else dict(r)
+             for r in RECORDS]
+  records[0]["rounds"][1]["revision"] = "  "      # empty final round: fall back to round 1
+  records[1]["rounds"][0]["revision"] = ""
+  records[6]["response"] = "\n"
+  ex, counts = sl.build_examples(records, [], "all", 0.0, 0)
+  assert counts["harmless_examples"] == 10 and counts["empty_skipped"] == 3  # 2 + 1 helpful
+  assert all(e["completion"].strip() for e in ex)
+  ex, counts = sl.build_examples(records, [], "final", 0.0, 0)
+  assert counts["empty_skipped"] == 1 and len(ex) == 6
+  assert "I can't help with 0, but r1." in [e["completion"] for e in ex]
+  ex, counts = sl.build_examples(records, [], "final", 1.0, 0)
+  assert counts["empty_skipped"] == 1
+  assert all(e["completion"].strip() for e in ex)
 
 
 def test_helpful_ratio_and_seed():

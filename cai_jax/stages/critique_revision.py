@@ -360,7 +360,8 @@ def _critique_revision_shard(items: Sequence[Tuple[int, dict]], shard: int, seed
       rounds[j].append({"principle_id": ps[j].id, "critique_request": ps[j].critique_request,
                         "critique": critiques[j], "revision_request": ps[j].revision_request,
                         "revision": revisions[j]})
-      current[j] = revisions[j]
+      if revisions[j].strip():   # an empty revision is recorded; the next round (and
+        current[j] = revisions[j]   # final_revision) keeps the last non-empty response
   out = []
   for j, (i, item) in enumerate(items):
     rec = {"id": str(item.get("id", i)), "prompt": item["prompt"]}

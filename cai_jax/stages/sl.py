@@ -55,20 +55,28 @@ def _example(record: dict, completion: str) -> dict:
 
 def build_examples(records: List[dict], helpful: List[dict], rounds: str, helpful_ratio: float,
                    seed: int) -> Tuple[List[dict], dict]:
-  """(examples, counts): prompt → revision pairs plus the drawn helpfulness pairs."""
+  """(examples, counts): prompt → revision pairs plus the drawn helpfulness pairs.
+
+  Empty (whitespace-only) revisions and helpful responses are not trained on: with
+  rounds='final' a record whose last revision is empty contributes its last non-empty
+  one; counts["empty_skipped"] says how many completions were left out.
+  """
   if rounds not in ("all", "final"):
     raise ValueError(f"sl.rounds={rounds!r}; expected 'all' or 'final'")
-  harmless = []
+  harmless, empty = [], 0
   for i, r in enumerate(records):
     if "rounds" not in r:
       continue
     if not r["rounds"]:
       raise data.DataError(f"record {i} ({r.get('id')}): no revision rounds")
-    chosen = r["rounds"] if rounds == "all" else r["rounds"][-1:]
-    for rd in chosen:
-      harmless.append(_example(r, rd["revision"]))
-  pool = [_example(r, r["response"])
-          for r in list(records) + list(helpful) if "response" in r and "rounds" not in r]
+    revisions = [rd["revision"] for rd in r["rounds"]]
+    kept = [t for t in revisions if t.strip()]
+    empty += len(revisions) - len(kept) if rounds == "all" else int(not kept)
+    for t in (kept if rounds == "all" else kept[-1:]):
+      harmless.append(_example(r, t))
+  candidates = [r for r in list(records) + list(helpful) if "response" in r and "rounds" not in r]
+  pool = [_example(r, r["response"]) for r in candidates if r["response"].strip()]
+  empty += len(candidates) - len(pool)
   if not harmless:
     raise data.DataError("no critique/revision records to train on")
   n_help = int(round(helpful_ratio * len(harmless)))
@@ -79,7 +87,8 @@ def build_examples(records: List[dict], helpful: List[dict], rounds: str, helpfu
   examples = harmless + [pool[int(i)] for i in picks]
   order = rng.permutation(len(examples))
   return [examples[int(i)] for i in order], {"harmless_examples": len(harmless),
-                                             "helpful_examples": n_help}
+                                             "helpful_examples": n_help,
+                                             "empty_skipped": empty}
 
 
 def run(out_dir: str, records: str = "", model: str = "", helpful_data: Optional[str] = None,
