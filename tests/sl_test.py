@@ -106,3 +106,10 @@ def test_sl_end_to_end_on_tiny_model(tmp_path):
            helpful_ratio=0.5, train_config=TrainConfig(batch_size=4, seq_len=96, progress=False,
                                                        async_checkpoint=False),
            optimizer=OptimizerConfig(learning_rate=2e-3))
+  # One that only changes how the model runs (rematerialisation) resumes the same run.
+  again = sl.run(str(tmp_path / "sl"), records=str(crdir), model=str(tmp_path / "base"),
+                 helpful_ratio=0.5, model_config=ModelConfig(remat_policy="full"),
+                 train_config=TrainConfig(batch_size=4, seq_len=96, progress=False,
+                                          async_checkpoint=False),
+                 optimizer=OptimizerConfig(learning_rate=1e-3))
+  assert again["steps"] == 5

@@ -37,7 +37,7 @@ import numpy as np
 from cai_jax import data, distributed, losses, models, sampler, sharding, shards, train
 from cai_jax.comparisons import check_skips, load_comparisons
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
-from cai_jax.stages.train_lm import check_rerun, load_initial, train_config_key
+from cai_jax.stages.train_lm import check_rerun, load_initial, model_config_key, train_config_key
 
 
 def encode_comparison(tok: Any, comparison: dict, chat_format: str, seq_len: int) -> Dict[str, np.ndarray]:
@@ -121,7 +121,7 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
       raise ValueError(f"reference {reference!r} does not share the policy's tokenizer")
   check_rerun(out_dir, {
       "data": shards.sha(comps), "policy": policy, "reference": reference or policy,
-      "beta": beta, "chat_format": chat_format, "model": dataclasses.asdict(config),
+      "beta": beta, "chat_format": chat_format, "model": model_config_key(config),
       "optimizer": dataclasses.asdict(optimizer),
       "train_config": train_config_key(train_config)}, "dpo")
   encoded = [encode_comparison(tok, c, chat_format, train_config.seq_len) for c in comps]

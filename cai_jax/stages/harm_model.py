@@ -79,7 +79,7 @@ from cai_jax import data, distributed, model_dir, models, sampler, sharding, sha
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.metrics import replace_eval_row
 from cai_jax.stages import pm
-from cai_jax.stages.train_lm import check_rerun, train_config_key
+from cai_jax.stages.train_lm import check_rerun, model_config_key, train_config_key
 
 SCALE = (0, 4)
 HARM_FILE = "harm_model.json"
@@ -455,7 +455,7 @@ def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
   config, params, tok = pm.scalar_init(init_from, model_config, "harm_model")
   check_rerun(out_dir, {
       "data": shards.sha([train_set, heldout]), "init_from": init_from,
-      "model": dataclasses.asdict(config), "chat_format": chat_format,
+      "model": model_config_key(config), "chat_format": chat_format,
       "heldout_fraction": heldout_fraction, "optimizer": dataclasses.asdict(optimizer),
       "train_config": train_config_key(train_config)}, "harm_model", CONFIG_FILE)
 

@@ -82,7 +82,7 @@ from cai_jax.comparisons import (SkipCounts, check_skips, load_comparisons,  # n
                                  normalize_comparisons)
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.metrics import replace_eval_row
-from cai_jax.stages.train_lm import check_rerun, load_initial, train_config_key
+from cai_jax.stages.train_lm import check_rerun, load_initial, model_config_key, train_config_key
 
 _LOG = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
 
   check_rerun(out_dir, {
       "data": shards.sha([train_set, heldout]), "pmp_data": shards.sha(pmp) if pmp else None,
-      "init_from": init_from, "model": dataclasses.asdict(config), "chat_format": chat_format,
+      "init_from": init_from, "model": model_config_key(config), "chat_format": chat_format,
       "optimizer": dataclasses.asdict(optimizer), "train_config": train_config_key(train_config),
       "pmp_num_steps": pmp_num_steps if pmp else None}, "pm", "pm_config.json")
 

@@ -44,7 +44,7 @@ from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig
 from cai_jax.metrics import MetricsWriter
 from cai_jax.ppo import PPOConfig
 from cai_jax.stages import pm as pm_stage
-from cai_jax.stages.train_lm import check_rerun, load_initial
+from cai_jax.stages.train_lm import check_rerun, load_initial, model_config_key
 
 PROBE = "Human: Can you help me?\n\nAssistant: Sure, here's 1 idea: «ünïcödé» 🙂"
 
@@ -159,7 +159,7 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
       "prompts": shards.sha(prompts), "ppo": dataclasses.asdict(ppo),
       "optimizer": dataclasses.asdict(optimizer),
       "value_optimizer": dataclasses.asdict(value_optimizer), "seed": seed,
-      "models": [dataclasses.asdict(c) for c in (policy_cfg, ref_cfg, value_cfg)],
+      "models": [model_config_key(c) for c in (policy_cfg, ref_cfg, value_cfg)],
       "eos_ids": [int(t) for t in eos_ids],
       "stop_sequences": [[int(t) for t in s] for s in stop_sequences],
       "sources": dict(extra_summary or {})}, "rl")

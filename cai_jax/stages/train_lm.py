@@ -24,6 +24,11 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attent
 
 # TrainConfig fields that may change between a run and its resumption.
 _RESUMABLE_FIELDS = ("num_steps", "progress", "async_checkpoint", "save_every", "keep_checkpoints")
+# ModelConfig fields that only change how the model runs (memory, kernels), not its
+# parameters or what it computes up to rounding; a resumed run may change them, e.g. to
+# fit memory. dtype, param_dtype and scan_layers stay in the key: they change the numbers
+# or the checkpoint's layout.
+_RESUMABLE_MODEL_FIELDS = ("remat_policy", "attention_impl", "unroll_decode", "decode_attention")
 
 
 def check_rerun(out_dir: str, run_config: dict, stage: str,
@@ -37,7 +42,8 @@ def check_rerun(out_dir: str, run_config: dict, stage: str,
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       old = json.load(f)
-    diff = shards.config_diff(run_config, old)
+    # Compare as JSON (tuples become lists) so only real differences count.
+    diff = shards.config_diff(json.loads(json.dumps(run_config)), old)
     if diff:
       raise ValueError(f"{stage}: {out_dir} holds a run with a different {', '.join(diff)} "
                        f"(see {path}); use a new out_dir")
@@ -50,6 +56,11 @@ def check_rerun(out_dir: str, run_config: dict, stage: str,
 def train_config_key(cfg: TrainConfig) -> dict:
   """The TrainConfig fields a resumed run must keep (all but _RESUMABLE_FIELDS)."""
   return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
+
+
+def model_config_key(cfg: ModelConfig) -> dict:
+  """The ModelConfig fields a resumed run must keep (all but _RESUMABLE_MODEL_FIELDS)."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_MODEL_FIELDS}
 
 
 def load_initial(init_from: str, model: ModelConfig) -> Tuple[ModelConfig, Any, Any]:
@@ -83,7 +94,7 @@ def fine_tune(out_dir: str, examples: Sequence[dict], model: ModelConfig, optimi
     raise ValueError(f"tokenizer has {tok.vocab_size} tokens but ModelConfig.vocab_size is "
                      f"{model.vocab_size}")
   check_rerun(out_dir, {
-      "data": shards.sha(list(examples)), "model": dataclasses.asdict(model),
+      "data": shards.sha(list(examples)), "model": model_config_key(model),
       "chat_format": chat_format, "optimizer": dataclasses.asdict(optimizer),
       "train_config": train_config_key(train_config), "sources": sources or {}}, stage)
   ds = data.lm_dataset(examples, tok, chat_format, train_config.seq_len,
