@@ -45,6 +45,9 @@ flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_process
 flags.DEFINE_string("data", None, "Evaluation data file or directory (binds COMMAND.data).")
 flags.DEFINE_string("topology", None, "plan: accelerator topology, e.g. v5p-256, h100x8 "
                     "(binds plan.topology).")
+flags.DEFINE_string("compilation_cache", None, "Directory of the persistent XLA compilation "
+                    "cache, or 'none' to turn it off (default: $JAX_COMPILATION_CACHE_DIR, else "
+                    "~/.cache/cai_jax/xla); see cai_jax/compilation_cache.py.")
 flags.DEFINE_bool("skip_if_complete", False, "Do nothing when the command's out_dir holds a "
                   "finished run with the same effective config (used by `pipeline`).")
 
@@ -194,6 +197,9 @@ def usage() -> str:
             "                         --gin.plan.compiler=\"'gpu'\" compiles a GPU topology with",
             "                         XLA's GPU compiler without a GPU (needs the JAX CUDA plugin)",
             "  --gin_search_path=DIR  extra directory for gin includes",
+            "  --compilation_cache=DIR|none   persistent XLA compilation cache shared by every",
+            "                         command (default: $JAX_COMPILATION_CACHE_DIR, else",
+            "                         ~/.cache/cai_jax/xla)",
             "  --distributed=auto|none|explicit --coordinator_address=HOST:PORT",
             "  --num_processes=N --process_id=I   multi-process runs through jax.distributed",
             "                         (auto: SLURM, Cloud TPU pods, CAI_* variables)",
@@ -415,7 +421,8 @@ def _distributed_args() -> List[str]:
 
 
 def _main(argv: List[str]) -> None:
-  from cai_jax import distributed
+  from cai_jax import compilation_cache, distributed
+  compilation_cache.configure(FLAGS.compilation_cache)   # before any compile; stages inherit it
   args = [a for a in argv[1:] if not a.startswith("-")]
   if tuple(args[:2]) in _SUBCOMMANDS:
     args = [_SUBCOMMANDS[tuple(args[:2])]] + args[2:]

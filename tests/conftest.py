@@ -1,12 +1,25 @@
-"""Test-session setup: 8 fake CPU devices (set before jax is imported), and every test
+"""Test-session setup: 8 fake CPU devices (set before jax is imported), one persistent
+compilation cache shared by the session and the CLI processes it starts, and every test
 module's compiled programs released when the module ends."""
 
+import atexit
 import gc
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests run the same tiny programs again in fresh processes (`cai-jax STAGE`, the
+# pipeline's stage processes, 2-process runs and their 1-process references): a cache that
+# lives for this session only lets them load what an earlier process compiled. Set
+# JAX_COMPILATION_CACHE_DIR to choose the directory (it is then kept).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="cai_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  atexit.register(shutil.rmtree, _cache_dir, True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402

@@ -46,6 +46,7 @@ def test_info_prints_exact_count_as_one_json_line():
       "--gin.evaluate.rl_dir=''"], "at least two snapshots"),
     (["pipeline", "--gin.pipeline.stages=['sl', 'frobnicate']"], "frobnicate"),
     (["plan", "--topology=v9z-3"], "v9z-3"),
+    (["info", "--compilation_cache=/dev/null/xla"], "--compilation_cache: cannot create"),
     (["pipeline", "--out_dir=/tmp/cai_jax_never_pipe", "--gin.sl.out_dir='/abs/sl'"],
      "mix absolute and relative"),
 ])

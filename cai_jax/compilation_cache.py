@@ -1,0 +1,79 @@
+"""The persistent XLA compilation cache every `cai-jax` command uses.
+
+Each stage is its own process (`cai-jax pipeline` starts one per stage), and most of them
+compile the same programs for the same model: the sampler's prefill and decode loop, the
+scoring and training steps. JAX's persistent cache stores each compiled executable on
+disk (XLA's own serialization, no pickle), keyed by the program, the compile options and
+the backend version, so a later process, or a rerun, loads it instead of compiling it
+again. On the tiny CPU pipeline a warm cache halves the run (bench/RESULTS.md).
+
+Where it lives, in order: `--compilation_cache=DIR`; the JAX_COMPILATION_CACHE_DIR
+environment variable; $XDG_CACHE_HOME/cai_jax/xla (~/.cache/cai_jax/xla). The cache is
+trusted code: keep it in a directory only you can write. It grows without bound; delete
+it at any time. `--compilation_cache=none` turns it off. Only programs that took at least
+JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (default here 0.5 s) to compile are stored.
+In a multi-process run only process 0 writes (a JAX rule); every process reads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+ENV_DIR = "JAX_COMPILATION_CACHE_DIR"
+ENV_ENABLE = "JAX_ENABLE_COMPILATION_CACHE"
+ENV_MIN_SECS = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+DEFAULT_MIN_COMPILE_SECS = 0.5
+OFF = "none"
+
+
+def default_dir(environ: Optional[dict] = None) -> str:
+  """$XDG_CACHE_HOME/cai_jax/xla, or ~/.cache/cai_jax/xla."""
+  base = (os.environ if environ is None else environ).get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "cai_jax", "xla")
+
+
+def choose_dir(flag: Optional[str], environ: Optional[dict] = None) -> Optional[str]:
+  """The cache directory for a --compilation_cache value (None: not given), or None = off.
+
+  An explicit flag wins; then JAX_COMPILATION_CACHE_DIR; then default_dir(). A
+  JAX_ENABLE_COMPILATION_CACHE of false / 0 in the environment turns it off unless the
+  flag names a directory.
+  """
+  env = os.environ if environ is None else environ
+  if flag is not None:
+    if not flag.strip():
+      raise ValueError("--compilation_cache is empty; give a directory or 'none'")
+    return None if flag.strip().lower() == OFF else os.path.abspath(os.path.expanduser(flag))
+  if env.get(ENV_ENABLE, "").strip().lower() in ("0", "false", "no", "off"):
+    return None
+  return os.path.abspath(os.path.expanduser(env.get(ENV_DIR) or default_dir(env)))
+
+
+def configure(flag: Optional[str]) -> Optional[str]:
+  """Turns the cache on (or off) for this process and the processes it starts.
+
+  Sets the environment variables JAX reads at import (so a pipeline's stage processes
+  inherit the choice) and, when jax is already imported, its config. Call before the
+  first compile. Returns the directory in use, or None when off.
+  Raises ValueError (one line) when the directory cannot be created.
+  """
+  directory = choose_dir(flag)
+  if directory is None:
+    os.environ[ENV_ENABLE] = "false"
+    os.environ.pop(ENV_DIR, None)
+  else:
+    try:
+      os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+      raise ValueError(f"--compilation_cache: cannot create {directory}: {e.strerror}; "
+                       "give another directory or 'none'") from None
+    os.environ[ENV_ENABLE] = "true"
+    os.environ[ENV_DIR] = directory
+    os.environ.setdefault(ENV_MIN_SECS, str(DEFAULT_MIN_COMPILE_SECS))
+  import jax
+  jax.config.update("jax_enable_compilation_cache", directory is not None)
+  if directory is not None:
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ[ENV_MIN_SECS]))
+  return directory

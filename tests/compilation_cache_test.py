@@ -1,0 +1,79 @@
+"""cai_jax.compilation_cache: where the persistent XLA cache lives, and that a second
+process loads what the first one compiled instead of compiling it again."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cai_jax import compilation_cache as cc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_flag_wins_then_the_environment_then_the_default(tmp_path):
+  env = {cc.ENV_DIR: str(tmp_path / "env")}
+  assert cc.choose_dir(str(tmp_path / "flag"), env) == str(tmp_path / "flag")
+  assert cc.choose_dir(None, env) == str(tmp_path / "env")
+  assert cc.choose_dir("none", env) is None and cc.choose_dir("NONE", {}) is None
+  assert cc.choose_dir(None, {"XDG_CACHE_HOME": "/x/cache"}) == "/x/cache/cai_jax/xla"
+  assert cc.choose_dir(None, {}) == os.path.join(os.path.expanduser("~"), ".cache", "cai_jax", "xla")
+  # JAX's own switch turns it off unless the flag names a directory.
+  off = dict(env, **{cc.ENV_ENABLE: "false"})
+  assert cc.choose_dir(None, off) is None
+  assert cc.choose_dir(str(tmp_path / "flag"), off) == str(tmp_path / "flag")
+  with pytest.raises(ValueError, match="--compilation_cache"):
+    cc.choose_dir(" ", {})
+
+
+# Compiles one program that takes well over the 0.5 s threshold on a CPU, and prints
+# whether it came from the cache.
+_PROGRAM = r"""
+import json, sys
+from cai_jax import compilation_cache
+directory = compilation_cache.configure(sys.argv[1])
+import jax, jax.numpy as jnp
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+
+@jax.jit
+def f(x):
+  for i in range(60):
+    x = jnp.tanh(x @ x.T + jnp.sin(x) * i)
+  return x.sum()
+
+value = float(f(jnp.ones((32, 32)) / 32))
+print(json.dumps({"dir": directory, "hits": len(hits), "value": value}))
+"""
+
+
+def _compile_in_a_new_process(flag, env_extra=None):
+  env = {k: v for k, v in os.environ.items() if k not in (cc.ENV_DIR, cc.ENV_ENABLE)}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             **(env_extra or {}))
+  out = subprocess.run([sys.executable, "-c", _PROGRAM, flag], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_loads_what_the_first_compiled(tmp_path):
+  directory = str(tmp_path / "xla")
+  first = _compile_in_a_new_process(directory)
+  assert first["dir"] == directory and first["hits"] == 0
+  entries = [n for n in os.listdir(directory) if n.endswith("-cache")]
+  assert entries, os.listdir(directory)
+  second = _compile_in_a_new_process(directory)
+  # Every program the first process compiled (and stored) is loaded, none compiled again.
+  assert second["hits"] == len(entries) and second["value"] == first["value"]
+  assert sorted(n for n in os.listdir(directory) if n.endswith("-cache")) == sorted(entries)
+
+
+def test_none_turns_it_off(tmp_path):
+  directory = tmp_path / "xla"
+  off = _compile_in_a_new_process("none", {cc.ENV_DIR: str(directory)})
+  assert off["dir"] is None and off["hits"] == 0
+  assert not directory.exists()
