@@ -152,8 +152,11 @@ def _chain(tmp_path, base_args, cr_gin, extra_cr=(), extra_sl=()):
   return cr, sl_summary
 
 
+@pytest.mark.slow
 def test_sl_cai_path_on_the_tiny_model_from_the_cli(tmp_path):
-  """train_lm -> critique_revision -> sl -> feedback -> pm -> rl on the tiny preset, from the CLI."""
+  """train_lm -> critique_revision -> sl -> feedback -> pm -> rl on the tiny preset, each stage
+  its own CLI call with its own flags. Slow: pipeline_test runs the same chain (and more)
+  through `cai-jax pipeline` in the default run."""
   base = _run_ok("train_lm", f"--out_dir={tmp_path / 'base'}", "--gin.TrainConfig.num_steps=10",
                  "--gin.TrainConfig.progress=False")
   model = f"--model={tmp_path / 'base' / 'model'}"
