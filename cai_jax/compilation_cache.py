@@ -18,6 +18,7 @@ In a multi-process run only process 0 writes (a JAX rule); every process reads.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 ENV_DIR = "JAX_COMPILATION_CACHE_DIR"
@@ -56,9 +57,18 @@ def configure(flag: Optional[str]) -> Optional[str]:
   Sets the environment variables JAX reads at import (so a pipeline's stage processes
   inherit the choice) and, when jax is already imported, its config. Call before the
   first compile. Returns the directory in use, or None when off.
-  Raises ValueError (one line) when the directory cannot be created.
+  Raises ValueError (one line) when a directory given by the flag or JAX_COMPILATION_CACHE_DIR
+  cannot be created; when the default one cannot, warns on stderr and runs without a cache.
   """
   directory = choose_dir(flag)
+  chosen = flag is not None or bool(os.environ.get(ENV_DIR))
+  if directory is not None and not chosen:
+    try:   # the default place: a read-only home directory costs the cache, not the command
+      os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+      print(f"cai-jax: warning: cannot create the compilation cache {directory} ({e.strerror}); "
+            "running without it (--compilation_cache=DIR picks another place)", file=sys.stderr)
+      directory = None
   if directory is None:
     os.environ[ENV_ENABLE] = "false"
     os.environ.pop(ENV_DIR, None)

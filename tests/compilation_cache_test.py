@@ -33,7 +33,7 @@ def test_the_flag_wins_then_the_environment_then_the_default(tmp_path):
 _PROGRAM = r"""
 import json, sys
 from cai_jax import compilation_cache
-directory = compilation_cache.configure(sys.argv[1])
+directory = compilation_cache.configure(sys.argv[1] if len(sys.argv) > 1 else None)
 import jax, jax.numpy as jnp
 hits = []
 jax.monitoring.register_event_listener(
@@ -50,12 +50,17 @@ print(json.dumps({"dir": directory, "hits": len(hits), "value": value}))
 """
 
 
-def _compile_in_a_new_process(flag, env_extra=None):
+def _compile_in_a_new_process_raw(flag, env_extra=None):
+  """Runs _PROGRAM (flag None: no --compilation_cache) in a fresh process; the result."""
   env = {k: v for k, v in os.environ.items() if k not in (cc.ENV_DIR, cc.ENV_ENABLE)}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              **(env_extra or {}))
-  out = subprocess.run([sys.executable, "-c", _PROGRAM, flag], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+  return subprocess.run([sys.executable, "-c", _PROGRAM] + ([] if flag is None else [flag]),
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _compile_in_a_new_process(flag, env_extra=None):
+  out = _compile_in_a_new_process_raw(flag, env_extra)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -77,3 +82,10 @@ def test_none_turns_it_off(tmp_path):
   off = _compile_in_a_new_process("none", {cc.ENV_DIR: str(directory)})
   assert off["dir"] is None and off["hits"] == 0
   assert not directory.exists()
+
+
+def test_an_unwritable_default_place_warns_and_runs_without_a_cache(tmp_path):
+  out = _compile_in_a_new_process_raw(None, {"XDG_CACHE_HOME": "/dev/null/cache"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1])["dir"] is None
+  assert "cannot create the compilation cache /dev/null/cache/cai_jax/xla" in out.stderr
