@@ -152,8 +152,8 @@ COMMANDS: Dict[str, Command] = {
                           "experiments/smollm2_135m_cpu.gin", _stage("harm_model", "run"), True),
     "pipeline": Command("the whole method: critique_revision -> sl -> feedback -> pm -> rl -> "
                         "harm_model -> evaluate (pipeline.stages of the default gin), skipping "
-                        "finished stages, ending with the report", "experiments/smollm2_135m_cpu.gin", _stage("pipeline", "run"),
-                        False),
+                        "finished stages, ending with the report",
+                        "experiments/smollm2_135m_cpu.gin", _stage("pipeline", "run"), False),
     "plan": Command("per-device memory of the sl / pm / rl steps on --topology=v5p-256 (v4-N, "
                     "v5e-N, v6e-N, h100xN, ...) from a compile on fake devices; fits or not",
                     "models/tiny.gin", lambda: importlib.import_module("cai_jax.plan").run,

@@ -28,8 +28,9 @@ def test_the_flag_wins_then_the_environment_then_the_default(tmp_path):
     cc.choose_dir(" ", {})
 
 
-# Compiles one program that takes well over the 0.5 s threshold on a CPU, and prints
-# whether it came from the cache.
+# Configures the cache before jax is imported (as the CLI does), compiles a few programs
+# (the caller sets the threshold to 0, so each is stored) and prints how many were loaded
+# from the cache.
 _PROGRAM = r"""
 import json, sys
 from cai_jax import compilation_cache
