@@ -13,18 +13,19 @@ and XLA's ``compiled.memory_analysis()`` gives the per-device buffer sizes:
   * ``rl``: the PPO policy step and value step (``ppo.make_policy_step`` /
     ``make_value_step``) on a minibatch of rollout_batch / minibatches rows of
     prompt_len + max_new_tokens tokens, and the rollout scoring forward (policy, reference
-    and value model on the whole rollout batch); resident besides: the frozen reference's
-    and the preference model's parameters and the sampler's KV cache for rollout_batch
-    sequences (computed from shapes).
+    and value model on the whole rollout batch), and the sampler's prefill + decode of the
+    rollout batch (``sampler.generate``'s program; ``sample_config``); resident besides:
+    the frozen reference's and the preference model's parameters and the sampler's KV
+    cache for rollout_batch sequences (computed from shapes).
 
 Per device, in bytes: parameters and optimizer state (from the shardings, exact),
 temporaries (XLA ``temp``), KV cache (rl), other (batch, outputs, step counters, code: the
 rest), their total, the chip's HBM, whether it fits and the headroom. A stage's total is
 XLA's argument + output - alias + temp + code of its step; for rl it is everything resident
-(four parameter sets, two optimizer states, the KV cache) plus the largest of the three
+(four parameter sets, two optimizer states, the KV cache) plus the largest of the four
 programs' needs beyond the resident arguments it reads, and its temporaries are that
-program's (the KV cache is counted as live during the updates, which makes the rl total an
-upper bound; the sampler's own decode temporaries are not compiled).
+program's (the sampler's without the KV cache it builds; the cache is counted as live
+during the updates too, which makes the rl total an upper bound).
 
 The compile runs in a child process (``python -m cai_jax.plan --request=-``) because the
 fake-device count must be set before JAX creates its CPU backend. The CPU compiler's
@@ -33,7 +34,8 @@ exact, temporaries are an estimate that runs high for bf16 compute (the CPU back
 bf16 arithmetic to f32 and can keep f32 copies of large bf16 buffers). For a GPU topology,
 ``compiler='gpu'`` compiles with XLA's GPU compiler for that GPU instead, on a machine
 without one (``cai_jax.deviceless``: the JAX CUDA plugin installed, nothing run), so the
-temporaries are the GPU compiler's own (cuDNN attention, its fusions and buffer reuse).
+temporaries are the GPU compiler's own (cuDNN attention, its fusions and buffer reuse;
+cuBLAS for every dot, see ``child_env``).
 
 ``python -m cai_jax.plan --docs`` writes the markdown table of docs/PLAN.md.
 """
@@ -390,6 +392,37 @@ def rl_prompt_len(model_config: ModelConfig, ppo: PPOConfig, prompt_len: Optiona
   return p
 
 
+def sample_config(model_config: ModelConfig) -> ModelConfig:
+  """`model_config` as the rl plan compiles the sampler: ``unroll_decode`` None becomes
+  False, what ``sampler.resolve_unroll_decode`` falls back to when a per-layer copy of the
+  layer weights would not fit in half the free memory (the unrolled program holds that copy
+  besides the stacked weights); True and False stay."""
+  if model_config.unroll_decode is None:
+    return dataclasses.replace(model_config, unroll_decode=False)
+  return model_config
+
+
+def _sample_program(model_config: ModelConfig, ppo: PPOConfig, params: Any, batch: int,
+                    prompt_len: int, mesh: Any, rules: Any) -> Tuple[Any, Tuple[Any, ...]]:
+  """(jitted program, abstract args) of the sampler's prefill + decode of one rollout batch
+  (``sampler.generate``'s per-batch program with PPO's sampling: `batch` rows of
+  `prompt_len` prompt columns, ``ppo.max_new_tokens`` new tokens, no shared prefix)."""
+  import jax
+  import jax.numpy as jnp
+  from cai_jax import sampler, sharding
+  sp = sampler.SamplingParams(temperature=ppo.temperature, max_new_tokens=ppo.max_new_tokens,
+                              eos_ids=(0,), seed=0)
+  fn = sampler._jitted("batch", sample_config(model_config), sampler._DecodeSpec.of(sp), mesh,
+                       sharding.hashable_rules(rules))
+  rows, _ = batch_structs(mesh, rules, {"tokens": ((batch, prompt_len), jnp.int32),
+                                        "mask": ((batch, prompt_len), jnp.bool_),
+                                        "active": ((batch,), jnp.bool_),
+                                        "row_ids": ((batch,), jnp.int32)})
+  seed = jax.ShapeDtypeStruct((), jnp.uint32)
+  return fn, (params, rows["tokens"], rows["mask"], rows["active"], rows["row_ids"], seed,
+              None, None)
+
+
 def _plan_rl_stage(model_config: ModelConfig, optimizer: OptimizerConfig, ppo: PPOConfig,
                    prompt_len: int, mesh: Any, rules: Any, hbm_bytes: int,
                    prune: bool) -> Dict[str, Any]:
@@ -446,9 +479,13 @@ def _plan_rl_stage(model_config: ModelConfig, optimizer: OptimizerConfig, ppo: P
   xla, s = _compile(rollout, (policy.params, policy.params, value.params, ro_batch,
                               scores["s"], beta), mesh, rules)
   programs["rollout"] = _program(xla, 2 * policy_params + value_params, s)
+  xla, s = _compile(*_sample_program(model_config, ppo, policy.params, big, prompt_len, mesh,
+                                     rules), mesh, rules)
+  # The KV cache the sampler builds is among its temporaries; `resident` counts it already.
+  programs["sample"] = _program(xla, policy_params + kv, s)
   peak = max(programs, key=lambda k: programs[k]["extra_bytes"])
   total = resident + programs[peak]["extra_bytes"]
-  temp = programs[peak]["xla"]["temp_size_in_bytes"]
+  temp = programs[peak]["xla"]["temp_size_in_bytes"] - (kv if peak == "sample" else 0)
   out.update(compiled=True, temp_bytes=temp, other_bytes=total - params - opt - kv - temp,
              total_bytes=total, peak_program=peak)
   return _finish(out, hbm_bytes)
@@ -579,7 +616,15 @@ def child_env(devices: int, gpu: Optional[str] = None) -> Dict[str, str]:
                                       if p)
   if gpu:
     from cai_jax import deviceless
-    return deviceless.environ(env)
+    env = deviceless.environ(env)
+    flags = env.get("XLA_FLAGS", "")
+    if "xla_gpu_enable_triton_gemm" not in flags:
+      # Without a GPU to autotune on, XLA's default Triton GEMM tiling rejects some shapes
+      # (the sampler's prefill of a 512-column rollout batch: "Couldn't find output tile
+      # sizes"); cuBLAS takes every dot instead. Buffer sizes barely move: 810m on h100x8,
+      # sl 1.83 -> 1.81 GiB and pm 1.53 -> 1.55 GiB per device.
+      env["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_triton_gemm=false".strip()
+    return env
   flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", ""))
   flags = f"{flags.strip()} --xla_force_host_platform_device_count={devices}".strip()
   if "xla_backend_optimization_level" not in flags:
@@ -926,7 +971,9 @@ def docs_table(topologies: Sequence[str] = DOCS_TOPOLOGIES,
       f"- rl: PPO with rollout batch {DOCS_PPO.rollout_batch} x ({DOCS_PROMPT_LEN} prompt + "
       f"{DOCS_PPO.max_new_tokens} response) tokens, {DOCS_PPO.minibatches} minibatches of "
       f"{DOCS_PPO.rollout_batch // DOCS_PPO.minibatches} rows; policy and value model train, "
-      "the frozen reference and preference model are resident, plus the sampler's KV cache.",
+      "the frozen reference and preference model are resident, plus the sampler's KV cache; "
+      "the programs compiled are the policy and value updates, the rollout scoring and the "
+      "sampler's prefill + decode of the rollout batch (stacked-layer decode).",
       "- A batch whose rows the batch shards (data x fsdp) do not divide is replicated, not "
       "split (a mesh axis that does not divide a dim is dropped): with more than "
       f"{DOCS_PPO.rollout_batch // DOCS_PPO.minibatches} batch shards the "

@@ -11,16 +11,19 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from cai_jax.compilation_cache import ENV_DIR, ENV_MIN_SECS  # noqa: E402  (imports no jax)
+
 # Many tests run the same tiny programs again in fresh processes (`cai-jax STAGE`, the
 # pipeline's stage processes, 2-process runs and their 1-process references): a cache that
 # lives for this session only lets them load what an earlier process compiled. Set
 # JAX_COMPILATION_CACHE_DIR to choose the directory (it is then kept). Every program is
 # stored, however short its compile: on the tiny models that is faster than a 0.5 s threshold.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+if ENV_DIR not in os.environ:
   _cache_dir = tempfile.mkdtemp(prefix="cai_jax_test_xla_cache_")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  os.environ[ENV_DIR] = _cache_dir
   atexit.register(shutil.rmtree, _cache_dir, True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault(ENV_MIN_SECS, "0")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402

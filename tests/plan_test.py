@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import flax.linen as nn
@@ -124,6 +125,8 @@ def test_gpu_compiler_checks_and_child_environment():
   cpu, gpu = plan.child_env(8), plan.child_env(8, "h100")
   assert cpu["JAX_PLATFORMS"] == "cpu" and "device_count=8" in cpu["XLA_FLAGS"]
   assert gpu["CUDA_VISIBLE_DEVICES"] == "-1" and "JAX_PLATFORMS" not in gpu
+  assert "--xla_gpu_enable_triton_gemm=false" in gpu["XLA_FLAGS"]
+  assert "triton" not in cpu["XLA_FLAGS"]
   assert gpu["PYTHONPATH"] == cpu["PYTHONPATH"]
   for plugin in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"):
     try:
@@ -196,7 +199,13 @@ def test_rl_plan_kv_cache_matches_formula():
   lm, scalar = _hand_param_bytes(TINY, "lm"), _hand_param_bytes(TINY, "scalar")
   assert rl["params_bytes"] == 2 * lm + 2 * scalar
   assert 2 * (lm + scalar) < rl["opt_state_bytes"] < 2 * (lm + scalar) + 64
-  assert set(rl["programs"]) == {"policy_step", "value_step", "rollout"}
+  assert set(rl["programs"]) == {"policy_step", "value_step", "rollout", "sample"}
+  # The sampler builds the cache inside its program: its temporaries hold at least the
+  # hand-computed cache, and its needs beyond the resident ones are counted without it.
+  sample = rl["programs"]["sample"]
+  assert sample["xla"]["temp_size_in_bytes"] >= expected
+  assert sample["resident_args_bytes"] == lm + expected
+  assert sample["extra_bytes"] == sample["xla"]["total_bytes"] - lm - expected
   extra = max(p["extra_bytes"] for p in rl["programs"].values())
   assert rl["total_bytes"] == (rl["params_bytes"] + rl["opt_state_bytes"] + rl["kv_cache_bytes"]
                                + 8 + extra)    # + the two int32 step counters
@@ -245,3 +254,10 @@ def test_docs_table_cells(monkeypatch):
   assert lines[rl + 4] == "| `810m` | 0.82B | fsdp 2 x tp 4 (12.2) |"   # no microbatches in rl
   assert "27 mesh trials" in text     # 3 stages x (3 for 810m + 6 for 52b)
   assert "with more than 16 batch shards the 16-row PPO minibatches run whole" in text
+
+
+def test_sample_config_falls_back_to_the_stacked_decode():
+  assert plan.sample_config(TINY).unroll_decode is False       # TINY leaves it None
+  for unroll in (True, False):
+    config = dataclasses.replace(TINY, unroll_decode=unroll)
+    assert plan.sample_config(config) is config
