@@ -16,7 +16,8 @@ and XLA's ``compiled.memory_analysis()`` gives the per-device buffer sizes:
     and value model on the whole rollout batch), and the sampler's prefill + decode of the
     rollout batch (``sampler.generate``'s program; ``sample_config``); resident besides:
     the frozen reference's and the preference model's parameters and the sampler's KV
-    cache for rollout_batch sequences (computed from shapes).
+    cache for its rows (``sampler_rows``: the rollout batch padded to a multiple of the
+    batch shards; computed from shapes).
 
 Per device, in bytes: parameters and optimizer state (from the shardings, exact),
 temporaries (XLA ``temp``), KV cache (rl), other (batch, outputs, step counters, code: the
@@ -402,6 +403,15 @@ def sample_config(model_config: ModelConfig) -> ModelConfig:
   return model_config
 
 
+def sampler_rows(batch: int, mesh: Any, rules: Any) -> int:
+  """Rows of the program ``sampler.generate`` runs for `batch` prompts at batch_size `batch`:
+  padded to a multiple of the batch shards (data x fsdp), e.g. 64 rollout prompts on 128
+  shards run as 128 rows, one per shard."""
+  from cai_jax import sampler, sharding
+  multiple = sharding.batch_shards(mesh, rules)
+  return sampler.batch_rows(batch, -(-batch // multiple) * multiple, multiple)
+
+
 def _sample_program(model_config: ModelConfig, ppo: PPOConfig, params: Any, batch: int,
                     prompt_len: int, mesh: Any, rules: Any) -> Tuple[Any, Tuple[Any, ...]]:
   """(jitted program, abstract args) of the sampler's prefill + decode of one rollout batch
@@ -442,10 +452,12 @@ def _plan_rl_stage(model_config: ModelConfig, optimizer: OptimizerConfig, ppo: P
   params = 2 * policy_params + 2 * value_params
   counters = shard_bytes(policy.step)["per_device"] + shard_bytes(value.step)["per_device"]
   # The sampler's cache: prompt + response slots, the last sampled token never fed back.
-  cache = kv_cache_structs(model_config, big, cols - 1, mesh, rules)
+  sample_rows = sampler_rows(big, mesh, rules)
+  cache = kv_cache_structs(model_config, sample_rows, cols - 1, mesh, rules)
   kv = shard_bytes(cache)["per_device"]
   out: Dict[str, Any] = {
-      "rows": rows, "seq": cols, "rollout_batch": big, "prompt_len": prompt_len,
+      "rows": rows, "seq": cols, "rollout_batch": big, "sample_rows": sample_rows,
+      "prompt_len": prompt_len,
       "max_new_tokens": n, "kv_cache_slots": cols - 1, "params_bytes": params,
       "opt_state_bytes": opt, "kv_cache_bytes": kv, "programs": {}}
   resident = params + opt + counters + kv
@@ -479,8 +491,8 @@ def _plan_rl_stage(model_config: ModelConfig, optimizer: OptimizerConfig, ppo: P
   xla, s = _compile(rollout, (policy.params, policy.params, value.params, ro_batch,
                               scores["s"], beta), mesh, rules)
   programs["rollout"] = _program(xla, 2 * policy_params + value_params, s)
-  xla, s = _compile(*_sample_program(model_config, ppo, policy.params, big, prompt_len, mesh,
-                                     rules), mesh, rules)
+  xla, s = _compile(*_sample_program(model_config, ppo, policy.params, sample_rows,
+                                     prompt_len, mesh, rules), mesh, rules)
   # The KV cache the sampler builds is among its temporaries; `resident` counts it already.
   programs["sample"] = _program(xla, policy_params + kv, s)
   peak = max(programs, key=lambda k: programs[k]["extra_bytes"])
@@ -979,7 +991,8 @@ def docs_table(topologies: Sequence[str] = DOCS_TOPOLOGIES,
       f"{DOCS_PPO.rollout_batch // DOCS_PPO.minibatches} batch shards the "
       f"{DOCS_PPO.rollout_batch // DOCS_PPO.minibatches}-row PPO minibatches run whole on "
       f"every chip, and with more than {DOCS_PPO.rollout_batch} the "
-      f"{DOCS_PPO.rollout_batch}-row rollout scoring does.",
+      f"{DOCS_PPO.rollout_batch}-row rollout scoring does (the sampler pads its batch to "
+      "one row per shard instead).",
       "- Presets as in `gin/models/` (bfloat16 compute, float32 parameters and AdamW state, "
       "full remat, scanned layers); default `OptimizerConfig` (AdamW + global-norm clipping).",
       "",

@@ -194,7 +194,7 @@ def test_rl_plan_kv_cache_matches_formula():
   expected = 2 * layers * (b // 4) * slots * (k_heads // 2) * dh * 4 + (b // 4) * slots
   assert expected == 15934
   assert rl["kv_cache_bytes"] == expected
-  assert (rl["rows"], rl["seq"], rl["rollout_batch"]) == (4, 32, 8)
+  assert (rl["rows"], rl["seq"], rl["rollout_batch"], rl["sample_rows"]) == (4, 32, 8, 8)
   # Policy + reference (LM head), value model + PM (scalar head); two AdamW states.
   lm, scalar = _hand_param_bytes(TINY, "lm"), _hand_param_bytes(TINY, "scalar")
   assert rl["params_bytes"] == 2 * lm + 2 * scalar
@@ -254,6 +254,17 @@ def test_docs_table_cells(monkeypatch):
   assert lines[rl + 4] == "| `810m` | 0.82B | fsdp 2 x tp 4 (12.2) |"   # no microbatches in rl
   assert "27 mesh trials" in text     # 3 stages x (3 for 810m + 6 for 52b)
   assert "with more than 16 batch shards the 16-row PPO minibatches run whole" in text
+
+
+def test_sampler_rows_pad_to_the_batch_shards():
+  """As sampler.generate pads a batch of `batch_size` prompts: one row per shard at least."""
+  import jax
+  from cai_jax import sharding
+  mesh, rules = sharding.mesh_and_rules(MESH)          # 4 batch shards (fsdp) on 8 devices
+  assert [plan.sampler_rows(b, mesh, rules) for b in (1, 4, 6, 8, 64)] == [4, 4, 8, 8, 64]
+  wide, rules = sharding.mesh_and_rules(MeshConfig(data=1, fsdp=8, tensor=1, rules="fsdp"))
+  assert plan.sampler_rows(4, wide, rules) == 8 == jax.device_count()
+  assert plan.sampler_rows(5, None, None) == 5
 
 
 def test_sample_config_falls_back_to_the_stacked_decode():
