@@ -15,7 +15,8 @@ trusted code: keep it in a directory only you can write; delete it at any time.
 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (default here 0.5 s) to compile are stored.
 The directory is kept under JAX_COMPILATION_CACHE_MAX_SIZE bytes (default here 8 GiB; -1
 means no limit): storing a program first deletes the least recently used ones (JAX's LRU
-eviction, under a file lock shared by the processes that use the directory). In a
+eviction, under a file lock shared by the processes that use the directory; each store
+scans the directory, which costs time with many thousands of entries: -1 skips it). In a
 multi-process run only process 0 writes (a JAX rule); every process reads.
 """
 
