@@ -409,7 +409,7 @@ def sampler_rows(batch: int, mesh: Any, rules: Any) -> int:
   shards run as 128 rows, one per shard."""
   from cai_jax import sampler, sharding
   multiple = sharding.batch_shards(mesh, rules)
-  return sampler.batch_rows(batch, -(-batch // multiple) * multiple, multiple)
+  return sampler.batch_rows(batch, sampler.full_batch_rows(batch, multiple), multiple)
 
 
 def _sample_program(model_config: ModelConfig, ppo: PPOConfig, params: Any, batch: int,

@@ -533,6 +533,12 @@ def bucket_length(n: int, bucket: int = 64) -> int:
   return -(-n // bucket) * bucket
 
 
+def full_batch_rows(batch_size: int, multiple: int) -> int:
+  """Rows of a full jitted batch: batch_size rounded up to a multiple of `multiple` (the
+  batch shards)."""
+  return -(-batch_size // multiple) * multiple
+
+
 def batch_rows(n: int, rows: int, multiple: int = 1) -> int:
   """Rows of the jitted batch that holds n real rows, at most `rows` (the full batch, a
   multiple of `multiple`): the smallest multiple * 2^k >= n. A short last (or only) batch is
@@ -651,7 +657,7 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   multiple = sharding.batch_shards(mesh, rules)
-  rows = -(-batch_size // multiple) * multiple
+  rows = full_batch_rows(batch_size, multiple)
 
   num = len(prompts)
   order = sorted(range(num), key=lambda i: len(prompts[i])) if sort_by_length else list(range(num))
@@ -768,7 +774,7 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   multiple = sharding.batch_shards(mesh, rules)
-  rows = -(-batch_size // multiple) * multiple
+  rows = full_batch_rows(batch_size, multiple)
   num = len(fitted)
   groups: Dict[Tuple[int, ...], List[int]] = {}
   for i, p in enumerate(fitted):
@@ -916,7 +922,7 @@ def apply_batched(fn: Callable, params: Params, config: ModelConfig,
   rules = sharding.hashable_rules(rules)
   jitted = _jitted_rows(fn)
   multiple = sharding.batch_shards(mesh, rules)
-  size = -(-batch_size // multiple) * multiple
+  size = full_batch_rows(batch_size, multiple)
   out = []
   with _mesh_context(mesh, rules):
     params = models.place_params(params, config, mesh, rules, head)

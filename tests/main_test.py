@@ -31,6 +31,13 @@ def test_info_prints_exact_count_as_one_json_line():
       30, 576, 9, 3, 49152)
 
 
+def _assert_one_line_error(out, needle):
+  assert out.returncode != 0
+  err = [l for l in out.stderr.strip().splitlines() if l.startswith("cai-jax: error")]
+  assert len(err) == 1 and needle in err[0], out.stderr
+  assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("args,needle", [
     (["info", "--gin_file=gin/models/no_such_preset.gin"], "no_such_preset.gin"),
     (["info", "--gin.ModelConfig.bogus=1"], "bogus"),
@@ -52,19 +59,12 @@ def test_info_prints_exact_count_as_one_json_line():
      "mix absolute and relative"),
 ])
 def test_bad_input_is_one_line_error(args, needle):
-  out = cli(*args)
-  assert out.returncode != 0
-  err = [l for l in out.stderr.strip().splitlines() if l.startswith("cai-jax: error")]
-  assert len(err) == 1 and needle in err[0], out.stderr
-  assert "Traceback" not in out.stderr
+  _assert_one_line_error(cli(*args), needle)
 
 
 def test_a_bad_cache_size_is_one_line_error():
-  out = cli("info", env_extra={"JAX_COMPILATION_CACHE_MAX_SIZE": "8G"})
-  assert out.returncode != 0
-  err = [l for l in out.stderr.strip().splitlines() if l.startswith("cai-jax: error")]
-  assert len(err) == 1 and "JAX_COMPILATION_CACHE_MAX_SIZE='8G'" in err[0], out.stderr
-  assert "Traceback" not in out.stderr
+  _assert_one_line_error(cli("info", env_extra={"JAX_COMPILATION_CACHE_MAX_SIZE": "8G"}),
+                         "JAX_COMPILATION_CACHE_MAX_SIZE='8G'")
 
 
 def test_help_lists_commands():
