@@ -38,15 +38,18 @@ def free_port() -> int:
 
 
 def worker_env(devices: int, cache_dir: str) -> dict:
-  """The environment of one process: `devices` CPU devices, no cluster variables, a
-  persistent compilation cache shared by the processes of one launch."""
+  """The environment of one process: `devices` CPU devices, no cluster variables, and the
+  test session's persistent compilation cache (conftest sets it up; the tests of every
+  module launch the same tiny programs) or, outside a test session, `cache_dir` shared by
+  the processes of one launch. Only process 0 of a multi-process run writes to it (JAX)."""
+  from cai_jax.compilation_cache import ENV_DIR, ENV_MIN_SECS
   env = {k: v for k, v in os.environ.items() if not k.startswith(("CAI_", "SLURM_", "TPU_"))}
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  env.setdefault(ENV_DIR, str(cache_dir))
+  env.setdefault(ENV_MIN_SECS, "0.5")
   env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
   return env
 
