@@ -25,9 +25,11 @@ def test_chunked_causal_attention_equals_the_dense_mask(length, chunk, padding):
   dense_mask = jnp.tril(jnp.ones((length, length), bool))[None] & real[:, None, :]
   np.testing.assert_array_equal(layers.causal_key_mask(real), dense_mask)
 
+  @jax.jit
   def dense(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, mask=dense_mask[:, None], scale=0.3)
 
+  @jax.jit
   def chunked(q, k, v):
     return layers.chunked_causal_attention(q, k, v, real, 0.3, chunk)
 
@@ -35,7 +37,7 @@ def test_chunked_causal_attention_equals_the_dense_mask(length, chunk, padding):
   np.testing.assert_allclose(jnp.where(at_real, chunked(q, k, v), 0),
                              jnp.where(at_real, dense(q, k, v), 0), atol=1e-6)
   weights = jax.random.normal(jax.random.PRNGKey(9), (b, length, heads, hd)) * real[..., None, None]
-  grads = [jax.grad(lambda *x: jnp.sum(f(*x) * weights), argnums=(0, 1, 2))(q, k, v)
+  grads = [jax.jit(jax.grad(lambda *x: jnp.sum(f(*x) * weights), argnums=(0, 1, 2)))(q, k, v)
            for f in (chunked, dense)]
   for got, want in zip(*grads):
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -58,9 +60,11 @@ def test_chunked_cached_attention_equals_the_dense_cached_attention(slots, lengt
                           causal[None] & real[:, None]], axis=2)                 # [B, T, S + T]
   sees = mask.any(-1)[..., None, None]                                            # [B, T, 1, 1]
 
+  @jax.jit
   def dense(*x):
     return layers.cached_attention(*x, mask, 0.3)
 
+  @jax.jit
   def chunked(*x):
     return layers.chunked_cached_attention(*x, mask, 0.3, chunk)
 
@@ -68,7 +72,7 @@ def test_chunked_cached_attention_equals_the_dense_cached_attention(slots, lengt
   np.testing.assert_allclose(jnp.where(sees, chunked(*args), 0),
                              jnp.where(sees, dense(*args), 0), atol=1e-6)
   weights = jax.random.normal(jax.random.PRNGKey(9), (b, length, heads, hd)) * sees
-  grads = [jax.grad(lambda *x: jnp.sum(f(*x) * weights), argnums=(0, 1, 2, 3, 4))(*args)
+  grads = [jax.jit(jax.grad(lambda *x: jnp.sum(f(*x) * weights), argnums=(0, 1, 2, 3, 4)))(*args)
            for f in (chunked, dense)]
   for got, want in zip(*grads):
     np.testing.assert_allclose(got, want, atol=1e-5)

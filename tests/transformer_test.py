@@ -18,34 +18,51 @@ def params():
   return models.init(CFG, jax.random.PRNGKey(0))
 
 
+# The forward pass and the cached decoder calls run jitted, as the sampler and the training
+# steps run them (eager dispatch of every op is several times slower on the CPU).
+logits = jax.jit(models.logits, static_argnums=1, static_argnames="right_padded")
+
+
+def decoder(cfg):
+  """models.module(cfg).apply, jitted: a Python int cache_index is static (as in a prefill),
+  an array one traced (as in the sampler's decode loop)."""
+  apply = models.module(cfg).apply
+  static, traced = jax.jit(apply, static_argnames="cache_index"), jax.jit(apply)
+
+  def call(variables, *args, cache_index=None, **kwargs):
+    fn = static if cache_index is None or isinstance(cache_index, int) else traced
+    return fn(variables, *args, cache_index=cache_index, **kwargs)
+  return call
+
+
 def _tokens(batch, length, seed=1):
   return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, CFG.vocab_size)
 
 
 def test_changing_a_later_token_never_changes_earlier_logits(params):
   tokens = _tokens(2, 12)
-  base = models.logits(params, CFG, tokens)
+  base = logits(params, CFG, tokens)
   for t in (3, 7, 11):
     changed = tokens.at[:, t].set((tokens[:, t] + 5) % CFG.vocab_size)
-    out = models.logits(params, CFG, changed)
+    out = logits(params, CFG, changed)
     np.testing.assert_allclose(out[:, :t], base[:, :t], atol=1e-6)
     assert np.abs(np.asarray(out[:, t:] - base[:, t:])).max() > 1e-4  # the change is seen
 
 
 def test_padding_left_or_right_does_not_change_real_token_logits(params):
   tokens = _tokens(1, 9)
-  ref = models.logits(params, CFG, tokens)[0]
+  ref = logits(params, CFG, tokens)[0]
   pad = jnp.full((1, 4), 5, jnp.int32)
   right = jnp.concatenate([tokens, pad], 1)
   right_mask = jnp.arange(13)[None] < 9
   left = jnp.concatenate([pad, tokens], 1)
   left_mask = jnp.arange(13)[None] >= 4
-  np.testing.assert_allclose(models.logits(params, CFG, right, right_mask)[0, :9], ref, atol=1e-5)
-  np.testing.assert_allclose(models.logits(params, CFG, left, left_mask)[0, 4:], ref, atol=1e-5)
+  np.testing.assert_allclose(logits(params, CFG, right, right_mask)[0, :9], ref, atol=1e-5)
+  np.testing.assert_allclose(logits(params, CFG, left, left_mask)[0, 4:], ref, atol=1e-5)
   # Pads in the middle (a cache gap) are invisible too.
   mid = jnp.concatenate([tokens[:, :5], pad, tokens[:, 5:]], 1)
   mid_mask = jnp.ones((1, 13), bool).at[:, 5:9].set(False)
-  out = models.logits(params, CFG, mid, mid_mask)[0]
+  out = logits(params, CFG, mid, mid_mask)[0]
   np.testing.assert_allclose(jnp.concatenate([out[:5], out[9:]]), ref, atol=1e-5)
 
 
@@ -57,8 +74,8 @@ def test_right_padded_lengths_path_equals_the_dense_mask(params, scan_layers):
   p = params if scan_layers else transformer.unstack_scanned_params(params, CFG.n_layers)
   tokens = _tokens(4, 11)
   mask = jnp.arange(11)[None] < jnp.array([11, 7, 1, 4])[:, None]
-  dense = models.logits(p, cfg, tokens, mask)
-  lengths = models.logits(p, cfg, tokens, mask, right_padded=True)
+  dense = logits(p, cfg, tokens, mask)
+  lengths = logits(p, cfg, tokens, mask, right_padded=True)
   np.testing.assert_allclose(lengths, dense, atol=1e-5)
   scalar = models.init(dataclasses.replace(cfg, scan_layers=True), jax.random.PRNGKey(3), "scalar")
   kernel = scalar["scalar_head"]["kernel"]   # initialised to zero: make the score depend on x
@@ -69,7 +86,7 @@ def test_right_padded_lengths_path_equals_the_dense_mask(params, scan_layers):
                              models.score(scalar, cfg, tokens, mask), atol=1e-5)
 
   def loss(q, right_padded):
-    out = models.logits(q, cfg, tokens, mask, right_padded=right_padded)
+    out = logits(q, cfg, tokens, mask, right_padded=right_padded)
     return jnp.sum(jnp.where(mask[..., None], jnp.tanh(out), 0.0))
 
   for a, b in zip(jax.tree_util.tree_leaves(jax.grad(loss)(p, True)),
@@ -84,8 +101,8 @@ def test_right_padded_rows_longer_than_a_chunk_equal_the_dense_mask(params):
   length = 2 * layers.CAUSAL_CHUNK + 9
   tokens = _tokens(2, length)
   mask = jnp.arange(length)[None] < jnp.array([length, layers.CAUSAL_CHUNK + 2])[:, None]
-  np.testing.assert_allclose(models.logits(params, CFG, tokens, mask, right_padded=True),
-                             models.logits(params, CFG, tokens, mask), atol=2e-5)
+  np.testing.assert_allclose(logits(params, CFG, tokens, mask, right_padded=True),
+                             logits(params, CFG, tokens, mask), atol=2e-5)
 
 
 def test_causal_key_lengths_attention_equals_the_dense_mask():
@@ -110,8 +127,8 @@ def test_scanned_and_unrolled_layers_agree(params):
   fresh = models.init(unrolled_cfg, jax.random.PRNGKey(0))
   assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(unrolled)
   tokens = _tokens(2, 10)
-  np.testing.assert_allclose(models.logits(unrolled, unrolled_cfg, tokens),
-                             models.logits(params, CFG, tokens), atol=1e-5)
+  np.testing.assert_allclose(logits(unrolled, unrolled_cfg, tokens),
+                             logits(params, CFG, tokens), atol=1e-5)
   restacked = transformer.stack_unrolled_params(unrolled, CFG.n_layers)
   assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
       lambda a, b: bool(jnp.array_equal(a, b)), restacked, params)))
@@ -167,7 +184,7 @@ def test_reference_forward_in_numpy(params):
     x = x + (g / (1 + np.exp(-g)) * u) @ L["mlp"]["down_proj"]["kernel"][i]
   x = rms(x, p["final_norm"]["scale"])
   ref = x @ p["lm_head"]["kernel"]
-  np.testing.assert_allclose(models.logits(params, CFG, tokens[None])[0], ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(logits(params, CFG, tokens[None])[0], ref, atol=1e-4, rtol=1e-4)
 
 
 def test_tied_embeddings_and_qkv_bias_shapes():
@@ -176,7 +193,7 @@ def test_tied_embeddings_and_qkv_bias_shapes():
   assert "lm_head" not in p
   assert p["layers"]["attn"]["q_proj"]["bias"].shape == (3, 4, 8)
   assert models.count_params(cfg) == cfg.param_count()
-  out = models.logits(p, cfg, _tokens(1, 4))
+  out = logits(p, cfg, _tokens(1, 4))
   assert out.shape == (1, 4, 97)
 
 
@@ -212,8 +229,8 @@ def test_head_columns_equal_the_full_output_at_those_columns(params):
   tokens = _tokens(3, 9)
   mask = jnp.arange(9)[None] < jnp.array([9, 6, 2])[:, None]
   cols = jnp.array([[0, 8, 3], [5, 1, 1], [1, 0, 7]], jnp.int32)
-  full = models.logits(params, CFG, tokens, mask, right_padded=True)
-  got = models.logits(params, CFG, tokens, mask, right_padded=True, columns=cols)
+  full = logits(params, CFG, tokens, mask, right_padded=True)
+  got = logits(params, CFG, tokens, mask, right_padded=True, columns=cols)
   assert got.shape == (3, 3, CFG.vocab_size)
   np.testing.assert_allclose(got, jnp.take_along_axis(full, cols[..., None], axis=1), atol=1e-6)
   scalar = models.init(CFG, jax.random.PRNGKey(3), "scalar")
@@ -230,14 +247,14 @@ def test_head_columns_equal_the_full_output_at_those_columns(params):
 def test_kv_cache_decode_matches_full_forward(params):
   tokens = _tokens(2, 10)
   mask = jnp.ones((2, 10), bool).at[0, :3].set(False)  # row 0 left padded
-  full = models.logits(params, CFG, tokens, mask)
+  full = logits(params, CFG, tokens, mask)
   cache = transformer.init_cache(CFG, 2, 16)
-  dec = models.module(CFG)
-  out, cache = dec.apply({"params": params}, tokens[:, :6], mask[:, :6], cache=cache, cache_index=0)
+  dec = decoder(CFG)
+  out, cache = dec({"params": params}, tokens[:, :6], mask[:, :6], cache=cache, cache_index=0)
   np.testing.assert_allclose(out[0, 3:], full[0, 3:6], atol=1e-5)
   np.testing.assert_allclose(out[1], full[1, :6], atol=1e-5)
   for t in range(6, 10):
-    out, cache = dec.apply({"params": params}, tokens[:, t:t + 1], mask[:, t:t + 1],
+    out, cache = dec({"params": params}, tokens[:, t:t + 1], mask[:, t:t + 1],
                            cache=cache, cache_index=t)
     np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5)
 
@@ -253,11 +270,11 @@ def test_kv_cache_chunks_at_nonzero_index_match_full_forward(params, scan_layers
   mask = mask.at[0, :3].set(False)              # left padding reaching into the chunk
   mask = mask.at[1, 5:7].set(False)             # a gap between a prefix and a suffix
   mask = mask.at[2, :6].set(False)              # the first call holds only pads
-  full = models.logits(p, cfg, tokens, mask)
-  dec = models.module(cfg)
+  full = logits(p, cfg, tokens, mask)
+  dec = decoder(cfg)
   cache = transformer.init_cache(cfg, 3, 12)
   for start, stop in ((0, 5), (5, 8), (8, 9), (9, 10), (10, 11)):
-    out, cache = dec.apply({"params": p}, tokens[:, start:stop], mask[:, start:stop],
+    out, cache = dec({"params": p}, tokens[:, start:stop], mask[:, start:stop],
                            cache=cache, cache_index=jnp.int32(start) if traced else start)
     assert np.all(np.isfinite(np.asarray(out))), (start, stop)
     real = np.asarray(mask[:, start:stop])
@@ -275,11 +292,11 @@ def test_long_chunks_after_cached_ones_match_full_forward(params, traced):
   width = 2 * layers.CAUSAL_CHUNK + 40
   tokens = _tokens(2, width, seed=11)
   mask = jnp.ones((2, width), bool).at[1, 70:75].set(False)
-  full = models.logits(params, CFG, tokens, mask)
-  dec = models.module(CFG)
+  full = logits(params, CFG, tokens, mask)
+  dec = decoder(CFG)
   cache = transformer.init_cache(CFG, 2, width + 8)
   for start, stop in ((0, 70), (70, width)):
-    out, cache = dec.apply({"params": params}, tokens[:, start:stop], mask[:, start:stop],
+    out, cache = dec({"params": params}, tokens[:, start:stop], mask[:, start:stop],
                            cache=cache, cache_index=jnp.int32(start) if traced else start)
     real = np.asarray(mask[:, start:stop])
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(full[:, start:stop])[real],
@@ -291,11 +308,11 @@ def test_kv_cache_writes_only_new_slots(params):
   tokens = _tokens(2, 9, seed=6)
   cache = transformer.init_cache(CFG, 2, 9)
   cache = {k: v + 7.0 if k != "mask" else v for k, v in cache.items()}   # recognisable filler
-  dec = models.module(CFG)
-  _, full_cache = dec.apply({"params": params}, tokens, cache=transformer.init_cache(CFG, 2, 9),
+  dec = decoder(CFG)
+  _, full_cache = dec({"params": params}, tokens, cache=transformer.init_cache(CFG, 2, 9),
                             cache_index=0)
-  _, c1 = dec.apply({"params": params}, tokens[:, :4], cache=cache, cache_index=0)
-  _, c2 = dec.apply({"params": params}, tokens[:, 4:7], cache=c1, cache_index=4)
+  _, c1 = dec({"params": params}, tokens[:, :4], cache=cache, cache_index=0)
+  _, c2 = dec({"params": params}, tokens[:, 4:7], cache=c1, cache_index=4)
   for name in ("k", "v"):
     assert c2[name].shape == (CFG.n_layers, 2, 9, CFG.n_kv_heads, CFG.dim_per_head)
     np.testing.assert_allclose(c2[name][:, :, :7], full_cache[name][:, :, :7], atol=1e-5)
@@ -306,11 +323,11 @@ def test_kv_cache_writes_only_new_slots(params):
 def test_kv_cache_in_a_lower_precision_dtype(params):
   """A bfloat16 cache holds the keys / values rounded, and decoding reads them back."""
   tokens = _tokens(1, 6, seed=8)
-  full = models.logits(params, CFG, tokens)
-  dec = models.module(CFG)
+  full = logits(params, CFG, tokens)
+  dec = decoder(CFG)
   cache = transformer.init_cache(CFG, 1, 6, dtype=jnp.bfloat16)
-  out, cache = dec.apply({"params": params}, tokens[:, :4], cache=cache, cache_index=0)
+  out, cache = dec({"params": params}, tokens[:, :4], cache=cache, cache_index=0)
   assert cache["k"].dtype == jnp.bfloat16 and cache["v"].dtype == jnp.bfloat16
   for t in (4, 5):
-    out, cache = dec.apply({"params": params}, tokens[:, t:t + 1], cache=cache, cache_index=t)
+    out, cache = dec({"params": params}, tokens[:, t:t + 1], cache=cache, cache_index=t)
     np.testing.assert_allclose(out[:, 0], full[:, t], atol=5e-2)
