@@ -70,10 +70,11 @@ def test_policy_loss_terms_match_unpadded_rows(models_and_rollout):
                                       batch["response_start"], batch["response_mask"].shape[1])
   logp, entropy = ppo._logp_and_entropy(
       logits, models.continuation_tokens(batch["tokens"], batch["response_start"], 6))
+  forward = jax.jit(models.logits, static_argnums=1)   # a row alone, unpadded
   for i, p in enumerate(d["prompts"]):
     r = list(result.tokens[i])
     seq = np.asarray([p + r], np.int32)
-    full = np.asarray(models.logits(d["policy"], CFG, seq))[0, len(p) - 1:len(p) - 1 + len(r)]
+    full = np.asarray(forward(d["policy"], CFG, seq))[0, len(p) - 1:len(p) - 1 + len(r)]
     lp = jax.nn.log_softmax(full, axis=-1)
     np.testing.assert_allclose(np.asarray(logp)[i, :len(r)],
                                np.asarray(lp)[np.arange(len(r)), r], atol=1e-5)
