@@ -335,13 +335,20 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
       distributed.barrier(f"skip_if_complete:{bound}")  # every process decided before config.gin changes
       if skip:
         return {"pipeline_status": "skipped", "out_dir": bound}
+    from cai_jax.stages.pipeline import UNFINISHED
     os.makedirs(bound, exist_ok=True)
     if _PROCESS["index"] == 0:
+      with open(os.path.join(bound, UNFINISHED), "w", encoding="utf-8") as f:
+        f.write(f"cai-jax {command} started here and has not finished\n")
       with open(os.path.join(bound, "config.gin"), "w", encoding="utf-8") as f:
         f.write(config_text)
     if _PROCESS["count"] > 1:
       from cai_jax import distributed
       distributed.barrier(f"config.gin:{bound}")   # a failed write stops every process here
+    result = fn()
+    if _PROCESS["index"] == 0:
+      os.remove(os.path.join(bound, UNFINISHED))
+    return result
   return fn()
 
 

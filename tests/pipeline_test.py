@@ -33,6 +33,23 @@ def test_is_complete_and_same_config(tmp_path):
   (other / "config.gin").write_text("a = 1\n")
   assert pipeline.same_config(str(other), "a = 1\n")
   assert not pipeline.same_config(str(other), "a = 2\n")
+  (other / pipeline.UNFINISHED).write_text("")   # a later run started there and stopped
+  assert not pipeline.is_complete(str(other))
+
+
+def test_a_failed_rerun_with_a_changed_config_is_not_skipped_later(tmp_path):
+  """A finished run's summary.json stays in out_dir while a rerun with another config fails
+  (its config.gin already written): the next rerun of that config runs instead of taking the
+  old summary for its own."""
+  out = tmp_path / "cr"
+  out.mkdir()
+  (out / "summary.json").write_text("{}")   # an earlier finished run, another config
+  args = ["critique_revision", f"--out_dir={out}", "--skip_if_complete",
+          f"--gin.critique_revision.model='{tmp_path / 'missing'}'"]
+  for _ in range(2):
+    failed = cli(tmp_path, *args, timeout=300)
+    assert failed.returncode == 2 and "not a model directory" in failed.stderr, failed.stderr[-2000:]
+    assert (out / pipeline.UNFINISHED).is_file()
 
 
 def test_a_stage_result_is_its_last_json_object_line():
@@ -61,18 +78,24 @@ def test_relocate_moves_stage_outputs_and_the_bindings_into_them():
             "evaluate.judges": ["feedback", "pm"], "sl.chat_format": "chatml",
             "evaluate.rl_dirs": ("runs/tiny/rl", "runs/other/rl"), "pm/TrainConfig.batch_size": 2,
             "sample.prompts": "runs/tinyish/prompts.jsonl"}
-  moved = pipeline.relocate(dirs, values, "exp/2/", list(dirs))
+  moved = pipeline.relocate(dirs, values, "exp/2/", list(dirs), exists=lambda p: False)
   assert moved == {"BASE": "exp/2/model", "sl.records": "exp/2/critique_revision",
                    "sl.out_dir": "exp/2/sl", "rl.out_dir": "exp/2/rl", "train_lm.out_dir": "exp/2",
                    "rl.pm": "exp/2/pm/model", "critique_revision.prompts": "exp/2/prompts.jsonl",
                    "evaluate.rl_dirs": ("exp/2/rl", "runs/other/rl")}
   # Only the stages that run move; a path into another stage's output (an input from an
-  # earlier run) stays, even under a moving train_lm's directory.
-  moved = pipeline.relocate(dirs, values, "/abs/exp", ["train_lm", "rl"])
+  # earlier run) stays, even under a moving train_lm's directory...
+  moved = pipeline.relocate(dirs, values, "/abs/exp", ["train_lm", "rl"], exists=lambda p: False)
   assert moved == {"BASE": "/abs/exp/model", "train_lm.out_dir": "/abs/exp",
                    "rl.out_dir": "/abs/exp/rl", "evaluate.rl_dirs": ("/abs/exp/rl", "runs/other/rl")}
+  # ... unless an earlier pipeline with this out_dir wrote it there: rerunning rl alone in
+  # a moved experiment reads that run's PM (nothing else exists under exp/2 here).
+  moved = pipeline.relocate(dirs, values, "exp/2", ["rl"], exists=lambda p: p == "exp/2/pm/model")
+  assert moved == {"rl.out_dir": "exp/2/rl", "rl.pm": "exp/2/pm/model",
+                   "evaluate.rl_dirs": ("exp/2/rl", "runs/other/rl")}
   # A single stage keeps its place below the root.
-  assert pipeline.relocate(dirs, values, "exp", ["sl"]) == {"sl.out_dir": "exp/sl"}
+  assert pipeline.relocate(dirs, values, "exp", ["sl"], exists=lambda p: False) == {
+      "sl.out_dir": "exp/sl"}
   # Already the common root, or no root: nothing moves.
   assert pipeline.relocate(dirs, values, "./runs/tiny", list(dirs)) == {}
   assert pipeline.relocate(dirs, values, "", list(dirs)) == {}
@@ -98,42 +121,31 @@ def test_stage_args_of_the_default_pipeline():
   assert not any("MODEL" in k or "harm_model.data" in k for k in moved)
 
 
-def test_out_dir_moves_every_stage_and_its_inputs(tmp_path):
-  """`pipeline --out_dir=DIR`: train_lm, critique_revision and sl write under DIR and read each
-  other's outputs there (BASE and sl.records move with them); nothing lands in the experiment
-  file's runs/tiny_cpu. A rerun skips every stage."""
-  gin = f"--gin_file={os.path.join(REPO, 'gin', 'experiments', 'tiny_cpu_pipeline.gin')}"
-  args = ["pipeline", gin, "--out_dir=exp/2", "--gin.pipeline.stages=['train_lm', "
-          "'critique_revision', 'sl']", "--gin.TrainConfig.progress=False",
-          "--gin.critique_revision.limit=4", "--gin.TrainConfig.num_steps=4"]
-  out = cli(tmp_path, *args, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "stage outputs under runs/tiny_cpu are written under exp/2 instead" in out.stderr
-  run = tmp_path / "exp" / "2"
-  assert not (tmp_path / "runs").exists()
-  for path in ("model/model.json", "critique_revision/manifest.json", "sl/model/model.json",
-               "pipeline.json"):
-    assert (run / path).is_file(), path
-  config = (run / "sl" / "config.gin").read_text()
-  assert "sl.records = 'exp/2/critique_revision'" in config and "BASE = 'exp/2/model'" in config
-  again = cli(tmp_path, *args, timeout=300)
-  assert again.returncode == 0, again.stderr[-3000:]
-  summary = json.loads(again.stdout.strip().splitlines()[-1])
-  assert [s["status"] for s in summary["stages"]] == ["skipped"] * 3
-
-
 def test_the_tiny_pipeline_end_to_end_then_resumed(tmp_path):
-  """train_lm -> critique_revision -> sl -> feedback -> pm -> rl -> harm_model -> evaluate."""
+  """train_lm -> critique_revision -> sl -> feedback -> pm -> rl -> harm_model -> evaluate,
+  with `--out_dir=exp/2`: every stage writes under it and reads the earlier stages' outputs
+  there (the bindings that name them move too); nothing lands in the experiment file's
+  runs/tiny_cpu. A rerun skips every stage; a changed binding reruns its stage."""
   gin = f"--gin_file={os.path.join(REPO, 'gin', 'experiments', 'tiny_cpu_pipeline.gin')}"
-  quiet = ["--gin.TrainConfig.progress=False"]
+  quiet = ["--gin.TrainConfig.progress=False", "--out_dir=exp/2"]
   out = cli(tmp_path, "pipeline", gin, *quiet)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert "stage outputs under runs/tiny_cpu are written under exp/2 instead" in out.stderr
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   stages = [s["stage"] for s in summary["stages"]]
   assert stages == ["train_lm", "critique_revision", "sl", "feedback", "pm", "rl", "harm_model",
                     "evaluate"]
   assert all(s["status"] == "ran" for s in summary["stages"])
-  run = tmp_path / "runs" / "tiny_cpu"
+  assert not (tmp_path / "runs").exists()
+  run = tmp_path / "exp" / "2"
+  assert not list(run.rglob(pipeline.UNFINISHED))   # every stage finished
+  for path in ("model/model.json", "critique_revision/manifest.json", "sl/model/model.json",
+               "pm/model/model.json", "harm_model/model/model.json", "rl/metrics.jsonl"):
+    assert (run / path).is_file(), path
+  sl_config = (run / "sl" / "config.gin").read_text()
+  assert "sl.records = 'exp/2/critique_revision'" in sl_config and "BASE = 'exp/2/model'" in sl_config
+  eval_config = (run / "eval" / "config.gin").read_text()
+  assert "evaluate.rl_dir = 'exp/2/rl'" in eval_config and "evaluate.pm = 'exp/2/pm/model'" in eval_config
   report = run / "eval" / "report.html"
   assert summary["report"] == str(report) or os.path.samefile(summary["report"], report)
   html = report.read_text()

@@ -22,9 +22,14 @@ output. When the stages' own out_dirs lie under another common directory (the ex
 file's root, e.g. runs/smollm2_cpu), each is moved to the same place under `out_dir`
 (runs/smollm2_cpu/sl -> DIR/sl), and so is every binding that points into the output of a
 stage that runs (the next stage's inputs: sl.records, rl.pm, a macro like
-BASE = 'runs/tiny_cpu/model'); other inputs (data files, the embedded model, the outputs of
-stages left out of `stages`) stay. `relocate` computes those bindings;
-the CLI passes them to every stage.
+BASE = 'runs/tiny_cpu/model'). A binding into the output of a stage left out of `stages`
+moves only when an earlier run with this out_dir wrote that output under it (rerunning
+some stages of a moved experiment); other inputs (data files, the embedded model) stay.
+`relocate` computes those bindings; the CLI passes them to every stage.
+
+Every command that writes an out_dir leaves an `UNFINISHED` file there from before it
+writes its config.gin until it returns, so a run that failed or was killed is never taken
+for complete from the outputs of an earlier run with another config.
 
 Output: one line per stage on stderr ("ran" / "skipped", seconds), `pipeline.json` in
 `out_dir` (when bound) with the same, and the final summary as the return value: the
@@ -38,7 +43,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 DEFAULT_STAGES = ("critique_revision", "sl", "feedback", "pm", "rl", "evaluate")
 SKIP_FLAG = "--skip_if_complete"
@@ -52,9 +57,17 @@ class StageFailed(RuntimeError):
     self.exit_status = exit_status
 
 
+# Written in a command's out_dir before it runs (before its config.gin changes) and removed
+# when it returns: a run that failed or was killed leaves it, so the outputs of an earlier
+# finished run there (summary.json, a complete manifest) are not taken for this config's.
+UNFINISHED = "UNFINISHED"
+
+
 def is_complete(out_dir: str) -> bool:
   """True when out_dir holds a finished stage output: summary.json, or a manifest.json
-  whose "complete" is true."""
+  whose "complete" is true, and no UNFINISHED marker of a run that started since."""
+  if os.path.exists(os.path.join(out_dir, UNFINISHED)):
+    return False
   if os.path.isfile(os.path.join(out_dir, "summary.json")):
     return True
   manifest = os.path.join(out_dir, "manifest.json")
@@ -93,7 +106,8 @@ def common_dir(stage_dirs: Dict[str, str], root: str) -> str:
 
 
 def relocate(stage_dirs: Dict[str, str], values: Dict[str, object], root: str,
-             stages: Sequence[str]) -> Dict[str, object]:
+             stages: Sequence[str],
+             exists: Callable[[str], bool] = os.path.exists) -> Dict[str, object]:
   """The bindings that move the outputs of `stages` under `root`.
 
   Args:
@@ -103,12 +117,16 @@ def relocate(stage_dirs: Dict[str, str], values: Dict[str, object], root: str,
       'pm/TrainConfig.num_steps'); strings, and lists / tuples of strings, are path
       candidates, other values are ignored.
     root: the pipeline's out_dir.
-    stages: the commands that run; only their outputs move.
+    stages: the commands that run; their outputs move.
+    exists: whether a path exists (a test passes its own).
   Returns:
     {binding key: new value} for every value at or under the out_dir of a stage that runs
     (the out_dir bindings themselves included): out_dir -> root/relpath(out_dir, common).
-    The most specific out_dir decides, so a path into a stage that does not run (an input
-    from an earlier run) stays. Empty when `root` is empty or already the common directory.
+    The most specific out_dir decides. A path into the output of a stage that does not run
+    (an input from an earlier run) moves only when its place under root exists, i.e. an
+    earlier pipeline with this out_dir wrote it (rerunning some stages of a moved
+    experiment reads the others' outputs there); otherwise it stays. Empty when `root` is
+    empty or already the common directory.
   Raises:
     ValueError (one line) when the out_dirs share no directory (absolute and relative paths
     mixed).
@@ -121,16 +139,17 @@ def relocate(stage_dirs: Dict[str, str], values: Dict[str, object], root: str,
   if root == common:
     return {}
   moving = {dirs[s] for s in stages if s in dirs}
-  table = sorted(((d, os.path.normpath(os.path.join(root, os.path.relpath(d, common)))
-                   if d in moving else d) for d in set(dirs.values())), key=lambda m: -len(m[0]))
+  table = sorted(((d, os.path.normpath(os.path.join(root, os.path.relpath(d, common))), d in moving)
+                  for d in set(dirs.values())), key=lambda m: -len(m[0]))
 
   def moved(value):
     if not isinstance(value, str) or not value or ":" in value.split(os.sep, 1)[0]:
       return value   # not a path, or a spec like pkg:... / gs://...
     path = os.path.normpath(value)
-    for old, new in table:
+    for old, new, runs in table:
       if _under(path, old):
-        return value if new == old else new + path[len(old):]
+        there = new + path[len(old):]
+        return there if runs or exists(there) else value
     return value
 
   out: Dict[str, object] = {}
