@@ -328,26 +328,25 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
     if not bound:
       raise CliError(f"no output directory: pass --out_dir=DIR or bind {command}.out_dir")
     config_text = gin.config_str()
+    from cai_jax import distributed
+    from cai_jax.stages import pipeline
     if skip_if_complete:
-      from cai_jax import distributed
-      from cai_jax.stages import pipeline
       skip = pipeline.is_complete(bound) and pipeline.same_config(bound, config_text)
       distributed.barrier(f"skip_if_complete:{bound}")  # every process decided before config.gin changes
       if skip:
         return {"pipeline_status": "skipped", "out_dir": bound}
-    from cai_jax.stages.pipeline import UNFINISHED
+    marker = os.path.join(bound, pipeline.UNFINISHED)
     os.makedirs(bound, exist_ok=True)
     if _PROCESS["index"] == 0:
-      with open(os.path.join(bound, UNFINISHED), "w", encoding="utf-8") as f:
+      with open(marker, "w", encoding="utf-8") as f:
         f.write(f"cai-jax {command} started here and has not finished\n")
       with open(os.path.join(bound, "config.gin"), "w", encoding="utf-8") as f:
         f.write(config_text)
     if _PROCESS["count"] > 1:
-      from cai_jax import distributed
       distributed.barrier(f"config.gin:{bound}")   # a failed write stops every process here
     result = fn()
     if _PROCESS["index"] == 0:
-      os.remove(os.path.join(bound, UNFINISHED))
+      os.remove(marker)
     return result
   return fn()
 
