@@ -49,7 +49,8 @@ flags.DEFINE_string("compilation_cache", None, "Directory of the persistent XLA 
                     "cache, or 'none' to turn it off (default: $JAX_COMPILATION_CACHE_DIR, else "
                     "~/.cache/cai_jax/xla); see cai_jax/compilation_cache.py.")
 flags.DEFINE_bool("skip_if_complete", False, "Do nothing when the command's out_dir holds a "
-                  "finished run with the same effective config (used by `pipeline`).")
+                  "finished run with the same effective config and input models (used by "
+                  "`pipeline`).")
 
 # Convenience flags and the runner argument each binds.
 _FLAG_ARGS = {"out_dir": "out_dir", "out": "out", "from": "source", "prompts": "prompts", "records": "records", "policy": "policy",
@@ -312,6 +313,9 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
   flag_args: {runner argument: value} from the convenience flags (--out_dir, --from, ...).
   skip_if_complete: return {"pipeline_status": "skipped", "out_dir": ...} without running when out_dir
     holds a finished run whose config.gin equals this run's effective config.
+  A command with an out_dir records the fingerprints of the models it reads in
+  out_dir/inputs.json and raises CliError, before writing anything, when one recorded there
+  has changed since (``model_dir.changed_inputs``); such a run is never skipped.
   """
   if command not in COMMANDS:
     raise CliError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
@@ -328,13 +332,21 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
     if not bound:
       raise CliError(f"no output directory: pass --out_dir=DIR or bind {command}.out_dir")
     config_text = gin.config_str()
-    from cai_jax import distributed
+    from cai_jax import distributed, model_dir
     from cai_jax.stages import pipeline
+    inputs = model_dir.input_fingerprints(_runner_values(command, gin), bound)
+    changed = model_dir.changed_inputs(bound, inputs)
     if skip_if_complete:
-      skip = pipeline.is_complete(bound) and pipeline.same_config(bound, config_text)
+      skip = (not changed and pipeline.is_complete(bound)
+              and pipeline.same_config(bound, config_text))
       distributed.barrier(f"skip_if_complete:{bound}")  # every process decided before config.gin changes
       if skip:
         return {"pipeline_status": "skipped", "out_dir": bound}
+    if changed:
+      raise CliError(
+          f"{command}: {bound} holds a run made from other input models: {', '.join(changed)} "
+          f"changed since (see {os.path.join(bound, model_dir.INPUTS_FILE)}); use a new "
+          f"--out_dir, or delete {bound} to redo it from the current inputs")
     marker = os.path.join(bound, pipeline.UNFINISHED)
     os.makedirs(bound, exist_ok=True)
     if _PROCESS["index"] == 0:
@@ -342,6 +354,7 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
         f.write(f"cai-jax {command} started here and has not finished\n")
       with open(os.path.join(bound, "config.gin"), "w", encoding="utf-8") as f:
         f.write(config_text)
+      model_dir.record_inputs(bound, inputs)
     if _PROCESS["count"] > 1:
       distributed.barrier(f"config.gin:{bound}")   # a failed write stops every process here
     result = fn()
@@ -349,6 +362,17 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
       os.remove(marker)
     return result
   return fn()
+
+
+def _runner_values(command: str, gin) -> Dict[str, object]:
+  """{argument: value} of a command's runner: its defaults, then the bound values (gin has
+  resolved macros)."""
+  import inspect
+  fn = COMMANDS[command].runner()
+  values = {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+  values.update(gin.get_bindings(COMMANDS[command].configurable(command)))
+  return values
 
 
 def _gin_values(gin) -> Dict[str, object]:

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from cai_jax.stages import pipeline
@@ -169,6 +171,24 @@ def test_the_tiny_pipeline_end_to_end_then_resumed(tmp_path):
   assert changed.returncode == 0, changed.stderr[-3000:]
   summary = json.loads(changed.stdout.strip().splitlines()[-1])
   assert [s["status"] for s in summary["stages"]] == ["ran"]
+  recorded = json.loads((run / "eval" / "inputs.json").read_text())
+  assert {"sl", "pm", "harm_model", "rl_dir:model", "rl_dir:snapshots/step-00002"} <= set(recorded)
+
+  # The policy changed since (as when PPO trains further): evaluate refuses to skip or to
+  # continue its report of the old one.
+  from cai_jax import model_dir
+  config, params = model_dir.load_model(str(run / "rl" / "model"))
+  params = jax.tree_util.tree_map(lambda x: np.asarray(x) * 2, params)
+  model_dir.save_model(str(run / "rl" / "model"), config, params,
+                       model_dir.load_tokenizer_of(str(run / "rl" / "model")))
+  refused = cli(tmp_path, "pipeline", gin, *quiet, "--gin.evaluate.n_boot=10",
+                "--gin.pipeline.stages=['evaluate']", timeout=600)
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  status = json.loads((run / "pipeline.json").read_text())["stages"]
+  assert [(s["stage"], s["status"]) for s in status] == [("evaluate", "failed")]
+  errors = [l for l in refused.stderr.splitlines() if l.startswith("cai-jax: error")]
+  assert "other input models: rl_dir:model changed since" in errors[0], errors
+  assert not (run / "eval" / pipeline.UNFINISHED).exists()   # the finished report is untouched
 
 
 def test_a_failing_stage_stops_the_pipeline_with_one_line(tmp_path):

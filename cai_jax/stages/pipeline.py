@@ -29,7 +29,10 @@ some stages of a moved experiment); other inputs (data files, the embedded model
 
 Every command that writes an out_dir leaves an `UNFINISHED` file there from before it
 writes its config.gin until it returns, so a run that failed or was killed is never taken
-for complete from the outputs of an earlier run with another config.
+for complete from the outputs of an earlier run with another config. It also records the
+fingerprints of the models it reads (`inputs.json`, ``model_dir.input_fingerprints``); a
+stage whose input models changed since (an earlier stage trained further) is not skipped:
+it stops the pipeline with one line naming them, its outputs untouched.
 
 Output: one line per stage on stderr ("ran" / "skipped", seconds), `pipeline.json` in
 `out_dir` (when bound) with the same, and the final summary as the return value: the

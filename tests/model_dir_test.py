@@ -1,0 +1,115 @@
+"""model_dir: the params hash written with a model directory, the fingerprints of the models
+a command reads, and the inputs.json record that tells a rerun they changed."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from cai_jax import model_dir, models
+from cai_jax.configs import ModelConfig
+
+TINY = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32,
+                   max_seq_len=32)
+
+
+def tiny_params(seed=0):
+  return jax.tree_util.tree_map(np.asarray, models.init(TINY, jax.random.PRNGKey(seed)))
+
+
+def test_params_sha256_is_sha256_of_every_leaf_in_order():
+  params = {"b": np.arange(3, dtype=np.float32), "a": {"w": np.ones((2, 2), np.int32)}}
+  expected = hashlib.sha256()   # tree order: sorted dict keys
+  expected.update(b"['a']['w']|<i4|(2, 2)\n" + np.ones((2, 2), np.int32).tobytes())
+  expected.update(b"['b']|<f4|(3,)\n" + np.arange(3, dtype=np.float32).tobytes())
+  assert model_dir.params_sha256(params) == expected.hexdigest()
+  # jax arrays hash as their host values
+  assert model_dir.params_sha256(jax.tree_util.tree_map(jax.numpy.asarray, params)) == \
+      expected.hexdigest()
+
+
+def test_a_model_directory_keeps_its_fingerprint_until_its_contents_change(tmp_path):
+  params = tiny_params()
+  path = model_dir.save_model(str(tmp_path / "m"), TINY, params)
+  stored = (tmp_path / "m" / model_dir.PARAMS_SHA256).read_text().strip()
+  assert stored == model_dir.params_sha256(params)
+  first = model_dir.fingerprint(path)
+  assert first is not None
+  model_dir.save_model(path, TINY, params)             # the same parameters saved again
+  assert model_dir.fingerprint(path) == first
+  copy = shutil.copytree(path, tmp_path / "copy")       # another place, same model
+  assert model_dir.fingerprint(str(copy)) == first
+  changed = jax.tree_util.tree_map(np.array, params)   # copies
+  leaf = jax.tree_util.tree_leaves(changed)[0]
+  leaf.reshape(-1)[0] += 1.0
+  model_dir.save_model(path, TINY, changed)
+  assert model_dir.fingerprint(path) != first
+  model_dir.save_model(path, TINY, params)
+  (tmp_path / "m" / "harm_model.json").write_text('{"offset": 1.0}')   # a small file changes
+  assert model_dir.fingerprint(path) != first
+  (tmp_path / "m" / model_dir.PARAMS_SHA256).unlink()   # written before the hash existed
+  assert model_dir.fingerprint(path) is None
+
+
+def test_files_fingerprint_by_size_and_both_ends(tmp_path):
+  gguf = tmp_path / "m.gguf"
+  body = bytearray(os.urandom(3 << 20))
+  gguf.write_bytes(bytes(body))
+  first = model_dir.fingerprint(str(gguf))
+  other = tmp_path / "other"
+  other.mkdir()
+  shutil.copy(gguf, other / "m.gguf")
+  assert model_dir.fingerprint(str(other / "m.gguf")) == first
+  body[-1] ^= 1                                          # a byte in the last MiB
+  gguf.write_bytes(bytes(body))
+  assert model_dir.fingerprint(str(gguf)) != first
+
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text('{"model_type": "llama"}')
+  (hf / "model.safetensors").write_bytes(b"x" * 100)
+  (hf / "README.md").write_text("notes")
+  before = model_dir.fingerprint(str(hf))
+  (hf / "README.md").write_text("other notes")           # not a weight or config file
+  assert model_dir.fingerprint(str(hf)) == before
+  (hf / "model.safetensors").write_bytes(b"y" * 100)
+  assert model_dir.fingerprint(str(hf)) != before
+  assert model_dir.fingerprint(str(tmp_path / "missing")) is None
+  assert model_dir.fingerprint("pkg:no_such_package_here/x.gguf") is None
+
+
+def test_input_fingerprints_find_models_and_run_directories(tmp_path):
+  params = tiny_params()
+  sl = model_dir.save_model(str(tmp_path / "sl" / "model"), TINY, params)
+  rl = tmp_path / "rl"
+  model_dir.save_model(str(rl / "model"), TINY, params)
+  model_dir.save_model(str(rl / "snapshots" / "step-00002"), TINY, params)
+  (rl / "checkpoints" / "2").mkdir(parents=True)         # not a model directory
+  (tmp_path / "prompts.jsonl").write_text("{}\n")
+  out = tmp_path / "eval"
+  model_dir.save_model(str(out / "inside"), TINY, params)   # the command's own output
+  values = {"sl": sl, "rl_dir": str(rl), "prompts": str(tmp_path / "prompts.jsonl"),
+            "extra": [str(out / "inside"), sl], "judges": ["feedback", "pm"], "n": 3,
+            "empty": "", "data": "tfds:red_team:train"}
+  found = model_dir.input_fingerprints(values, str(out))
+  fp = model_dir.fingerprint(sl)
+  assert found == {"sl": fp, "rl_dir:model": fp, "rl_dir:snapshots/step-00002": fp,
+                   "extra[1]": fp}
+
+
+def test_changed_inputs_compares_what_both_runs_read(tmp_path):
+  assert model_dir.changed_inputs(str(tmp_path), {"a": "1"}) == []    # nothing recorded
+  model_dir.record_inputs(str(tmp_path), {"a": "1", "b": "2"})
+  assert model_dir.changed_inputs(str(tmp_path), {"a": "1", "b": "2"}) == []
+  assert model_dir.changed_inputs(str(tmp_path), {"a": "1", "c": "3"}) == []
+  assert model_dir.changed_inputs(str(tmp_path), {"a": "9", "b": "8"}) == ["a", "b"]
+  model_dir.record_inputs(str(tmp_path), {"c": "3"})                 # added to the record
+  assert json.loads((tmp_path / model_dir.INPUTS_FILE).read_text()) == \
+      {"a": "1", "b": "2", "c": "3"}
+  (tmp_path / model_dir.INPUTS_FILE).write_text("[1]")
+  with pytest.raises(ValueError, match="inputs.json: not a JSON object"):
+    model_dir.changed_inputs(str(tmp_path), {})
