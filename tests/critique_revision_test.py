@@ -356,8 +356,8 @@ def test_two_processes_resume_to_what_one_process_writes(tmp_path):
   single = multihost.run_cli(args, tmp_path / "logs", 1, 8)
   assert multihost.result(single[0])["shards_run"] == 3
   expected = _files(out)
-  assert sorted(expected) == ["config.gin", "helpful-00000.jsonl", "shard-00000.jsonl",
-                              "shard-00001.jsonl"]
+  assert sorted(expected) == ["config.gin", "helpful-00000.jsonl", "inputs.json",
+                              "shard-00000.jsonl", "shard-00001.jsonl"]
   shutil.copy(out / cr.MANIFEST, tmp_path / "manifest.json")
 
   # As if killed during shard-00001: shard-00000 and its manifest on disk, a .tmp left.

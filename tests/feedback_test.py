@@ -478,7 +478,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path, cot):
   assert stats["shards_run"] == stats["shards_total"] == 2 and stats["comparisons"] >= 2
   assert stats["comparisons"] == multihost.result(single[0])["comparisons"]
   expected = _files(tmp_path / "single")
-  assert sorted(expected) == ["config.gin", "shard-00000.jsonl", "shard-00001.jsonl"]
+  assert sorted(expected) == ["config.gin", "inputs.json", "shard-00000.jsonl", "shard-00001.jsonl"]
   assert _files(out) == expected
   assert json.load(open(out / fb.MANIFEST)) == json.load(open(tmp_path / "single" / fb.MANIFEST))
   rec = fb.read_comparisons(str(out))[0]
