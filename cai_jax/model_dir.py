@@ -28,7 +28,6 @@ import os
 import shutil
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from cai_jax import checkpoints
 from cai_jax.configs import ModelConfig
 
 
@@ -56,6 +55,7 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer: Any 
                head: str = "lm") -> str:
   """Writes a complete model directory atomically; returns its path."""
   from flax import linen as nn
+  from cai_jax import checkpoints
   directory = os.path.abspath(directory)
   tmp = directory + ".tmp"
   if os.path.exists(tmp):
@@ -110,7 +110,7 @@ def load_model(directory: str, config: Optional[ModelConfig] = None, mesh=None, 
 
   `config` may override runtime fields (dtype, remat, scan) but must have the stored shapes.
   """
-  from cai_jax import models, sharding
+  from cai_jax import checkpoints, models, sharding
   import jax
   directory = os.path.abspath(directory)
   stored = load_config(directory)
