@@ -1,7 +1,7 @@
 """Stage `train_lm`: fine-tune a decoder on a JSONL or TFDS dataset.
 
-Outputs in ``out_dir``: checkpoints/, metrics.jsonl, tb/, config.gin (written by the
-CLI) and, when finished, model/ (a model directory, see ``cai_jax.model_dir``)
+Outputs in ``out_dir``: checkpoints/, metrics.jsonl, tb/, config.gin and inputs.json
+(written by the CLI) and, when finished, model/ (a model directory, see ``cai_jax.model_dir``)
 and summary.json. ``fine_tune`` is the part the SL stage reuses.
 """
 
