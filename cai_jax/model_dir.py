@@ -255,47 +255,55 @@ def input_fingerprints(values: Mapping[str, Any], out_dir: str) -> Dict[str, str
       if fp is not None:
         found[key] = fp
         continue
-      if not os.path.isdir(path):
-        continue
-      for child in sorted(os.listdir(path)):
-        child_path = os.path.join(path, child)
-        if not os.path.isdir(child_path):
-          continue
-        candidates = [child] if is_model_dir(child_path) else [
-            os.path.join(child, g) for g in sorted(os.listdir(child_path))
-            if is_model_dir(os.path.join(child_path, g))]
-        for rel in candidates:
-          fp = fingerprint(os.path.join(path, rel))
-          if fp is not None:
-            found[f"{key}:{rel}"] = fp
+      for rel in _models_under(path):
+        fp = fingerprint(os.path.join(path, rel))
+        if fp is not None:
+          found[f"{key}:{rel}"] = fp
   return found
+
+
+def _models_under(path: str) -> list:
+  """Relative paths of the model directories in directory `path` or one level down (sorted);
+  [] when `path` is no directory."""
+  if not os.path.isdir(path):
+    return []
+  found = []
+  for child in sorted(os.listdir(path)):
+    child_path = os.path.join(path, child)
+    if is_model_dir(child_path):
+      found.append(child)
+    elif os.path.isdir(child_path):
+      found += [os.path.join(child, g) for g in sorted(os.listdir(child_path))
+                if is_model_dir(os.path.join(child_path, g))]
+  return found
+
+
+def _recorded_inputs(out_dir: str) -> Dict[str, str]:
+  """out_dir/inputs.json ({} when absent); ValueError naming it when malformed."""
+  path = os.path.join(out_dir, INPUTS_FILE)
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    recorded = None
+  if not isinstance(recorded, dict):
+    raise ValueError(f"{path}: not a JSON object of input fingerprints; delete it to "
+                     "record the current inputs")
+  return recorded
 
 
 def changed_inputs(out_dir: str, inputs: Mapping[str, str]) -> list:
   """The inputs recorded in out_dir/inputs.json whose fingerprint differs from `inputs`
   (sorted; an input recorded but not read now, or read now but not recorded, is no
   change). [] when nothing is recorded."""
-  path = os.path.join(out_dir, INPUTS_FILE)
-  if not os.path.isfile(path):
-    return []
-  try:
-    with open(path, encoding="utf-8") as f:
-      recorded = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    raise ValueError(f"{path}: not a JSON object of input fingerprints; delete it to "
-                     "record the current inputs") from None
-  if not isinstance(recorded, dict):
-    raise ValueError(f"{path}: not a JSON object of input fingerprints; delete it to "
-                     "record the current inputs")
+  recorded = _recorded_inputs(out_dir)
   return sorted(k for k in set(recorded) & set(inputs) if recorded[k] != inputs[k])
 
 
 def record_inputs(out_dir: str, inputs: Mapping[str, str]) -> None:
   """Adds `inputs` to out_dir/inputs.json (atomically)."""
   from cai_jax.shards import write_atomic
-  path = os.path.join(out_dir, INPUTS_FILE)
-  recorded = {}
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      recorded = json.load(f)
-  write_atomic(path, json.dumps({**recorded, **inputs}, indent=1, sort_keys=True) + "\n")
+  write_atomic(os.path.join(out_dir, INPUTS_FILE),
+               json.dumps({**_recorded_inputs(out_dir), **inputs}, indent=1, sort_keys=True) + "\n")
