@@ -490,7 +490,7 @@ def _main(argv: List[str]) -> None:
     if _PROCESS["count"] > 1:
       # Every process prints its result, saying which it is, in one write on a line of its
       # own: the collectives runtime prints to the same stdout from its own buffers.
-      result = dict(result, process_index=_PROCESS["index"])
+      result = dict(result, process_index=_PROCESS["index"], process_count=_PROCESS["count"])
       sys.stdout.flush()
       os.write(sys.stdout.fileno(), ("\n" + json.dumps(result, sort_keys=True) + "\n").encode())
     else:

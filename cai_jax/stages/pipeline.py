@@ -36,7 +36,9 @@ it stops the pipeline with one line naming them, its outputs untouched.
 
 Output: one line per stage on stderr ("ran" / "skipped", seconds), `pipeline.json` in
 `out_dir` (when bound) with the same, and the final summary as the return value: the
-stages, total seconds and, when `evaluate` ran, the report's path and Elo table.
+stages, total seconds and, when `evaluate` ran, the report's path and Elo table. In a
+multi-process run each stage entry also holds the process_index and process_count its stage
+process reported (process 0's in pipeline.json; each host's in the summary it prints).
 """
 
 from __future__ import annotations
@@ -241,7 +243,10 @@ def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
       primary.update(known=True, value=result.get("process_index", 0) == 0)
     status = "skipped" if result.get("pipeline_status") == "skipped" else "ran"
     results[stage] = result
-    done.append({"stage": stage, "status": status, "seconds": seconds})
+    entry = {"stage": stage, "status": status, "seconds": seconds}
+    # A stage that joined a multi-process run says so (the pipeline itself joins nothing).
+    entry.update({k: result[k] for k in ("process_index", "process_count") if k in result})
+    done.append(entry)
     write_status()
     _log(f"[{k + 1}/{len(stages)}] {stage} {status} ({seconds:.1f} s)")
   summary: Dict[str, object] = {"stages": done, "seconds": round(time.perf_counter() - t0, 1)}
