@@ -398,8 +398,8 @@ def _unpermute_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
 class _GGUFSource(_Source):
   """Dequantizes GGUF tensors (rows on demand) and presents them under HF names."""
 
-  def __init__(self, reader, head_dim: int):
-    self._tensors = {t.name: t for t in reader.tensors}
+  def __init__(self, file, head_dim: int):
+    self._tensors = file.tensors
     self._hd = head_dim
 
   def names(self):
@@ -718,28 +718,24 @@ def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: 
 # --------------------------------------------------------------------------- GGUF
 
 
-def _gguf_value(reader, key: str, default=None):
-  field = reader.fields.get(key)
-  if field is None:
-    return default
-  return field.contents()
+def config_from_gguf(file, **overrides) -> ModelConfig:
+  """ModelConfig from a GGUF file's ``llama.*`` metadata (see the module docstring).
 
-
-def config_from_gguf(reader, **overrides) -> ModelConfig:
-  """ModelConfig from a GGUFReader's ``llama.*`` metadata (see the module docstring).
+  file: a ``gguf_file.GGUFFile`` (``gguf_file.read_gguf(path)``).
 
   vocab_size is the length of tokenizer.ggml.tokens (else llama.vocab_size); embeddings
   are tied when the file has no output.weight. Raises ValueError for another
   architecture, partial rotary, RoPE scaling, or a split file.
   """
-  arch = _gguf_value(reader, "general.architecture")
+  meta = file.metadata
+  arch = meta.get("general.architecture")
   if arch != "llama":
     raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: 'llama'")
-  if (_gguf_value(reader, "split.count", 1) or 1) > 1:
+  if (meta.get("split.count", 1) or 1) > 1:
     raise ValueError("split GGUF files (split.count > 1) are not supported; merge them first")
 
   def get(key, default=None, required=False):
-    value = _gguf_value(reader, f"{arch}.{key}", default)
+    value = meta.get(f"{arch}.{key}", default)
     if required and value is None:
       raise ValueError(f"GGUF metadata is missing {arch}.{key}")
     return value
@@ -752,11 +748,11 @@ def config_from_gguf(reader, **overrides) -> ModelConfig:
   if rot is not None and int(rot) != head_dim:
     raise ValueError(f"GGUF rope.dimension_count={rot} != head_dim={head_dim}: partial rotary is not supported")
   scaling = get("rope.scaling.type")
-  tensor_names = {t.name for t in reader.tensors}
+  tensor_names = set(file.tensors)
   if (scaling not in (None, "none")) or "rope_freqs.weight" in tensor_names:
     raise ValueError(f"GGUF RoPE scaling ({scaling or 'rope_freqs.weight'}) is not supported")
-  tokens = reader.fields.get("tokenizer.ggml.tokens")
-  vocab = len(tokens.data) if tokens is not None else get("vocab_size")
+  tokens = meta.get("tokenizer.ggml.tokens")
+  vocab = len(tokens) if tokens is not None else get("vocab_size")
   if vocab is None:
     raise ValueError("GGUF has neither tokenizer.ggml.tokens nor llama.vocab_size")
   kwargs = dict(
@@ -784,9 +780,9 @@ def load_gguf(path: str, mesh: Optional[Mesh] = None, rules=None, config: Option
   Returns:
     (config, params). q/k rows are un-permuted back to HF's rotate-half order.
   """
-  import gguf
-  reader = gguf.GGUFReader(path)
-  gguf_cfg = config_from_gguf(reader)
+  from cai_jax.gguf_file import read_gguf
+  file = read_gguf(path)
+  gguf_cfg = config_from_gguf(file)
   if config is None:
     config = gguf_cfg
   elif config.tie_embeddings != gguf_cfg.tie_embeddings or config.qkv_bias:
@@ -794,5 +790,5 @@ def load_gguf(path: str, mesh: Optional[Mesh] = None, rules=None, config: Option
                      f"does not match the GGUF file (tie_embeddings={gguf_cfg.tie_embeddings}, qkv_bias=False)")
   if dtype is not None:
     config = dataclasses.replace(config, param_dtype=_dtype_name(dtype))
-  source = _GGUFSource(reader, config.dim_per_head)
+  source = _GGUFSource(file, config.dim_per_head)
   return config, _load_params(config, source, mesh, rules)

@@ -546,40 +546,10 @@ _GGUF_PRE = {
 }
 
 
-def _gguf_field_value(field) -> Any:
-  """Returns a GGUF metadata field as a Python value (str, int, float, bool or list)."""
-  import gguf
-  import numpy as np
-  types = list(field.types)
-  if not types:
-    return None
-
-  def _str(part):
-    raw = bytes(part)
-    try:
-      return raw.decode("utf-8")
-    except UnicodeDecodeError:
-      return raw.decode("utf-8", errors="replace")
-
-  if types[0] == gguf.GGUFValueType.ARRAY:
-    if len(types) > 2:
-      return None  # nested arrays: not used for tokenizers
-    if types[-1] == gguf.GGUFValueType.STRING:
-      return [_str(field.parts[i]) for i in field.data]
-    if not len(field.data):
-      return []
-    return np.concatenate([np.asarray(field.parts[i]).reshape(-1) for i in field.data]).tolist()
-  part = field.parts[field.data[0]] if len(field.data) else field.parts[-1]
-  if types[0] == gguf.GGUFValueType.STRING:
-    return _str(part)
-  return np.asarray(part).reshape(-1)[0].item()
-
-
 def read_gguf_tokenizer_metadata(path: str) -> dict:
   """Returns the ``tokenizer.*`` and ``general.architecture`` metadata of a GGUF file."""
-  import gguf
-  reader = gguf.GGUFReader(path)
-  return {name: _gguf_field_value(field) for name, field in reader.fields.items()
+  from cai_jax.gguf_file import read_gguf
+  return {name: value for name, value in read_gguf(path).metadata.items()
           if name.startswith("tokenizer.") or name == "general.architecture"}
 
 
