@@ -157,6 +157,36 @@ def test_training_loss_is_soft_bradley_terry_of_the_scores(tmp_path):
   np.testing.assert_allclose(loss, float(want_sum) / 8, rtol=1e-5)
 
 
+def test_scored_responses_equal_one_unpadded_forward_each():
+  """score_responses / score_pairs (padded, batched, bucketed seq_len) against models.score
+  of each conversation alone at its own length."""
+  cfg = ModelConfig()
+  tok = load_tokenizer("byte")
+  params = models.init(cfg, jax.random.PRNGKey(1), "scalar")
+  params["scalar_head"] = {"kernel": jax.random.normal(jax.random.PRNGKey(2),
+                                                       params["scalar_head"]["kernel"].shape),
+                           "bias": params["scalar_head"]["bias"]}
+  convs = [([{"role": "user", "content": f"Question {i}" + "?" * (5 * i)}], "yes " * (i % 3))
+           for i in range(7)]
+  seq_len = pm.fitting_seq_len(tok, convs, "chatml", cfg.max_seq_len)
+  longest = max(len(pm.response_ids(tok, m, r, "chatml")) for m, r in convs)
+  assert longest <= seq_len < 2 * longest
+  got = pm.score_responses(params, cfg, tok, convs, "chatml", seq_len, batch_size=3)
+  want, score = [], jax.jit(models.score, static_argnums=1)
+  for m, r in convs:
+    ids = np.array(pm.response_ids(tok, m, r, "chatml"), np.int32)[None]
+    want.append(float(score(params, cfg, ids, np.ones(ids.shape, bool))[0]))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.std(want) > 0
+  comps = [{"messages": convs[i][0], "response_a": convs[i][1], "response_b": convs[6 - i][1]}
+           for i in range(7)]
+  sa, sb = pm.score_pairs(params, cfg, tok, comps, "chatml", seq_len, batch_size=2)
+  np.testing.assert_allclose(sa, got, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sb, pm.score_responses(params, cfg, tok,
+                                                    [(c["messages"], c["response_b"]) for c in comps],
+                                                    "chatml", seq_len, 3), rtol=1e-5, atol=1e-5)
+
+
 def test_init_params_replace_the_lm_head_with_a_zero_scalar_head():
   cfg = ModelConfig()
   lm = models.init(cfg, jax.random.PRNGKey(0))

@@ -336,19 +336,18 @@ def _player_generate(models: _Models, spec: str, chat_format: str, temperature: 
 
 
 def _pm_scorer(models: _Models, spec: str, chat_format: str, batch_size: int) -> PMScore:
+  """PM score [N] of each (messages, response), padded to the longest of the call
+  (``pm.fitting_seq_len``), batch_size sequences a batch."""
   from cai_jax import model_dir
-  from cai_jax.stages import evaluate_hhh
+  from cai_jax.stages import pm as pm_lib
   if model_dir.load_head(model_dir.resolve_model_spec(spec)) != "scalar":
     raise ValueError(f"evaluate.pm={spec!r} is not a scalar-head (preference) model")
   cfg, params, tok = models.load(spec)
-  pair_score = evaluate_hhh.model_pair_score_fn(params, cfg, tok, chat_format, batch_size,
-                                                models.mesh_config)
 
-  def score(pairs):
-    comps = [{"messages": list(m), "response_a": r, "response_b": r, "p": 1.0} for m, r in pairs]
-    if not comps:
-      return np.zeros((0,), np.float32)
-    return pair_score(comps)[0]
+  def score(conversations):
+    seq_len = pm_lib.fitting_seq_len(tok, conversations, chat_format, cfg.max_seq_len)
+    return pm_lib.score_responses(params, cfg, tok, conversations, chat_format, seq_len,
+                                  batch_size, models.mesh_config)
 
   return score
 

@@ -241,17 +241,12 @@ def model_pair_score_fn(params: Any, config: Any, tok: Any, chat_format: str,
   """A PairScoreFn over ``pm.score_pairs``; sequences are padded to the longest pair of
   the call (bucketed), left-truncated at config.max_seq_len. With `mesh` (the one the
   params were loaded on) batches are split over it: needed in multi-process runs."""
-  from cai_jax import sampler
   from cai_jax.stages import pm
 
   def fn(comparisons: Sequence[dict]) -> Tuple[np.ndarray, np.ndarray]:
-    longest = 1
-    for c in comparisons:
-      for key in ("response_a", "response_b"):
-        _, mask, _ = pm.encode_response(tok, c["messages"], c[key], chat_format,
-                                        config.max_seq_len)
-        longest = max(longest, int(mask.sum()))
-    seq_len = min(config.max_seq_len, sampler.bucket_length(longest))
+    seq_len = pm.fitting_seq_len(tok, [(c["messages"], c[k]) for c in comparisons
+                                       for k in ("response_a", "response_b")],
+                                 chat_format, config.max_seq_len)
     return pm.score_pairs(params, config, tok, list(comparisons), chat_format, seq_len,
                           batch_size, mesh=mesh)
 

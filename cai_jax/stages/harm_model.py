@@ -358,15 +358,11 @@ def score_conversations(harm: HarmModel, conversations: Sequence[Conversation],
       response ([{role, content}], ending with the user's turn).
     chat_format: 'raw', 'chatml' or 'llama3' (use the one the model was trained with,
       ``harm.chat_format``).
-    mesh: optional mesh to score on (``score_encoded``); needed in multi-process runs
+    mesh: optional mesh to score on (``pm.score_responses``); needed in multi-process runs
       whose params are sharded over other processes' devices.
   """
-  encoded = []
-  for messages, response in conversations:
-    tokens, mask, _ = pm.encode_response(harm.tokenizer, messages, response, chat_format,
-                                         harm.seq_len)
-    encoded.append({"tokens": tokens, "mask": mask})
-  return (score_encoded(harm.params, harm.config, encoded, batch_size, mesh)
+  return (pm.score_responses(harm.params, harm.config, harm.tokenizer, conversations,
+                             chat_format, harm.seq_len, batch_size, mesh)
           + np.float32(harm.offset))
 
 

@@ -201,17 +201,42 @@ def pm_init_params(config: ModelConfig, params: Any) -> Any:
   return out
 
 
+Conversation = Tuple[Sequence[Dict[str, str]], str]   # (messages before the response, response)
+
+
+def score_responses(params: Any, config: ModelConfig, tok: Any,
+                    conversations: Sequence[Conversation], chat_format: str, seq_len: int,
+                    batch_size: int, mesh: Optional[MeshConfig] = None) -> np.ndarray:
+  """Head outputs [N] float32 (``models.score`` at the end-of-context token) of each
+  (messages, response), encoded by ``encode_response`` to seq_len tokens (right-padded,
+  left-truncated) and scored batch_size sequences a batch (``sampler.apply_batched``: with
+  `mesh`, split over it; a collective in multi-process runs)."""
+  rows = []
+  for messages, response in conversations:
+    tokens, mask, _ = encode_response(tok, messages, response, chat_format, seq_len)
+    rows.append({"tokens": tokens, "mask": mask})
+  return sampler.apply_batched(models.score_right_padded, params, config, rows, ("tokens", "mask"),
+                               batch_size, *sharding.mesh_and_rules(mesh))
+
+
+def fitting_seq_len(tok: Any, conversations: Sequence[Conversation], chat_format: str,
+                    max_seq_len: int) -> int:
+  """The bucketed length (``sampler.bucket_length``) of the longest ``response_ids`` of
+  `conversations`, at most max_seq_len: the seq_len that scores them all without padding
+  every call to the model's context."""
+  longest = max([len(response_ids(tok, m, r, chat_format)) for m, r in conversations] + [1])
+  return min(max_seq_len, sampler.bucket_length(longest))
+
+
 def score_pairs(params: Any, config: ModelConfig, tok: Any, comparisons: Sequence[dict],
                 chat_format: str, seq_len: int, batch_size: int,
                 mesh: Optional[MeshConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """(score_a [N], score_b [N]) from ``models.score`` of the right-padded ``encode_pair`` rows
-  (``sampler.apply_batched``, 2 x batch_size sequences a batch)."""
-  pairs = [encode_pair(tok, c, chat_format, seq_len) for c in comparisons]
-  rows = ([{"tokens": p["tokens_a"], "mask": p["mask_a"]} for p in pairs] +
-          [{"tokens": p["tokens_b"], "mask": p["mask_b"]} for p in pairs])
-  s = sampler.apply_batched(models.score_right_padded, params, config, rows, ("tokens", "mask"),
-                            2 * batch_size, *sharding.mesh_and_rules(mesh))
-  return s[:len(pairs)], s[len(pairs):]
+  """(score_a [N], score_b [N]): ``score_responses`` of every response_a, then every
+  response_b, 2 x batch_size sequences a batch."""
+  convs = ([(c["messages"], c["response_a"]) for c in comparisons] +
+           [(c["messages"], c["response_b"]) for c in comparisons])
+  s = score_responses(params, config, tok, convs, chat_format, seq_len, 2 * batch_size, mesh)
+  return s[:len(comparisons)], s[len(comparisons):]
 
 
 def evaluate(score_a: np.ndarray, score_b: np.ndarray, comparisons: Sequence[dict]) -> Dict[str, float]:
