@@ -222,6 +222,20 @@ def fingerprint(spec: str) -> Optional[str]:
   return digest.hexdigest()[:16]
 
 
+def model_fingerprints(specs: Mapping[str, Any]) -> Dict[str, str]:
+  """{name: fingerprint} of the values of `specs` ({argument: model spec}) that name a model
+  (``fingerprint``; other values are left out). Stages put it in the config a rerun must
+  match (``train_lm.check_rerun``, ``shards.open_run``), so a run resumed from Python over
+  input models that changed since is refused, as the CLI refuses it (inputs.json)."""
+  found = {}
+  for name in sorted(specs):
+    value = specs[name]
+    fp = fingerprint(value) if isinstance(value, str) and value else None
+    if fp is not None:
+      found[name] = fp
+  return found
+
+
 def _strings(value: Any) -> Iterable[Tuple[str, str]]:
   """(suffix, string) of a binding's value: the string itself, or each string of a list."""
   if isinstance(value, str):

@@ -238,12 +238,30 @@ def test_changed_config_is_refused(tmp_path):
   assert "\n" not in msg and "n_rounds" in msg and "seed" in msg and "model" not in msg
   with pytest.raises(ValueError, match=r"differs in: prompts\)"):
     _run(tmp_path, prompts=PROMPTS[:-1])
-  with pytest.raises(ValueError, match=r"differs in: constitution, model\)"):
+  with pytest.raises(ValueError, match=r"differs in: constitution, model, model_fingerprints\)"):
     _run(tmp_path, model="other", constitution=Constitution(
         "tiny", "tiny-2", CONST.critique_revision[:2], (), FEW_SHOT))
   with pytest.raises(ValueError, match="chat_format, max_new_tokens, shard_size, temperature"):
     _run(tmp_path, chat_format="chatml", temperature=0.5, max_new_tokens=5, shard_size=2)
   _run(tmp_path, batch_size=1)   # not part of the config
+
+
+def test_a_changed_model_is_refused(tmp_path):
+  """The model's weights are part of the config: the same path holding other weights does
+  not continue the run."""
+  import jax
+  import numpy as np
+  from cai_jax import model_dir, models
+  from cai_jax.configs import ModelConfig
+  cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                    max_seq_len=32)
+  model = model_dir.save_model(str(tmp_path / "model"), cfg, models.init(cfg, jax.random.PRNGKey(0)))
+  _run(tmp_path / "out", model=model)
+  _run(tmp_path / "out", model=model)   # the same weights: resumed (nothing left to do)
+  model_dir.save_model(model, cfg, jax.tree_util.tree_map(np.asarray,
+                                                          models.init(cfg, jax.random.PRNGKey(1))))
+  with pytest.raises(ValueError, match=r"differs in: model_fingerprints\)"):
+    _run(tmp_path / "out", model=model)
 
 
 def test_empty_prompt_set_is_an_error(tmp_path):

@@ -101,6 +101,15 @@ def test_input_fingerprints_find_models_and_run_directories(tmp_path):
                    "extra[1]": fp}
 
 
+def test_model_fingerprints_keep_the_arguments_that_name_models(tmp_path):
+  sl = model_dir.save_model(str(tmp_path / "sl"), TINY, tiny_params())
+  (tmp_path / "p.jsonl").write_text("{}\n")
+  found = model_dir.model_fingerprints({"policy": sl, "reference": "", "pm": None,
+                                        "prompts": str(tmp_path / "p.jsonl"), "n": 3,
+                                        "missing": str(tmp_path / "nothing")})
+  assert found == {"policy": model_dir.fingerprint(sl)}
+
+
 def test_changed_inputs_compares_what_both_runs_read(tmp_path):
   assert model_dir.changed_inputs(str(tmp_path), {"a": "1"}) == []    # nothing recorded
   model_dir.record_inputs(str(tmp_path), {"a": "1", "b": "2"})

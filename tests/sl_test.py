@@ -113,3 +113,11 @@ def test_sl_end_to_end_on_tiny_model(tmp_path):
                                           async_checkpoint=False),
                  optimizer=OptimizerConfig(learning_rate=1e-3))
   assert again["steps"] == 5
+  # The base model changed since (retrained in place): the run is not continued from it.
+  changed = jax.tree_util.tree_map(lambda x: np.asarray(x) + 1, params)
+  model_dir.save_model(str(tmp_path / "base"), cfg, changed, load_tokenizer("byte"))
+  with pytest.raises(ValueError, match=r"sl: .* holds a run with a different model_fingerprints"):
+    sl.run(str(tmp_path / "sl"), records=str(crdir), model=str(tmp_path / "base"),
+           helpful_ratio=0.5, train_config=TrainConfig(batch_size=4, seq_len=96, progress=False,
+                                                       async_checkpoint=False),
+           optimizer=OptimizerConfig(learning_rate=1e-3))

@@ -456,8 +456,10 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
     return {"spec": spec if isinstance(spec, str) else None,
             "sha256": shards.sha([[r.get("id"), r["prompt"], r["messages"]] for r in rows])[:16]}
 
+  from cai_jax import model_dir
   config = {
       "model": model,
+      "model_fingerprints": model_dir.model_fingerprints({"model": model}),
       "constitution": {"path": constitution_lib.spec_label(constitution), "name": const.name,
                        "version": const.version,
                        "sha256": shards.sha([[dataclasses.asdict(p)

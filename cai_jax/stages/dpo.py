@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax import data, distributed, losses, models, sampler, sharding, shards, train
+from cai_jax import data, distributed, losses, model_dir, models, sampler, sharding, shards, train
 from cai_jax.comparisons import check_skips, load_comparisons
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.stages.train_lm import check_rerun, load_initial, model_config_key, train_config_key
@@ -122,6 +122,8 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
   check_rerun(out_dir, {
       "data": shards.sha(comps), "policy": policy, "reference": reference or policy,
       "beta": beta, "chat_format": chat_format, "model": model_config_key(config),
+      "model_fingerprints": model_dir.model_fingerprints({"policy": policy,
+                                                          "reference": reference or policy}),
       "optimizer": dataclasses.asdict(optimizer),
       "train_config": train_config_key(train_config)}, "dpo")
   encoded = [encode_comparison(tok, c, chat_format, train_config.seq_len) for c in comps]

@@ -73,7 +73,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import data, distributed, html_report, monitors, prompt_sets, shards
+from cai_jax import data, distributed, html_report, model_dir, monitors, prompt_sets, shards
 from cai_jax import report as report_lib
 from cai_jax.configs import MeshConfig
 from cai_jax.stages import feedback as fb
@@ -113,7 +113,6 @@ def discover_players(base: str = "", sl: str = "", rl_dir: str = "",
   Raises FileNotFoundError naming a missing snapshot or rl_dir, ValueError for a
   duplicate name or fewer than two players.
   """
-  from cai_jax import model_dir
 
   def check(name, spec):
     if not os.path.exists(model_dir.resolve_model_spec(spec)):
@@ -308,7 +307,6 @@ class _Models:
     self._spec, self._model = None, None
 
   def load(self, spec: str):
-    from cai_jax import model_dir
     if spec != self._spec:
       self._model = None
       cfg, params, tok = model_dir.load_any(spec, self.mesh, self.rules)
@@ -338,7 +336,6 @@ def _player_generate(models: _Models, spec: str, chat_format: str, temperature: 
 def _pm_scorer(models: _Models, spec: str, chat_format: str, batch_size: int) -> PMScore:
   """PM score [N] of each (messages, response), padded to the longest of the call
   (``pm.fitting_seq_len``), batch_size sequences a batch."""
-  from cai_jax import model_dir
   from cai_jax.stages import pm as pm_lib
   if model_dir.load_head(model_dir.resolve_model_spec(spec)) != "scalar":
     raise ValueError(f"evaluate.pm={spec!r} is not a scalar-head (preference) model")
@@ -359,7 +356,8 @@ def _pm_scorer(models: _Models, spec: str, chat_format: str, batch_size: int) ->
 def _responses_config(spec: str, items_sha: str, chat_format: str, temperature: float,
                       max_new_tokens: int, samples: int, greedy: bool, seed: int,
                       shard_size: int) -> dict:
-  return {"model": spec, "prompts_sha256": items_sha, "chat_format": chat_format,
+  return {"model": spec, "model_fingerprints": model_dir.model_fingerprints({"model": spec}),
+          "prompts_sha256": items_sha, "chat_format": chat_format,
           "temperature": float(temperature), "max_new_tokens": int(max_new_tokens),
           "samples": int(samples), "greedy": bool(greedy), "seed": int(seed),
           "shard_size": int(shard_size)}
@@ -481,16 +479,19 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   pm_cache: Dict[str, np.ndarray] = {}
   for judge in judges:
     config = {"judge": judge, "players": [[n, s] for n, s in players],
+              "player_fingerprints": model_dir.model_fingerprints(dict(players)),
               "prompts_sha256": items_sha, "seed": int(seed),
               "responses": _responses_config("", items_sha, chat_format, temperature,
                                              max_new_tokens, samples, greedy, seed, shard_size)}
     if judge == "feedback":
       config.update(model=feedback_model, template=template, few_shot=bool(few_shot),
+                    model_fingerprints=model_dir.model_fingerprints({"model": feedback_model}),
                     both_orders=bool(both_orders),
                     constitution=shards.sha([dataclasses.asdict(p) for p in const.feedback]
                                             + [fs_prefix])[:16])
     else:
-      config.update(model=pm, chat_format=chat_format)
+      config.update(model=pm, chat_format=chat_format,
+                    model_fingerprints=model_dir.model_fingerprints({"model": pm}))
     run_dir = os.path.join(out_dir, f"judgments-{judge}")
     outputs = shards.open_run(run_dir, "evaluate-judgments", config, pair_names, ("pair-",),
                               lambda _n, rows: {"rows": len(rows)},

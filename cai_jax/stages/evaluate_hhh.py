@@ -351,7 +351,9 @@ def run(data: str, model: str, mode: str = "mc", out_dir: str = "", template: st
 
   fingerprint = [[i["id"], i["category"], i.get("context"), i.get("messages"),
                   i["candidates"], i["correct"]] for i in items]
+  from cai_jax import model_dir
   config = {"data": data, "model": model, "mode": mode,
+            "model_fingerprints": model_dir.model_fingerprints({"model": model}),
             "items_sha256": shards.sha(fingerprint)[:16],
             "limit": limit, "seed": int(seed)}
   if mode == "mc":

@@ -623,8 +623,11 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
   fs_examples = tuple(const.feedback_few_shot) if few_shot and not chain_of_thought else ()
   cot_examples = tuple(const.cot_few_shot) if few_shot and chain_of_thought else ()
 
+  from cai_jax import model_dir
   config = {
       "policy": policy, "feedback_model": feedback_model,
+      "model_fingerprints": model_dir.model_fingerprints({"policy": policy,
+                                                          "feedback_model": feedback_model}),
       "constitution": {
           "path": constitution_lib.spec_label(constitution), "name": const.name,
           "version": const.version,

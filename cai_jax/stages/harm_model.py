@@ -451,6 +451,7 @@ def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
   config, params, tok = pm.scalar_init(init_from, model_config, "harm_model")
   check_rerun(out_dir, {
       "data": shards.sha([train_set, heldout]), "init_from": init_from,
+      "model_fingerprints": model_dir.model_fingerprints({"init_from": init_from}),
       "model": model_config_key(config), "chat_format": chat_format,
       "heldout_fraction": heldout_fraction, "optimizer": dataclasses.asdict(optimizer),
       "train_config": train_config_key(train_config)}, "harm_model", CONFIG_FILE)

@@ -377,6 +377,7 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
   check_rerun(out_dir, {
       "data": shards.sha([train_set, heldout]), "pmp_data": shards.sha(pmp) if pmp else None,
       "init_from": init_from, "model": model_config_key(config), "chat_format": chat_format,
+      "model_fingerprints": model_dir.model_fingerprints({"init_from": init_from}),
       "optimizer": dataclasses.asdict(optimizer), "train_config": train_config_key(train_config),
       "pmp_num_steps": pmp_num_steps if pmp else None}, "pm", "pm_config.json")
 

@@ -162,7 +162,8 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
       "models": [model_config_key(c) for c in (policy_cfg, ref_cfg, value_cfg)],
       "eos_ids": [int(t) for t in eos_ids],
       "stop_sequences": [[int(t) for t in s] for s in stop_sequences],
-      "sources": dict(extra_summary or {})}, "rl")
+      "sources": dict(extra_summary or {}),
+      "model_fingerprints": model_dir.model_fingerprints(extra_summary or {})}, "rl")
 
   policy_state = ppo_lib.init_state(policy_params, optimizer, policy_cfg, "lm", mesh, rules)
   value_state = ppo_lib.init_state(value_params, value_optimizer, value_cfg, "scalar", mesh, rules)

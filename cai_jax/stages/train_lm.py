@@ -96,7 +96,8 @@ def fine_tune(out_dir: str, examples: Sequence[dict], model: ModelConfig, optimi
   check_rerun(out_dir, {
       "data": shards.sha(list(examples)), "model": model_config_key(model),
       "chat_format": chat_format, "optimizer": dataclasses.asdict(optimizer),
-      "train_config": train_config_key(train_config), "sources": sources or {}}, stage)
+      "train_config": train_config_key(train_config), "sources": sources or {},
+      "model_fingerprints": model_dir.model_fingerprints(sources or {})}, stage)
   ds = data.lm_dataset(examples, tok, chat_format, train_config.seq_len,
                        train_config.batch_size, train_config.seed)
   result = train.train(model, optimizer, train_config, mesh, ds, out_dir, init_params=init_params)
