@@ -60,7 +60,7 @@ setup(
         # setuptools: tests/resources_test.py builds a wheel without build isolation (a
         # Python 3.12 virtual environment has none of its own).
         "test": ["pytest>=8,<10", "setuptools>=70.1", "torch==2.13.0", "transformers>=4.50,<6"],
-        "bench": ["torch==2.13.0", "transformers>=4.50,<6"],
+        "bench": ["torch==2.13.0", "transformers>=4.50,<6", "accelerate>=1.0,<2"],
     },
     entry_points={"console_scripts": ["cai-jax=cai_jax.main:run"]},
 )
