@@ -196,6 +196,16 @@ def cpu_info() -> Dict[str, Any]:
           "loadavg_1_5_15": load}
 
 
+def run_role(args, sides: Dict[str, Callable[[Any], Any]]) -> bool:
+  """In a child process (``args.role`` 'ours' or 'peer', set by ``run_child``): prints
+  ``sides[args.role](args)`` as one JSON line and returns True. In the parent (role 'main')
+  returns False."""
+  if args.role not in sides:
+    return False
+  print(json.dumps(sides[args.role](args)))
+  return True
+
+
 def run_child(script: str, argv: List[str], role: str, workdir: str) -> Dict[str, Any]:
   """Runs `script` with argv + --role ROLE --workdir DIR; returns its last stdout line as JSON.
 

@@ -28,7 +28,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,12 +53,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   if args.repeats < 1:
     p.error("--repeats must be >= 1")
   return args
-
-
-def _median_of(run, repeats: int) -> Dict[str, Any]:
-  result = _presets.timed(run, repeats)
-  out = result.pop("out")
-  return dict(result, out=out)
 
 
 def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
@@ -119,11 +112,7 @@ def run_peer(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
-  if args.role == "ours":
-    print(json.dumps(run_ours(args)))
-    return
-  if args.role == "peer":
-    print(json.dumps(run_peer(args)))
+  if _presets.run_role(args, {"ours": run_ours, "peer": run_peer}):
     return
   machine = _presets.cpu_info()
   with tempfile.TemporaryDirectory(prefix="cai_jax_load_bench_") as workdir:

@@ -448,11 +448,7 @@ def print_table(out: Dict[str, Any]) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
-  if args.role == "ours":
-    print(json.dumps(run_ours(args)))
-    return
-  if args.role == "peer":
-    print(json.dumps(run_peer(args)))
+  if _presets.run_role(args, {"ours": run_ours, "peer": run_peer}):
     return
 
   if args.device == "gpu" and args.peer:

@@ -387,12 +387,8 @@ def print_table(out: Dict[str, Any]) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
-  if args.role == "ours":
-    announce = lambda r: print(json.dumps({"resolved": r}), flush=True)  # noqa: E731
-    print(json.dumps(run_ours(args, announce)))
-    return
-  if args.role == "peer":
-    print(json.dumps(run_peer(args)))
+  announce = lambda r: print(json.dumps({"resolved": r}), flush=True)  # noqa: E731
+  if _presets.run_role(args, {"ours": lambda a: run_ours(a, announce), "peer": run_peer}):
     return
 
   if args.peer:
