@@ -113,8 +113,9 @@ def read_gguf(path: str) -> GGUFFile:
   """Reads a GGUF file's metadata and tensor index; the tensor data stays on disk (mapped).
 
   Raises ValueError naming the file for: no GGUF magic, an unsupported version or byte
-  order, a truncated header, an unknown value type, a repeated key or tensor name, a bad
-  alignment, or tensor data past the end of the file.
+  order, a truncated header, an unknown value type or ggml type, a repeated key or tensor
+  name, a bad alignment, rows that do not fill whole quantization blocks, or tensor data past
+  the end of the file.
   """
   from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
   from gguf.quants import quant_shape_to_byte_shape
@@ -166,7 +167,12 @@ def read_gguf(path: str) -> GGUFFile:
       block, type_size = GGML_QUANT_SIZES[kind]
     except (ValueError, KeyError):
       raise ValueError(f"{path}: tensor {name!r} has unknown ggml type {raw_type}") from None
-    n_elements = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    n_elements = 1
+    for d in dims:
+      n_elements *= d
+    if dims and dims[0] % block:
+      raise ValueError(f"{path}: tensor {name!r} has rows of {dims[0]} values, not a multiple "
+                       f"of its {kind.name} block size {block}")
     n_bytes = n_elements * type_size // block
     begin = start + offset
     if begin + n_bytes > size:

@@ -119,6 +119,30 @@ def test_bad_files_get_one_clear_error(tmp_path):
   assert "big-endian" in read("big2.gguf", open(big, "rb").read())
 
 
+def _raw_gguf(path, tensor_type, dims, data_bytes):
+  """A GGUF v3 file written by hand: no metadata, one tensor 't'."""
+  import struct
+  head = b"GGUF" + struct.pack("<IQQ", 3, 1, 0)
+  head += struct.pack("<Q", 1) + b"t" + struct.pack("<I", len(dims))
+  head += b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", tensor_type, 0)
+  head += b"\0" * (-len(head) % 32)
+  path.write_bytes(head + data_bytes)
+  return str(path)
+
+
+def test_a_hand_written_file_and_bad_tensor_records(tmp_path):
+  values = np.arange(6, dtype=np.float32)
+  ok = gguf_file.read_gguf(_raw_gguf(tmp_path / "ok.gguf", int(T.F32), [3, 2], values.tobytes()))
+  np.testing.assert_array_equal(ok.tensors["t"].data, values.reshape(2, 3))
+  assert ok.metadata == {} and ok.tensors["t"].shape == (3, 2)
+  with pytest.raises(ValueError, match=r"bad\.gguf: tensor 't' has unknown ggml type 99"):
+    gguf_file.read_gguf(_raw_gguf(tmp_path / "bad.gguf", 99, [3], b"\0" * 12))
+  with pytest.raises(ValueError, match=r"rows of 33 values, not a multiple of its Q8_0 block size 32"):
+    gguf_file.read_gguf(_raw_gguf(tmp_path / "rows.gguf", int(T.Q8_0), [33], b"\0" * 68))
+  with pytest.raises(ValueError, match=r"short\.gguf: tensor 't' \(24 bytes .* truncated"):
+    gguf_file.read_gguf(_raw_gguf(tmp_path / "short.gguf", int(T.F32), [3, 2], b"\0" * 20))
+
+
 def test_the_embedded_model_reads_like_the_gguf_reader():
   from cai_jax import model_dir
   try:
