@@ -11,7 +11,9 @@ Both loaders read the checkpoint one tensor at a time and place it straight into
 final layout: with a mesh, every parameter is built with ``jax.make_array_from_callback``
 on the NamedSharding its logical axes give (``cai_jax.sharding.logical_shardings``), and
 each host reads only the region of each tensor its own devices hold (safetensors) or one
-tensor at a time (GGUF). No pickled file is ever read.
+tensor at a time (GGUF). No pickled file is ever read. A load of ``PROGRESS_MIN_BYTES``
+(1 GiB) of parameters or more shows a progress bar ("load weights", bytes) on process 0's
+stderr.
 
 Shapes: V = vocab, D = d_model, L = layers, H = query heads, K = kv heads,
 Dh = head_dim, F = d_ff. HF stores a linear layer as weight [out, in]; GGUF lists the
@@ -74,6 +76,9 @@ Region = Tuple[Tuple[int, int], ...]   # per-dim [start, stop) of an array
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM"}
+
+# Loads of at least this many parameter bytes show a progress bar (on process 0's stderr).
+PROGRESS_MIN_BYTES = 1 << 30
 
 # Files copied next to an export from `tokenizer_dir`.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -473,9 +478,11 @@ def _read_region(source: _Source, name: str, kind: str, region: Region, hd: int)
   raise AssertionError(kind)
 
 
-def _materialize(plan: _Plan, shape: Tuple[int, ...], dtype, sharding, source: _Source) -> jax.Array:
+def _materialize(plan: _Plan, shape: Tuple[int, ...], dtype, sharding, source: _Source,
+                 tick=lambda fraction: None) -> jax.Array:
   """Builds one parameter directly in `sharding`: each distinct shard this host holds is
-  filled from one read per source tensor covering all of this host's shards."""
+  filled from one read per source tensor covering all of this host's shards. tick(f) is
+  called as each fraction f of the parameter is read (per layer when stacked)."""
   index_map = sharding.addressable_devices_indices_map(shape)
   keys = sorted({_norm_index(idx, shape) for idx in index_map.values()})
   bbox = tuple((min(k[i][0] for k in keys), max(k[i][1] for k in keys)) for i in range(len(shape)))
@@ -491,10 +498,12 @@ def _materialize(plan: _Plan, shape: Tuple[int, ...], dtype, sharding, source: _
       for k in keys:
         if k[0][0] <= layer < k[0][1]:
           bufs[k][layer - k[0][0]] = region[rel(k[1:], inner)]
+      tick(1 / max(l1 - l0, 1))
   else:
     region = _read_region(source, plan.names[0], plan.kind, bbox, plan.head_dim)
     for k in keys:
       bufs[k][...] = region[rel(k, bbox)]
+    tick(1.0)
   if isinstance(sharding, SingleDeviceSharding):
     return jax.device_put(bufs[keys[0]])   # uncommitted, like jnp.asarray
   return jax.make_array_from_callback(shape, sharding, lambda idx: bufs[_norm_index(idx, shape)])
@@ -530,9 +539,15 @@ def _load_params(config: ModelConfig, source: _Source, mesh: Optional[Mesh], rul
     logging.info("convert: ignoring %d checkpoint tensors: %s", len(unused), unused[:8])
 
   dtype = np.dtype(dtype_from_name(config.param_dtype))
+  sizes = {path: math.prod(shapes[path].shape) * dtype.itemsize for path in plans}
+  total = sum(sizes.values())
+  from tqdm import tqdm
   out = {}
-  for path, plan in plans.items():
-    out[path] = _materialize(plan, tuple(shapes[path].shape), dtype, shardings[path], source)
+  with tqdm(total=total, desc="load weights", unit="B", unit_scale=True, unit_divisor=1024,
+            disable=total < PROGRESS_MIN_BYTES or jax.process_index() != 0) as bar:
+    for path, plan in plans.items():
+      out[path] = _materialize(plan, tuple(shapes[path].shape), dtype, shardings[path], source,
+                               lambda f, n=sizes[path]: bar.update(n * f))
   return traverse_util.unflatten_dict(out)
 
 

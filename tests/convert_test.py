@@ -200,6 +200,17 @@ def test_sharded_checkpoint_loads(hf_models, tmp_path):
                    _hf_logits(hf_models["llama"], tokens)) < TOL
 
 
+def test_large_loads_show_a_progress_bar(hf_models, saved, monkeypatch, capsys):
+  convert.load_hf(saved["llama"])
+  assert "load weights" not in capsys.readouterr().err      # below PROGRESS_MIN_BYTES
+  monkeypatch.setattr(convert, "PROGRESS_MIN_BYTES", 0)
+  cfg, params = convert.load_hf(saved["llama"])
+  err = capsys.readouterr().err
+  total = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params))
+  size = f"{total / 1024:.3g}k"   # tqdm: 3 significant digits, KiB
+  assert f"load weights: 100%|██████████| {size}/{size}" in err, err[-400:]
+
+
 @pytest.mark.parametrize("variant", ["llama", "qwen2_tied"])
 def test_load_onto_mesh(variant, hf_models, saved, mesh_tp):
   rules = sharding.rules_for("fsdp_tp")
