@@ -246,6 +246,63 @@ def require_torch_cuda(who: str, hint: str = "use --device cpu") -> None:
                      f"(CPU-only torch build or no visible GPU); {hint}")
 
 
+class Peer:
+  """transformers' model of the exported folder on the requested device (see ``load_peer``).
+
+  torch: the torch module; model: the AutoModelForCausalLM in eval mode; device: 'cuda' or
+  'cpu'; info: what the scripts print and put in their JSON (framework, device, threads,
+  attention, dtype, params, load_s).
+  """
+
+  def __init__(self, torch, model, device: str, info: Dict[str, Any]):
+    self.torch, self.model, self.device, self.info = torch, model, device, info
+
+  def sync(self) -> None:
+    """Waits for queued GPU work (no-op on the CPU)."""
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
+
+
+def load_peer(args, who: str, log: Callable[[str], None], **from_pretrained: Any) -> Peer:
+  """Loads ``args.workdir`` (the folder ``save_hf`` exported) with transformers.
+
+  Uses args.device ('cpu' | 'gpu'), args.dtype (a torch dtype name) and args.torch_threads
+  (0: torch's default); `from_pretrained` goes to ``AutoModelForCausalLM.from_pretrained``.
+  """
+  import torch
+  import transformers
+  if args.device == "gpu":
+    require_torch_cuda(who)
+  device = "cuda" if args.device == "gpu" else "cpu"
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+  dtype = getattr(torch, args.dtype)
+  t0 = time.perf_counter()
+  model = transformers.AutoModelForCausalLM.from_pretrained(args.workdir, dtype=dtype,
+                                                            **from_pretrained)
+  model.to(device)
+  model.eval()
+  load_s = time.perf_counter() - t0
+  device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+  attn = getattr(model.config, "_attn_implementation", None)
+  log(f"torch {torch.__version__}, transformers {transformers.__version__} on {device_name}, "
+      f"{torch.get_num_threads()} threads, attention {attn}, {dtype}; load {load_s:.1f} s")
+  info = {
+      "impl": "transformers",
+      "framework": f"torch {torch.__version__} + transformers {transformers.__version__}",
+      "backend": device,
+      "device_kind": device_name,
+      "device": f"{device_name} ({device})",
+      "torch_threads": torch.get_num_threads(),
+      "torch_interop_threads": torch.get_num_interop_threads(),
+      "attention": attn,
+      "dtype": str(dtype).replace("torch.", ""),
+      "params": int(sum(p.numel() for p in model.parameters())),
+      "load_s": load_s,
+  }
+  return Peer(torch, model, device, info)
+
+
 def load_weights(model: str, preset: Optional[str], dtype: str, seed: int, min_seq_len: int,
                  who: str) -> Tuple[Any, Any, Any, str]:
   """(cfg, params, tokenizer or None, source) of the bench weights, params ready.

@@ -267,32 +267,12 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
 
 def run_peer(args: argparse.Namespace) -> Dict[str, Any]:
   """Loads the exported folder with transformers and times model.generate."""
-  import torch
-  import transformers
-  from transformers import AutoModelForCausalLM, GenerationConfig
+  from transformers import GenerationConfig
 
-  if args.device == "gpu":
-    _presets.require_torch_cuda("bench/sample.py")
-  device = "cuda" if args.device == "gpu" else "cpu"
-  cuda = device == "cuda"
-  if args.torch_threads:
-    torch.set_num_threads(args.torch_threads)
-  dtype = getattr(torch, args.dtype)
-  t0 = time.perf_counter()
-  model = AutoModelForCausalLM.from_pretrained(args.workdir, dtype=dtype)
-  model.to(device)
-  model.eval()
-  load_s = time.perf_counter() - t0
+  peer = _presets.load_peer(args, "bench/sample.py", _log)
+  torch, model, device, sync = peer.torch, peer.model, peer.device, peer.sync
   with open(os.path.join(args.workdir, "prompts.json"), encoding="utf-8") as f:
     rows = json.load(f)
-  device_name = torch.cuda.get_device_name() if cuda else "cpu"
-  attn = getattr(model.config, "_attn_implementation", None)
-  _log(f"torch {torch.__version__}, transformers {transformers.__version__} on {device_name}, "
-       f"{torch.get_num_threads()} threads, attention {attn}, {dtype}; load {load_s:.1f} s")
-
-  def sync():
-    if cuda:
-      torch.cuda.synchronize()
 
   runs = []
   tokens_b1 = None
@@ -322,21 +302,7 @@ def run_peer(args: argparse.Namespace) -> Dict[str, Any]:
       _log(f"transformers batch {batch} N={n}: first call {res['first_s']:.2f} s, "
            f"median {res['median_s'] * 1e3:.1f} ms")
       runs.append(dict(batch=batch, max_new_tokens=n, **res))
-  return {
-      "impl": "transformers",
-      "framework": f"torch {torch.__version__} + transformers {transformers.__version__}",
-      "backend": device,
-      "device_kind": device_name,
-      "device": f"{device_name} ({device})",
-      "torch_threads": torch.get_num_threads(),
-      "torch_interop_threads": torch.get_num_interop_threads(),
-      "attention": attn,
-      "dtype": str(dtype).replace("torch.", ""),
-      "params": int(sum(p.numel() for p in model.parameters())),
-      "load_s": load_s,
-      "runs": runs,
-      "tokens_batch1": tokens_b1,
-  }
+  return dict(peer.info, runs=runs, tokens_batch1=tokens_b1)
 
 
 # --------------------------------------------------------------------------- driver

@@ -291,29 +291,10 @@ def run_ours(args: argparse.Namespace) -> Dict[str, Any]:
 
 def run_peer(args: argparse.Namespace) -> Dict[str, Any]:
   """Loads the exported folder with transformers and times the same scoring."""
-  import torch
-  import transformers
-  from transformers import AutoModelForCausalLM
-
-  if args.device == "gpu":
-    _presets.require_torch_cuda(WHO)
-  device = "cuda" if args.device == "gpu" else "cpu"
-  cuda = device == "cuda"
-  if args.torch_threads:
-    torch.set_num_threads(args.torch_threads)
-  dtype = getattr(torch, args.dtype)
-  t0 = time.perf_counter()
-  model = AutoModelForCausalLM.from_pretrained(args.workdir, dtype=dtype,
-                                               attn_implementation="sdpa")
-  model.to(device)
-  model.eval()
-  load_s = time.perf_counter() - t0
+  peer = _presets.load_peer(args, WHO, _log, attn_implementation="sdpa")
+  torch, model, device = peer.torch, peer.model, peer.device
   with open(os.path.join(args.workdir, "rows.json"), encoding="utf-8") as f:
     data = json.load(f)
-  device_name = torch.cuda.get_device_name() if cuda else "cpu"
-  attn = getattr(model.config, "_attn_implementation", None)
-  _log(f"torch {torch.__version__}, transformers {transformers.__version__} on {device_name}, "
-       f"{torch.get_num_threads()} threads, attention {attn}, {dtype}; load {load_s:.1f} s")
 
   def score_batch(ps: List[List[int]], cs: List[List[int]]) -> List[List[float]]:
     rows = len(ps)
@@ -358,20 +339,7 @@ def run_peer(args: argparse.Namespace) -> Dict[str, Any]:
     _log(f"transformers {case}: first call {res['first_s']:.2f} s, "
          f"median {res['median_s']:.3f} s")
     cases[case] = dict(res, logprobs=lps)
-  return {
-      "impl": "transformers",
-      "framework": f"torch {torch.__version__} + transformers {transformers.__version__}",
-      "backend": device,
-      "device_kind": device_name,
-      "device": f"{device_name} ({device})",
-      "torch_threads": torch.get_num_threads(),
-      "torch_interop_threads": torch.get_num_interop_threads(),
-      "attention": attn,
-      "dtype": str(dtype).replace("torch.", ""),
-      "params": int(sum(p.numel() for p in model.parameters())),
-      "load_s": load_s,
-      "cases": cases,
-  }
+  return dict(peer.info, cases=cases)
 
 
 # --------------------------------------------------------------------------- driver
