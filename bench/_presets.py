@@ -17,6 +17,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -218,6 +219,25 @@ def run_child(script: str, argv: List[str], role: str, workdir: str) -> Dict[str
     raise SystemExit(f"bench/{os.path.basename(script)}: the {side} side failed (exit "
                      f"{proc.returncode}); its error is printed above")
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_both(script: str, argv: List[str], prefix: str, peer: bool = True,
+             read: Optional[Callable[[str], Any]] = None) -> Tuple[Dict[str, Any], Any, Dict[str, Any], Any]:
+  """The parent's half of a cai_jax-vs-transformers bench.
+
+  Runs `script` as the 'ours' child, then (when `peer`) as the 'peer' child, in one
+  temporary folder named with `prefix`. Returns (ours, peer or None, machine, read(folder)
+  or None): machine is ``cpu_info()`` plus loadavg_at_start / loadavg_at_end; `read` runs
+  before the folder is removed.
+  """
+  machine = cpu_info()
+  with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
+    ours = run_child(script, argv, "ours", workdir)
+    theirs = run_child(script, argv, "peer", workdir) if peer else None
+    kept = read(workdir) if read is not None else None
+  machine.update(loadavg_at_start=machine.pop("loadavg_1_5_15"),
+                 loadavg_at_end=cpu_info()["loadavg_1_5_15"])
+  return ours, theirs, machine, kept
 
 
 def require_jax_device(device: str, who: str):

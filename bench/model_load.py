@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -114,16 +113,11 @@ def main(argv: Optional[List[str]] = None) -> None:
   args = parse_args(argv)
   if _presets.run_role(args, {"ours": run_ours, "peer": run_peer}):
     return
-  machine = _presets.cpu_info()
-  with tempfile.TemporaryDirectory(prefix="cai_jax_load_bench_") as workdir:
-    ours = _presets.run_child(__file__, argv, "ours", workdir)
-    peer = _presets.run_child(__file__, argv, "peer", workdir)
+  ours, peer, machine, _ = _presets.run_both(__file__, argv, "cai_jax_load_bench_")
   for case in ("gguf", "safetensors"):
     if ours["ids"][case] != peer["ids"][case]:
       raise SystemExit(f"bench/model_load.py: the {case} tokenizers disagree on {SENTENCE!r}: "
                        f"{ours['ids'][case]} against {peer['ids'][case]}")
-  machine.update(loadavg_at_start=machine.pop("loadavg_1_5_15"),
-                 loadavg_at_end=_presets.cpu_info()["loadavg_1_5_15"])
   rows = [("header (GGUF metadata + tensor index)", "gguf_file.read_gguf", "gguf.GGUFReader",
            ours["header"], ours["header_peer"]),
           ("GGUF -> float32 model + tokenizer", "model_dir.load_any", "from_pretrained(gguf_file=)",

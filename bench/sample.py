@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
@@ -422,10 +421,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     # imported here: its backend would preallocate GPU memory the children need.
     _presets.require_torch_cuda("bench/sample.py", "use --device cpu, or --no-peer to time "
                                 "cai_jax alone")
-  machine_before = _presets.cpu_info()
-  with tempfile.TemporaryDirectory(prefix="cai_jax_sample_bench_") as workdir:
-    ours = _presets.run_child(__file__, argv, "ours", workdir)
-    peer = _presets.run_child(__file__, argv, "peer", workdir) if args.peer else None
+  ours, peer, machine, _ = _presets.run_both(__file__, argv, "cai_jax_sample_bench_", args.peer)
 
   n = args.max_new_tokens
   summary = {"ours": {str(b): v for b, v in _summarize(ours, n).items()},
@@ -443,8 +439,7 @@ def main(argv: Optional[List[str]] = None) -> None:
       "bench": "sample", "device": args.device, "dtype": args.dtype,
       "batch_sizes": args.batches, "max_new_tokens": n, "prompt_len": args.prompt_len,
       "repeats": args.repeats,
-      "machine": dict(machine_before, loadavg_at_start=machine_before["loadavg_1_5_15"],
-                      loadavg_at_end=_presets.cpu_info()["loadavg_1_5_15"]),
+      "machine": machine,
       "summary": summary, "ratio": ratio, "roofline": roofline,
       "agreement": _agreement(ours["tokens_batch1"], peer["tokens_batch1"] if peer else None,
                               args.check_tokens),

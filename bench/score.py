@@ -66,7 +66,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -455,12 +454,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     # Fail before the (long) cai_jax side when torch cannot reach a GPU. JAX is not
     # imported here: its backend would preallocate GPU memory the children need.
     _presets.require_torch_cuda(WHO, "use --device cpu, or --no-peer to time cai_jax alone")
-  machine_before = _presets.cpu_info()
-  with tempfile.TemporaryDirectory(prefix="cai_jax_score_bench_") as workdir:
-    ours = _presets.run_child(__file__, argv, "ours", workdir)
-    peer = _presets.run_child(__file__, argv, "peer", workdir) if args.peer else None
+  def read_rows(workdir):
     with open(os.path.join(workdir, "rows.json"), encoding="utf-8") as f:
-      data = json.load(f)
+      return json.load(f)
+
+  ours, peer, machine, data = _presets.run_both(__file__, argv, "cai_jax_score_bench_",
+                                                args.peer, read_rows)
 
   cases = summarize(args, ours, peer, data)
   for side in (ours, peer):   # per-token arrays stay out of the JSON (per-row sums are in)
@@ -473,8 +472,7 @@ def main(argv: Optional[List[str]] = None) -> None:
       "share_prompts": args.share_prompts,
       "repeats": args.repeats, "seed": args.seed, "torch_threads": args.torch_threads,
       "tolerance": args.tolerance, "max_abs_diff": worst,
-      "machine": dict(machine_before, loadavg_at_start=machine_before["loadavg_1_5_15"],
-                      loadavg_at_end=_presets.cpu_info()["loadavg_1_5_15"]),
+      "machine": machine,
       "cases": cases,
       "ratio": {c: v.get("ratio") for c, v in cases.items()},
       "ours": ours, "peer": peer,
