@@ -178,6 +178,20 @@ def load_any(spec: str, mesh=None, rules=None, config: Optional[ModelConfig] = N
       f"model {spec!r}: not a model directory, .gguf file or Hugging Face folder with config.json")
 
 
+def load_chat_model(spec: str, mesh=None, rules=None, chat_format: str = "", what: str = "model"):
+  """``load_any`` for a stage that talks to the model in `chat_format`: (ModelConfig,
+  params, tokenizer), a ValueError naming `what` and the spec when there is no tokenizer,
+  and one warning when the format's turn markers are not tokens of this tokenizer
+  (``tokenizer.warn_if_foreign_chat_format``; '' and 'none' check nothing)."""
+  from cai_jax.tokenizer import warn_if_foreign_chat_format
+  cfg, params, tok = load_any(spec, mesh, rules)
+  if tok is None:
+    raise ValueError(f"{what} {spec!r} has no tokenizer")
+  if chat_format and chat_format != "none":
+    warn_if_foreign_chat_format(tok, chat_format, f"{what} {spec!r}")
+  return cfg, params, tok
+
+
 def _file_digest(digest, path: str) -> None:
   """Adds a file's name, size and first and last MiB to `digest`."""
   size = os.path.getsize(path)

@@ -803,6 +803,50 @@ ROLES = ("system", "user", "assistant")
 Segments = list[tuple[str, bool]]
 
 
+# The turn markers of each chat format; a tokenizer of a model trained on the format has
+# each as one (special) token.
+CHAT_FORMAT_MARKERS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "raw": (),
+}
+
+
+_CHECKED_BY_ID: dict = {}
+
+
+def foreign_chat_format(tokenizer: Tokenizer, fmt: str) -> Optional[str]:
+  """Why `fmt` looks foreign to `tokenizer`, or None: a turn marker of the format that the
+  tokenizer splits into several tokens (its model was not trained on the format and reads
+  the markers as plain text; 'raw' has no markers and is never foreign)."""
+  if fmt not in CHAT_FORMATS:
+    raise ValueError(f"unknown chat format {fmt!r}; expected one of {CHAT_FORMATS}")
+  for marker in CHAT_FORMAT_MARKERS[fmt]:
+    n = len(tokenizer.encode(marker))
+    if n != 1:
+      return f"the tokenizer encodes the {fmt} marker {marker!r} as {n} tokens, not one"
+  return None
+
+
+def warn_if_foreign_chat_format(tokenizer: Tokenizer, fmt: str, source: str = "") -> None:
+  """Logs one warning per (tokenizer object, format) when ``foreign_chat_format`` finds the
+  format foreign: harmless when the run teaches the model the format (a fine-tune of a base
+  model), and the likely cause of meaningless samples otherwise (e.g. chat_format 'chatml'
+  with a Llama 3 model)."""
+  try:
+    seen = vars(tokenizer).setdefault("_chat_formats_checked", set())
+  except TypeError:   # no __dict__: remembered by id for the life of the process
+    seen = _CHECKED_BY_ID.setdefault(id(tokenizer), set())
+  if fmt in seen:
+    return
+  seen.add(fmt)
+  why = foreign_chat_format(tokenizer, fmt)
+  if why:
+    logging.warning("chat_format=%r%s: %s; unless the model was trained on this format, "
+                    "pick its own ('chatml' for SmolLM2 / Qwen2, 'llama3' for Llama 3, 'raw' "
+                    "for a base model)", fmt, f" with {source}" if source else "", why)
+
+
 def _check_messages(messages: Sequence[Mapping[str, str]], fmt: str) -> None:
   """Raises ValueError for an unknown format, role or a message without text content."""
   if fmt not in CHAT_FORMATS:
@@ -918,6 +962,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], fmt
       with an assistant turn" (raw has no end-of-turn token of its own).
   """
   segments = render_chat(messages, fmt, add_generation_prompt)
+  warn_if_foreign_chat_format(tokenizer, fmt)
   text = "".join(t for t, _ in segments)
   cum = [0]  # cum[i] = assistant characters in text[:i]
   for seg_text, flag in segments:

@@ -122,3 +122,30 @@ def test_changed_inputs_compares_what_both_runs_read(tmp_path):
   (tmp_path / model_dir.INPUTS_FILE).write_text("[1]")
   with pytest.raises(ValueError, match="inputs.json: not a JSON object"):
     model_dir.changed_inputs(str(tmp_path), {})
+
+
+def test_load_chat_model_needs_a_tokenizer_and_warns_on_a_foreign_format(tmp_path, caplog):
+  from cai_jax.tokenizer import ByteTokenizer
+  cfg, params = TINY, tiny_params()
+  bare = model_dir.save_model(str(tmp_path / "bare"), cfg, params)
+  with pytest.raises(ValueError, match=r"^policy '.*bare' has no tokenizer$"):
+    model_dir.load_chat_model(bare, chat_format="chatml", what="policy")
+  with_tok = model_dir.save_model(str(tmp_path / "tok"), cfg, params, ByteTokenizer())
+  with caplog.at_level("WARNING"):
+    got_cfg, got_params, tok = model_dir.load_chat_model(with_tok, chat_format="llama3")
+  assert got_cfg == cfg and isinstance(tok, ByteTokenizer)
+  np.testing.assert_array_equal(np.asarray(got_params["embed"]["embedding"]),
+                                np.asarray(params["embed"]["embedding"]))
+  assert not [r for r in caplog.records if "chat_format=" in r.getMessage()]   # byte: markers are tokens
+
+  class Splitting(ByteTokenizer):   # a vocabulary without the chat markers
+    def encode(self, text):
+      return list(text.encode("utf-8"))
+
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    from cai_jax.tokenizer import warn_if_foreign_chat_format
+    warn_if_foreign_chat_format(Splitting(), "chatml", "model 'x'")
+  assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+      "chat_format='chatml' with model 'x': the tokenizer encodes the chatml marker "
+      "'<|im_start|>' as 12 tokens, not one"]

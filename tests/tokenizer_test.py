@@ -417,6 +417,26 @@ def test_llama3_render_exact():
   assert tk.stop_token_ids(tok, "llama3") == sorted([tok.eos_id, tok.token_to_id("<|eot_id|>")])
 
 
+def test_foreign_chat_format_is_found_and_warned_once(smollm2, smollm2_path, caplog):
+  byte = tk.ByteTokenizer()
+  assert all(tk.foreign_chat_format(byte, f) is None for f in tk.CHAT_FORMATS)
+  assert tk.foreign_chat_format(smollm2, "chatml") is None
+  assert tk.foreign_chat_format(smollm2, "raw") is None
+  n = len(smollm2.encode("<|start_header_id|>"))
+  assert n > 1
+  assert tk.foreign_chat_format(smollm2, "llama3") == (
+      f"the tokenizer encodes the llama3 marker '<|start_header_id|>' as {n} tokens, not one")
+  with pytest.raises(ValueError, match="unknown chat format 'alpaca'"):
+    tk.foreign_chat_format(byte, "alpaca")
+  fresh = tk.load_tokenizer(smollm2_path)   # not yet warned about anything
+  with caplog.at_level("WARNING"):
+    for _ in range(3):
+      tk.encode_chat(fresh, [{"role": "user", "content": "hi"}], "llama3", add_generation_prompt=True)
+      tk.encode_chat(fresh, [{"role": "user", "content": "hi"}], "chatml", add_generation_prompt=True)
+  warned = [r.getMessage() for r in caplog.records if "chat_format=" in r.getMessage()]
+  assert len(warned) == 1 and warned[0].startswith("chat_format='llama3': the tokenizer encodes")
+
+
 def test_encode_chat_add_bos():
   tok = tk.ByteTokenizer()
   ids, mask = tk.encode_chat(tok, CONVERSATION[:1], "chatml", add_bos=True)

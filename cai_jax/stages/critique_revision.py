@@ -486,9 +486,7 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
   if todo and generate_fn is None:
     from cai_jax import model_dir, sharding
     m, rules = sharding.mesh_and_rules(mesh)
-    cfg, params, tok = model_dir.load_any(model, m, rules)
-    if tok is None:
-      raise ValueError(f"model {model!r} has no tokenizer")
+    cfg, params, tok = model_dir.load_chat_model(model, m, rules, chat_format)
     generate_fn = model_generate_fn(params, cfg, tok, builder.stops, temperature, top_p,
                                     max_new_tokens, batch_size, mesh=m, rules=rules,
                                     truncate=truncate)

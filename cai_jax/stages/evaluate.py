@@ -300,18 +300,18 @@ def elo_by_kind(judgments: Sequence[dict], players: Sequence[str], n_boot: int, 
 class _Models:
   """Loads models by spec on one mesh, keeping at most the last one in memory."""
 
-  def __init__(self, mesh: MeshConfig):
+  def __init__(self, mesh: MeshConfig, chat_format: str = ""):
     from cai_jax import sharding
     self.mesh_config = mesh
+    self.chat_format = chat_format
     self.mesh, self.rules = sharding.mesh_and_rules(mesh)
     self._spec, self._model = None, None
 
   def load(self, spec: str):
     if spec != self._spec:
       self._model = None
-      cfg, params, tok = model_dir.load_any(spec, self.mesh, self.rules)
-      if tok is None:
-        raise ValueError(f"evaluate: model {spec!r} has no tokenizer")
+      cfg, params, tok = model_dir.load_chat_model(spec, self.mesh, self.rules, self.chat_format,
+                                                   "evaluate: model")
       self._spec, self._model = spec, (cfg, params, tok)
     return self._model
 
@@ -439,7 +439,7 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   items_sha = shards.sha([[r.get("id"), r["kind"], r["messages"]] for r in items])[:16]
   const = constitution_lib.resolve(constitution, "feedback")
   os.makedirs(out_dir, exist_ok=True)
-  models = _Models(mesh) if (generate_fn is None or score_fn is None or pm_fn is None) else None
+  models = _Models(mesh, chat_format) if (generate_fn is None or score_fn is None or pm_fn is None) else None
   greedy = bool(harm_model)
 
   # 1. Responses, player by player.

@@ -721,9 +721,7 @@ def _model_fns(policy: str, feedback_model: str, generate_fn, score_fn, feedback
 
   def load(spec):
     if spec not in loaded:
-      cfg, params, tok = model_dir.load_any(spec, m, rules)
-      if tok is None:
-        raise ValueError(f"model {spec!r} has no tokenizer")
+      cfg, params, tok = model_dir.load_chat_model(spec, m, rules, chat_format)
       loaded[spec] = (cfg, params, tok)
     return loaded[spec]
 

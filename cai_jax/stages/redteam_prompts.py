@@ -122,9 +122,8 @@ class ModelGenerator:
     from cai_jax.tokenizer import stop_strings
     self._sampler = sampler
     self.mesh, self.rules = sharding.mesh_and_rules(mesh)
-    self.config, self.params, self.tok = model_dir.load_any(model, self.mesh, self.rules)
-    if self.tok is None:
-      raise ValueError(f"model {model!r} has no tokenizer")
+    self.config, self.params, self.tok = model_dir.load_chat_model(model, self.mesh, self.rules,
+                                                                   chat_format)
     self.stops = (stop_strings(chat_format) if chat_format != "none" else ()) + ("\n",)
     eos = (self.tok.eos_id,) if self.tok.eos_id is not None else ()
     self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens

@@ -38,9 +38,7 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
     raise ValueError("sample.model is not set (a model directory, .gguf or HF folder)")
   rows = data.read_jsonl(data.resolve_path(prompts))
   m, rules = sharding.mesh_and_rules(mesh)
-  config, params, tok = model_dir.load_any(model, m, rules)
-  if tok is None:
-    raise ValueError(f"model {model!r} has no tokenizer")
+  config, params, tok = model_dir.load_chat_model(model, m, rules, chat_format)
   ids = []
   for i, row in enumerate(rows):
     where = f"{prompts}:{i + 1}"
