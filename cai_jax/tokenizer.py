@@ -346,6 +346,8 @@ class HFTokenizer:
     tokenizer_config.json, special_tokens_map.json or config.json beside the
     file; for a bare file with none of those, BOS/EOS are taken from well-known
     special token names (``<s>``, ``<|endoftext|>``, ...) when present.
+    ``add_bos_token`` comes from tokenizer_config.json, else from the file's
+    post-processor (True when it prepends the BOS token, as Llama 3's does).
     """
     from tokenizers import Tokenizer as _Backend
     tok = _Backend.from_file(path)
@@ -378,13 +380,25 @@ def _special_tokens_beside(directory: str, tok) -> dict:
                       key, text)
       text = None
     kwargs[key] = text
-  if tcfg is not None and "add_bos_token" in tcfg:
-    kwargs["add_bos_token"] = bool(tcfg["add_bos_token"])
   if tcfg is None and smap is None and mcfg is None:
     specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     for key, names in (("bos_token", _GUESS_BOS), ("eos_token", _GUESS_EOS)):
       kwargs[key] = next((n for n in names if n in specials), None)
+  if tcfg is not None and "add_bos_token" in tcfg:
+    kwargs["add_bos_token"] = bool(tcfg["add_bos_token"])
+  elif kwargs.get("bos_token") is not None:
+    kwargs["add_bos_token"] = _post_processor_adds(tok, kwargs["bos_token"])
   return kwargs
+
+
+def _post_processor_adds(tok, bos_token: str) -> bool:
+  """Whether the tokenizer.json's post-processor puts `bos_token` in front of a sequence
+  (Llama 3's TemplateProcessing does, and its tokenizer_config.json has no add_bos_token):
+  what ``transformers`` does when it encodes text with special tokens."""
+  bos = tok.token_to_id(bos_token)
+  plain = tok.encode("a", add_special_tokens=False).ids
+  full = tok.encode("a", add_special_tokens=True).ids
+  return bos is not None and full[:1] == [bos] and full[1:len(plain) + 1] == plain
 
 
 # ----------------------------------------------------------------------------

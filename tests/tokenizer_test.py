@@ -219,6 +219,40 @@ def test_hf_tokenizer_json_config_files(tmp_path):
     assert back.decode(back.encode(text)) == text
 
 
+def test_bos_of_a_template_post_processor_is_added_as_transformers_adds_it(tmp_path):
+  """Llama 3's files: tokenizer.json's post-processor prepends <|begin_of_text|> and
+  tokenizer_config.json names the bos_token but has no add_bos_token."""
+  from tokenizers import processors
+  import transformers
+  backend = _train_hf_bpe()
+  backend.post_processor = processors.TemplateProcessing(
+      single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+  backend.save(str(tmp_path / "tokenizer.json"))
+  with open(tmp_path / "tokenizer_config.json", "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>",
+               "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+  tok = tk.load_tokenizer(str(tmp_path))
+  assert tok.add_bos_token and tok.bos_id == 0
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  for text in ("the cat sat", "hello world"):
+    assert [tok.bos_id] + tok.encode(text) == ref(text)["input_ids"]
+  ids, _ = tk.encode_chat(tok, [{"role": "user", "content": "the cat"}], "raw")
+  assert ids[0] == tok.bos_id
+  # Without a template (the plain BPE) no BOS is added, as transformers adds none.
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  _train_hf_bpe().save(str(plain / "tokenizer.json"))
+  (plain / "tokenizer_config.json").write_text((tmp_path / "tokenizer_config.json").read_text())
+  tok = tk.load_tokenizer(str(plain))
+  assert not tok.add_bos_token
+  assert tok.encode("the cat") == transformers.AutoTokenizer.from_pretrained(str(plain))(
+      "the cat")["input_ids"]
+  # An explicit add_bos_token in tokenizer_config.json decides.
+  with open(tmp_path / "tokenizer_config.json", "w") as f:
+    json.dump({"bos_token": "<s>", "add_bos_token": False}, f)
+  assert not tk.load_tokenizer(str(tmp_path)).add_bos_token
+
+
 # ---------------------------------------------------------------------------- SentencePiece
 
 SP_CORPUS = ["the quick brown fox jumps over the lazy dog",
