@@ -10,6 +10,7 @@ imports (the scripts set XLA_FLAGS / JAX_PLATFORMS before jax is imported).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -197,6 +198,13 @@ def cpu_info() -> Dict[str, Any]:
           "loadavg_1_5_15": load}
 
 
+def add_child_args(parser) -> None:
+  """The hidden --role / --workdir flags through which ``run_child`` starts a side."""
+  parser.add_argument("--role", default="main", choices=("main", "ours", "peer"),
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+
+
 def run_role(args, sides: Dict[str, Callable[[Any], Any]]) -> bool:
   """In a child process (``args.role`` 'ours' or 'peer', set by ``run_child``): prints
   ``sides[args.role](args)`` as one JSON line and returns True. In the parent (role 'main')
@@ -222,7 +230,8 @@ def run_child(script: str, argv: List[str], role: str, workdir: str) -> Dict[str
 
 
 def run_both(script: str, argv: List[str], prefix: str, peer: bool = True,
-             read: Optional[Callable[[str], Any]] = None) -> Tuple[Dict[str, Any], Any, Dict[str, Any], Any]:
+             read: Optional[Callable[[str], Any]] = None
+             ) -> Tuple[Dict[str, Any], Any, Dict[str, Any], Any]:
   """The parent's half of a cai_jax-vs-transformers bench.
 
   Runs `script` as the 'ours' child, then (when `peer`) as the 'peer' child, in one

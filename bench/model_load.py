@@ -46,8 +46,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  help="a .gguf file or 'pkg:' spec (default: the embedded SmolLM2-135M-Instruct)")
   p.add_argument("--repeats", type=int, default=3, help="timed loads per case (median)")
   p.add_argument("--json", action="store_true", help="also print one JSON line with everything")
-  p.add_argument("--role", default="main", choices=("main", "ours", "peer"), help=argparse.SUPPRESS)
-  p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+  _presets.add_child_args(p)
   args = p.parse_args(argv)
   if args.repeats < 1:
     p.error("--repeats must be >= 1")

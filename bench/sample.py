@@ -109,8 +109,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  help="HBM bandwidth in TB/s for the roofline (default: from the device name)")
   p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
   p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
-  p.add_argument("--role", default="all", choices=("all", "ours", "peer"), help=argparse.SUPPRESS)
-  p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+  _presets.add_child_args(p)
   args = p.parse_args(argv)
   if args.batch_sizes is None:
     args.batch_sizes = _GPU_BATCHES if args.device == "gpu" else _CPU_BATCHES

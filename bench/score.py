@@ -119,8 +119,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  help="torch.set_num_threads on the transformers side (default 0: torch's default)")
   p.add_argument("--seed", type=int, default=0, help="seed of the random weights and rows")
   p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
-  p.add_argument("--role", default="all", choices=("all", "ours", "peer"), help=argparse.SUPPRESS)
-  p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+  _presets.add_child_args(p)
   args = p.parse_args(argv)
   args.case_list = [c.strip() for c in str(args.cases).split(",") if c.strip()]
   bad = [c for c in args.case_list if c not in CASES]

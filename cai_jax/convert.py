@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -400,18 +401,30 @@ def _unpermute_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
   return (w.reshape(n, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
+@functools.lru_cache(maxsize=None)
+def _dequantizable(tensor_type) -> bool:
+  """Whether ``gguf.quants.dequantize`` decodes tensors of this GGML type (tried on one
+  zero block: integer types and types the package has no decoder for raise)."""
+  from gguf.constants import GGML_QUANT_SIZES
+  from gguf.quants import dequantize
+  if tensor_type not in GGML_QUANT_SIZES:
+    return False
+  try:
+    dequantize(np.zeros((1, GGML_QUANT_SIZES[tensor_type][1]), np.uint8), tensor_type)
+  except NotImplementedError:
+    return False
+  return True
+
+
 class _GGUFSource(_Source):
   """Dequantizes GGUF tensors (rows on demand) and presents them under HF names."""
 
   def __init__(self, file, head_dim: int):
-    from gguf.quants import _type_traits
-    from gguf.constants import GGMLQuantizationType as T
     self._tensors = file.tensors
     self._hd = head_dim
-    loadable = {T.F32, T.F16, *_type_traits}
     for name in self.names():
       t = self._tensor(name)
-      if t.tensor_type not in loadable:
+      if not _dequantizable(t.tensor_type):
         kind = getattr(t.tensor_type, "name", str(t.tensor_type))
         raise ValueError(f"{file.path}: tensor {t.name} has type {kind}, which is not a float or "
                          f"quantized weight type the gguf package can dequantize")

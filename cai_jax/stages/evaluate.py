@@ -439,7 +439,8 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   items_sha = shards.sha([[r.get("id"), r["kind"], r["messages"]] for r in items])[:16]
   const = constitution_lib.resolve(constitution, "feedback")
   os.makedirs(out_dir, exist_ok=True)
-  models = _Models(mesh, chat_format) if (generate_fn is None or score_fn is None or pm_fn is None) else None
+  models = (_Models(mesh, chat_format)
+            if generate_fn is None or score_fn is None or pm_fn is None else None)
   greedy = bool(harm_model)
 
   # 1. Responses, player by player.
