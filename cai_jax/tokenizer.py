@@ -842,11 +842,20 @@ def foreign_chat_format(tokenizer: Tokenizer, fmt: str) -> Optional[str]:
   return None
 
 
+def native_chat_formats(tokenizer: Tokenizer) -> tuple[str, ...]:
+  """The chat formats other than 'raw' whose turn markers are all single tokens of
+  `tokenizer`, in ``CHAT_FORMATS`` order (SmolLM2's: ('chatml',); a base model's
+  tokenizer without chat tokens: ())."""
+  return tuple(f for f in CHAT_FORMATS
+               if CHAT_FORMAT_MARKERS[f] and foreign_chat_format(tokenizer, f) is None)
+
+
 def warn_if_foreign_chat_format(tokenizer: Tokenizer, fmt: str, source: str = "") -> None:
   """Logs one warning per (tokenizer object, format) when ``foreign_chat_format`` finds the
-  format foreign: harmless when the run teaches the model the format (a fine-tune of a base
-  model), and the likely cause of meaningless samples otherwise (e.g. chat_format 'chatml'
-  with a Llama 3 model)."""
+  format foreign, naming the format(s) the tokenizer does have the markers of
+  (``native_chat_formats``), or 'raw' when it has none: harmless when the run teaches the
+  model the format (a fine-tune of a base model), and the likely cause of meaningless
+  samples otherwise (e.g. chat_format 'chatml' with a Llama 3 model)."""
   try:
     seen = vars(tokenizer).setdefault("_chat_formats_checked", set())
   except TypeError:   # no __dict__: remembered by id for the life of the process
@@ -856,9 +865,15 @@ def warn_if_foreign_chat_format(tokenizer: Tokenizer, fmt: str, source: str = ""
   seen.add(fmt)
   why = foreign_chat_format(tokenizer, fmt)
   if why:
+    native = native_chat_formats(tokenizer)
+    if native:
+      hint = (" or ".join(repr(f) for f in native)
+              + ", whose turn markers are single tokens of this tokenizer")
+    else:
+      hint = ("'raw' (the paper's Human/Assistant turns), as this tokenizer has no chat "
+              "format's turn markers as single tokens")
     logging.warning("chat_format=%r%s: %s; unless the model was trained on this format, "
-                    "pick its own ('chatml' for SmolLM2 / Qwen2, 'llama3' for Llama 3, 'raw' "
-                    "for a base model)", fmt, f" with {source}" if source else "", why)
+                    "use %s", fmt, f" with {source}" if source else "", why, hint)
 
 
 def _check_messages(messages: Sequence[Mapping[str, str]], fmt: str) -> None:

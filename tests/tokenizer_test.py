@@ -469,6 +469,23 @@ def test_foreign_chat_format_is_found_and_warned_once(smollm2, smollm2_path, cap
       tk.encode_chat(fresh, [{"role": "user", "content": "hi"}], "chatml", add_generation_prompt=True)
   warned = [r.getMessage() for r in caplog.records if "chat_format=" in r.getMessage()]
   assert len(warned) == 1 and warned[0].startswith("chat_format='llama3': the tokenizer encodes")
+  assert warned[0].endswith("use 'chatml', whose turn markers are single tokens of this tokenizer")
+
+
+def test_native_chat_formats_name_the_formats_whose_markers_are_tokens(smollm2, caplog):
+  assert tk.native_chat_formats(smollm2) == ("chatml",)
+  assert tk.native_chat_formats(tk.ByteTokenizer()) == ("chatml", "llama3")
+
+  class Plain(tk.ByteTokenizer):   # a base model's vocabulary: no chat markers as tokens
+    def encode(self, text):
+      return list(text.encode("utf-8"))
+
+  assert tk.native_chat_formats(Plain()) == ()
+  with caplog.at_level("WARNING"):
+    tk.warn_if_foreign_chat_format(Plain(), "llama3")
+  (msg,) = [r.getMessage() for r in caplog.records]
+  assert msg.endswith("use 'raw' (the paper's Human/Assistant turns), as this tokenizer has no "
+                      "chat format's turn markers as single tokens")
 
 
 def test_encode_chat_add_bos():
