@@ -275,6 +275,13 @@ class HFTokenizer:
   def __init__(self, tokenizer, bos_token: Optional[str] = None,
                eos_token: Optional[str] = None, pad_token: Optional[str] = None,
                unk_token: Optional[str] = None, add_bos_token: bool = False):
+    if tokenizer.truncation is not None or tokenizer.padding is not None:
+      # A tokenizer.json may carry truncation / padding settings; like transformers, encode
+      # whole texts without them (on a copy: the caller's object is left as it was).
+      from tokenizers import Tokenizer as _Backend
+      tokenizer = _Backend.from_str(tokenizer.to_str())
+      tokenizer.no_truncation()
+      tokenizer.no_padding()
     self._tok = tokenizer
     self.bos_token, self.eos_token = bos_token, eos_token
     self.pad_token, self.unk_token = pad_token, unk_token
@@ -351,6 +358,8 @@ class HFTokenizer:
     """
     from tokenizers import Tokenizer as _Backend
     tok = _Backend.from_file(path)
+    tok.no_truncation()   # a tokenizer.json's own truncation / padding settings would cut
+    tok.no_padding()      # and pad every text (transformers ignores them unless asked)
     directory = os.path.dirname(os.path.abspath(path))
     kwargs = _special_tokens_beside(directory, tok)
     kwargs.update(overrides)
@@ -560,6 +569,12 @@ _GGUF_PRE = {
 }
 
 
+# Pre-tokenizer names for which llama.cpp adds BOS when the file has no
+# tokenizer.ggml.add_bos_token (its LLAMA3 pre-tokenizer group).
+_GGUF_PRE_ADD_BOS = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1",
+                               "pixtral", "midm-2.0", "lfm2"})
+
+
 def read_gguf_tokenizer_metadata(path: str) -> dict:
   """Returns the ``tokenizer.*`` and ``general.architecture`` metadata of a GGUF file."""
   from cai_jax.gguf_file import read_gguf
@@ -718,6 +733,9 @@ def tokenizer_from_gguf(path: str) -> HFTokenizer:
   the llama.cpp pre-tokenizer named by ``tokenizer.ggml.pre``) and ``'llama'``
   (SentencePiece BPE with scores and byte fallback). Control tokens become
   special added tokens; BOS / EOS / PAD / UNK come from the ``*_token_id`` keys.
+  ``add_bos_token`` comes from ``tokenizer.ggml.add_bos_token``, else from llama.cpp's
+  default: yes for ``'llama'`` and for the Llama 3 group of ``'gpt2'`` pre-tokenizers
+  (``llama-bpe``, ...), no for other ``'gpt2'`` vocabularies.
   """
   meta = read_gguf_tokenizer_metadata(path)
   kind = meta.get("tokenizer.ggml.model")
@@ -725,7 +743,8 @@ def tokenizer_from_gguf(path: str) -> HFTokenizer:
     raise ValueError(f"{path}: GGUF file has no tokenizer metadata (tokenizer.ggml.model/tokens)")
   if kind == "gpt2":
     tok, keys = _gguf_byte_level_bpe(meta)
-    default_add_bos = False
+    # llama.cpp adds BOS by default for the Llama 3 group of pre-tokenizers only
+    default_add_bos = meta.get("tokenizer.ggml.pre") in _GGUF_PRE_ADD_BOS
   elif kind == "llama":
     tok, keys = _gguf_sentencepiece_bpe(meta)
     default_add_bos = True

@@ -253,6 +253,51 @@ def test_bos_of_a_template_post_processor_is_added_as_transformers_adds_it(tmp_p
   assert not tk.load_tokenizer(str(tmp_path)).add_bos_token
 
 
+def test_truncation_and_padding_of_a_tokenizer_json_are_not_applied(tmp_path):
+  """Some tokenizer.json files carry truncation / padding settings; transformers encodes
+  whole texts regardless, and so must we (also for an object handed to HFTokenizer)."""
+  import transformers
+  backend = _train_hf_bpe()
+  backend.enable_truncation(max_length=4)
+  backend.enable_padding(pad_id=2, pad_token="<pad>", length=6, direction="left")
+  backend.save(str(tmp_path / "tokenizer.json"))
+  with open(tmp_path / "tokenizer_config.json", "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  ours = tk.load_tokenizer(str(tmp_path))
+  wrapped = tk.HFTokenizer(backend, bos_token="<s>", eos_token="</s>")
+  for text in ("the cat sat on the mat and hello world", "hi"):
+    want = ref.encode(text, add_special_tokens=False)
+    assert ours.encode(text) == wrapped.encode(text) == want
+    assert [o[1] for o in ours.encode_with_offsets(text)[1]][-1] == len(text)
+  assert backend.truncation is not None and backend.padding is not None   # caller's untouched
+  back = tk.load_tokenizer(os.path.dirname(tk.save_tokenizer(ours, str(tmp_path / "out"))))
+  assert back.encode("hello world hello world") == ref.encode("hello world hello world",
+                                                              add_special_tokens=False)
+
+
+def test_gguf_llama3_pre_tokenizer_adds_bos_by_default_as_llama_cpp(tmp_path):
+  """llama.cpp adds BOS for the Llama 3 group of 'gpt2' pre-tokenizers when the file has no
+  tokenizer.ggml.add_bos_token (Llama 3 GGUFs have none); other 'gpt2' files add none."""
+  pytest.importorskip("gguf")
+  backend = _train_hf_bpe()
+  vocab = backend.get_vocab()
+  tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+  merges = [" ".join(m) if isinstance(m, (list, tuple)) else m
+            for m in json.loads(backend.to_str())["model"]["merges"]]
+  types = [3 if t in ("<s>", "</s>", "<pad>") else 1 for t in tokens]
+  got = {}
+  for pre, extra in (("llama-bpe", {}), ("gpt2", {}), ("llama-bpe", {"add_bos_token": False})):
+    path = tmp_path / f"{pre}{len(extra)}.gguf"
+    _write_gguf(path, "gpt2", tokens, types, merges=merges, tokenizer_pre=pre,
+                bos_token_id=0, eos_token_id=1, **extra)
+    tok = tk.load_tokenizer(str(path))
+    got[(pre, len(extra))] = tok.add_bos_token
+    if tok.add_bos_token:
+      assert tk.encode_chat(tok, [{"role": "user", "content": "hi"}], "raw")[0][0] == tok.bos_id
+  assert got == {("llama-bpe", 0): True, ("gpt2", 0): False, ("llama-bpe", 1): False}
+
+
 # ---------------------------------------------------------------------------- SentencePiece
 
 SP_CORPUS = ["the quick brown fox jumps over the lazy dog",
