@@ -23,7 +23,8 @@ a prompt lands in or the other prompts (up to float rounding of the logits).
 
 Apart from ``text_generate_fn`` (a text-level wrapper for the stages), the tokenizer is
 not used here: callers encode prompts, pass stop strings as
-the token sequences they tokenize to, and trim decoded text at the stop string
+the token sequences they tokenize to (``tokenizer.stop_token_sequences``), and trim
+decoded text at the stop string
 (a stop string can tokenize differently inside a generation, so the token-level
 stop is an early exit, not the final word).
 """
@@ -44,11 +45,15 @@ from tqdm import tqdm
 from cai_jax import axes, distributed, models, sharding
 from cai_jax.configs import ModelConfig
 from cai_jax.transformer import Cache, init_cache, unstack_scanned_params
+from cai_jax.tokenizer import common_prefix_length
 
 Array = jax.Array
 Params = Any
 
-FINISH_REASONS = ("", "eos", "stop", "length")   # index = finish code on device
+FINISH_REASONS = ("", "eos", "stop", "length")
+# The smallest temperature above 0 (greedy): logits / temperature overflows float32 near
+# 1e-37, and anything below this samples the argmax anyway.
+MIN_TEMPERATURE = 1e-6   # index = finish code on device
 _EOS, _STOP, _LENGTH = 1, 2, 3
 PAD_ID = 0
 
@@ -58,7 +63,8 @@ class SamplingParams:
   """How to pick tokens and when to stop.
 
   Attributes:
-    temperature: softmax temperature; 0 means greedy (argmax, filters ignored).
+    temperature: softmax temperature; 0 means greedy (argmax, filters ignored);
+      otherwise at least ``MIN_TEMPERATURE`` (1e-6) and finite.
     top_k: keep only the k most likely tokens; 0 disables.
     top_p: keep the smallest set of most likely tokens whose probability (after
       temperature and top-k) reaches top_p; 1.0 disables. The most likely token is
@@ -84,8 +90,9 @@ class SamplingParams:
     object.__setattr__(self, "eos_ids", tuple(int(t) for t in self.eos_ids))
     object.__setattr__(self, "stop_sequences",
                        tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
-    if self.temperature < 0:
-      raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+    if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
+      raise ValueError(f"SamplingParams.temperature must be 0 (greedy) or in "
+                       f"[{MIN_TEMPERATURE}, inf), got {self.temperature}")
     if self.top_k < 0:
       raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
@@ -580,8 +587,9 @@ def _place(batch: Dict[str, np.ndarray], mesh, rules):
 
 
 def _fit_length(i: int, seq: Sequence[int], limit: int, what: str, detail: str,
-         truncate: Optional[str]) -> Tuple[List[int], int]:
-  """Validates / left-truncates one sequence to `limit` tokens: (tokens, dropped count)."""
+         truncate: Optional[str], bos_id: Optional[int] = None) -> Tuple[List[int], int]:
+  """Validates / left-truncates one sequence to `limit` tokens: (tokens, dropped count).
+  A sequence that starts with `bos_id` keeps it in front of its last tokens."""
   seq = [int(t) for t in seq]
   if len(seq) <= limit:
     return seq, 0
@@ -589,6 +597,8 @@ def _fit_length(i: int, seq: Sequence[int], limit: int, what: str, detail: str,
     raise ValueError(
         f"{what} {i} has {len(seq)} tokens but at most {limit} fit ({detail}); "
         "shorten it or pass truncate='left' to keep its last tokens")
+  if bos_id is not None and limit >= 2 and seq[0] == bos_id:
+    return [seq[0]] + seq[len(seq) - limit + 1:], len(seq) - limit
   return seq[len(seq) - limit:], len(seq) - limit
 
 
@@ -611,7 +621,7 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
              sampling: SamplingParams, batch_size: int, mesh=None, rules=None,
              progress: bool = True, prefix: Optional[Sequence[int]] = None,
              truncate: Optional[str] = None, bucket: int = 64,
-             sort_by_length: bool = True) -> GenerateResult:
+             sort_by_length: bool = True, bos_id: Optional[int] = None) -> GenerateResult:
   """Samples a continuation of every prompt.
 
   Args:
@@ -628,24 +638,28 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
     progress: tqdm bar over batches.
     prefix: tokens shared by every prompt, prefilled once (batch 1) and broadcast.
     truncate: None raises ValueError for a prompt longer than
-      max_seq_len - max_new_tokens - len(prefix); 'left' keeps its last tokens.
+      max_seq_len - max_new_tokens - len(prefix); 'left' keeps its last tokens (and a
+      leading `bos_id` in front of them).
     bucket: prompt columns are padded to ``bucket_length(len, bucket)``.
     sort_by_length: batch prompts of similar length together (results are returned
       in input order; samples do not depend on batching).
+    bos_id: the tokenizer's BOS id, which left truncation keeps in front of a prompt that
+      starts with it (None: no token is special).
   Returns:
     GenerateResult (see its docstring); stats counts truncations.
   """
   spec = _DecodeSpec.of(sampling)
   rules = sharding.hashable_rules(rules)
   n = spec.max_new_tokens
-  prefix = [int(t) for t in prefix] if prefix else []
+  prefix = [] if prefix is None else [int(t) for t in prefix]
   limit = config.max_seq_len - n - len(prefix)
   detail = f"max_seq_len={config.max_seq_len} - max_new_tokens={n} - prefix={len(prefix)}"
   if limit < (0 if prefix else 1):
     raise ValueError(f"no room for a prompt: {detail} = {limit}")
   if truncate not in (None, "left"):
     raise ValueError(f"truncate={truncate!r}; expected None or 'left'")
-  fitted = [_fit_length(i, p, limit, "prompt", detail, truncate) for i, p in enumerate(prompts)]
+  fitted = [_fit_length(i, p, limit, "prompt", detail, truncate, bos_id)
+            for i, p in enumerate(prompts)]
   prompts = [p for p, _ in fitted]
   n_trunc = sum(d > 0 for _, d in fitted)
   dropped = sum(d for _, d in fitted)
@@ -725,7 +739,8 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
                         continuations: Sequence[Sequence[int]], batch_size: int, mesh=None,
                         rules=None, progress: bool = False, truncate: Optional[str] = None,
                         bucket: int = 64, stats: Optional[Dict[str, int]] = None,
-                        share_prompts: bool = True) -> List[np.ndarray]:
+                        share_prompts: bool = True,
+                        bos_id: Optional[int] = None) -> List[np.ndarray]:
   """Per-token log-probs of each continuation given its prompt.
 
   Two programs, the same numbers (to float rounding): rows whose prompts are all different
@@ -743,11 +758,13 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
       data * fsdp); a short last batch is padded only up to ``batch_rows``.
     mesh, rules: as in ``generate``.
     truncate: None raises ValueError when len(prompt) + len(continuation) exceeds
-      config.max_seq_len; 'left' drops the prompt's first tokens instead.
+      config.max_seq_len; 'left' drops the prompt's first tokens instead (after a
+      leading `bos_id`, which it keeps).
     bucket: prompt and continuation columns are padded to ``bucket_length``.
     stats: optional dict that receives truncated_prompts / truncated_tokens counts.
     share_prompts: False always runs the one-pass-per-row program (no repeated prompt
       and no common prefix run once).
+    bos_id: the tokenizer's BOS id (see ``generate``).
   Returns:
     list of [len(continuation_i)] float32 arrays:
     log p(c_t | prompt, c_<t) under the raw model distribution.
@@ -764,7 +781,7 @@ def score_continuations(params: Params, config: ModelConfig, prompts: Sequence[S
     detail = f"max_seq_len={config.max_seq_len} - continuation={len(c)}"
     if limit < 1:
       raise ValueError(f"continuation {i} has {len(c)} tokens; no room for a prompt ({detail})")
-    p, d = _fit_length(i, p, limit, "prompt", detail, truncate)
+    p, d = _fit_length(i, p, limit, "prompt", detail, truncate, bos_id)
     n_trunc, dropped = n_trunc + (d > 0), dropped + d
     if not p:
       raise ValueError(f"prompt {i} is empty (a prompt needs at least one token)")
@@ -872,20 +889,6 @@ def _score_shared(params: Params, config: ModelConfig, groups: List[List[int]],
   return [results[i] for i in range(len(fitted))]
 
 
-def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-  """Length of the longest token prefix that every sequence starts with (0 for none)."""
-  if not seqs:
-    return 0
-  first = seqs[0]
-  n = min(len(s) for s in seqs)
-  for s in seqs[1:]:
-    k = 0
-    while k < n and s[k] == first[k]:
-      k += 1
-    n = k
-  return n
-
-
 def sum_logprobs(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int]],
                  continuations: Sequence[Sequence[int]], batch_size: int, **kwargs) -> np.ndarray:
   """[num] float32: total log p(continuation | prompt) (``score_continuations`` summed)."""
@@ -936,39 +939,37 @@ def apply_batched(fn: Callable, params: Params, config: ModelConfig,
   return np.concatenate(out)
 
 
-def wants_bos(tok: Any) -> bool:
-  """True when the tokenizer asks for a BOS token in front of every sequence."""
-  return bool(getattr(tok, "add_bos_token", False)) and tok.bos_id is not None
-
-
 def text_generate_fn(params: Params, config: ModelConfig, tok: Any, stops: Sequence[str],
                      temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
                      mesh=None, rules=None, truncate: Optional[str] = None):
   """fn(prefix_text, prompt_texts, seed) -> completions (list of str) over ``generate``.
 
-  The prefix (e.g. few-shot transcripts) is encoded once and passed as ``prefix=``
-  (prefilled once per call, KV cache broadcast over the rows); prompt texts are encoded
-  on their own and appended. BOS goes in front of the prefix, or of each prompt when
-  there is no prefix, if the tokenizer wants one. Generation stops at EOS or the token
-  sequences of `stops`; the returned text is the decoded content tokens (trailing EOS /
-  stop tokens removed; callers still trim at the stop strings).
+  The model reads exactly ``tokenize(prefix_text + prompt_text)``: the ids the prompts'
+  joined encodings share with the prefix's (``tokenizer.encode_after``, BOS first if the
+  tokenizer wants one) go in as ``prefix=`` (prefilled once per call, KV cache broadcast
+  over the rows) and the rest of each as its prompt. Without a prefix, BOS goes in front
+  of each prompt when the tokenizer wants one, and left truncation keeps it. Generation
+  stops at EOS or the token sequences of `stops` (``tokenizer.stop_token_sequences``); the
+  returned text is the decoded content tokens (trailing EOS / stop tokens removed;
+  callers still trim at the stop strings).
   """
+  from cai_jax.tokenizer import encode_after, stop_token_sequences, wants_bos
   bos = wants_bos(tok)
   base = SamplingParams(
       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
       eos_ids=(tok.eos_id,) if tok.eos_id is not None else (),
-      stop_sequences=tuple(tuple(tok.encode(s)) for s in stops if tok.encode(s)))
+      stop_sequences=stop_token_sequences(tok, stops))
 
   def fn(prefix: str, texts: Sequence[str], seed: int) -> List[str]:
-    pre = tok.encode(prefix) if prefix else []
-    ids = [tok.encode(t) for t in texts]
-    if bos:
-      if pre:
-        pre = pre if pre[0] == tok.bos_id else [tok.bos_id] + pre
-      else:
+    if prefix:
+      pre, ids = encode_after(tok, prefix, texts)
+    else:
+      pre, ids = [], [tok.encode(t) for t in texts]
+      if bos:
         ids = [x if x and x[0] == tok.bos_id else [tok.bos_id] + x for x in ids]
     res = generate(params, config, ids, dataclasses.replace(base, seed=seed), batch_size,
-                   mesh=mesh, rules=rules, progress=False, prefix=pre or None, truncate=truncate)
+                   mesh=mesh, rules=rules, progress=False, prefix=pre or None, truncate=truncate,
+                   bos_id=tok.bos_id)
     return [tok.decode(res.content_tokens(i).tolist()) for i in range(len(texts))]
 
   return fn

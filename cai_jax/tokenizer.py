@@ -855,7 +855,7 @@ def foreign_chat_format(tokenizer: Tokenizer, fmt: str) -> Optional[str]:
   if fmt not in CHAT_FORMATS:
     raise ValueError(f"unknown chat format {fmt!r}; expected one of {CHAT_FORMATS}")
   for marker in CHAT_FORMAT_MARKERS[fmt]:
-    n = len(tokenizer.encode(marker))
+    n = len(encode_continuation(tokenizer, marker))
     if n != 1:
       return f"the tokenizer encodes the {fmt} marker {marker!r} as {n} tokens, not one"
   return None
@@ -1071,6 +1071,77 @@ def stop_token_ids(tokenizer: Tokenizer, fmt: str) -> list[int]:
     out.add(tokenizer.eos_id)
   for s in stop_strings(fmt):
     i = tokenizer.token_to_id(s)
-    if i is not None and tokenizer.encode(s) == [i]:
+    if i is not None and encode_continuation(tokenizer, s) == [i]:
       out.add(i)
   return sorted(out)
+
+
+# Text that ends a word in every tokenizer: encode_continuation encodes after it.
+_CONTEXT = "."
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+  """Length of the longest token prefix that every sequence starts with (0 for none)."""
+  if not seqs:
+    return 0
+  first = seqs[0]
+  n = min(len(s) for s in seqs)
+  for s in seqs[1:]:
+    k = 0
+    while k < n and s[k] == first[k]:
+      k += 1
+    n = k
+  return n
+
+
+def encode_continuation(tokenizer: Tokenizer, text: str) -> list[int]:
+  """The ids of `text` as they appear after other text, e.g. a stop string inside a
+  generation: the ids of ``"." + text`` after those of ``"."``. They differ from
+  ``encode(text)`` where a tokenizer marks the start of a sequence (SentencePiece's dummy
+  prefix space: ``encode("\n\nHuman:")`` starts with a lone ``'▁'`` that no generation
+  produces before a newline). Falls back to ``encode(text)`` when the "." merges into
+  `text`'s first token."""
+  base = tokenizer.encode(_CONTEXT)
+  full = tokenizer.encode(_CONTEXT + text)
+  if full[:len(base)] == base:
+    return full[len(base):]
+  return tokenizer.encode(text)
+
+
+def stop_token_sequences(tokenizer: Tokenizer, stops: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+  """The token sequences a sampler stops on for stop strings `stops`: each string's ids on
+  their own and as they appear inside a generation (``encode_continuation``), without
+  duplicates or empty sequences. A token-level stop is an early exit; callers still trim
+  the decoded text at the strings."""
+  out: list[tuple[int, ...]] = []
+  for s in stops:
+    for ids in (tuple(tokenizer.encode(s)), tuple(encode_continuation(tokenizer, s))):
+      if ids and ids not in out:
+        out.append(ids)
+  return tuple(out)
+
+
+def wants_bos(tokenizer: Tokenizer) -> bool:
+  """True when the tokenizer asks for a BOS token in front of every sequence."""
+  return bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_id is not None
+
+
+def encode_after(tokenizer: Tokenizer, context: str,
+                 texts: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+  """(context ids, ids of each text after them), tokenization-aware: the model reads
+  exactly ``tokenize(context + text)``.
+
+  Each text's ids are those of ``tokenize(context + text)`` after the longest prefix it
+  shares with ``tokenize(context)``; the context is cut to the shortest such prefix over
+  the texts, so every text follows the same ids and the tokens a merge across the
+  boundary (or a SentencePiece dummy prefix, had the text been encoded alone) produces
+  belong to the text. When the tokenizer wants BOS (``wants_bos``) it goes in front of
+  the context ids unless they already start with it.
+  """
+  ctx = tokenizer.encode(context) if context else []
+  fulls = [tokenizer.encode(context + t) for t in texts]
+  k = common_prefix_length([ctx] + fulls)
+  head, tails = ctx[:k], [f[k:] for f in fulls]
+  if wants_bos(tokenizer) and head[:1] != [tokenizer.bos_id]:
+    head = [tokenizer.bos_id] + head
+  return head, tails

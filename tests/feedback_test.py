@@ -363,22 +363,6 @@ def test_empty_responses_are_skipped(tmp_path, caplog):
 # Models.
 
 
-def test_option_tokens_are_tokenization_aware():
-  class MergingTokenizer:
-    """Words and single characters; ': (' is one token, so the context's last token
-    changes when an option follows it."""
-    add_bos_token, bos_id = True, 0
-
-    def encode(self, text):
-      return [hash(p) % 1000 + 1 for p in re.findall(r": \(|\w+|.", text, re.S)]
-
-  tok = MergingTokenizer()
-  head, conts = fb.option_tokens(tok, "The answer is:", [" (A)", " (B)"])
-  full_a = tok.encode("The answer is: (A)")
-  assert head == [0] + full_a[:-3] and conts[0] == full_a[-3:]
-  assert head[1:] + conts[1] == tok.encode("The answer is: (B)")
-
-
 def _tiny_model(path):
   import jax
   from cai_jax import model_dir, models

@@ -543,13 +543,6 @@ def test_common_prefix_is_run_once_with_the_same_scores(params, repeat, sharded)
     np.testing.assert_allclose(got[r], want[r], atol=1e-5)
 
 
-def test_common_prefix_length():
-  assert sampler.common_prefix_length([]) == 0
-  assert sampler.common_prefix_length([[1, 2, 3]]) == 3
-  assert sampler.common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
-  assert sampler.common_prefix_length([[1, 2], [2, 1]]) == 0
-
-
 def test_all_different_prompts_take_the_one_pass_program(params):
   ps = [[1, 2, 3], [4, 5], [6]]
   cs = [[7], [8, 9], [10]]
@@ -585,3 +578,74 @@ def test_too_long_prompt_errors_or_truncates_left(params, prompts):
   assert stats == {"truncated_prompts": 1, "truncated_tokens": 1}
   with pytest.raises(ValueError, match="empty"):
     _generate(params, [[]])
+
+
+def test_left_truncation_keeps_a_leading_bos(params):
+  short = dataclasses.replace(CFG, max_seq_len=32)        # 24-token prompts
+  bos = 5
+  long_prompt = [bos] + list(range(10, 40))               # 31 tokens
+  res = _generate(params, [long_prompt], config=short, truncate="left", bos_id=bos)
+  assert res.stats["truncated_tokens"] == 7 and res.prompt_lengths[0] == 24
+  ref = _generate(params, [[bos] + long_prompt[-23:]], config=short)
+  np.testing.assert_array_equal(res.tokens[0], ref.tokens[0])
+  plain = _generate(params, [long_prompt], config=short, truncate="left")   # no bos_id
+  np.testing.assert_array_equal(plain.tokens[0], _generate(params, [long_prompt[-24:]],
+                                                           config=short).tokens[0])
+  stats = {}
+  got = sampler.score_continuations(params, short, [long_prompt], [[1, 2, 3]], batch_size=1,
+                                    truncate="left", stats=stats, bucket=BUCKET, bos_id=bos)
+  assert stats == {"truncated_prompts": 1, "truncated_tokens": 2}
+  want = _log_softmax_reference(params, [[bos] + long_prompt[-28:]], [[1, 2, 3]])
+  np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+
+
+class _JoiningTokenizer:
+  """Words and single characters, with ': (' one token: a prefix and a text encoded apart
+  give other ids than the two joined."""
+  add_bos_token, bos_id, eos_id = True, 1, 2
+
+  def encode(self, text):
+    import re
+    import zlib
+    return [zlib.crc32(p.encode()) % 300 + 3 for p in re.findall(r": \(|\w+|.", text, re.S)]
+
+  def decode(self, ids, skip_special_tokens=False):
+    return " ".join(str(i) for i in ids)
+
+
+def test_text_generate_fn_reads_the_joined_text(params, monkeypatch):
+  tok = _JoiningTokenizer()
+  seen = {}
+  real = sampler.generate
+
+  def spy(params, config, prompts, sp, batch_size, **kw):
+    seen.update(prompts=prompts, prefix=kw.get("prefix"), bos_id=kw.get("bos_id"),
+                stops=sp.stop_sequences)
+    return real(params, config, prompts, sp, batch_size, **kw)
+
+  monkeypatch.setattr(sampler, "generate", spy)
+  fn = sampler.text_generate_fn(params, CFG, tok, ["\n\nHuman:"], 0.0, 1.0, N_NEW, 2)
+  prefix, texts = "Q: the answer is:", [" (A) yes", " (B) no"]
+  out = fn(prefix, texts, 0)
+  for text, suffix in zip(texts, seen["prompts"]):
+    assert seen["prefix"] + suffix == [tok.bos_id] + tok.encode(prefix + text)
+  assert seen["bos_id"] == tok.bos_id and seen["stops"] == (tuple(tok.encode("\n\nHuman:")),)
+  ref = real(params, CFG, [[tok.bos_id] + tok.encode(prefix + t) for t in texts], GREEDY, 2,
+             progress=False)
+  assert out == [tok.decode(ref.content_tokens(i).tolist()) for i in range(2)]
+  fn("", texts, 0)    # no prefix: BOS in front of each prompt
+  assert seen["prefix"] is None
+  assert seen["prompts"] == [[tok.bos_id] + tok.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("t", [1e-39, 1e-7, float("nan"), float("inf"), -1.0])
+def test_temperature_must_be_zero_or_usable(t):
+  with pytest.raises(ValueError, match="temperature must be 0"):
+    sampler.SamplingParams(temperature=t)
+  sampler.SamplingParams(temperature=sampler.MIN_TEMPERATURE)
+
+
+def test_a_prefix_may_be_an_array(params):
+  a = _generate(params, [[3, 4]], prefix=np.array([7, 8, 9]))
+  b = _generate(params, [[3, 4]], prefix=[7, 8, 9])
+  np.testing.assert_array_equal(a.tokens[0], b.tokens[0])

@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 
 import pytest
 
@@ -318,6 +319,82 @@ def sp_model_proto():
       byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
       character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
   return out.getvalue()
+
+
+def test_common_prefix_length():
+  assert tk.common_prefix_length([]) == 0
+  assert tk.common_prefix_length([[1, 2, 3]]) == 3
+  assert tk.common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+  assert tk.common_prefix_length([[1, 2], [2, 1]]) == 0
+
+
+def test_encode_after_is_tokenization_aware():
+  class MergingTokenizer:
+    """Words and single characters; ': (' is one token, so the context's last token
+    changes when an option follows it."""
+    add_bos_token, bos_id = True, 0
+
+    def encode(self, text):
+      return [hash(p) % 1000 + 1 for p in re.findall(r": \(|\w+|.", text, re.S)]
+
+  tok = MergingTokenizer()
+  head, conts = tk.encode_after(tok, "The answer is:", [" (A)", " (B)"])
+  full_a = tok.encode("The answer is: (A)")
+  assert head == [0] + full_a[:-3] and conts[0] == full_a[-3:]
+  assert head[1:] + conts[1] == tok.encode("The answer is: (B)")
+
+
+@pytest.fixture(scope="module")
+def sp_chat_tokenizer():
+  """A SentencePiece model with ChatML's markers as user-defined pieces."""
+  spm = pytest.importorskip("sentencepiece")
+  out = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(SP_CORPUS + ["Human: hi Assistant: hello"] * 40), model_writer=out,
+      vocab_size=360, model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+      remove_extra_whitespaces=False, character_coverage=1.0, hard_vocab_limit=False,
+      minloglevel=2, user_defined_symbols=["<|im_start|>", "<|im_end|>"])
+  return tk.SentencePieceTokenizer(out.getvalue())
+
+
+def _ends_with(ids, seq):
+  return len(ids) >= len(seq) and list(ids[len(ids) - len(seq):]) == list(seq)
+
+
+def test_stop_sequences_match_inside_a_generation_with_a_dummy_prefix(sp_chat_tokenizer):
+  """SentencePiece puts a dummy-prefix '▁' in front of a text encoded alone, which a
+  generation never produces before a newline: the stop sequences must include the ids the
+  stop string has inside a text."""
+  tok = sp_chat_tokenizer
+  stop = "\n\nHuman:"
+  alone = tok.encode(stop)
+  assert tok.id_to_token(alone[0]) == "\u2581"   # the lone dummy prefix this is about
+  for before in ("The fox jumps.", "hello world", "123"):
+    in_text = tok.encode(before + stop)
+    assert not _ends_with(in_text, alone)
+    assert any(_ends_with(in_text, s) for s in tk.stop_token_sequences(tok, [stop])), before
+  assert tk.encode_continuation(tok, stop) == tok.encode("x." + stop)[-len(alone) + 1:]
+  # a user-defined marker is one token inside a text: native format, and a stop id
+  im_end = tok.token_to_id("<|im_end|>")
+  assert tok.encode("hello<|im_end|>")[-1] == im_end
+  assert tk.encode_continuation(tok, "<|im_end|>") == [im_end]
+  assert tk.foreign_chat_format(tok, "chatml") is None
+  assert im_end in tk.stop_token_ids(tok, "chatml")
+  # byte-level BPE: one sequence, no duplicates
+  byte = tk.ByteTokenizer()
+  assert tk.stop_token_sequences(byte, [stop, stop, ""]) == (tuple(byte.encode(stop)),)
+
+
+def test_encode_after_reads_exactly_the_joined_text(sp_chat_tokenizer):
+  tok = sp_chat_tokenizer
+  context = "Human: hi Assistant: hello\n\n"
+  texts = ["Human: the lazy dog", "Human: hello world", ""]
+  head, tails = tk.encode_after(tok, context, texts)
+  assert head[0] == tok.bos_id    # SentencePiece wants BOS
+  for text, tail in zip(texts, tails):
+    assert head[1:] + tail == tok.encode(context + text)
+  naive = tok.encode(context) + tok.encode(texts[0])   # what encoding apart would give
+  assert naive != tok.encode(context + texts[0])
 
 
 def test_sentencepiece_round_trip(sp_model_proto, tmp_path):

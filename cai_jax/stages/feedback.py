@@ -95,7 +95,7 @@ from tqdm import tqdm
 from cai_jax import constitution as constitution_lib
 from cai_jax import distributed, prompt_sets, shards
 from cai_jax.configs import MeshConfig
-from cai_jax.tokenizer import CHAT_FORMATS
+from cai_jax.tokenizer import CHAT_FORMATS, encode_after
 
 _LOG = logging.getLogger(__name__)
 
@@ -290,11 +290,6 @@ def call_seed(seed: int, shard: int, step: int) -> int:
 # Model-backed functions.
 
 
-def _add_bos(tok) -> bool:
-  from cai_jax.sampler import wants_bos
-  return wants_bos(tok)
-
-
 def model_generate_fn(params: Any, config: Any, tok: Any, stops: Sequence[str],
                       temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
                       mesh=None, rules=None, truncate: Optional[str] = None) -> GenerateFn:
@@ -304,51 +299,22 @@ def model_generate_fn(params: Any, config: Any, tok: Any, stops: Sequence[str],
                                   batch_size, mesh=mesh, rules=rules, truncate=truncate)
 
 
-def option_tokens(tok: Any, context: str, options: Sequence[str]) -> Tuple[List[int],
-                                                                          List[List[int]]]:
-  """(context ids, continuation ids per option), tokenization-aware.
-
-  Each option's ids are those of tokenize(context + option) after the longest prefix it
-  shares with tokenize(context); the context is cut to the shortest such prefix over
-  the options, so every option is scored after the same ids and the tokens a merge
-  across the boundary produces belong to the option. BOS is put first when the
-  tokenizer wants it.
-  """
-  ctx = tok.encode(context)
-  fulls = [tok.encode(context + o) for o in options]
-
-  def common(a, b):
-    n = 0
-    for x, y in zip(a, b):
-      if x != y:
-        break
-      n += 1
-    return n
-
-  k = min(common(ctx, f) for f in fulls)
-  head = ctx[:k]
-  conts = [f[k:] for f in fulls]
-  if _add_bos(tok) and (not head or head[0] != tok.bos_id):
-    head = [tok.bos_id] + head
-  return head, conts
-
-
 def model_score_fn(params: Any, config: Any, tok: Any, batch_size: int, mesh=None, rules=None,
                    truncate: Optional[str] = None) -> ScoreFn:
-  """A ScoreFn over ``sampler.sum_logprobs`` with ``option_tokens`` tokenization."""
+  """A ScoreFn over ``sampler.sum_logprobs`` with ``tokenizer.encode_after`` tokenization."""
   from cai_jax import sampler
 
   def fn(contexts: Sequence[str], options: Sequence[str]) -> np.ndarray:
     prompts, conts = [], []
     for c in contexts:
-      head, opts = option_tokens(tok, c, options)
+      head, opts = encode_after(tok, c, options)
       for o in opts:
         if not head:
           raise ValueError("feedback: a question tokenizes to no tokens before the options")
         prompts.append(head)
         conts.append(o)
     total = sampler.sum_logprobs(params, config, prompts, conts, batch_size, mesh=mesh,
-                                 rules=rules, truncate=truncate)
+                                 rules=rules, truncate=truncate, bos_id=tok.bos_id)
     return np.asarray(total, np.float64).reshape(len(contexts), len(options))
 
   return fn

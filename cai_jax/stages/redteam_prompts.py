@@ -51,7 +51,7 @@ import numpy as np
 
 from cai_jax import distributed, monitors, prompt_sets
 from cai_jax.configs import MeshConfig
-from cai_jax.tokenizer import trim_at_stop
+from cai_jax.tokenizer import trim_at_stop, wants_bos
 
 # (prompt texts, sampling seed) -> one completion per text
 GenerateFn = Callable[[List[str], int], List[str]]
@@ -119,7 +119,7 @@ class ModelGenerator:
                top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 16,
                mesh: MeshConfig = MeshConfig(1, 1, 1, "dp"), progress: bool = True):
     from cai_jax import model_dir, sampler, sharding
-    from cai_jax.tokenizer import stop_strings
+    from cai_jax.tokenizer import stop_strings, stop_token_sequences
     self._sampler = sampler
     self.mesh, self.rules = sharding.mesh_and_rules(mesh)
     self.config, self.params, self.tok = model_dir.load_chat_model(model, self.mesh, self.rules,
@@ -127,14 +127,14 @@ class ModelGenerator:
     self.stops = (stop_strings(chat_format) if chat_format != "none" else ()) + ("\n",)
     eos = (self.tok.eos_id,) if self.tok.eos_id is not None else ()
     self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-    self.eos, self.stop_ids = eos, tuple(tuple(self.tok.encode(s)) for s in self.stops)
+    self.eos, self.stop_ids = eos, stop_token_sequences(self.tok, self.stops)
     self.batch_size, self.progress = batch_size, progress and distributed.is_primary()
     self.max_prompt_tokens = self.config.max_seq_len - max_new_tokens
 
   def encode(self, text: str) -> List[int]:
     ids = list(self.tok.encode(text))
     bos = self.tok.bos_id
-    if getattr(self.tok, "add_bos_token", False) and bos is not None and ids[:1] != [bos]:
+    if wants_bos(self.tok) and ids[:1] != [bos]:
       ids = [bos] + ids
     return ids
 
@@ -147,7 +147,8 @@ class ModelGenerator:
         eos_ids=self.eos, stop_sequences=self.stop_ids, seed=seed)
     result = self._sampler.generate(self.params, self.config, [self.encode(t) for t in texts],
                                     params, self.batch_size, mesh=self.mesh, rules=self.rules,
-                                    progress=self.progress, truncate="left")
+                                    progress=self.progress, truncate="left",
+                                    bos_id=self.tok.bos_id)
     return [trim_at_stop(self.tok.decode(result.content_tokens(i).tolist(), skip_special_tokens=True),
                      self.stops) for i in range(len(texts))]
 

@@ -338,7 +338,7 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
   Raises ValueError before any work if the policy, reference and PM tokenizers differ.
   """
   from cai_jax import prompt_sets
-  from cai_jax.tokenizer import encode_chat, stop_strings
+  from cai_jax.tokenizer import encode_chat, stop_strings, stop_token_sequences
   if not out_dir:
     raise ValueError("rl.out_dir is not set (use --out_dir=DIR)")
   if not policy:
@@ -372,7 +372,7 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
   messages = [r["messages"] for r in records]
   prompt_ids = [encode_chat(tok, m, chat_format, add_generation_prompt=True)[0] for m in messages]
   stops = stop_strings(chat_format)
-  stop_ids = [tuple(tok.encode(s)) for s in stops]
+  stop_ids = list(stop_token_sequences(tok, stops))
   eos = (tok.eos_id,) if tok.eos_id is not None else ()
   m, rules = sharding.mesh_and_rules(mesh)
 

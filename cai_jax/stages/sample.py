@@ -16,7 +16,7 @@ from typing import Optional
 
 from cai_jax import data, distributed, model_dir, sampler, sharding
 from cai_jax.configs import MeshConfig
-from cai_jax.tokenizer import encode_chat, stop_strings, trim_at_stop
+from cai_jax.tokenizer import encode_chat, stop_strings, stop_token_sequences, trim_at_stop
 
 
 def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1, 1, 1, "dp"),
@@ -55,14 +55,14 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
     else:
       ids.append(encode_chat(tok, msgs, chat_format, add_generation_prompt=True)[0])
   stops = stop_strings(chat_format) if chat_format != "none" else ()
-  stop_ids = tuple(tuple(tok.encode(s)) for s in stops)
+  stop_ids = stop_token_sequences(tok, stops)
   eos = (tok.eos_id,) if tok.eos_id is not None else ()
   params_s = sampler.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                     max_new_tokens=max_new_tokens, eos_ids=eos,
                                     stop_sequences=stop_ids, seed=seed)
   t0 = time.perf_counter()
   result = sampler.generate(params, config, ids, params_s, batch_size, mesh=m, rules=rules,
-                            progress=progress, truncate=truncate)
+                            progress=progress, truncate=truncate, bos_id=tok.bos_id)
   seconds = time.perf_counter() - t0
   stats = dict(result.stats)
   stats.update(out=out, seconds=round(seconds, 2),
