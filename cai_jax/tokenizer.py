@@ -199,11 +199,11 @@ class ByteTokenizer:
     return "".join(out)
 
   def token_to_id(self, token: str) -> Optional[int]:
-    """Returns the id of a special token, or of a one-byte string; else None."""
+    """Returns the id of a special token, or of a byte written as its Latin-1 character
+    (what ``id_to_token`` returns); else None."""
     if token in self._special_to_id:
       return self._special_to_id[token]
-    raw = token.encode("utf-8")
-    return raw[0] if len(raw) == 1 else None
+    return ord(token) if len(token) == 1 and ord(token) < 256 else None
 
   def id_to_token(self, token_id: int) -> Optional[str]:
     """Returns the special token text, or the byte as a Latin-1 character; None if out of range."""

@@ -610,6 +610,13 @@ def test_native_chat_formats_name_the_formats_whose_markers_are_tokens(smollm2, 
                       "chat format's turn markers as single tokens")
 
 
+def test_byte_tokenizer_token_and_id_round_trip():
+  tok = tk.ByteTokenizer()
+  for i in range(tok.vocab_size):
+    assert tok.token_to_id(tok.id_to_token(i)) == i
+  assert tok.token_to_id("\u20ac") is None and tok.id_to_token(tok.vocab_size) is None
+
+
 def test_encode_chat_add_bos():
   tok = tk.ByteTokenizer()
   ids, mask = tk.encode_chat(tok, CONVERSATION[:1], "chatml", add_bos=True)
