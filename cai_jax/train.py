@@ -83,6 +83,10 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
   tx = steps.make_optimizer(opt_cfg)
   schedule = steps.lr_schedule(opt_cfg)
   rng = jax.random.PRNGKey(train_cfg.seed)
+  if train_cfg.seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"TrainConfig.seq_len={train_cfg.seq_len} is longer than the model's "
+                     f"max_seq_len={model_cfg.max_seq_len} (its context: positions past it were "
+                     "never trained, and a sliding-window model attends only within it)")
   if dataset.batch_size != train_cfg.batch_size:
     raise ValueError(f"the dataset's batches have {dataset.batch_size} rows but "
                      f"TrainConfig.batch_size is {train_cfg.batch_size}")

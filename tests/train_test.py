@@ -97,3 +97,12 @@ def test_init_params_must_match(tmp_path):
   bad = models.init(other, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match=r"embed/embedding.*\(320, 16\).*\(320, 32\)|embed/embedding.*\(320, 32\).*\(320, 16\)"):
     _train(tmp_path, 2, init_params=bad)
+
+
+def test_sequences_longer_than_the_model_context_are_refused(tmp_path):
+  short = dataclasses.replace(CFG, max_seq_len=32)
+  tc = TrainConfig(num_steps=1, batch_size=4, seq_len=64, progress=False, async_checkpoint=False)
+  with pytest.raises(ValueError, match=r"^TrainConfig.seq_len=64 is longer than the model's "
+                                       r"max_seq_len=32 "):
+    train.train(short, OPT, tc, MESH, _dataset(), str(tmp_path / "out"), devices=jax.devices()[:1])
+  assert not os.path.exists(tmp_path / "out")
