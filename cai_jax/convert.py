@@ -27,11 +27,11 @@ ours                                     HF (model.layers.{i}. prefix)        GG
 embed/embedding [V, D]                   model.embed_tokens.weight [V, D]     token_embd.weight       as is
 layers/attn_norm/scale [L, D]            input_layernorm.weight [D]           attn_norm.weight        as is
 layers/attn/q_proj/kernel [L, D, H, Dh]  self_attn.q_proj.weight [H*Dh, D]    attn_q.weight           W.T.reshape(D, H, Dh); GGUF: un-permute
-layers/attn/q_proj/bias [L, H, Dh]       self_attn.q_proj.bias [H*Dh]         attn_q.bias             b.reshape(H, Dh); Qwen2 only
+layers/attn/q_proj/bias [L, H, Dh]       self_attn.q_proj.bias [H*Dh]         attn_q.bias             b.reshape(H, Dh); GGUF: un-permute
 layers/attn/k_proj/kernel [L, D, K, Dh]  self_attn.k_proj.weight [K*Dh, D]    attn_k.weight           W.T.reshape(D, K, Dh); GGUF: un-permute
-layers/attn/k_proj/bias [L, K, Dh]       self_attn.k_proj.bias [K*Dh]         attn_k.bias             b.reshape(K, Dh); Qwen2 only
+layers/attn/k_proj/bias [L, K, Dh]       self_attn.k_proj.bias [K*Dh]         attn_k.bias             b.reshape(K, Dh); GGUF: un-permute
 layers/attn/v_proj/kernel [L, D, K, Dh]  self_attn.v_proj.weight [K*Dh, D]    attn_v.weight           W.T.reshape(D, K, Dh)
-layers/attn/v_proj/bias [L, K, Dh]       self_attn.v_proj.bias [K*Dh]         attn_v.bias             b.reshape(K, Dh); Qwen2 only
+layers/attn/v_proj/bias [L, K, Dh]       self_attn.v_proj.bias [K*Dh]         attn_v.bias             b.reshape(K, Dh)
 layers/attn/o_proj/kernel [L, H, Dh, D]  self_attn.o_proj.weight [D, H*Dh]    attn_output.weight      W.T.reshape(H, Dh, D)
 layers/mlp_norm/scale [L, D]             post_attention_layernorm.weight [D]  ffn_norm.weight         as is
 layers/mlp/gate_proj/kernel [L, D, F]    mlp.gate_proj.weight [F, D]          ffn_gate.weight         W.T
@@ -44,7 +44,12 @@ lm_head/kernel [D, V]                    lm_head.weight [V, D]                ou
 RoPE: our ``apply_rope`` uses HF's rotate-half convention, so HF q/k weights map
 directly. llama.cpp's converter permutes the rows of q and k within each head to the
 interleaved (GPT-J) convention: HF row ``h*Dh + j*Dh/2 + i`` (j in {0, 1}) becomes GGUF
-row ``h*Dh + 2*i + j``; ``load_gguf`` undoes this (query heads for q, kv heads for k).
+row ``h*Dh + 2*i + j``; ``load_gguf`` undoes this (query heads for q, kv heads for k),
+on the q/k bias entries too.
+
+q/k/v biases (``qkv_bias``): Qwen2 checkpoints; a llama GGUF that has attn_{q,k,v}.bias
+(llama.cpp applies them). A tensor no parameter uses (an o_proj or MLP bias, a
+quantization scale) is refused, naming it: ignoring it would load another model.
 """
 
 from __future__ import annotations
@@ -81,6 +86,12 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 # Loads of at least this many parameter bytes show a progress bar (on process 0's stderr).
 PROGRESS_MIN_BYTES = 1 << 30
 
+# safetensors dtypes of weights that are read (others: integer or FP8 quantized codes).
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+# Checkpoint tensors the model may ignore: they do not change its outputs (rotary tables
+# that older Llama checkpoints store; our RoPE computes the same frequencies).
+_HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
+
 # Files copied next to an export from `tokenizer_dir`.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -95,7 +106,29 @@ def _f32(x: float) -> float:
   return float(str(np.float32(x)))
 
 
-def config_from_hf(config_json: Dict[str, Any], **overrides) -> ModelConfig:
+_REQUIRED = object()
+
+
+def _number(c: Dict[str, Any], key: str, source: str, default: Any = _REQUIRED,
+            integer: bool = True) -> Any:
+  """c[key] as an int (a positive whole number) or a float; `default` when the key is
+  absent or null (when given). ValueError naming `source` and the field otherwise."""
+  value = c.get(key)
+  if value is None:
+    if default is _REQUIRED:
+      raise ValueError(f"{source}: field {key!r} is {'null' if key in c else 'missing'}")
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{source}: field {key!r} is {value!r}, not a number")
+  if integer:
+    if value != int(value) or value <= 0:
+      raise ValueError(f"{source}: field {key!r} is {value!r}, not a positive integer")
+    return int(value)
+  return float(value)
+
+
+def config_from_hf(config_json: Dict[str, Any], source: str = "config.json",
+                   **overrides) -> ModelConfig:
   """ModelConfig for an HF ``config.json`` dict (Llama / Mistral / Qwen2 causal LMs).
 
   Handles both the legacy keys (``rope_theta``, ``rope_scaling``) and transformers 5's
@@ -103,68 +136,86 @@ def config_from_hf(config_json: Dict[str, Any], **overrides) -> ModelConfig:
   sliding window (Mistral v0.1; Qwen2 with ``use_sliding_window``) caps ``max_seq_len``
   at the window, within which full causal attention is identical. ``overrides`` are
   further ModelConfig fields (e.g. ``scan_layers=False``, ``dtype='bfloat16'``).
-  Raises ValueError naming any unsupported architecture or feature.
+  Raises ValueError naming `source` (the file the dict came from) and the field, for any
+  unsupported architecture or feature, a quantized checkpoint (``quantization_config``),
+  and a required field that is missing, null or not a number.
   """
-  archs = list(config_json.get("architectures") or [])
+  c = config_json
+  if not isinstance(c, dict):
+    raise ValueError(f"{source}: not a JSON object")
+  archs = c.get("architectures") or []
+  if not isinstance(archs, list):
+    raise ValueError(f"{source}: field 'architectures' is {archs!r}, not a list")
   if not archs:
-    model_type = config_json.get("model_type")
+    model_type = c.get("model_type")
     if model_type not in _MODEL_TYPES:
-      raise ValueError(f"config.json has no 'architectures' and model_type {model_type!r} is not one of "
+      raise ValueError(f"{source}: no 'architectures' and model_type {model_type!r} is not one of "
                        f"{sorted(_MODEL_TYPES)}")
     archs = [_MODEL_TYPES[model_type]]
   for arch in archs:
     if arch not in SUPPORTED_ARCHITECTURES:
-      raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+      raise ValueError(f"{source}: unsupported architecture {arch!r}; supported: "
+                       f"{', '.join(SUPPORTED_ARCHITECTURES)}")
   arch = archs[0]
 
-  c = config_json
+  quant = c.get("quantization_config")
+  if quant:
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    raise ValueError(f"{source}: quantization_config (quant_method {method!r}) is set; quantized "
+                     "checkpoints are not supported (use an unquantized float16/bfloat16/float32 one)")
   act = c.get("hidden_act", c.get("hidden_activation", "silu"))
   if act != "silu":
-    raise ValueError(f"{arch}: hidden_act {act!r} is not supported (only 'silu')")
+    raise ValueError(f"{source}: {arch}: hidden_act {act!r} is not supported (only 'silu')")
   if c.get("mlp_bias"):
-    raise ValueError(f"{arch}: mlp_bias=True is not supported")
+    raise ValueError(f"{source}: {arch}: mlp_bias=True is not supported")
   if arch == "Qwen2ForCausalLM":
     qkv_bias = True
   else:
     if c.get("attention_bias"):
-      raise ValueError(f"{arch}: attention_bias=True (biases on q, k, v and o) is not supported")
+      raise ValueError(f"{source}: {arch}: attention_bias=True (biases on q, k, v and o) is not supported")
     qkv_bias = False
 
-  d_model = int(c["hidden_size"])
-  n_heads = int(c["num_attention_heads"])
-  n_kv = int(c.get("num_key_value_heads") or n_heads)
-  head_dim = c.get("head_dim")
-  if head_dim is not None and d_model % n_heads == 0 and int(head_dim) == d_model // n_heads:
+  d_model = _number(c, "hidden_size", source)
+  n_heads = _number(c, "num_attention_heads", source)
+  n_kv = _number(c, "num_key_value_heads", source, n_heads)
+  head_dim = _number(c, "head_dim", source, None)
+  if head_dim is not None and d_model % n_heads == 0 and head_dim == d_model // n_heads:
     head_dim = None
 
   rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+  if not isinstance(rope, dict):
+    raise ValueError(f"{source}: field 'rope_scaling' / 'rope_parameters' is {rope!r}, not an object")
   if any(isinstance(v, dict) for v in rope.values()):
-    raise ValueError(f"{arch}: per-layer-type rope_parameters are not supported: {rope}")
-  rope_theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+    raise ValueError(f"{source}: {arch}: per-layer-type rope_parameters are not supported: {rope}")
+  rope_theta = _number(c, "rope_theta", source, _number(rope, "rope_theta", source, 10000.0, False),
+                       integer=False)
   scaling = c.get("rope_scaling") or rope
+  if not isinstance(scaling, dict):
+    raise ValueError(f"{source}: field 'rope_scaling' is {scaling!r}, not an object")
   rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
   rope_kwargs = {}
+  where = f"{source} rope_scaling"
   if rope_type == "llama3":
     rope_kwargs = dict(
-        rope_scaling_factor=float(scaling["factor"]),
-        rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-        rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-        rope_original_max_len=int(scaling.get("original_max_position_embeddings", 8192)))
+        rope_scaling_factor=_number(scaling, "factor", where, integer=False),
+        rope_low_freq_factor=_number(scaling, "low_freq_factor", where, 1.0, False),
+        rope_high_freq_factor=_number(scaling, "high_freq_factor", where, 4.0, False),
+        rope_original_max_len=_number(scaling, "original_max_position_embeddings", where, 8192))
   elif rope_type not in (None, "default"):
-    raise ValueError(f"{arch}: rope type {rope_type!r} is not supported (only default and 'llama3')")
+    raise ValueError(f"{source}: {arch}: rope type {rope_type!r} is not supported (only default and 'llama3')")
 
-  max_len = int(c.get("max_position_embeddings") or 2048)
+  max_len = _number(c, "max_position_embeddings", source, 2048)
   window = None
   if arch == "MistralForCausalLM" or c.get("use_sliding_window"):
-    window = c.get("sliding_window")
+    window = _number(c, "sliding_window", source, None)
   if window:
-    max_len = min(max_len, int(window))
+    max_len = min(max_len, window)
 
   kwargs = dict(
-      vocab_size=int(c["vocab_size"]), d_model=d_model, n_layers=int(c["num_hidden_layers"]),
-      n_heads=n_heads, n_kv_heads=n_kv, d_ff=int(c["intermediate_size"]),
-      head_dim=None if head_dim is None else int(head_dim), max_seq_len=max_len,
-      rope_theta=float(rope_theta), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+      vocab_size=_number(c, "vocab_size", source), d_model=d_model,
+      n_layers=_number(c, "num_hidden_layers", source), n_heads=n_heads, n_kv_heads=n_kv,
+      d_ff=_number(c, "intermediate_size", source), head_dim=head_dim, max_seq_len=max_len,
+      rope_theta=rope_theta, norm_eps=_number(c, "rms_norm_eps", source, 1e-6, False),
       tie_embeddings=bool(c.get("tie_word_embeddings", False)), qkv_bias=qkv_bias, **rope_kwargs)
   kwargs.update(overrides)
   return ModelConfig(**kwargs)
@@ -354,9 +405,18 @@ def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
 
 
 class _Source:
-  """Tensors by HF name, HF layout. read() returns the region [start, stop) per dim."""
+  """Tensors by HF name, HF layout. read() returns the region [start, stop) per dim.
+  names() lists every tensor of the checkpoint (one with no HF name under its own name)."""
 
   def shape(self, name: str) -> Optional[Tuple[int, ...]]:
+    raise NotImplementedError
+
+  def dtype(self, name: str) -> str:
+    """The tensor's safetensors dtype code ('F32', 'BF16', 'I8', 'F8_E4M3', ...)."""
+    raise NotImplementedError
+
+  def where(self, name: str) -> str:
+    """The tensor as an error message names it: its file and its name in that file."""
     raise NotImplementedError
 
   def read(self, name: str, region: Region) -> np.ndarray:
@@ -366,32 +426,55 @@ class _Source:
     raise NotImplementedError
 
 
+def _safe_open(file: str):
+  """safetensors.safe_open(file) for numpy; ValueError naming the file when it is missing or
+  not a valid safetensors file (truncated, garbage)."""
+  from safetensors import SafetensorError, safe_open
+  try:
+    return safe_open(file, framework="numpy")
+  except FileNotFoundError:
+    raise ValueError(f"{file}: no such safetensors file") from None
+  except (SafetensorError, OSError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"{file}: not a valid safetensors file ({first})") from None
+
+
 class _SafetensorsSource(_Source):
   """Reads slices of tensors lazily from one or more safetensors files."""
 
   def __init__(self, weight_map: Dict[str, str], stack: contextlib.ExitStack):
-    from safetensors import safe_open
     self._map = weight_map
     self._handles = {}
     self._stack = stack
-    self._open = safe_open
 
   def _handle(self, name):
     file = self._map[name]
     if file not in self._handles:
-      self._handles[file] = self._stack.enter_context(self._open(file, framework="numpy"))
+      self._handles[file] = self._stack.enter_context(_safe_open(file))
     return self._handles[file]
+
+  def _slice(self, name):
+    try:
+      return self._handle(name).get_slice(name)
+    except Exception as e:   # SafetensorError: the index names a tensor its file lacks
+      raise ValueError(f"{self.where(name)}: cannot read the tensor ({_first_line(e)})") from None
 
   def names(self):
     return list(self._map)
 
+  def where(self, name):
+    return f"{self._map[name]}: tensor {name!r}"
+
+  def dtype(self, name):
+    return self._slice(name).get_dtype()
+
   def shape(self, name):
     if name not in self._map:
       return None
-    return tuple(int(s) for s in self._handle(name).get_slice(name).get_shape())
+    return tuple(int(s) for s in self._slice(name).get_shape())
 
   def read(self, name, region):
-    sl = self._handle(name).get_slice(name)
+    sl = self._slice(name)
     return np.asarray(sl[tuple(slice(a, b) for a, b in region)])
 
 
@@ -421,26 +504,42 @@ class _GGUFSource(_Source):
 
   def __init__(self, file, head_dim: int):
     self._tensors = file.tensors
+    self._path = file.path
     self._hd = head_dim
-    for name in self.names():
-      t = self._tensor(name)
+    for t in self._tensors.values():
       if not _dequantizable(t.tensor_type):
         kind = getattr(t.tensor_type, "name", str(t.tensor_type))
         raise ValueError(f"{file.path}: tensor {t.name} has type {kind}, which is not a float or "
                          f"quantized weight type the gguf package can dequantize")
 
   def names(self):
+    """Every tensor of the file: its HF name when it has one, else its GGUF name (e.g.
+    blk.0.attn_output.bias, which no parameter uses)."""
     out = []
     for name in self._tensors:
+      hf_name = None
       for hf, gg in _GGUF_TOP_NAMES.items():
         if gg == name:
-          out.append(hf)
-      if name.startswith("blk."):
+          hf_name = hf
+      if name.startswith("blk.") and name.count(".") >= 2:
         _, i, rest = name.split(".", 2)
         for hf, gg in _GGUF_BLOCK_NAMES.items():
           if gg == rest:
-            out.append(f"model.layers.{i}.{hf}")
+            hf_name = f"model.layers.{i}.{hf}"
+      out.append(hf_name or name)
     return out
+
+  def _gguf_name(self, name):
+    try:
+      return hf_to_gguf_name(name)
+    except KeyError:
+      return name
+
+  def where(self, name):
+    return f"{self._path}: tensor {self._gguf_name(name)}"
+
+  def dtype(self, name):
+    return "F32"   # every tensor is dequantized to float32 (checked in __init__)
 
   def _tensor(self, name):
     try:
@@ -457,7 +556,8 @@ class _GGUFSource(_Source):
     t = self._tensor(name)
     full = self.shape(name)
     (r0, r1), rest = region[0], region[1:]
-    permuted = name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
+    permuted = name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                              "self_attn.q_proj.bias", "self_attn.k_proj.bias"))
     if permuted and (r0 % self._hd or r1 % self._hd):
       raise AssertionError(f"{name}: rows [{r0}, {r1}) do not cover whole heads")
     w = dequantize(np.asarray(t.data[r0:r1]), t.tensor_type)
@@ -555,10 +655,21 @@ def _load_params(config: ModelConfig, source: _Source, mesh: Optional[Mesh], rul
       if tuple(got) != want:
         raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(got)} but the model expects "
                          f"{want} (parameter {'/'.join(path)}, config {config})")
+      dtype = source.dtype(name)
+      if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{source.where(name)} has dtype {dtype}; only {', '.join(_FLOAT_DTYPES)} "
+                         "weights are read (quantized checkpoints are not supported)")
       used.add(name)
   unused = sorted(set(source.names()) - used)
-  if unused:
-    logging.info("convert: ignoring %d checkpoint tensors: %s", len(unused), unused[:8])
+  harmless = [n for n in unused if n.endswith(_HARMLESS_SUFFIXES)
+              or (n == "lm_head.weight" and config.tie_embeddings)]
+  if harmless:
+    logging.info("convert: ignoring %d checkpoint tensors: %s", len(harmless), harmless[:8])
+  changes_math = [n for n in unused if n not in harmless]
+  if changes_math:
+    raise ValueError(f"{source.where(changes_math[0])} is not used by this model (a bias, "
+                     "quantization scale or other weight it cannot apply)"
+                     + (f"; {len(changes_math) - 1} more such tensors" if len(changes_math) > 1 else ""))
 
   dtype = np.dtype(dtype_from_name(config.param_dtype))
   sizes = {path: math.prod(shapes[path].shape) * dtype.itemsize for path in plans}
@@ -585,22 +696,55 @@ def _dtype_name(dtype) -> str:
 # --------------------------------------------------------------------------- HF safetensors
 
 
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _read_json(path: str) -> Any:
+  """The JSON value in `path`; ValueError naming the file when it is not valid JSON."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+  except UnicodeDecodeError:
+    raise ValueError(f"{path}: invalid JSON (not UTF-8 text)") from None
+
+
 def _weight_map(directory: str) -> Dict[str, str]:
+  """{tensor name: safetensors file} of an HF folder: from model.safetensors.index.json when
+  present (every file it names must exist), else from every *.safetensors file's header.
+  ValueError naming the file and field for a malformed index or safetensors file."""
   index = os.path.join(directory, "model.safetensors.index.json")
   if os.path.exists(index):
-    with open(index) as f:
-      wm = json.load(f)["weight_map"]
-    return {name: os.path.join(directory, file) for name, file in wm.items()}
+    doc = _read_json(index)
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+      raise ValueError(f"{index}: field 'weight_map' is missing or not an object of "
+                       "{tensor name: file name}")
+    out = {name: os.path.join(directory, file) for name, file in wm.items()}
+    for file in sorted(set(wm.values())):
+      if not os.path.isfile(os.path.join(directory, file)):
+        raise ValueError(f"{index}: weight_map names {file}, which does not exist in {directory}")
+    return out
   files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
   if not files:
     raise ValueError(f"no *.safetensors files in {directory} (pickled .bin/.pt checkpoints are not read)")
-  from safetensors import safe_open
   out = {}
   for file in files:
-    with safe_open(file, framework="numpy") as f:
+    with _safe_open(file) as f:
       for name in f.keys():
         out[name] = file
   return out
+
+
+HF_FOLDER_KIND = "Hugging Face model folder (config.json + *.safetensors)"
+
+
+def is_hf_folder(directory: str) -> bool:
+  """Whether `directory` holds config.json and at least one *.safetensors file."""
+  return (os.path.isfile(os.path.join(directory, "config.json"))
+          and bool(glob.glob(os.path.join(directory, "*.safetensors"))))
 
 
 def load_hf(path: str, config: Optional[ModelConfig] = None, mesh: Optional[Mesh] = None,
@@ -621,12 +765,14 @@ def load_hf(path: str, config: Optional[ModelConfig] = None, mesh: Optional[Mesh
   Returns:
     (config, params) with params in the layout of ``models.init(config, ...)``.
   Raises:
-    ValueError naming a missing tensor, or a tensor and both shapes on a mismatch.
+    ValueError naming a missing tensor, or a tensor and both shapes on a mismatch; naming
+    the file and field of a malformed config.json, index or safetensors file; naming a
+    quantized checkpoint's quant_method, a non-float weight tensor and its dtype, or a
+    tensor the model cannot apply (e.g. an o_proj bias).
   """
   directory = path if os.path.isdir(path) else os.path.dirname(path)
-  with open(os.path.join(directory, "config.json")) as f:
-    config_json = json.load(f)
-  hf_cfg = config_from_hf(config_json)
+  config_path = os.path.join(directory, "config.json")
+  hf_cfg = config_from_hf(_read_json(config_path), source=config_path)
   if config is None:
     config = hf_cfg
   else:
@@ -643,8 +789,7 @@ def load_hf(path: str, config: Optional[ModelConfig] = None, mesh: Optional[Mesh
   if os.path.isdir(path):
     weight_map = _weight_map(path)
   else:
-    from safetensors import safe_open
-    with safe_open(path, framework="numpy") as f:
+    with _safe_open(path) as f:
       weight_map = {name: path for name in f.keys()}
   with contextlib.ExitStack() as stack:
     source = _SafetensorsSource(weight_map, stack)
@@ -666,7 +811,12 @@ def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: 
   Args:
     params: params of ``models.init(config, ...)`` layout (scanned or unrolled as config says).
     config: their ModelConfig. Written as LlamaForCausalLM, or Qwen2ForCausalLM when qkv_bias.
-    directory: created if needed.
+    directory: the folder to write. The whole export is written into a temporary sibling
+      that then takes its place (``model_dir.replacing_dir``), so `directory` holds either
+      its earlier contents or the complete new export, never a mix, and an interrupted
+      export leaves it as it was. An existing `directory` is replaced only when it is empty
+      or an HF model folder (``is_hf_folder``); anything else (a file, another directory)
+      is a ValueError naming it, raised before anything is written.
     tokenizer_dir: optional directory whose tokenizer files (tokenizer.json,
       tokenizer_config.json, special_tokens_map.json, tokenizer.model, ...) are copied.
     max_shard_bytes: shard size above which a new model-0000i-of-0000N.safetensors file
@@ -674,7 +824,7 @@ def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: 
   Tensors are written in config.param_dtype, one parameter at a time. With several
   processes every process must call this; only process 0 writes.
   """
-  from safetensors.numpy import save_file
+  from cai_jax import model_dir
   flat = traverse_util.flatten_dict(params)
   expected = traverse_util.flatten_dict(sharding_lib.unbox_shapes(models.abstract_params(config)))
   if set(flat) != set(expected):
@@ -688,7 +838,17 @@ def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: 
   writer = jax.process_index() == 0
   dtype = np.dtype(dtype_from_name(config.param_dtype))
   if writer:
-    os.makedirs(directory, exist_ok=True)
+    with model_dir.replacing_dir(directory, is_hf_folder, HF_FOLDER_KIND) as tmp:
+      _write_hf(flat, config, dtype, tmp, tokenizer_dir, max_shard_bytes, writer)
+  else:
+    _write_hf(flat, config, dtype, None, tokenizer_dir, max_shard_bytes, writer)
+
+
+def _write_hf(flat: Dict[Tuple[str, ...], Any], config: ModelConfig, dtype, directory: Optional[str],
+              tokenizer_dir: Optional[str], max_shard_bytes: int, writer: bool) -> None:
+  """``save_hf``'s files, written into the (new, empty) `directory` when `writer`; every
+  process gathers each parameter (a collective), only the writer writes."""
+  from safetensors.numpy import save_file
 
   def position(path):   # embed, then layers in order, then final_norm and lm_head
     head = path[0]
@@ -761,8 +921,11 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
   file: a ``gguf_file.GGUFFile`` (``gguf_file.read_gguf(path)``).
 
   vocab_size is the length of tokenizer.ggml.tokens (else llama.vocab_size); embeddings
-  are tied when the file has no output.weight. Raises ValueError for another
-  architecture, partial rotary, RoPE scaling, or a split file.
+  are tied when the file has no output.weight; qkv_bias is set when the file has q, k or v
+  biases (blk.N.attn_{q,k,v}.bias, which llama.cpp's llama architecture applies). Raises
+  ValueError for another architecture, partial rotary, RoPE scaling (a scaling type, a
+  rope_freqs.weight tensor, or ``rope.scaling.factor`` / ``rope.scale_linear`` other than
+  0 or 1, which llama.cpp applies as linear scaling even without a type), or a split file.
   """
   meta = file.metadata
   arch = meta.get("general.architecture")
@@ -788,6 +951,13 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
   tensor_names = set(file.tensors)
   if (scaling not in (None, "none")) or "rope_freqs.weight" in tensor_names:
     raise ValueError(f"GGUF RoPE scaling ({scaling or 'rope_freqs.weight'}) is not supported")
+  for key in ("rope.scaling.factor", "rope.scale_linear"):
+    factor = get(key)
+    if factor is not None and factor not in (0, 1):
+      raise ValueError(f"{file.path}: GGUF metadata {arch}.{key} = {factor} (linear RoPE scaling) "
+                       "is not supported")
+  qkv_bias = any(n.startswith("blk.") and n.endswith((".attn_q.bias", ".attn_k.bias", ".attn_v.bias"))
+                 for n in tensor_names)
   tokens = meta.get("tokenizer.ggml.tokens")
   vocab = len(tokens) if tokens is not None else get("vocab_size")
   if vocab is None:
@@ -799,7 +969,7 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
       max_seq_len=int(get("context_length", 2048)),
       rope_theta=_f32(get("rope.freq_base", 10000.0)),
       norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
-      tie_embeddings="output.weight" not in tensor_names, qkv_bias=False)
+      tie_embeddings="output.weight" not in tensor_names, qkv_bias=qkv_bias)
   kwargs.update(overrides)
   return ModelConfig(**kwargs)
 
@@ -815,16 +985,21 @@ def load_gguf(path: str, mesh: Optional[Mesh] = None, rules=None, config: Option
       checked tensor by tensor.
     dtype: storage dtype of the params (sets param_dtype); default config.param_dtype.
   Returns:
-    (config, params). q/k rows are un-permuted back to HF's rotate-half order.
+    (config, params). q/k rows (and q/k bias entries) are un-permuted back to HF's
+    rotate-half order.
+  Raises:
+    ValueError naming the file and tensor for a tensor the model cannot apply
+    (attn_output.bias, ffn_*.bias, ...) or a missing one, as ``load_hf``.
   """
   from cai_jax.gguf_file import read_gguf
   file = read_gguf(path)
   gguf_cfg = config_from_gguf(file)
   if config is None:
     config = gguf_cfg
-  elif config.tie_embeddings != gguf_cfg.tie_embeddings or config.qkv_bias:
+  elif (config.tie_embeddings, config.qkv_bias) != (gguf_cfg.tie_embeddings, gguf_cfg.qkv_bias):
     raise ValueError(f"config (tie_embeddings={config.tie_embeddings}, qkv_bias={config.qkv_bias}) "
-                     f"does not match the GGUF file (tie_embeddings={gguf_cfg.tie_embeddings}, qkv_bias=False)")
+                     f"does not match the GGUF file (tie_embeddings={gguf_cfg.tie_embeddings}, "
+                     f"qkv_bias={gguf_cfg.qkv_bias})")
   if dtype is not None:
     config = dataclasses.replace(config, param_dtype=_dtype_name(dtype))
   source = _GGUFSource(file, config.dim_per_head)

@@ -190,8 +190,10 @@ def usage() -> str:
             "  --gin.KEY=VALUE        a gin binding, e.g. --gin.TrainConfig.num_steps=20",
             "  --out_dir=DIR          output directory of the command; for pipeline, the root",
             "                         every stage's output is moved under",
-            "  --from=PATH --out=PATH source and destination of import / export; --out is the",
-            "                         output file of sample",
+            "  --from=PATH --out=PATH source and destination of import / export (--out is written",
+            "                         whole, then swapped in; it may only replace an empty",
+            "                         directory or an earlier output of the same kind); --out is",
+            "                         the output file of sample",
             "  --prompts=FILE --model=SPEC --temperature=T --max_new_tokens=N   sample options",
             "  --data=FILE            evaluation data of `evaluate hhh`",
             "  --topology=NAME        accelerator topology of `plan` (v5p-256, v4-64, h100x8, ...);",
@@ -327,6 +329,8 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
     return fn(cli_args=cli_args + list(_PIPELINE["distributed_args"]),
               commands=[c for c in COMMANDS if c != "pipeline"], process_id=_PIPELINE["process_id"])
   gin, fn = parse_gin(command, gin_files, bindings, search_paths)
+  if command in ("import", "export"):
+    _check_import_export_out(command, gin.get_bindings(name))
   if COMMANDS[command].writes_out_dir:
     bound = gin.get_bindings(name).get("out_dir")
     if not bound:
@@ -362,6 +366,24 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
       os.remove(marker)
     return result
   return fn()
+
+
+def _check_import_export_out(command: str, bound: Dict[str, object]) -> None:
+  """Before `import` / `export` reads anything: ValueError when --out overlaps --from
+  (``model_dir.check_apart``) or is something the command would not replace (a file, or a
+  non-empty directory that is not a model directory / Hugging Face folder)."""
+  from cai_jax import model_dir
+  source, out = bound.get("source"), bound.get("out")
+  if not isinstance(source, str) or not isinstance(out, str) or not source or not out:
+    return   # the runner reports the missing flag
+  model_dir.check_apart(source, out)
+  if command == "import":
+    model_dir.check_replaceable(os.path.realpath(out), model_dir.is_model_dir,
+                                "model directory (model.json + params/)")
+  else:
+    from cai_jax import convert
+    model_dir.check_replaceable(os.path.realpath(out), convert.is_hf_folder,
+                                convert.HF_FOLDER_KIND)
 
 
 def _runner_values(command: str, gin) -> Dict[str, object]:

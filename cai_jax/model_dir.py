@@ -6,8 +6,9 @@ Layout of a model directory:
   tokenizer/   the tokenizer (``cai_jax.tokenizer.save_tokenizer``)
   head.txt     'lm' or 'scalar'
   params.sha256  SHA-256 of the parameters (``params_sha256``)
-``save_model`` writes into a temporary sibling and renames it into place last,
-so a directory that exists is complete.
+``save_model`` writes into a temporary sibling and renames it into place last
+(``replacing_dir``), so a directory that exists is complete; it replaces only an empty
+directory or an earlier model directory.
 
 ``fingerprint`` identifies what a model spec holds, and ``input_fingerprints`` every model a
 command reads: a command records them in its out_dir (``inputs.json``, see
@@ -21,12 +22,14 @@ and last MiB, so a copy of the same files keeps it and another checkpoint change
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+import uuid
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 from cai_jax.configs import ModelConfig
 
@@ -51,33 +54,89 @@ def params_sha256(params: Any) -> str:
   return digest.hexdigest()
 
 
+def check_replaceable(directory: str, is_kind: Callable[[str], bool], kind: str) -> None:
+  """ValueError naming `directory` unless it is absent, an empty directory, or a directory
+  `is_kind` accepts (an earlier output of the same kind, which may be replaced)."""
+  if os.path.lexists(directory) and not os.path.isdir(directory):
+    raise ValueError(f"{directory}: exists and is not a directory")
+  if os.path.isdir(directory) and os.listdir(directory) and not is_kind(directory):
+    raise ValueError(f"{directory}: exists and is neither empty nor a {kind}; refusing to "
+                     "replace it (choose another output directory or delete it)")
+
+
+@contextlib.contextmanager
+def replacing_dir(directory: str, is_kind: Callable[[str], bool], kind: str):
+  """Writes a directory atomically: yields a new empty temporary sibling of `directory`
+  (``.NAME.tmp-XXXXXXXX``) to fill; when the block ends normally the temporary directory
+  takes `directory`'s place (an earlier `directory` is first renamed aside, then deleted),
+  so `directory` is always either the old complete one or the new complete one. When the
+  block raises (Ctrl-C included) the temporary directory is deleted and `directory` is left
+  as it was. `directory` must pass ``check_replaceable(directory, is_kind, kind)``, checked
+  before and again just before the swap; parent directories are created."""
+  directory = os.path.realpath(directory)
+  check_replaceable(directory, is_kind, kind)
+  parent, base = os.path.split(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
+  os.makedirs(tmp)
+  old = None
+  try:
+    yield tmp
+    check_replaceable(directory, is_kind, kind)
+    if os.path.lexists(directory):
+      old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
+      os.rename(directory, old)
+    os.rename(tmp, directory)
+  except BaseException:
+    if old is not None and not os.path.lexists(directory):
+      os.rename(old, directory)   # interrupted between the two renames: put the old one back
+      old = None
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_model(directory: str, config: ModelConfig, params: Any, tokenizer: Any = None,
                head: str = "lm") -> str:
-  """Writes a complete model directory atomically; returns its path."""
+  """Writes a complete model directory atomically (``replacing_dir``); returns its path.
+
+  An existing `directory` is replaced only when it is empty or a model directory
+  (``is_model_dir``); anything else there (a file, another directory) is a ValueError
+  naming it, raised before anything is written."""
   from flax import linen as nn
   from cai_jax import checkpoints
-  directory = os.path.abspath(directory)
-  tmp = directory + ".tmp"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  with open(os.path.join(tmp, "model.json"), "w", encoding="utf-8") as f:
-    json.dump(dataclasses.asdict(config), f, indent=1, sort_keys=True)
-  with open(os.path.join(tmp, "head.txt"), "w", encoding="utf-8") as f:
-    f.write(head + "\n")
-  checkpoints.export_params(params, os.path.join(tmp, "params"))
-  with open(os.path.join(tmp, PARAMS_SHA256), "w", encoding="utf-8") as f:
-    f.write(params_sha256(nn.meta.unbox(params)) + "\n")
-  if tokenizer is not None:
-    from cai_jax.tokenizer import save_tokenizer
-    save_tokenizer(tokenizer, os.path.join(tmp, "tokenizer"))
-  if os.path.exists(directory):
-    shutil.rmtree(directory)
-  os.replace(tmp, directory)
-  return directory
+  with replacing_dir(directory, is_model_dir, "model directory (model.json + params/)") as tmp:
+    with open(os.path.join(tmp, "model.json"), "w", encoding="utf-8") as f:
+      json.dump(dataclasses.asdict(config), f, indent=1, sort_keys=True)
+    with open(os.path.join(tmp, "head.txt"), "w", encoding="utf-8") as f:
+      f.write(head + "\n")
+    checkpoints.export_params(params, os.path.join(tmp, "params"))
+    with open(os.path.join(tmp, PARAMS_SHA256), "w", encoding="utf-8") as f:
+      f.write(params_sha256(nn.meta.unbox(params)) + "\n")
+    if tokenizer is not None:
+      from cai_jax.tokenizer import save_tokenizer
+      save_tokenizer(tokenizer, os.path.join(tmp, "tokenizer"))
+  return os.path.realpath(directory)
+
+
+def check_apart(source: str, out: str) -> None:
+  """ValueError when the output `out` is the input `source` (a path or 'pkg:' spec), lies
+  inside it, or contains it: replacing `out` would destroy or change the input."""
+  if not source or not out:
+    return
+  try:
+    src = os.path.realpath(resolve_model_spec(source))
+  except FileNotFoundError:
+    return
+  dst = os.path.realpath(out)
+  if src == dst or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
+    raise ValueError(f"--out={out} overlaps --from={source} (the same path, or one inside the "
+                     "other); write to another directory")
 
 
 def is_model_dir(directory: str) -> bool:
+  """Whether `directory` holds model.json and params/."""
   return os.path.isfile(os.path.join(directory, "model.json")) and os.path.isdir(
       os.path.join(directory, "params"))
 
@@ -291,17 +350,22 @@ def input_fingerprints(values: Mapping[str, Any], out_dir: str) -> Dict[str, str
 
 
 def _models_under(path: str) -> list:
-  """Relative paths of the model directories in directory `path` or one level down (sorted);
-  [] when `path` is no directory."""
+  """Relative paths of the model directories in directory `path` or one level down (sorted;
+  hidden entries, such as an interrupted write's temporary, skipped); [] when `path` is no
+  directory."""
   if not os.path.isdir(path):
     return []
+
+  def visible(directory):
+    return [c for c in sorted(os.listdir(directory)) if not c.startswith(".")]
+
   found = []
-  for child in sorted(os.listdir(path)):
+  for child in visible(path):
     child_path = os.path.join(path, child)
     if is_model_dir(child_path):
       found.append(child)
     elif os.path.isdir(child_path):
-      found += [os.path.join(child, g) for g in sorted(os.listdir(child_path))
+      found += [os.path.join(child, g) for g in visible(child_path)
                 if is_model_dir(os.path.join(child_path, g))]
   return found
 

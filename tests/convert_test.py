@@ -454,3 +454,273 @@ def test_smollm2_gguf_answers_paris_and_matches_transformers(smollm2):
   # logits up to ~36 in magnitude.
   diff = _max_diff(first_logits, ref)
   assert diff < 1e-3, f"max |logit diff| {diff}"
+
+
+# --------------------------------------------------------------------------- export into an existing folder
+
+
+def _exported_logits(out, tokens):
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      out, dtype=torch.float32, attn_implementation="eager").eval()
+  return _hf_logits(model, tokens)
+
+
+@pytest.mark.parametrize("first_shards,second_shards", [(30_000, 5 * 2**30), (5 * 2**30, 30_000)])
+def test_save_hf_over_an_earlier_export_leaves_only_the_new_one(
+    first_shards, second_shards, hf_models, saved, tmp_path):
+  """A sharded export over a single-file one (and the reverse) keeps none of the old files:
+  transformers (which prefers model.safetensors) and load_hf (which prefers the index) both
+  load the new model."""
+  cfg_a, params_a = convert.load_hf(saved["llama"])
+  cfg_b, params_b = convert.load_hf(saved["llama3_rope"])
+  out = str(tmp_path / "export")
+  convert.save_hf(params_a, cfg_a, out, max_shard_bytes=first_shards)
+  convert.save_hf(params_b, cfg_b, out, max_shard_bytes=second_shards)
+  names = set(os.listdir(out))
+  if second_shards < 10**6:
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+  else:
+    assert names == {"config.json", "model.safetensors"}
+  assert not [n for n in os.listdir(tmp_path) if n != "export"]   # no temporary left beside it
+  tokens = _tokens()
+  ref = _hf_logits(hf_models["llama3_rope"], tokens)
+  assert _max_diff(_exported_logits(out, tokens), ref) < TOL
+  cfg, params = convert.load_hf(out)
+  assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), ref) < TOL
+
+
+def test_an_interrupted_export_leaves_the_earlier_one_or_nothing(hf_models, saved, tmp_path,
+                                                                monkeypatch):
+  """Ctrl-C after some shard renames leaves the earlier export whole; Ctrl-C while the
+  tokenizer files are copied into a new folder leaves no folder."""
+  import shutil
+  cfg_a, params_a = convert.load_hf(saved["llama"])
+  cfg_b, params_b = convert.load_hf(saved["llama3_rope"])
+  out = str(tmp_path / "export")
+  convert.save_hf(params_a, cfg_a, out, max_shard_bytes=30_000)
+  before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+  real_replace, calls = os.replace, [0]
+
+  def interrupted_replace(a, b):
+    calls[0] += 1
+    if calls[0] == 4:
+      raise KeyboardInterrupt("simulated Ctrl-C")
+    return real_replace(a, b)
+
+  monkeypatch.setattr(os, "replace", interrupted_replace)
+  with pytest.raises(KeyboardInterrupt):
+    convert.save_hf(params_b, cfg_b, out, max_shard_bytes=30_000)
+  monkeypatch.setattr(os, "replace", real_replace)
+  assert calls[0] == 4
+  assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+  assert sorted(os.listdir(tmp_path)) == ["export"]
+  tokens = _tokens()
+  assert _max_diff(_exported_logits(out, tokens), _hf_logits(hf_models["llama"], tokens)) < TOL
+
+  tok_dir = tmp_path / "tok"
+  tok_dir.mkdir()
+  (tok_dir / "tokenizer.json").write_text("{}")
+
+  def interrupted_copy(*args, **kwargs):
+    raise KeyboardInterrupt("simulated Ctrl-C")
+
+  monkeypatch.setattr(shutil, "copyfile", interrupted_copy)
+  with pytest.raises(KeyboardInterrupt):
+    convert.save_hf(params_b, cfg_b, str(tmp_path / "fresh"), tokenizer_dir=str(tok_dir))
+  assert sorted(os.listdir(tmp_path)) == ["export", "tok"]
+
+
+def test_save_hf_replaces_only_an_empty_folder_or_an_hf_folder(saved, tmp_path):
+  cfg, params = convert.load_hf(saved["llama"])
+  afile = tmp_path / "afile"
+  afile.write_text("a file")
+  with pytest.raises(ValueError, match=re.escape(str(afile)) + ": exists and is not a directory"):
+    convert.save_hf(params, cfg, str(afile))
+  assert afile.read_text() == "a file"
+  mine = tmp_path / "mydata"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("precious")
+  with pytest.raises(ValueError, match=re.escape(str(mine)) + ": exists and is neither empty nor"):
+    convert.save_hf(params, cfg, str(mine))
+  assert os.listdir(mine) == ["notes.txt"]
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  convert.save_hf(params, cfg, str(empty))
+  assert convert.is_hf_folder(str(empty))
+
+
+# --------------------------------------------------------------------------- malformed and quantized checkpoints
+
+
+def _broken_copy(saved, tmp_path, edit_config=None, edit_dir=None):
+  import shutil
+  directory = tmp_path / "broken"
+  shutil.copytree(saved["llama"], directory)
+  if edit_config:
+    c = json.loads((directory / "config.json").read_text())
+    edit_config(c)
+    (directory / "config.json").write_text(json.dumps(c))
+  if edit_dir:
+    edit_dir(directory)
+  return directory
+
+
+def _truncate(d):
+  data = (d / "model.safetensors").read_bytes()
+  (d / "model.safetensors").write_bytes(data[:len(data) // 2])
+
+
+def _index(weight_map):
+  def edit(d):
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, **weight_map}))
+  return edit
+
+
+@pytest.mark.parametrize("edit_config,edit_dir,what", [
+    (lambda c: c.pop("hidden_size"), None, r"config\.json: field 'hidden_size' is missing"),
+    (lambda c: c.update(vocab_size=None), None, r"config\.json: field 'vocab_size' is null"),
+    (lambda c: c.update(num_hidden_layers="two"), None,
+     r"config\.json: field 'num_hidden_layers' is 'two', not a number"),
+    (None, lambda d: (d / "config.json").write_text("{not json"), r"config\.json: invalid JSON"),
+    (None, _truncate, r"model\.safetensors: not a valid safetensors file"),
+    (None, lambda d: (d / "model.safetensors").write_bytes(b"\0" * 100),
+     r"model\.safetensors: not a valid safetensors file"),
+    (None, _index({}), r"model\.safetensors\.index\.json: field 'weight_map' is missing"),
+    (None, _index({"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}),
+     r"model\.safetensors\.index\.json: weight_map names model-00001-of-00002\.safetensors, which "
+     "does not exist"),
+])
+def test_malformed_hf_folders_are_value_errors_naming_file_and_field(
+    edit_config, edit_dir, what, saved, tmp_path):
+  directory = _broken_copy(saved, tmp_path, edit_config, edit_dir)
+  with pytest.raises(ValueError, match=re.escape(str(directory)) + ".*" + what):
+    convert.load_hf(str(directory))
+
+
+def _quantized_copy(saved, tmp_path, quant_dtype, scales):
+  """The llama checkpoint with every *_proj.weight quantized to `quant_dtype` (a torch
+  dtype) with per-tensor scales `scales` ('SCB', 'weight_scale' or None)."""
+  from safetensors.torch import load_file, save_file
+  directory = _broken_copy(saved, tmp_path)
+  tensors = load_file(str(directory / "model.safetensors"))
+  out = {}
+  for name, t in tensors.items():
+    if name.endswith("_proj.weight"):
+      scale = t.abs().max() / 100.0
+      out[name] = (t / scale).round().to(quant_dtype) if quant_dtype != torch.float32 else t
+      if scales:
+        out[name.replace(".weight", "." + scales)] = scale.reshape(1).float()
+    else:
+      out[name] = t
+  save_file(out, str(directory / "model.safetensors"), metadata={"format": "pt"})
+  return directory
+
+
+def test_quantized_checkpoints_are_refused(saved, tmp_path):
+  """bitsandbytes int8 + SCB and FP8 + weight_scale, with or without quantization_config,
+  and float weights with a stray scale tensor: each is refused, naming what is wrong."""
+  d = _quantized_copy(saved, tmp_path / "int8", torch.int8, "SCB")
+  config = json.loads((d / "config.json").read_text())
+  with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.\w+\.\w+_proj"
+                     r"\.weight' has dtype I8"):
+    convert.load_hf(str(d))
+  (d / "config.json").write_text(json.dumps(dict(
+      config, quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})))
+  with pytest.raises(ValueError, match=re.escape(str(d / "config.json"))
+                     + r": quantization_config \(quant_method 'bitsandbytes'\)"):
+    convert.load_hf(str(d))
+  d = _quantized_copy(saved, tmp_path / "fp8", torch.float8_e4m3fn, "weight_scale")
+  with pytest.raises(ValueError, match=r"_proj\.weight' has dtype F8_E4M3"):
+    convert.load_hf(str(d))
+  d = _quantized_copy(saved, tmp_path / "scale_only", torch.float32, "weight_scale")
+  with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight_scale' is "
+                     "not used by this model"):
+    convert.load_hf(str(d))
+
+
+def test_an_o_proj_bias_the_config_does_not_declare_is_refused(saved, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  d = _broken_copy(saved, tmp_path)
+  tensors = load_file(str(d / "model.safetensors"))
+  tensors["model.layers.1.self_attn.o_proj.bias"] = np.ones(64, np.float32)
+  tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)   # harmless
+  save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.o_proj\.bias' is not used"):
+    convert.load_hf(str(d))
+
+
+# --------------------------------------------------------------------------- GGUF biases and RoPE scaling
+
+
+def _write_gguf_from(model, path, extra=None, o_bias=False):
+  """_write_gguf that also writes q/k/v biases (q/k permuted like their weights), the o_proj
+  bias as blk.N.attn_output.bias when `o_bias`, and calls extra(writer) for more metadata."""
+  import gguf
+  c = model.config
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(10000.0)
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+  w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+  if extra:
+    extra(w)
+  for name, t in model.state_dict().items():
+    a = t.float().numpy()
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
+      a = _llama_cpp_permute(a, c.num_attention_heads)
+    elif name.endswith(("k_proj.weight", "k_proj.bias")):
+      a = _llama_cpp_permute(a, c.num_key_value_heads)
+    if name.endswith("o_proj.bias"):
+      if not o_bias:
+        continue
+      gname = name.replace("model.layers.", "blk.").replace("self_attn.o_proj.bias", "attn_output.bias")
+    else:
+      gname = convert.hf_to_gguf_name(name)
+    w.add_tensor(gname, np.ascontiguousarray(a))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def test_gguf_qkv_biases_load_and_an_output_bias_is_refused(tmp_path):
+  """llama.cpp's llama architecture applies blk.N.attn_{q,k,v}.bias: they load (q/k
+  un-permuted) and the logits match transformers; attn_output.bias is refused by name."""
+  model = _hf_model("llama", seed=5, attention_bias=True)
+  with torch.no_grad():
+    for layer in model.model.layers:
+      layer.self_attn.o_proj.bias.zero_()   # our model has no o_proj bias
+  path = tmp_path / "bias.gguf"
+  _write_gguf_from(model, path)
+  cfg, params = convert.load_gguf(str(path))
+  assert cfg.qkv_bias
+  tokens = _tokens()
+  assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), _hf_logits(model, tokens)) < TOL
+  with_o = tmp_path / "o_bias.gguf"
+  _write_gguf_from(model, with_o, o_bias=True)
+  with pytest.raises(ValueError, match=re.escape(str(with_o)) + r": tensor blk\.\d\.attn_output\.bias "
+                     "is not used"):
+    convert.load_gguf(str(with_o))
+
+
+@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
+def test_gguf_linear_rope_scaling_without_a_type_is_refused(key, hf_models, tmp_path):
+  """llama.cpp applies rope.scaling.factor (or the older rope.scale_linear) as linear
+  scaling when no rope.scaling.type is given: 4.0 is refused by name; 0 and 1 mean none
+  and load the unscaled model."""
+  path = tmp_path / "scaled.gguf"
+  _write_gguf_from(hf_models["llama"], path, extra=lambda w: w.add_float32(key, 4.0))
+  with pytest.raises(ValueError, match=re.escape(f"{path}: GGUF metadata {key} = 4.0 (linear RoPE scaling)")):
+    convert.load_gguf(str(path))
+  tokens = _tokens()
+  ref = _hf_logits(hf_models["llama"], tokens)
+  for none in (0.0, 1.0):
+    _write_gguf_from(hf_models["llama"], path, extra=lambda w: w.add_float32(key, none))
+    cfg, params = convert.load_gguf(str(path))
+    assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), ref) < TOL

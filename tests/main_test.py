@@ -67,6 +67,72 @@ def test_a_bad_cache_size_is_one_line_error():
                          "JAX_COMPILATION_CACHE_MAX_SIZE='8G'")
 
 
+def _tiny_hf_folder(path):
+  """A tiny Llama HF folder (config.json + model.safetensors) written by convert.save_hf."""
+  import jax
+  from cai_jax import convert, models
+  from cai_jax.configs import ModelConfig
+  cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                    max_seq_len=32)
+  convert.save_hf(models.init(cfg, jax.random.PRNGKey(0)), cfg, str(path))
+  return path
+
+
+def test_import_and_export_replace_nothing_they_did_not_write(tmp_path):
+  """--out that is an unrelated directory, the --from folder itself, or a file: one-line
+  error naming it, exit status 2, and the directory or file is as it was."""
+  hf = _tiny_hf_folder(tmp_path / "hf")
+  before = sorted(os.listdir(hf))
+  mine = tmp_path / "mydata"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("precious")
+  out = cli("import", f"--from={hf}", f"--out={mine}")
+  _assert_one_line_error(out, f"{mine}: exists and is neither empty nor a model directory")
+  assert out.returncode == 2 and (mine / "notes.txt").read_text() == "precious"
+  out = cli("import", f"--from={hf}", f"--out={hf}")
+  _assert_one_line_error(out, f"--out={hf} overlaps --from={hf}")
+  assert sorted(os.listdir(hf)) == before
+  afile = tmp_path / "afile"
+  afile.write_text("a file")
+  out = cli("export", f"--from={tmp_path / 'model'}", f"--out={afile}")
+  _assert_one_line_error(out, f"{afile}: exists and is not a directory")
+  assert afile.read_text() == "a file"
+
+
+def _break(hf, what):
+  if what == "bad_json":
+    (hf / "config.json").write_text("{not json")
+  elif what == "garbage":
+    (hf / "model.safetensors").write_bytes(b"\0" * 100)
+  elif what == "no_weight_map":
+    (hf / "model.safetensors.index.json").write_text('{"metadata": {}}')
+  else:
+    config = json.loads((hf / "config.json").read_text())
+    if what == "no_hidden_size":
+      del config["hidden_size"]
+    elif what == "null_vocab":
+      config["vocab_size"] = None
+    elif what == "quantized":
+      config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (hf / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("what,needle", [
+    ("no_hidden_size", "config.json: field 'hidden_size' is missing"),
+    ("null_vocab", "config.json: field 'vocab_size' is null"),
+    ("bad_json", "config.json: invalid JSON"),
+    ("garbage", "model.safetensors: not a valid safetensors file"),
+    ("no_weight_map", "model.safetensors.index.json: field 'weight_map' is missing"),
+    ("quantized", "config.json: quantization_config (quant_method 'bitsandbytes')"),
+])
+def test_import_of_a_malformed_hf_folder_is_a_one_line_error(what, needle, tmp_path):
+  hf = _tiny_hf_folder(tmp_path / "hf")
+  _break(hf, what)
+  out = cli("import", f"--from={hf}", f"--out={tmp_path / 'model'}")
+  _assert_one_line_error(out, f"{hf}/{needle}")
+  assert out.returncode == 2 and not (tmp_path / "model").exists()
+
+
 def test_help_lists_commands():
   out = cli("--help")
   assert out.returncode == 0

@@ -149,3 +149,80 @@ def test_load_chat_model_needs_a_tokenizer_and_warns_on_a_foreign_format(tmp_pat
   assert [r.getMessage().split(";")[0] for r in caplog.records] == [
       "chat_format='chatml' with model 'x': the tokenizer encodes the chatml marker "
       "'<|im_start|>' as 12 tokens, not one"]
+
+
+def _load_embedding(path):
+  _, params = model_dir.load_model(path)
+  return np.asarray(params["embed"]["embedding"])
+
+
+def test_save_model_replaces_only_an_empty_or_model_directory(tmp_path):
+  params = tiny_params()
+  mine = tmp_path / "mydata"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("precious")
+  with pytest.raises(ValueError, match=f"^{mine}: exists and is neither empty nor a model directory"):
+    model_dir.save_model(str(mine), TINY, params)
+  assert os.listdir(mine) == ["notes.txt"]
+  afile = tmp_path / "afile"
+  afile.write_text("a file")
+  with pytest.raises(ValueError, match=f"^{afile}: exists and is not a directory$"):
+    model_dir.save_model(str(afile), TINY, params)
+  assert afile.read_text() == "a file"
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  model_dir.save_model(str(empty), TINY, params)
+  assert model_dir.is_model_dir(str(empty))
+  model_dir.save_model(str(empty), TINY, tiny_params(1))     # an earlier model is replaced
+  np.testing.assert_array_equal(_load_embedding(str(empty)), tiny_params(1)["embed"]["embedding"])
+  assert sorted(os.listdir(tmp_path)) == ["afile", "empty", "mydata"]   # no temporaries left
+
+
+def test_an_interrupted_save_model_leaves_the_earlier_model(tmp_path, monkeypatch):
+  """Ctrl-C while the parameters are written, or between moving the old directory aside
+  and moving the new one in: the directory is the earlier model, whole, and no temporary
+  directory is left beside it."""
+  from cai_jax import checkpoints
+  path = model_dir.save_model(str(tmp_path / "m"), TINY, tiny_params(0))
+  old = _load_embedding(path)
+  real_export = checkpoints.export_params
+
+  def interrupted_export(params, directory, *args, **kwargs):
+    real_export(params, directory, *args, **kwargs)
+    raise KeyboardInterrupt("simulated Ctrl-C")
+
+  monkeypatch.setattr(checkpoints, "export_params", interrupted_export)
+  with pytest.raises(KeyboardInterrupt):
+    model_dir.save_model(path, TINY, tiny_params(1))
+  monkeypatch.setattr(checkpoints, "export_params", real_export)
+  np.testing.assert_array_equal(_load_embedding(path), old)
+  assert os.listdir(tmp_path) == ["m"]
+
+  real_rename, calls = os.rename, []
+
+  def interrupted_rename(a, b):
+    calls.append((a, b))
+    # Ctrl-C when the new directory first moves in (the old one is aside by then); the
+    # rename that puts the old one back goes through.
+    if b == path and len([c for c in calls if c[1] == path]) == 1:
+      raise KeyboardInterrupt("simulated Ctrl-C")
+    return real_rename(a, b)
+
+  monkeypatch.setattr(os, "rename", interrupted_rename)
+  with pytest.raises(KeyboardInterrupt):
+    model_dir.save_model(path, TINY, tiny_params(1))
+  monkeypatch.setattr(os, "rename", real_rename)
+  assert [a for a, _ in calls].index(path) < [b for _, b in calls].index(path)
+  np.testing.assert_array_equal(_load_embedding(path), old)
+  assert os.listdir(tmp_path) == ["m"]
+
+
+def test_check_apart_refuses_an_output_overlapping_the_input(tmp_path):
+  src = tmp_path / "hf"
+  src.mkdir()
+  for out in (src, src / "sub", tmp_path):
+    with pytest.raises(ValueError, match=f"--out={out} overlaps --from={src}"):
+      model_dir.check_apart(str(src), str(out))
+  with pytest.raises(ValueError, match="overlaps"):
+    model_dir.check_apart(str(src) + "/", str(tmp_path / "." / "hf"))
+  model_dir.check_apart(str(src), str(tmp_path / "hf2"))   # a sibling sharing a name prefix
