@@ -45,7 +45,7 @@ from tqdm import tqdm
 from cai_jax import axes, distributed, models, sharding
 from cai_jax.configs import ModelConfig
 from cai_jax.transformer import Cache, init_cache, unstack_scanned_params
-from cai_jax.tokenizer import common_prefix_length
+from cai_jax.tokenizer import common_prefix_length, keep_last
 
 Array = jax.Array
 Params = Any
@@ -597,9 +597,7 @@ def _fit_length(i: int, seq: Sequence[int], limit: int, what: str, detail: str,
     raise ValueError(
         f"{what} {i} has {len(seq)} tokens but at most {limit} fit ({detail}); "
         "shorten it or pass truncate='left' to keep its last tokens")
-  if bos_id is not None and limit >= 2 and seq[0] == bos_id:
-    return [seq[0]] + seq[len(seq) - limit + 1:], len(seq) - limit
-  return seq[len(seq) - limit:], len(seq) - limit
+  return keep_last(seq, limit, bos_id), len(seq) - limit
 
 
 def _run_pipelined(jobs, dispatch, collect, progress: bool, desc: str):

@@ -1121,6 +1121,18 @@ def stop_token_sequences(tokenizer: Tokenizer, stops: Sequence[str]) -> tuple[tu
   return tuple(out)
 
 
+def keep_last(ids: Sequence[int], n: int, bos_id: Optional[int] = None) -> list[int]:
+  """Left truncation: the last `n` of `ids` (all of them when they fit), with a leading
+  `bos_id` kept in front of the last ``n - 1`` (the start-of-sequence token a model
+  expects; None: no token is special)."""
+  ids = list(ids)
+  if len(ids) <= n:
+    return ids
+  if bos_id is not None and n >= 2 and ids[0] == bos_id:
+    return [ids[0]] + ids[len(ids) - n + 1:]
+  return ids[len(ids) - n:] if n > 0 else []
+
+
 def wants_bos(tokenizer: Tokenizer) -> bool:
   """True when the tokenizer asks for a BOS token in front of every sequence."""
   return bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_id is not None

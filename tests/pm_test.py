@@ -78,6 +78,18 @@ def test_pair_tokenization_ends_with_the_end_token_and_truncates_left():
   assert pair["p"].dtype == np.float32 and pair["p"].shape == (1,) and "tokens" not in pair
 
 
+def test_left_truncation_keeps_the_bos_a_tokenizer_puts_first():
+  class BosByte(type(load_tokenizer("byte"))):
+    add_bos_token = True
+
+  tok = BosByte()
+  msgs = [{"role": "user", "content": "How do I bake bread?"}]
+  tokens, mask, truncated = pm.encode_response(tok, msgs, "Knead it.", "raw", 20)
+  full = "\n\nHuman: How do I bake bread?\n\nAssistant: Knead it."
+  assert truncated and tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
+  assert tok.decode(tokens[1:-1]) == full[-18:]
+
+
 def test_bad_labels_and_empty_responses_are_skipped_and_counted():
   rows = planted(10, 0)
   rows[0]["p_a"] = 1.5

@@ -328,6 +328,15 @@ def test_common_prefix_length():
   assert tk.common_prefix_length([[1, 2], [2, 1]]) == 0
 
 
+def test_keep_last():
+  assert tk.keep_last([1, 2, 3], 5, 1) == [1, 2, 3]
+  assert tk.keep_last([1, 2, 3, 4, 5], 3) == [3, 4, 5]
+  assert tk.keep_last([1, 2, 3, 4, 5], 3, bos_id=1) == [1, 4, 5]
+  assert tk.keep_last([9, 2, 3, 4, 5], 3, bos_id=1) == [3, 4, 5]
+  assert tk.keep_last([1, 2, 3], 1, bos_id=1) == [3]
+  assert tk.keep_last([1, 2, 3], 0) == []
+
+
 def test_encode_after_is_tokenization_aware():
   class MergingTokenizer:
     """Words and single characters; ': (' is one token, so the context's last token

@@ -120,11 +120,12 @@ def encode_response(tok: Any, messages: Sequence[Dict[str, str]], response: str,
   """(tokens [seq_len] int32, mask [seq_len] bool, truncated) of conversation + response.
 
   The ids of ``response_ids`` (EOS last); a sequence longer than seq_len keeps its last
-  seq_len tokens (left truncation).
+  seq_len tokens (left truncation; a leading BOS stays first, ``tokenizer.keep_last``).
   """
+  from cai_jax.tokenizer import keep_last
   ids = response_ids(tok, messages, response, chat_format)
   truncated = len(ids) > seq_len
-  ids = ids[-seq_len:]
+  ids = keep_last(ids, seq_len, tok.bos_id)
   pad = tok.pad_id if tok.pad_id is not None else 0
   tokens = np.full((seq_len,), pad, np.int32)
   tokens[:len(ids)] = ids

@@ -120,7 +120,8 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
   Args:
     policy_cfg/policy_params, ref_cfg/ref_params: LM-head models (the reference is frozen);
     value_cfg/value_params: scalar-head model. The caller's arrays are never modified.
-    prompt_ids: the prompt set as token lists (left-truncated to fit max_seq_len - N).
+    prompt_ids: the prompt set as token lists (left-truncated to fit max_seq_len - N,
+      keeping the `tokenizer`'s leading BOS; ``tokenizer.keep_last``).
     score_fn: (prompt indices [B], GenerateResult) -> [B] scores (PM or a known reward).
     iterations: total iterations (a resumed run continues up to it).
     eos_ids, stop_sequences: end of a response (as in ``sampler.SamplingParams``).
@@ -150,7 +151,9 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
         f"({ppo.rollout_batch // ppo.minibatches} rows per minibatch) does not divide over the "
         f"{n_shards} batch shards of the mesh; make both the rollout batch and the minibatch rows "
         f"multiples of {n_shards}")
-  prompts = [[int(t) for t in p][-limit:] for p in prompt_ids]
+  from cai_jax.tokenizer import keep_last
+  bos_id = getattr(tokenizer, "bos_id", None)
+  prompts = [keep_last([int(t) for t in p], limit, bos_id) for p in prompt_ids]
   if not prompts or any(not p for p in prompts):
     raise ValueError("the prompt set is empty or has an empty prompt")
   plen = min(sampler.bucket_length(max(len(p) for p in prompts)), limit)
