@@ -994,7 +994,9 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], fmt
   """Returns (ids, assistant_mask) for a conversation.
 
   The whole rendered text is encoded at once (so special token strings become
-  their ids and a SentencePiece dummy prefix appears only once); a token is
+  their ids, and tokens across segment boundaries are the ones the model reads; a
+  ``SentencePieceTokenizer`` still starts the text after each control token with its
+  dummy prefix, as llama.cpp does); a token is
   marked True when its character span overlaps an assistant segment of
   ``render_chat`` (assistant content and its end-of-turn token).
 
