@@ -298,8 +298,10 @@ def _llama_cpp_permute(w, n_head):
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(model, path):
-  """A llama GGUF of `model` as llama.cpp writes it: F32 tensors, q/k permuted, GGUF names."""
+def _write_gguf(model, path, extra=None, o_bias=False):
+  """A llama GGUF of `model` as llama.cpp writes it: F32 tensors, q/k weights and biases
+  permuted, GGUF names; the o_proj bias (if any) as blk.N.attn_output.bias only when
+  `o_bias`; extra(writer) adds more metadata."""
   import gguf
   c = model.config
   w = gguf.GGUFWriter(str(path), "llama")
@@ -313,13 +315,21 @@ def _write_gguf(model, path):
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
   w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+  if extra:
+    extra(w)
   for name, t in model.state_dict().items():
     a = t.float().numpy()
-    if name.endswith("q_proj.weight"):
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
       a = _llama_cpp_permute(a, c.num_attention_heads)
-    elif name.endswith("k_proj.weight"):
+    elif name.endswith(("k_proj.weight", "k_proj.bias")):
       a = _llama_cpp_permute(a, c.num_key_value_heads)
-    w.add_tensor(convert.hf_to_gguf_name(name), np.ascontiguousarray(a))
+    if name.endswith("o_proj.bias"):
+      if not o_bias:
+        continue
+      gname = name.replace("model.layers.", "blk.").replace("self_attn.o_proj.bias", "attn_output.bias")
+    else:
+      gname = convert.hf_to_gguf_name(name)
+    w.add_tensor(gname, np.ascontiguousarray(a))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -652,43 +662,6 @@ def test_an_o_proj_bias_the_config_does_not_declare_is_refused(saved, tmp_path):
 # --------------------------------------------------------------------------- GGUF biases and RoPE scaling
 
 
-def _write_gguf_from(model, path, extra=None, o_bias=False):
-  """_write_gguf that also writes q/k/v biases (q/k permuted like their weights), the o_proj
-  bias as blk.N.attn_output.bias when `o_bias`, and calls extra(writer) for more metadata."""
-  import gguf
-  c = model.config
-  w = gguf.GGUFWriter(str(path), "llama")
-  w.add_block_count(c.num_hidden_layers)
-  w.add_context_length(c.max_position_embeddings)
-  w.add_embedding_length(c.hidden_size)
-  w.add_feed_forward_length(c.intermediate_size)
-  w.add_head_count(c.num_attention_heads)
-  w.add_head_count_kv(c.num_key_value_heads)
-  w.add_rope_freq_base(10000.0)
-  w.add_layer_norm_rms_eps(c.rms_norm_eps)
-  w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-  w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
-  if extra:
-    extra(w)
-  for name, t in model.state_dict().items():
-    a = t.float().numpy()
-    if name.endswith(("q_proj.weight", "q_proj.bias")):
-      a = _llama_cpp_permute(a, c.num_attention_heads)
-    elif name.endswith(("k_proj.weight", "k_proj.bias")):
-      a = _llama_cpp_permute(a, c.num_key_value_heads)
-    if name.endswith("o_proj.bias"):
-      if not o_bias:
-        continue
-      gname = name.replace("model.layers.", "blk.").replace("self_attn.o_proj.bias", "attn_output.bias")
-    else:
-      gname = convert.hf_to_gguf_name(name)
-    w.add_tensor(gname, np.ascontiguousarray(a))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-
-
 def test_gguf_qkv_biases_load_and_an_output_bias_is_refused(tmp_path):
   """llama.cpp's llama architecture applies blk.N.attn_{q,k,v}.bias: they load (q/k
   un-permuted) and the logits match transformers; attn_output.bias is refused by name."""
@@ -697,13 +670,13 @@ def test_gguf_qkv_biases_load_and_an_output_bias_is_refused(tmp_path):
     for layer in model.model.layers:
       layer.self_attn.o_proj.bias.zero_()   # our model has no o_proj bias
   path = tmp_path / "bias.gguf"
-  _write_gguf_from(model, path)
+  _write_gguf(model, path)
   cfg, params = convert.load_gguf(str(path))
   assert cfg.qkv_bias
   tokens = _tokens()
   assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), _hf_logits(model, tokens)) < TOL
   with_o = tmp_path / "o_bias.gguf"
-  _write_gguf_from(model, with_o, o_bias=True)
+  _write_gguf(model, with_o, o_bias=True)
   with pytest.raises(ValueError, match=re.escape(str(with_o)) + r": tensor blk\.\d\.attn_output\.bias "
                      "is not used"):
     convert.load_gguf(str(with_o))
@@ -715,12 +688,12 @@ def test_gguf_linear_rope_scaling_without_a_type_is_refused(key, hf_models, tmp_
   scaling when no rope.scaling.type is given: 4.0 is refused by name; 0 and 1 mean none
   and load the unscaled model."""
   path = tmp_path / "scaled.gguf"
-  _write_gguf_from(hf_models["llama"], path, extra=lambda w: w.add_float32(key, 4.0))
+  _write_gguf(hf_models["llama"], path, extra=lambda w: w.add_float32(key, 4.0))
   with pytest.raises(ValueError, match=re.escape(f"{path}: GGUF metadata {key} = 4.0 (linear RoPE scaling)")):
     convert.load_gguf(str(path))
   tokens = _tokens()
   ref = _hf_logits(hf_models["llama"], tokens)
   for none in (0.0, 1.0):
-    _write_gguf_from(hf_models["llama"], path, extra=lambda w: w.add_float32(key, none))
+    _write_gguf(hf_models["llama"], path, extra=lambda w: w.add_float32(key, none))
     cfg, params = convert.load_gguf(str(path))
     assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), ref) < TOL
