@@ -619,7 +619,8 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
              sampling: SamplingParams, batch_size: int, mesh=None, rules=None,
              progress: bool = True, prefix: Optional[Sequence[int]] = None,
              truncate: Optional[str] = None, bucket: int = 64,
-             sort_by_length: bool = True, bos_id: Optional[int] = None) -> GenerateResult:
+             sort_by_length: bool = True, bos_id: Optional[int] = None,
+             first_row: int = 0) -> GenerateResult:
   """Samples a continuation of every prompt.
 
   Args:
@@ -643,6 +644,9 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
       in input order; samples do not depend on batching).
     bos_id: the tokenizer's BOS id, which left truncation keeps in front of a prompt that
       starts with it (None: no token is special).
+    first_row: the index of prompts[0] in a larger prompt set sampled in several calls:
+      prompt i samples with the keys of row ``first_row + i``, so the calls together give
+      what one call over the whole set gives.
   Returns:
     GenerateResult (see its docstring); stats counts truncations.
   """
@@ -668,6 +672,8 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
                        "unless a prefix is given)")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if first_row < 0:
+    raise ValueError(f"first_row must be >= 0, got {first_row}")
   multiple = sharding.batch_shards(mesh, rules)
   rows = full_batch_rows(batch_size, multiple)
 
@@ -696,7 +702,7 @@ def generate(params: Params, config: ModelConfig, prompts: Sequence[Sequence[int
       tokens, mask = _pad(seqs + filler * (size - len(ids)), plen, size, left=True)
       active = np.arange(size) < len(ids)
       row_ids = np.zeros((size,), np.int32)
-      row_ids[:len(ids)] = ids
+      row_ids[:len(ids)] = np.asarray(ids, np.int64) + first_row
       batch = _place({"tokens": tokens, "mask": mask, "active": active, "row_ids": row_ids},
                      mesh, rules)
       return batch_fn(params, batch["tokens"], batch["mask"], batch["active"],

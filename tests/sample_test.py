@@ -81,3 +81,54 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
   assert stats["prompts"] == 12 and stats["batches"] == 2
   assert (tmp_path / "multi.jsonl").read_text() == (tmp_path / "single.jsonl").read_text()
   assert not os.path.exists(str(tmp_path / "multi.jsonl") + ".tmp")
+
+
+def _tiny_model(path):
+  import jax
+  from cai_jax import model_dir, models
+  from cai_jax.configs import ModelConfig
+  from cai_jax.tokenizer import load_tokenizer
+  cfg = ModelConfig(vocab_size=320, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+                    max_seq_len=128)
+  return model_dir.save_model(str(path), cfg, models.init(cfg, jax.random.PRNGKey(0)),
+                              load_tokenizer("byte"))
+
+
+def test_an_interrupted_sample_resumes_to_the_uninterrupted_output(tmp_path, monkeypatch):
+  """Shards done before an interruption are kept in OUT.parts/ and not sampled again; the
+  finished file equals an uninterrupted run's and a one-shard run's (samples depend on each
+  prompt's index in the file only); another config over the parts is refused."""
+  import pytest
+  from cai_jax import sampler
+  from cai_jax.stages import sample
+  model = _tiny_model(tmp_path / "tiny")
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"question {i}" + "?" * i}) + "\n"
+                             for i in range(10)))
+  kw = dict(prompts=str(prompts), model=model, chat_format="raw", max_new_tokens=6,
+            batch_size=4, progress=False)
+  whole = sample.run(out=str(tmp_path / "whole.jsonl"), **kw)
+  assert whole["shards_total"] == 1 and whole["prompts"] == 10
+  calls, real = [], sampler.generate
+
+  def interrupted(*a, **k):
+    calls.append(k["first_row"])
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(*a, **k)
+
+  out = tmp_path / "out.jsonl"
+  monkeypatch.setattr(sampler, "generate", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    sample.run(out=str(out), shard_size=4, **kw)
+  assert calls == [0, 4] and not out.exists()
+  assert sorted(os.listdir(str(out) + ".parts")) == ["manifest.json", "shard-00000.jsonl"]
+  with pytest.raises(ValueError, match=r"different config \(differs in: temperature\)"):
+    sample.run(out=str(out), shard_size=4, temperature=0.5, **kw)
+  monkeypatch.setattr(sampler, "generate", lambda *a, **k: calls.append(k["first_row"]) or real(*a, **k))
+  stats = sample.run(out=str(out), shard_size=4, **kw)
+  assert calls == [0, 4, 4, 8]   # shard 0 was not sampled again
+  assert (stats["shards_total"], stats["shards_run"], stats["prompts"]) == (3, 2, 10)
+  assert stats["generated_tokens"] == whole["generated_tokens"]
+  assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
+  assert not os.path.exists(str(out) + ".parts") and "_truncated" not in out.read_text()

@@ -4,42 +4,41 @@ Input lines: {"prompt": str} (rendered as one user turn in `chat_format`) or
 {"messages": [...]} (a conversation; the model writes the next assistant turn).
 Output lines, in input order: {"prompt", "completion", "logprobs", "finish_reason",
 "num_tokens"}; `logprobs` are the raw (temperature-1) log-probs of the generated
-tokens. The output file is written to a temporary name and renamed when complete.
+tokens.
+
+Resumable: the prompts go through in shards of `shard_size`, each written when done to
+``OUT.parts/`` (a ``cai_jax.shards`` run whose manifest holds the config: model, prompts,
+sampling settings); a rerun with the same config samples only the missing shards, and one
+with another config is refused, naming what differs. When every shard is done the output
+file is written to a temporary name, renamed into place, and ``OUT.parts/`` removed.
+Samples depend on the seed and each prompt's index in the file (``sampler.generate``'s
+``first_row``), not on the shard or batch sizes or on resumption.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
-from typing import Optional
+from typing import Dict, List, Optional
 
-from cai_jax import data, distributed, model_dir, sampler, sharding
+from tqdm import tqdm
+
+from cai_jax import data, distributed, model_dir, sampler, shards, sharding
 from cai_jax.configs import MeshConfig
 from cai_jax.tokenizer import encode_chat, stop_strings, stop_token_sequences, trim_at_stop
 
+PARTS_SUFFIX = ".parts"
+# Per-shard counters kept in the manifest; the run's stats are their sums.
+_SUMS = ("prompts", "batches", "truncated_prompts", "truncated_tokens", "generated_tokens")
+# Internal per-row field of a part file (not in the output): prompt tokens cut by truncate.
+_TRUNCATED = "_truncated_tokens"
 
-def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1, 1, 1, "dp"),
-        chat_format: str = "chatml", temperature: float = 1.0, top_k: int = 0,
-        top_p: float = 1.0, max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0,
-        truncate: Optional[str] = None, progress: bool = True) -> dict:
-  """Samples completions; returns stats (also printed by the CLI).
 
-  Args:
-    prompts: input JSONL path. out: output JSONL path.
-    model: a model directory, .gguf file, HF folder or 'pkg:' spec (see model_dir.load_any).
-    chat_format: 'chatml', 'llama3', 'raw' (the paper's Human/Assistant format) or
-      'none' (the prompt text is fed as is).
-    temperature: 0 = greedy. truncate: None (error on too-long prompts) or 'left'.
-  """
-  if not prompts or not out:
-    raise ValueError("sample needs --prompts=FILE.jsonl and --out=FILE.jsonl")
-  if not model:
-    raise ValueError("sample.model is not set (a model directory, .gguf or HF folder)")
-  rows = data.read_jsonl(data.resolve_path(prompts))
-  m, rules = sharding.mesh_and_rules(mesh)
-  config, params, tok = model_dir.load_chat_model(model, m, rules, chat_format)
-  ids = []
+def _messages(rows: List[dict], prompts: str, chat_format: str) -> List[list]:
+  """Each row's conversation; DataError naming the file and line of a malformed row."""
+  out = []
   for i, row in enumerate(rows):
     where = f"{prompts}:{i + 1}"
     if "messages" in row:
@@ -48,41 +47,111 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
       msgs = [{"role": "user", "content": row["prompt"]}]
     else:
       raise data.DataError(f"{where}: expected a 'prompt' or 'messages' field")
-    if chat_format == "none":
-      if "prompt" not in row:
-        raise data.DataError(f"{where}: chat_format='none' needs a 'prompt' field")
-      ids.append(tok.encode(row["prompt"]))
-    else:
-      ids.append(encode_chat(tok, msgs, chat_format, add_generation_prompt=True)[0])
-  stops = stop_strings(chat_format) if chat_format != "none" else ()
-  stop_ids = stop_token_sequences(tok, stops)
-  eos = (tok.eos_id,) if tok.eos_id is not None else ()
-  params_s = sampler.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                    max_new_tokens=max_new_tokens, eos_ids=eos,
-                                    stop_sequences=stop_ids, seed=seed)
-  t0 = time.perf_counter()
-  result = sampler.generate(params, config, ids, params_s, batch_size, mesh=m, rules=rules,
-                            progress=progress, truncate=truncate, bos_id=tok.bos_id)
-  seconds = time.perf_counter() - t0
-  stats = dict(result.stats)
-  stats.update(out=out, seconds=round(seconds, 2),
-               tokens_per_s=round(stats.get("generated_tokens", 0) / max(seconds, 1e-9), 1))
+    if chat_format == "none" and "prompt" not in row:
+      raise data.DataError(f"{where}: chat_format='none' needs a 'prompt' field")
+    out.append(msgs)
+  return out
+
+
+def _recount(_name: str, rows: List[dict]) -> Dict[str, int]:
+  """A part file's counters from its rows (batches are not recorded per row: 0)."""
+  return {"prompts": len(rows), "batches": 0,
+          "truncated_prompts": sum(r.get(_TRUNCATED, 0) > 0 for r in rows),
+          "truncated_tokens": sum(r.get(_TRUNCATED, 0) for r in rows),
+          "generated_tokens": sum(r["num_tokens"] for r in rows)}
+
+
+def _stats(sums: Dict[str, Dict[str, int]]) -> Dict[str, int]:
+  return {k: sum(s.get(k, 0) for s in sums.values()) for k in _SUMS}
+
+
+def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1, 1, 1, "dp"),
+        chat_format: str = "chatml", temperature: float = 1.0, top_k: int = 0,
+        top_p: float = 1.0, max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0,
+        truncate: Optional[str] = None, shard_size: int = 1024, progress: bool = True) -> dict:
+  """Samples completions; returns stats (also printed by the CLI).
+
+  Args:
+    prompts: input JSONL path. out: output JSONL path.
+    model: a model directory, .gguf file, HF folder or 'pkg:' spec (see model_dir.load_any).
+    chat_format: 'chatml', 'llama3', 'raw' (the paper's Human/Assistant format) or
+      'none' (the prompt text is fed as is).
+    temperature: 0 = greedy. truncate: None (error on too-long prompts) or 'left'.
+    shard_size: prompts per part file of ``OUT.parts/`` (what an interruption can lose).
+  Returns:
+    {"prompts", "batches", "truncated_prompts", "truncated_tokens", "generated_tokens"}
+    over the whole file, "out", "shards_total", "shards_run" (sampled by this call), and
+    "seconds" / "tokens_per_s" of this call's sampling.
+  """
+  if not prompts or not out:
+    raise ValueError("sample needs --prompts=FILE.jsonl and --out=FILE.jsonl")
+  if not model:
+    raise ValueError("sample.model is not set (a model directory, .gguf or HF folder)")
+  rows = data.read_jsonl(data.resolve_path(prompts))
+  messages = _messages(rows, prompts, chat_format)
+  parts = out + PARTS_SUFFIX
+  config = {
+      "model": model, "model_fingerprints": model_dir.model_fingerprints({"model": model}),
+      "prompts_sha256": shards.sha(rows), "chat_format": chat_format,
+      "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p),
+      "max_new_tokens": int(max_new_tokens), "seed": int(seed), "truncate": truncate,
+      "shard_size": int(shard_size)}
+  pieces = shards.partition(list(range(len(rows))), shard_size)
+  names = [shards.shard_name(shards.SHARD_PREFIX, k) for k in range(len(pieces))]
+  run_ = shards.open_run(parts, "sample", config, names, (shards.SHARD_PREFIX,), _recount,
+                         _stats, counts={"num_prompts": len(rows)})
+  todo = [(k, piece) for k, piece in enumerate(pieces) if names[k] not in run_.done]
+  generated, seconds = 0, 0.0
+  if todo:
+    m, rules = sharding.mesh_and_rules(mesh)
+    config_, params, tok = model_dir.load_chat_model(model, m, rules, chat_format)
+    stops = stop_strings(chat_format) if chat_format != "none" else ()
+    params_s = sampler.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                      max_new_tokens=max_new_tokens,
+                                      eos_ids=(tok.eos_id,) if tok.eos_id is not None else (),
+                                      stop_sequences=stop_token_sequences(tok, stops), seed=seed)
+    with tqdm(total=len(rows), initial=len(rows) - sum(len(p) for _, p in todo), unit="prompt",
+              desc="sample", disable=not (progress and distributed.is_primary())) as bar:
+      for k, piece in todo:
+        ids = [tok.encode(rows[i]["prompt"]) if chat_format == "none" else
+               encode_chat(tok, messages[i], chat_format, add_generation_prompt=True)[0]
+               for _, i in piece]
+        t0 = time.perf_counter()
+        result = sampler.generate(params, config_, ids, params_s, batch_size, mesh=m,
+                                  rules=rules, progress=False, truncate=truncate,
+                                  bos_id=tok.bos_id, first_row=piece[0][0])
+        seconds += time.perf_counter() - t0
+        generated += result.stats["generated_tokens"]
+        out_rows = []
+        for r, (_, i) in enumerate(piece):
+          row = rows[i]
+          out_rows.append({
+              "prompt": row.get("prompt", row.get("messages")),
+              "completion": trim_at_stop(tok.decode(result.content_tokens(r).tolist()), stops),
+              "logprobs": [round(float(x), 5) for x in result.logprobs[r]],
+              "finish_reason": result.finish_reasons[r], "num_tokens": int(result.lengths[r]),
+              _TRUNCATED: len(ids[r]) - int(result.prompt_lengths[r])})
+        run_.write_shard(names[k], out_rows,
+                         {key: int(result.stats[key]) for key in _SUMS})
+        bar.update(len(piece))
   if distributed.is_primary():   # multi-process runs: every process holds every result
-    _write(out, rows, result, tok, stops)
+    _write(out, [run_.path(n) for n in names])
+    shutil.rmtree(parts)
   distributed.barrier(f"sample:{out}")
+  stats = _stats(run_.sums)
+  stats.update(out=out, shards_total=len(names), shards_run=len(todo), seconds=round(seconds, 2),
+               tokens_per_s=round(generated / max(seconds, 1e-9), 1))
   return stats
 
 
-def _write(out: str, rows, result: sampler.GenerateResult, tok, stops) -> None:
-  """The output JSONL, written to a temporary name and renamed when complete."""
+def _write(out: str, part_files: List[str]) -> None:
+  """The output JSONL from the part files in order (without their internal fields),
+  written to a temporary name and renamed when complete."""
   tmp = out + ".tmp"
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(tmp, "w", encoding="utf-8") as f:
-    for i, row in enumerate(rows):
-      text = trim_at_stop(tok.decode(result.content_tokens(i).tolist()), stops)
-      f.write(json.dumps({
-          "prompt": row.get("prompt", row.get("messages")), "completion": text,
-          "logprobs": [round(float(x), 5) for x in result.logprobs[i]],
-          "finish_reason": result.finish_reasons[i], "num_tokens": int(result.lengths[i]),
-      }, ensure_ascii=False) + "\n")
+    for path in part_files:
+      for row in shards.read_jsonl(path):
+        row.pop(_TRUNCATED, None)
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
   os.replace(tmp, out)
