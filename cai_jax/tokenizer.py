@@ -569,9 +569,10 @@ _GGUF_PRE = {
 }
 
 
-# Pre-tokenizer names for which llama.cpp adds BOS when the file has no
-# tokenizer.ggml.add_bos_token (its LLAMA3 pre-tokenizer group).
-_GGUF_PRE_ADD_BOS = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1",
+# llama.cpp's LLAMA3 group of pre-tokenizer names: it tokenizes them with ignore_merges (a
+# pre-token that is a vocabulary entry is one token) and adds BOS when the file has no
+# tokenizer.ggml.add_bos_token. (dbrx and smaug-bpe share the split but neither.)
+_GGUF_LLAMA3_GROUP = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1",
                                "pixtral", "midm-2.0", "lfm2"})
 
 
@@ -612,7 +613,7 @@ def _byte_level_pre_tokenizer(pre: Optional[str]):
   return pre_tokenizers.Sequence([
       pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
       pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-  ]), family == "llama3"
+  ]), pre in _GGUF_LLAMA3_GROUP
 
 
 def _first_index_vocab(tokens: Sequence[str]) -> dict[str, int]:
@@ -744,7 +745,7 @@ def tokenizer_from_gguf(path: str) -> HFTokenizer:
   if kind == "gpt2":
     tok, keys = _gguf_byte_level_bpe(meta)
     # llama.cpp adds BOS by default for the Llama 3 group of pre-tokenizers only
-    default_add_bos = meta.get("tokenizer.ggml.pre") in _GGUF_PRE_ADD_BOS
+    default_add_bos = meta.get("tokenizer.ggml.pre") in _GGUF_LLAMA3_GROUP
   elif kind == "llama":
     tok, keys = _gguf_sentencepiece_bpe(meta)
     default_add_bos = True

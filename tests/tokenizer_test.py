@@ -299,6 +299,26 @@ def test_gguf_llama3_pre_tokenizer_adds_bos_by_default_as_llama_cpp(tmp_path):
   assert got == {("llama-bpe", 0): True, ("gpt2", 0): False, ("llama-bpe", 1): False}
 
 
+def test_gguf_ignore_merges_only_for_llama_cpps_llama3_group(tmp_path):
+  """llama.cpp takes a pre-token that is a vocabulary entry whole (ignore_merges) for the
+  Llama 3 group only; dbrx / smaug-bpe share the split but apply the merges."""
+  pytest.importorskip("gguf")
+  from tokenizers import Tokenizer, models
+  tokens = ["a", "b", "c", "ab", "abc", "<s>"]
+  merges = ["a b"]
+  want = {}
+  for ignore in (True, False):
+    ref = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [("a", "b")],
+                               ignore_merges=ignore))
+    want[ignore] = ref.encode("abc").ids
+  assert want[True] == [4] and want[False] == [3, 2]
+  for pre, ignore in (("llama-bpe", True), ("dbrx", False), ("smaug-bpe", False)):
+    path = tmp_path / f"{pre}.gguf"
+    _write_gguf(path, "gpt2", tokens, [1] * 5 + [3], merges=merges, tokenizer_pre=pre,
+                bos_token_id=5)
+    assert tk.load_tokenizer(str(path)).encode("abc") == want[ignore], pre
+
+
 # ---------------------------------------------------------------------------- SentencePiece
 
 SP_CORPUS = ["the quick brown fox jumps over the lazy dog",
