@@ -167,7 +167,9 @@ def load_model(directory: str, config: Optional[ModelConfig] = None, mesh=None, 
                ) -> Tuple[ModelConfig, Any]:
   """(ModelConfig, params) from a model directory, sharded onto `mesh` if given.
 
-  `config` may override runtime fields (dtype, remat, scan) but must have the stored shapes.
+  `config` may override runtime fields (the compute dtype, remat, attention implementation)
+  but must describe the stored parameter tree: the same shapes, ``scan_layers`` and
+  ``param_dtype`` (else ``checkpoints.CheckpointMismatchError``).
   """
   from cai_jax import checkpoints, models, sharding
   import jax
