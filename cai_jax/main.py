@@ -133,7 +133,8 @@ COMMANDS: Dict[str, Command] = {
     "dpo": Command("DPO on the AI-labelled comparisons (soft labels) against a frozen reference: "
                    "the lighter alternative to pm + rl",
                    "experiments/smollm2_135m_cpu.gin", _stage("dpo", "run"), True),
-    "sample": Command("complete each {\"prompt\"} of --prompts=FILE.jsonl into --out=FILE.jsonl",
+    "sample": Command("complete each {\"prompt\"} of --prompts=FILE.jsonl into --out=FILE.jsonl "
+                      "(an interrupted run resumes from FILE.jsonl.parts/)",
                       "experiments/smollm2_135m_cpu.gin", _stage("sample", "run"), False),
     "import": Command("HF folder or .gguf (--from=PATH) -> model directory (--out=DIR)",
                       None, _stage("checkpoint_io", "run_import"), False, "import_checkpoint"),
