@@ -773,17 +773,7 @@ def load_hf(path: str, config: Optional[ModelConfig] = None, mesh: Optional[Mesh
   directory = path if os.path.isdir(path) else os.path.dirname(path)
   config_path = os.path.join(directory, "config.json")
   hf_cfg = config_from_hf(_read_json(config_path), source=config_path)
-  if config is None:
-    config = hf_cfg
-  else:
-    for field in ("tie_embeddings", "qkv_bias"):
-      if getattr(config, field) != getattr(hf_cfg, field):
-        raise ValueError(f"config.{field}={getattr(config, field)} but the checkpoint has "
-                         f"{getattr(hf_cfg, field)}")
-    for field in ("rope_theta", "norm_eps", "rope_scaling_factor"):
-      if getattr(config, field) != getattr(hf_cfg, field):
-        logging.warning("load_hf: config.%s=%s differs from the checkpoint's %s", field,
-                        getattr(config, field), getattr(hf_cfg, field))
+  config = _given_or_file_config(config, hf_cfg, config_path)
   if dtype is not None:
     config = dataclasses.replace(config, param_dtype=_dtype_name(dtype))
   if os.path.isdir(path):
@@ -795,6 +785,25 @@ def load_hf(path: str, config: Optional[ModelConfig] = None, mesh: Optional[Mesh
     source = _SafetensorsSource(weight_map, stack)
     params = _load_params(config, source, mesh, rules)
   return config, params
+
+
+def _given_or_file_config(config: Optional[ModelConfig], stored: ModelConfig,
+                          source: str) -> ModelConfig:
+  """The config a load uses: `stored` (read from `source`) when `config` is None, else
+  `config`, which must agree with it on the parameter tree (tie_embeddings, qkv_bias:
+  ValueError naming `source`); a differing rope_theta, norm_eps or RoPE scaling factor is
+  logged as a warning (allowed, but another model's math)."""
+  if config is None:
+    return stored
+  for field in ("tie_embeddings", "qkv_bias"):
+    if getattr(config, field) != getattr(stored, field):
+      raise ValueError(f"{source}: config.{field}={getattr(config, field)} but the checkpoint "
+                       f"has {getattr(stored, field)}")
+  for field in ("rope_theta", "norm_eps", "rope_scaling_factor"):
+    if getattr(config, field) != getattr(stored, field):
+      logging.warning("convert: config.%s=%s differs from %s's %s", field,
+                      getattr(config, field), source, getattr(stored, field))
+  return config
 
 
 def _host_array(x) -> np.ndarray:
@@ -993,13 +1002,7 @@ def load_gguf(path: str, mesh: Optional[Mesh] = None, rules=None, config: Option
   """
   from cai_jax.gguf_file import read_gguf
   file = read_gguf(path)
-  gguf_cfg = config_from_gguf(file)
-  if config is None:
-    config = gguf_cfg
-  elif (config.tie_embeddings, config.qkv_bias) != (gguf_cfg.tie_embeddings, gguf_cfg.qkv_bias):
-    raise ValueError(f"config (tie_embeddings={config.tie_embeddings}, qkv_bias={config.qkv_bias}) "
-                     f"does not match the GGUF file (tie_embeddings={gguf_cfg.tie_embeddings}, "
-                     f"qkv_bias={gguf_cfg.qkv_bias})")
+  config = _given_or_file_config(config, config_from_gguf(file), path)
   if dtype is not None:
     config = dataclasses.replace(config, param_dtype=_dtype_name(dtype))
   source = _GGUFSource(file, config.dim_per_head)

@@ -697,3 +697,25 @@ def test_gguf_linear_rope_scaling_without_a_type_is_refused(key, hf_models, tmp_
     _write_gguf(hf_models["llama"], path, extra=lambda w: w.add_float32(key, none))
     cfg, params = convert.load_gguf(str(path))
     assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), ref) < TOL
+
+
+def test_a_given_config_must_match_the_files_tree_and_differing_math_is_warned(
+    hf_models, tmp_path, caplog):
+  """load_hf and load_gguf treat a caller's config alike: a different parameter tree
+  (qkv_bias, tie_embeddings) is an error naming the file, a different rope_theta a warning."""
+  hf_dir = tmp_path / "hf"
+  hf_models["llama"].save_pretrained(str(hf_dir), safe_serialization=True)
+  gguf_path = tmp_path / "tiny.gguf"
+  _write_gguf(hf_models["llama"], gguf_path)
+  for load, path, name in ((convert.load_hf, str(hf_dir), "config.json"),
+                           (lambda p, config: convert.load_gguf(p, config=config),
+                            str(gguf_path), "tiny.gguf")):
+    stored, _ = load(path, config=None)
+    with pytest.raises(ValueError, match=rf"{name}: config.qkv_bias=True but the checkpoint has False"):
+      load(path, config=dataclasses.replace(stored, qkv_bias=True))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      got, _ = load(path, config=dataclasses.replace(stored, rope_theta=5.0))
+    assert got.rope_theta == 5.0
+    assert [r.getMessage() for r in caplog.records if "rope_theta" in r.getMessage()] == [
+        f"convert: config.rope_theta=5.0 differs from {path if name == 'tiny.gguf' else os.path.join(path, name)}'s 10000.0"]
