@@ -90,7 +90,7 @@ PROGRESS_MIN_BYTES = 1 << 30
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 # Checkpoint tensors the model may ignore: they do not change its outputs (rotary tables
 # that older Llama checkpoints store; our RoPE computes the same frequencies).
-_HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
+_HARMLESS_SUFFIXES = ("rotary_emb.inv_freq", "rope_freqs.weight")
 
 # Files copied next to an export from `tokenizer_dir`.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -924,6 +924,52 @@ def _write_hf(flat: Dict[Tuple[str, ...], Any], config: ModelConfig, dtype, dire
 # --------------------------------------------------------------------------- GGUF
 
 
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def llama3_rope_from_factors(factors: np.ndarray, head_dim: int, rope_theta: float,
+                             where: str) -> Dict[str, Any]:
+  """ModelConfig RoPE fields of a llama.cpp ``rope_freqs.weight`` tensor [head_dim / 2]:
+  the divisor llama.cpp applies to each rotary frequency, which its converter computes
+  from an HF ``rope_scaling`` of type 'llama3' (1 for short wavelengths, `factor` for
+  long ones, a smooth blend between). Meta's low / high frequency factors (1, 4) are
+  assumed, the factor is the largest divisor and the original context length is solved
+  from a blended entry (when there is none, any length between the unscaled and the scaled
+  wavelengths gives the same frequencies: 8192 if it can); the result must reproduce every divisor
+  (our frequencies, ``layers.rope_inv_freq``, times the divisors give the unscaled ones),
+  else ValueError naming `where`. All divisors 1: no scaling ({})."""
+  from cai_jax import layers
+  f = np.asarray(factors, np.float64).reshape(-1)
+  if f.shape != (head_dim // 2,) or not np.all(np.isfinite(f)) or np.any(f <= 0):
+    raise ValueError(f"{where}: expected {head_dim // 2} positive finite divisors, got "
+                     f"shape {f.shape}")
+  if np.allclose(f, 1.0):
+    return {}
+  factor, low, high = float(f.max()), 1.0, 4.0
+  wavelen = 2 * math.pi * rope_theta ** (np.arange(0, head_dim, 2) / head_dim)
+  blended = np.nonzero((f > 1 + 1e-4) & (f < factor * (1 - 1e-4)))[0]
+  if blended.size:
+    i = int(blended[0])
+    smooth = (1 / f[i] - 1 / factor) / (1 - 1 / factor)
+    original = int(round(wavelen[i] * (smooth * (high - low) + low)))
+  else:   # every original length between these gives the same frequencies: 8192 if it can
+    ones, scaled = wavelen[f <= 1 + 1e-4], wavelen[f >= factor * (1 - 1e-4)]
+    lo = high * float(ones.max()) if ones.size else 0.0
+    hi = low * float(scaled.min()) if scaled.size else math.inf
+    original = 8192 if lo < 8192 < hi else int(math.floor(lo)) + 1
+  fields = dict(rope_scaling_factor=_f32(factor), rope_low_freq_factor=low,
+                rope_high_freq_factor=high, rope_original_max_len=original)
+  base = ModelConfig(head_dim=head_dim, d_model=head_dim, n_heads=1, n_kv_heads=1,
+                     rope_theta=rope_theta)
+  plain = np.asarray(layers.rope_inv_freq(base), np.float64)
+  ours = np.asarray(layers.rope_inv_freq(dataclasses.replace(base, **fields)), np.float64)
+  if not np.allclose(plain / ours, f, rtol=1e-4, atol=0):
+    raise ValueError(f"{where}: the divisors are not Llama 3 RoPE scaling (low / high frequency "
+                     f"factors 1 / 4) with factor {factor:g} and original context {original}; "
+                     "this scaling is not supported")
+  return fields
+
+
 def config_from_gguf(file, **overrides) -> ModelConfig:
   """ModelConfig from a GGUF file's ``llama.*`` metadata (see the module docstring).
 
@@ -932,9 +978,11 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
   vocab_size is the length of tokenizer.ggml.tokens (else llama.vocab_size); embeddings
   are tied when the file has no output.weight; qkv_bias is set when the file has q, k or v
   biases (blk.N.attn_{q,k,v}.bias, which llama.cpp's llama architecture applies). Raises
-  ValueError for another architecture, partial rotary, RoPE scaling (a scaling type, a
-  rope_freqs.weight tensor, or ``rope.scaling.factor`` / ``rope.scale_linear`` other than
-  0 or 1, which llama.cpp applies as linear scaling even without a type), or a split file.
+  ValueError for another architecture, partial rotary, RoPE scaling other than Llama 3's
+  (a scaling type, or ``rope.scaling.factor`` / ``rope.scale_linear`` other than 0 or 1,
+  which llama.cpp applies as linear scaling even without a type), or a split file.
+  Llama 3.1+ files carry their RoPE scaling as a ``rope_freqs.weight`` tensor of per-
+  frequency divisors (``llama3_rope_from_factors``).
   """
   meta = file.metadata
   arch = meta.get("general.architecture")
@@ -958,8 +1006,8 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
     raise ValueError(f"GGUF rope.dimension_count={rot} != head_dim={head_dim}: partial rotary is not supported")
   scaling = get("rope.scaling.type")
   tensor_names = set(file.tensors)
-  if (scaling not in (None, "none")) or "rope_freqs.weight" in tensor_names:
-    raise ValueError(f"GGUF RoPE scaling ({scaling or 'rope_freqs.weight'}) is not supported")
+  if scaling not in (None, "none"):
+    raise ValueError(f"{file.path}: GGUF RoPE scaling {scaling!r} is not supported")
   for key in ("rope.scaling.factor", "rope.scale_linear"):
     factor = get(key)
     if factor is not None and factor not in (0, 1):
@@ -971,14 +1019,20 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
   vocab = len(tokens) if tokens is not None else get("vocab_size")
   if vocab is None:
     raise ValueError("GGUF has neither tokenizer.ggml.tokens nor llama.vocab_size")
+  rope_theta = _f32(get("rope.freq_base", 10000.0))
+  rope_kwargs = {}
+  if ROPE_FREQS in tensor_names:
+    from gguf.quants import dequantize
+    t = file.tensors[ROPE_FREQS]
+    rope_kwargs = llama3_rope_from_factors(dequantize(np.asarray(t.data), t.tensor_type),
+                                           head_dim, rope_theta, f"{file.path}: {ROPE_FREQS}")
   kwargs = dict(
       vocab_size=int(vocab), d_model=d_model, n_layers=int(get("block_count", required=True)),
       n_heads=n_heads, n_kv_heads=n_kv, d_ff=int(get("feed_forward_length", required=True)),
       head_dim=None if head_dim * n_heads == d_model else head_dim,
       max_seq_len=int(get("context_length", 2048)),
-      rope_theta=_f32(get("rope.freq_base", 10000.0)),
-      norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
-      tie_embeddings="output.weight" not in tensor_names, qkv_bias=qkv_bias)
+      rope_theta=rope_theta, norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+      tie_embeddings="output.weight" not in tensor_names, qkv_bias=qkv_bias, **rope_kwargs)
   kwargs.update(overrides)
   return ModelConfig(**kwargs)
 

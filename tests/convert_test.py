@@ -298,6 +298,33 @@ def _llama_cpp_permute(w, n_head):
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _rope_params(c):
+  """(rope_theta, rope scaling dict) of a transformers config (4.x or 5.x keys)."""
+  params = dict(getattr(c, "rope_parameters", None) or {})
+  scaling = dict(getattr(c, "rope_scaling", None) or params)
+  return float(params.get("rope_theta", getattr(c, "rope_theta", 10000.0))), scaling
+
+
+def _llama_cpp_rope_freqs(c):
+  """rope_freqs.weight as llama.cpp's convert_hf_to_gguf writes it for a 'llama3'
+  rope_scaling: the divisor of each rotary frequency."""
+  theta, rs = _rope_params(c)
+  dim = c.hidden_size // c.num_attention_heads
+  factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+  old = rs["original_max_position_embeddings"]
+  out = []
+  for freq in 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+    wavelen = 2 * np.pi / freq
+    if wavelen < old / high:
+      out.append(1.0)
+    elif wavelen > old / low:
+      out.append(factor)
+    else:
+      smooth = (old / wavelen - low) / (high - low)
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.asarray(out, np.float32)
+
+
 def _write_gguf(model, path, extra=None, o_bias=False):
   """A llama GGUF of `model` as llama.cpp writes it: F32 tensors, q/k weights and biases
   permuted, GGUF names; the o_proj bias (if any) as blk.N.attn_output.bias only when
@@ -311,10 +338,12 @@ def _write_gguf(model, path, extra=None, o_bias=False):
   w.add_feed_forward_length(c.intermediate_size)
   w.add_head_count(c.num_attention_heads)
   w.add_head_count_kv(c.num_key_value_heads)
-  w.add_rope_freq_base(10000.0)
+  w.add_rope_freq_base(_rope_params(c)[0])
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
   w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+  if _rope_params(c)[1].get("rope_type") == "llama3":
+    w.add_tensor("rope_freqs.weight", _llama_cpp_rope_freqs(c))
   if extra:
     extra(w)
   for name, t in model.state_dict().items():
@@ -719,3 +748,34 @@ def test_a_given_config_must_match_the_files_tree_and_differing_math_is_warned(
     assert got.rope_theta == 5.0
     assert [r.getMessage() for r in caplog.records if "rope_theta" in r.getMessage()] == [
         f"convert: config.rope_theta=5.0 differs from {path if name == 'tiny.gguf' else os.path.join(path, name)}'s 10000.0"]
+
+
+@pytest.mark.parametrize("original", [32, 64])
+def test_gguf_llama3_rope_scaling_from_rope_freqs(original, tmp_path):
+  """Llama 3.1+ GGUFs carry RoPE scaling as rope_freqs.weight; the frequencies we derive
+  from it equal transformers' llama3 scaling (original 32: no blended frequency, 64: one),
+  and so do the logits; divisors that are not Llama 3 scaling are refused."""
+  from cai_jax import layers
+  model = _hf_model("llama3_rope", seed=3, rope_scaling={
+      "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": original})
+  freqs = _llama_cpp_rope_freqs(model.config)
+  assert ((freqs > 1) & (freqs < 8)).sum() == (original == 64)
+  path = tmp_path / "l3.gguf"
+  _write_gguf(model, path)
+  cfg, params = convert.load_gguf(str(path))
+  assert cfg.rope_scaling_factor == 8.0 and cfg.rope_theta == 500000.0
+  np.testing.assert_allclose(np.asarray(layers.rope_inv_freq(cfg)),
+                             model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+  tokens = _tokens()
+  assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), _hf_logits(model, tokens)) < TOL
+  unscaled = dataclasses.replace(cfg, rope_scaling_factor=0.0)
+  assert _max_diff(models.logits(params, unscaled, jnp.asarray(tokens)),
+                   _hf_logits(model, tokens)) > 100 * TOL   # the scaling is visible here
+  bad = tmp_path / "bad.gguf"
+  _write_gguf(_hf_model("llama", seed=3), bad,
+              extra=lambda w: w.add_tensor("rope_freqs.weight",
+                                           np.asarray([1, 3, 8, 8, 8, 8, 8, 8], np.float32)))
+  with pytest.raises(ValueError, match=r"bad.gguf: rope_freqs.weight: the divisors are not Llama 3"):
+    convert.load_gguf(str(bad))
+
