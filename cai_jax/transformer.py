@@ -150,7 +150,9 @@ class Decoder(nn.Module):
     x = constrain(x, (axes.BATCH, axes.ACTIVATION_LENGTH if cache is None else axes.LENGTH,
                       axes.EMBED))
 
-    block_cls = _block_class(cfg)
+    # Remat only matters where gradients flow (no cache); on cached calls it would also
+    # turn StackedLayerCache.layer into a traced value the Pallas decode kernel cannot take.
+    block_cls = _block_class(cfg) if cache is None else DecoderBlock
     # The layers learn the cache dtype from the (possibly empty) slices.
     layer_caches = None if cache is None else (cache["k"][:, :, :read], cache["v"][:, :, :read])
     if cfg.scan_layers:

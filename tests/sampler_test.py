@@ -322,7 +322,10 @@ PALLAS = dataclasses.replace(UNROLLED, decode_attention="pallas")
 
 @pytest.mark.parametrize("config,batch_size,sp,prefix", [
     (PALLAS, 1, GREEDY, None), (PALLAS, 4, T1, None), (PALLAS, 4, GREEDY, [5, 6, 7]),
-    (dataclasses.replace(SCANNED, decode_attention="pallas"), 4, GREEDY, None)])
+    (dataclasses.replace(SCANNED, decode_attention="pallas"), 4, GREEDY, None),
+    # every model preset trains with remat: the cached calls must not be rematerialized
+    (dataclasses.replace(PALLAS, remat_policy="full"), 4, GREEDY, None),
+    (dataclasses.replace(PALLAS, remat_policy="dots"), 1, GREEDY, None)])
 def test_pallas_decode_attention_matches_xla(params, prompts, config, batch_size, sp, prefix):
   """decode_attention 'pallas' (the kernel in interpret mode on the CPU; unrolled it reads
   the stacked cache in place, scanned each layer's slice) generates what the einsum
