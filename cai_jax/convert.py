@@ -95,7 +95,8 @@ _HARMLESS_SUFFIXES = ("rotary_emb.inv_freq", "rope_freqs.weight")
 # Files copied next to an export from `tokenizer_dir`.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                    "chat_template.jinja", "chat_template.json", "generation_config.json")
+                    "chat_template.jinja", "chat_template.json", "generation_config.json",
+                    "byte_tokenizer.json")
 
 
 # --------------------------------------------------------------------------- configs
@@ -915,10 +916,13 @@ def _write_hf(flat: Dict[Tuple[str, ...], Any], config: ModelConfig, dtype, dire
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hf_config_from(config), f, indent=2)
   if tokenizer_dir is not None:
-    for name in _TOKENIZER_FILES:
-      src = os.path.join(tokenizer_dir, name)
-      if os.path.exists(src):
-        shutil.copyfile(src, os.path.join(directory, name))
+    copied = [name for name in _TOKENIZER_FILES if os.path.exists(os.path.join(tokenizer_dir, name))]
+    for name in copied:
+      shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(directory, name))
+    if not copied:
+      logging.warning("export: %s holds no tokenizer file this export copies (%s); the "
+                      "folder is written without a tokenizer", tokenizer_dir,
+                      ", ".join(_TOKENIZER_FILES[:4]))
 
 
 # --------------------------------------------------------------------------- GGUF

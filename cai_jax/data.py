@@ -36,11 +36,19 @@ def iter_jsonl(path: str) -> Iterator[Tuple[int, Example]]:
   """(1-based line number, object) for every non-blank line of a JSONL (or .jsonl.gz) file;
   errors name the file and line."""
   if not os.path.isfile(path):
-    raise DataError(f"{path}: no such file")
+    raise DataError(f"{path}: {'is a directory, not a file' if os.path.isdir(path) else 'no such file'}")
   opener = (lambda: gzip.open(path, "rt", encoding="utf-8")) if path.endswith(".gz") else (
       lambda: open(path, encoding="utf-8"))
   with opener() as f:
-    for lineno, line in enumerate(f, 1):
+    lineno = 0
+    while True:
+      try:
+        line = f.readline()
+      except UnicodeDecodeError:
+        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+      if not line:
+        break
+      lineno += 1
       if not line.strip():
         continue
       try:

@@ -11,6 +11,7 @@ import importlib
 import importlib.util  # noqa: F401  (gin 0.5.0's relative includes need it imported)
 import functools
 import json
+import math
 import os
 import sys
 import traceback
@@ -273,6 +274,25 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0]
 
 
+def _failing_binding(gin, files: List[str], bindings: List[str], others: List[str]) -> str:
+  """' (binding ...)' naming the first binding that gin cannot parse on its own when the
+  files parse, else ''; the config is left cleared (the caller raises)."""
+  try:
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(files, [], finalize_config=False, skip_unknown=others)
+    for b in bindings:
+      try:
+        gin.parse_config_files_and_bindings([], [b], finalize_config=False, skip_unknown=others)
+      except (ValueError, KeyError, TypeError, SyntaxError, IOError):
+        return (f" (binding {b!r}; a string value needs quotes inside the flag, e.g. "
+                "--gin.sample.model=\"'/path'\")")
+  except (ValueError, KeyError, TypeError, SyntaxError, IOError):
+    pass
+  finally:
+    gin.clear_config()
+  return ""
+
+
 def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_paths: List[str]):
   """Registers configurables, parses files + bindings; returns the configured runner."""
   import gin
@@ -294,7 +314,7 @@ def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_pa
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False,
                                         skip_unknown=others)
   except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
-    raise CliError(f"gin: {_first_line(e)}") from None
+    raise CliError(f"gin: {_first_line(e)}{_failing_binding(gin, files, bindings, others)}") from None
   finally:
     logging.set_verbosity(level)
   name = COMMANDS[command].configurable(command)
@@ -323,6 +343,10 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
   if command not in COMMANDS:
     raise CliError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
   name = COMMANDS[command].configurable(command)
+  flag_of = {arg: flag for flag, arg in _FLAG_ARGS.items()}
+  for arg, value in (flag_args or {}).items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise CliError(f"--{flag_of.get(arg, arg)}={value}: not a finite number")
   bindings = list(bindings) + [f"{name}.{arg} = {value!r}" for arg, value in (flag_args or {}).items()]
   if command == "pipeline":
     cli_args = pipeline_stage_args(gin_files, bindings, search_paths)
@@ -536,14 +560,19 @@ def _end_for_peer(message: str) -> None:
 def run(argv: Optional[List[str]] = None) -> None:
   """Console-script entry point."""
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) == 1 or any(a in ("-h", "--help", "help", "--helpfull") for a in argv[1:2]) or \
-      (len(argv) > 2 and argv[2] in ("-h", "--help")):
+  if len(argv) == 1 or argv[1:2] == ["help"] or any(
+      a in ("-h", "--help", "--helpfull", "--helpshort") for a in argv[1:]):
     print(usage())
     sys.exit(0)
   if argv[1:2] == ["--version"]:
     print(version_line())
     sys.exit(0)
   argv = rewrite_gin_args(argv)
+  try:   # absl's own report of a bad flag is two lines and exit status 1
+    remaining = FLAGS(argv)
+  except flags.Error as e:
+    print(f"cai-jax: error: {_first_line(e)}", file=sys.stderr)
+    sys.exit(2)
 
   def main(parsed):
     if not any(a.startswith(("--verbosity", "-v")) for a in argv):
@@ -572,6 +601,9 @@ def run(argv: Optional[List[str]] = None) -> None:
       elif isinstance(e, StageFailed):
         print(f"cai-jax: error: {_first_line(e)}", file=sys.stderr)   # the stage printed its own
         status = e.exit_status
+      elif isinstance(e, KeyboardInterrupt):
+        print("cai-jax: interrupted", file=sys.stderr)
+        status = 130
       else:
         if _PROCESS["count"] > 1:
           traceback.print_exc()
@@ -580,7 +612,7 @@ def run(argv: Optional[List[str]] = None) -> None:
       distributed.end_run(status)
       sys.exit(status)
 
-  app.run(main, argv=argv)
+  app.run(main, argv=argv, flags_parser=lambda _: remaining)   # flags parsed once, above
 
 
 if __name__ == "__main__":

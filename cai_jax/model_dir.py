@@ -71,12 +71,15 @@ def replacing_dir(directory: str, is_kind: Callable[[str], bool], kind: str):
   takes `directory`'s place (an earlier `directory` is first renamed aside, then deleted),
   so `directory` is always either the old complete one or the new complete one. When the
   block raises (Ctrl-C included) the temporary directory is deleted and `directory` is left
-  as it was. `directory` must pass ``check_replaceable(directory, is_kind, kind)``, checked
+  as it was; the temporaries of a write killed outright (kill -9) are deleted by the next. `directory` must pass ``check_replaceable(directory, is_kind, kind)``, checked
   before and again just before the swap; parent directories are created."""
   directory = os.path.realpath(directory)
   check_replaceable(directory, is_kind, kind)
   parent, base = os.path.split(directory)
   os.makedirs(parent, exist_ok=True)
+  for stale in os.listdir(parent):   # temporaries of an earlier write that was killed
+    if stale.startswith(f".{base}.tmp-"):
+      shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
   tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
   os.makedirs(tmp)
   old = None
@@ -233,7 +236,7 @@ def load_any(spec: str, mesh=None, rules=None, config: Optional[ModelConfig] = N
   if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
     cfg, params = convert.load_hf(path, config=config, mesh=mesh, rules=rules)
     has_tokenizer = any(os.path.exists(os.path.join(path, f))
-                        for f in ("tokenizer.json", "tokenizer.model"))
+                        for f in ("tokenizer.json", "tokenizer.model", "byte_tokenizer.json"))
     return cfg, params, load_tokenizer(path) if has_tokenizer else None
   raise FileNotFoundError(
       f"model {spec!r}: not a model directory, .gguf file or Hugging Face folder with config.json")
@@ -243,8 +246,13 @@ def load_chat_model(spec: str, mesh=None, rules=None, chat_format: str = "", wha
   """``load_any`` for a stage that talks to the model in `chat_format`: (ModelConfig,
   params, tokenizer), a ValueError naming `what` and the spec when there is no tokenizer,
   and one warning when the format's turn markers are not tokens of this tokenizer
-  (``tokenizer.warn_if_foreign_chat_format``; '' and 'none' check nothing)."""
+  (``tokenizer.warn_if_foreign_chat_format``; '' and 'none' check nothing). A model
+  directory with another head than 'lm' is a ValueError naming it."""
   from cai_jax.tokenizer import warn_if_foreign_chat_format
+  path = resolve_model_spec(spec)
+  if is_model_dir(path) and load_head(path) != "lm":
+    raise ValueError(f"{what} {spec!r} is a {load_head(path)!r}-head model (a preference, "
+                     "harm or value model), not a language model")
   cfg, params, tok = load_any(spec, mesh, rules)
   if tok is None:
     raise ValueError(f"{what} {spec!r} has no tokenizer")

@@ -21,7 +21,8 @@ processes see the same shards on disk.
 Resumption (``open_run``): the shard files on disk are the truth, the manifest's
 per-shard counters ("shard_sums") a cache of them. A run whose stored config hash
 differs from the new one is refused with a one-line ValueError naming the differing
-config keys; so is a directory of another stage, or one holding shard files but no
+config keys (unless it has no shard on disk yet: then it holds no work and starts
+afresh); so is a directory of another stage, or one holding shard files but no
 manifest.
 """
 
@@ -146,7 +147,7 @@ class Run:
 
 def open_run(out_dir: str, stage: str, config: Dict[str, Any], names: Sequence[str],
              prefixes: Sequence[str], recount: Recount, stats: StatsFn,
-             counts: Optional[Dict[str, Any]] = None) -> Run:
+             counts: Optional[Dict[str, Any]] = None, hint: str = "use a new out_dir") -> Run:
   """Creates out_dir, or resumes the run in it, and writes its manifest.
 
   Args:
@@ -160,9 +161,13 @@ def open_run(out_dir: str, stage: str, config: Dict[str, Any], names: Sequence[s
     recount: the counters of a shard found on disk but missing from the manifest's.
     stats: run stats from the per-shard counters.
     counts: extra manifest fields written after "config" (e.g. {"num_prompts": n}).
+    hint: what the error messages tell the user to do instead.
+  A run with a different config but no shard file on disk holds no work: it is started
+  afresh (a failed first attempt does not block a corrected rerun).
   Raises:
     ValueError (one line, naming out_dir) for a run of another stage, a different
-    config (naming the differing keys) or shard files without a manifest.
+    config with shards on disk (naming the differing keys) or shard files without a
+    manifest.
   """
   run = Run(out_dir, stage, config, names, counts or {}, stats)
   os.makedirs(out_dir, exist_ok=True)
@@ -170,15 +175,18 @@ def open_run(out_dir: str, stage: str, config: Dict[str, Any], names: Sequence[s
   if os.path.exists(manifest_path):
     with open(manifest_path, encoding="utf-8") as f:
       old = json.load(f)
+    has_shards = any(n.startswith(tuple(prefixes)) and n.endswith(".jsonl")
+                     for n in os.listdir(out_dir))
     if old.get("stage") != stage:
-      raise ValueError(f"{out_dir} holds a {old.get('stage')!r} run; use a new out_dir")
-    if old.get("config_hash") != run.config_hash:
+      raise ValueError(f"{out_dir} holds a {old.get('stage')!r} run; {hint}")
+    if old.get("config_hash") != run.config_hash and has_shards:
       diff = config_diff(config, old.get("config", {}))
       raise ValueError(f"{out_dir} holds a {stage} run with a different config "
-                       f"(differs in: {', '.join(diff) or 'config_hash'}); use a new out_dir")
-    run.sums = {k: v for k, v in old.get("shard_sums", {}).items() if k in run.names}
+                       f"(differs in: {', '.join(diff) or 'config_hash'}); {hint}")
+    if old.get("config_hash") == run.config_hash:
+      run.sums = {k: v for k, v in old.get("shard_sums", {}).items() if k in run.names}
   elif any(n.startswith(tuple(prefixes)) and n.endswith(".jsonl") for n in os.listdir(out_dir)):
-    raise ValueError(f"{out_dir} has shard files but no {MANIFEST}; use a new out_dir")
+    raise ValueError(f"{out_dir} has shard files but no {MANIFEST}; {hint}")
   primary = distributed.is_primary()
   for n in os.listdir(out_dir):   # leftovers of a killed run
     if n.endswith(".tmp") and primary:

@@ -57,6 +57,11 @@ def _assert_one_line_error(out, needle):
     (["info", "--compilation_cache=/dev/null/xla"], "--compilation_cache: cannot create"),
     (["pipeline", "--out_dir=/tmp/cai_jax_never_pipe", "--gin.sl.out_dir='/abs/sl'"],
      "mix absolute and relative"),
+    (["sample", "--temperature=abc"], "flag --temperature=abc"),
+    (["sample", "--temperature=nan", "--prompts=x.jsonl", "--out=y.jsonl"],
+     "--temperature=nan: not a finite number"),
+    (["info", "--gin.ModelConfig.param_dtype=float32"],
+     "binding 'ModelConfig.param_dtype = float32'; a string value needs quotes"),
 ])
 def test_bad_input_is_one_line_error(args, needle):
   _assert_one_line_error(cli(*args), needle)
@@ -302,3 +307,47 @@ def test_feedback_pm_rl_on_smollm2_from_the_cli(tmp_path):
   assert rl["iterations"] == 1 and rl["snapshots"]
   row = json.loads(open(tmp_path / "rl" / "metrics.jsonl").readline())
   assert np.isfinite(row["kl"]) and np.isfinite(row["pm_score"])
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, capsys):
+  from cai_jax import main
+
+  def interrupted(argv):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(main, "_main", interrupted)
+  with pytest.raises(SystemExit) as e:
+    main.run(["cai-jax", "info"])
+  assert e.value.code == 130
+  assert capsys.readouterr().err.strip() == "cai-jax: interrupted"
+
+
+def test_help_anywhere_prints_the_usage():
+  for args in (["sample", "--helpshort"], ["sample", "--prompts=x", "--helpfull"]):
+    out = cli(*args)
+    assert out.returncode == 0 and "cai-jax sample" in out.stdout, out.stderr
+
+
+def test_import_keeps_a_scalar_head_and_export_keeps_a_byte_tokenizer(tmp_path):
+  """A preference model imported from a model directory stays a scalar-head model (it
+  exported to nothing loadable before); a byte-tokenizer model exported and imported back
+  keeps its tokenizer."""
+  import jax
+  from cai_jax import model_dir, models
+  from cai_jax.configs import ModelConfig
+  from cai_jax.tokenizer import ByteTokenizer
+  cfg = ModelConfig(vocab_size=320, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                    max_seq_len=32)
+  pm = model_dir.save_model(str(tmp_path / "pm"), cfg,
+                            models.init(cfg, jax.random.PRNGKey(0), head="scalar"),
+                            ByteTokenizer(), head="scalar")
+  out = cli("import", f"--from={pm}", f"--out={tmp_path / 'pm2'}")
+  assert out.returncode == 0, out.stderr
+  assert model_dir.load_head(str(tmp_path / "pm2")) == "scalar"
+  model_dir.load_model(str(tmp_path / "pm2"))
+  lm = model_dir.save_model(str(tmp_path / "lm"), cfg, models.init(cfg, jax.random.PRNGKey(0)),
+                            ByteTokenizer())
+  assert cli("export", f"--from={lm}", f"--out={tmp_path / 'hf'}").returncode == 0
+  assert cli("import", f"--from={tmp_path / 'hf'}", f"--out={tmp_path / 'back'}").returncode == 0
+  assert isinstance(model_dir.load_tokenizer_of(str(tmp_path / "back")), ByteTokenizer)
+

@@ -132,3 +132,50 @@ def test_an_interrupted_sample_resumes_to_the_uninterrupted_output(tmp_path, mon
   assert stats["generated_tokens"] == whole["generated_tokens"]
   assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
   assert not os.path.exists(str(out) + ".parts") and "_truncated" not in out.read_text()
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".out.jsonl")]
+
+
+def test_bad_input_fails_before_anything_is_written(tmp_path):
+  """Every error on the input (rows, model, settings, lengths, --out) comes before
+  OUT.parts/ is created, names the file and line or the setting, and a corrected rerun
+  then works."""
+  import jax
+  import pytest
+  from cai_jax import data, model_dir, models
+  from cai_jax.stages import sample
+  model = _tiny_model(tmp_path / "tiny")
+  cfg = model_dir.load_config(model)
+  pm = model_dir.save_model(str(tmp_path / "pm"), cfg,
+                            models.init(cfg, jax.random.PRNGKey(0), head="scalar"),
+                            model_dir.load_tokenizer_of(model), head="scalar")
+  good = tmp_path / "p.jsonl"
+  good.write_text('{"prompt": "a"}\n\n\n{"prompt": "b"}\n')
+  out = tmp_path / "o.jsonl"
+  kw = dict(prompts=str(good), out=str(out), model=model, chat_format="raw", max_new_tokens=4,
+            progress=False)
+  cases = [
+      (dict(prompts_text='{"prompt": "a"}\n\n\n{"foo": 1}\n'), data.DataError,
+       r"p.jsonl:4: expected a 'prompt' or 'messages' field"),
+      (dict(prompts_text='{"prompt": 5}\n'), data.DataError, r"p.jsonl:1: message 0: content must be a str"),
+      (dict(prompts_text='{"messages": [{"role": "bogus", "content": "x"}]}\n'), data.DataError,
+       r"p.jsonl:1: message 0: role 'bogus'"),
+      (dict(prompts_text='{"prompt": "' + "x" * 200 + '"}\n'), data.DataError,
+       r"p.jsonl:1: the prompt has \d+ tokens but at most 124 fit .*--gin.sample.truncate"),
+      (dict(model=str(tmp_path / "nothing")), FileNotFoundError, "nothing"),
+      (dict(model=pm), ValueError, r"is a 'scalar'-head model"),
+      (dict(temperature=float("nan")), ValueError, "temperature must be 0"),
+      (dict(max_new_tokens=128), ValueError, "max_new_tokens=128 leaves no room"),
+      (dict(chat_format="bogus"), ValueError, r"sample.chat_format='bogus'; expected one of .*'none'"),
+      (dict(out=str(tmp_path)), ValueError, "is a directory"),
+      (dict(out=str(good)), ValueError, "is the --prompts file"),
+  ]
+  for change, error, message in cases:
+    text = change.pop("prompts_text", None)
+    good.write_text(text or '{"prompt": "a"}\n\n\n{"prompt": "b"}\n')
+    with pytest.raises(error, match=message):
+      sample.run(**dict(kw, **change))
+    assert not out.exists() and not os.path.exists(str(out) + ".parts"), change
+  good.write_text('{"prompt": "a"}\n\n\n{"prompt": "b"}\n')
+  stats = sample.run(**kw)
+  assert stats["prompts"] == 2 and len(out.read_text().splitlines()) == 2
+

@@ -62,12 +62,16 @@ def test_resume_counts_shards_on_disk_and_removes_tmp(tmp_path):
 
 
 def test_refusal_names_the_differing_keys(tmp_path):
-  _open(tmp_path, {"a": 1, "b": 2, "c": 3})
+  run = _open(tmp_path, {"a": 1, "b": 2, "c": 3})
+  run.write_shard("shard-00000.jsonl", [{"x": 1}], {"rows": 1})
   with pytest.raises(ValueError) as e:
     _open(tmp_path, {"a": 1, "b": 5, "d": 4})
   msg = str(e.value)
   assert "\n" not in msg and str(tmp_path) in msg
-  assert "holds a toy run with a different config (differs in: b, c, d)" in msg
+  assert "holds a toy run with a different config (differs in: b, c, d); use a new out_dir" in msg
+  with pytest.raises(ValueError, match="; delete it$"):
+    shards.open_run(str(tmp_path), "toy", {"a": 2}, ["shard-00000.jsonl"], ("shard-",),
+                    lambda name, rows: {"rows": len(rows)}, lambda sums: {}, hint="delete it")
   with pytest.raises(ValueError, match="holds a 'toy' run"):
     _open(tmp_path, {"a": 1, "b": 2, "c": 3}, stage="other")
   other = tmp_path / "bare"
@@ -75,6 +79,16 @@ def test_refusal_names_the_differing_keys(tmp_path):
   (other / "shard-00000.jsonl").write_text("{}\n")
   with pytest.raises(ValueError, match="has shard files but no manifest.json"):
     _open(other, {"a": 1})
+
+
+def test_a_run_without_shards_is_started_afresh_under_another_config(tmp_path):
+  """A first attempt that failed before writing any shard holds no work: a corrected
+  rerun with another config replaces its manifest instead of being refused."""
+  _open(tmp_path, {"a": 1})
+  run = _open(tmp_path, {"a": 2})
+  assert not run.done and run.sums == {}
+  manifest = json.load(open(tmp_path / shards.MANIFEST))
+  assert manifest["config"] == {"a": 2} and manifest["shards_done"] == []
 
 
 def test_read_run_refuses_incomplete_runs(tmp_path):

@@ -17,7 +17,9 @@ def run_import(source: str, out: str) -> dict:
   if not source or not out:
     raise ValueError("import needs --from=PATH (HF folder or .gguf) and --out=DIR")
   config, params, tok = model_dir.load_any(source)
-  model_dir.save_model(out, config, params, tok)
+  path = model_dir.resolve_model_spec(source)
+  head = model_dir.load_head(path) if model_dir.is_model_dir(path) else "lm"
+  model_dir.save_model(out, config, params, tok, head=head)
   return {"out": os.path.abspath(out), "source": source, "layers": config.n_layers,
           "d_model": config.d_model, "vocab": config.vocab_size}
 

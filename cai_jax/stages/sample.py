@@ -12,7 +12,9 @@ sampling settings); a rerun with the same config samples only the missing shards
 with another config is refused, naming what differs. When every shard is done the output
 file is written to a temporary name, renamed into place, and ``OUT.parts/`` removed.
 Samples depend on the seed and each prompt's index in the file (``sampler.generate``'s
-``first_row``), not on the shard or batch sizes or on resumption.
+``first_row``), not on the shard or batch sizes or on resumption (up to float rounding of
+the log-probs). Everything that can fail on the input (rows, model, settings, prompt
+lengths, --out) fails before ``OUT.parts/`` is written.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import json
 import os
 import shutil
 import time
-from typing import Dict, List, Optional
+import uuid
+from typing import Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
 from cai_jax import data, distributed, model_dir, sampler, shards, sharding
 from cai_jax.configs import MeshConfig
-from cai_jax.tokenizer import encode_chat, stop_strings, stop_token_sequences, trim_at_stop
+from cai_jax.tokenizer import (CHAT_FORMATS, encode_chat, render_chat, stop_strings,
+                               stop_token_sequences, trim_at_stop)
 
 PARTS_SUFFIX = ".parts"
 # Per-shard counters kept in the manifest; the run's stats are their sums.
@@ -36,21 +40,41 @@ _SUMS = ("prompts", "batches", "truncated_prompts", "truncated_tokens", "generat
 _TRUNCATED = "_truncated_tokens"
 
 
-def _messages(rows: List[dict], prompts: str, chat_format: str) -> List[list]:
-  """Each row's conversation; DataError naming the file and line of a malformed row."""
+def _messages(rows: List[Tuple[int, dict]], prompts: str, chat_format: str) -> List[list]:
+  """Each row's conversation, checked as the chat format renders it; DataError naming the
+  file and line of a malformed row."""
   out = []
-  for i, row in enumerate(rows):
-    where = f"{prompts}:{i + 1}"
+  for lineno, row in rows:
+    where = f"{prompts}:{lineno}"
     if "messages" in row:
       msgs = data.example_messages(row, where)
     elif "prompt" in row:
       msgs = [{"role": "user", "content": row["prompt"]}]
     else:
       raise data.DataError(f"{where}: expected a 'prompt' or 'messages' field")
-    if chat_format == "none" and "prompt" not in row:
-      raise data.DataError(f"{where}: chat_format='none' needs a 'prompt' field")
+    if chat_format == "none":
+      if not isinstance(row.get("prompt"), str) or not row["prompt"]:
+        raise data.DataError(f"{where}: chat_format='none' needs a non-empty string 'prompt'")
+    else:
+      try:
+        render_chat(msgs, chat_format, add_generation_prompt=True)
+      except ValueError as e:
+        raise data.DataError(f"{where}: {e}") from None
+    for m in msgs:
+      try:
+        str(m.get("content", "")).encode("utf-8")
+      except UnicodeEncodeError:
+        raise data.DataError(f"{where}: the text is not valid Unicode (a lone surrogate)") from None
     out.append(msgs)
   return out
+
+
+def _check_out(prompts: str, out: str) -> None:
+  """ValueError naming --out when it is a directory or the --prompts file itself."""
+  if out.endswith(("/", os.sep)) or os.path.isdir(out):
+    raise ValueError(f"--out={out} is a directory; name the output .jsonl file")
+  if os.path.realpath(out) == os.path.realpath(prompts):
+    raise ValueError(f"--out={out} is the --prompts file; write the completions elsewhere")
 
 
 def _recount(_name: str, rows: List[dict]) -> Dict[str, int]:
@@ -87,9 +111,45 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
     raise ValueError("sample needs --prompts=FILE.jsonl and --out=FILE.jsonl")
   if not model:
     raise ValueError("sample.model is not set (a model directory, .gguf or HF folder)")
-  rows = data.read_jsonl(data.resolve_path(prompts))
-  messages = _messages(rows, prompts, chat_format)
+  if chat_format not in CHAT_FORMATS + ("none",):
+    raise ValueError(f"sample.chat_format={chat_format!r}; expected one of "
+                     f"{CHAT_FORMATS + ('none',)}")
+  if truncate not in (None, "left"):
+    raise ValueError(f"sample.truncate={truncate!r}; expected None or 'left'")
+  if batch_size < 1 or shard_size < 1:
+    raise ValueError(f"sample.batch_size={batch_size} and sample.shard_size={shard_size} "
+                     "must be >= 1")
+  sampler.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                         max_new_tokens=max_new_tokens, seed=seed)   # checks the settings
+  path = data.resolve_path(prompts)
+  _check_out(path, out)
+  numbered = list(data.iter_jsonl(path))
+  if not numbered:
+    raise data.DataError(f"{path}: no examples")
+  messages = _messages(numbered, prompts, chat_format)
+  rows = [row for _, row in numbered]
+  # Everything that can fail on the input fails here, before OUT.parts/ is written.
+  m, rules = sharding.mesh_and_rules(mesh)
+  config_, params, tok = model_dir.load_chat_model(model, m, rules, chat_format)
+  ids = [tok.encode(row["prompt"]) if chat_format == "none" else
+         encode_chat(tok, msgs, chat_format, add_generation_prompt=True)[0]
+         for row, msgs in zip(rows, messages)]
+  limit = config_.max_seq_len - max_new_tokens
+  if limit < 1:
+    raise ValueError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                     f"model's max_seq_len={config_.max_seq_len}")
+  for (lineno, _), x in zip(numbered, ids):
+    if truncate is None and len(x) > limit:
+      raise data.DataError(
+          f"{prompts}:{lineno}: the prompt has {len(x)} tokens but at most {limit} fit "
+          f"(max_seq_len={config_.max_seq_len} - max_new_tokens={max_new_tokens}); shorten it "
+          "or pass --gin.sample.truncate=\"'left'\" to keep its last tokens")
   parts = out + PARTS_SUFFIX
+  parent = os.path.dirname(os.path.abspath(parts))
+  if os.path.isdir(parent) and distributed.is_primary():   # a finished run's leftovers
+    for stale in os.listdir(parent):
+      if stale.startswith(f".{os.path.basename(parts)}.done-"):
+        shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
   config = {
       "model": model, "model_fingerprints": model_dir.model_fingerprints({"model": model}),
       "prompts_sha256": shards.sha(rows), "chat_format": chat_format,
@@ -99,12 +159,11 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
   pieces = shards.partition(list(range(len(rows))), shard_size)
   names = [shards.shard_name(shards.SHARD_PREFIX, k) for k in range(len(pieces))]
   run_ = shards.open_run(parts, "sample", config, names, (shards.SHARD_PREFIX,), _recount,
-                         _stats, counts={"num_prompts": len(rows)})
+                         _stats, counts={"num_prompts": len(rows)},
+                         hint=f"use another --out, or delete {parts} to start over")
   todo = [(k, piece) for k, piece in enumerate(pieces) if names[k] not in run_.done]
   generated, seconds = 0, 0.0
   if todo:
-    m, rules = sharding.mesh_and_rules(mesh)
-    config_, params, tok = model_dir.load_chat_model(model, m, rules, chat_format)
     stops = stop_strings(chat_format) if chat_format != "none" else ()
     params_s = sampler.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                       max_new_tokens=max_new_tokens,
@@ -113,11 +172,9 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
     with tqdm(total=len(rows), initial=len(rows) - sum(len(p) for _, p in todo), unit="prompt",
               desc="sample", disable=not (progress and distributed.is_primary())) as bar:
       for k, piece in todo:
-        ids = [tok.encode(rows[i]["prompt"]) if chat_format == "none" else
-               encode_chat(tok, messages[i], chat_format, add_generation_prompt=True)[0]
-               for _, i in piece]
+        shard_ids = [ids[i] for _, i in piece]
         t0 = time.perf_counter()
-        result = sampler.generate(params, config_, ids, params_s, batch_size, mesh=m,
+        result = sampler.generate(params, config_, shard_ids, params_s, batch_size, mesh=m,
                                   rules=rules, progress=False, truncate=truncate,
                                   bos_id=tok.bos_id, first_row=piece[0][0])
         seconds += time.perf_counter() - t0
@@ -130,13 +187,17 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
               "completion": trim_at_stop(tok.decode(result.content_tokens(r).tolist()), stops),
               "logprobs": [round(float(x), 5) for x in result.logprobs[r]],
               "finish_reason": result.finish_reasons[r], "num_tokens": int(result.lengths[r]),
-              _TRUNCATED: len(ids[r]) - int(result.prompt_lengths[r])})
+              _TRUNCATED: len(shard_ids[r]) - int(result.prompt_lengths[r])})
         run_.write_shard(names[k], out_rows,
                          {key: int(result.stats[key]) for key in _SUMS})
         bar.update(len(piece))
   if distributed.is_primary():   # multi-process runs: every process holds every result
     _write(out, [run_.path(n) for n in names])
-    shutil.rmtree(parts)
+    # Aside first, then deleted: a kill in between leaves no half-deleted run behind.
+    aside = os.path.join(os.path.dirname(os.path.abspath(parts)),
+                         f".{os.path.basename(parts)}.done-{uuid.uuid4().hex[:8]}")
+    os.rename(parts, aside)
+    shutil.rmtree(aside)
   distributed.barrier(f"sample:{out}")
   stats = _stats(run_.sums)
   stats.update(out=out, shards_total=len(names), shards_run=len(todo), seconds=round(seconds, 2),
@@ -149,9 +210,14 @@ def _write(out: str, part_files: List[str]) -> None:
   written to a temporary name and renamed when complete."""
   tmp = out + ".tmp"
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(tmp, "w", encoding="utf-8") as f:
-    for path in part_files:
-      for row in shards.read_jsonl(path):
-        row.pop(_TRUNCATED, None)
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, out)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      for path in part_files:
+        for row in shards.read_jsonl(path):
+          row.pop(_TRUNCATED, None)
+          f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
