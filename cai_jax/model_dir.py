@@ -242,17 +242,19 @@ def load_any(spec: str, mesh=None, rules=None, config: Optional[ModelConfig] = N
       f"model {spec!r}: not a model directory, .gguf file or Hugging Face folder with config.json")
 
 
-def load_chat_model(spec: str, mesh=None, rules=None, chat_format: str = "", what: str = "model"):
+def load_chat_model(spec: str, mesh=None, rules=None, chat_format: str = "", what: str = "model",
+                    head: Optional[str] = "lm"):
   """``load_any`` for a stage that talks to the model in `chat_format`: (ModelConfig,
   params, tokenizer), a ValueError naming `what` and the spec when there is no tokenizer,
   and one warning when the format's turn markers are not tokens of this tokenizer
   (``tokenizer.warn_if_foreign_chat_format``; '' and 'none' check nothing). A model
-  directory with another head than 'lm' is a ValueError naming it."""
+  directory with another head than `head` ('lm': a language model; None: any) is a
+  ValueError naming it."""
   from cai_jax.tokenizer import warn_if_foreign_chat_format
   path = resolve_model_spec(spec)
-  if is_model_dir(path) and load_head(path) != "lm":
-    raise ValueError(f"{what} {spec!r} is a {load_head(path)!r}-head model (a preference, "
-                     "harm or value model), not a language model")
+  if head is not None and is_model_dir(path) and load_head(path) != head:
+    kind = "a language model" if head == "lm" else f"a {head!r}-head model"
+    raise ValueError(f"{what} {spec!r} is a {load_head(path)!r}-head model, not {kind}")
   cfg, params, tok = load_any(spec, mesh, rules)
   if tok is None:
     raise ValueError(f"{what} {spec!r} has no tokenizer")

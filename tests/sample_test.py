@@ -162,7 +162,7 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
       (dict(prompts_text='{"prompt": "' + "x" * 200 + '"}\n'), data.DataError,
        r"p.jsonl:1: the prompt has \d+ tokens but at most 124 fit .*--gin.sample.truncate"),
       (dict(model=str(tmp_path / "nothing")), FileNotFoundError, "nothing"),
-      (dict(model=pm), ValueError, r"is a 'scalar'-head model"),
+      (dict(model=pm), ValueError, r"is a 'scalar'-head model, not a language model"),
       (dict(temperature=float("nan")), ValueError, "temperature must be 0"),
       (dict(max_new_tokens=128), ValueError, "max_new_tokens=128 leaves no room"),
       (dict(chat_format="bogus"), ValueError, r"sample.chat_format='bogus'; expected one of .*'none'"),

@@ -311,7 +311,7 @@ class _Models:
     if spec != self._spec:
       self._model = None
       cfg, params, tok = model_dir.load_chat_model(spec, self.mesh, self.rules, self.chat_format,
-                                                   "evaluate: model")
+                                                   "evaluate: model", head=None)   # players and PMs
       self._spec, self._model = spec, (cfg, params, tok)
     return self._model
 

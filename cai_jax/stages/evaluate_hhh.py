@@ -324,7 +324,8 @@ def run(data: str, model: str, mode: str = "mc", out_dir: str = "", template: st
 
   from cai_jax import model_dir, sharding
   m, rules = sharding.mesh_and_rules(mesh)
-  cfg, params, tok = model_dir.load_chat_model(model, m, rules, chat_format, "evaluate_hhh.model")
+  cfg, params, tok = model_dir.load_chat_model(model, m, rules, chat_format, "evaluate_hhh.model",
+                                               head=None)   # checked above against the mode
   if mode == "mc":
     score = feedback.model_score_fn(params, cfg, tok, batch_size, mesh=m, rules=rules,
                                     truncate=truncate)
