@@ -436,8 +436,7 @@ def _safe_open(file: str):
   except FileNotFoundError:
     raise ValueError(f"{file}: no such safetensors file") from None
   except (SafetensorError, OSError) as e:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ValueError(f"{file}: not a valid safetensors file ({first})") from None
+    raise ValueError(f"{file}: not a valid safetensors file ({_first_line(e)})") from None
 
 
 class _SafetensorsSource(_Source):
@@ -938,10 +937,11 @@ def llama3_rope_from_factors(factors: np.ndarray, head_dim: int, rope_theta: flo
   from an HF ``rope_scaling`` of type 'llama3' (1 for short wavelengths, `factor` for
   long ones, a smooth blend between). Meta's low / high frequency factors (1, 4) are
   assumed, the factor is the largest divisor and the original context length is solved
-  from a blended entry (when there is none, any length between the unscaled and the scaled
-  wavelengths gives the same frequencies: 8192 if it can); the result must reproduce every divisor
-  (our frequencies, ``layers.rope_inv_freq``, times the divisors give the unscaled ones),
-  else ValueError naming `where`. All divisors 1: no scaling ({})."""
+  from a blended entry (when there is none, any length between the unscaled and the
+  scaled wavelengths gives the same frequencies: 8192 if it can); the result must
+  reproduce every divisor (our frequencies, ``layers.rope_inv_freq``, times the divisors
+  give the unscaled ones), else ValueError naming `where`. All divisors 1: no scaling
+  ({})."""
   from cai_jax import layers
   f = np.asarray(factors, np.float64).reshape(-1)
   if f.shape != (head_dim // 2,) or not np.all(np.isfinite(f)) or np.any(f <= 0):

@@ -64,6 +64,16 @@ def check_replaceable(directory: str, is_kind: Callable[[str], bool], kind: str)
                      "replace it (choose another output directory or delete it)")
 
 
+def remove_hidden_siblings(path: str, tag: str) -> None:
+  """Deletes the ``.NAME.TAG-*`` entries beside `path` (NAME its base name): what a write
+  killed outright left of its temporary or set-aside copies."""
+  parent, base = os.path.split(os.path.abspath(path))
+  if os.path.isdir(parent):
+    for entry in os.listdir(parent):
+      if entry.startswith(f".{base}.{tag}-"):
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 @contextlib.contextmanager
 def replacing_dir(directory: str, is_kind: Callable[[str], bool], kind: str):
   """Writes a directory atomically: yields a new empty temporary sibling of `directory`
@@ -71,15 +81,15 @@ def replacing_dir(directory: str, is_kind: Callable[[str], bool], kind: str):
   takes `directory`'s place (an earlier `directory` is first renamed aside, then deleted),
   so `directory` is always either the old complete one or the new complete one. When the
   block raises (Ctrl-C included) the temporary directory is deleted and `directory` is left
-  as it was; the temporaries of a write killed outright (kill -9) are deleted by the next. `directory` must pass ``check_replaceable(directory, is_kind, kind)``, checked
-  before and again just before the swap; parent directories are created."""
+  as it was; the temporaries of a write killed outright (kill -9) are deleted by the next
+  (``remove_hidden_siblings``). `directory` must pass ``check_replaceable(directory,
+  is_kind, kind)``, checked before and again just before the swap; parent directories are
+  created."""
   directory = os.path.realpath(directory)
   check_replaceable(directory, is_kind, kind)
   parent, base = os.path.split(directory)
   os.makedirs(parent, exist_ok=True)
-  for stale in os.listdir(parent):   # temporaries of an earlier write that was killed
-    if stale.startswith(f".{base}.tmp-"):
-      shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+  remove_hidden_siblings(directory, "tmp")   # temporaries of an earlier write that was killed
   tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
   os.makedirs(tmp)
   old = None

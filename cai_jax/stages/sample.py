@@ -145,11 +145,8 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
           f"(max_seq_len={config_.max_seq_len} - max_new_tokens={max_new_tokens}); shorten it "
           "or pass --gin.sample.truncate=\"'left'\" to keep its last tokens")
   parts = out + PARTS_SUFFIX
-  parent = os.path.dirname(os.path.abspath(parts))
-  if os.path.isdir(parent) and distributed.is_primary():   # a finished run's leftovers
-    for stale in os.listdir(parent):
-      if stale.startswith(f".{os.path.basename(parts)}.done-"):
-        shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+  if distributed.is_primary():   # what a finished run killed while deleting its parts left
+    model_dir.remove_hidden_siblings(parts, "done")
   config = {
       "model": model, "model_fingerprints": model_dir.model_fingerprints({"model": model}),
       "prompts_sha256": shards.sha(rows), "chat_format": chat_format,
