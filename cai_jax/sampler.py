@@ -50,10 +50,10 @@ from cai_jax.tokenizer import common_prefix_length, keep_last
 Array = jax.Array
 Params = Any
 
-FINISH_REASONS = ("", "eos", "stop", "length")
+FINISH_REASONS = ("", "eos", "stop", "length")   # index = finish code on device
 # The smallest temperature above 0 (greedy): logits / temperature overflows float32 near
 # 1e-37, and anything below this samples the argmax anyway.
-MIN_TEMPERATURE = 1e-6   # index = finish code on device
+MIN_TEMPERATURE = 1e-6
 _EOS, _STOP, _LENGTH = 1, 2, 3
 PAD_ID = 0
 
@@ -957,8 +957,7 @@ def text_generate_fn(params: Params, config: ModelConfig, tok: Any, stops: Seque
   returned text is the decoded content tokens (trailing EOS / stop tokens removed;
   callers still trim at the stop strings).
   """
-  from cai_jax.tokenizer import encode_after, stop_token_sequences, wants_bos
-  bos = wants_bos(tok)
+  from cai_jax.tokenizer import encode_after, stop_token_sequences, with_bos
   base = SamplingParams(
       temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
       eos_ids=(tok.eos_id,) if tok.eos_id is not None else (),
@@ -968,9 +967,7 @@ def text_generate_fn(params: Params, config: ModelConfig, tok: Any, stops: Seque
     if prefix:
       pre, ids = encode_after(tok, prefix, texts)
     else:
-      pre, ids = [], [tok.encode(t) for t in texts]
-      if bos:
-        ids = [x if x and x[0] == tok.bos_id else [tok.bos_id] + x for x in ids]
+      pre, ids = [], [with_bos(tok, tok.encode(t)) for t in texts]
     res = generate(params, config, ids, dataclasses.replace(base, seed=seed), batch_size,
                    mesh=mesh, rules=rules, progress=False, prefix=pre or None, truncate=truncate,
                    bos_id=tok.bos_id)

@@ -1141,6 +1141,15 @@ def wants_bos(tokenizer: Tokenizer) -> bool:
   return bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_id is not None
 
 
+def with_bos(tokenizer: Tokenizer, ids: Sequence[int]) -> list[int]:
+  """`ids` with the BOS id first when the tokenizer wants one (``wants_bos``) and they do not
+  already start with it."""
+  ids = list(ids)
+  if wants_bos(tokenizer) and ids[:1] != [tokenizer.bos_id]:
+    return [tokenizer.bos_id] + ids
+  return ids
+
+
 def encode_after(tokenizer: Tokenizer, context: str,
                  texts: Sequence[str]) -> tuple[list[int], list[list[int]]]:
   """(context ids, ids of each text after them), tokenization-aware: the model reads
@@ -1157,6 +1166,4 @@ def encode_after(tokenizer: Tokenizer, context: str,
   fulls = [tokenizer.encode(context + t) for t in texts]
   k = common_prefix_length([ctx] + fulls)
   head, tails = ctx[:k], [f[k:] for f in fulls]
-  if wants_bos(tokenizer) and head[:1] != [tokenizer.bos_id]:
-    head = [tokenizer.bos_id] + head
-  return head, tails
+  return with_bos(tokenizer, head), tails

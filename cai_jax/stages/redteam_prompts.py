@@ -51,7 +51,7 @@ import numpy as np
 
 from cai_jax import distributed, monitors, prompt_sets
 from cai_jax.configs import MeshConfig
-from cai_jax.tokenizer import trim_at_stop, wants_bos
+from cai_jax.tokenizer import trim_at_stop, with_bos
 
 # (prompt texts, sampling seed) -> one completion per text
 GenerateFn = Callable[[List[str], int], List[str]]
@@ -132,11 +132,7 @@ class ModelGenerator:
     self.max_prompt_tokens = self.config.max_seq_len - max_new_tokens
 
   def encode(self, text: str) -> List[int]:
-    ids = list(self.tok.encode(text))
-    bos = self.tok.bos_id
-    if wants_bos(self.tok) and ids[:1] != [bos]:
-      ids = [bos] + ids
-    return ids
+    return with_bos(self.tok, self.tok.encode(text))
 
   def fits(self, text: str) -> bool:
     return len(self.encode(text)) <= self.max_prompt_tokens
