@@ -13,7 +13,9 @@ import functools
 import json
 import math
 import os
+import re
 import sys
+import tokenize
 import traceback
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -274,20 +276,45 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0]
 
 
-def _failing_binding(gin, files: List[str], bindings: List[str], others: List[str]) -> str:
-  """' (binding ...)' naming the first binding that gin cannot parse on its own when the
-  files parse, else ''; the config is left cleared (the caller raises)."""
+_GIN_ERRORS = (ValueError, KeyError, TypeError, SyntaxError, IOError, tokenize.TokenError)
+_QUOTE_HINT = "a string value needs quotes inside the flag, e.g. --gin.sample.model=\"'/path'\""
+
+
+def _gin_error_text(e: BaseException) -> str:
+  """One line for a gin parse error: the file and line of a gin-file syntax error, gin's
+  'Failed to parse token' detail where it has one, and words for an unclosed bracket or
+  quote (Python's tokenizer error, which gin lets through)."""
+  if isinstance(e, tokenize.TokenError):
+    return "unexpected end of input (an unclosed bracket or quote?)"
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+  detail = next((l for l in lines if l.startswith("Failed to parse token")), lines[0])
+  if isinstance(e, SyntaxError) and e.filename and e.filename != "bindings string":
+    detail = re.sub(r" \([^()]*, line \d+\)$", "", detail)
+    return f"{e.filename}, line {e.lineno}: {detail}"
+  return detail
+
+
+def _failing_part(gin, files: List[str], bindings: List[str], others: List[str]) -> str:
+  """' (in FILE)' or ' (binding ...)' naming the first gin file, then the first binding,
+  that gin cannot parse on its own, with the quoting hint when the binding's value did not
+  parse; '' when none fails alone. The config is left cleared (the caller raises)."""
+  def fails(files_, bindings_):
+    try:
+      gin.clear_config()
+      gin.parse_config_files_and_bindings(files_, bindings_, finalize_config=False,
+                                          skip_unknown=others)
+    except _GIN_ERRORS as e:
+      return e
+    return None
   try:
-    gin.clear_config()
-    gin.parse_config_files_and_bindings(files, [], finalize_config=False, skip_unknown=others)
+    for f in files:
+      if fails([f], []) is not None:
+        return f" (in {f})"
     for b in bindings:
-      try:
-        gin.parse_config_files_and_bindings([], [b], finalize_config=False, skip_unknown=others)
-      except (ValueError, KeyError, TypeError, SyntaxError, IOError):
-        return (f" (binding {b!r}; a string value needs quotes inside the flag, e.g. "
-                "--gin.sample.model=\"'/path'\")")
-  except (ValueError, KeyError, TypeError, SyntaxError, IOError):
-    pass
+      e = fails(files, [b])
+      if e is not None:
+        parse = isinstance(e, (SyntaxError, tokenize.TokenError))
+        return f" (binding {b!r}{'; ' + _QUOTE_HINT if parse else ''})"
   finally:
     gin.clear_config()
   return ""
@@ -313,8 +340,10 @@ def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_pa
     others = [c.configurable(n) for n, c in COMMANDS.items() if n != command]
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False,
                                         skip_unknown=others)
-  except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
-    raise CliError(f"gin: {_first_line(e)}{_failing_binding(gin, files, bindings, others)}") from None
+  except _GIN_ERRORS as e:
+    where = "" if isinstance(e, SyntaxError) and e.filename not in (None, "bindings string") \
+        else _failing_part(gin, files, bindings, others)
+    raise CliError(f"gin: {_gin_error_text(e)}{where}") from None
   finally:
     logging.set_verbosity(level)
   name = COMMANDS[command].configurable(command)

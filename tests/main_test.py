@@ -67,6 +67,23 @@ def test_bad_input_is_one_line_error(args, needle):
   _assert_one_line_error(cli(*args), needle)
 
 
+def test_gin_errors_name_the_file_or_binding(tmp_path):
+  """A gin file that does not parse is named with its line; an unclosed bracket (a Python
+  tokenizer error gin lets through) is one line too; the quoting hint comes only with a
+  value that did not parse, not with an unknown name."""
+  (tmp_path / "token.gin").write_text("ModelConfig.n_layers = abc\n")
+  _assert_one_line_error(cli("info", f"--gin_file={tmp_path / 'token.gin'}"),
+                         f"gin: {tmp_path / 'token.gin'}, line 1: Failed to parse token 'abc'")
+  (tmp_path / "open.gin").write_text("include 'models/tiny.gin'\nModelConfig.n_layers = [1\n")
+  _assert_one_line_error(cli("info", f"--gin_file={tmp_path / 'open.gin'}"),
+                         f"an unclosed bracket or quote?) (in {tmp_path / 'open.gin'})")
+  out = cli("info", "--gin.ModelConfig.n_layers=(1")
+  _assert_one_line_error(out, "(binding 'ModelConfig.n_layers = (1'; a string value needs quotes")
+  out = cli("info", "--gin.NoSuchThing.x=1")
+  _assert_one_line_error(out, "No configurable matching 'NoSuchThing'. (binding 'NoSuchThing.x = 1')")
+  assert "quotes" not in out.stderr
+
+
 def test_a_bad_cache_size_is_one_line_error():
   _assert_one_line_error(cli("info", env_extra={"JAX_COMPILATION_CACHE_MAX_SIZE": "8G"}),
                          "JAX_COMPILATION_CACHE_MAX_SIZE='8G'")
