@@ -433,7 +433,7 @@ def _check_import_export_out(command: str, bound: Dict[str, object]) -> None:
   model_dir.check_apart(source, out)
   if command == "import":
     model_dir.check_replaceable(os.path.realpath(out), model_dir.is_model_dir,
-                                "model directory (model.json + params/)")
+                                model_dir.MODEL_DIR_KIND)
   else:
     from cai_jax import convert
     model_dir.check_replaceable(os.path.realpath(out), convert.is_hf_folder,

@@ -119,7 +119,7 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer: Any 
   naming it, raised before anything is written."""
   from flax import linen as nn
   from cai_jax import checkpoints
-  with replacing_dir(directory, is_model_dir, "model directory (model.json + params/)") as tmp:
+  with replacing_dir(directory, is_model_dir, MODEL_DIR_KIND) as tmp:
     with open(os.path.join(tmp, "model.json"), "w", encoding="utf-8") as f:
       json.dump(dataclasses.asdict(config), f, indent=1, sort_keys=True)
     with open(os.path.join(tmp, "head.txt"), "w", encoding="utf-8") as f:
@@ -146,6 +146,10 @@ def check_apart(source: str, out: str) -> None:
   if src == dst or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
     raise ValueError(f"--out={out} overlaps --from={source} (the same path, or one inside the "
                      "other); write to another directory")
+
+
+MODEL_DIR_KIND = "model directory (model.json + params/)"
+"""What ``is_model_dir`` recognises, as errors name it."""
 
 
 def is_model_dir(directory: str) -> bool:

@@ -28,7 +28,7 @@ def run_export(source: str, out: str) -> dict:
   if not source or not out:
     raise ValueError("export needs --from=MODEL_DIR and --out=DIR")
   if not model_dir.is_model_dir(source):
-    raise FileNotFoundError(f"{source}: not a model directory (model.json + params/)")
+    raise FileNotFoundError(f"{source}: not a {model_dir.MODEL_DIR_KIND}")
   if model_dir.load_head(source) != "lm":
     raise ValueError(f"{source}: only language models export to Hugging Face format")
   config, params = model_dir.load_model(source)
