@@ -125,10 +125,15 @@ def test_an_interrupted_sample_resumes_to_the_uninterrupted_output(tmp_path, mon
   assert sorted(os.listdir(str(out) + ".parts")) == ["manifest.json", "shard-00000.jsonl"]
   with pytest.raises(ValueError, match=r"different config \(differs in: temperature\)"):
     sample.run(out=str(out), shard_size=4, temperature=0.5, **kw)
+  manifest_path = tmp_path / "out.jsonl.parts" / "manifest.json"
+  manifest = json.loads(manifest_path.read_text())   # as if killed before recording shard 0
+  manifest["shards_done"], manifest["shard_sums"] = [], {}
+  manifest_path.write_text(json.dumps(manifest))
   monkeypatch.setattr(sampler, "generate", lambda *a, **k: calls.append(k["first_row"]) or real(*a, **k))
   stats = sample.run(out=str(out), shard_size=4, **kw)
   assert calls == [0, 4, 4, 8]   # shard 0 was not sampled again
   assert (stats["shards_total"], stats["shards_run"], stats["prompts"]) == (3, 2, 10)
+  assert stats["batches"] == 3   # one batch of 4 rows per shard, shard 0's recounted
   assert stats["generated_tokens"] == whole["generated_tokens"]
   assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
   assert not os.path.exists(str(out) + ".parts") and "_truncated" not in out.read_text()

@@ -19,6 +19,7 @@ lengths, --out) fails before ``OUT.parts/`` is written.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -77,9 +78,10 @@ def _check_out(prompts: str, out: str) -> None:
     raise ValueError(f"--out={out} is the --prompts file; write the completions elsewhere")
 
 
-def _recount(_name: str, rows: List[dict]) -> Dict[str, int]:
-  """A part file's counters from its rows (batches are not recorded per row: 0)."""
-  return {"prompts": len(rows), "batches": 0,
+def _recount(batch_rows: int, _name: str, rows: List[dict]) -> Dict[str, int]:
+  """A part file's counters from its rows; its batches are the ones ``sampler.generate``
+  makes of that many prompts, ``batch_rows`` rows each."""
+  return {"prompts": len(rows), "batches": -(-len(rows) // batch_rows),
           "truncated_prompts": sum(r.get(_TRUNCATED, 0) > 0 for r in rows),
           "truncated_tokens": sum(r.get(_TRUNCATED, 0) for r in rows),
           "generated_tokens": sum(r["num_tokens"] for r in rows)}
@@ -155,7 +157,9 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
       "shard_size": int(shard_size)}
   pieces = shards.partition(list(range(len(rows))), shard_size)
   names = [shards.shard_name(shards.SHARD_PREFIX, k) for k in range(len(pieces))]
-  run_ = shards.open_run(parts, "sample", config, names, (shards.SHARD_PREFIX,), _recount,
+  run_ = shards.open_run(parts, "sample", config, names, (shards.SHARD_PREFIX,),
+                         functools.partial(_recount, sampler.full_batch_rows(
+                             batch_size, sharding.batch_shards(m, rules))),
                          _stats, counts={"num_prompts": len(rows)},
                          hint=f"use another --out, or delete {parts} to start over")
   todo = [(k, piece) for k, piece in enumerate(pieces) if names[k] not in run_.done]
