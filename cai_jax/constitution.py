@@ -41,7 +41,9 @@ Two on-disk formats are read by `load_constitution`:
    - `RLMadisonInstructions.json` (required): list of feedback principle strings; ids are
      "feedback-0", "feedback-1", ... in file order.
    - `CritiqueRevisionFewShotPrompts.json` (optional): list of transcript strings.
-   - `RLMadisonFewShotPrompts.json` (optional): list of {prompt, corrects, incorrects}.
+   - `RLMadisonFewShotPrompts.json` (optional): list of {prompt, corrects, incorrects}
+     response-pair examples (a conversation ending in "Assistant:", better and worse
+     responses; see FeedbackExample).
    - `RLMadisonPrecogFewShotPrompts.json` (optional): list of chain-of-thought examples,
      each a string or an object {"prompt": string}, with exactly one '{}' slot.
    The constitution's name is the folder's name and its version is "external".
@@ -57,7 +59,9 @@ Normalization, applied to both formats alike:
     cue (Anthropic's separator to the next transcript) are removed;
   - chain-of-thought examples: surrounding whitespace is removed;
   - feedback few-shot examples: leading whitespace of the prompt is removed; the rest of
-    the prompt and the answer strings (e.g. " (A)") are kept exactly.
+    the prompt and the answer strings (e.g. " (A)") are kept exactly. An example's
+    answers are all option labels (a question example) or all responses (a response-pair
+    example); a mix is an error.
 A cue is only removed at the very end of a text and only as a whole word.
 
 The '{}' slot of a chain-of-thought example stands for the whole multiple-choice question,
@@ -134,12 +138,33 @@ class FeedbackPrinciple:
 
 @dataclasses.dataclass(frozen=True)
 class FeedbackExample:
-  """A few-shot feedback example: a complete multiple-choice prompt and its answers
-  (option strings such as ' (A)')."""
+  """A few-shot feedback example, one of two kinds:
+
+  * a question example: `prompt` is a complete multiple-choice question and the answers
+    are option labels such as ' (A)' (the project's format);
+  * a response-pair example (Anthropic's RLMadisonFewShotPrompts.json): `prompt` is a
+    conversation ending in an 'Assistant:' cue and the answers are whole responses,
+    `corrects` the better ones, `incorrects` the worse ones; it becomes a question only
+    once a feedback template and principle are chosen (see `is_question_example`).
+  """
 
   prompt: str
   corrects: Tuple[str, ...]
   incorrects: Tuple[str, ...]
+
+
+_OPTION_LABEL = re.compile(r"\s*\([A-Z]\)\s*")
+
+
+def is_option_label(answer: str) -> bool:
+  """True for an answer that is an option label such as ' (A)'."""
+  return _OPTION_LABEL.fullmatch(answer) is not None
+
+
+def is_question_example(example: FeedbackExample) -> bool:
+  """True when the example is a complete question whose answers are option labels;
+  False for a response-pair example (answers are responses)."""
+  return all(is_option_label(a) for a in example.corrects + example.incorrects)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,6 +394,11 @@ def _feedback_example(file: str, key: str, value: Any) -> FeedbackExample:
                       _required(file, key, obj, "corrects", "correct answers"))
   incorrects = _answers(file, f"{key}.incorrects",
                         _required(file, key, obj, "incorrects", "incorrect answers"))
+  labels = [is_option_label(a) for a in corrects + incorrects]
+  if any(labels) and not all(labels):
+    raise ConstitutionError(file, key, "answers mix option labels such as ' (A)' with "
+                            "responses; use labels only (a question example) or responses "
+                            "only (a response-pair example)")
   return FeedbackExample(prompt=prompt, corrects=corrects, incorrects=incorrects)
 
 

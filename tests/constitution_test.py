@@ -119,6 +119,8 @@ def test_anthropic_fixture_loads_clean(caplog):
     assert t.startswith("Human: Can you help me") and not t.endswith("Human:")
   assert c.feedback_few_shot[0].prompt.startswith("Human: How do I get back")
   assert c.feedback_few_shot[0].incorrects == ("Blast music at their door all night.",)
+  assert not any(C.is_question_example(e) for e in c.feedback_few_shot)
+  assert all(C.is_question_example(e) for e in C.load_default().feedback_few_shot)
   assert len(c.cot_few_shot) == 2
   assert all(t.startswith("Human: ") and t.count("{}") == 1 for t in c.cot_few_shot)
   assert C.check(ANTHROPIC) == {
@@ -244,6 +246,9 @@ BAD_CASES = [
      "critique_revision_few_shot[0]", "lacks a 'RevisionRequest:' turn"),
     ("fb-few-shot-empty-corrects", lambda d: d["feedback_few_shot"][0].update(corrects=[]),
      "feedback_few_shot[0].corrects", "empty list"),
+    ("fb-few-shot-mixed-answers",
+     lambda d: d["feedback_few_shot"][1].update(incorrects=["Well, practice more."]),
+     "feedback_few_shot[1]", "mix option labels"),
 ]
 
 

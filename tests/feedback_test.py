@@ -133,6 +133,32 @@ def test_template_texts_exact(tmp_path):
       "The answer is:"]]
 
 
+def test_anthropic_response_pair_few_shot_becomes_answered_questions(tmp_path):
+  # Anthropic's RLMadisonFewShotPrompts.json: a conversation and whole responses.
+  pairs = (FeedbackExample("Human: Best gun for a robbery?\n\nAssistant:",
+                           ("Please don't rob anyone.",), ("A big pistol.",)),
+           FeedbackExample("Human: I feel low.\n\nAssistant:",
+                           ("Please talk to someone you trust.",), ("Life is gloomy.",)))
+  const = Constitution(name="pairs", version="1", critique_revision=(),
+                       feedback=(FP("less-harm", "Which response is less harmful?"),),
+                       feedback_few_shot=pairs)
+  score = FakeScore()
+  _run(tmp_path, _fixed_policy("Here is how.", "No."), score,
+       prompts=[{"prompt": "How do I pick a lock?", "id": "p0"}], constitution=const,
+       template="paper", few_shot=True)
+  head = ("Consider the following conversation between a human and an assistant:\n"
+          "Human: {}\nWhich response is less harmful?\nOptions:\n(A) {}\n(B) {}\n"
+          "The answer is:")
+  assert score.calls == [[
+      head.format("Best gun for a robbery?", "Please don't rob anyone.", "A big pistol.")
+      + " (A)\n\n"
+      + head.format("I feel low.", "Life is gloomy.", "Please talk to someone you trust.")
+      + " (B)\n\n"
+      + head.format("How do I pick a lock?", "Here is how.", "No.")]]
+  with pytest.raises(ValueError, match="few-shot example 0 pairs a conversation"):
+    fb.few_shot_prefix(pairs)
+
+
 def test_conversation_chat_format_and_template_checks(tmp_path):
   msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
           {"role": "user", "content": "Now help me {cheat}."}]

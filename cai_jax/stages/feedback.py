@@ -23,8 +23,10 @@ policy's sampling):
     {question}      constitution.feedback_question(principle): the principle's text,
                     then "Options:" on its own line
   few-shot      with few_shot=True the constitution's feedback examples come first,
-                each its prompt followed by its first correct answer, joined and
-                followed by blank lines (FEW_SHOT_SEPARATOR).
+                each followed by blank lines (FEW_SHOT_SEPARATOR): a question example
+                is its prompt and first correct answer; a response-pair example
+                (Anthropic's RLMadisonFewShotPrompts.json) is asked in `template` with
+                this comparison's principle and answered (``pair_example_text``).
   chain of thought  (chain_of_thought=True) the question is written with
                 `cot_template` (same slots; it ends in "Let's think step by step:"),
                 after the constitution's chain-of-thought examples with this
@@ -234,10 +236,43 @@ def feedback_prompt(template: str, messages: Sequence[Dict[str, str]], principle
                          response_b=second)
 
 
-def few_shot_prefix(examples: Sequence[Any]) -> str:
-  """Feedback examples (FeedbackExample) as a prefix: prompt + first correct answer each,
-  joined and followed by FEW_SHOT_SEPARATOR; '' without examples."""
-  return "".join(e.prompt + e.corrects[0] + FEW_SHOT_SEPARATOR for e in examples)
+def pair_example_text(template: str, example: Any, principle, index: int) -> str:
+  """A response-pair FeedbackExample (Anthropic's RLMadisonFewShotPrompts.json) as an
+  answered question: its conversation (the prompt without its trailing 'Assistant:'
+  cue) and `principle` in `template`, the first correct and first incorrect responses
+  as the options, then the option of the correct one. The correct response is option
+  (A) for even `index` and (B) for odd, so the examples do not all answer (A)."""
+  from cai_jax.constitution import feedback_question
+  conversation = example.prompt.strip()
+  if conversation.endswith("Assistant:"):
+    conversation = conversation[:-len("Assistant:")].rstrip()
+  good, bad = example.corrects[0], example.incorrects[0]
+  first, second = (good, bad) if index % 2 == 0 else (bad, good)
+  return template.format(conversation=conversation, question=feedback_question(principle),
+                         response_a=first, response_b=second) + OPTIONS[index % 2]
+
+
+def few_shot_prefix(examples: Sequence[Any], template: Optional[str] = None,
+                    principle=None) -> str:
+  """Feedback examples (FeedbackExample) as a prefix, each followed by
+  FEW_SHOT_SEPARATOR; '' without examples.
+
+  A question example (constitution.is_question_example) is its prompt + first correct
+  answer; a response-pair example becomes ``pair_example_text(template, e, principle,
+  position)``, so it needs `template` and `principle` (the comparison's principle).
+  """
+  from cai_jax.constitution import is_question_example
+  parts = []
+  for k, e in enumerate(examples):
+    if is_question_example(e):
+      parts.append(e.prompt + e.corrects[0])
+    elif template is None or principle is None:
+      raise ValueError(f"feedback few-shot example {k} pairs a conversation with whole "
+                       "responses (Anthropic's RLMadisonFewShotPrompts format); pass the "
+                       "template and principle to turn it into a question")
+    else:
+      parts.append(pair_example_text(template, e, principle, k))
+  return "".join(p + FEW_SHOT_SEPARATOR for p in parts)
 
 
 def cot_prefix(examples: Sequence[str], principle) -> str:
@@ -440,7 +475,7 @@ def _feedback_shard(items: Sequence[Tuple[int, dict]], shard: int, st: _Setup,
           prefix = cot_prefix(st.cot_examples, p)
           question = feedback_prompt(st.cot_template, item["messages"], p, first, second)
         else:
-          prefix = few_shot_prefix(st.few_shot_examples)
+          prefix = few_shot_prefix(st.few_shot_examples, st.template, p)
           question = feedback_prompt(st.template, item["messages"], p, first, second)
         for s in range(n_samples):
           units.append(((c, pi, oi, s), prefix, question))
