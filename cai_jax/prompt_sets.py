@@ -37,7 +37,10 @@ n-grams), not a MinHash approximation.
 from __future__ import annotations
 
 import collections
+import gzip
 import hashlib
+import json
+import numbers
 import os
 import re
 import shutil
@@ -125,14 +128,20 @@ def _record(row: Dict[str, Any], where: str, default_id: str) -> Record:
 def read_prompt_file(path: str) -> List[Record]:
   """All prompts of a JSONL file ({"prompt"} or {"messages"} per line; optional "id",
   "category"; '.gz' allowed). A file of HH-RLHF lines ({"chosen", "rejected"}) is read
-  with ``import_hh_rlhf``. Ids default to '<file stem>-<line>' and must be unique.
-  Errors name the file and line; a file without prompts is an error."""
+  with ``import_hh_rlhf``, Anthropic's red-team attempts (a JSON array, or lines, of
+  {"transcript", ...}) with ``import_red_team_attempts``. Ids default to
+  '<file stem>-<line>' and must be unique. Errors name the file and line; a file
+  without prompts is an error."""
+  if _starts_with_array(path):
+    return import_red_team_attempts(path)
   rows = list(data.iter_jsonl(path))
   if not rows:
     raise DataError(f"{path}: empty prompt set (no lines)")
   first = rows[0][1]
   if "chosen" in first and "prompt" not in first and "messages" not in first:
     return import_hh_rlhf(path)
+  if "transcript" in first and "prompt" not in first and "messages" not in first:
+    return import_red_team_attempts(path)
   stem = _stem(path)
   out, seen = [], {}
   for lineno, row in rows:
@@ -222,6 +231,75 @@ def import_hh_rlhf(path: str, strict: bool = True) -> List[Record]:
                 "category": "hh_rlhf"})
   if not out:
     raise DataError(f"{path}: empty prompt set (no HH-RLHF comparisons)")
+  return out
+
+
+def _open_text(path: str):
+  return (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz")
+          else open(path, encoding="utf-8"))
+
+
+def _starts_with_array(path: str) -> bool:
+  """True when the file's first non-blank character is '[' (one JSON array)."""
+  if not os.path.isfile(path):
+    return False
+  try:
+    with _open_text(path) as f:
+      while True:
+        chunk = f.read(4096)
+        if not chunk:
+          return False
+        stripped = chunk.lstrip()
+        if stripped:
+          return stripped[0] == "["
+  except (OSError, UnicodeDecodeError, EOFError):
+    return False   # iter_jsonl reports the problem with the file's name
+
+
+def _red_team_rows(path: str) -> List[Tuple[str, int, Any]]:
+  """(location, number, object) of a red-team attempts file: 'FILE: item N' (N 1-based)
+  for a JSON array, 'FILE:N' (N the line) for JSON lines."""
+  if not _starts_with_array(path):
+    return [(f"{path}:{n}", n, row) for n, row in data.iter_jsonl(path)]
+  try:
+    with _open_text(path) as f:
+      items = json.load(f)
+  except UnicodeDecodeError:
+    raise DataError(f"{path}: not UTF-8 text") from None
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") \
+        from None
+  return [(f"{path}: item {n}", n, row) for n, row in enumerate(items, 1)]
+
+
+def import_red_team_attempts(path: str) -> List[Record]:
+  """Prompts of Anthropic's red-team attempts (hh-rlhf ``red_team_attempts.jsonl``: ONE
+  JSON array of {"transcript": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rating",
+  "task_description", ...}; JSON lines of such objects are read too; '.gz' allowed).
+
+  Each attempt becomes {"id": '<stem>-<n>' (n: 1-based item or line number), "prompt":
+  the red-teamer's opening request (the transcript's first Human turn), "messages": that
+  turn, "category": 'red_team', "task_description": the attempt's description when it
+  has one}. Errors name the file and item (or line) and the field.
+  """
+  stem = _stem(path)
+  out = []
+  for where, n, row in _red_team_rows(path):
+    if not isinstance(row, dict):
+      raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if not isinstance(row.get("transcript"), str):
+      raise DataError(f"{where}: expected a string field 'transcript'")
+    msgs = parse_hh_transcript(row["transcript"], f"{where}: transcript")
+    opening = msgs[0]["content"]
+    if not opening:
+      raise DataError(f"{where}: transcript: the first Human turn is empty")
+    rec = {"id": f"{stem}-{n}", "prompt": opening,
+           "messages": [{"role": "user", "content": opening}], "category": "red_team"}
+    if isinstance(row.get("task_description"), str):
+      rec["task_description"] = row["task_description"]
+    out.append(rec)
+  if not out:
+    raise DataError(f"{path}: empty prompt set (no red-team attempts)")
   return out
 
 
@@ -389,7 +467,7 @@ def prompt_items(spec: Any, split: Optional[str] = None, limit: Optional[int] = 
       spec for the loader ('red_team', 'helpful', a .jsonl path).
     split: with a spec, the split to read; None reads every prompt (and calls the
       loader without a split argument).
-    limit: keep only the first `limit` items (after `split`); None keeps all.
+    limit: keep only the first `limit` (>= 1) items (after `split`); None keeps all.
     what, who: name the set and the stage in error messages ("{who}: {what} item 3 ...").
     loader: spec (, split=...) -> list of prompt dicts; default: ``load_prompts``.
   Returns:
@@ -400,6 +478,9 @@ def prompt_items(spec: Any, split: Optional[str] = None, limit: Optional[int] = 
     ValueError for an item without a non-empty "prompt" string, malformed "messages",
     or an empty result.
   """
+  if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)
+                            or limit < 1):
+    raise ValueError(f"{who}: limit must be None or an integer >= 1, got {limit!r}")
   if isinstance(spec, str):
     load = loader or load_prompts
     items = list(load(spec) if split is None else load(spec, split=split))
@@ -421,7 +502,7 @@ def prompt_items(spec: Any, split: Optional[str] = None, limit: Optional[int] = 
     out.append(dict(item, messages=[{"role": m["role"], "content": m["content"]}
                                     for m in msgs]))
   if limit is not None:
-    out = out[:int(limit)]
+    out = out[:limit]
   if not out:
     name = repr(spec) if isinstance(spec, str) else "(list)"
     raise ValueError(f"{who}: the {what} set {name} has no prompts")
