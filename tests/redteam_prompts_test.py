@@ -189,6 +189,10 @@ def test_argument_errors(tmp_path, seeds):
   with pytest.raises(ValueError, match="returned 0 completions"):
     rp.run(str(tmp_path / "o.jsonl"), seed_prompts=seeds, seed_split=None, progress=False,
            generate_fn=lambda texts, seed: [])
+  with pytest.raises(ValueError, match="max_generated=-5 must be >= 0"):
+    rp.run(str(tmp_path / "neg.jsonl"), seed_prompts=seeds, seed_split=None, progress=False,
+           max_generated=-5, generate_fn=ScriptedSampler([" A brand new request, long enough"]))
+  assert not os.path.exists(tmp_path / "neg.jsonl")
 
 
 def test_default_seeds_are_the_shipped_red_team_train_split(tmp_path):

@@ -193,6 +193,9 @@ def run(out: str, seed_prompts: str = "red_team", model: str = "", n_new: int = 
   if n_new < 1 or few_shot < 1 or batch_size < 1:
     raise ValueError(f"redteam_prompts: n_new={n_new}, few_shot={few_shot} and "
                      f"batch_size={batch_size} must be >= 1")
+  if max_generated < 0:
+    raise ValueError(f"redteam_prompts: max_generated={max_generated} must be >= 0 "
+                     "(0 means 8 * n_new)")
   if not 0 <= min_chars <= max_chars:
     raise ValueError(f"redteam_prompts: need 0 <= min_chars={min_chars} <= max_chars={max_chars}")
   all_seeds = prompt_sets.load_prompts(seed_prompts, None, data_dir)
