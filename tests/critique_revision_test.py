@@ -268,7 +268,7 @@ def test_empty_prompt_set_is_an_error(tmp_path):
   with pytest.raises(ValueError, match="has no prompts"):
     _run(tmp_path, prompts=[])
   with pytest.raises(ValueError, match="'mine' has no prompts"):
-    _run(tmp_path, prompts="mine", load_prompts=lambda spec: [])
+    _run(tmp_path, prompts="mine", load_prompts=lambda spec, split=None: [])
   with pytest.raises(ValueError, match="item 1 needs a non-empty 'prompt'"):
     _run(tmp_path, prompts=[{"prompt": "a"}, {"text": "b"}])
 
@@ -282,14 +282,14 @@ def test_prompt_spec_and_limit(tmp_path):
 
   _run(tmp_path, prompts="red", helpful_prompts="help", load_prompts=load, limit=2)
   recs, helpful = cr.read_dataset(str(tmp_path))
-  assert seen == [("red", None), ("help", None)] and len(recs) == 2 and len(helpful) == 2
-  _run(tmp_path / "train", prompts="red", load_prompts=load, split="train")
-  assert seen[-1] == ("red", "train")
+  assert seen == [("red", "train"), ("help", "train")] and len(recs) == 2 and len(helpful) == 2
+  _run(tmp_path / "all", prompts="red", load_prompts=load, split=None)
+  assert seen[-1] == ("red", None)
   manifest = json.load(open(tmp_path / cr.MANIFEST))
   assert manifest["config"]["prompts"]["spec"] == "red" and manifest["num_prompts"] == 2
   jsonl = tmp_path / "p.jsonl"   # through cai_jax.prompt_sets.load_prompts
   jsonl.write_text('{"prompt": "one?", "id": "a"}\n{"prompt": "two?"}\n')
-  _run(tmp_path / "file", prompts=str(jsonl))
+  _run(tmp_path / "file", prompts=str(jsonl), split=None)
   recs, _ = cr.read_dataset(str(tmp_path / "file"))
   assert [r["prompt"] for r in recs] == ["one?", "two?"] and recs[0]["id"] == "a"
 

@@ -392,8 +392,9 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
         helpful_prompts: Union[None, str, Sequence[dict]] = None, chat_format: str = "raw",
         temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
         batch_size: int = 16, shard_size: int = 64, seed: int = 0, few_shot: bool = True,
-        split: Optional[str] = None, limit: Optional[int] = None, truncate: Optional[str] = None,
-        mesh: MeshConfig = MeshConfig(1, 1, 1, "dp"), progress: bool = True,
+        split: Optional[str] = "train", limit: Optional[int] = None,
+        truncate: Optional[str] = None, mesh: MeshConfig = MeshConfig(1, 1, 1, "dp"),
+        progress: bool = True,
         load_prompts: Optional[Callable[[str], Sequence[dict]]] = None,
         generate_fn: Optional[GenerateFn] = None) -> dict:
   """Writes the critique/revision dataset to out_dir; returns the run's stats.
@@ -416,8 +417,9 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
     seed: base of principle draws and sampler seeds (0 <= seed < 2**32).
     few_shot: put the constitution's few-shot transcripts in front of critique/revision
       contexts.
-    split: with prompt specs, the prompt_sets split to read ('train' keeps the held-out
-      'test' prompts out of the SL data); None = every prompt.
+    split: with prompt specs, the prompt_sets split to read ('train', the default, keeps
+      the held-out 'test' prompts that evaluate uses out of the SL data, as feedback and
+      rl do); None = every prompt.
     limit: use only the first `limit` prompts of each set (after `split`).
     truncate: passed to the sampler: None errors on a context longer than
       max_seq_len - max_new_tokens; 'left' keeps its last tokens.
