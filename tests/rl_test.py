@@ -309,3 +309,93 @@ def test_pm_reward_reads_the_score_where_the_pm_was_trained(tmp_path, chat_forma
                        np.ones((1, len(ids)), bool), right_padded=True)
   if ids[-1] != tok.eos_id:        # chatml / llama3 end their turn with other tokens
     assert abs(float(other[0]) - float(want[0])) > 1e-4
+
+
+def test_pm_reward_of_a_too_long_conversation_keeps_the_bos_like_pm_training(tmp_path):
+  """A conversation longer than the PM's max_seq_len is left-truncated for the reward the
+  way ``pm.encode_response`` truncates it for training: the tokenizer's BOS stays first."""
+  from cai_jax import sampler
+  from cai_jax.stages import pm as pm_stage
+  from cai_jax.tokenizer import ByteTokenizer, stop_strings
+
+  class BosByte(ByteTokenizer):
+    add_bos_token = True
+
+  tok = BosByte()
+  cfg = ModelConfig(vocab_size=320, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                    max_seq_len=32)
+  _, pm_dir = _policy_and_pm(tmp_path, cfg)
+  pm_params = model_dir.load_model(pm_dir)[1]
+  messages = [[{"role": "user", "content": "Why is the sky blue? Tell me at length please."}]]
+  text = "Rayleigh."
+  gen = [np.array(tok.encode(text) + [tok.eos_id], np.int32)]
+  result = sampler.GenerateResult(
+      tokens=gen, logprobs=[np.zeros(len(gen[0]), np.float32)],
+      sampling_logprobs=[np.zeros(len(gen[0]), np.float32)], lengths=np.array([len(gen[0])]),
+      finish_reasons=["eos"], num_stop_tokens=np.array([1]), prompt_lengths=np.array([3]),
+      stats={})
+  got = rl.pm_score_fn(pm_params, cfg, tok, messages, "raw", stop_strings("raw"))(
+      np.array([0]), result)
+  tokens, mask, truncated = pm_stage.encode_response(tok, messages[0], text, "raw",
+                                                     cfg.max_seq_len)
+  assert truncated and tokens[0] == tok.bos_id
+  want = models.score(pm_params, cfg, tokens[None], mask[None], right_padded=True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, ppo_kw, match", [
+    (dict(iterations=0), {}, r"rl.iterations must be an integer >= 1, got 0"),
+    (dict(iterations=2.5), {}, r"rl.iterations must be an integer >= 1, got 2.5"),
+    (dict(snapshot_every=-1), {}, r"rl.snapshot_every must be an integer >= 0, got -1"),
+    (dict(save_every=0), {}, r"rl.save_every must be an integer >= 1, got 0"),
+    (dict(keep_checkpoints=0), {}, r"rl.keep_checkpoints must be an integer >= 1, got 0"),
+    ({}, dict(clip=0.0), r"PPOConfig.clip must be > 0, got 0.0"),
+    ({}, dict(value_clip=-1.0), r"PPOConfig.value_clip must be > 0"),
+    ({}, dict(gamma=1.5), r"PPOConfig.gamma must be in \[0, 1\], got 1.5"),
+    ({}, dict(lam=-0.1), r"PPOConfig.lam must be in \[0, 1\]"),
+    ({}, dict(adaptive_kl=True, kl_horizon=6), r"PPOConfig.kl_horizon=6 is too short for "
+                                               r"rollout_batch=32.*kl_horizon > 6"),
+])
+def test_out_of_range_settings_fail_before_any_work(tmp_path, kw, ppo_kw, match):
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match=match):
+    _train(out, 0.05, kw.pop("iterations", 1), ppo_kw=ppo_kw, **kw)
+  assert not out.exists()
+
+
+def test_shortest_accepted_kl_horizon_keeps_beta_positive():
+  """rollout_batch < 5 · kl_horizon is what keeps the controller's multiplier positive."""
+  from cai_jax import losses
+  from cai_jax.ppo import PPOConfig as P
+  rl.check_loop_args(P(adaptive_kl=True, kl_horizon=7, rollout_batch=32), 1, 0, 1, 1)
+  assert float(losses.adaptive_beta(0.05, 0.0, 0.5, 7, 32)) > 0
+  assert float(losses.adaptive_beta(0.05, 0.0, 0.5, 6, 32)) < 0
+
+
+def test_rerun_of_a_finished_run_keeps_its_summary_and_refuses_fewer_iterations(tmp_path):
+  first = _train(tmp_path, 0.05, 2)
+  assert first["last_metrics"]["reward"] == _rows(tmp_path)[-1]["reward"]
+  again = _train(tmp_path, 0.05, 2)               # nothing left to do
+  assert again["resumed_from"] == 2
+  assert again["last_metrics"] == first["last_metrics"]
+  assert json.load(open(tmp_path / "summary.json"))["last_metrics"] == first["last_metrics"]
+  with pytest.raises(ValueError, match=r"holds a run of 2 iterations, more than "
+                                       r"rl.iterations=1"):
+    _train(tmp_path, 0.05, 1)
+  assert json.load(open(tmp_path / "summary.json"))["iterations"] == 2
+
+
+@pytest.mark.parametrize("role, use", [("policy", "pm"), ("reference", "pm"), ("pm", "policy"),
+                                       ("value", "policy")])
+def test_a_model_with_the_wrong_head_is_named_before_any_work(tmp_path, role, use):
+  """rl.policy / rl.reference need an LM head, rl.pm / rl.value a scalar head: a model of
+  the other kind is one line naming the flag, before any output is written."""
+  policy, pm = _policy_and_pm(tmp_path, ModelConfig(
+      vocab_size=320, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, max_seq_len=96))
+  specs = dict(policy=policy, pm=pm)
+  specs[role] = {"policy": policy, "pm": pm}[use]
+  head = "a language model" if role in ("policy", "reference") else "a scalar-head"
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match=rf"rl.{role}='.*' is not {head}"):
+    rl.run(str(out), prompts="unused.jsonl", progress=False, **specs)
+  assert not out.exists()

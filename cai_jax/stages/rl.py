@@ -41,7 +41,7 @@ from tqdm import tqdm
 from cai_jax import (checkpoints, distributed, losses, model_dir, models, ppo as ppo_lib, sampler,
                      sharding, shards, train)
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig
-from cai_jax.metrics import MetricsWriter
+from cai_jax.metrics import MetricsWriter, read_jsonl_metrics
 from cai_jax.ppo import PPOConfig
 from cai_jax.stages import pm as pm_stage
 from cai_jax.stages.train_lm import check_rerun, load_initial, model_config_key
@@ -106,6 +106,42 @@ def value_params_from_lm(lm_params: Any, config: ModelConfig, seed: int = 0) -> 
   return {k: (lm_params[k] if k in lm_params else v) for k, v in fresh.items()}
 
 
+def check_loop_args(ppo: PPOConfig, iterations: int, snapshot_every: int, save_every: int,
+                    keep_checkpoints: int) -> None:
+  """ValueError naming the first out-of-range setting of a PPO run (before any work).
+
+  iterations, save_every, keep_checkpoints >= 1; snapshot_every >= 0 (0: never); the
+  PPOConfig's clip and value_clip > 0, gamma and lam in [0, 1]; with adaptive_kl,
+  rollout_batch < 5 · kl_horizon (``losses.adaptive_beta`` multiplies β by
+  1 + e · rollout_batch / kl_horizon with e down to -0.2: β would turn negative).
+  """
+  for name, value, low in (("iterations", iterations, 1), ("snapshot_every", snapshot_every, 0),
+                           ("save_every", save_every, 1),
+                           ("keep_checkpoints", keep_checkpoints, 1)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f"rl.{name} must be an integer >= {low}, got {value!r}")
+  for name in ("clip", "value_clip"):
+    if not getattr(ppo, name) > 0:
+      raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(ppo, name)}")
+  for name in ("gamma", "lam"):
+    if not 0 <= getattr(ppo, name) <= 1:
+      raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(ppo, name)}")
+  if ppo.adaptive_kl and ppo.rollout_batch >= 5 * ppo.kl_horizon:
+    raise ValueError(
+        f"PPOConfig.kl_horizon={ppo.kl_horizon} is too short for rollout_batch="
+        f"{ppo.rollout_batch}: the adaptive controller would make beta negative; use "
+        f"kl_horizon > {ppo.rollout_batch // 5}")
+
+
+def logged_row(out_dir: str, step: int) -> dict:
+  """The metrics of iteration `step` as out_dir/metrics.jsonl logged them (without the
+  'step' key); {} when no such row is there."""
+  path = os.path.join(out_dir, "metrics.jsonl")
+  rows = read_jsonl_metrics(path) if os.path.exists(path) else []
+  row = next((r for r in reversed(rows) if r.get("step") == step), {})
+  return {k: v for k, v in row.items() if k != "step"}
+
+
 def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg: ModelConfig,
               ref_params: Any, value_cfg: ModelConfig, value_params: Any,
               prompt_ids: Sequence[Sequence[int]], score_fn: ScoreFn,
@@ -132,10 +168,14 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
       multi-process run calls this with the same arguments.
   A rerun in the same out_dir resumes from its last checkpoint only when the prompts,
   PPO and optimizer configs, seed, models and `extra_summary` (the input specs) match
-  out_dir/run_config.json; otherwise ValueError naming what differs.
+  out_dir/run_config.json; otherwise ValueError naming what differs. A run that has
+  already done `iterations` only rewrites its final models and summary (last metrics read
+  back from metrics.jsonl); one that has done more is a ValueError. Out-of-range
+  settings fail before any work (``check_loop_args``).
   Returns the summary dict (also out_dir/summary.json): iterations, resumed_from,
   last metrics, snapshot paths.
   """
+  check_loop_args(ppo, iterations, snapshot_every, save_every, keep_checkpoints)
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   value_optimizer = value_optimizer or optimizer
@@ -178,15 +218,20 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
   ckpt = checkpoints.CheckpointManager(os.path.join(out_dir, "checkpoints"), save_every=save_every,
                                        keep=keep_checkpoints)
   resumed_from = ckpt.latest_step()
+  if resumed_from is not None and resumed_from > iterations:
+    ckpt.close()
+    raise ValueError(f"rl: {out_dir} holds a run of {resumed_from} iterations, more than "
+                     f"rl.iterations={iterations}; use a new out_dir or iterations >= "
+                     f"{resumed_from}")
   if resumed_from is not None:   # the live states as target: restored in their shardings
     state, data_state = ckpt.restore({"policy": policy_state, "value": value_state})
     policy_state, value_state = state["policy"], state["value"]
     start, beta = int(data_state["iteration"]), float(data_state["beta"])
   writer = MetricsWriter(out_dir)
   writer.truncate_after(start)
+  last = logged_row(out_dir, start) if start and distributed.is_primary() else {}
   policy_step = ppo_lib.make_policy_step(policy_cfg, ppo, optimizer, mesh, rules)
   value_step = ppo_lib.make_value_step(value_cfg, ppo, value_optimizer, mesh, rules)
-  last = {}
 
   def snapshot_path(it):
     return os.path.join(out_dir, "snapshots", f"step-{it:05d}")
@@ -285,17 +330,18 @@ def pm_score_fn(pm_params: Any, pm_cfg: ModelConfig, tok: Any,
 
   The response text is the decoded content tokens, trimmed at the first stop string; the
   scored sequence is ``pm.response_ids`` (the conversation in `chat_format`, then EOS, the
-  token the PM was trained to read), left-truncated to the PM's max_seq_len, right-padded
-  to a bucketed width. Returns score_fn(prompt indices [B], GenerateResult) -> [B] float32.
+  token the PM was trained to read), left-truncated to the PM's max_seq_len keeping a
+  leading BOS (as ``pm.encode_response`` does in training), right-padded to a bucketed
+  width. Returns score_fn(prompt indices [B], GenerateResult) -> [B] float32.
   """
-  from cai_jax.tokenizer import trim_at_stop
+  from cai_jax.tokenizer import keep_last, trim_at_stop
 
   def score_fn(indices, result):
     seqs = []
     for r, i in enumerate(indices):
       text = trim_at_stop(tok.decode(result.content_tokens(r).tolist()), stops)
       ids = pm_stage.response_ids(tok, messages[i], text, chat_format)
-      seqs.append(ids[-pm_cfg.max_seq_len:])
+      seqs.append(keep_last(ids, pm_cfg.max_seq_len, tok.bos_id))
     width = max(sampler.bucket_length(max(len(s) for s in seqs)), max(len(s) for s in seqs))
     t = np.zeros((len(seqs), width), np.int32)
     k = np.zeros((len(seqs), width), bool)
@@ -307,11 +353,29 @@ def pm_score_fn(pm_params: Any, pm_cfg: ModelConfig, tok: Any,
   return score_fn
 
 
-def _load(spec: str, what: str, model: ModelConfig):
+_HEAD_NAMES = {"lm": "a language model (LM head)", "scalar": "a scalar-head (preference) model"}
+
+
+def _load(spec: str, what: str, model: ModelConfig, head: str):
+  """(config, params, tokenizer) of rl.`what`; ValueError naming the flag when the spec is
+  unreadable or its model does not have the `head` ('lm' | 'scalar') the role needs."""
   try:
-    return load_initial(spec, model)
+    path = model_dir.resolve_model_spec(spec)
   except (FileNotFoundError, ValueError) as e:
     raise ValueError(f"rl.{what}={spec!r}: {e}") from None
+  if model_dir.is_model_dir(path):   # its head is known before its params are read
+    _check_head(spec, what, model_dir.load_head(path), head)
+  try:
+    loaded = load_initial(spec, model)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f"rl.{what}={spec!r}: {e}") from None
+  _check_head(spec, what, model_dir.load_head(path), head)   # .gguf / HF folders: 'lm'
+  return loaded
+
+
+def _check_head(spec: str, what: str, found: str, head: str) -> None:
+  if found != head:
+    raise ValueError(f"rl.{what}={spec!r} is not {_HEAD_NAMES[head]}; its head is {found!r}")
 
 
 def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value: str = "",
@@ -348,21 +412,18 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
     raise ValueError("rl.policy is not set (the SL-CAI model)")
   if not pm and reward_fn is None:
     raise ValueError("rl.pm is not set (the preference model directory)")
-  policy_cfg, policy_params, tok = _load(policy, "policy", model)
+  check_loop_args(ppo, iterations, snapshot_every, save_every, keep_checkpoints)
+  policy_cfg, policy_params, tok = _load(policy, "policy", model, "lm")
   ref_cfg, ref_params, ref_tok = (policy_cfg, policy_params, tok) if not reference else \
-      _load(reference, "reference", model)
+      _load(reference, "reference", model, "lm")
   toks = {"policy": tok, "reference": ref_tok}
   pm_cfg = pm_params = None
   if pm:
-    pm_cfg, pm_params, pm_tok = _load(pm, "pm", model)
+    pm_cfg, pm_params, pm_tok = _load(pm, "pm", model, "scalar")
     toks["pm"] = pm_tok
-    if model_dir.load_head(model_dir.resolve_model_spec(pm)) != "scalar":
-      raise ValueError(f"rl.pm={pm!r} is not a scalar-head (preference) model")
   if value:
-    value_cfg, value_params, value_tok = _load(value, "value", model)
+    value_cfg, value_params, value_tok = _load(value, "value", model, "scalar")
     toks["value"] = value_tok
-    if model_dir.load_head(model_dir.resolve_model_spec(value)) != "scalar":
-      raise ValueError(f"rl.value={value!r} is not a scalar-head model")
   elif pm:
     value_cfg, value_params = pm_cfg, pm_params
   else:
