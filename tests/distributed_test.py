@@ -224,11 +224,12 @@ def test_a_mesh_without_every_process_is_a_one_line_error(tmp_path):
 
 
 def test_a_process_0_failure_stops_the_other_processes_at_once(tmp_path):
-  """Process 0 alone writes config.gin; when that fails (here a directory stands in its
-  place), process 1, waiting at the next barrier, exits at once naming process 0's error
-  rather than waiting out jax's heartbeat and shutdown timeouts (minutes) and aborting."""
+  """Process 0 alone writes the UNFINISHED marker; when that fails (here a directory stands
+  in its place), process 1, waiting at the next barrier, exits at once naming process 0's
+  error rather than waiting out jax's heartbeat and shutdown timeouts (minutes) and
+  aborting."""
   out_dir = tmp_path / "run"
-  (out_dir / "config.gin").mkdir(parents=True)
+  (out_dir / "UNFINISHED").mkdir(parents=True)
   start = time.monotonic()
   results = multihost.wait(multihost.launch_cli(
       ["train_lm", "--gin_file=models/tiny.gin", "--gin.train_lm.dataset='unused.jsonl'",
@@ -240,9 +241,9 @@ def test_a_process_0_failure_stops_the_other_processes_at_once(tmp_path):
   assert len(errors[0]) == 1 and "IsADirectoryError" in errors[0][0], errors
   assert len(errors[1]) == 1, errors
   assert errors[1][0].startswith("cai-jax: error: process 0 failed: IsADirectoryError:"), errors
-  assert "config.gin" in errors[1][0]
-  # Noticed at the barrier after config.gin or, if sooner, by process 1's failure watcher.
-  assert ("barrier 'config.gin:" in errors[1][0]
+  assert "UNFINISHED" in errors[1][0]
+  # Noticed at the barrier after the marker or, if sooner, by process 1's failure watcher.
+  assert ("barrier 'started:" in errors[1][0]
           or "this process stopped for it while running" in errors[1][0]), errors
   assert not list((out_dir).glob("checkpoints*"))
 

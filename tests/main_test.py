@@ -233,6 +233,15 @@ def test_train_lm_killed_and_resumed_equals_uninterrupted(tmp_path):
   steps_logged = [json.loads(l)["step"] for l in open(killed / "metrics.jsonl")]
   assert steps_logged == list(range(1, 17))
 
+  # A rerun with another config that the stage refuses leaves the finished run's config.gin
+  # (the config of the outputs beside it); its UNFINISHED marker holds the refused config.
+  before = (full / "config.gin").read_text()
+  out = cli(*_train_args(full), "--gin.OptimizerConfig.learning_rate=0.5")
+  assert out.returncode != 0 and "a different optimizer" in out.stderr, out.stderr[-2000:]
+  assert (full / "config.gin").read_text() == before
+  assert "learning_rate = 0.5" in (full / "UNFINISHED").read_text()
+  assert cli(*_train_args(full)).returncode == 0 and not (full / "UNFINISHED").exists()
+
 
 def _run_ok(*args, timeout=900):
   out = cli(*args, timeout=timeout)

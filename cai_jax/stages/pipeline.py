@@ -27,9 +27,11 @@ moves only when an earlier run with this out_dir wrote that output under it (rer
 some stages of a moved experiment); other inputs (data files, the embedded model) stay.
 `relocate` computes those bindings; the CLI passes them to every stage.
 
-Every command that writes an out_dir leaves an `UNFINISHED` file there from before it
-writes its config.gin until it returns, so a run that failed or was killed is never taken
-for complete from the outputs of an earlier run with another config. It also records the
+Every command that writes an out_dir leaves an `UNFINISHED` file there (holding its
+config) from before it starts until it returns, and writes its config.gin only then, so a
+run that failed, was refused or was killed is never taken for complete from the outputs
+of an earlier run with another config, and config.gin always describes the outputs beside
+it. It also records the
 fingerprints of the models it reads (`inputs.json`, ``model_dir.input_fingerprints``); a
 stage whose input models changed since (an earlier stage trained further) is not skipped:
 it stops the pipeline with one line naming them, its outputs untouched.
@@ -62,9 +64,10 @@ class StageFailed(RuntimeError):
     self.exit_status = exit_status
 
 
-# Written in a command's out_dir before it runs (before its config.gin changes) and removed
-# when it returns: a run that failed or was killed leaves it, so the outputs of an earlier
-# finished run there (summary.json, a complete manifest) are not taken for this config's.
+# Written in a command's out_dir (with its config) before it runs and removed when it returns,
+# after its config.gin is written: a run that failed or was killed leaves it, so the outputs
+# of an earlier finished run there (summary.json, a complete manifest) are not taken for
+# this config's.
 UNFINISHED = "UNFINISHED"
 
 
