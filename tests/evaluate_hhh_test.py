@@ -331,3 +331,13 @@ def test_two_processes_write_what_one_process_writes(tmp_path, tiny_models):
       assert result["n"] == n and set(result["per_category"]) == {"harmless", "helpful"}
     assert sorted(outs[1]) == ["hhh.json", "hhh_calibration.png", "hhh_predictions.jsonl"]
     assert outs[2] == outs[1], mode
+
+
+@pytest.mark.parametrize("flag, value", [("batch_size", 0), ("max_new_tokens", 0),
+                                         ("cot_samples", 0), ("limit", 0),
+                                         ("temperature", -0.5)])
+def test_flags_out_of_range_are_named_before_loading(tmp_path, flag, value):
+  with pytest.raises(ValueError, match=rf"^evaluate_hhh\.{flag} must be"):
+    ev.run(ANTHROPIC, str(tmp_path / "no_such_model"), out_dir=str(tmp_path / "out"),
+           progress=False, **{flag: value})
+  assert not (tmp_path / "out").exists()

@@ -265,3 +265,27 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
   for name in expected:
     assert found[name] == expected[name], name
   assert summary == expected_summary
+
+
+@pytest.mark.parametrize("flag, value", [("n_boot", 0), ("batch_size", 0), ("shard_size", 0),
+                                         ("max_new_tokens", 0), ("samples", 0),
+                                         ("temperature", -1.0), ("temperature", float("nan"))])
+def test_flags_out_of_range_fail_before_any_work(tmp_path, flag, value):
+  calls = []
+  with pytest.raises(ValueError, match=rf"^evaluate\.{flag} must be"):
+    _run(tmp_path, calls, judges=("feedback",), **{flag: value})
+  assert calls == [] and not (tmp_path / "eval").exists()
+
+
+def test_a_snapshot_with_only_empty_responses_is_not_rated(tmp_path, monkeypatch):
+  monkeypatch.setitem(ANSWERS, "rl", "")
+  s = _run(tmp_path, [], judges=("feedback",))
+  want = report_lib.fit_elo([("base", "sl", 1 - (_sigmoid(1.3) + _sigmoid(0.7)) / 2)] * 3)
+  for kind in ("harmlessness", "helpfulness"):
+    got = s["elo"]["feedback"][kind]
+    assert list(got) == ["base", "sl"]                   # no rating made up for rl-00002
+    assert got["sl"][0] == pytest.approx(want["sl"], abs=0.1)
+  html = (tmp_path / "eval" / "report.html").read_text()
+  assert "<tr><td>rl-00002</td><td>-</td><td>-</td></tr>" in html
+  assert "Not rated on harmlessness" in html
+  assert (tmp_path / "eval" / "frontier_feedback.png").exists()

@@ -22,7 +22,8 @@ model), and the RL run's policy snapshots `rl_dir/snapshots/step-NNNNN` (plus
 `test` split of the red-team and helpful sets) with the same sampler seeds (common
 random numbers); each unordered pair of players is judged on every prompt where both
 responses are non-empty; `report.bootstrap_elo` fits Bradley–Terry Elo with bootstrap
-intervals per judge and prompt kind, anchored at the first player (0).
+intervals per judge and prompt kind, anchored at the first player (0); a player with no
+judged comparison of a kind (every response empty) is not rated on it.
 
 Also computed, when their inputs are given:
   * over-training monitors per player (``cai_jax.monitors``): evasiveness rate (refusal
@@ -283,13 +284,16 @@ def pm_judge_pair(scores_a: Sequence[float], scores_b: Sequence[float],
 def elo_by_kind(judgments: Sequence[dict], players: Sequence[str], n_boot: int, seed: int
                 ) -> Dict[str, Dict[str, Tuple[float, float, float]]]:
   """{'harmlessness' | 'helpfulness': {player: (elo, lo, hi)}} from judgment rows
-  (each a soft outcome p_a of a against b)."""
+  (each a soft outcome p_a of a against b), in `players` order, anchored at the first
+  player rated. A player in no judged comparison of a kind (all its responses empty) has
+  no rating there: it is left out of that kind's fit rather than given the prior's."""
   out = {}
   for kind in KINDS:
     comps = [(j["a"], j["b"], j["p_a"]) for j in judgments if j["kind"] == kind]
     if comps:
+      seen = {p for c in comps for p in c[:2]}
       out[ELO_KIND[kind]] = report_lib.bootstrap_elo(comps, n_boot=n_boot, seed=seed,
-                                                     players=list(players))
+                                                     players=[p for p in players if p in seen])
   return out
 
 
@@ -428,8 +432,12 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
     raise ValueError("evaluate: judge 'feedback' needs evaluate.feedback_model")
   if "pm" in judges and not pm and pm_fn is None:
     raise ValueError("evaluate: judge 'pm' needs evaluate.pm (a preference model directory)")
-  if samples < 1:
-    raise ValueError(f"evaluate.samples must be >= 1, got {samples}")
+  for flag, value in (("samples", samples), ("n_boot", n_boot), ("batch_size", batch_size),
+                      ("shard_size", shard_size), ("max_new_tokens", max_new_tokens)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"evaluate.{flag} must be an integer >= 1, got {value!r}")
+  if not (isinstance(temperature, (int, float)) and 0.0 <= temperature < math.inf):
+    raise ValueError(f"evaluate.temperature must be a finite number >= 0, got {temperature!r}")
   if chat_format not in fb.CHAT_FORMATS:
     raise ValueError(f"evaluate.chat_format={chat_format!r}; expected one of {fb.CHAT_FORMATS}")
   template = fb.resolve_template(template, fb.TEMPLATES)
@@ -662,22 +670,29 @@ def write_report(out_dir: str, title: str, summary: dict, elo: dict,
   for j, by_kind in elo.items():
     rows = []
     for n in names:
-      rows.append([n] + [_fmt_elo(by_kind[k][n]) if k in by_kind else "-"
+      rows.append([n] + [_fmt_elo(by_kind[k][n]) if n in by_kind.get(k, {}) else "-"
                          for k in ("helpfulness", "harmlessness")])
     plots = []
-    if "helpfulness" in by_kind and "harmlessness" in by_kind:
-      path = report_lib.frontier_plot(by_kind["helpfulness"], by_kind["harmlessness"],
+    both = [n for n in names if all(n in by_kind.get(k, {})
+                                    for k in ("helpfulness", "harmlessness"))]
+    if both:
+      path = report_lib.frontier_plot({n: by_kind["helpfulness"][n] for n in both},
+                                      {n: by_kind["harmlessness"][n] for n in both},
                                       os.path.join(out_dir, f"frontier_{j}.png"),
                                       title=f"Harmlessness vs helpfulness Elo (judge: {j})")
       plots.append({"caption": f"Harmlessness Elo against helpfulness Elo, one point per "
                                f"snapshot (judge: {j})", "file": os.path.basename(path)})
     counts = summary["comparisons"][j]
+    unrated = {k: [n for n in names if n not in r] for k, r in by_kind.items()}
+    note = "".join(f"\n\nNot rated on {k} (no judged comparison: every response empty): "
+                   f"{', '.join(u)}; that column is anchored at {next(iter(by_kind[k]))!r}."
+                   for k, u in sorted(unrated.items()) if u)
     sections.append({
         "id": f"elo-{j}", "title": f"Elo (judge: {j}" + (f", {summary['judges'][j]})"
                                                           if summary["judges"][j] else ")"),
         "text": (text_judge if not sections else "") + (
             f"\n\n{counts['helpful']} helpfulness and {counts['harmful']} harmlessness "
-            "comparisons."),
+            "comparisons.") + note,
         "tables": [{"caption": "Elo [95% interval]",
                     "columns": ["snapshot", "helpfulness Elo", "harmlessness Elo"],
                     "rows": rows}],

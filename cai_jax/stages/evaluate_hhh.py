@@ -300,8 +300,13 @@ def run(data: str, model: str, mode: str = "mc", out_dir: str = "", template: st
     raise ValueError("evaluate_hhh.data is not set (an evals .jsonl, task.json or folder)")
   if not model:
     raise ValueError("evaluate_hhh.model is not set (a model directory, .gguf or HF folder)")
-  if cot_samples < 1:
-    raise ValueError(f"evaluate_hhh.cot_samples must be >= 1, got {cot_samples}")
+  for flag, value in (("cot_samples", cot_samples), ("batch_size", batch_size),
+                      ("max_new_tokens", max_new_tokens), ("limit", 1 if limit is None else limit)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"evaluate_hhh.{flag} must be an integer >= 1, got {value!r}")
+  if not (isinstance(temperature, (int, float)) and 0.0 <= temperature < float("inf")):
+    raise ValueError(f"evaluate_hhh.temperature must be a finite number >= 0, got "
+                     f"{temperature!r}")
   if not 0 <= seed < 2**32:
     raise ValueError(f"evaluate_hhh.seed must be in [0, 2**32), got {seed}")
   if chat_format not in CHAT_FORMATS:
