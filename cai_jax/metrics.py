@@ -44,7 +44,7 @@ class MetricsWriter:
     if not self.active or not os.path.exists(self.path):
       return
     self._file.close()
-    rows = read_jsonl_metrics(self.path)
+    rows = read_jsonl_metrics(self.path, drop_torn_last=True)
     tmp = self.path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       for row in rows:
@@ -92,7 +92,26 @@ def replace_eval_row(out_dir: str, step: int, scalars: Mapping[str, Any]) -> Non
     writer.close()
 
 
-def read_jsonl_metrics(path: str) -> list:
-  """All rows of a metrics.jsonl file (for tests and reports)."""
+def read_jsonl_metrics(path: str, drop_torn_last: bool = False) -> list:
+  """All rows of a metrics.jsonl file.
+
+  A line that is not a JSON object is a ValueError naming the file and its 1-based line.
+  With ``drop_torn_last``, a last line without its newline that does not parse (a row whose
+  write was interrupted) is dropped instead: what a resumed run does before re-logging.
+  """
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split("\n")
+  rows = []
+  for k, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if drop_torn_last and k == len(lines) - 1:
+        break
+      raise ValueError(f"{path}:{k + 1}: invalid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{path}:{k + 1}: expected a JSON object, got {type(row).__name__}")
+    rows.append(row)
+  return rows
