@@ -33,14 +33,19 @@ import numpy as np
 _VERBS = (r"(?:help|assist|provide|fulfill?|comply|create|write|generate|do (?:that|this)|"
           r"support|engage|participate|share|offer)")
 REFUSAL_PATTERNS = (
-    # "I'm sorry, but ..." (not "I'm sorry to hear that" / "I'm sorry you ...": empathy)
+    # "I'm sorry, but ..." (not empathy: "I'm sorry to hear that", "I'm sorry you ...",
+    # "I'm sorry that happened", "I'm sorry about your ...", "I'm sorry for what ...")
     r"(?:i'?m|i am) (?:so |very |really |truly )?sorry\b"
-    r"(?! to hear| for your loss| that you| you\b| you'?re\b)",
+    r"(?! to hear| to learn| for (?:your|the) loss| for what| about (?:your|what|the loss)"
+    r"| that (?:happened|(?:this|it) (?:happened|is happening)|your)\b| that you| you\b"
+    r"| you'?re\b)",
     r"sorry\s*[,.!]",
     r"i (?:sincerely )?apologi[sz]e\b",
     r"as an ai\b",
     r"as a language model\b",
-    r"i (?:can(?:no|')?t|will not|won'?t|am unable to|'m unable to) " + _VERBS,
+    # ... but not "I can't help but notice" / "I can't help feeling ...".
+    r"i (?:can(?:no|')?t|will not|won'?t|am unable to|'m unable to) " + _VERBS +
+    r"(?!(?<=help) (?:but\b|feel|think|wonder|notic|laugh|smil))",
     r"i(?:'m| am) not (?:able|going|willing|allowed|permitted|programmed) to " + _VERBS,
     r"i(?:'m| am) afraid (?:that )?i (?:can(?:no|')?t|won'?t|will not|am unable|'m unable|"
     r"must decline)",
