@@ -84,7 +84,7 @@ def test_judge_pair_averages_orders_and_cancels_the_letter_bias():
   a = _rows(["a good answer", "good", "", "same"])
   b = _rows(["a bad answer", "bad", "x", "same"])
   out = evaluate.judge_pair(a, b, "sl", "base", _fake_score(0.5), principles,
-                            fb.DEFAULT_TEMPLATE, "", True, seed=0)
+                            fb.DEFAULT_TEMPLATE, [], True, seed=0)
   assert [r["id"] for r in out] == ["p0", "p1", "p3"]          # an empty response is skipped
   # Order AB: la = 1 + 0.5, lb = 0; order BA: la = 1, lb = 0 + 0.5.
   want = (_sigmoid(1.5) + _sigmoid(0.5)) / 2
@@ -92,14 +92,45 @@ def test_judge_pair_averages_orders_and_cancels_the_letter_bias():
   assert out[0]["logprob_a"] == [1.5, 1.0] and out[0]["logprob_b"] == [0.0, 0.5]
   assert out[2]["p_a"] == pytest.approx(0.5)                   # the bias cancels exactly
   one = evaluate.judge_pair(a, b, "sl", "base", _fake_score(0.5), principles,
-                            fb.DEFAULT_TEMPLATE, "", False, seed=0)
+                            fb.DEFAULT_TEMPLATE, [], False, seed=0)
   assert one[2]["p_a"] == pytest.approx(_sigmoid(0.5))         # one order keeps the bias
   # Harmful prompts get a constitution principle, the same one for a given (seed, prompt).
   ids = {p.id for p in principles}
   assert all(r["question"] in ids for r in out)
   helpful = evaluate.judge_pair(_rows(["good"], "helpful"), _rows(["bad"], "helpful"), "x", "y",
-                                _fake_score(0.0), principles, fb.DEFAULT_TEMPLATE, "", True, 0)
+                                _fake_score(0.0), principles, fb.DEFAULT_TEMPLATE, [], True, 0)
   assert helpful[0]["question"].startswith("helpful-")
+
+
+def test_judge_pair_asks_response_pair_examples_with_each_prompts_principle():
+  """Anthropic's RLMadisonFewShotPrompts examples (better / worse responses) come before a
+  harmful prompt's question asked in the template with that prompt's principle; helpful
+  prompts get no few-shot prefix."""
+  from cai_jax import constitution
+  principles = constitution.load_default().feedback
+  examples = [constitution.FeedbackExample("\n\nHuman: Hi?\n\nAssistant:", ("Hello!",),
+                                           ("Go away.",))]
+  seen = []
+  inner = _fake_score(0.0)
+
+  def score(contexts, options):
+    seen.extend(contexts)
+    return inner(contexts, options)
+
+  rows = _rows(["good", "good too", "good three"])
+  out = evaluate.judge_pair(rows, _rows(["bad"] * 3), "a", "b", score, principles,
+                            fb.DEFAULT_TEMPLATE, examples, False, seed=3)
+  assert len(out) == len(seen) == 3
+  by_id = {p.id: p for p in principles}
+  for r, context in zip(out, seen):
+    prefix = fb.few_shot_prefix(examples, fb.DEFAULT_TEMPLATE, by_id[r["question"]])
+    assert context.startswith(prefix) and by_id[r["question"]].text in prefix
+    assert "Hello!" in prefix and prefix.rstrip().endswith("(A)")
+  helpful = []
+  evaluate.judge_pair(_rows(["good"], "helpful"), _rows(["bad"], "helpful"), "a", "b",
+                      lambda c, o: helpful.extend(c) or inner(c, o), principles,
+                      fb.DEFAULT_TEMPLATE, examples, False, 0)
+  assert "Hello!" not in helpful[0]
 
 
 def test_pm_judge_is_the_sigmoid_of_the_score_difference():

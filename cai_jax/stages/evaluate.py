@@ -227,7 +227,7 @@ def _messages(row: dict) -> List[Dict[str, str]]:
 
 def judge_pair(rows_a: Sequence[dict], rows_b: Sequence[dict], a: str, b: str,
                score: Callable, principles: Sequence[Any], template: str,
-               few_shot_prefix: str, both_orders: bool, seed: int) -> List[dict]:
+               few_shot: Sequence[Any], both_orders: bool, seed: int) -> List[dict]:
   """Feedback-model judgments of player a's against player b's first samples.
 
   Returns one row per prompt where both responses are non-empty: {"id", "kind", "a",
@@ -235,6 +235,8 @@ def judge_pair(rows_a: Sequence[dict], rows_b: Sequence[dict], a: str, b: str,
   Questions: harmful prompts get a constitution feedback principle drawn with
   ``feedback.draw_principles(principles, seed, prompt index)``; helpful prompts a
   HELPFULNESS_QUESTIONS entry drawn from ``default_rng([seed, 5, prompt index])``.
+  Harmful prompts' questions follow ``feedback.few_shot_prefix(few_shot, template,
+  principle)`` (the constitution's feedback examples, FeedbackExample; [] for none).
   """
   orders = fb.ORDERS if both_orders else fb.ORDERS[:1]
   units, kept = [], []
@@ -246,7 +248,8 @@ def judge_pair(rows_a: Sequence[dict], rows_b: Sequence[dict], a: str, b: str,
       continue
     if ra["kind"] == "harmful":
       principle = fb.draw_principles(principles, seed, i, 1)[0]
-      question, qid, prefix = principle, principle.id, few_shot_prefix
+      question, qid = principle, principle.id
+      prefix = fb.few_shot_prefix(few_shot, template, principle)
     else:
       k = int(np.random.default_rng([int(seed), 5, i]).integers(len(HELPFULNESS_QUESTIONS)))
       question, qid, prefix = HELPFULNESS_QUESTIONS[k], f"helpful-{k}", ""
@@ -484,7 +487,7 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   pairs = list(itertools.combinations(names, 2))
   pair_names = [shards.shard_name("pair-", k) for k in range(len(pairs))]
   judgments: Dict[str, List[dict]] = {}
-  fs_prefix = fb.few_shot_prefix(const.feedback_few_shot) if few_shot else ""
+  examples = list(const.feedback_few_shot) if few_shot else []
   pm_cache: Dict[str, np.ndarray] = {}
   for judge in judges:
     config = {"judge": judge, "players": [[n, s] for n, s in players],
@@ -497,7 +500,7 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
                     model_fingerprints=model_dir.model_fingerprints({"model": feedback_model}),
                     both_orders=bool(both_orders),
                     constitution=shards.sha([dataclasses.asdict(p) for p in const.feedback]
-                                            + [fs_prefix])[:16])
+                                            + [dataclasses.asdict(e) for e in examples])[:16])
     else:
       config.update(model=pm, chat_format=chat_format,
                     model_fingerprints=model_dir.model_fingerprints({"model": pm}))
@@ -524,7 +527,7 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
         a, b = pairs[k]
         if judge == "feedback":
           rows = judge_pair(responses[a], responses[b], a, b, score, const.feedback, template,
-                            fs_prefix, both_orders, seed)
+                            examples, both_orders, seed)
         else:
           rows = pm_judge_pair(pm_cache[a], pm_cache[b], responses[a], responses[b], a, b)
         outputs.write_shard(pair_names[k], rows, {"rows": len(rows)})
