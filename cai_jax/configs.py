@@ -290,3 +290,16 @@ class PPOConfig:
       raise ValueError(f"PPOConfig.target_kl must be > 0, got {self.target_kl}")
     if self.temperature <= 0:
       raise ValueError(f"PPOConfig.temperature must be > 0, got {self.temperature}")
+    for name in ("clip", "value_clip"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)}")
+    for name in ("gamma", "lam"):
+      if not 0 <= getattr(self, name) <= 1:
+        raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+    # losses.adaptive_beta multiplies β by 1 + e · rollout_batch / kl_horizon with e down
+    # to -0.2: β would turn negative (a KL reward) unless rollout_batch < 5 · kl_horizon.
+    if self.adaptive_kl and self.rollout_batch >= 5 * self.kl_horizon:
+      raise ValueError(
+          f"PPOConfig.kl_horizon={self.kl_horizon} is too short for rollout_batch="
+          f"{self.rollout_batch}: the adaptive controller would make beta negative; use "
+          f"kl_horizon > {self.rollout_batch // 5}")

@@ -367,7 +367,7 @@ def test_shortest_accepted_kl_horizon_keeps_beta_positive():
   """rollout_batch < 5 · kl_horizon is what keeps the controller's multiplier positive."""
   from cai_jax import losses
   from cai_jax.ppo import PPOConfig as P
-  rl.check_loop_args(P(adaptive_kl=True, kl_horizon=7, rollout_batch=32), 1, 0, 1, 1)
+  P(adaptive_kl=True, kl_horizon=7, rollout_batch=32)   # accepted
   assert float(losses.adaptive_beta(0.05, 0.0, 0.5, 7, 32)) > 0
   assert float(losses.adaptive_beta(0.05, 0.0, 0.5, 6, 32)) < 0
 
