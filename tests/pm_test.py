@@ -134,6 +134,49 @@ def test_human_comparisons_and_split_mix_are_seeded(tmp_path):
   assert not {key(c) for c in he} & {key(c) for c in tr}
 
 
+@pytest.mark.parametrize("mix_ratio", [1.0, 2.5])
+def test_oversampled_human_comparisons_are_each_used_evenly(mix_ratio):
+  """Too few human comparisons for mix_ratio: every one is used ⌊n/m⌋ or ⌈n/m⌉ times."""
+  human = [{"messages": [{"role": "user", "content": f"Hi {i}"}], "response_a": f"Hello {i}",
+            "response_b": "Go away.", "p": 1.0, "source": pm.SOURCE_HUMAN} for i in range(11)]
+  ai, _ = pm.normalize_comparisons(planted(40, 2), pm.SOURCE_AI)
+  tr, he = pm.split_and_mix(ai, human, mix_ratio, 0.1, seed=3)
+  train_human = [c for c in human if c not in he]
+  n = int(round(mix_ratio * 36))
+  uses = [sum(c is h for c in tr) for h in train_human]
+  assert sum(uses) == n and len(train_human) == 10
+  assert sorted(set(uses)) == sorted({n // 10, -(-n // 10)}), uses
+  assert pm.split_and_mix(ai, human, mix_ratio, 0.1, seed=3) == (tr, he)
+
+
+@pytest.mark.parametrize("flag,value", [("mix_ratio", float("nan")), ("mix_ratio", float("inf")),
+                                        ("mix_ratio", -1.0), ("pmp_num_steps", -3),
+                                        ("pmp_num_steps", 0), ("pmp_num_steps", 2.5)])
+def test_out_of_range_flags_are_refused_naming_the_flag(tmp_path, flag, value):
+  comps = write_jsonl(tmp_path / "ai.jsonl", planted(10, 1))
+  human = write_jsonl(tmp_path / "hh.jsonl", [
+      {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: No."}])
+  with pytest.raises(ValueError, match=f"pm.{flag} must be"):
+    pm.run(str(tmp_path / "out"), comparisons=comps, human_comparisons=human,
+           pmp_comparisons=comps, init_from="unused", **{flag: value})
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(chat_format="chatML"), r"pm.chat_format='chatML'; expected one of"),
+    (dict(train_config=tc(seq_len=4096)), r"TrainConfig.seq_len=4096 is longer than the max_seq_len"),
+    (dict(train_config=tc(batch_size=16)), r"pm: 9 training comparisons, fewer than batch_size=16"),
+    (dict(pmp_comparisons=4), r"pm: 4 pmp comparisons, fewer than batch_size=8")])
+def test_a_bad_flag_is_refused_before_out_dir_is_written(tmp_path, base_model, kw, message):
+  """Nothing is written, so the rerun with the flag fixed is not refused as another run."""
+  comps = write_jsonl(tmp_path / "ai.jsonl", planted(10, 1))
+  if "pmp_comparisons" in kw:
+    kw = dict(kw, pmp_comparisons=write_jsonl(tmp_path / "pmp.jsonl", planted(kw["pmp_comparisons"], 2)))
+  with pytest.raises(ValueError, match=message):
+    pm.run(str(tmp_path / "out"), comparisons=comps, init_from=base_model, **kw)
+  assert not (tmp_path / "out").exists()
+
+
 def test_reads_a_finished_feedback_directory(tmp_path):
   write_jsonl(tmp_path / "shard-00000.jsonl", planted(4, 8))
   manifest = {"stage": "feedback", "complete": True, "shard_files": ["shard-00000.jsonl"]}

@@ -23,8 +23,8 @@ max_skip_fraction skipped in any one input is an error.
 Sequences (``encode_response``): the conversation plus the response as an assistant
 turn, rendered in `chat_format` by ``tokenizer.encode_chat`` (no EOS of its own), then
 the tokenizer's EOS id as the end-of-context token where the score is read. A sequence
-longer than seq_len is truncated from the LEFT (the start of the conversation, BOS
-included, is dropped) so the response and the end token survive; RoPE positions count
+longer than seq_len is truncated from the LEFT (the start of the conversation is dropped;
+a leading BOS stays first) so the response and the end token survive; RoPE positions count
 real tokens, so a left-truncated sequence is scored as if it started there. Sequences
 are right-padded to seq_len with the tokenizer's pad id.
 
@@ -32,9 +32,10 @@ Split and mix (``split_and_mix``): each input is split into train / held-out by 
 permutation seeded by TrainConfig.seed (heldout_fraction of it, at least one comparison
 when the fraction is positive and there are two or more). For each split,
 round(mix_ratio × #AI comparisons) human comparisons are drawn (seeded) from that split
-of the human set, like ``sl.build_examples`` draws its helpful examples: for training with
-replacement only when there are too few, for the held-out set without replacement (at
-most all of it). With no AI comparisons, every human comparison is used.
+of the human set: without replacement when there are enough; for training, when there are
+too few, every one of them k = ⌊n / #human⌋ times and the rest drawn without replacement
+(so none is left out while another repeats); for the held-out set at most all of them,
+each once. With no AI comparisons, every human comparison is used.
 
 Batches: a grain MapDataset (shuffled, repeated, batched) of
   tokens_a, mask_a, tokens_b, mask_b  [B, T] (int32, bool)
@@ -70,6 +71,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -275,19 +277,24 @@ def split(comparisons: Sequence[dict], fraction: float, seed: int, stream: int
 
 
 def _draw(pool: Sequence[dict], n: int, rng: np.random.Generator) -> List[dict]:
+  """n items of pool, as evenly as possible: every item n // len(pool) times, then
+  n % len(pool) distinct items drawn (seeded) without replacement; so no item is left
+  out while another repeats, and no item is used twice when n <= len(pool)."""
   if not n:
     return []
   if not pool:
     raise data.DataError("pm: mix_ratio > 0 but there are no human comparisons in this split")
-  picks = rng.choice(len(pool), size=n, replace=n > len(pool))
+  whole, rest = divmod(n, len(pool))
+  picks = np.concatenate([np.tile(np.arange(len(pool)), whole),
+                          rng.choice(len(pool), size=rest, replace=False)])
   return [pool[int(i)] for i in picks]
 
 
 def split_and_mix(ai: Sequence[dict], human: Sequence[dict], mix_ratio: float,
                   heldout_fraction: float, seed: int) -> Tuple[List[dict], List[dict]]:
   """(train, heldout) mixes of AI and human comparisons (see the module doc)."""
-  if mix_ratio < 0:
-    raise ValueError(f"pm.mix_ratio must be >= 0, got {mix_ratio}")
+  if not (mix_ratio >= 0 and math.isfinite(mix_ratio)):
+    raise ValueError(f"pm.mix_ratio must be a finite number >= 0, got {mix_ratio!r}")
   if not 0.0 <= heldout_fraction < 1.0:
     raise ValueError(f"pm.heldout_fraction must be in [0, 1), got {heldout_fraction}")
   ai_train, ai_held = split(ai, heldout_fraction, seed, 1)
@@ -305,6 +312,22 @@ def split_and_mix(ai: Sequence[dict], human: Sequence[dict], mix_ratio: float,
 # --------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------
+
+
+def check_chat_format(chat_format: str, stage: str) -> None:
+  """ValueError naming `stage`.chat_format unless it is one of ``tokenizer.CHAT_FORMATS``
+  (checked before anything is written to out_dir)."""
+  from cai_jax.tokenizer import CHAT_FORMATS
+  if chat_format not in CHAT_FORMATS:
+    raise ValueError(f"{stage}.chat_format={chat_format!r}; expected one of {CHAT_FORMATS}")
+
+
+def check_seq_len(seq_len: int, config: ModelConfig, init_from: str) -> None:
+  """ValueError when TrainConfig.seq_len exceeds the model's max_seq_len (checked before
+  anything is written to out_dir, so a rerun with a fixed seq_len is not refused)."""
+  if seq_len > config.max_seq_len:
+    raise ValueError(f"TrainConfig.seq_len={seq_len} is longer than the max_seq_len="
+                     f"{config.max_seq_len} of {init_from!r}")
 
 
 def scalar_init(init_from: str, model_config: ModelConfig, stage: str = "pm"
@@ -352,6 +375,11 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
     raise ValueError("pm.init_from is not set (the language model the PM starts from)")
   if not 0.0 <= max_skip_fraction <= 1.0:
     raise ValueError(f"pm.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+  check_chat_format(chat_format, "pm")
+  if pmp_num_steps is not None and (isinstance(pmp_num_steps, bool) or
+                                    not isinstance(pmp_num_steps, int) or pmp_num_steps < 1):
+    raise ValueError(f"pm.pmp_num_steps must be an integer >= 1 (or None: "
+                     f"TrainConfig.num_steps), got {pmp_num_steps!r}")
   out_dir = os.path.abspath(out_dir)
   seed, seq_len, bs = train_config.seed, train_config.seq_len, train_config.batch_size
 
@@ -373,7 +401,12 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
     check_skips(counts, f"pmp_comparisons {pmp_comparisons}", max_skip_fraction)
     skips[SOURCE_PMP] = counts.as_dict()
 
+  for what, items in (("training", train_set), ("pmp", pmp)):
+    if (items or what == "training") and len(items) < bs:
+      raise data.DataError(f"pm: {len(items)} {what} comparisons, fewer than batch_size={bs}")
+
   config, params, tok = scalar_init(init_from, model_config)
+  check_seq_len(seq_len, config, init_from)
 
   check_rerun(out_dir, {
       "data": shards.sha([train_set, heldout]), "pmp_data": shards.sha(pmp) if pmp else None,
