@@ -34,6 +34,66 @@ def test_encoded_response_mask_is_the_assistant_turn():
   assert TOK.decode(ids[:-1]).strip() == "yes" and ids[-1] == TOK.eos_id
 
 
+@pytest.mark.parametrize("fmt", ["raw", "chatml"])
+def test_a_long_conversation_is_cut_on_the_left_so_the_response_survives(fmt):
+  long = {"messages": [{"role": "user", "content": "Tell me more. " * 20}],
+          "response_a": "Sure thing.", "response_b": "No.", "p": 0.9}
+  full = dpo.encode_comparison(TOK, long, fmt, 512)
+  cut = dpo.encode_comparison(TOK, long, fmt, 64)
+  for side in ("a", "b"):
+    n = int(full[f"mask_{side}"].sum())
+    assert n > 64 and cut[f"mask_{side}"].all()
+    np.testing.assert_array_equal(cut[f"tokens_{side}"], full[f"tokens_{side}"][n - 64:n])
+    np.testing.assert_array_equal(cut[f"loss_mask_{side}"], full[f"loss_mask_{side}"][n - 64:n])
+    assert cut[f"loss_mask_{side}"].sum() == full[f"loss_mask_{side}"].sum() > 0
+  assert dpo.count_truncated(TOK, [long], fmt, 64) == 1
+  assert dpo.count_truncated(TOK, [long], fmt, 512) == 0
+
+
+def test_left_truncation_keeps_a_leading_bos():
+  class BosByte(type(TOK)):
+    add_bos_token = True
+
+  tok = BosByte()
+  comp = {"messages": [{"role": "user", "content": "x" * 100}], "response_a": "yes",
+          "response_b": "no", "p": 1.0}
+  enc = dpo.encode_comparison(tok, comp, "raw", 32)
+  assert enc["tokens_a"][0] == tok.bos_id and not enc["loss_mask_a"][0]
+  assert tok.decode(enc["tokens_a"][enc["loss_mask_a"]][:-1].tolist()).strip() == "yes"
+
+
+def test_implicit_reward_accuracy_counts_a_zero_margin_as_half():
+  p = np.array([0.9, 0.2, 0.2, 0.5, 1.0])
+  margin = np.array([1.0, -2.0, 0.0, 3.0, 0.0])
+  assert dpo.implicit_reward_accuracy(margin, p) == pytest.approx((1 + 1 + 0.5 + 0.5) / 4)
+  assert dpo.implicit_reward_accuracy(np.array([1.0, -1.0]), np.array([0.1, 0.9])) == 0.0
+  assert dpo.implicit_reward_accuracy(np.array([1.0]), np.array([0.5])) is None
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.1, float("nan"), float("inf"), "0.1"])
+def test_beta_out_of_range_is_refused(tmp_path, beta):
+  path = tmp_path / "comps.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in _comparisons(4)))
+  with pytest.raises(ValueError, match="dpo.beta must be a finite number > 0"):
+    dpo.run(str(tmp_path / "out"), comparisons=str(path), policy="unused", beta=beta)
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(chat_format="chatML"), r"dpo.chat_format='chatML'; expected one of"),
+    (dict(train_config=TrainConfig(batch_size=4, seq_len=4096)),
+     r"TrainConfig.seq_len=4096 is longer than the max_seq_len=\d+ of the policy")])
+def test_a_bad_flag_is_refused_before_out_dir_is_written(tmp_path, kw, message):
+  """Nothing is written, so the rerun with the flag fixed is not refused as another run."""
+  cfg = ModelConfig()
+  model_dir.save_model(str(tmp_path / "base"), cfg, models.init(cfg, jax.random.PRNGKey(0)), TOK)
+  path = tmp_path / "comps.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in _comparisons(4)))
+  with pytest.raises(ValueError, match=message):
+    dpo.run(str(tmp_path / "out"), comparisons=str(path), policy=str(tmp_path / "base"), **kw)
+  assert not (tmp_path / "out").exists()
+
+
 def test_dpo_learns_a_planted_preference(tmp_path):
   cfg = ModelConfig()
   model_dir.save_model(str(tmp_path / "base"), cfg, models.init(cfg, jax.random.PRNGKey(0)), TOK)

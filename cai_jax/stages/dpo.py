@@ -6,14 +6,17 @@ loss −[p·logσ(βΔ) + (1−p)·logσ(−βΔ)], Δ = (log π(a) − log π_r
 summed over the response tokens (``cai_jax.losses.dpo_loss``); p = 1 is the usual DPO.
 
 Sequences: the conversation plus one response, rendered in `chat_format` with the
-response as the assistant turn (``data.tokenize_example``); the log-prob of a response
-is the sum over its assistant tokens (including the end-of-turn token), right-truncated
-to seq_len. Reference log-probs are computed once before training and carried in the
-batches:
+response as the assistant turn (``tokenizer.encode_chat``); the log-prob of a response
+is the sum over its assistant tokens (including the end-of-turn token). A sequence longer
+than seq_len keeps its last seq_len tokens (left truncation, ``tokenizer.keep_last``: the
+start of the conversation is dropped, a leading BOS stays first), so the response and
+its end survive, as in the pm stage. Reference log-probs are computed once before
+training and carried in the batches:
   tokens_a, mask_a, loss_mask_a, tokens_b, mask_b, loss_mask_b  [B, T]
   ref_a, ref_b, p                                                [B, 1] float32
 Outputs in out_dir: checkpoints/, metrics.jsonl, tb/, model/ (the DPO policy) and
-summary.json (with the final implicit-reward accuracy on the training comparisons).
+summary.json (with the final implicit-reward accuracy on the training comparisons and
+the number of left-truncated comparisons).
 
 Multi-process runs (jax.distributed): every process reads the same comparisons and runs
 the same program on one global mesh: the reference and final log-prob sums with
@@ -27,8 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -39,17 +44,69 @@ from cai_jax.comparisons import check_skips, load_comparisons
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.stages.train_lm import check_rerun, load_initial, model_config_key, train_config_key
 
+_LOG = logging.getLogger(__name__)
+
+
+def response_ids(tok: Any, messages: Sequence[Dict[str, str]], response: str,
+                 chat_format: str) -> Tuple[List[int], List[bool]]:
+  """(ids, assistant flags) of conversation + response as the assistant turn, untruncated
+  (``tokenizer.encode_chat``: the flags mark the response and its end-of-turn token)."""
+  from cai_jax.tokenizer import encode_chat
+  ids, flags = encode_chat(tok, list(messages) + [{"role": "assistant", "content": response}],
+                           chat_format)
+  return list(ids), list(flags)
+
+
+def encode_response(tok: Any, messages: Sequence[Dict[str, str]], response: str,
+                    chat_format: str, seq_len: int) -> Dict[str, np.ndarray]:
+  """{tokens [seq_len] int32, mask, loss_mask [seq_len] bool} of ``response_ids``.
+
+  A sequence longer than seq_len keeps the positions ``tokenizer.keep_last`` keeps (its
+  last seq_len tokens, a leading BOS first), ids and flags alike; rows are right-padded
+  with the tokenizer's pad id.
+  """
+  from cai_jax.tokenizer import keep_last
+  ids, flags = response_ids(tok, messages, response, chat_format)
+  starts_with_bos = tok.bos_id is not None and ids[:1] == [tok.bos_id]
+  keep = keep_last(list(range(len(ids))), seq_len, 0 if starts_with_bos else None)
+  n = len(keep)
+  pad = tok.pad_id if tok.pad_id is not None else 0
+  out = {"tokens": np.full((seq_len,), pad, np.int32), "mask": np.zeros((seq_len,), bool),
+         "loss_mask": np.zeros((seq_len,), bool)}
+  out["tokens"][:n] = [ids[i] for i in keep]
+  out["mask"][:n] = True
+  out["loss_mask"][:n] = [flags[i] for i in keep]
+  return out
+
 
 def encode_comparison(tok: Any, comparison: dict, chat_format: str, seq_len: int) -> Dict[str, np.ndarray]:
-  """{tokens, mask, loss_mask}_{a,b} [seq_len] and p [1] for one comparison."""
+  """{tokens, mask, loss_mask}_{a,b} [seq_len] (``encode_response``) and p [1] for one
+  comparison."""
   out = {"p": np.full((1,), comparison["p"], np.float32)}
   for side in ("a", "b"):
-    ex = {"messages": list(comparison["messages"]) +
-          [{"role": "assistant", "content": comparison[f"response_{side}"]}]}
-    enc = data.tokenize_example(ex, tok, chat_format, seq_len)
+    enc = encode_response(tok, comparison["messages"], comparison[f"response_{side}"],
+                          chat_format, seq_len)
     for k, v in enc.items():
       out[f"{k}_{side}"] = v
   return out
+
+
+def count_truncated(tok: Any, comparisons: Sequence[dict], chat_format: str, seq_len: int) -> int:
+  """Number of comparisons with a response sequence longer than seq_len."""
+  return sum(any(len(response_ids(tok, c["messages"], c[f"response_{s}"], chat_format)[0]) > seq_len
+                 for s in ("a", "b")) for c in comparisons)
+
+
+def implicit_reward_accuracy(margin: np.ndarray, p: np.ndarray) -> Optional[float]:
+  """Agreement of the implicit reward margin [N] with the label side of p [N], over the
+  pairs with p != 0.5: 1 where sign(margin) = sign(p - 0.5), 0 where opposite, 0.5 where
+  margin == 0 (no preference). None when every p is 0.5."""
+  margin, p = np.asarray(margin, np.float64), np.asarray(p, np.float64)
+  decided = p != 0.5
+  if not decided.any():
+    return None
+  agree = np.sign(margin[decided]) * np.sign(p[decided] - 0.5)
+  return float(np.mean(np.where(agree > 0, 1.0, np.where(agree < 0, 0.0, 0.5))))
 
 
 def response_logprob_sums(params: Any, config: ModelConfig, tokens: jax.Array, mask: jax.Array,
@@ -106,6 +163,14 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
     raise ValueError("dpo.comparisons is not set (a feedback output directory or .jsonl)")
   if not policy:
     raise ValueError("dpo.policy is not set (the SL-CAI model)")
+  if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (
+      math.isfinite(beta) and beta > 0):
+    raise ValueError(f"dpo.beta must be a finite number > 0, got {beta!r}")
+  if not 0.0 <= max_skip_fraction <= 1.0:
+    raise ValueError(f"dpo.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+  from cai_jax.tokenizer import CHAT_FORMATS
+  if chat_format not in CHAT_FORMATS:
+    raise ValueError(f"dpo.chat_format={chat_format!r}; expected one of {CHAT_FORMATS}")
   comps, counts = load_comparisons(comparisons, "ai")
   check_skips(counts, f"comparisons {comparisons}", max_skip_fraction, who="dpo")
   if len(comps) < train_config.batch_size:
@@ -119,6 +184,10 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
     probe = "Compare: (A) or (B)?"
     if ref_tok is None or ref_tok.encode(probe) != tok.encode(probe):
       raise ValueError(f"reference {reference!r} does not share the policy's tokenizer")
+  for name, spec, cfg in (("policy", policy, config), ("reference", reference, ref_config)):
+    if train_config.seq_len > cfg.max_seq_len:
+      raise ValueError(f"TrainConfig.seq_len={train_config.seq_len} is longer than the "
+                       f"max_seq_len={cfg.max_seq_len} of the {name} {spec!r}")
   check_rerun(out_dir, {
       "data": shards.sha(comps), "policy": policy, "reference": reference or policy,
       "beta": beta, "chat_format": chat_format, "model": model_config_key(config),
@@ -138,12 +207,15 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
   pol_a, pol_b = reference_logprobs(result.state.params, config, encoded, train_config.batch_size,
                                     mesh)
   margin = beta * ((pol_a - ref_a) - (pol_b - ref_b))
-  p = np.array([c["p"] for c in comps])
-  decided = p != 0.5
-  accuracy = float(np.mean((margin[decided] > 0) == (p[decided] > 0.5))) if decided.any() else None
+  accuracy = implicit_reward_accuracy(margin, np.array([c["p"] for c in comps]))
+  truncated = count_truncated(tok, comps, chat_format, train_config.seq_len)
+  if truncated:
+    _LOG.warning("dpo: %d of %d comparisons were longer than seq_len=%d and left-truncated",
+                 truncated, len(comps), train_config.seq_len)
   summary = {"out_dir": out_dir, "steps": int(result.state.step),
              "final_loss": result.last_metrics.get("loss"), "resumed_from": result.resumed_from,
              "comparisons": len(comps), "skipped": counts.as_dict(), "beta": beta,
+             "truncated_pairs": truncated,
              "implicit_reward_accuracy": accuracy, "mean_margin": float(np.mean(margin))}
   if distributed.is_primary():
     shards.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
