@@ -268,6 +268,16 @@ def test_training_resumes_overfits_a_handful_and_scores_on_the_0_4_scale(tmp_pat
                                train_config=tc(num_steps=60)))
 
 
+@pytest.mark.parametrize("kw,message", [
+    (dict(chat_format="chatML"), r"harm_model.chat_format='chatML'; expected one of"),
+    (dict(train_config=tc(seq_len=4096)), r"TrainConfig.seq_len=4096 is longer than the max_seq_len")])
+def test_a_bad_flag_is_refused_before_out_dir_is_written(tmp_path, base_model, kw, message):
+  labels = write_jsonl(tmp_path / "labels.jsonl", handful_rows())
+  with pytest.raises(ValueError, match=message):
+    harm_model.run(str(tmp_path / "harm"), data=labels, init_from=base_model, **kw)
+  assert not (tmp_path / "harm").exists()
+
+
 def test_load_harm_model_refuses_a_directory_that_is_not_one(tmp_path):
   cfg = ModelConfig()
   pm_dir = str(tmp_path / "pm_model")
