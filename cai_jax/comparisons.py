@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from cai_jax import data, shards
 
@@ -55,18 +55,21 @@ def _valid_label(p: Any) -> bool:
 
 
 def normalize_comparisons(records: Sequence[dict], source: str, where: str = "comparisons",
-                          label_key: str = "p_a") -> Tuple[List[dict], SkipCounts]:
+                          label_key: str = "p_a", locations: Optional[Sequence[str]] = None
+                          ) -> Tuple[List[dict], SkipCounts]:
   """(comparisons, counts): records -> {"messages", "response_a", "response_b", "p", "source"}.
 
   Accepted forms: {"prompt" | "messages", "response_a", "response_b", label_key} and
   HH-RLHF records from ``prompt_sets.import_hh_rlhf`` ({"messages", "chosen",
   "rejected"}: A = chosen, p = 1). A label that is missing, not a number or outside
   [0, 1], or an empty response, makes the comparison skipped and counted. A record with
-  neither form is a DataError naming it.
+  neither form is a DataError naming it: by ``locations[i]`` (e.g. 'FILE:LINE') when
+  given, else as '{where}: record i' (0-based), with its id when it has one.
   """
   out, counts = [], SkipCounts()
   for i, r in enumerate(records):
-    at = f"{where}: record {i}" + (f" ({r['id']})" if isinstance(r, dict) and "id" in r else "")
+    at = (locations[i] if locations is not None else f"{where}: record {i}") + (
+        f" ({r['id']})" if isinstance(r, dict) and "id" in r else "")
     if not isinstance(r, dict):
       raise data.DataError(f"{at}: expected a JSON object")
     counts.total += 1
@@ -95,17 +98,25 @@ def load_comparisons(spec: str, source: str) -> Tuple[List[dict], SkipCounts]:
   """Comparisons of a feedback output directory, a comparison JSONL or an HH-RLHF JSONL."""
   from cai_jax import prompt_sets
   path = data.resolve_path(spec)
+  locations = None
   if os.path.isdir(path):
-    rows = [r for shard in shards.read_run(path, "feedback").values() for r in shard]
+    rows, locations = [], []
+    for name, shard in shards.read_run(path, "feedback").items():
+      rows += shard
+      locations += [f"{os.path.join(path, name)}:{k}" for k in range(1, len(shard) + 1)]
   elif os.path.isfile(path):
-    first = next(iter(data.iter_jsonl(path)), (0, {}))[1]
+    numbered = list(data.iter_jsonl(path))
+    if not numbered:
+      raise data.DataError(f"{path}: no comparisons")
+    first = numbered[0][1]
     if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):
       rows = prompt_sets.import_hh_rlhf(path)
     else:
-      rows = data.read_jsonl(path)
+      rows = [row for _, row in numbered]
+      locations = [f"{path}:{n}" for n, _ in numbered]
   else:
     raise FileNotFoundError(f"{spec}: no such comparisons (a feedback output directory or .jsonl)")
-  return normalize_comparisons(rows, source, spec)
+  return normalize_comparisons(rows, source, spec, locations=locations)
 
 
 def check_skips(counts: SkipCounts, what: str, max_skip_fraction: float, who: str = "pm") -> None:
@@ -114,6 +125,10 @@ def check_skips(counts: SkipCounts, what: str, max_skip_fraction: float, who: st
     _LOG.warning("%s: %s: skipped %d of %d comparisons (%d with a label outside [0, 1] or "
                  "missing, %d with an empty response)", who, what, counts.skipped, counts.total,
                  counts.bad_label, counts.empty_response)
+  if counts.total and counts.skipped == counts.total:
+    raise data.DataError(
+        f"{who}: {what}: all {counts.total} comparisons skipped ({counts.bad_label} bad "
+        f"labels, {counts.empty_response} empty responses); none is left to train on")
   if counts.total and counts.skipped > max_skip_fraction * counts.total:
     raise data.DataError(
         f"{who}: {what}: {counts.skipped} of {counts.total} comparisons skipped "

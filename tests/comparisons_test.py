@@ -1,0 +1,49 @@
+"""Tests of cai_jax.comparisons: where a bad record is named, and inputs left empty."""
+
+import json
+
+import pytest
+
+from cai_jax import comparisons, data
+
+
+def _row(i, **kw):
+  row = {"prompt": f"question {i}?", "response_a": f"yes {i}", "response_b": f"no {i}",
+         "p_a": 0.75}
+  row.update(kw)
+  return row
+
+
+def test_a_bad_jsonl_record_is_named_by_file_and_line(tmp_path):
+  path = tmp_path / "c.jsonl"
+  rows = [_row(0), _row(1), {"prompt": "x", "answer": "y"}]
+  path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n"
+                  + json.dumps(rows[2]) + "\n")
+  with pytest.raises(data.DataError, match=rf"^{path}:4: expected 'response_a'"):
+    comparisons.load_comparisons(str(path), "ai")
+
+
+def test_a_bad_feedback_record_is_named_by_shard_file_and_line(tmp_path):
+  run = tmp_path / "feedback"
+  run.mkdir()
+  (run / "shard-00000.jsonl").write_text(json.dumps(_row(0)) + "\n")
+  (run / "shard-00001.jsonl").write_text(json.dumps(_row(1)) + "\n"
+                                         + json.dumps(_row(2, response_b=3)) + "\n")
+  (run / "manifest.json").write_text(json.dumps(
+      {"stage": "feedback", "complete": True,
+       "shard_files": ["shard-00000.jsonl", "shard-00001.jsonl"]}))
+  with pytest.raises(data.DataError,
+                     match=rf"^{run / 'shard-00001.jsonl'}:2: responses must be strings"):
+    comparisons.load_comparisons(str(run), "ai")
+  rows, counts = comparisons.load_comparisons(str(run / "shard-00000.jsonl"), "ai")
+  assert counts.as_dict()["kept"] == 1 and rows[0]["p"] == 0.75
+
+
+def test_an_input_whose_every_comparison_is_skipped_is_an_error(tmp_path):
+  """Even when max_skip_fraction allows skipping all: nothing would be left to train on."""
+  path = tmp_path / "c.jsonl"
+  path.write_text("".join(json.dumps(_row(i, p_a=2.0)) + "\n" for i in range(3)))
+  _, counts = comparisons.load_comparisons(str(path), "ai")
+  with pytest.raises(data.DataError, match="all 3 comparisons skipped"):
+    comparisons.check_skips(counts, f"comparisons {path}", 1.0)
+  comparisons.check_skips(comparisons.SkipCounts(total=3, bad_label=2), "c", 1.0)
