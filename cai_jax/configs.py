@@ -253,7 +253,9 @@ class PPOConfig:
     whiten_advantages: normalise advantages over the rollout batch.
     value_loss_coef: multiplies the value loss.
     max_new_tokens: N, response cap in tokens.
-    temperature: sampling temperature (1 samples the policy itself).
+    temperature: sampling temperature T (1 samples the policy itself); the PPO ratio,
+      the KL to the reference and the entropy use the same tempered distributions
+      softmax(logits / T), as TRL and OpenRLHF do.
     rollout_batch: B, sequences sampled per iteration.
   """
 

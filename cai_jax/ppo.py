@@ -60,7 +60,7 @@ def compiled_part(ppo: PPOConfig) -> PPOConfig:
   runs that differ only in β, K, M, B, N or the controller share compiled programs."""
   return PPOConfig(kl_kind=ppo.kl_kind, gamma=ppo.gamma, lam=ppo.lam, clip=ppo.clip,
                    value_clip=ppo.value_clip, whiten_advantages=ppo.whiten_advantages,
-                   value_loss_coef=ppo.value_loss_coef)
+                   value_loss_coef=ppo.value_loss_coef, temperature=ppo.temperature)
 
 
 # --------------------------------------------------------------------------------------
@@ -115,9 +115,11 @@ def make_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[in
           "response_mask": response_mask}
 
 
-def _logp_and_entropy(logits: Array, targets: Array) -> Tuple[Array, Array]:
-  """(log p(targets) [B, N], entropy [B, N]) of logits [B, N, V] (nats)."""
-  logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+def _logp_and_entropy(logits: Array, targets: Array, temperature: float = 1.0
+                      ) -> Tuple[Array, Array]:
+  """(log p(targets) [B, N], entropy [B, N]) of softmax(logits / temperature), logits
+  [B, N, V] (nats): the distribution the rollouts were sampled from."""
+  logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
   logp = jnp.take_along_axis(logp_all, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
   return logp, entropy
@@ -142,9 +144,11 @@ def _rollout(policy_cfg: ModelConfig, ref_cfg: ModelConfig, value_cfg: ModelConf
   start, n = batch["response_start"], rmask.shape[1]
   targets = models.continuation_tokens(tokens, start, n)
   logp, entropy = _logp_and_entropy(
-      models.continuation_logits(policy_params, policy_cfg, tokens, mask, start, n), targets)
+      models.continuation_logits(policy_params, policy_cfg, tokens, mask, start, n), targets,
+      ppo.temperature)
   ref_logp, _ = _logp_and_entropy(
-      models.continuation_logits(ref_params, ref_cfg, tokens, mask, start, n), targets)
+      models.continuation_logits(ref_params, ref_cfg, tokens, mask, start, n), targets,
+      ppo.temperature)
   values = response_values(value_params, value_cfg, tokens, mask, start, n)
   kl = losses.kl_per_token(logp, ref_logp, ppo.kl_kind)
   rewards = losses.kl_penalized_rewards(scores, logp, ref_logp, rmask, beta, ppo.kl_kind)
@@ -176,7 +180,9 @@ def rollout(policy_params: Params, policy_cfg: ModelConfig, ref_params: Params,
   results gathered to every process (a collective). Returns host arrays, all [B, N] and
   0 at response pads:
     logp: log π(a_t) recomputed under the policy (the "old" log-probs of the ratio);
-    ref_logp: log π_ref(a_t); values: V(s_t) of the value model; entropy: entropy of
+    ref_logp: log π_ref(a_t); both, the policy loss's log-probs and the entropy are of
+    the tempered distributions softmax(logits / ppo.temperature), the one sampled from
+    (as TRL and OpenRLHF do); values: V(s_t) of the value model; entropy: entropy of
     the policy's next-token distribution at each response position (nats); kl: per-token
     KL estimate (``ppo.kl_kind``); rewards: -β·kl plus the score at the last real token;
     advantages: GAE (whitened over the batch if ``ppo.whiten_advantages``); returns:
@@ -235,7 +241,8 @@ def policy_loss(params: Params, config: ModelConfig, ppo: PPOConfig, batch: Batc
   n = rmask.shape[1]
   tokens = batch["tokens"]
   logits = models.continuation_logits(params, config, tokens, batch["mask"], start, n)
-  logp, entropy = _logp_and_entropy(logits, models.continuation_tokens(tokens, start, n))
+  logp, entropy = _logp_and_entropy(logits, models.continuation_tokens(tokens, start, n),
+                                    ppo.temperature)
   loss, metrics = losses.ppo_policy_loss(logp, batch["logp_old"], batch["advantages"], rmask,
                                          ppo.clip)
   metrics = dict(metrics, entropy=jax.lax.stop_gradient(losses.masked_mean(entropy, rmask)))

@@ -131,11 +131,12 @@ class GenerateResult:
       that ended on EOS or a stop sequence INCLUDES the EOS token / the whole stop
       sequence at its end (``num_stop_tokens`` says how many trailing tokens that is).
     logprobs: list of [n_i] float32: log p(token) under the model's raw
-      distribution (temperature 1, no top-k / top-p); what PPO needs as the policy
-      log-prob and what ``score_continuations`` recomputes.
+      distribution (temperature 1, no top-k / top-p); what ``score_continuations``
+      recomputes.
     sampling_logprobs: list of [n_i] float32: log-prob of the token under the
       distribution it was actually drawn from (temperature, top-k, top-p applied);
-      0 everywhere for greedy decoding (a point mass).
+      0 everywhere for greedy decoding (a point mass); what PPO's tempered log-probs
+      recompute.
     lengths: [num_prompts] int32, n_i.
     finish_reasons: 'eos' | 'stop' | 'length' per prompt ('eos' wins when the last
       token is both an EOS id and the end of a stop sequence).

@@ -51,6 +51,30 @@ def test_recomputed_logprobs_match_sampler(models_and_rollout):
     np.testing.assert_allclose(ro["ref_logp"][i, :len(lp)], lp, atol=1e-5, rtol=0)
 
 
+def test_a_tempered_rollout_uses_the_distribution_it_sampled_from(models_and_rollout):
+  """At temperature T the old log-probs are those of softmax(logits / T) the tokens were
+  drawn from (the sampler's sampling_logprobs), the reference's are tempered alike, and
+  the policy loss's ratio is 1 at the rollout's own parameters."""
+  d = models_and_rollout
+  t = 2.5
+  sp = sampler.SamplingParams(temperature=t, max_new_tokens=6, eos_ids=(EOS,), seed=1)
+  result = sampler.generate(d["policy"], CFG, d["prompts"], sp, batch_size=8, progress=False)
+  batch = ppo.make_batch(d["prompts"], result.tokens, 8, 6)
+  cfg = ppo.PPOConfig(kl_coef=0.1, max_new_tokens=6, rollout_batch=8, minibatches=1,
+                      temperature=t)
+  ro = ppo.rollout(d["policy"], CFG, d["ref"], CFG, d["value"], CFG, batch, d["scores"], 0.1, cfg)
+  forward = jax.jit(models.logits, static_argnums=1)
+  for i, p in enumerate(d["prompts"]):
+    r = list(result.tokens[i])
+    np.testing.assert_allclose(ro["logp"][i, :len(r)], result.sampling_logprobs[i], atol=1e-5)
+    full = np.asarray(forward(d["ref"], CFG, np.asarray([p + r], np.int32)))[0]
+    lp = np.asarray(jax.nn.log_softmax(full[len(p) - 1:len(p) - 1 + len(r)] / t, axis=-1))
+    np.testing.assert_allclose(ro["ref_logp"][i, :len(r)], lp[np.arange(len(r)), r], atol=1e-5)
+  pol, _ = next(iter(ppo.minibatches(ro, batch, cfg, np.random.default_rng(0))))
+  _, metrics = ppo.policy_loss(d["policy"], CFG, cfg, pol)
+  np.testing.assert_allclose(float(metrics["ratio_mean"]), 1.0, atol=1e-5)
+
+
 def test_values_are_taken_before_each_response_token(models_and_rollout):
   d = models_and_rollout
   for i in (0, 5):

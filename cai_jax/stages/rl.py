@@ -247,7 +247,7 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
                                rules)
         metrics = ppo_lib.rollout_metrics(ro, batch["response_mask"], scores, beta)
         sampled = np.zeros_like(ro["logp"])
-        for r, lp in enumerate(result.logprobs):
+        for r, lp in enumerate(result.sampling_logprobs):   # tempered, as ro["logp"]
           sampled[r, :len(lp)] = lp
         metrics["logp_mismatch"] = float(np.max(np.abs(sampled - ro["logp"]),
                                                 initial=0.0, where=batch["response_mask"]))
