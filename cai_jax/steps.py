@@ -53,9 +53,22 @@ def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
   return optax.join_schedules([warm, after], [cfg.warmup_steps])
 
 
+_NO_DECAY_NAMES = ("scale", "bias")
+
+
+def _param_name(path: Tuple[Any, ...]) -> str:
+  """The Flax name of a param leaf ('kernel', 'scale', ...): its last dict key (a boxed
+  leaf's path ends in the box's '.value')."""
+  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return str(names[-1]) if names else ""
+
+
 def _decay_mask(params: Any) -> Any:
-  """Weight decay on matrices only (not on norm scales or biases)."""
-  return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
+  """Weight decay on weight matrices and embeddings only, never on norm scales or biases,
+  whatever their rank (under scan_layers a norm scale is [layers, embed]; a q/k/v bias is
+  [heads, head_dim])."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: _param_name(path) not in _NO_DECAY_NAMES, params)
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
