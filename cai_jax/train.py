@@ -34,15 +34,19 @@ from tqdm.auto import tqdm
 
 from cai_jax import checkpoints, data, distributed, model_dir, sharding, steps
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
-from cai_jax.metrics import MetricsWriter
+from cai_jax.metrics import MetricsWriter, read_jsonl_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
-  """Raised when a step's loss is NaN or infinite; names the step."""
+  """Raised when a step's loss or gradient norm is NaN or infinite; names the step."""
 
 
 @dataclasses.dataclass
 class TrainResult:
+  """state: the final TrainState; last_metrics: the metrics of its step (read back from
+  metrics.jsonl when a resumed run had nothing left to do; {} at step 0); resumed_from:
+  the checkpoint step the run continued from, or None."""
+
   state: steps.TrainState
   last_metrics: dict
   resumed_from: Optional[int]
@@ -61,6 +65,34 @@ def state_from_params(model_cfg: ModelConfig, tx, params: Any, state_shardings: 
   return jax.jit(make, in_shardings=(state_shardings.params,), out_shardings=state_shardings)(params)
 
 
+def _logged_metrics(path: str, step: int) -> dict:
+  """The metrics logged at `step` in metrics.jsonl (its rows merged, without 'step'), or
+  {} (step 0, no file, or a process that does not write it)."""
+  out = {}
+  if step == 0 or jax.process_index() != 0 or not os.path.exists(path):
+    return out
+  for row in read_jsonl_metrics(path):
+    if row.get("step") == step:
+      out.update({k: v for k, v in row.items() if k != "step"})
+  return out
+
+
+def check_run(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: data.Batches) -> None:
+  """ValueError (one line naming the setting) for a run ``train`` would refuse; writes
+  nothing, so callers run it before they record a run's config in its out_dir."""
+  if train_cfg.seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"TrainConfig.seq_len={train_cfg.seq_len} is longer than the model's "
+                     f"max_seq_len={model_cfg.max_seq_len} (its context: positions past it were "
+                     "never trained, and a sliding-window model attends only within it)")
+  if dataset.batch_size != train_cfg.batch_size:
+    raise ValueError(f"the dataset's batches have {dataset.batch_size} rows but "
+                     f"TrainConfig.batch_size is {train_cfg.batch_size}")
+  if len(dataset) < train_cfg.num_steps:
+    raise ValueError(f"the dataset yields {len(dataset)} batches of {dataset.batch_size} "
+                     f"({dataset.num_epochs} epochs of {len(dataset.items)} items), fewer than "
+                     f"TrainConfig.num_steps={train_cfg.num_steps}")
+
+
 def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConfig,
           mesh_cfg: MeshConfig, dataset: data.Batches, out_dir: str,
           init_params: Any = None, head: str = "lm",
@@ -75,7 +107,8 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
     head: 'lm' or 'scalar' (preference / value models).
     loss_sums: (params, model_cfg, batch) -> (loss sum, counted tokens).
   Raises:
-    NonFiniteLossError: a step's loss was NaN/inf; nothing from that step is saved.
+    NonFiniteLossError: a step's loss or gradient norm was NaN/inf; nothing from that
+      step is saved.
   """
   out_dir = os.path.abspath(out_dir)
   mesh = sharding.make_mesh(mesh_cfg, devices)
@@ -83,13 +116,7 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
   tx = steps.make_optimizer(opt_cfg)
   schedule = steps.lr_schedule(opt_cfg)
   rng = jax.random.PRNGKey(train_cfg.seed)
-  if train_cfg.seq_len > model_cfg.max_seq_len:
-    raise ValueError(f"TrainConfig.seq_len={train_cfg.seq_len} is longer than the model's "
-                     f"max_seq_len={model_cfg.max_seq_len} (its context: positions past it were "
-                     "never trained, and a sliding-window model attends only within it)")
-  if dataset.batch_size != train_cfg.batch_size:
-    raise ValueError(f"the dataset's batches have {dataset.batch_size} rows but "
-                     f"TrainConfig.batch_size is {train_cfg.batch_size}")
+  check_run(model_cfg, train_cfg, dataset)
   manager = checkpoints.CheckpointManager(
       f"{out_dir}/checkpoints", save_every=train_cfg.save_every,
       keep=train_cfg.keep_checkpoints, async_save=train_cfg.async_checkpoint)
@@ -110,7 +137,6 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
         state, data_state = manager.restore(target, step=resumed_from)
         if data_state is not None:
           iterator.set_state(data_state)
-        writer.truncate_after(resumed_from)
       elif init_params is not None:
         checkpoints.check_compatible(target.params, init_params, "init params")
         state = state_from_params(model_cfg, tx, init_params, state_shardings)
@@ -128,7 +154,8 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
           state_shardings, batch_shardings)
 
       start = int(state.step)
-      metrics = {}
+      writer.truncate_after(start)   # rows of steps this run does (again) are dropped
+      metrics = _logged_metrics(writer.path, start)
       bar = tqdm(total=train_cfg.num_steps, initial=start, desc="train", unit="step",
                  disable=not train_cfg.progress or jax.process_index() != 0)
       try:
@@ -138,14 +165,15 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
           placed = {k: sharding.put_process_rows(v, batch_shardings[k], global_shapes[k])
                     for k, v in batch.items()}
           state, out = step_fn(state, placed)
-          loss = float(out["loss"])
+          loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
           dt = time.perf_counter() - t0
-          if not math.isfinite(loss):
+          if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             manager.wait_until_finished()
             last = manager.latest_step()
             raise NonFiniteLossError(
-                f"non-finite loss ({loss}) at step {step}; the last good checkpoint is "
-                f"{'step ' + str(last) if last is not None else 'none'} in {out_dir}/checkpoints")
+                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; the "
+                f"last good checkpoint is {'step ' + str(last) if last is not None else 'none'} "
+                f"in {out_dir}/checkpoints")
           tokens = sum(int(np.prod(s)) for k, s in global_shapes.items() if k.startswith("tokens"))
           metrics = writer.write(step, dict(out, step_time_s=dt, tokens_per_s=tokens / dt))
           manager.save(step, state, iterator.get_state(), force=step == train_cfg.num_steps)

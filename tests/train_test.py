@@ -79,6 +79,32 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   assert not os.path.exists(tmp_path / "model")
 
 
+def test_a_non_finite_gradient_with_a_finite_loss_stops_before_it_is_saved(tmp_path):
+  def loss_sums(params, cfg, batch):
+    total, count = steps.lm_loss_sums(params, cfg, batch)
+    c = jnp.where(jnp.any(batch["tokens"] == 257), 0.0, 1.0)
+    e = params["embed"]["embedding"][0, 0]
+    # Value 0 either way; the gradient is infinite on the poisoned batch (sqrt at 0).
+    return total + jnp.sqrt(e - jax.lax.stop_gradient(e) + c) - jnp.sqrt(c), count
+
+  base = _dataset()
+  first_of_batch_3 = int(grain.MapDataset.range(len(base.items)).shuffle(seed=base.seed)[12])
+
+  def poisoned(item):
+    out = base.encode(item)
+    if item is base.items[first_of_batch_3]:
+      out["tokens"] = out["tokens"].copy()
+      out["tokens"][0] = 257
+    return out
+
+  ds = dataclasses.replace(base, encode=poisoned)
+  tc = TrainConfig(num_steps=8, batch_size=4, seq_len=64, save_every=2, progress=False,
+                   async_checkpoint=False)
+  with pytest.raises(FloatingPointError, match=r"loss \(\d.*\) or gradient norm \((inf|nan)\) at step 4;"):
+    train.train(CFG, OPT, tc, MESH, ds, str(tmp_path), devices=jax.devices()[:1], loss_sums=loss_sums)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
 def test_loss_of_tiny_model_falls_on_fixed_dataset(tmp_path):
   result = _train(tmp_path, 40, save_every=100)
   rows = _read_metrics(tmp_path)
@@ -106,3 +132,78 @@ def test_sequences_longer_than_the_model_context_are_refused(tmp_path):
                                        r"max_seq_len=32 "):
     train.train(short, OPT, tc, MESH, _dataset(), str(tmp_path / "out"), devices=jax.devices()[:1])
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_refused_train_lm_run_leaves_nothing_that_blocks_the_fixed_rerun(tmp_path):
+  from cai_jax.stages import train_lm
+  path = tmp_path / "data.jsonl"
+  path.write_text("".join(f'{{"text": "hello {i}"}}\n' for i in range(3)))
+  model = dataclasses.replace(CFG, max_seq_len=64)
+  out = tmp_path / "out"
+
+  def run(batch_size, seq_len):
+    tc = TrainConfig(num_steps=2, batch_size=batch_size, seq_len=seq_len, progress=False,
+                     async_checkpoint=False)
+    return train_lm.run(str(out), str(path), model=model, train_config=tc, mesh=MESH,
+                        chat_format="raw")
+
+  with pytest.raises(data.DataError, match="3 examples, fewer than batch_size=8"):
+    run(8, 32)
+  with pytest.raises(ValueError, match="seq_len=128 is longer than the model's max_seq_len=64"):
+    run(2, 128)
+  assert not out.exists()
+  assert run(2, 32)["steps"] == 2
+
+
+def test_train_lm_refuses_conversations_with_nothing_to_train(tmp_path):
+  from cai_jax.stages import train_lm
+  path = tmp_path / "sharegpt.jsonl"
+  path.write_text('{"messages": [{"role": "human", "content": "q"}, {"role": "gpt", "content": "a"}]}\n' * 4)
+  tc = TrainConfig(num_steps=2, batch_size=2, seq_len=32, progress=False, async_checkpoint=False)
+  with pytest.raises(data.DataError, match=f"^{path}: example 0: no message has role 'assistant'"):
+    train_lm.run(str(tmp_path / "out"), str(path), model=CFG, train_config=tc, mesh=MESH)
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_shorter_than_the_run_is_refused_before_training(tmp_path):
+  ds = dataclasses.replace(_dataset(), num_epochs=1)   # 52 items: 13 batches of 4
+  tc = TrainConfig(num_steps=len(ds) + 1, batch_size=4, seq_len=64, progress=False,
+                   async_checkpoint=False)
+  with pytest.raises(ValueError, match=r"^the dataset yields 13 batches of 4 \(1 epochs of 52 "
+                                       r"items\), fewer than TrainConfig.num_steps=14$"):
+    train.train(CFG, OPT, tc, MESH, ds, str(tmp_path / "out"), devices=jax.devices()[:1])
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_its_metrics(tmp_path):
+  _train(tmp_path, 3, save_every=100)
+  import shutil
+  shutil.rmtree(tmp_path / "checkpoints")   # as if killed before the first save
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "lo')             # and mid-write of a row
+  result = _train(tmp_path, 3, save_every=100)
+  assert result.resumed_from is None
+  assert [r["step"] for r in _read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_a_run_resumes_on_another_mesh_with_the_same_data_order(tmp_path):
+  tc = lambda n: TrainConfig(num_steps=n, batch_size=4, seq_len=64, save_every=2,
+                             progress=False, async_checkpoint=False)
+  full = train.train(CFG, OPT, tc(6), MESH, _dataset(), str(tmp_path / "full"),
+                     devices=jax.devices()[:1])
+  train.train(CFG, OPT, tc(3), MESH, _dataset(), str(tmp_path / "split"), devices=jax.devices()[:1])
+  import shutil
+  shutil.rmtree(tmp_path / "split" / "checkpoints" / "3")
+  resumed = train.train(CFG, OPT, tc(6), MeshConfig(1, 2, 2, "fsdp_tp"), _dataset(),
+                        str(tmp_path / "split"), devices=jax.devices()[:4])
+  assert resumed.resumed_from == 2
+  for a, b in zip(_leaves(full.state), _leaves(resumed.state)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_finished_run_rerun_reports_its_last_metrics(tmp_path):
+  first = _train(tmp_path, 3)
+  again = _train(tmp_path, 3)    # e.g. killed after the last checkpoint, before model/
+  assert again.resumed_from == 3
+  assert again.last_metrics["loss"] == pytest.approx(first.last_metrics["loss"], rel=1e-6)
+  assert [r["step"] for r in _read_metrics(tmp_path)] == [1, 2, 3]

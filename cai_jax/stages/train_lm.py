@@ -93,13 +93,16 @@ def fine_tune(out_dir: str, examples: Sequence[dict], model: ModelConfig, optimi
   if tok.vocab_size > model.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} tokens but ModelConfig.vocab_size is "
                      f"{model.vocab_size}")
+  # Refusals that need no training happen before run_config.json is written, so a rerun
+  # with the setting fixed is not taken for a different run.
+  ds = data.lm_dataset(examples, tok, chat_format, train_config.seq_len,
+                       train_config.batch_size, train_config.seed)
+  train.check_run(model, train_config, ds)
   check_rerun(out_dir, {
       "data": shards.sha(list(examples)), "model": model_config_key(model),
       "chat_format": chat_format, "optimizer": dataclasses.asdict(optimizer),
       "train_config": train_config_key(train_config), "sources": sources or {},
       "model_fingerprints": model_dir.model_fingerprints(sources or {})}, stage)
-  ds = data.lm_dataset(examples, tok, chat_format, train_config.seq_len,
-                       train_config.batch_size, train_config.seed)
   result = train.train(model, optimizer, train_config, mesh, ds, out_dir, init_params=init_params)
   train.save_model(os.path.join(out_dir, "model"), model, result.state.params, tok)
   summary = {"out_dir": out_dir, "steps": int(result.state.step),
@@ -140,7 +143,7 @@ def run(out_dir: str, dataset: str, model: ModelConfig = ModelConfig(),
     tok = load_tokenizer("byte")
   examples = data.load_examples(dataset, data_dir)
   for i in range(len(examples)):
-    data.example_messages(examples[i], f"{dataset}: example {i}")
+    data.check_training_example(examples[i], f"{dataset}: example {i}")
   return fine_tune(out_dir, examples, model, optimizer, train_config, mesh, tok, chat_format,
                    init_params, stage="train_lm",
                    sources={"init_from": init_from, "tokenizer": tokenizer, "dataset": dataset})
