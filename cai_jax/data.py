@@ -119,8 +119,14 @@ def load_examples(spec: str, data_dir: Optional[str] = None) -> Sequence[Example
   raise DataError(f"dataset {spec!r}: not a .jsonl file or 'tfds:NAME:SPLIT'")
 
 
+def _check_str_field(example: Example, key: str, where: str) -> None:
+  if not isinstance(example[key], str):
+    raise DataError(f"{where}: '{key}' must be a string, got {type(example[key]).__name__}")
+
+
 def example_messages(example: Example, where: str = "example") -> Optional[List[Dict[str, str]]]:
-  """The conversation of a prompt/completion or messages example (None for plain text)."""
+  """The conversation of a prompt/completion or messages example (None for plain text);
+  DataError naming `where` and the field when a field has the wrong type."""
   if "messages" in example:
     msgs = example["messages"]
     if not isinstance(msgs, list) or not msgs:
@@ -128,14 +134,31 @@ def example_messages(example: Example, where: str = "example") -> Optional[List[
     for j, m in enumerate(msgs):
       if not isinstance(m, dict) or "role" not in m or "content" not in m:
         raise DataError(f"{where}: messages[{j}] needs 'role' and 'content'")
+      if not isinstance(m["role"], str) or not m["role"]:
+        raise DataError(f"{where}: messages[{j}].role must be a non-empty string")
+      if not isinstance(m["content"], str):
+        raise DataError(f"{where}: messages[{j}].content must be a string, got "
+                        f"{type(m['content']).__name__}")
     return msgs
   if "prompt" in example and "completion" in example:
+    _check_str_field(example, "prompt", where)
+    _check_str_field(example, "completion", where)
     return [{"role": "user", "content": example["prompt"]},
             {"role": "assistant", "content": example["completion"]}]
   if "text" in example:
+    _check_str_field(example, "text", where)
     return None
   raise DataError(f"{where}: expected a 'text', 'prompt'+'completion' or 'messages' field, "
                   f"got keys {sorted(example)}")
+
+
+def check_training_example(example: Example, where: str = "example") -> None:
+  """DataError naming `where` unless `example` has a trainable form: text, or a
+  conversation with at least one assistant turn (its only trained tokens)."""
+  msgs = example_messages(example, where)
+  if msgs is not None and not any(m["role"] == "assistant" for m in msgs):
+    raise DataError(f"{where}: no message has role 'assistant' (roles "
+                    f"{sorted({m['role'] for m in msgs})}), so no token would be trained")
 
 
 def tokenize_example(example: Example, tokenizer: Any, chat_format: str, seq_len: int,

@@ -125,3 +125,28 @@ def test_batches_encode_only_the_rows_asked_for():
   it_whole = iter(batches.dataset().to_iter_dataset())
   it_whole.set_state(state)
   assert next(it_whole)["tokens"][:, 0].tolist() == whole[1]
+
+
+@pytest.mark.parametrize("example, message", [
+    ({"text": 5}, r"'text' must be a string, got int"),
+    ({"prompt": 1, "completion": "c"}, r"'prompt' must be a string, got int"),
+    ({"prompt": "p", "completion": None}, r"'completion' must be a string, got NoneType"),
+    ({"messages": [{"role": "user", "content": None}]},
+     r"messages\[0\].content must be a string, got NoneType"),
+    ({"messages": [{"role": "", "content": "x"}]}, r"messages\[0\].role must be a non-empty string"),
+])
+def test_field_types_are_named(example, message):
+  with pytest.raises(data.DataError, match=f"^f.jsonl: example 3: {message}$"):
+    data.example_messages(example, "f.jsonl: example 3")
+  with pytest.raises(data.DataError, match=f"^f.jsonl: example 3: {message}$"):
+    data.tokenize_example(example, TOK, "chatml", 16, "f.jsonl: example 3")
+
+
+def test_a_conversation_without_an_assistant_turn_is_not_a_training_example():
+  sharegpt = {"messages": [{"role": "human", "content": "q"}, {"role": "gpt", "content": "a"}]}
+  assert not data.tokenize_example(sharegpt, TOK, "chatml", 64)["loss_mask"].any()
+  with pytest.raises(data.DataError, match=r"^f.jsonl: example 3: no message has role "
+                                           r"'assistant' \(roles \['gpt', 'human'\]\)"):
+    data.check_training_example(sharegpt, "f.jsonl: example 3")
+  data.check_training_example({"text": "x"})
+  data.check_training_example({"prompt": "p", "completion": "c"})

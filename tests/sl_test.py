@@ -121,3 +121,37 @@ def test_sl_end_to_end_on_tiny_model(tmp_path):
            helpful_ratio=0.5, train_config=TrainConfig(batch_size=4, seq_len=96, progress=False,
                                                        async_checkpoint=False),
            optimizer=OptimizerConfig(learning_rate=1e-3))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"id": "a", "prompt": "p", "rounds": "abc"}, r"row 2: field 'rounds' must be a non-empty list"),
+    ({"id": "a", "prompt": "p", "rounds": [{"critique": "c"}]},
+     r"row 2: rounds\[0\]: field 'revision' must be a string, got missing"),
+    ({"id": "a", "prompt": "p", "rounds": [{"revision": None}]},
+     r"row 2: rounds\[0\]: field 'revision' must be a string, got NoneType"),
+    ({"id": "a", "rounds": [{"revision": "r"}]}, r"row 2: field 'prompt' must be a string"),
+    ({"id": "a", "prompt": 5, "rounds": [{"revision": "r"}]}, r"row 2: field 'prompt' must be a string"),
+    ({"id": "a", "prompt": "p", "messages": "hi", "rounds": [{"revision": "r"}]},
+     r"row 2: 'messages' must be a non-empty list"),
+    ({"id": "h", "prompt": "p", "response": None}, r"row 2: field 'response' must be a string"),
+    ({"id": "h", "prompt": "p", "revision": "typo"}, r"row 2: expected 'rounds' .* or 'response'"),
+])
+def test_malformed_records_are_named_by_file_row_and_field(tmp_path, bad, message):
+  path = tmp_path / "cr.jsonl"
+  path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(bad) + "\n")
+  with pytest.raises(data.DataError, match=f"^{path}: {message}"):
+    sl.read_records(str(path))
+  with pytest.raises(data.DataError, match=r"^record 1 \((a|h)\): "):
+    sl.build_examples([RECORDS[0], bad], [], "all", 0.0, 0)
+
+
+def test_helpful_data_rows_need_a_response_and_flags_are_range_checked(tmp_path):
+  path = tmp_path / "helpful.jsonl"
+  path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+  with pytest.raises(data.DataError, match=f"^{path}: row 1: expected 'rounds' .* or 'response'"):
+    sl.read_records(str(path))
+  with pytest.raises(ValueError, match=r"^sl.helpful_ratio=-1.0; expected >= 0"):
+    sl.build_examples(RECORDS, [], "all", -1.0, 0)
+  with pytest.raises(ValueError, match=r"^sl.epochs=0.0; expected a positive"):
+    sl.run(str(tmp_path / "out"), records=str(path), model="m", epochs=0.0)
+  assert not (tmp_path / "out").exists()

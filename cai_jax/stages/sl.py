@@ -31,19 +31,52 @@ from cai_jax.stages.train_lm import fine_tune, load_initial
 
 def read_records(source: str) -> List[dict]:
   """Records of a critique_revision output directory (refused if unfinished), a directory
-  of .jsonl files without a manifest, or a JSONL file."""
+  of .jsonl files without a manifest, or a JSONL file; each checked by ``check_record``
+  (errors name the file and row)."""
   path = data.resolve_path(source)
   if os.path.isfile(path):
-    return data.read_jsonl(path)
-  if not os.path.isdir(path):
+    per_shard = {path: data.read_jsonl(path)}
+  elif not os.path.isdir(path):
     raise FileNotFoundError(f"{source}: no such critique_revision output (directory or .jsonl)")
-  if os.path.exists(os.path.join(path, shards.MANIFEST)):
-    per_shard = shards.read_run(path)
+  elif os.path.exists(os.path.join(path, shards.MANIFEST)):
+    per_shard = {os.path.join(path, name): rows for name, rows in shards.read_run(path).items()}
   else:
     per_shard = {f: data.read_jsonl(f) for f in sorted(glob.glob(os.path.join(path, "*.jsonl")))}
   if not per_shard:
     raise ValueError(f"{source}: no .jsonl shards")
+  for name, rows in per_shard.items():
+    for j, r in enumerate(rows):
+      check_record(r, f"{name}: row {j + 1}")
   return [r for rows in per_shard.values() for r in rows]
+
+
+def _check_str(record: dict, key: str, where: str) -> None:
+  if not isinstance(record.get(key), str):
+    got = "missing" if key not in record else type(record[key]).__name__
+    raise data.DataError(f"{where}: field '{key}' must be a string, got {got}")
+
+
+def check_record(record: dict, where: str) -> None:
+  """DataError naming `where` and the field unless `record` is a critique_revision record
+  ({"prompt" or "messages", "rounds": [{"revision": str}, ...]}) or a helpful sample
+  ({"prompt" or "messages", "response": str})."""
+  if "rounds" in record:
+    rounds = record["rounds"]
+    if not isinstance(rounds, list) or not rounds:
+      raise data.DataError(f"{where}: field 'rounds' must be a non-empty list of revision rounds")
+    for k, rd in enumerate(rounds):
+      if not isinstance(rd, dict):
+        raise data.DataError(f"{where}: rounds[{k}] must be an object with a 'revision'")
+      _check_str(rd, "revision", f"{where}: rounds[{k}]")
+  elif "response" in record:
+    _check_str(record, "response", where)
+  else:
+    raise data.DataError(f"{where}: expected 'rounds' (a critique_revision record) or "
+                         f"'response' (a helpful sample), got keys {sorted(record)}")
+  if "messages" in record:
+    data.example_messages(record, where)
+  else:
+    _check_str(record, "prompt", where)
 
 
 def _example(record: dict, completion: str) -> dict:
@@ -63,12 +96,16 @@ def build_examples(records: List[dict], helpful: List[dict], rounds: str, helpfu
   """
   if rounds not in ("all", "final"):
     raise ValueError(f"sl.rounds={rounds!r}; expected 'all' or 'final'")
-  harmless, empty = [], 0
+  if helpful_ratio < 0:
+    raise ValueError(f"sl.helpful_ratio={helpful_ratio}; expected >= 0")
   for i, r in enumerate(records):
+    check_record(r, f"record {i} ({r.get('id')})")
+  for i, r in enumerate(helpful):
+    check_record(r, f"helpful record {i} ({r.get('id')})")
+  harmless, empty = [], 0
+  for r in records:
     if "rounds" not in r:
       continue
-    if not r["rounds"]:
-      raise data.DataError(f"record {i} ({r.get('id')}): no revision rounds")
     revisions = [rd["revision"] for rd in r["rounds"]]
     kept = [t for t in revisions if t.strip()]
     empty += len(revisions) - len(kept) if rounds == "all" else int(not kept)
@@ -111,6 +148,8 @@ def run(out_dir: str, records: str = "", model: str = "", helpful_data: Optional
     raise ValueError("sl.records is not set (the critique_revision output; --records=DIR)")
   if not model:
     raise ValueError("sl.model is not set (the pretrained model to fine-tune)")
+  if not epochs > 0:
+    raise ValueError(f"sl.epochs={epochs}; expected a positive number of passes")
   rows = read_records(records)
   helpful = read_records(helpful_data) if helpful_data else []
   examples, counts = build_examples(rows, helpful, rounds, helpful_ratio, train_config.seed)
