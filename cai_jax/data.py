@@ -119,6 +119,19 @@ def load_examples(spec: str, data_dir: Optional[str] = None) -> Sequence[Example
   raise DataError(f"dataset {spec!r}: not a .jsonl file or 'tfds:NAME:SPLIT'")
 
 
+def draw_evenly(pool_size: int, n: int, rng: np.random.Generator) -> np.ndarray:
+  """n indices into a pool of pool_size items [n] int64, as evenly as possible: every
+  index n // pool_size times, then n % pool_size distinct ones drawn from rng without
+  replacement; so no item is left out while another repeats (drawing with replacement
+  would), and none is used twice when n <= pool_size (then it is ``rng.choice(pool_size,
+  n, replace=False)``)."""
+  if n and not pool_size:
+    raise ValueError(f"cannot draw {n} items from an empty pool")
+  whole, rest = divmod(n, pool_size) if pool_size else (0, 0)
+  return np.concatenate([np.tile(np.arange(pool_size), whole),
+                         rng.choice(pool_size, size=rest, replace=False)]).astype(np.int64)
+
+
 def _check_str_field(example: Example, key: str, where: str) -> None:
   if not isinstance(example[key], str):
     raise DataError(f"{where}: '{key}' must be a string, got {type(example[key]).__name__}")

@@ -115,3 +115,16 @@ def read_jsonl_metrics(path: str, drop_torn_last: bool = False) -> list:
       raise ValueError(f"{path}:{k + 1}: expected a JSON object, got {type(row).__name__}")
     rows.append(row)
   return rows
+
+
+def logged_metrics(path: str, step: int) -> dict:
+  """The metrics logged at `step` in the metrics.jsonl at `path` (its rows for that step
+  merged, without 'step'); {} at step 0 or when there is no such file or row. What a rerun
+  of a finished run reports as its last metrics."""
+  if step == 0 or not os.path.exists(path):
+    return {}
+  out = {}
+  for row in read_jsonl_metrics(path, drop_torn_last=True):
+    if row.get("step") == step:
+      out.update({k: v for k, v in row.items() if k != "step"})
+  return out

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from cai_jax import checkpoints, data, distributed, model_dir, sharding, steps
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
-from cai_jax.metrics import MetricsWriter, read_jsonl_metrics
+from cai_jax.metrics import MetricsWriter, logged_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -63,18 +63,6 @@ def state_from_params(model_cfg: ModelConfig, tx, params: Any, state_shardings: 
     return steps.TrainState(step=np.zeros((), np.int32), params=p, opt_state=tx.init(p))
 
   return jax.jit(make, in_shardings=(state_shardings.params,), out_shardings=state_shardings)(params)
-
-
-def _logged_metrics(path: str, step: int) -> dict:
-  """The metrics logged at `step` in metrics.jsonl (its rows merged, without 'step'), or
-  {} (step 0, no file, or a process that does not write it)."""
-  out = {}
-  if step == 0 or jax.process_index() != 0 or not os.path.exists(path):
-    return out
-  for row in read_jsonl_metrics(path):
-    if row.get("step") == step:
-      out.update({k: v for k, v in row.items() if k != "step"})
-  return out
 
 
 def check_run(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: data.Batches) -> None:
@@ -155,7 +143,7 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
 
       start = int(state.step)
       writer.truncate_after(start)   # rows of steps this run does (again) are dropped
-      metrics = _logged_metrics(writer.path, start)
+      metrics = logged_metrics(writer.path, start) if jax.process_index() == 0 else {}
       bar = tqdm(total=train_cfg.num_steps, initial=start, desc="train", unit="step",
                  disable=not train_cfg.progress or jax.process_index() != 0)
       try:

@@ -150,3 +150,15 @@ def test_a_conversation_without_an_assistant_turn_is_not_a_training_example():
     data.check_training_example(sharegpt, "f.jsonl: example 3")
   data.check_training_example({"text": "x"})
   data.check_training_example({"prompt": "p", "completion": "c"})
+
+
+def test_draw_evenly_uses_every_item_before_repeating_any():
+  import numpy as np
+  from cai_jax import data
+  picks = data.draw_evenly(3, 8, np.random.default_rng(0))
+  assert len(picks) == 8 and sorted(np.bincount(picks, minlength=3)) == [2, 3, 3]
+  few = data.draw_evenly(5, 3, np.random.default_rng(1))
+  assert list(few) == list(np.random.default_rng(1).choice(5, 3, replace=False))
+  assert len(data.draw_evenly(0, 0, np.random.default_rng(0))) == 0
+  with pytest.raises(ValueError, match="empty pool"):
+    data.draw_evenly(0, 2, np.random.default_rng(0))

@@ -1,5 +1,6 @@
 """SL-CAI stage: the example mix, the assistant-only loss mask, and a tiny end-to-end run."""
 
+import collections
 import json
 
 import jax
@@ -53,6 +54,10 @@ def test_helpful_ratio_and_seed():
   assert sum(e["completion"].startswith("Helpful") for e in ex) == 12
   again, _ = sl.build_examples(RECORDS, [], "final", 2.0, 0)
   assert ex == again
+  # Fewer helpful responses than drawn: each is used equally often, none left out.
+  helpful = collections.Counter(e["completion"] for e in ex if e["completion"].startswith("Helpful"))
+  n_pool = len({r["response"] for r in RECORDS if "response" in r and "rounds" not in r})
+  assert len(helpful) == n_pool and max(helpful.values()) - min(helpful.values()) <= 1
   with pytest.raises(data.DataError, match="no helpful records"):
     sl.build_examples(RECORDS[:6], [], "final", 1.0, 0)
 

@@ -277,17 +277,12 @@ def split(comparisons: Sequence[dict], fraction: float, seed: int, stream: int
 
 
 def _draw(pool: Sequence[dict], n: int, rng: np.random.Generator) -> List[dict]:
-  """n items of pool, as evenly as possible: every item n // len(pool) times, then
-  n % len(pool) distinct items drawn (seeded) without replacement; so no item is left
-  out while another repeats, and no item is used twice when n <= len(pool)."""
+  """n items of pool, as evenly as possible (``data.draw_evenly``)."""
   if not n:
     return []
   if not pool:
     raise data.DataError("pm: mix_ratio > 0 but there are no human comparisons in this split")
-  whole, rest = divmod(n, len(pool))
-  picks = np.concatenate([np.tile(np.arange(len(pool)), whole),
-                          rng.choice(len(pool), size=rest, replace=False)])
-  return [pool[int(i)] for i in picks]
+  return [pool[int(i)] for i in data.draw_evenly(len(pool), n, rng)]
 
 
 def split_and_mix(ai: Sequence[dict], human: Sequence[dict], mix_ratio: float,

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from cai_jax import (checkpoints, distributed, losses, model_dir, models, ppo as ppo_lib, sampler,
                      sharding, shards, train)
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig
-from cai_jax.metrics import MetricsWriter, read_jsonl_metrics
+from cai_jax.metrics import MetricsWriter, logged_metrics
 from cai_jax.ppo import PPOConfig
 from cai_jax.stages import pm as pm_stage
 from cai_jax.stages.train_lm import check_rerun, load_initial, model_config_key
@@ -116,15 +116,6 @@ def check_loop_args(ppo: PPOConfig, iterations: int, snapshot_every: int, save_e
                            ("keep_checkpoints", keep_checkpoints, 1)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
       raise ValueError(f"rl.{name} must be an integer >= {low}, got {value!r}")
-
-
-def logged_row(out_dir: str, step: int) -> dict:
-  """The metrics of iteration `step` as out_dir/metrics.jsonl logged them (without the
-  'step' key); {} when no such row is there."""
-  path = os.path.join(out_dir, "metrics.jsonl")
-  rows = read_jsonl_metrics(path) if os.path.exists(path) else []
-  row = next((r for r in reversed(rows) if r.get("step") == step), {})
-  return {k: v for k, v in row.items() if k != "step"}
 
 
 def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg: ModelConfig,
@@ -214,7 +205,8 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
     start, beta = int(data_state["iteration"]), float(data_state["beta"])
   writer = MetricsWriter(out_dir)
   writer.truncate_after(start)
-  last = logged_row(out_dir, start) if start and distributed.is_primary() else {}
+  last = (logged_metrics(os.path.join(out_dir, "metrics.jsonl"), start)
+          if distributed.is_primary() else {})
   policy_step = ppo_lib.make_policy_step(policy_cfg, ppo, optimizer, mesh, rules)
   value_step = ppo_lib.make_value_step(value_cfg, ppo, value_optimizer, mesh, rules)
 

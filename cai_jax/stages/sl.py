@@ -88,7 +88,9 @@ def _example(record: dict, completion: str) -> dict:
 
 def build_examples(records: List[dict], helpful: List[dict], rounds: str, helpful_ratio: float,
                    seed: int) -> Tuple[List[dict], dict]:
-  """(examples, counts): prompt → revision pairs plus the drawn helpfulness pairs.
+  """(examples, counts): prompt → revision pairs plus helpful_ratio × as many helpfulness
+  pairs, drawn (seeded by `seed`) as evenly as possible from the helpful responses
+  (``data.draw_evenly``: with too few, each is used equally often).
 
   Empty (whitespace-only) revisions and helpful responses are not trained on: with
   rounds='final' a record whose last revision is empty contributes its last non-empty
@@ -120,8 +122,7 @@ def build_examples(records: List[dict], helpful: List[dict], rounds: str, helpfu
   if n_help and not pool:
     raise data.DataError(f"sl.helpful_ratio={helpful_ratio} but there are no helpful records")
   rng = np.random.default_rng(seed)
-  picks = rng.choice(len(pool), size=n_help, replace=n_help > len(pool)) if n_help else []
-  examples = harmless + [pool[int(i)] for i in picks]
+  examples = harmless + [pool[int(i)] for i in data.draw_evenly(len(pool), n_help, rng)]
   order = rng.permutation(len(examples))
   return [examples[int(i)] for i in order], {"harmless_examples": len(harmless),
                                              "helpful_examples": n_help,
