@@ -7,6 +7,7 @@ them as plain arguments. Every field has a unit or shape in its comment.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import jax.numpy as jnp
@@ -177,7 +178,8 @@ class OptimizerConfig:
     total_steps: horizon of the cosine schedule (ignored for constant).
     final_lr_fraction: end of the cosine schedule as a fraction of the peak.
     b1, b2, eps: Adam moments.
-    weight_decay: decoupled weight decay, applied to matrices only (not norms or biases).
+    weight_decay: decoupled weight decay, applied to weight matrices and embeddings only
+      (never to norm scales or biases, ``steps.make_optimizer``).
     grad_clip_norm: global-norm clipping threshold; 0 disables.
   """
 
@@ -197,6 +199,18 @@ class OptimizerConfig:
       raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}; expected 'constant' or 'cosine'")
     if self.learning_rate < 0 or self.warmup_steps < 0:
       raise ValueError("OptimizerConfig.learning_rate and warmup_steps must be >= 0")
+    for name in ("b1", "b2"):
+      if not 0 <= getattr(self, name) < 1:
+        raise ValueError(f"OptimizerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+    for name, low in (("eps", 0.0), ("weight_decay", 0.0), ("grad_clip_norm", 0.0),
+                      ("final_lr_fraction", 0.0)):
+      value = getattr(self, name)
+      if not (value >= low and math.isfinite(value)):
+        raise ValueError(f"OptimizerConfig.{name} must be a finite number >= {low:g}, got "
+                         f"{value}" + (" (0 disables clipping)" if name == "grad_clip_norm" else ""))
+    if self.schedule == "cosine" and self.total_steps < 1:
+      raise ValueError(f"OptimizerConfig.total_steps must be >= 1 for the cosine schedule, "
+                       f"got {self.total_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
