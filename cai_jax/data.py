@@ -174,19 +174,41 @@ def check_training_example(example: Example, where: str = "example") -> None:
                     f"{sorted({m['role'] for m in msgs})}), so no token would be trained")
 
 
-def tokenize_example(example: Example, tokenizer: Any, chat_format: str, seq_len: int,
-                     where: str = "example") -> Dict[str, np.ndarray]:
-  """One example -> {'tokens' [seq_len] int32, 'mask' [seq_len] bool, 'loss_mask' [seq_len] bool}."""
+def encode_example(example: Example, tokenizer: Any, chat_format: str,
+                   where: str = "example") -> Tuple[List[int], List[bool]]:
+  """(ids, trained flags) of one example, untruncated: a text and its EOS, all trained;
+  a conversation rendered in `chat_format`, its assistant turns trained."""
   from cai_jax.tokenizer import encode_chat  # local: keeps data importable without tokenizers
   msgs = example_messages(example, where)
   if msgs is None:
     ids = list(tokenizer.encode(example["text"]))
     if tokenizer.eos_id is not None:
       ids.append(tokenizer.eos_id)
-    train = [True] * len(ids)
-  else:
-    ids, train = encode_chat(tokenizer, msgs, chat_format)
-  ids, train = list(ids)[:seq_len], list(train)[:seq_len]
+    return ids, [True] * len(ids)
+  ids, train = encode_chat(tokenizer, msgs, chat_format)
+  return list(ids), list(train)
+
+
+def truncation_counts(examples: Sequence[Example], tokenizer: Any, chat_format: str,
+                      seq_len: int) -> Tuple[int, int]:
+  """(examples longer than seq_len, those of them whose every trained token lies past
+  seq_len): ``tokenize_example`` keeps the first seq_len tokens, so the latter train
+  nothing."""
+  cut = untrained = 0
+  for i, ex in enumerate(examples):
+    ids, train = encode_example(ex, tokenizer, chat_format, f"example {i}")
+    if len(ids) > seq_len:
+      cut += 1
+      untrained += not any(train[:seq_len])
+  return cut, untrained
+
+
+def tokenize_example(example: Example, tokenizer: Any, chat_format: str, seq_len: int,
+                     where: str = "example") -> Dict[str, np.ndarray]:
+  """One example -> {'tokens' [seq_len] int32, 'mask' [seq_len] bool, 'loss_mask' [seq_len] bool}
+  (``encode_example`` cut to its first seq_len tokens, right-padded)."""
+  ids, train = encode_example(example, tokenizer, chat_format, where)
+  ids, train = ids[:seq_len], train[:seq_len]
   n = len(ids)
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   tokens = np.full((seq_len,), pad, np.int32)

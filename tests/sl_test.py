@@ -100,6 +100,7 @@ def test_sl_end_to_end_on_tiny_model(tmp_path):
                                                                progress=False, async_checkpoint=False),
                    optimizer=OptimizerConfig(learning_rate=1e-3))
   assert summary["harmless_examples"] == 12 and summary["helpful_examples"] == 6
+  assert summary["truncated_examples"] == summary["untrained_examples"] == 0
   assert summary["steps"] == 5  # ceil(18 / 4): one epoch
   assert np.isfinite(summary["final_loss"])
   assert model_dir.is_model_dir(str(tmp_path / "sl" / "model"))
@@ -160,3 +161,24 @@ def test_helpful_data_rows_need_a_response_and_flags_are_range_checked(tmp_path)
   with pytest.raises(ValueError, match=r"^sl.epochs=0.0; expected a positive"):
     sl.run(str(tmp_path / "out"), records=str(path), model="m", epochs=0.0)
   assert not (tmp_path / "out").exists()
+
+
+def test_examples_cut_past_their_response_are_counted_and_all_of_them_refused(tmp_path):
+  """The byte tokenizer counts characters: a prompt longer than seq_len leaves its
+  example no trained token (counted, warned); when every example is so, an error."""
+  tok = load_tokenizer("byte")
+  long = {"prompt": "x" * 80, "completion": "ok"}
+  short = {"prompt": "hi", "completion": "hello"}
+  assert data.truncation_counts([long, short, short], tok, "raw", 48) == (1, 1)
+  assert data.truncation_counts([{"prompt": "hi", "completion": "y" * 80}], tok, "raw", 48) == (1, 0)
+  cfg = ModelConfig()
+  model_dir.save_model(str(tmp_path / "base"), cfg, models.init(cfg, jax.random.PRNGKey(0)), tok)
+  records = tmp_path / "cr.jsonl"
+  records.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "x" * 80,
+                                         "rounds": [{"revision": "fine"}]}) + "\n"
+                             for i in range(4)))
+  with pytest.raises(data.DataError, match=r"every example's response lies past "
+                                           r"TrainConfig.seq_len=48"):
+    sl.run(str(tmp_path / "sl"), records=str(records), model=str(tmp_path / "base"),
+           helpful_ratio=0.0, train_config=TrainConfig(batch_size=4, seq_len=48, progress=False))
+  assert not (tmp_path / "sl").exists()
