@@ -153,7 +153,7 @@ def test_malformed_records_are_named_by_file_row_and_field(tmp_path, bad, messag
 
 def test_helpful_data_rows_need_a_response_and_flags_are_range_checked(tmp_path):
   path = tmp_path / "helpful.jsonl"
-  path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+  path.write_text(json.dumps({"prompt": "q", "answer": "a"}) + "\n")
   with pytest.raises(data.DataError, match=f"^{path}: row 1: expected 'rounds' .* or 'response'"):
     sl.read_records(str(path))
   with pytest.raises(ValueError, match=r"^sl.helpful_ratio=-1.0; expected >= 0"):
@@ -182,3 +182,20 @@ def test_examples_cut_past_their_response_are_counted_and_all_of_them_refused(tm
     sl.run(str(tmp_path / "sl"), records=str(records), model=str(tmp_path / "base"),
            helpful_ratio=0.0, train_config=TrainConfig(batch_size=4, seq_len=48, progress=False))
   assert not (tmp_path / "sl").exists()
+
+
+def test_a_sample_output_is_read_as_helpful_records(tmp_path):
+  """`cai-jax sample` rows ({"prompt": text or messages, "completion", ...}) are helpful
+  records: their completion is the response, a messages prompt the conversation."""
+  out = tmp_path / "sampled.jsonl"
+  rows = [{"prompt": "Say hi", "completion": "Hi!", "logprobs": [-0.1], "finish_reason": "eos",
+           "num_tokens": 2},
+          {"prompt": [{"role": "user", "content": "Name a color"}], "completion": "Blue.",
+           "logprobs": [-0.2], "finish_reason": "eos", "num_tokens": 2}]
+  out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  helpful = sl.read_records(str(out))
+  assert [h["response"] for h in helpful] == ["Hi!", "Blue."]
+  assert helpful[1]["messages"] == [{"role": "user", "content": "Name a color"}]
+  ex, counts = sl.build_examples(RECORDS, helpful, "final", 0.5, 0)
+  completions = {e.get("completion") or e["messages"][-1]["content"] for e in ex}
+  assert {"Hi!", "Blue."} & completions and counts["helpful_examples"] == 3

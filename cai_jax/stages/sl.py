@@ -6,9 +6,10 @@ JSONL file) and builds supervised examples:
                 every round (rounds='all', the paper's choice) or only the last round
                 (rounds='final');
   helpfulness:  {"prompt", "completion": response} from helpful records (records with a
-                "response" and no "rounds", from the same directory or `helpful_data`),
-                drawn (seeded) so there are `helpful_ratio` helpful examples per
-                harmlessness example (with replacement only when there are too few).
+                "response" and no "rounds", from the same directory or `helpful_data`,
+                which may also be a `cai-jax sample` output), drawn (seeded) so there
+                are `helpful_ratio` helpful examples per harmlessness example (each
+                used equally often when there are too few, ``data.draw_evenly``).
 The loss covers assistant tokens only. By default one epoch at a constant learning
 rate (the paper: one epoch at 0.5x the pretraining rate; set OptimizerConfig).
 Writes out_dir/model, the SL-CAI checkpoint, and out_dir/summary.json.
@@ -49,9 +50,22 @@ def read_records(source: str) -> List[dict]:
   if not per_shard:
     raise ValueError(f"{source}: no .jsonl shards")
   for name, rows in per_shard.items():
+    rows[:] = [from_sample_row(r) for r in rows]
     for j, r in enumerate(rows):
       check_record(r, f"{name}: row {j + 1}")
   return [r for rows in per_shard.values() for r in rows]
+
+
+def from_sample_row(row: dict) -> dict:
+  """A `cai-jax sample` output row ({"prompt": text or messages, "completion", ...}) as a
+  helpful record ({"prompt" or "messages", "response"}); any other row unchanged."""
+  if not isinstance(row, dict) or "completion" not in row or "response" in row or "rounds" in row:
+    return row
+  out = {k: v for k, v in row.items() if k != "completion"}
+  out["response"] = row["completion"]
+  if isinstance(out.get("prompt"), list) and "messages" not in out:
+    out["messages"] = out.pop("prompt")
+  return out
 
 
 def _check_str(record: dict, key: str, where: str) -> None:
@@ -143,7 +157,8 @@ def run(out_dir: str, records: str = "", model: str = "", helpful_data: Optional
   Args:
     records: critique_revision output (directory or JSONL).
     model: the pretrained (helpful) model: model directory, .gguf, HF folder or 'pkg:' spec.
-    helpful_data: extra helpful records ({"prompt", "response"} JSONL or a directory).
+    helpful_data: extra helpful records ({"prompt" or "messages", "response"} JSONL or a
+      directory), or a `cai-jax sample` output ({"prompt", "completion", ...}).
     epochs: passes over the mix; TrainConfig.num_steps is set to ceil(epochs * n / batch).
     model_config: only its runtime fields (dtype, remat, scan) are used.
   """
