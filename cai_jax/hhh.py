@@ -208,9 +208,14 @@ def _read_json(path: str) -> Any:
 
 
 def _is_composite_task(path: str) -> bool:
-  """A BIG-bench task.json of a task with subtasks (no examples of its own)."""
+  """A BIG-bench task.json of a task with subtasks: no examples of its own, and a
+  "subtasks" list or subfolders holding task.json files (hhh_alignment's top level)."""
   task = _read_json(path)
-  return isinstance(task, dict) and "examples" not in task and "subtasks" in task
+  if not isinstance(task, dict) or "examples" in task:
+    return False
+  folder = os.path.dirname(path)
+  return "subtasks" in task or any(
+      os.path.isfile(os.path.join(folder, d, "task.json")) for d in os.listdir(folder))
 
 
 def load_items(path: str, limit: Optional[int] = None) -> List[Dict[str, Any]]:

@@ -84,6 +84,12 @@ def test_composite_bigbench_task_json_is_skipped_in_a_folder(tmp_path):
       {"input": "Is the sun a star?", "target_scores": {"Yes.": 1, "No.": 0}}]}))
   (item,) = hhh.load_items(str(tmp_path))
   assert item["category"] == "honest" and item["id"] == "honest/task.json#0"
+  # A top-level task.json with metadata only (no "subtasks" key) above subtask folders.
+  (tmp_path / "task.json").write_text(json.dumps({"name": "hhh_alignment", "keywords": []}))
+  (item,) = hhh.load_items(str(tmp_path))
+  assert item["id"] == "honest/task.json#0"
+  with pytest.raises(ValueError, match="'examples' list"):   # named on its own, it is no task
+    hhh.load_items(str(tmp_path / "task.json"))
 
 
 GOOD = json.dumps({"prompt": "Q?", "corrects": [" (A)"], "incorrects": [" (B)"]})
