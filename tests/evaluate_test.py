@@ -160,7 +160,7 @@ def _run(tmp_path, calls, **kw):
   base, sl = _model_dir(tmp_path / "base"), _model_dir(tmp_path / "sl")
   rl = _rl_dir(tmp_path, [2], iterations=2)
   with open(os.path.join(rl, "metrics.jsonl"), "w") as f:
-    for step in (1, 2):
+    for step in (1, 2, 3):
       f.write(json.dumps({"step": step, "pm_score": 0.1 * step, "kl": 0.01 * step,
                           "sqrt_kl": math.sqrt(0.01 * step), "reward": 0.1}) + "\n")
   args = dict(out_dir=str(tmp_path / "eval"), base=base, sl=sl, rl_dir=rl,
@@ -172,9 +172,15 @@ def _run(tmp_path, calls, **kw):
   return evaluate.run(**args)
 
 
-def test_evaluate_end_to_end_with_fake_models(tmp_path):
-  calls = []
+def test_evaluate_end_to_end_with_fake_models(tmp_path, monkeypatch):
+  calls, marked = [], []
+  real_plot = evaluate.monitors.pm_kl_plot
+  monkeypatch.setattr(evaluate.monitors, "pm_kl_plot",
+                      lambda points, path, snapshots=None, **kw:
+                      marked.append(dict(snapshots)) or real_plot(points, path, snapshots, **kw))
   s = _run(tmp_path, calls)
+  # Snapshot step-2 (after 2 updates) is marked at row 3, the rollouts sampled from it.
+  assert marked == [{3: "rl-00002"}]
   assert [p["name"] for p in s["players"]] == ["base", "sl", "rl-00002"]
   assert s["prompts"] == {"harmful": 3, "helpful": 3}
   assert s["comparisons"]["feedback"] == {"harmful": 9, "helpful": 9}   # 3 pairs x 3 prompts

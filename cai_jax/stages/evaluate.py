@@ -713,12 +713,16 @@ def write_report(out_dir: str, title: str, summary: dict, elo: dict,
     plots.append({"caption": "Evasiveness and boilerplate rate per snapshot",
                   "file": "monitors.png"})
   if rl_points:
+    # Metrics row N holds the rollouts of iteration N, sampled from the policy after N - 1
+    # updates: snapshot step-N (N updates) is what row N + 1 measured.
     logged = {int(pt["step"]) for pt in rl_points}
-    steps = [int(n.split("-")[1]) for n in names
-             if re.fullmatch(r"rl-\d+", n) and int(n.split("-")[1]) in logged]
-    monitors.pm_kl_plot(rl_points, os.path.join(out_dir, "pm_vs_sqrt_kl.png"), snapshots=steps)
+    marks = {int(n.split("-")[1]) + 1: n for n in names
+             if re.fullmatch(r"rl-\d+", n) and int(n.split("-")[1]) + 1 in logged}
+    monitors.pm_kl_plot(rl_points, os.path.join(out_dir, "pm_vs_sqrt_kl.png"), snapshots=marks)
     plots.append({"caption": "RL: mean PM score of the rollouts against sqrt(KL(policy || "
-                             "reference)), snapshots marked", "file": "pm_vs_sqrt_kl.png"})
+                             "reference)) per iteration; each snapshot marked at the "
+                             "rollouts sampled from it (the next iteration's)",
+                  "file": "pm_vs_sqrt_kl.png"})
   sections.append({
       "id": "monitors", "title": "Over-training monitors",
       "text": ("Signs of a policy over-trained against its preference model: evasive answers "
