@@ -113,11 +113,12 @@ def _info():
 COMMANDS: Dict[str, Command] = {
     "train_lm": Command("fine-tune a decoder on a JSONL or TFDS text/conversation dataset",
                         "experiments/tiny_cpu.gin", _stage("train_lm", "run"), True),
-    "constitution": Command("`constitution check PATH`: validate a constitution (our format or "
-                            "Anthropic's prompts/ folder) and print its counts",
+    "constitution": Command("`constitution check [PATH]`: validate a constitution (our format or "
+                            "Anthropic's prompts/ folder; default: the shipped one) and print its "
+                            "counts",
                             None, _constitution, False, positional=("action", "path")),
-    "redteam_prompts": Command("expand the red-team prompt set with the model itself (few-shot, "
-                               "deduplicated, length-filtered) into --out=FILE.jsonl",
+    "redteam_prompts": Command("expand the red-team prompt set with the model itself (few-shot; "
+                               "length, refusal and duplicate filters) into --out=FILE.jsonl",
                                "experiments/smollm2_135m_cpu.gin", _stage("redteam_prompts", "run"), False),
     "critique_revision": Command("sample responses, then n rounds of critique -> revision with "
                                  "random principles; sharded, resumable output in --out_dir",
@@ -125,7 +126,8 @@ COMMANDS: Dict[str, Command] = {
     "feedback": Command("AI feedback: two policy responses per harmful prompt, labelled by the "
                         "feedback model with a soft p_A; sharded, resumable output in --out_dir",
                         "experiments/smollm2_135m_cpu.gin", _stage("feedback", "run"), True),
-    "sl": Command("SL-CAI: fine-tune the pretrained model on critique_revision output",
+    "sl": Command("SL-CAI: fine-tune the pretrained model on critique_revision output (every "
+                  "round's revisions + helpful samples)",
                   "experiments/smollm2_135m_cpu.gin", _stage("sl", "run"), True),
     "pm": Command("preference model: decoder + zero-initialised scalar head trained with soft "
                   "Bradley-Terry on AI harmlessness (+ human helpfulness) comparisons",
@@ -136,7 +138,8 @@ COMMANDS: Dict[str, Command] = {
     "dpo": Command("DPO on the AI-labelled comparisons (soft labels) against a frozen reference: "
                    "the lighter alternative to pm + rl",
                    "experiments/smollm2_135m_cpu.gin", _stage("dpo", "run"), True),
-    "sample": Command("complete each {\"prompt\"} of --prompts=FILE.jsonl into --out=FILE.jsonl "
+    "sample": Command("complete each {\"prompt\"} or {\"messages\"} line of --prompts=FILE.jsonl "
+                      "into --out=FILE.jsonl "
                       "(an interrupted run resumes from FILE.jsonl.parts/)",
                       "experiments/smollm2_135m_cpu.gin", _stage("sample", "run"), False),
     "import": Command("HF folder or .gguf (--from=PATH) -> model directory (--out=DIR)",
@@ -147,9 +150,10 @@ COMMANDS: Dict[str, Command] = {
                         "harmlessness, judged by the feedback model and/or the PM; monitors, "
                         "absolute harmfulness, HHH; writes report.html + report.json",
                         "experiments/smollm2_135m_cpu.gin", _stage("evaluate", "run"), True),
-    "evaluate_hhh": Command("`evaluate hhh --data=FILE`: HHH accuracy and calibration of a "
+    "evaluate_hhh": Command("`evaluate hhh --data=FILE|DIR`: HHH accuracy and calibration of a "
                             "feedback model (multiple choice) or a PM on Anthropic evals "
-                            "JSONL or BIG-bench task.json",
+                            "JSONL or BIG-bench task.json (a folder: every */task.json); "
+                            "files in --out_dir when given",
                             "experiments/smollm2_135m_cpu.gin", _stage("evaluate_hhh", "run"),
                             False),
     "harm_model": Command("absolute harmfulness: a 0-4 regression head trained on labelled "
@@ -197,20 +201,24 @@ def usage() -> str:
             "  --from=PATH --out=PATH source and destination of import / export (--out is written",
             "                         whole, then swapped in; it may only replace an empty",
             "                         directory or an earlier output of the same kind); --out is",
-            "                         the output file of sample",
-            "  --prompts=FILE --model=SPEC --temperature=T --max_new_tokens=N   sample options",
-            "  --data=FILE            evaluation data of `evaluate hhh`",
+            "                         the output file of sample and redteam_prompts",
+            "  --prompts=FILE --model=SPEC --policy=SPEC --records=DIR --temperature=T",
+            "  --max_new_tokens=N     bind the command's argument of that name, e.g. --model of",
+            "                         sample, critique_revision or sl (an unknown one is an error)",
+            "  --data=FILE|DIR        evaluation data of `evaluate hhh`; labelled data of harm_model",
             "  --topology=NAME        accelerator topology of `plan` (v5p-256, v4-64, h100x8, ...);",
             "                         --gin.plan.compiler=\"'gpu'\" compiles a GPU topology with",
             "                         XLA's GPU compiler without a GPU (needs the JAX CUDA plugin)",
             "  --gin_search_path=DIR  extra directory for gin includes",
             "  --compilation_cache=DIR|none   persistent XLA compilation cache shared by every",
             "                         command (default: $JAX_COMPILATION_CACHE_DIR, else",
-            "                         ~/.cache/cai_jax/xla; at most",
+            "                         $XDG_CACHE_HOME/cai_jax/xla or ~/.cache/cai_jax/xla; at most",
             "                         $JAX_COMPILATION_CACHE_MAX_SIZE bytes, default 8 GiB)",
             "  --distributed=auto|none|explicit --coordinator_address=HOST:PORT",
             "  --num_processes=N --process_id=I   multi-process runs through jax.distributed",
             "                         (auto: SLURM, Cloud TPU pods, CAI_* variables)",
+            "  --skip_if_complete     do nothing when --out_dir holds a finished run of the same",
+            "                         config and input models (pipeline passes it to each stage)",
             "", "Examples:",
             "  cai-jax pipeline       # the whole method on SmolLM2-135M-Instruct, then the report",
             "  cai-jax evaluate hhh --data=path/to/evals.jsonl",
