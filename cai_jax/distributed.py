@@ -9,10 +9,13 @@ Modes:
   'auto'      initialize only when the environment shows a multi-process launch:
                 explicit values (arguments, or the environment variables
                 CAI_COORDINATOR_ADDRESS, CAI_NUM_PROCESSES, CAI_PROCESS_ID);
-                SLURM with SLURM_NTASKS > 1 (jax reads the other SLURM_* variables);
+                SLURM with SLURM_NTASKS > 1 in a task of an srun step (jax reads the
+                other SLURM_* variables; without them, an error naming the missing one);
                 a Cloud TPU pod worker (TPU_WORKER_HOSTNAMES or TPU_PROCESS_ADDRESSES
                 listing more than one host, or MEGASCALE_COORDINATOR_ADDRESS set for
-                multi-slice); values not given explicitly are detected by jax.
+                multi-slice, as on GKE; on a TPU VM, more than one worker in its GCE
+                metadata, ``cloud_tpu_vm_processes``); values not given explicitly are
+                detected by jax.
               Otherwise nothing happens, so a plain single-process run is unchanged.
   'explicit'  initialize from coordinator_address, num_processes and process_id (arguments
               or the CAI_* environment variables), all three required.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import glob
 import logging
 import os
 import sys
@@ -68,6 +72,11 @@ class Launch:
   process_id: Optional[int] = None
 
 
+# What jax's SLURM detection reads besides SLURM_NTASKS: set in each task that srun starts,
+# not in the batch script itself nor in an salloc shell.
+SLURM_STEP_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+
+
 def _env_int(environ: Mapping[str, str], name: str) -> Optional[int]:
   text = environ.get(name)
   if text is None or text.strip() == "":
@@ -78,33 +87,99 @@ def _env_int(environ: Mapping[str, str], name: str) -> Optional[int]:
     raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
 
 
+def _check_address(address: str, name: str) -> None:
+  """ValueError naming `name` unless address is HOST:PORT with a port in [1, 65535]."""
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"{name}={address!r} is not HOST:PORT (a port in 1..65535), e.g. "
+                     "10.0.0.1:8476")
+
+
 def _host_count(value: Optional[str]) -> int:
   """Number of comma-separated, non-empty entries of a host list variable."""
   return len([h for h in (value or "").split(",") if h.strip()])
 
 
-def cluster_source(environ: Mapping[str, str]) -> Optional[str]:
-  """'slurm' or 'tpu' when `environ` shows a multi-process cluster launch, else None."""
+_GOOGLE_PCI_VENDOR = "0x1ae0"   # TPU chips on a Cloud TPU VM's PCI bus
+
+
+def tpu_chips_present() -> bool:
+  """True when this host's PCI bus has a Google device (a Cloud TPU VM's chips), as jax's
+  Cloud TPU detection checks; reads /sys only."""
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor, encoding="ascii") as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def cloud_tpu_vm_processes() -> int:
+  """Hosts of the Cloud TPU VM slice(s) this host belongs to, as ``jax.distributed`` finds
+  them on a TPU VM: the GCE metadata server's ``worker-network-endpoints`` of the slice times
+  its ``MEGASCALE_NUM_SLICES``. 0 off Cloud TPU VMs (no TPU chip on the PCI bus, or jax finds
+  no TPU VM), where nothing is imported or asked.
+
+  A TPU VM created with ``gcloud compute tpus tpu-vm create`` (launch/tpu_vm.sh) has no
+  environment variable naming its workers; GKE sets TPU_WORKER_HOSTNAMES instead. The
+  worker list is read through jax's Cloud TPU cluster class (private API): a jax without
+  it is a RuntimeError on a TPU host, naming the way around it.
+  """
+  if not tpu_chips_present():
+    return 0
+  import jax   # its import runs the Cloud TPU VM set-up the cluster class reads
+  try:
+    from jax._src.clusters import cloud_tpu_cluster
+    gce = cloud_tpu_cluster.GceTpuCluster
+    if not gce.is_env_present():
+      return 0
+    return len(gce._get_worker_list_in_slice()) * gce._get_num_slices()
+  except (ImportError, AttributeError) as e:
+    raise RuntimeError(
+        f"cannot read this Cloud TPU VM's worker list with jax {jax.__version__} ({e}); set "
+        "TPU_WORKER_HOSTNAMES, or pass --distributed=explicit with --coordinator_address, "
+        "--num_processes and --process_id (or --distributed=none for one process)") from None
+
+
+def cluster_source(environ: Mapping[str, str],
+                   tpu_vm_processes: Callable[[], int] = cloud_tpu_vm_processes
+                   ) -> Optional[str]:
+  """'slurm' or 'tpu' when `environ` (or, for a Cloud TPU VM slice, `tpu_vm_processes()`)
+  shows a multi-process cluster launch, else None."""
   ntasks = _env_int(environ, "SLURM_NTASKS")
   if ntasks is not None and ntasks > 1:
+    absent = [name for name in SLURM_STEP_VARIABLES if name not in environ]
+    if absent:
+      raise ValueError(f"SLURM_NTASKS={ntasks} but {absent[0]} is not set: this process is not "
+                       "one task of an srun step; start cai-jax with srun (launch/slurm.sbatch), "
+                       "or pass --distributed=none to run one process")
     return "slurm"
   hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
   if _host_count(hosts) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "tpu"
+  if hosts is None and tpu_vm_processes() > 1:
     return "tpu"
   return None
 
 
 def detect_launch(mode: str = "auto", coordinator_address: Optional[str] = None,
                   num_processes: Optional[int] = None, process_id: Optional[int] = None,
-                  environ: Optional[Mapping[str, str]] = None) -> Optional[Launch]:
+                  environ: Optional[Mapping[str, str]] = None,
+                  tpu_vm_processes: Callable[[], int] = cloud_tpu_vm_processes
+                  ) -> Optional[Launch]:
   """The multi-process launch to initialize, or None for a single-process run.
 
-  Pure function of its arguments and `environ` (default: os.environ); arguments win
-  over the CAI_* environment variables.
+  Function of its arguments, `environ` (default: os.environ) and, in 'auto' mode when
+  neither shows a launch, `tpu_vm_processes()` (the hosts of a Cloud TPU VM slice);
+  arguments win over the CAI_* environment variables.
   Raises:
     ValueError: unknown mode; 'explicit' without one of the three values (the message
       names the flag); 'auto' with some explicit values, no cluster to supply the rest
-      and one missing; a non-integer variable; process_id outside [0, num_processes).
+      and one missing; a non-integer variable; a coordinator address that is not
+      HOST:PORT; process_id outside [0, num_processes);
+      SLURM_NTASKS > 1 outside a task of an srun step (naming the variable it lacks).
   """
   if mode not in MODES:
     raise ValueError(f"distributed mode {mode!r} is not one of {', '.join(MODES)}")
@@ -120,14 +195,17 @@ def detect_launch(mode: str = "auto", coordinator_address: Optional[str] = None,
   missing = [f"--{flag} (or {env})" for flag, (value, env) in given.items() if value is None]
   source = "explicit"
   if mode == "auto":
+    cluster = cluster_source(environ, tpu_vm_processes) if missing else None
     if len(missing) == len(given):
-      cluster = cluster_source(environ)
       return Launch(cluster) if cluster else None
-    if missing and cluster_source(environ):
-      source = cluster_source(environ)
+    if cluster:
+      source = cluster
       missing = []
   if missing:
     raise ValueError(f"distributed mode {mode!r} needs {missing[0]}")
+  if address is not None:
+    _check_address(address, "--coordinator_address" if coordinator_address
+                   else ENV_COORDINATOR_ADDRESS)
   if count is not None and count < 1:
     raise ValueError(f"num_processes must be positive, got {count}")
   if index is not None and count is not None and not 0 <= index < count:

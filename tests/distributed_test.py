@@ -34,8 +34,46 @@ def test_single_process_environments_start_nothing():
   assert distributed.start("auto", environ={}) is False
 
 
+def test_auto_detects_a_cloud_tpu_vm_slice_from_its_metadata(monkeypatch):
+  """A TPU VM made by `gcloud compute tpus tpu-vm create` names its workers only in the GCE
+  metadata (no TPU_WORKER_HOSTNAMES): its hosts are counted there, as jax does."""
+  assert distributed.detect_launch("auto", environ={}, tpu_vm_processes=lambda: 4) == (
+      distributed.Launch("tpu"))
+  assert distributed.detect_launch("auto", environ={}, tpu_vm_processes=lambda: 1) is None
+  assert distributed.detect_launch("auto", "h:1", environ={}, tpu_vm_processes=lambda: 2) == (
+      distributed.Launch("tpu", "h:1"))
+  assert distributed.detect_launch("none", environ={}, tpu_vm_processes=lambda: 4) is None
+
+  def never():
+    raise AssertionError("metadata asked although the environment decides")
+  assert distributed.detect_launch("auto", environ={"TPU_WORKER_HOSTNAMES": "localhost"},
+                                   tpu_vm_processes=never) is None
+  assert distributed.detect_launch("auto", environ={"SLURM_NTASKS": "2", **SRUN_TASK},
+                                   tpu_vm_processes=never) == distributed.Launch("slurm")
+  assert distributed.detect_launch("explicit", "h:1", 2, 0, environ={},
+                                   tpu_vm_processes=never).source == "explicit"
+  # jax's own reading of the metadata: workers of the slice times the slices.
+  from jax._src import cloud_tpu_init
+  from jax._src.clusters import cloud_tpu_cluster
+  gce = cloud_tpu_cluster.GceTpuCluster
+  if not cloud_tpu_init.running_in_cloud_tpu_vm:
+    assert distributed.cloud_tpu_vm_processes() == 0   # no TPU VM here: nothing asked
+  monkeypatch.setattr(distributed, "tpu_chips_present", lambda: False)
+  monkeypatch.setattr(gce, "is_env_present", classmethod(lambda cls: True))
+  assert distributed.cloud_tpu_vm_processes() == 0   # no chips: jax is not asked at all
+  monkeypatch.setattr(distributed, "tpu_chips_present", lambda: True)
+  monkeypatch.setattr(gce, "_get_worker_list_in_slice", staticmethod(lambda: ["w0", "w1", "w2"]))
+  monkeypatch.setattr(gce, "_get_num_slices", staticmethod(lambda: 2))
+  assert distributed.cloud_tpu_vm_processes() == 6
+
+
+# A task that srun started: what jax's SLURM detection reads.
+SRUN_TASK = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_PROCID": "1",
+             "SLURM_LOCALID": "1"}
+
+
 @pytest.mark.parametrize("environ,source", [
-    ({"SLURM_NTASKS": "4"}, "slurm"),
+    ({"SLURM_NTASKS": "4", **SRUN_TASK}, "slurm"),
     ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1"}, "tpu"),
     ({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8476,10.0.0.2:8476"}, "tpu"),
     ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, "tpu"),
@@ -53,8 +91,8 @@ def test_explicit_values_from_arguments_or_environment():
   assert distributed.detect_launch("explicit", "h:9", 2, 0, environ=env) == distributed.Launch(
       "explicit", "h:9", 2, 0)
   # A partial explicit launch is completed by the cluster (jax detects the rest).
-  assert distributed.detect_launch("auto", "h:9", environ={"SLURM_NTASKS": "2"}) == distributed.Launch(
-      "slurm", "h:9", None, None)
+  assert distributed.detect_launch("auto", "h:9", environ={"SLURM_NTASKS": "2", **SRUN_TASK}) == (
+      distributed.Launch("slurm", "h:9", None, None))
 
 
 @pytest.mark.parametrize("mode,args,environ,needle", [
@@ -66,6 +104,17 @@ def test_explicit_values_from_arguments_or_environment():
     ("explicit", ("h:1", 0, 0), {}, "num_processes must be positive"),
     ("auto", (None, None, None), {"CAI_NUM_PROCESSES": "two"}, "CAI_NUM_PROCESSES='two'"),
     ("auto", (None, None, None), {"SLURM_NTASKS": "x"}, "SLURM_NTASKS='x'"),
+    # The batch script of a 4-task job (or an salloc shell) is no task of an srun step.
+    ("auto", (None, None, None), {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+                                  "SLURM_LOCALID": "0"},
+     "SLURM_NTASKS=4 but SLURM_STEP_NODELIST is not set: this process is not one task of an "
+     "srun step"),
+    ("auto", ("h:1", None, None), {"SLURM_NTASKS": "2"}, "SLURM_JOB_ID is not set"),
+    # jax needs HOST:PORT (without a port, process 0 fails in jax with an IndexError).
+    ("explicit", ("localhost", 2, 0), {}, "--coordinator_address='localhost' is not HOST:PORT"),
+    ("explicit", ("h:99999", 2, 1), {}, "--coordinator_address='h:99999' is not HOST:PORT"),
+    ("auto", (None, 2, 0), {"CAI_COORDINATOR_ADDRESS": ":8476"},
+     "CAI_COORDINATOR_ADDRESS=':8476' is not HOST:PORT"),
     ("cluster", (None, None, None), {}, "'cluster' is not one of none, auto, explicit"),
 ])
 def test_bad_launch_values_are_one_line_errors(mode, args, environ, needle):
