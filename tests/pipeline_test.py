@@ -61,6 +61,26 @@ def test_a_stage_result_is_its_last_json_object_line():
   assert pipeline.last_json_line("nothing\n[1, 2]\n") == {}
 
 
+def test_a_rerun_that_skips_evaluate_still_reports_its_elo_tables(tmp_path):
+  """The summary of a rerun whose evaluate stage is skipped holds the Elo tables and report
+  of the finished evaluation (its summary.json), as the run that made them did."""
+  ev_dir = tmp_path / "eval"
+  ev_dir.mkdir()
+  finished = {"out_dir": str(ev_dir), "report": str(ev_dir / "report.html"),
+              "elo": {"pm": {"harmless": {"sl": [3.0, 1.0, 5.0]}}}}
+  (ev_dir / "summary.json").write_text(json.dumps(finished))
+  # Stand-in for `python -m cai_jax.main STAGE ...`: every stage is found complete.
+  fake = tmp_path / "fake_python"
+  fake.write_text(f"#!{sys.executable}\nimport json, sys\nstage = sys.argv[3]\n"
+                  f"out = {str(ev_dir)!r} if stage == 'evaluate' else stage\n"
+                  "print(json.dumps({'pipeline_status': 'skipped', 'out_dir': out}))\n")
+  fake.chmod(0o755)
+  summary = pipeline.run(["sl", "evaluate"], out_dir=str(tmp_path / "root"), python=str(fake),
+                         commands=["sl", "evaluate"])
+  assert [s["status"] for s in summary["stages"]] == ["skipped", "skipped"]
+  assert summary["elo"] == finished["elo"] and summary["report"] == finished["report"]
+
+
 def test_unknown_or_repeated_stages_are_refused():
   with pytest.raises(ValueError, match="bogus"):
     pipeline.run(["sl", "bogus"], commands=["sl", "pm"])
@@ -103,6 +123,21 @@ def test_relocate_moves_stage_outputs_and_the_bindings_into_them():
   assert pipeline.relocate(dirs, values, "", list(dirs)) == {}
   with pytest.raises(ValueError, match="pipeline.out_dir='x'.*mix absolute and relative"):
     pipeline.relocate({"sl": "/a/sl", "rl": "b/rl"}, values, "x", ["sl"])
+
+
+def test_relocate_to_the_common_root_spelled_otherwise_moves_nothing(tmp_path, monkeypatch):
+  """--out_dir naming the experiment's own root as an absolute path or through a symlink
+  respells no binding: the stages' configs stay those of the finished outputs there."""
+  monkeypatch.chdir(tmp_path)
+  os.makedirs("runs/tiny/sl")
+  os.symlink("runs/tiny", "link")
+  dirs = {"sl": "runs/tiny/sl", "pm": "runs/tiny/pm"}
+  values = {"sl.out_dir": "runs/tiny/sl", "pm.out_dir": "runs/tiny/pm", "rl.pm": "runs/tiny/pm/model"}
+  for root in (str(tmp_path / "runs" / "tiny"), "link", "link/", str(tmp_path / "link")):
+    assert pipeline.relocate(dirs, values, root, ["sl", "pm"]) == {}, root
+  # Another directory still moves them.
+  assert pipeline.relocate(dirs, values, "link/exp", ["sl", "pm"], exists=lambda p: False) == {
+      "sl.out_dir": "link/exp/sl", "pm.out_dir": "link/exp/pm", "rl.pm": "link/exp/pm/model"}
 
 
 def test_stage_args_of_the_default_pipeline():

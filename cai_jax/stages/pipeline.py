@@ -38,7 +38,8 @@ it stops the pipeline with one line naming them, its outputs untouched.
 
 Output: one line per stage on stderr ("ran" / "skipped", seconds), `pipeline.json` in
 `out_dir` (when bound) with the same, and the final summary as the return value: the
-stages, total seconds and, when `evaluate` ran, the report's path and Elo table. In a
+stages, total seconds and, when `evaluate` is a stage, the report's path and Elo table
+(from its summary.json when it was skipped). In a
 multi-process run each stage entry also holds the process_index and process_count its stage
 process reported (process 0's in pipeline.json; each host's in the summary it prints).
 """
@@ -134,7 +135,9 @@ def relocate(stage_dirs: Dict[str, str], values: Dict[str, object], root: str,
     (an input from an earlier run) moves only when its place under root exists, i.e. an
     earlier pipeline with this out_dir wrote it (rerunning some stages of a moved
     experiment reads the others' outputs there); otherwise it stays. Empty when `root` is
-    empty or already the common directory.
+    empty or already the common directory, however spelled (relative or absolute, through a
+    symlink): moving the bindings there would only respell them, and the stages would not
+    take their finished outputs for this config's.
   Raises:
     ValueError (one line) when the out_dirs share no directory (absolute and relative paths
     mixed).
@@ -144,8 +147,8 @@ def relocate(stage_dirs: Dict[str, str], values: Dict[str, object], root: str,
   dirs = {s: os.path.normpath(d) for s, d in stage_dirs.items()}
   common = common_dir(stage_dirs, root)
   root = os.path.normpath(root)
-  if root == common:
-    return {}
+  if root == common or os.path.realpath(root) == os.path.realpath(common):
+    return {}   # the same directory (spelled absolute, or through a symlink): nothing moves
   moving = {dirs[s] for s in stages if s in dirs}
   table = sorted(((d, os.path.normpath(os.path.join(root, os.path.relpath(d, common))), d in moving)
                   for d in set(dirs.values())), key=lambda m: -len(m[0]))
@@ -181,6 +184,16 @@ def last_json_line(text: str) -> dict:
       if isinstance(value, dict):
         return value
   return {}
+
+
+def _finished_summary(out_dir: str) -> dict:
+  """The summary.json of a finished stage in out_dir (its result when it ran), or {}."""
+  path = os.path.join(out_dir, "summary.json")
+  if not out_dir or not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    value = json.load(f)
+  return value if isinstance(value, dict) else {}
 
 
 def _log(msg: str) -> None:
@@ -254,6 +267,8 @@ def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
     _log(f"[{k + 1}/{len(stages)}] {stage} {status} ({seconds:.1f} s)")
   summary: Dict[str, object] = {"stages": done, "seconds": round(time.perf_counter() - t0, 1)}
   ev = results.get("evaluate")
+  if isinstance(ev, dict) and ev.get("pipeline_status") == "skipped":
+    ev = _finished_summary(str(ev.get("out_dir", ""))) or ev   # what it returned when it ran
   if isinstance(ev, dict):
     summary["report"] = ev.get("report") or os.path.join(ev.get("out_dir", ""), "report.html")
     if "elo" in ev:
