@@ -84,6 +84,15 @@ def _check_values(where: str, key: str, values: Any) -> List[Any]:
                      f"scope/Configurable.param or MACRO)")
   if not isinstance(values, (list, tuple)) or not values:
     raise ValueError(f"{where}: the values of {key} must be a non-empty list")
+  seen = set()
+  for value in values:
+    try:
+      text = gin_value(value)
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+    if text in seen:   # the same run twice, into one out_dir
+      raise ValueError(f"{where}: the value {text} of {key} is given twice")
+    seen.add(text)
   return list(values)
 
 
@@ -211,6 +220,12 @@ def make_runs(grid: Grid, command: str, out_root: str, base: Sequence[str] = (),
   names = [run_name(p, shorts) for p in points]
   dup = {n for n in names if names.count(n) > 1}
   names = [f"{n}-{_digest(p)}" if n in dup else n for n, p in zip(names, points)]
+  first: Dict[str, Dict[str, Any]] = {}
+  for name, point in zip(names, points):
+    if name in first:
+      raise ValueError(f"the runs {gin_bindings(first[name])} and {gin_bindings(point)} would "
+                       f"share the out_dir {os.path.join(out_root, name)}")
+    first[name] = point
   runs = []
   for name, point in zip(names, points):
     out_dir = os.path.join(out_root, name)

@@ -33,7 +33,7 @@ def _env(**extra: str) -> dict:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("TPU_", "SLURM_")) and k not in ("DRY_RUN", "LAUNCH_MODE",
                                                                "COORDINATOR_PORT", "CAI_JAX",
-                                                               "PYTHON")}
+                                                               "PYTHON", "JAX_COORDINATOR_PORT")}
   env.update(extra)
   return env
 
@@ -237,6 +237,27 @@ def test_slurm_runs_srun_in_a_job(tmp_path):
   proc = _bash("launch/slurm.sbatch", *RUN_ARGS, **env)
   assert proc.returncode == 0, proc.stderr
   assert json.loads(proc.stdout) == RUN_ARGS + ["--distributed=auto"]
+
+
+def test_slurm_auto_mode_passes_coordinator_port_to_jax(tmp_path):
+  """--mode=auto: jax picks the coordinator's port itself (61440 + job id mod 4096) unless
+  JAX_COORDINATOR_PORT says otherwise, so a COORDINATOR_PORT reaches jax as that."""
+  bin_dir = tmp_path / "bin"
+  _executable(bin_dir / "scontrol", "#!/usr/bin/env bash\nprintf 'node-a\\nnode-b\\n'\n")
+  _executable(bin_dir / "srun", "#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n"
+              "exec \"$@\"\n")
+  _executable(bin_dir / "cai-jax", f"#!{sys.executable}\nimport json, os\n"
+              "print(json.dumps(os.environ.get('JAX_COORDINATOR_PORT')))\n")
+  env = dict(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="8193",
+             SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="2", SLURM_NTASKS="16")
+  proc = _bash("launch/slurm.sbatch", "info", COORDINATOR_PORT="5555", **env)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout) == "5555" and "coordinator node-a:5555" in proc.stderr
+  proc = _bash("launch/slurm.sbatch", "info", **env)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout) is None and "coordinator node-a:61441" in proc.stderr
+  assert _lines(_bash("launch/slurm.sbatch", "--dry-run", "info", COORDINATOR_PORT="5555")) == [
+      "+ env JAX_COORDINATOR_PORT=5555 srun --kill-on-bad-exit=1 cai-jax info --distributed=auto"]
 
 
 def test_slurm_bad_usage():

@@ -53,6 +53,10 @@ def test_parse_grid_arg_json_and_python_literals():
     ("no_equals_sign", "expected KEY=[VALUE, ...]"),
     ("bad key=[1]", "'bad key' is not a gin binding key"),
     ("k=[]", "the values of k must be a non-empty list"),
+    # The same value twice would be the same run twice, into one out_dir.
+    ("TrainConfig.seed=[0, 1, 0]", "the value 0 of TrainConfig.seed is given twice"),
+    ("MODEL=['m', \"m\"]", 'the value "m" of MODEL is given twice'),
+    ("x=[{1, 2}]", "cannot write {1, 2} as a gin value"),
 ])
 def test_bad_grid_is_one_line_naming_the_argument(arg, message, capsys):
   assert sweep.main(["--command=rl", "--out_root=r", "--grid", "a=[1]", "--grid", arg]) == 2
@@ -125,6 +129,17 @@ def test_names_that_collide_or_are_long_stay_distinct_and_deterministic():
   long_runs = sweep.make_runs([("k", ["x" * 300, "x" * 299 + "y"])], "rl", "out")
   assert all(len(r.name.encode()) <= 200 for r in long_runs)
   assert long_runs[0].name != long_runs[1].name
+
+
+def test_distinct_values_are_distinct_runs_or_an_error():
+  """Values that are equal in Python but not in gin (1, 1.0, True) stay three runs; values
+  whose names and digests coincide (a list and a tuple) are refused, not merged."""
+  runs = sweep.make_runs([("x", [1, 1.0, True, "1"])], "rl", "out")
+  assert len({r.out_dir for r in runs}) == 4
+  assert [r.argv[2] for r in runs] == ["--gin.x=1", "--gin.x=1.0", "--gin.x=True", '--gin.x="1"']
+  with pytest.raises(ValueError, match=r"the runs \['x=\[1, 2\]'\] and \['x=\(1, 2\)'\] would "
+                     "share the out_dir out/x=_1_2_-"):
+    sweep.make_runs([("x", [[1, 2], (1, 2)])], "rl", "out")
 
 
 def test_print_local_tpu_slurm(capsys):
