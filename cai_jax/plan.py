@@ -337,6 +337,7 @@ def _plan_train_stage(stage: str, model_config: ModelConfig, optimizer: Optimize
   import jax.numpy as jnp
   from cai_jax import checkpoints, steps
   rows, seq = train_config.batch_size, train_config.seq_len
+  check_seq_len(model_config, train_config)
   if rows % microbatches:
     raise ValueError(f"plan: microbatches={microbatches} does not divide "
                      f"TrainConfig.batch_size={rows}")
@@ -373,6 +374,14 @@ def _plan_train_stage(stage: str, model_config: ModelConfig, optimizer: Optimize
   out.update(compiled=True, temp_bytes=xla["temp_size_in_bytes"],
              other_bytes=total - params - opt - xla["temp_size_in_bytes"], total_bytes=total)
   return _finish(out, hbm_bytes)
+
+
+def check_seq_len(model_config: ModelConfig, train_config: TrainConfig) -> None:
+  """ValueError (one line) for an sl / pm batch longer than the model's context, the run
+  ``train.check_run`` refuses."""
+  if train_config.seq_len > model_config.max_seq_len:
+    raise ValueError(f"plan: TrainConfig.seq_len={train_config.seq_len} is longer than "
+                     f"ModelConfig.max_seq_len={model_config.max_seq_len}; sl and pm refuse it")
 
 
 RL_PROMPT_LEN = 512
@@ -520,7 +529,7 @@ def plan_on_devices(model_config: ModelConfig, mesh: MeshConfig, hbm_bytes: int,
   devices = list(jax.devices() if devices is None else devices)
   dims = mesh_dims(mesh, len(devices))
   stages = check_stages(stages)
-  microbatches = microbatches or train_config.num_microbatches
+  microbatches = resolve_microbatches(microbatches, train_config)
   jmesh = sharding.make_mesh(mesh, devices)
   rules = sharding.rules_for(mesh.rules)
   out: Dict[str, Any] = {"mesh": list(dims), "rules": mesh.rules, "microbatches": microbatches,
@@ -540,6 +549,16 @@ def plan_on_devices(model_config: ModelConfig, mesh: MeshConfig, hbm_bytes: int,
          f"({'fits' if res['fits'] else 'does not fit'}; {res['seconds']:.1f} s)")
   out["fits"] = all(s["fits"] for s in out["stages"].values())
   return out
+
+
+def resolve_microbatches(microbatches: Optional[int], train_config: TrainConfig) -> int:
+  """`microbatches`, or train_config.num_microbatches when None; ValueError naming
+  plan.microbatches unless it is an integer >= 1."""
+  if microbatches is None:
+    return train_config.num_microbatches
+  if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError(f"plan.microbatches must be an integer >= 1, got {microbatches!r}")
+  return microbatches
 
 
 def check_stages(stages: Sequence[str]) -> Tuple[str, ...]:
@@ -765,25 +784,27 @@ def suggest_mesh(topology: str, model_config: ModelConfig = ModelConfig(),
                  stages: Sequence[str] = STAGES, microbatches: Optional[int] = None,
                  optimizer: OptimizerConfig = OptimizerConfig(), prompt_len: Optional[int] = None,
                  hbm_gib: Optional[float] = None,
-                 exclude: Sequence[Tuple[Tuple[int, int, int], int]] = (),
+                 exclude: Sequence[Tuple[Tuple[int, int, int], str, int]] = (),
                  compiler: str = "cpu") -> Optional[Dict[str, Any]]:
   """The first of ``mesh_candidates`` (each as asked, then with one sequence per batch shard
   per microbatch when sl / pm are planned) on which every stage fits, or None.
 
-  exclude: (mesh dims, microbatches) pairs already known not to fit. compiler: as ``run``.
+  exclude: (mesh dims, rules, microbatches) already known not to fit (the same dims under
+  other rules shard differently and are still tried). compiler: as ``run``.
   Returns a job result ({mesh, rules, microbatches, stages, fits}) of one compile process.
   """
   topo = parse_topology(topology)
   hbm = int((hbm_gib or topo.hbm_gib) * GIB)
   stages = check_stages(stages)
-  mb = microbatches or train_config.num_microbatches
+  mb = resolve_microbatches(microbatches, train_config)
+  known = {(tuple(d), r, k) for d, r, k in exclude}
   group = []
   for cand in mesh_candidates(topo.devices):
     dims = mesh_dims(cand, topo.devices)
     options = microbatch_options(train_config.batch_size, dims, mb) if set(stages) & {"sl", "pm"} \
         else [mb]
     for m in options:
-      if (tuple(dims), m) in {(tuple(d), k) for d, k in exclude}:
+      if (tuple(dims), cand.rules, m) in known:
         continue
       group.append(_job(model_config, cand, train_config, ppo, optimizer, stages, m, prompt_len,
                         hbm, prune=True))
@@ -820,11 +841,14 @@ def run(topology: str, model_config: ModelConfig = ModelConfig(), mesh: MeshConf
   model: {name, params, ...}, stages: {stage: {params_bytes, opt_state_bytes, temp_bytes,
   kv_cache_bytes, other_bytes, total_bytes, hbm_bytes, fits, headroom_bytes, programs, ...}},
   fits, suggestion (when searched), seconds}; the table (``format_table``) goes to stderr.
-  Raises ValueError for a bad topology, stage, mesh, batch split or compiler, RuntimeError
-  when compiler 'gpu' finds no CUDA plugin.
+  Raises ValueError for a bad topology (naming --topology), stage, mesh, batch split or
+  compiler, RuntimeError when compiler 'gpu' finds no CUDA plugin.
   """
   t0 = time.perf_counter()
-  topo = parse_topology(topology)
+  try:
+    topo = parse_topology(topology)
+  except ValueError as e:
+    raise ValueError(f"plan: --topology: {e}") from None
   _check_compiler(topo, compiler)
   if hbm_gib is not None and hbm_gib <= 0:
     raise ValueError(f"plan: hbm_gib must be > 0, got {hbm_gib}")
@@ -832,10 +856,12 @@ def run(topology: str, model_config: ModelConfig = ModelConfig(), mesh: MeshConf
   hbm = int(hbm_gib * GIB)
   stages = check_stages(stages)
   dims = mesh_dims(mesh, topo.devices)
-  mb = microbatches or train_config.num_microbatches
+  mb = resolve_microbatches(microbatches, train_config)
   if set(stages) & {"sl", "pm"} and train_config.batch_size % mb:
     raise ValueError(f"plan: microbatches={mb} does not divide TrainConfig.batch_size="
                      f"{train_config.batch_size}")
+  if set(stages) & {"sl", "pm"}:
+    check_seq_len(model_config, train_config)
   if "rl" in stages:
     rl_prompt_len(model_config, ppo, prompt_len)
   _log(f"{topo.name}: {topo.devices} devices, mesh {dims} ({mesh.rules}); compiling "
@@ -848,7 +874,8 @@ def run(topology: str, model_config: ModelConfig = ModelConfig(), mesh: MeshConf
                             "model": _model_summary(model_config), **planned}
   if suggest and not planned["fits"]:
     found = suggest_mesh(topo.name, model_config, train_config, ppo, stages, mb, optimizer,
-                         prompt_len, hbm_gib, exclude=[(tuple(dims), mb)], compiler=compiler)
+                         prompt_len, hbm_gib, exclude=[(tuple(dims), mesh.rules, mb)],
+                         compiler=compiler)
     result["suggestion"] = None if found is None else {
         "mesh": found["mesh"], "rules": found["rules"], "microbatches": found["microbatches"],
         "total_bytes": {s: r["total_bytes"] for s, r in found["stages"].items()}}

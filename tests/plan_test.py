@@ -272,3 +272,72 @@ def test_sample_config_falls_back_to_the_stacked_decode():
   for unroll in (True, False):
     config = dataclasses.replace(TINY, unroll_decode=unroll)
     assert plan.sample_config(config) is config
+
+
+@pytest.mark.parametrize("microbatches", [0, -2, 1.5])
+def test_microbatches_must_be_a_positive_integer(microbatches):
+  with pytest.raises(ValueError, match=r"^plan\.microbatches must be an integer >= 1, got "):
+    plan.run("v5p-16", TINY, MESH, TrainConfig(batch_size=8), stages=("sl",),
+             microbatches=microbatches)
+
+
+def test_suggestion_skips_only_the_mesh_and_rules_already_tried(monkeypatch):
+  """A run on fsdp 2 x tensor 4 with the 'fsdp' rules (nothing over tensor) that did not fit
+  leaves the fsdp_tp candidate of the same dims in the search."""
+  seen = []
+
+  def fake_child(request):
+    seen.extend(request["groups"][0])
+    return {"results": [[{"fits": False}]]}
+
+  monkeypatch.setattr(plan, "_call_child", fake_child)
+  train = TrainConfig(batch_size=8, seq_len=16)
+  assert plan.suggest_mesh("v5p-16", TINY, train, stages=("sl",), microbatches=1,
+                           exclude=[((1, 2, 4), "fsdp", 1)]) is None
+  tried = [((j["mesh"]["fsdp"], j["mesh"]["tensor"]), j["mesh"]["rules"], j["microbatches"])
+           for j in seen]
+  assert ((2, 4), "fsdp_tp", 1) in tried
+  seen.clear()
+  plan.suggest_mesh("v5p-16", TINY, train, stages=("sl",), microbatches=1,
+                    exclude=[((1, 2, 4), "fsdp_tp", 1)])
+  tried = [((j["mesh"]["fsdp"], j["mesh"]["tensor"]), j["mesh"]["rules"], j["microbatches"])
+           for j in seen]
+  assert ((2, 4), "fsdp_tp", 1) not in tried and ((2, 4), "fsdp_tp", 4) in tried
+
+
+def test_run_passes_its_mesh_and_rules_to_the_suggestion(monkeypatch):
+  asked = {}
+
+  class Stop(Exception):
+    pass
+
+  def fake_suggest(*args, **kwargs):
+    asked.update(kwargs)
+    raise Stop
+
+  monkeypatch.setattr(plan, "_call_child", lambda request: {"results": [[{"fits": False}]]})
+  monkeypatch.setattr(plan, "suggest_mesh", fake_suggest)
+  with pytest.raises(Stop):
+    plan.run("v5p-16", TINY, MeshConfig(data=1, fsdp=2, tensor=4, rules="fsdp"),
+             TrainConfig(batch_size=8), stages=("sl",), microbatches=2)
+  assert [tuple(x) for x in asked["exclude"]] == [((1, 2, 4), "fsdp", 2)]
+
+
+@pytest.mark.parametrize("name", ["v5p", "v5p-7", "h100x0"])
+def test_run_names_the_topology_flag(name):
+  with pytest.raises(ValueError, match=rf"^plan: --topology: .*{name!r}") as e:
+    plan.run(name, TINY, MESH, stages=("sl",))
+  assert "\n" not in str(e.value)
+
+
+def test_sl_and_pm_refuse_a_batch_longer_than_the_context():
+  """train.check_run refuses seq_len > max_seq_len, so the plan does too (before any compile);
+  rl alone does not read TrainConfig."""
+  long = TrainConfig(batch_size=8, seq_len=TINY.max_seq_len + 1)
+  for stage in ("sl", "pm"):
+    with pytest.raises(ValueError, match=r"^plan: TrainConfig\.seq_len=513 is longer than "
+                                         r"ModelConfig\.max_seq_len=512"):
+      plan.run("v5p-16", TINY, MESH, long, stages=(stage,))
+  with pytest.raises(ValueError, match="seq_len=513"):
+    plan.plan_on_devices(TINY, MeshConfig(data=1, fsdp=1, tensor=1), 2**30, long,
+                         stages=("sl",), devices=jax.devices()[:1])
