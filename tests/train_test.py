@@ -53,12 +53,8 @@ def _read_metrics(out):
   return read_jsonl_metrics(os.path.join(out, "metrics.jsonl"))
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
-  def loss_sums(params, cfg, batch):
-    total, count = steps.lm_loss_sums(params, cfg, batch)
-    return total * jnp.where(jnp.any(batch["tokens"] == 257), jnp.nan, 1.0), count
-
-  # The first row of batch index 3 (step 4) carries the bos id 257 → NaN loss.
+def _poisoned_at_step_4():
+  """_dataset() whose batch index 3 (step 4) has a first row starting with the bos id 257."""
   base = _dataset()
   assert len(base.items) > 16   # the item is not drawn in an earlier epoch
   first_of_batch_3 = int(grain.MapDataset.range(len(base.items)).shuffle(seed=base.seed)[12])
@@ -70,7 +66,15 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
       out["tokens"][0] = 257
     return out
 
-  ds = dataclasses.replace(base, encode=poisoned)
+  return dataclasses.replace(base, encode=poisoned)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  def loss_sums(params, cfg, batch):
+    total, count = steps.lm_loss_sums(params, cfg, batch)
+    return total * jnp.where(jnp.any(batch["tokens"] == 257), jnp.nan, 1.0), count
+
+  ds = _poisoned_at_step_4()   # → NaN loss at step 4
   tc = TrainConfig(num_steps=8, batch_size=4, seq_len=64, save_every=2, progress=False,
                    async_checkpoint=False)
   with pytest.raises(FloatingPointError, match="step 4"):
@@ -87,17 +91,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_it_is_saved(tmp_p
     # Value 0 either way; the gradient is infinite on the poisoned batch (sqrt at 0).
     return total + jnp.sqrt(e - jax.lax.stop_gradient(e) + c) - jnp.sqrt(c), count
 
-  base = _dataset()
-  first_of_batch_3 = int(grain.MapDataset.range(len(base.items)).shuffle(seed=base.seed)[12])
-
-  def poisoned(item):
-    out = base.encode(item)
-    if item is base.items[first_of_batch_3]:
-      out["tokens"] = out["tokens"].copy()
-      out["tokens"][0] = 257
-    return out
-
-  ds = dataclasses.replace(base, encode=poisoned)
+  ds = _poisoned_at_step_4()
   tc = TrainConfig(num_steps=8, batch_size=4, seq_len=64, save_every=2, progress=False,
                    async_checkpoint=False)
   with pytest.raises(FloatingPointError, match=r"loss \(\d.*\) or gradient norm \((inf|nan)\) at step 4;"):
