@@ -104,8 +104,9 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"   # TPU chips on a Cloud TPU VM's PCI bus
 
 
 def tpu_chips_present() -> bool:
-  """True when this host's PCI bus has a Google device (a Cloud TPU VM's chips), as jax's
-  Cloud TPU detection checks; reads /sys only."""
+  """True when this host's PCI bus has a Google device: a Cloud TPU VM's chips, or another
+  Google device such as a gVNIC network card (jax's Cloud TPU detection, which
+  ``cloud_tpu_vm_processes`` asks next, tells them apart); reads /sys only."""
   for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
     try:
       with open(vendor, encoding="ascii") as f:
