@@ -378,10 +378,12 @@ def _plan_train_stage(stage: str, model_config: ModelConfig, optimizer: Optimize
 
 def check_seq_len(model_config: ModelConfig, train_config: TrainConfig) -> None:
   """ValueError (one line) for an sl / pm batch longer than the model's context, the run
-  ``train.check_run`` refuses."""
-  if train_config.seq_len > model_config.max_seq_len:
-    raise ValueError(f"plan: TrainConfig.seq_len={train_config.seq_len} is longer than "
-                     f"ModelConfig.max_seq_len={model_config.max_seq_len}; sl and pm refuse it")
+  ``train.check_seq_len`` refuses."""
+  from cai_jax import train
+  try:
+    train.check_seq_len(train_config.seq_len, model_config.max_seq_len, "ModelConfig")
+  except ValueError as e:
+    raise ValueError(f"plan: {e}; sl and pm refuse it") from None
 
 
 RL_PROMPT_LEN = 512

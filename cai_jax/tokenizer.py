@@ -833,6 +833,16 @@ def save_tokenizer(tok: Tokenizer, directory: str) -> str:
 # ----------------------------------------------------------------------------
 
 CHAT_FORMATS = ("chatml", "llama3", "raw")
+
+
+def check_chat_format(fmt: str, setting: str = "unknown chat format",
+                      extra: Sequence[str] = ()) -> None:
+  """ValueError (one line naming `setting`, e.g. 'dpo.chat_format') unless `fmt` is one of
+  ``CHAT_FORMATS`` or `extra`; stages call it before they write anything to their out_dir."""
+  allowed = CHAT_FORMATS + tuple(extra)
+  if fmt not in allowed:
+    sep = " " if setting.startswith("unknown") else "="
+    raise ValueError(f"{setting}{sep}{fmt!r}; expected one of {allowed}")
 ROLES = ("system", "user", "assistant")
 Segments = list[tuple[str, bool]]
 
@@ -853,8 +863,7 @@ def foreign_chat_format(tokenizer: Tokenizer, fmt: str) -> Optional[str]:
   """Why `fmt` looks foreign to `tokenizer`, or None: a turn marker of the format that the
   tokenizer splits into several tokens (its model was not trained on the format and reads
   the markers as plain text; 'raw' has no markers and is never foreign)."""
-  if fmt not in CHAT_FORMATS:
-    raise ValueError(f"unknown chat format {fmt!r}; expected one of {CHAT_FORMATS}")
+  check_chat_format(fmt)
   for marker in CHAT_FORMAT_MARKERS[fmt]:
     n = len(encode_continuation(tokenizer, marker))
     if n != 1:
@@ -898,8 +907,7 @@ def warn_if_foreign_chat_format(tokenizer: Tokenizer, fmt: str, source: str = ""
 
 def _check_messages(messages: Sequence[Mapping[str, str]], fmt: str) -> None:
   """Raises ValueError for an unknown format, role or a message without text content."""
-  if fmt not in CHAT_FORMATS:
-    raise ValueError(f"unknown chat format {fmt!r}; expected one of {CHAT_FORMATS}")
+  check_chat_format(fmt)
   for i, m in enumerate(messages):
     if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
       raise ValueError(f"message {i} must be a mapping with 'role' and 'content'")
@@ -1057,13 +1065,8 @@ def trim_at_stop(text: str, stops: Sequence[str]) -> str:
 
 def stop_strings(fmt: str) -> tuple[str, ...]:
   """Returns the strings that end an assistant turn in format ``fmt``."""
-  if fmt == "chatml":
-    return ("<|im_end|>",)
-  if fmt == "llama3":
-    return ("<|eot_id|>",)
-  if fmt == "raw":
-    return ("\n\nHuman:",)
-  raise ValueError(f"unknown chat format {fmt!r}; expected one of {CHAT_FORMATS}")
+  check_chat_format(fmt)
+  return {"chatml": ("<|im_end|>",), "llama3": ("<|eot_id|>",), "raw": ("\n\nHuman:",)}[fmt]
 
 
 def stop_token_ids(tokenizer: Tokenizer, fmt: str) -> list[int]:

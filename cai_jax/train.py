@@ -65,13 +65,21 @@ def state_from_params(model_cfg: ModelConfig, tx, params: Any, state_shardings: 
   return jax.jit(make, in_shardings=(state_shardings.params,), out_shardings=state_shardings)(params)
 
 
+def check_seq_len(seq_len: int, max_seq_len: int, model: str = "the model") -> None:
+  """ValueError (one line naming `model`, e.g. "'sl_model'" or "the policy 'x'") when a
+  training batch's seq_len is longer than the model's context max_seq_len: positions past
+  it were never trained, and a sliding-window model attends only within it. Stages check
+  it before they write anything to out_dir, so the rerun with a fixed seq_len is not
+  refused as a different run."""
+  if seq_len > max_seq_len:
+    raise ValueError(f"TrainConfig.seq_len={seq_len} is longer than the max_seq_len="
+                     f"{max_seq_len} of {model} (its context)")
+
+
 def check_run(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: data.Batches) -> None:
   """ValueError (one line naming the setting) for a run ``train`` would refuse; writes
   nothing, so callers run it before they record a run's config in its out_dir."""
-  if train_cfg.seq_len > model_cfg.max_seq_len:
-    raise ValueError(f"TrainConfig.seq_len={train_cfg.seq_len} is longer than the model's "
-                     f"max_seq_len={model_cfg.max_seq_len} (its context: positions past it were "
-                     "never trained, and a sliding-window model attends only within it)")
+  check_seq_len(train_cfg.seq_len, model_cfg.max_seq_len)
   if dataset.batch_size != train_cfg.batch_size:
     raise ValueError(f"the dataset's batches have {dataset.batch_size} rows but "
                      f"TrainConfig.batch_size is {train_cfg.batch_size}")

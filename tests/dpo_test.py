@@ -46,8 +46,8 @@ def test_a_long_conversation_is_cut_on_the_left_so_the_response_survives(fmt):
     np.testing.assert_array_equal(cut[f"tokens_{side}"], full[f"tokens_{side}"][n - 64:n])
     np.testing.assert_array_equal(cut[f"loss_mask_{side}"], full[f"loss_mask_{side}"][n - 64:n])
     assert cut[f"loss_mask_{side}"].sum() == full[f"loss_mask_{side}"].sum() > 0
-  assert dpo.count_truncated(TOK, [long], fmt, 64) == 1
-  assert dpo.count_truncated(TOK, [long], fmt, 512) == 0
+  assert dpo.encode_comparisons(TOK, [long], fmt, 64)[1] == 1
+  assert dpo.encode_comparisons(TOK, [long], fmt, 512)[1] == 0
 
 
 def test_left_truncation_keeps_a_leading_bos():

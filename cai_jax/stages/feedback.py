@@ -97,7 +97,7 @@ from tqdm import tqdm
 from cai_jax import constitution as constitution_lib
 from cai_jax import distributed, prompt_sets, shards
 from cai_jax.configs import MeshConfig
-from cai_jax.tokenizer import CHAT_FORMATS, encode_after
+from cai_jax.tokenizer import check_chat_format, encode_after
 
 _LOG = logging.getLogger(__name__)
 
@@ -611,8 +611,7 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
                      f"[{cot_clamp_lo}, {cot_clamp_hi}]")
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-  if chat_format not in CHAT_FORMATS:
-    raise ValueError(f"chat_format={chat_format!r}; expected one of {CHAT_FORMATS}")
+  check_chat_format(chat_format, "feedback.chat_format")
   if not 0.0 <= max_skip_fraction <= 1.0:
     raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
   template = resolve_template(template, TEMPLATES)

@@ -80,6 +80,7 @@ from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfi
 from cai_jax.metrics import replace_eval_row
 from cai_jax.stages import pm
 from cai_jax.stages.train_lm import check_rerun, model_config_key, train_config_key
+from cai_jax.tokenizer import check_chat_format
 
 SCALE = (0, 4)
 HARM_FILE = "harm_model.json"
@@ -438,7 +439,7 @@ def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
     raise ValueError("harm_model.init_from is not set (the language model to start from)")
   if not 0.0 <= heldout_fraction < 1.0:
     raise ValueError(f"harm_model.heldout_fraction must be in [0, 1), got {heldout_fraction}")
-  pm.check_chat_format(chat_format, "harm_model")
+  check_chat_format(chat_format, "harm_model.chat_format")
   out_dir = os.path.abspath(out_dir)
   seed, seq_len, bs = train_config.seed, train_config.seq_len, train_config.batch_size
 
@@ -450,7 +451,7 @@ def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
   offset = float(np.mean([r["harm"] for r in train_set]))
 
   config, params, tok = pm.scalar_init(init_from, model_config, "harm_model")
-  pm.check_seq_len(seq_len, config, init_from)
+  train.check_seq_len(seq_len, config.max_seq_len, repr(init_from))
   check_rerun(out_dir, {
       "data": shards.sha([train_set, heldout]), "init_from": init_from,
       "model_fingerprints": model_dir.model_fingerprints({"init_from": init_from}),

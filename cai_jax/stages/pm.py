@@ -85,6 +85,7 @@ from cai_jax.comparisons import (SkipCounts, check_skips, load_comparisons,  # n
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.metrics import replace_eval_row
 from cai_jax.stages.train_lm import check_rerun, load_initial, model_config_key, train_config_key
+from cai_jax.tokenizer import check_chat_format
 
 _LOG = logging.getLogger(__name__)
 
@@ -309,22 +310,6 @@ def split_and_mix(ai: Sequence[dict], human: Sequence[dict], mix_ratio: float,
 # --------------------------------------------------------------------------------------
 
 
-def check_chat_format(chat_format: str, stage: str) -> None:
-  """ValueError naming `stage`.chat_format unless it is one of ``tokenizer.CHAT_FORMATS``
-  (checked before anything is written to out_dir)."""
-  from cai_jax.tokenizer import CHAT_FORMATS
-  if chat_format not in CHAT_FORMATS:
-    raise ValueError(f"{stage}.chat_format={chat_format!r}; expected one of {CHAT_FORMATS}")
-
-
-def check_seq_len(seq_len: int, config: ModelConfig, init_from: str) -> None:
-  """ValueError when TrainConfig.seq_len exceeds the model's max_seq_len (checked before
-  anything is written to out_dir, so a rerun with a fixed seq_len is not refused)."""
-  if seq_len > config.max_seq_len:
-    raise ValueError(f"TrainConfig.seq_len={seq_len} is longer than the max_seq_len="
-                     f"{config.max_seq_len} of {init_from!r}")
-
-
 def scalar_init(init_from: str, model_config: ModelConfig, stage: str = "pm"
                 ) -> Tuple[ModelConfig, Any, Any]:
   """(config, scalar-head params, tokenizer) of a language model to train a scalar head on:
@@ -370,7 +355,7 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
     raise ValueError("pm.init_from is not set (the language model the PM starts from)")
   if not 0.0 <= max_skip_fraction <= 1.0:
     raise ValueError(f"pm.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
-  check_chat_format(chat_format, "pm")
+  check_chat_format(chat_format, "pm.chat_format")
   if pmp_num_steps is not None and (isinstance(pmp_num_steps, bool) or
                                     not isinstance(pmp_num_steps, int) or pmp_num_steps < 1):
     raise ValueError(f"pm.pmp_num_steps must be an integer >= 1 (or None: "
@@ -401,7 +386,7 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
       raise data.DataError(f"pm: {len(items)} {what} comparisons, fewer than batch_size={bs}")
 
   config, params, tok = scalar_init(init_from, model_config)
-  check_seq_len(seq_len, config, init_from)
+  train.check_seq_len(seq_len, config.max_seq_len, repr(init_from))
 
   check_rerun(out_dir, {
       "data": shards.sha([train_set, heldout]), "pmp_data": shards.sha(pmp) if pmp else None,

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cai_jax import data, distributed, model_dir, sampler, shards, sharding
 from cai_jax.configs import MeshConfig
-from cai_jax.tokenizer import (CHAT_FORMATS, encode_chat, render_chat, stop_strings,
+from cai_jax.tokenizer import (check_chat_format, encode_chat, render_chat, stop_strings,
                                stop_token_sequences, trim_at_stop)
 
 PARTS_SUFFIX = ".parts"
@@ -113,9 +113,7 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
     raise ValueError("sample needs --prompts=FILE.jsonl and --out=FILE.jsonl")
   if not model:
     raise ValueError("sample.model is not set (a model directory, .gguf or HF folder)")
-  if chat_format not in CHAT_FORMATS + ("none",):
-    raise ValueError(f"sample.chat_format={chat_format!r}; expected one of "
-                     f"{CHAT_FORMATS + ('none',)}")
+  check_chat_format(chat_format, "sample.chat_format", extra=("none",))
   if truncate not in (None, "left"):
     raise ValueError(f"sample.truncate={truncate!r}; expected None or 'left'")
   if batch_size < 1 or shard_size < 1:
