@@ -3,16 +3,19 @@
 Files under a run's ``out_dir``:
   metrics.jsonl     {"step": int, "<name>": float, ...} per logged step (appended;
                     a resumed run continues the same file)
-  tb/               TensorBoard event files (tensorboardX, no TensorFlow needed)
+  tb/               TensorBoard event files (tensorboardX, no TensorFlow needed); a
+                    resumed run's file starts with TensorBoard's purge marker, so the
+                    steps it redoes are shown once
 Only process 0 writes, so multi-host runs log once.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import jax
 import numpy as np
@@ -22,6 +25,20 @@ from cai_jax.shards import write_atomic
 
 def _scalar(v: Any) -> float:
   return float(np.asarray(v))
+
+
+_TB_FILES = itertools.count()
+
+
+def _tensorboard_writer(tb_dir: str, purge_step: Optional[int] = None):
+  """A tensorboardX SummaryWriter on a file of its own: tensorboardX names event files by
+  the second and host and opens them with 'wb', so a second writer started within the same
+  second in the same directory would empty the first one's file; the process id and a
+  zero-padded counter in the name keep them apart (and in order). `purge_step`:
+  TensorBoard hides the events of earlier files at steps >= purge_step."""
+  from tensorboardX import SummaryWriter  # deferred: optional heavy import
+  return SummaryWriter(tb_dir, purge_step=purge_step,
+                       filename_suffix=f".{os.getpid()}.{next(_TB_FILES):06d}")
 
 
 class MetricsWriter:
@@ -35,23 +52,28 @@ class MetricsWriter:
       return
     os.makedirs(out_dir, exist_ok=True)
     self._file = open(self.path, "a", encoding="utf-8")
-    if tensorboard:
-      from tensorboardX import SummaryWriter  # deferred: optional heavy import
-      self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+    self._tb_dir = os.path.join(out_dir, "tb") if tensorboard else None
 
   def truncate_after(self, step: int):
-    """Drops rows with step > `step` (a resumed run re-does those steps)."""
-    if not self.active or not os.path.exists(self.path):
+    """Drops rows with step > `step` (a resumed run re-does those steps) from metrics.jsonl,
+    and from what TensorBoard shows: later events go to a new event file that starts with
+    a purge marker at step + 1."""
+    if not self.active:
       return
-    self._file.close()
-    rows = read_jsonl_metrics(self.path, drop_torn_last=True)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      for row in rows:
-        if row.get("step", 0) <= step:
-          f.write(json.dumps(row) + "\n")
-    os.replace(tmp, self.path)
-    self._file = open(self.path, "a", encoding="utf-8")
+    if os.path.exists(self.path):
+      self._file.close()
+      rows = read_jsonl_metrics(self.path, drop_torn_last=True)
+      tmp = self.path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+          if row.get("step", 0) <= step:
+            f.write(json.dumps(row) + "\n")
+      os.replace(tmp, self.path)
+      self._file = open(self.path, "a", encoding="utf-8")
+    if self._tb_dir is not None:
+      if self._tb is not None:
+        self._tb.close()
+      self._tb = _tensorboard_writer(self._tb_dir, purge_step=step + 1)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> Dict[str, float]:
     """Logs `scalars` (arrays or numbers) at `step`; returns them as floats."""
@@ -62,6 +84,8 @@ class MetricsWriter:
     row.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
+    if self._tb is None and self._tb_dir is not None:
+      self._tb = _tensorboard_writer(self._tb_dir)
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, int(step))

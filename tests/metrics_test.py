@@ -56,3 +56,50 @@ def test_resume_drops_a_row_whose_write_was_interrupted(tmp_path):
     read_jsonl_metrics(path)
   with pytest.raises(ValueError, match=r"metrics\.jsonl:5: invalid JSON"):
     MetricsWriter(str(tmp_path), tensorboard=False).truncate_after(3)
+
+
+def _tensorboard_scalars(tb_dir):
+  """{tag: [(step, value)]} as TensorBoard shows a run directory: event files in name order,
+  a SessionLog START at step s dropping the events already read at steps >= s (TensorBoard's
+  purge, as its EventAccumulator applies it)."""
+  import glob
+  import struct
+  from tensorboardX.proto import event_pb2
+  shown = {}
+  for path in sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))):
+    data, i = open(path, "rb").read(), 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        shown = {tag: [(s, v) for s, v in pts if s < event.step] for tag, pts in shown.items()}
+      for value in event.summary.value:
+        shown.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return shown
+
+
+def test_tensorboard_shows_a_resumed_runs_redone_steps_once(tmp_path):
+  w = MetricsWriter(str(tmp_path))
+  w.truncate_after(0)
+  for step in (1, 2, 3):
+    w.write(step, {"loss": float(step)})
+  w.close()
+  w = MetricsWriter(str(tmp_path))      # resumed from the checkpoint of step 2, within the second
+  w.truncate_after(2)
+  w.write(3, {"loss": 30.0})
+  w.write(4, {"loss": 40.0})
+  w.close()
+  assert _tensorboard_scalars(os.path.join(tmp_path, "tb")) == {
+      "loss": [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]}
+
+
+def test_writers_started_within_one_second_keep_their_own_event_files(tmp_path):
+  """A training run's writer, then replace_eval_row's, in the same second: tensorboardX would
+  name both files alike and the second would empty the first."""
+  w = MetricsWriter(str(tmp_path))
+  w.write(1, {"loss": 1.0})
+  w.close()
+  replace_eval_row(str(tmp_path), 1, {"eval/accuracy": 0.5})
+  assert _tensorboard_scalars(os.path.join(tmp_path, "tb")) == {
+      "loss": [(1, 1.0)], "eval/accuracy": [(1, 0.5)]}
