@@ -225,8 +225,7 @@ class ByteTokenizer:
   @classmethod
   def from_marker(cls, path: str) -> "ByteTokenizer":
     """Returns a ByteTokenizer after checking the marker file ``path`` describes this one."""
-    with open(path, encoding="utf-8") as f:
-      marker = json.load(f)
+    marker = _load_json(path)
     if (not isinstance(marker, dict) or marker.get("type") != "byte"
         or marker.get("vocab_size", BYTE_VOCAB_SIZE) != BYTE_VOCAB_SIZE
         or list(marker.get("special_tokens", BYTE_SPECIAL_TOKENS)) != list(BYTE_SPECIAL_TOKENS)):
@@ -253,12 +252,21 @@ def _token_text(value: Any) -> Optional[str]:
   return None
 
 
+def _load_json(path: str) -> Any:
+  """Returns the JSON value in file ``path``; ValueError naming it when it is not JSON."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
 def _read_json(path: str) -> Optional[dict]:
-  """Returns the JSON object in ``path``, or None if the file is absent or not an object."""
+  """Returns the JSON object in ``path``, or None if the file is absent or not an object;
+  ValueError naming the file when it is not JSON."""
   if not os.path.isfile(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
+  data = _load_json(path)
   return data if isinstance(data, dict) else None
 
 
@@ -324,8 +332,9 @@ class HFTokenizer:
     return self._tok.token_to_id(token)
 
   def id_to_token(self, token_id: int) -> Optional[str]:
-    """Returns the vocabulary entry of ``token_id``, or None."""
-    return self._tok.id_to_token(int(token_id))
+    """Returns the vocabulary entry of ``token_id``, or None (also for a negative id)."""
+    token_id = int(token_id)
+    return self._tok.id_to_token(token_id) if token_id >= 0 else None
 
   def config(self) -> dict:
     """Returns the tokenizer_config.json contents this tokenizer saves."""
@@ -357,7 +366,11 @@ class HFTokenizer:
     post-processor (True when it prepends the BOS token, as Llama 3's does).
     """
     from tokenizers import Tokenizer as _Backend
-    tok = _Backend.from_file(path)
+    try:
+      tok = _Backend.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+      msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({msg})") from None
     tok.no_truncation()   # a tokenizer.json's own truncation / padding settings would cut
     tok.no_padding()      # and pad every text (transformers ignores them unless asked)
     directory = os.path.dirname(os.path.abspath(path))
@@ -430,8 +443,16 @@ class SentencePieceTokenizer:
   def __init__(self, model_proto: bytes, add_bos_token: Optional[bool] = None):
     import sentencepiece as spm
     self._proto = bytes(model_proto)
-    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    if not self._proto:
+      raise ValueError("not a SentencePiece model (empty)")
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    except RuntimeError as e:
+      msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ValueError(f"not a SentencePiece model ({msg})") from None
     sp = self._sp
+    if sp.get_piece_size() == 0:
+      raise ValueError("not a SentencePiece model (no pieces)")
     self.vocab_size = sp.get_piece_size()
 
     def _id(i):
@@ -540,7 +561,10 @@ class SentencePieceTokenizer:
       cfg = _read_json(os.path.join(os.path.dirname(os.path.abspath(path)), TOKENIZER_CONFIG_JSON))
       if cfg is not None and "add_bos_token" in cfg:
         add_bos_token = bool(cfg["add_bos_token"])
-    return cls(proto, add_bos_token=add_bos_token)
+    try:
+      return cls(proto, add_bos_token=add_bos_token)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------
@@ -742,16 +766,19 @@ def tokenizer_from_gguf(path: str) -> HFTokenizer:
   kind = meta.get("tokenizer.ggml.model")
   if kind is None or "tokenizer.ggml.tokens" not in meta:
     raise ValueError(f"{path}: GGUF file has no tokenizer metadata (tokenizer.ggml.model/tokens)")
-  if kind == "gpt2":
-    tok, keys = _gguf_byte_level_bpe(meta)
-    # llama.cpp adds BOS by default for the Llama 3 group of pre-tokenizers only
-    default_add_bos = meta.get("tokenizer.ggml.pre") in _GGUF_LLAMA3_GROUP
-  elif kind == "llama":
-    tok, keys = _gguf_sentencepiece_bpe(meta)
-    default_add_bos = True
-  else:
+  if kind not in ("gpt2", "llama"):
     raise ValueError(f"{path}: unsupported GGUF tokenizer model {kind!r} "
                      "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)")
+  try:
+    if kind == "gpt2":
+      tok, keys = _gguf_byte_level_bpe(meta)
+      # llama.cpp adds BOS by default for the Llama 3 group of pre-tokenizers only
+      default_add_bos = meta.get("tokenizer.ggml.pre") in _GGUF_LLAMA3_GROUP
+    else:
+      tok, keys = _gguf_sentencepiece_bpe(meta)
+      default_add_bos = True
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
 
   def _text(key):
     i = meta.get(f"tokenizer.ggml.{key}")
@@ -906,8 +933,13 @@ def warn_if_foreign_chat_format(tokenizer: Tokenizer, fmt: str, source: str = ""
 
 
 def _check_messages(messages: Sequence[Mapping[str, str]], fmt: str) -> None:
-  """Raises ValueError for an unknown format, role or a message without text content."""
+  """Raises ValueError for an unknown format, messages that are not a list of mappings with
+  a str 'role' and 'content', an empty role, or (raw format only) a role not in ``ROLES``;
+  chatml and llama3 render any other role as is."""
   check_chat_format(fmt)
+  if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+    raise ValueError(f"messages must be a list of {{'role', 'content'}} mappings, "
+                     f"got {type(messages).__name__}")
   for i, m in enumerate(messages):
     if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
       raise ValueError(f"message {i} must be a mapping with 'role' and 'content'")

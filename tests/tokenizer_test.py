@@ -672,3 +672,67 @@ def test_bad_specs(tmp_path):
     tk.render_chat(CONVERSATION, "chatmx")
   with pytest.raises(ValueError, match="chatmx"):
     tk.stop_strings("chatmx")
+
+
+def _one_line_naming(excinfo, name):
+  msg = str(excinfo.value)
+  assert "\n" not in msg and name in msg, msg
+
+
+def test_malformed_tokenizer_files_give_one_line_errors_naming_the_file(tmp_path):
+  bad_json = tmp_path / "a" / "tokenizer.json"
+  bad_json.parent.mkdir()
+  bad_json.write_text("{not json")
+  schema = tmp_path / "b" / "tokenizer.json"
+  schema.parent.mkdir()
+  schema.write_text('{"a": 1}')
+  garbage_model = tmp_path / "garbage.model"
+  garbage_model.write_bytes(b"garbage")
+  empty_model = tmp_path / "empty.model"
+  empty_model.write_bytes(b"")
+  marker = tmp_path / "c" / tk.BYTE_MARKER_JSON
+  marker.parent.mkdir()
+  marker.write_text("{bad")
+  for path in (bad_json, schema, garbage_model, empty_model, marker):
+    with pytest.raises(ValueError) as e:
+      tk.load_tokenizer(str(path))
+    _one_line_naming(e, str(path))
+  # A malformed tokenizer_config.json beside a good tokenizer.json is named.
+  good = tmp_path / "d"
+  good.mkdir()
+  _train_hf_bpe().save(str(good / "tokenizer.json"))
+  (good / "tokenizer_config.json").write_text("{bad")
+  with pytest.raises(ValueError) as e:
+    tk.load_tokenizer(str(good))
+  _one_line_naming(e, str(good / "tokenizer_config.json"))
+
+
+def test_malformed_gguf_tokenizer_errors_name_the_file(tmp_path):
+  pytest.importorskip("gguf")
+  path = tmp_path / "nomerges.gguf"
+  _write_gguf(path, "gpt2", ["a", "b", "<s>"], [1, 1, 3])
+  with pytest.raises(ValueError, match="merges") as e:
+    tk.load_tokenizer(str(path))
+  _one_line_naming(e, str(path))
+
+
+def test_hf_id_to_token_out_of_range_is_none():
+  tok = tk.HFTokenizer(_train_hf_bpe())
+  assert tok.id_to_token(-1) is None and tok.id_to_token(tok.vocab_size) is None
+  assert tok.id_to_token(0) == "<s>"
+
+
+def test_bad_messages_give_one_line_errors_naming_the_field():
+  for messages, field in (([{"role": "user"}], "message 0"),
+                          ([{"role": "user", "content": "hi"}, {"content": "x"}], "message 1"),
+                          ([{"role": "user", "content": None}], "content"),
+                          ([{"role": 3, "content": "x"}], "role"),
+                          ({"role": "user", "content": "hi"}, "messages"),
+                          ("hi", "messages")):
+    for fmt in tk.CHAT_FORMATS:
+      with pytest.raises(ValueError) as e:
+        tk.render_chat(messages, fmt)
+      _one_line_naming(e, field)
+  with pytest.raises(ValueError) as e:
+    tk.render_chat([{"role": "human", "content": "x"}], "raw")
+  _one_line_naming(e, "role 'human'")
