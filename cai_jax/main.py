@@ -243,6 +243,27 @@ def version_line() -> str:
   return f"cai-jax {__version__} ({', '.join(found)}, python {platform.python_version()})"
 
 
+def check_command_bindings(command: str, bindings: List[str]) -> None:
+  """CliError for a command-line binding of another command's runner (e.g. --gin.pm.mix_ratio
+  given to `cai-jax rl`): a command's parse skips the other commands' bindings, which the
+  gin files shared by every command hold, so on the command line it would change nothing."""
+  if command not in COMMANDS:
+    return
+  own = COMMANDS[command].configurable(command)
+  spelled = {v: " ".join(k) for k, v in _SUBCOMMANDS.items()}
+  others = {c.configurable(n): spelled.get(n, n) for n, c in COMMANDS.items()
+            if c.configurable(n) != own}
+  command = spelled.get(command, command)
+  for binding in bindings:
+    key = binding.split("=", 1)[0].strip()
+    selector = key.rsplit("/", 1)[-1]
+    target = selector.rsplit(".", 1)[0] if "." in selector else ""
+    if target in others:
+      raise CliError(f"--gin.{key} binds `cai-jax {others[target]}`, which `cai-jax {command}` "
+                     f"does not run; pass it to `cai-jax {others[target]}`, or put it in a gin "
+                     "file")
+
+
 def rewrite_gin_args(argv: List[str]) -> List[str]:
   """t5x style: --gin.KEY=VALUE -> --gin_bindings=KEY=VALUE."""
   out = []
@@ -571,6 +592,9 @@ def _main(argv: List[str]) -> None:
   flag_args = {arg: FLAGS[name].value for name, arg in _FLAG_ARGS.items()
                if FLAGS[name].value is not None}
   flag_args.update(zip(positional, args[1:]))
+  from cai_jax.stages import pipeline
+  if args[0] != "pipeline" and not os.environ.get(pipeline.STAGE_ENV):
+    check_command_bindings(args[0], FLAGS.gin_bindings)
   result = execute(args[0], FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_path, flag_args,
                    skip_if_complete=FLAGS.skip_if_complete)
   if result is not None:

@@ -84,6 +84,21 @@ def test_gin_errors_name_the_file_or_binding(tmp_path):
   assert "quotes" not in out.stderr
 
 
+def test_a_command_line_binding_of_another_command_is_refused():
+  """A command's parse skips the other commands' bindings (gin files shared by every command
+  hold them), so --gin.pm.mix_ratio given to `info` would change nothing: one-line error. A
+  stage process of a pipeline gets the pipeline's bindings, every stage's, and runs."""
+  _assert_one_line_error(cli("info", "--gin.pm.mix_ratio=0.5"),
+                         "--gin.pm.mix_ratio binds `cai-jax pm`, which `cai-jax info` does not run")
+  _assert_one_line_error(cli("evaluate", "hhh", "--gin.evaluate.n_boot=3"),
+                         "--gin.evaluate.n_boot binds `cai-jax evaluate`, which "
+                         "`cai-jax evaluate hhh` does not run")
+  from cai_jax.stages import pipeline
+  for ok in (cli("info", "--gin.pm/TrainConfig.batch_size=2", "--gin.BASE='x'"),
+             cli("info", "--gin.pm.mix_ratio=0.5", env_extra={pipeline.STAGE_ENV: "info"})):
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_a_bad_cache_size_is_one_line_error():
   _assert_one_line_error(cli("info", env_extra={"JAX_COMPILATION_CACHE_MAX_SIZE": "8G"}),
                          "JAX_COMPILATION_CACHE_MAX_SIZE='8G'")

@@ -55,6 +55,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 DEFAULT_STAGES = ("critique_revision", "sl", "feedback", "pm", "rl", "evaluate")
 SKIP_FLAG = "--skip_if_complete"
+STAGE_ENV = "CAI_JAX_PIPELINE_STAGE"
+"""Environment variable naming the stage in a stage process of a pipeline, whose
+command-line bindings are the pipeline's (every stage's)."""
 
 
 class StageFailed(RuntimeError):
@@ -245,7 +248,8 @@ def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
     _log(f"[{k + 1}/{len(stages)}] {stage} ...")
     start = time.perf_counter()
     cmd = [python or sys.executable, "-m", "cai_jax.main", stage, *cli_args, SKIP_FLAG]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
+                          env=dict(os.environ, **{STAGE_ENV: stage}))
     seconds = round(time.perf_counter() - start, 1)
     if proc.returncode != 0:
       done.append({"stage": stage, "status": "failed", "seconds": seconds,
