@@ -184,3 +184,26 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
   stats = sample.run(**kw)
   assert stats["prompts"] == 2 and len(out.read_text().splitlines()) == 2
 
+
+def test_chat_format_none_puts_bos_first_when_the_tokenizer_wants_one(tmp_path, monkeypatch):
+  """chat_format='none' feeds the prompt text as a tokenizer would for a plain text: after
+  BOS when the tokenizer asks for one (as the chat formats and sampler.text_generate_fn do)."""
+  from cai_jax import model_dir, sampler
+  from cai_jax.stages import sample
+  from cai_jax.tokenizer import ByteTokenizer
+
+  class BosTokenizer(ByteTokenizer):
+    add_bos_token = True
+
+  model = _tiny_model(tmp_path / "tiny")
+  real_load, real_generate, seen = model_dir.load_chat_model, sampler.generate, []
+  monkeypatch.setattr(model_dir, "load_chat_model",
+                      lambda *a, **k: real_load(*a, **k)[:2] + (BosTokenizer(),))
+  monkeypatch.setattr(sampler, "generate",
+                      lambda p, c, ids, *a, **k: seen.extend(ids) or real_generate(p, c, ids, *a, **k))
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "<s>ok"}) + "\n")
+  sample.run(prompts=str(prompts), out=str(tmp_path / "o.jsonl"), model=model,
+             chat_format="none", max_new_tokens=2, progress=False)
+  bos = BosTokenizer.bos_id
+  assert seen == [[bos] + list(b"hi"), [bos] + list(b"ok")]

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from cai_jax import data, distributed, model_dir, sampler, shards, sharding
 from cai_jax.configs import MeshConfig
 from cai_jax.tokenizer import (check_chat_format, encode_chat, render_chat, stop_strings,
-                               stop_token_sequences, trim_at_stop)
+                               stop_token_sequences, trim_at_stop, with_bos)
 
 PARTS_SUFFIX = ".parts"
 # Per-shard counters kept in the manifest; the run's stats are their sums.
@@ -101,7 +101,7 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
     prompts: input JSONL path. out: output JSONL path.
     model: a model directory, .gguf file, HF folder or 'pkg:' spec (see model_dir.load_any).
     chat_format: 'chatml', 'llama3', 'raw' (the paper's Human/Assistant format) or
-      'none' (the prompt text is fed as is).
+      'none' (the prompt text is fed as is, after BOS when the tokenizer wants one).
     temperature: 0 = greedy. truncate: None (error on too-long prompts) or 'left'.
     shard_size: prompts per part file of ``OUT.parts/`` (what an interruption can lose).
   Returns:
@@ -131,7 +131,7 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
   # Everything that can fail on the input fails here, before OUT.parts/ is written.
   m, rules = sharding.mesh_and_rules(mesh)
   config_, params, tok = model_dir.load_chat_model(model, m, rules, chat_format)
-  ids = [tok.encode(row["prompt"]) if chat_format == "none" else
+  ids = [with_bos(tok, tok.encode(row["prompt"])) if chat_format == "none" else
          encode_chat(tok, msgs, chat_format, add_generation_prompt=True)[0]
          for row, msgs in zip(rows, messages)]
   limit = config_.max_seq_len - max_new_tokens
