@@ -45,7 +45,7 @@ from tqdm import tqdm
 from cai_jax import axes, distributed, models, sharding
 from cai_jax.configs import ModelConfig
 from cai_jax.transformer import Cache, init_cache, unstack_scanned_params
-from cai_jax.tokenizer import common_prefix_length, keep_last
+from cai_jax.tokenizer import common_prefix_length, keep_last, trim_at_stop
 
 Array = jax.Array
 Params = Any
@@ -163,6 +163,70 @@ class GenerateResult:
   def content_tokens(self, i: int) -> np.ndarray:
     """Generated ids of prompt i without its trailing EOS / stop tokens."""
     return self.tokens[i][:len(self.tokens[i]) - int(self.num_stop_tokens[i])]
+
+  def text(self, i: int, decode: Callable[[List[int]], str], stops: Sequence[str]) -> str:
+    """The completion of prompt i: its ids without a final EOS, decoded, cut at the first
+    stop string (``tokenizer.trim_at_stop``); the text before a stop string even when a
+    token holds its first characters and text before them."""
+    n = len(self.tokens[i]) - (1 if self.finish_reasons[i] == "eos" else 0)
+    return trim_at_stop(decode([int(t) for t in self.tokens[i][:n]]), stops)
+
+
+def cut_at_stop_strings(result: GenerateResult, decode: Callable[[List[int]], str],
+                        stops: Sequence[str]) -> GenerateResult:
+  """`result` with each generation whose decoded content holds a stop string cut after the
+  token that completes the first one, as if the sampler had stopped there.
+
+  A stop string can be sampled in a tokenization that none of the token-level stop
+  sequences matches ("\n\nHuman:" as two "\n" tokens where the tokenizer writes one
+  "\n\n"); the text is then cut at the string (``tokenizer.trim_at_stop``) but the tokens
+  after it would still count (PPO would train on them, num_tokens and logprobs would
+  hold them). A cut row's tokens, logprobs and sampling_logprobs end with the token that
+  completes the stop string; its finish_reason is 'stop' and num_stop_tokens counts its
+  tokens from the first one whose text reaches into the stop string. Other rows are
+  unchanged; stats are recounted (``string_stops``: the rows cut here).
+
+  Args:
+    decode: token ids -> text (the tokenizer's decode; a prefix of the ids decodes to a
+      prefix of the text, up to a character cut in its middle).
+    stops: the stop strings ('' ignored).
+  """
+  stops = [s for s in stops if s]
+
+  def first_stop(ids: List[int]) -> int:
+    text = decode(ids)
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+
+  out = dataclasses.replace(
+      result, tokens=list(result.tokens), logprobs=list(result.logprobs),
+      sampling_logprobs=list(result.sampling_logprobs), lengths=result.lengths.copy(),
+      finish_reasons=list(result.finish_reasons),
+      num_stop_tokens=result.num_stop_tokens.copy(), stats=dict(result.stats))
+  cut_rows = 0
+  for r, toks in enumerate(result.tokens):
+    ids = [int(t) for t in toks]
+    content = len(ids) - int(result.num_stop_tokens[r])
+    cut = first_stop(ids[:content]) if stops else -1
+    if cut < 0:
+      continue
+    lo, hi = 1, content           # the fewest tokens whose text holds a stop string
+    while lo < hi:
+      mid = (lo + hi) // 2
+      lo, hi = (lo, mid) if first_stop(ids[:mid]) >= 0 else (mid + 1, hi)
+    k = lo
+    lo, hi = 0, k - 1             # the most tokens whose text ends before it
+    while lo < hi:
+      mid = (lo + hi + 1) // 2
+      lo, hi = (mid, hi) if len(decode(ids[:mid])) <= cut else (lo, mid - 1)
+    out.tokens[r], out.logprobs[r] = result.tokens[r][:k], result.logprobs[r][:k]
+    out.sampling_logprobs[r] = result.sampling_logprobs[r][:k]
+    out.lengths[r], out.finish_reasons[r], out.num_stop_tokens[r] = k, "stop", k - lo
+    cut_rows += 1
+  out.stats["generated_tokens"] = int(out.lengths.sum())
+  for reason in FINISH_REASONS[1:]:
+    out.stats[f"finish_{reason}"] = sum(x == reason for x in out.finish_reasons)
+  out.stats["string_stops"] = cut_rows
+  return out
 
 
 # ----------------------------------------------------------------------------------------

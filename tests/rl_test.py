@@ -399,3 +399,20 @@ def test_a_model_with_the_wrong_head_is_named_before_any_work(tmp_path, role, us
   with pytest.raises(ValueError, match=rf"rl.{role}='.*' is not {head}"):
     rl.run(str(out), prompts="unused.jsonl", progress=False, **specs)
   assert not out.exists()
+
+
+def test_a_response_is_cut_after_a_stop_string_no_stop_sequence_matched(tmp_path):
+  """With stop_strings and a tokenizer, the tokens after a stop string sampled in pieces (here
+  '\x03\x04' as byte ids 3, 4; no token-level stop sequence) are not part of the response PPO
+  scores and trains on."""
+  from cai_jax.tokenizer import ByteTokenizer
+  seen = []
+
+  def record(prompts, responses):
+    seen.extend([int(t) for t in r] for r in responses)
+    return target_fraction(prompts, responses)
+
+  _train(tmp_path, 0.05, 2, reward_fn=record, tokenizer=ByteTokenizer(), stop_strings=("\x03\x04",))
+  pairs = [[i for i in range(len(r) - 1) if r[i:i + 2] == [3, 4]] for r in seen]
+  assert len(seen) == 64 and any(pairs)
+  assert all(p == [len(r) - 2] for p, r in zip(pairs, seen) if p)

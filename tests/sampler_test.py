@@ -652,3 +652,49 @@ def test_a_prefix_may_be_an_array(params):
   a = _generate(params, [[3, 4]], prefix=np.array([7, 8, 9]))
   b = _generate(params, [[3, 4]], prefix=[7, 8, 9])
   np.testing.assert_array_equal(a.tokens[0], b.tokens[0])
+
+
+def _result(rows):
+  """A GenerateResult of (token ids, finish reason, num_stop_tokens) rows; log-probs -id."""
+  from cai_jax.sampler import GenerateResult
+  toks = [np.asarray(t, np.int32) for t, _, _ in rows]
+  return GenerateResult(
+      tokens=toks, logprobs=[-t.astype(np.float32) for t in toks],
+      sampling_logprobs=[-2 * t.astype(np.float32) for t in toks],
+      lengths=np.array([len(t) for t in toks], np.int32), finish_reasons=[r for _, r, _ in rows],
+      num_stop_tokens=np.array([n for _, _, n in rows], np.int32),
+      prompt_lengths=np.ones((len(rows),), np.int32),
+      stats={"generated_tokens": sum(len(t) for t in toks)})
+
+
+def test_a_stop_string_in_an_unmatched_tokenization_cuts_the_generation_after_it():
+  """'\\n\\nHuman:' sampled as pieces no stop sequence matches: the row ends with the token
+  that completes it, as a token-level stop would; rows without one are unchanged."""
+  from cai_jax.sampler import cut_at_stop_strings
+  vocab = ["Sure.", "\n", "\nHum", "an:", " more", "</s>", "ok", "\n\nHuman:"]
+  decode = lambda ids: "".join(vocab[i] for i in ids)
+  stops = ("\n\nHuman:",)
+  result = _result([([0, 1, 2, 3, 4, 0], "length", 0),     # cut after "an:"
+                    ([6, 4, 5], "eos", 1),                  # no stop string
+                    ([6, 7], "stop", 1),                    # a token-level stop
+                    ([6, 1, 2, 3, 6, 7], "stop", 1)])       # an earlier string stop
+  cut = cut_at_stop_strings(result, decode, stops)
+  assert [t.tolist() for t in cut.tokens] == [[0, 1, 2, 3], [6, 4, 5], [6, 7], [6, 1, 2, 3]]
+  assert cut.finish_reasons == ["stop", "eos", "stop", "stop"]
+  assert cut.num_stop_tokens.tolist() == [3, 1, 1, 3]
+  assert cut.lengths.tolist() == [4, 3, 2, 4]
+  np.testing.assert_array_equal(cut.logprobs[0], [0, -1, -2, -3])
+  np.testing.assert_array_equal(cut.sampling_logprobs[3], [-12, -2, -4, -6])
+  assert cut.stats["generated_tokens"] == 13 and cut.stats["string_stops"] == 2
+  assert cut.stats["finish_stop"] == 3 and cut.stats["finish_eos"] == 1
+  assert [cut.text(r, decode, stops) for r in range(4)] == ["Sure.", "ok more", "ok", "ok"]
+  assert [t.tolist() for t in result.tokens][0] == [0, 1, 2, 3, 4, 0]   # input unchanged
+
+
+def test_a_token_that_holds_text_and_the_stop_strings_start_keeps_the_text():
+  from cai_jax.sampler import cut_at_stop_strings
+  vocab = ["Yes.\n", "\nHuman:", " go on"]
+  decode = lambda ids: "".join(vocab[i] for i in ids)
+  cut = cut_at_stop_strings(_result([([0, 1, 2], "length", 0)]), decode, ("\n\nHuman:",))
+  assert cut.tokens[0].tolist() == [0, 1] and cut.num_stop_tokens.tolist() == [2]
+  assert cut.text(0, decode, ("\n\nHuman:",)) == "Yes."

@@ -126,7 +126,8 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
               eos_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (),
               snapshot_every: int = 0, save_every: int = 10, keep_checkpoints: int = 2,
               seed: int = 0, mesh=None, rules=None, progress: bool = True,
-              tokenizer: Any = None, extra_summary: Optional[dict] = None) -> dict:
+              tokenizer: Any = None, extra_summary: Optional[dict] = None,
+              stop_strings: Sequence[str] = ()) -> dict:
   """The PPO loop on token ids (what ``run`` calls once models and prompts are loaded).
 
   Args:
@@ -137,6 +138,9 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
     score_fn: (prompt indices [B], GenerateResult) -> [B] scores (PM or a known reward).
     iterations: total iterations (a resumed run continues up to it).
     eos_ids, stop_sequences: end of a response (as in ``sampler.SamplingParams``).
+    stop_strings: the text that ends a response: a response holding one in a tokenization
+      that no stop sequence matches is cut after it (``sampler.cut_at_stop_strings``,
+      with the `tokenizer`), so PPO does not train on the tokens after it.
     snapshot_every: save the policy under out_dir/snapshots/step-XXXXX every that many
       iterations (0: never; the final model is always saved).
     save_every: checkpoint every that many iterations (and always at the end).
@@ -229,6 +233,8 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
                                     seed=_seed(seed, 2, it))
         result = sampler.generate(policy_state.params, policy_cfg, batch_prompts, sp,
                                   ppo.rollout_batch, mesh=mesh, rules=rules, progress=False)
+        if stop_strings and tokenizer is not None:
+          result = sampler.cut_at_stop_strings(result, tokenizer.decode, stop_strings)
         scores = np.asarray(score_fn(idx, result), np.float32).reshape(-1)
         if scores.shape != (len(idx),):
           raise ValueError(f"score function returned shape {scores.shape}; expected ({len(idx)},)")
@@ -305,18 +311,18 @@ def pm_score_fn(pm_params: Any, pm_cfg: ModelConfig, tok: Any,
                 stops: Sequence[str], mesh=None, rules=None) -> ScoreFn:
   """The PPO reward: the PM's score of each sampled response after its prompt.
 
-  The response text is the decoded content tokens, trimmed at the first stop string; the
+  The response text is ``GenerateResult.text`` (cut at the first stop string); the
   scored sequence is ``pm.response_ids`` (the conversation in `chat_format`, then EOS, the
   token the PM was trained to read), left-truncated to the PM's max_seq_len keeping a
   leading BOS (as ``pm.encode_response`` does in training), right-padded to a bucketed
   width. Returns score_fn(prompt indices [B], GenerateResult) -> [B] float32.
   """
-  from cai_jax.tokenizer import keep_last, trim_at_stop
+  from cai_jax.tokenizer import keep_last
 
   def score_fn(indices, result):
     seqs = []
     for r, i in enumerate(indices):
-      text = trim_at_stop(tok.decode(result.content_tokens(r).tolist()), stops)
+      text = result.text(r, tok.decode, stops)
       ids = pm_stage.response_ids(tok, messages[i], text, chat_format)
       seqs.append(keep_last(ids, pm_cfg.max_seq_len, tok.bos_id))
     width = max(sampler.bucket_length(max(len(s) for s in seqs)), max(len(s) for s in seqs))
@@ -428,4 +434,4 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
                    iterations, eos, stop_ids, snapshot_every, save_every, keep_checkpoints,
                    seed, m, rules, progress, tok,
                    {"policy": policy, "reference": reference or policy, "pm": pm,
-                    "value": value or pm or policy, "prompts": len(prompt_ids)})
+                    "value": value or pm or policy, "prompts": len(prompt_ids)}, stops)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from cai_jax import data, distributed, model_dir, sampler, shards, sharding
 from cai_jax.configs import MeshConfig
 from cai_jax.tokenizer import (check_chat_format, encode_chat, render_chat, stop_strings,
-                               stop_token_sequences, trim_at_stop, with_bos)
+                               stop_token_sequences, with_bos)
 
 PARTS_SUFFIX = ".parts"
 # Per-shard counters kept in the manifest; the run's stats are their sums.
@@ -176,6 +176,7 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
         result = sampler.generate(params, config_, shard_ids, params_s, batch_size, mesh=m,
                                   rules=rules, progress=False, truncate=truncate,
                                   bos_id=tok.bos_id, first_row=piece[0][0])
+        result = sampler.cut_at_stop_strings(result, tok.decode, stops)
         seconds += time.perf_counter() - t0
         generated += result.stats["generated_tokens"]
         out_rows = []
@@ -183,7 +184,7 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
           row = rows[i]
           out_rows.append({
               "prompt": row.get("prompt", row.get("messages")),
-              "completion": trim_at_stop(tok.decode(result.content_tokens(r).tolist()), stops),
+              "completion": result.text(r, tok.decode, stops),
               "logprobs": [round(float(x), 5) for x in result.logprobs[r]],
               "finish_reason": result.finish_reasons[r], "num_tokens": int(result.lengths[r]),
               _TRUNCATED: len(shard_ids[r]) - int(result.prompt_lengths[r])})
