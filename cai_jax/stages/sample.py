@@ -4,7 +4,9 @@ Input lines: {"prompt": str} (rendered as one user turn in `chat_format`) or
 {"messages": [...]} (a conversation; the model writes the next assistant turn).
 Output lines, in input order: {"prompt", "completion", "logprobs", "finish_reason",
 "num_tokens"}; `logprobs` are the raw (temperature-1) log-probs of the generated
-tokens.
+tokens. A completion ends at EOS or at the chat format's stop string, however the stop
+string was tokenized (``sampler.cut_at_stop_strings``); `num_tokens` and `logprobs` count
+the tokens through it.
 
 Resumable: the prompts go through in shards of `shard_size`, each written when done to
 ``OUT.parts/`` (a ``cai_jax.shards`` run whose manifest holds the config: model, prompts,
