@@ -417,7 +417,8 @@ class _Source:
     raise NotImplementedError
 
   def where(self, name: str) -> str:
-    """The tensor as an error message names it: its file and its name in that file."""
+    """The tensor as an error message names it: its file and its name in that file (for a
+    tensor the checkpoint lacks: the file or index that would hold it, and that name)."""
     raise NotImplementedError
 
   def read(self, name: str, region: Region) -> np.ndarray:
@@ -440,10 +441,12 @@ def _safe_open(file: str):
 
 
 class _SafetensorsSource(_Source):
-  """Reads slices of tensors lazily from one or more safetensors files."""
+  """Reads slices of tensors lazily from one or more safetensors files. `origin` is what an
+  error about a tensor the files lack names: the index, the only file, or the folder."""
 
-  def __init__(self, weight_map: Dict[str, str], stack: contextlib.ExitStack):
+  def __init__(self, weight_map: Dict[str, str], stack: contextlib.ExitStack, origin: str):
     self._map = weight_map
+    self._origin = origin
     self._handles = {}
     self._stack = stack
 
@@ -463,7 +466,7 @@ class _SafetensorsSource(_Source):
     return list(self._map)
 
   def where(self, name):
-    return f"{self._map[name]}: tensor {name!r}"
+    return f"{self._map.get(name, self._origin)}: tensor {name!r}"
 
   def dtype(self, name):
     return self._slice(name).get_dtype()
@@ -560,8 +563,11 @@ class _GGUFSource(_Source):
                               "self_attn.q_proj.bias", "self_attn.k_proj.bias"))
     if permuted and (r0 % self._hd or r1 % self._hd):
       raise AssertionError(f"{name}: rows [{r0}, {r1}) do not cover whole heads")
-    w = dequantize(np.asarray(t.data[r0:r1]), t.tensor_type)
-    w = np.asarray(w, np.float32).reshape((r1 - r0,) + full[1:])
+    if len(full) == 1:   # one row: the data of a quantized / BF16 type is its bytes
+      w = np.asarray(dequantize(np.asarray(t.data), t.tensor_type), np.float32).reshape(full)[r0:r1]
+    else:
+      w = dequantize(np.asarray(t.data[r0:r1]), t.tensor_type)
+      w = np.asarray(w, np.float32).reshape((r1 - r0,) + full[1:])
     if permuted:
       w = _unpermute_rows(w, self._hd)
     return w[(slice(None),) + tuple(slice(a, b) for a, b in rest)]
@@ -650,10 +656,10 @@ def _load_params(config: ModelConfig, source: _Source, mesh: Optional[Mesh], rul
     for name in plan.names:
       got = source.shape(name)
       if got is None:
-        raise ValueError(f"checkpoint is missing tensor {name!r} (expected shape {want}) "
-                         f"needed for parameter {'/'.join(path)}")
+        raise ValueError(f"{source.where(name)} is missing (expected shape {want}, needed for "
+                         f"parameter {'/'.join(path)})")
       if tuple(got) != want:
-        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(got)} but the model expects "
+        raise ValueError(f"{source.where(name)} has shape {tuple(got)} but the model expects "
                          f"{want} (parameter {'/'.join(path)}, config {config})")
       dtype = source.dtype(name)
       if dtype not in _FLOAT_DTYPES:
@@ -714,7 +720,8 @@ def _read_json(path: str) -> Any:
 def _weight_map(directory: str) -> Dict[str, str]:
   """{tensor name: safetensors file} of an HF folder: from model.safetensors.index.json when
   present (every file it names must exist), else from every *.safetensors file's header.
-  ValueError naming the file and field for a malformed index or safetensors file."""
+  ValueError naming the file and field for a malformed index or safetensors file, and
+  naming both files for a tensor two files hold when there is no index."""
   index = os.path.join(directory, "model.safetensors.index.json")
   if os.path.exists(index):
     doc = _read_json(index)
@@ -734,6 +741,9 @@ def _weight_map(directory: str) -> Dict[str, str]:
   for file in files:
     with _safe_open(file) as f:
       for name in f.keys():
+        if name in out:
+          raise ValueError(f"{directory}: tensor {name!r} is in both {out[name]} and {file} (and "
+                           "there is no model.safetensors.index.json to say which to read)")
         out[name] = file
   return out
 
@@ -778,11 +788,15 @@ def load_hf(path: str, config: Optional[ModelConfig] = None, mesh: Optional[Mesh
     config = dataclasses.replace(config, param_dtype=_dtype_name(dtype))
   if os.path.isdir(path):
     weight_map = _weight_map(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = sorted(set(weight_map.values()))
+    origin = index if os.path.exists(index) else files[0] if len(files) == 1 else path
   else:
     with _safe_open(path) as f:
       weight_map = {name: path for name in f.keys()}
+    origin = path
   with contextlib.ExitStack() as stack:
-    source = _SafetensorsSource(weight_map, stack)
+    source = _SafetensorsSource(weight_map, stack, origin)
     params = _load_params(config, source, mesh, rules)
   return config, params
 
@@ -991,14 +1005,15 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
   meta = file.metadata
   arch = meta.get("general.architecture")
   if arch != "llama":
-    raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: 'llama'")
+    raise ValueError(f"{file.path}: unsupported GGUF architecture {arch!r}; supported: 'llama'")
   if (meta.get("split.count", 1) or 1) > 1:
-    raise ValueError("split GGUF files (split.count > 1) are not supported; merge them first")
+    raise ValueError(f"{file.path}: split GGUF files (split.count > 1) are not supported; merge "
+                     "them first")
 
   def get(key, default=None, required=False):
     value = meta.get(f"{arch}.{key}", default)
     if required and value is None:
-      raise ValueError(f"GGUF metadata is missing {arch}.{key}")
+      raise ValueError(f"{file.path}: GGUF metadata is missing {arch}.{key}")
     return value
 
   d_model = int(get("embedding_length", required=True))
@@ -1007,7 +1022,8 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
   head_dim = int(get("attention.key_length", d_model // n_heads))
   rot = get("rope.dimension_count")
   if rot is not None and int(rot) != head_dim:
-    raise ValueError(f"GGUF rope.dimension_count={rot} != head_dim={head_dim}: partial rotary is not supported")
+    raise ValueError(f"{file.path}: GGUF rope.dimension_count={rot} != head_dim={head_dim}: partial "
+                     "rotary is not supported")
   scaling = get("rope.scaling.type")
   tensor_names = set(file.tensors)
   if scaling not in (None, "none"):
@@ -1022,7 +1038,7 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
   tokens = meta.get("tokenizer.ggml.tokens")
   vocab = len(tokens) if tokens is not None else get("vocab_size")
   if vocab is None:
-    raise ValueError("GGUF has neither tokenizer.ggml.tokens nor llama.vocab_size")
+    raise ValueError(f"{file.path}: GGUF has neither tokenizer.ggml.tokens nor llama.vocab_size")
   rope_theta = _f32(get("rope.freq_base", 10000.0))
   rope_kwargs = {}
   if ROPE_FREQS in tensor_names:

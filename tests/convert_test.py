@@ -245,10 +245,11 @@ def test_mismatched_or_missing_tensor_raises(hf_models, saved, tmp_path):
     changed = dict(tensors)
     if edit == "reshape":
       changed[name] = np.zeros((97, 64), np.float32)
-      match = re.escape(name) + r".*\(97, 64\).*\(96, 64\)"
+      match = re.escape(f"{directory / 'model.safetensors'}: tensor {name!r} has shape (97, 64) "
+                        "but the model expects (96, 64)")
     else:
       del changed[name]
-      match = "missing tensor " + re.escape(repr(name))
+      match = re.escape(f"{directory / 'model.safetensors'}: tensor {name!r} is missing")
     save_file(changed, str(directory / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=match):
       convert.load_hf(str(directory))
@@ -325,11 +326,14 @@ def _llama_cpp_rope_freqs(c):
   return np.asarray(out, np.float32)
 
 
-def _write_gguf(model, path, extra=None, o_bias=False):
+def _write_gguf(model, path, extra=None, o_bias=False, qtype=None):
   """A llama GGUF of `model` as llama.cpp writes it: F32 tensors, q/k weights and biases
   permuted, GGUF names; the o_proj bias (if any) as blk.N.attn_output.bias only when
-  `o_bias`; extra(writer) adds more metadata."""
+  `o_bias`; extra(writer) adds more metadata. With `qtype` (a GGMLQuantizationType) every
+  tensor, 1-D ones included, is stored in that type and `model` gets the dequantized
+  weights (each row of a tensor is quantized on its own, so permuting rows commutes)."""
   import gguf
+  from gguf.quants import dequantize, quantize
   c = model.config
   w = gguf.GGUFWriter(str(path), "llama")
   w.add_block_count(c.num_hidden_layers)
@@ -358,7 +362,14 @@ def _write_gguf(model, path, extra=None, o_bias=False):
       gname = name.replace("model.layers.", "blk.").replace("self_attn.o_proj.bias", "attn_output.bias")
     else:
       gname = convert.hf_to_gguf_name(name)
-    w.add_tensor(gname, np.ascontiguousarray(a))
+    if qtype is None:
+      w.add_tensor(gname, np.ascontiguousarray(a))
+    else:
+      q = quantize(np.ascontiguousarray(a), qtype)
+      w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=qtype)
+      with torch.no_grad():
+        plain = quantize(t.float().numpy(), qtype)
+        t.copy_(torch.as_tensor(dequantize(plain, qtype).reshape(t.shape)))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -377,6 +388,79 @@ def test_load_gguf_synthetic_untied_on_mesh(hf_models, tmp_path, mesh_tp):
   assert sharded["layers"]["attn"]["k_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(sharded)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("qtype", ["BF16", "Q8_0"])
+def test_gguf_with_quantized_1d_tensors(qtype, tmp_path, mesh_tp):
+  """Norms stored as BF16 or Q8_0 (1-D tensors, whose data is one row of bytes) dequantize
+  like the 2-D weights: the logits match transformers on the dequantized weights, on one
+  device and on a mesh."""
+  import gguf
+  model = _hf_model("llama", seed=4)
+  path = tmp_path / f"{qtype}.gguf"
+  _write_gguf(model, path, qtype=gguf.GGMLQuantizationType[qtype])
+  tokens = _tokens()
+  ref = _hf_logits(model, tokens)
+  cfg, params = convert.load_gguf(str(path))
+  assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)), ref) < TOL
+  _, sharded = convert.load_gguf(str(path), mesh=mesh_tp, rules=sharding.rules_for("fsdp_tp"))
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(sharded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gguf_shape_mismatch_or_missing_tensor_names_the_gguf_tensor(hf_models, tmp_path):
+  """Errors name the file and the tensor as the GGUF file stores it (blk.N.*, ggml dims
+  reversed to rows first), not the HF name the loader maps it to."""
+  import gguf
+  path = tmp_path / "ffn.gguf"
+  _write_gguf(hf_models["llama"], path, extra=lambda w: w.add_uint32("llama.feed_forward_length", 80))
+  with pytest.raises(ValueError, match=re.escape(f"{path}: tensor blk.0.ffn_down.weight has shape "
+                                                 "(64, 96) but the model expects (64, 80)")):
+    convert.load_gguf(str(path))
+  full = tmp_path / "full.gguf"
+  _write_gguf(hf_models["llama"], full)
+  src = gguf.GGUFReader(str(full))
+  cut = tmp_path / "cut.gguf"
+  w = gguf.GGUFWriter(str(cut), "llama")
+  for field in src.fields.values():
+    if field.name == "tokenizer.ggml.tokens":
+      w.add_token_list(field.contents())
+    elif field.name.startswith("llama."):
+      value = field.contents()
+      (w.add_float32 if isinstance(value, float) else w.add_uint32)(field.name, value)
+  for t in src.tensors:
+    if t.name != "blk.1.attn_k.weight":
+      w.add_tensor(t.name, np.asarray(t.data).reshape(tuple(reversed([int(d) for d in t.shape]))))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(ValueError, match=re.escape(f"{cut}: tensor blk.1.attn_k.weight is missing "
+                                                 "(expected shape (32, 64)")):
+    convert.load_gguf(str(cut))
+
+
+@pytest.mark.parametrize("arch,add,what", [
+    ("qwen2", None, "unsupported GGUF architecture 'qwen2'"),
+    ("llama", lambda w: w.add_head_count(4), "GGUF metadata is missing llama.embedding_length"),
+    ("llama", lambda w: (w.add_embedding_length(64), w.add_head_count(4), w.add_rope_dimension_count(8)),
+     "GGUF rope.dimension_count=8 != head_dim=16"),
+    ("llama", lambda w: (w.add_embedding_length(64), w.add_head_count(4), w.add_block_count(2),
+                         w.add_feed_forward_length(96)), "GGUF has neither tokenizer.ggml.tokens"),
+])
+def test_gguf_metadata_errors_name_the_file(arch, add, what, tmp_path):
+  import gguf
+  from cai_jax.gguf_file import read_gguf
+  path = tmp_path / "meta.gguf"
+  w = gguf.GGUFWriter(str(path), arch)
+  if add:
+    add(w)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(ValueError, match=re.escape(f"{path}: {what}")):
+    convert.config_from_gguf(read_gguf(str(path)))
 
 
 def test_gguf_with_an_integer_weight_tensor_is_refused(hf_models, tmp_path):
@@ -634,6 +718,17 @@ def test_malformed_hf_folders_are_value_errors_naming_file_and_field(
   directory = _broken_copy(saved, tmp_path, edit_config, edit_dir)
   with pytest.raises(ValueError, match=re.escape(str(directory)) + ".*" + what):
     convert.load_hf(str(directory))
+
+
+def test_a_tensor_in_two_safetensors_files_without_an_index_is_refused(saved, tmp_path):
+  """Without an index every *.safetensors file is read; a tensor two of them hold (a stray
+  older copy beside the checkpoint) is an error naming both, not the last file's silently."""
+  from safetensors.numpy import save_file
+  d = _broken_copy(saved, tmp_path)
+  save_file({"model.norm.weight": np.zeros(64, np.float32)}, str(d / "old.safetensors"))
+  with pytest.raises(ValueError, match=re.escape(f"tensor 'model.norm.weight' is in both "
+                                                 f"{d / 'model.safetensors'} and {d / 'old.safetensors'}")):
+    convert.load_hf(str(d))
 
 
 def _quantized_copy(saved, tmp_path, quant_dtype, scales):
