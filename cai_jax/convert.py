@@ -841,7 +841,8 @@ def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: 
       or an HF model folder (``is_hf_folder``); anything else (a file, another directory)
       is a ValueError naming it, raised before anything is written.
     tokenizer_dir: optional directory whose tokenizer files (tokenizer.json,
-      tokenizer_config.json, special_tokens_map.json, tokenizer.model, ...) are copied.
+      tokenizer_config.json, special_tokens_map.json, tokenizer.model, ...) are copied;
+      its tokenizer's BOS / EOS / PAD ids go into config.json (``_special_token_ids``).
     max_shard_bytes: shard size above which a new model-0000i-of-0000N.safetensors file
       starts (an index is written when there is more than one).
   Tensors are written in config.param_dtype, one parameter at a time. With several
@@ -860,17 +861,20 @@ def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: 
                        f"{tuple(expected[path].shape)}")
   writer = jax.process_index() == 0
   dtype = np.dtype(dtype_from_name(config.param_dtype))
+  hf_config = dict(hf_config_from(config), **_special_token_ids(tokenizer_dir))
   if writer:
     with model_dir.replacing_dir(directory, is_hf_folder, HF_FOLDER_KIND) as tmp:
-      _write_hf(flat, config, dtype, tmp, tokenizer_dir, max_shard_bytes, writer)
+      _write_hf(flat, config, hf_config, dtype, tmp, tokenizer_dir, max_shard_bytes, writer)
   else:
-    _write_hf(flat, config, dtype, None, tokenizer_dir, max_shard_bytes, writer)
+    _write_hf(flat, config, hf_config, dtype, None, tokenizer_dir, max_shard_bytes, writer)
 
 
-def _write_hf(flat: Dict[Tuple[str, ...], Any], config: ModelConfig, dtype, directory: Optional[str],
-              tokenizer_dir: Optional[str], max_shard_bytes: int, writer: bool) -> None:
-  """``save_hf``'s files, written into the (new, empty) `directory` when `writer`; every
-  process gathers each parameter (a collective), only the writer writes."""
+def _write_hf(flat: Dict[Tuple[str, ...], Any], config: ModelConfig, hf_config: Dict[str, Any],
+              dtype, directory: Optional[str], tokenizer_dir: Optional[str], max_shard_bytes: int,
+              writer: bool) -> None:
+  """``save_hf``'s files (config.json holds `hf_config`), written into the (new, empty)
+  `directory` when `writer`; every process gathers each parameter (a collective), only the
+  writer writes."""
   from safetensors.numpy import save_file
 
   def position(path):   # embed, then layers in order, then final_norm and lm_head
@@ -927,7 +931,7 @@ def _write_hf(flat: Dict[Tuple[str, ...], Any], config: ModelConfig, dtype, dire
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
   with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(hf_config_from(config), f, indent=2)
+    json.dump(hf_config, f, indent=2)
   if tokenizer_dir is not None:
     copied = [name for name in _TOKENIZER_FILES if os.path.exists(os.path.join(tokenizer_dir, name))]
     for name in copied:
@@ -936,6 +940,20 @@ def _write_hf(flat: Dict[Tuple[str, ...], Any], config: ModelConfig, dtype, dire
       logging.warning("export: %s holds no tokenizer file this export copies (%s); the "
                       "folder is written without a tokenizer", tokenizer_dir,
                       ", ".join(_TOKENIZER_FILES[:4]))
+
+
+def _special_token_ids(tokenizer_dir: Optional[str]) -> Dict[str, int]:
+  """{bos,eos,pad}_token_id of the tokenizer in `tokenizer_dir` (those it has) for an
+  export's config.json: without them transformers assumes Llama's 1 and 2, and generate()
+  would stop on the wrong token. {} when the directory holds no tokenizer model file."""
+  from cai_jax import tokenizer as tokenizer_lib
+  names = ("byte_tokenizer.json", "tokenizer.json", "tokenizer.model")
+  if tokenizer_dir is None or not any(os.path.exists(os.path.join(tokenizer_dir, n))
+                                      for n in names):
+    return {}
+  tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
+  ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+  return {k: int(v) for k, v in ids.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- GGUF

@@ -291,6 +291,20 @@ def test_save_hf_loads_in_transformers(variant, dtype, max_shard_bytes, unrolled
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_export_names_the_tokenizers_special_ids_for_transformers(saved, tmp_path):
+  """config.json of an export carries the tokenizer's BOS / EOS / PAD ids: without them
+  transformers assumes 1 and 2, and generate() stops on the wrong token."""
+  from cai_jax.tokenizer import ByteTokenizer
+  cfg, params = convert.load_hf(saved["llama"])
+  tok = ByteTokenizer()
+  tok.save(str(tmp_path / "tok"))
+  convert.save_hf(params, cfg, str(tmp_path / "export"), tokenizer_dir=str(tmp_path / "tok"))
+  hf = transformers.AutoConfig.from_pretrained(str(tmp_path / "export"))
+  gen = transformers.GenerationConfig.from_model_config(hf)
+  assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (tok.bos_id, tok.eos_id,
+                                                                    tok.pad_id) != (1, 2, None)
+
+
 # --------------------------------------------------------------------------- GGUF
 
 
@@ -641,8 +655,8 @@ def test_an_interrupted_export_leaves_the_earlier_one_or_nothing(hf_models, save
   assert _max_diff(_exported_logits(out, tokens), _hf_logits(hf_models["llama"], tokens)) < TOL
 
   tok_dir = tmp_path / "tok"
-  tok_dir.mkdir()
-  (tok_dir / "tokenizer.json").write_text("{}")
+  from cai_jax.tokenizer import ByteTokenizer
+  ByteTokenizer().save(str(tok_dir))
 
   def interrupted_copy(*args, **kwargs):
     raise KeyboardInterrupt("simulated Ctrl-C")
