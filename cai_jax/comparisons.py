@@ -42,6 +42,13 @@ def _conversation(record: dict, where: str) -> List[Dict[str, str]]:
   """The conversation before the compared responses (ends with the user's turn)."""
   if "messages" in record:
     msgs = data.example_messages({"messages": record["messages"]}, where)
+    for j, m in enumerate(msgs):
+      if m["role"] not in ("system", "user", "assistant"):
+        raise data.DataError(f"{where}: messages[{j}].role is {m['role']!r}; expected system, "
+                             "user or assistant")
+    if msgs[-1]["role"] != "user":
+      raise data.DataError(f"{where}: 'messages' must end with the user's turn (the compared "
+                           f"responses answer it), got {msgs[-1]['role']!r}")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
   if isinstance(record.get("prompt"), str):
     return [{"role": "user", "content": record["prompt"]}]

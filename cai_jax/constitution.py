@@ -278,7 +278,7 @@ def _read_json(file: str) -> Any:
   if not os.path.isfile(file):
     raise ConstitutionError(file, "<file>", "file not found")
   try:
-    with open(file, encoding="utf-8") as f:
+    with open(file, encoding="utf-8-sig") as f:   # a byte order mark at the start is skipped
       text = f.read()
   except (OSError, UnicodeDecodeError) as e:
     raise ConstitutionError(file, "<file>", f"cannot read: {e}") from e

@@ -16,6 +16,7 @@ import functools
 import gzip
 import json
 import os
+import zlib
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,12 +34,12 @@ class DataError(ValueError):
 
 
 def iter_jsonl(path: str) -> Iterator[Tuple[int, Example]]:
-  """(1-based line number, object) for every non-blank line of a JSONL (or .jsonl.gz) file;
-  errors name the file and line."""
+  """(1-based line number, object) for every non-blank line of a JSONL (or .jsonl.gz) file
+  (a UTF-8 byte order mark at its start is skipped); errors name the file and line."""
   if not os.path.isfile(path):
     raise DataError(f"{path}: {'is a directory, not a file' if os.path.isdir(path) else 'no such file'}")
-  opener = (lambda: gzip.open(path, "rt", encoding="utf-8")) if path.endswith(".gz") else (
-      lambda: open(path, encoding="utf-8"))
+  opener = (lambda: gzip.open(path, "rt", encoding="utf-8-sig")) if path.endswith(".gz") else (
+      lambda: open(path, encoding="utf-8-sig"))
   with opener() as f:
     lineno = 0
     while True:
@@ -46,6 +47,9 @@ def iter_jsonl(path: str) -> Iterator[Tuple[int, Example]]:
         line = f.readline()
       except UnicodeDecodeError:
         raise DataError(f"{path}:{lineno + 1}: not UTF-8 text") from None
+      except (OSError, EOFError, zlib.error) as e:   # a truncated or corrupt .gz file
+        after = f" after line {lineno}" if lineno else ""
+        raise DataError(f"{path}: cannot read{after} ({e})") from None
       if not line:
         break
       lineno += 1
@@ -108,13 +112,13 @@ def resolve_path(path: str) -> str:
 
 
 def load_examples(spec: str, data_dir: Optional[str] = None) -> Sequence[Example]:
-  """'path.jsonl' or 'tfds:NAME[/CONFIG]:SPLIT' -> random-access examples."""
+  """'path.jsonl' (or '.jsonl.gz') or 'tfds:NAME[/CONFIG]:SPLIT' -> random-access examples."""
   if spec.startswith("tfds:"):
     parts = spec.split(":")
     if len(parts) != 3:
       raise DataError(f"dataset {spec!r}: expected 'tfds:NAME:SPLIT'")
     return read_tfds(parts[1], parts[2], data_dir)
-  if spec.endswith(".jsonl") or os.path.exists(spec):
+  if spec.endswith((".jsonl", ".jsonl.gz")) or os.path.exists(resolve_path(spec)):
     return read_jsonl(resolve_path(spec))
   raise DataError(f"dataset {spec!r}: not a .jsonl file or 'tfds:NAME:SPLIT'")
 

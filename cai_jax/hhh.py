@@ -200,9 +200,13 @@ def read_bigbench(path: str, root: Optional[str] = None,
 
 
 def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
+  """The JSON value of a UTF-8 file (a byte order mark at its start skipped); ValueError
+  naming the file (and line) when it is not UTF-8 or not JSON."""
+  with open(path, encoding="utf-8-sig") as f:
     try:
       return json.load(f)
+    except UnicodeDecodeError:
+      raise ValueError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 

@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import unicodedata
+import zlib
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from cai_jax import data, resources
@@ -235,8 +236,9 @@ def import_hh_rlhf(path: str, strict: bool = True) -> List[Record]:
 
 
 def _open_text(path: str):
-  return (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz")
-          else open(path, encoding="utf-8"))
+  """The file as UTF-8 text ('.gz' decompressed; a byte order mark at its start skipped)."""
+  return (gzip.open(path, "rt", encoding="utf-8-sig") if path.endswith(".gz")
+          else open(path, encoding="utf-8-sig"))
 
 
 def _starts_with_array(path: str) -> bool:
@@ -266,6 +268,8 @@ def _red_team_rows(path: str) -> List[Tuple[str, int, Any]]:
       items = json.load(f)
   except UnicodeDecodeError:
     raise DataError(f"{path}: not UTF-8 text") from None
+  except (OSError, EOFError, zlib.error) as e:   # a truncated or corrupt .gz file
+    raise DataError(f"{path}: cannot read ({e})") from None
   except json.JSONDecodeError as e:
     raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") \
         from None

@@ -84,9 +84,29 @@ def partition(items: Sequence[Any], shard_size: int) -> List[List[Tuple[int, Any
 
 
 def read_jsonl(path: str) -> List[dict]:
-  """The JSON objects of a shard file, one per non-blank line."""
+  """The JSON objects of a shard file, one per non-blank line; ValueError "FILE:LINE: ..."
+  for a line that is not JSON (e.g. a file cut short by something other than this module)."""
+  rows = []
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for lineno, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+  return rows
+
+
+def _read_manifest(path: str) -> Dict[str, Any]:
+  """The manifest's object; ValueError naming the file when it is not a JSON object."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      manifest = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+  if not isinstance(manifest, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+  return manifest
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
@@ -173,8 +193,7 @@ def open_run(out_dir: str, stage: str, config: Dict[str, Any], names: Sequence[s
   os.makedirs(out_dir, exist_ok=True)
   manifest_path = run.path(MANIFEST)
   if os.path.exists(manifest_path):
-    with open(manifest_path, encoding="utf-8") as f:
-      old = json.load(f)
+    old = _read_manifest(manifest_path)
     has_shards = any(n.startswith(tuple(prefixes)) and n.endswith(".jsonl")
                      for n in os.listdir(out_dir))
     if old.get("stage") != stage:
@@ -217,8 +236,7 @@ def read_run(out_dir: str, stage: Optional[str] = None) -> Dict[str, List[dict]]
   manifest_path = os.path.join(out_dir, MANIFEST)
   if not os.path.isfile(manifest_path):
     raise FileNotFoundError(f"{out_dir}: no {MANIFEST} (not a stage output directory)")
-  with open(manifest_path, encoding="utf-8") as f:
-    manifest = json.load(f)
+  manifest = _read_manifest(manifest_path)
   if stage is not None and manifest.get("stage") != stage:
     raise ValueError(f"{out_dir}: not a {stage} run (stage {manifest.get('stage')!r})")
   names = manifest.get("shard_files")

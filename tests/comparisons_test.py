@@ -47,3 +47,15 @@ def test_an_input_whose_every_comparison_is_skipped_is_an_error(tmp_path):
   with pytest.raises(data.DataError, match="all 3 comparisons skipped"):
     comparisons.check_skips(counts, f"comparisons {path}", 1.0)
   comparisons.check_skips(comparisons.SkipCounts(total=3, bad_label=2), "c", 1.0)
+
+
+def test_a_conversation_must_end_with_the_users_turn():
+  convo = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+  with pytest.raises(data.DataError, match=r"^c: record 0: 'messages' must end with the "
+                                           r"user's turn .* got 'assistant'$"):
+    comparisons.normalize_comparisons([_row(0, messages=convo)], "ai", "c")
+  with pytest.raises(data.DataError, match=r"^c: record 0: messages\[0\].role is 'human'"):
+    comparisons.normalize_comparisons(
+        [_row(0, messages=[{"role": "human", "content": "q"}])], "ai", "c")
+  rows, _ = comparisons.normalize_comparisons([_row(0, messages=convo[:1])], "ai", "c")
+  assert rows[0]["messages"] == convo[:1]

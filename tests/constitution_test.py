@@ -267,6 +267,16 @@ def test_invalid_json_fails_with_one_line(tmp_path):
   _assert_one_line_error(path, "line 2 column 13", "invalid JSON", exc)
 
 
+def test_files_with_a_byte_order_mark_load(tmp_path):
+  path = tmp_path / "constitution.json"
+  path.write_text(json.dumps(_default_dict()), encoding="utf-8-sig")
+  assert C.load_constitution(path) == C.load_default()
+  for f in os.listdir(ANTHROPIC):
+    with open(os.path.join(ANTHROPIC, f), encoding="utf-8") as src:
+      (tmp_path / f).write_text(src.read(), encoding="utf-8-sig")
+  assert C.check(tmp_path / "RLMadisonInstructions.json")["critique_revision"] == 3
+
+
 def test_missing_path_and_unknown_folder(tmp_path):
   with pytest.raises(C.ConstitutionError) as exc:
     C.load_constitution(tmp_path / "nope")

@@ -162,3 +162,29 @@ def test_draw_evenly_uses_every_item_before_repeating_any():
   assert len(data.draw_evenly(0, 0, np.random.default_rng(0))) == 0
   with pytest.raises(ValueError, match="empty pool"):
     data.draw_evenly(0, 2, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz"])
+def test_jsonl_with_a_byte_order_mark_crlf_and_blank_lines(tmp_path, name):
+  import gzip
+  raw = '\ufeff{"text": "a"}\r\n\r\n{"text": "b \\r\\n"}\r\n'.encode("utf-8")
+  p = tmp_path / name
+  p.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+  assert list(data.iter_jsonl(str(p))) == [(1, {"text": "a"}), (3, {"text": "b \r\n"})]
+
+
+def test_a_corrupt_gzip_file_is_named(tmp_path):
+  import gzip
+  p = tmp_path / "d.jsonl.gz"
+  p.write_bytes(gzip.compress(b'{"text": "a"}\n' * 50)[:20])
+  with pytest.raises(data.DataError, match=rf"^{p}: cannot read \(Compressed file ended"):
+    data.read_jsonl(str(p))
+  p.write_bytes(b'{"text": "a"}\n')
+  with pytest.raises(data.DataError, match=rf"^{p}: cannot read \(Not a gzipped file"):
+    data.read_jsonl(str(p))
+
+
+def test_a_missing_gzip_dataset_is_named_as_a_missing_file(tmp_path):
+  missing = str(tmp_path / "nope.jsonl.gz")
+  with pytest.raises(data.DataError, match=rf"^{missing}: no such file$"):
+    data.load_examples(missing)

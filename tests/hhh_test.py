@@ -142,6 +142,22 @@ def test_missing_path_and_empty_folder_are_named(tmp_path):
     hhh.load_items(str(tmp_path))
 
 
+def test_task_json_with_a_byte_order_mark_or_not_utf8(tmp_path):
+  folder = tmp_path / "harmless"
+  folder.mkdir()
+  path = folder / "task.json"
+  task = {"examples": [{"input": "Help?", "target_scores": {"Sure.": 1, "No.": 0}}]}
+  path.write_text(json.dumps(task), encoding="utf-8-sig")
+  assert [i["candidates"] for i in hhh.load_items(str(path))] == [["Sure.", "No."]]
+  evals = tmp_path / "evals.jsonl"
+  evals.write_text(json.dumps({"prompt": "Q?", "corrects": [" (A)"], "incorrects": [" (B)"]}),
+                   encoding="utf-8-sig")
+  assert hhh.load_items(str(evals))[0]["context"] == "Q?"
+  path.write_bytes(b'{"examples": [{"input": "' + bytes([0xff]) + b'"}]}')
+  with pytest.raises(ValueError, match=rf"^{path}: not UTF-8 text$"):
+    hhh.load_items(str(path))
+
+
 def test_hhh_question_per_category():
   assert hhh.hhh_question("helpful") == "Which response is more helpful?"
   assert "harmless" in hhh.hhh_question("harmless")

@@ -104,3 +104,17 @@ def test_read_run_refuses_incomplete_runs(tmp_path):
     shards.read_run(str(tmp_path), "feedback")
   with pytest.raises(FileNotFoundError):
     shards.read_run(str(tmp_path / "missing"))
+
+
+def test_a_torn_shard_or_manifest_is_named_on_resume(tmp_path):
+  run = _open(tmp_path, {"a": 1})
+  run.write_shard("shard-00000.jsonl", [{"x": 1}], {"rows": 1})
+  (tmp_path / "shard-00001.jsonl").write_text('{"x": 2}\n{"x": ')   # not written by shards
+  with pytest.raises(ValueError, match=rf"^{tmp_path / 'shard-00001.jsonl'}:2: invalid JSON"):
+    _open(tmp_path, {"a": 1})
+  (tmp_path / "shard-00001.jsonl").unlink()
+  (tmp_path / shards.MANIFEST).write_text('{"stage": ')
+  with pytest.raises(ValueError, match=rf"^{tmp_path / shards.MANIFEST}:1: invalid JSON"):
+    _open(tmp_path, {"a": 1})
+  with pytest.raises(ValueError, match=rf"^{tmp_path / shards.MANIFEST}:1: invalid JSON"):
+    shards.read_run(str(tmp_path))
