@@ -28,14 +28,20 @@ class SkipCounts:
   total: int = 0
   bad_label: int = 0
   empty_response: int = 0
+  malformed: int = 0     # HH-RLHF lines ``prompt_sets.read_hh_rlhf`` leaves out
 
   @property
   def skipped(self) -> int:
-    return self.bad_label + self.empty_response
+    return self.bad_label + self.empty_response + self.malformed
 
   def as_dict(self) -> Dict[str, int]:
     return {"total": self.total, "kept": self.total - self.skipped, "bad_label": self.bad_label,
-            "empty_response": self.empty_response}
+            "empty_response": self.empty_response, "malformed": self.malformed}
+
+  def reasons(self) -> str:
+    """'N bad labels, N empty responses[, N malformed lines]'."""
+    text = f"{self.bad_label} bad labels, {self.empty_response} empty responses"
+    return text + (f", {self.malformed} malformed HH-RLHF lines" if self.malformed else "")
 
 
 def _conversation(record: dict, where: str) -> List[Dict[str, str]]:
@@ -117,7 +123,14 @@ def load_comparisons(spec: str, source: str) -> Tuple[List[dict], SkipCounts]:
       raise data.DataError(f"{path}: no comparisons")
     first = numbered[0][1]
     if isinstance(first.get("chosen"), str) and isinstance(first.get("rejected"), str):
-      rows = prompt_sets.import_hh_rlhf(path)
+      rows, malformed = prompt_sets.read_hh_rlhf(path)
+      comps, counts = normalize_comparisons(rows, source, spec)
+      counts.total += len(malformed)
+      counts.malformed = len(malformed)
+      if malformed:
+        _LOG.warning("%s: %d malformed HH-RLHF lines left out (first: %s)", path,
+                     len(malformed), malformed[0])
+      return comps, counts
     else:
       rows = [row for _, row in numbered]
       locations = [f"{path}:{n}" for n, _ in numbered]
@@ -130,14 +143,14 @@ def check_skips(counts: SkipCounts, what: str, max_skip_fraction: float, who: st
   """Logs a summary line of skipped comparisons; DataError above max_skip_fraction."""
   if counts.skipped:
     _LOG.warning("%s: %s: skipped %d of %d comparisons (%d with a label outside [0, 1] or "
-                 "missing, %d with an empty response)", who, what, counts.skipped, counts.total,
-                 counts.bad_label, counts.empty_response)
+                 "missing, %d with an empty response, %d malformed HH-RLHF lines)", who, what,
+                 counts.skipped, counts.total, counts.bad_label, counts.empty_response,
+                 counts.malformed)
   if counts.total and counts.skipped == counts.total:
     raise data.DataError(
-        f"{who}: {what}: all {counts.total} comparisons skipped ({counts.bad_label} bad "
-        f"labels, {counts.empty_response} empty responses); none is left to train on")
+        f"{who}: {what}: all {counts.total} comparisons skipped ({counts.reasons()}); none "
+        "is left to train on")
   if counts.total and counts.skipped > max_skip_fraction * counts.total:
     raise data.DataError(
         f"{who}: {what}: {counts.skipped} of {counts.total} comparisons skipped "
-        f"({counts.bad_label} bad labels, {counts.empty_response} empty responses), more than "
-        f"max_skip_fraction={max_skip_fraction}")
+        f"({counts.reasons()}), more than max_skip_fraction={max_skip_fraction}")

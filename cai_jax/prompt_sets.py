@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import gzip
+import logging
 import hashlib
 import json
 import numbers
@@ -49,6 +50,8 @@ import zlib
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from cai_jax import data, resources
+
+_LOG = logging.getLogger(__name__)
 from cai_jax.data import DataError
 
 Record = Dict[str, Any]
@@ -201,37 +204,56 @@ def _split_hh(text: str, where: str) -> Tuple[List[Dict[str, str]], str]:
   return msgs[:-1], msgs[-1]["content"]
 
 
-def import_hh_rlhf(path: str, strict: bool = True) -> List[Record]:
-  """Reads Anthropic HH-RLHF comparisons (JSONL or .jsonl.gz of {"chosen", "rejected"}).
+def read_hh_rlhf(path: str) -> Tuple[List[Record], List[str]]:
+  """(records, one 'FILE:LINE: why' per line left out) of an Anthropic HH-RLHF file (JSONL
+  or .jsonl.gz of {"chosen", "rejected"}).
 
   Each line becomes {"id": '<stem>-<line>', "prompt": last human turn,
   "messages": the conversation up to and including the last human turn,
   "raw_prompt": the same in the paper's format, ending in '\\n\\nAssistant:',
   "chosen": the final chosen reply, "rejected": the final rejected reply,
-  "category": 'hh_rlhf'}.
-  A line whose chosen and rejected conversations differ before the final reply is an
-  error with strict=True and skipped otherwise. Errors name the file and line.
+  "category": 'hh_rlhf'}. A line is left out when it lacks the string fields, a
+  transcript is not '\\n\\nHuman: ...' turns ending with a Human turn and an Assistant
+  reply, chosen and rejected differ before their final replies, or the last human turn
+  is empty.
   """
   stem = _stem(path)
-  out = []
+  out, skipped = [], []
   for lineno, row in data.iter_jsonl(path):
     where = f"{path}:{lineno}"
-    for key in ("chosen", "rejected"):
-      if not isinstance(row.get(key), str):
-        raise DataError(f"{where}: expected string fields 'chosen' and 'rejected'")
-    msgs, chosen = _split_hh(row["chosen"], f"{where}: chosen")
-    msgs_r, rejected = _split_hh(row["rejected"], f"{where}: rejected")
-    if msgs_r != msgs:
-      if strict:
+    try:
+      for key in ("chosen", "rejected"):
+        if not isinstance(row.get(key), str):
+          raise DataError(f"{where}: expected string fields 'chosen' and 'rejected'")
+      msgs, chosen = _split_hh(row["chosen"], f"{where}: chosen")
+      msgs_r, rejected = _split_hh(row["rejected"], f"{where}: rejected")
+      if msgs_r != msgs:
         raise DataError(f"{where}: chosen and rejected differ before their final replies")
+      if not msgs[-1]["content"]:
+        raise DataError(f"{where}: the last human turn is empty")
+    except DataError as e:
+      skipped.append(str(e))
       continue
-    if not msgs[-1]["content"]:
-      raise DataError(f"{where}: the last human turn is empty")
     out.append({"id": f"{stem}-{lineno}", "prompt": msgs[-1]["content"], "messages": msgs,
                 "raw_prompt": raw_transcript(msgs), "chosen": chosen, "rejected": rejected,
                 "category": "hh_rlhf"})
+  return out, skipped
+
+
+def import_hh_rlhf(path: str, strict: bool = False) -> List[Record]:
+  """The records of an HH-RLHF file (``read_hh_rlhf``). A line it leaves out is an error
+  naming the file and line with strict=True; otherwise the lines left out are counted in
+  a warning that names the first (the public files hold a few malformed lines). A file
+  with no record left is an error."""
+  out, skipped = read_hh_rlhf(path)
+  if skipped and strict:
+    raise DataError(skipped[0])
+  if skipped:
+    _LOG.warning("%s: left out %d of %d HH-RLHF lines (first: %s)", path, len(skipped),
+                 len(skipped) + len(out), skipped[0])
   if not out:
-    raise DataError(f"{path}: empty prompt set (no HH-RLHF comparisons)")
+    raise DataError(f"{path}: empty prompt set (no HH-RLHF comparisons)"
+                    + (f"; every line was left out, first: {skipped[0]}" if skipped else ""))
   return out
 
 

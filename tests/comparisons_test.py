@@ -59,3 +59,21 @@ def test_a_conversation_must_end_with_the_users_turn():
         [_row(0, messages=[{"role": "human", "content": "q"}])], "ai", "c")
   rows, _ = comparisons.normalize_comparisons([_row(0, messages=convo[:1])], "ai", "c")
   assert rows[0]["messages"] == convo[:1]
+
+
+def test_malformed_hh_rlhf_lines_are_skipped_counted_and_bounded(tmp_path):
+  """A public HH-RLHF file's few malformed lines (chosen and rejected diverging before
+  their final replies, a transcript of another shape) are left out and counted like other
+  skipped comparisons, so max_skip_fraction bounds them."""
+  good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}
+  diverged = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}
+  path = tmp_path / "hh.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in [good, diverged, good, good]))
+  rows, counts = comparisons.load_comparisons(str(path), "human")
+  assert len(rows) == 3 and all(r["p"] == 1.0 for r in rows)
+  assert counts.as_dict() == {"total": 4, "kept": 3, "bad_label": 0, "empty_response": 0,
+                              "malformed": 1}
+  comparisons.check_skips(counts, "hh", 0.25)
+  with pytest.raises(data.DataError, match=r"1 of 4 comparisons skipped \(0 bad labels, 0 empty "
+                                           r"responses, 1 malformed HH-RLHF lines\), more than"):
+    comparisons.check_skips(counts, "hh", 0.2)

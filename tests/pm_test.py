@@ -99,7 +99,8 @@ def test_bad_labels_and_empty_responses_are_skipped_and_counted():
   rows[4]["response_b"] = "   "
   rows[5]["p_a"] = 1  # an integer label is fine
   comps, counts = pm.normalize_comparisons(rows, pm.SOURCE_AI)
-  assert counts.as_dict() == {"total": 10, "kept": 5, "bad_label": 4, "empty_response": 1}
+  assert counts.as_dict() == {"total": 10, "kept": 5, "bad_label": 4, "empty_response": 1,
+                              "malformed": 0}
   assert [c["p"] for c in comps][0] == 1.0 and len(comps) == 5
   assert all(set(c) == {"messages", "response_a", "response_b", "p", "source"} for c in comps)
   pm.check_skips(counts, "test", 0.5)

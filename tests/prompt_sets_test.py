@@ -4,7 +4,9 @@ import collections
 import gzip
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 
@@ -231,22 +233,31 @@ def test_hh_rlhf_gzip_and_load_prompts_detects_the_format(tmp_path):
   assert all(r["category"] == "hh_rlhf" for r in recs)
 
 
-def test_hh_rlhf_errors_name_the_line(tmp_path):
-  bad = [HH_ROWS[1], {"chosen": "\n\nHuman: hi\n\nAssistant: yo"}]
-  with pytest.raises(DataError, match=r"hh.jsonl:2: expected string fields 'chosen' and"):
-    ps.import_hh_rlhf(_write_jsonl(tmp_path / "hh.jsonl", bad))
-  bad = [HH_ROWS[1], {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi"}]
-  with pytest.raises(DataError, match=r"hh.jsonl:2: chosen: expected the transcript to end"):
-    ps.import_hh_rlhf(_write_jsonl(tmp_path / "hh.jsonl", bad))
-  bad = [{"chosen": "Human: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi\n\nAssistant: no"}]
-  with pytest.raises(DataError, match=r"hh.jsonl:1: chosen: expected a transcript starting"):
-    ps.import_hh_rlhf(_write_jsonl(tmp_path / "hh.jsonl", bad))
-  diverged = [HH_ROWS[0], {"chosen": "\n\nHuman: a\n\nAssistant: b",
-                           "rejected": "\n\nHuman: c\n\nAssistant: d"}]
-  path = _write_jsonl(tmp_path / "hh.jsonl", diverged)
-  with pytest.raises(DataError, match=r"hh.jsonl:2: chosen and rejected differ"):
-    ps.import_hh_rlhf(path)
-  assert len(ps.import_hh_rlhf(path, strict=False)) == 1
+def test_hh_rlhf_malformed_lines_are_named_and_left_out_unless_strict(tmp_path, caplog):
+  """strict=True: the first malformed line is an error naming it. By default (the public
+  files hold a few malformed lines) such lines are left out and counted in a warning that
+  names the first; a file with nothing left is an error."""
+  cases = [({"chosen": "\n\nHuman: hi\n\nAssistant: yo"},
+            r"hh.jsonl:2: expected string fields 'chosen' and"),
+           ({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi"},
+            r"hh.jsonl:2: chosen: expected the transcript to end"),
+           ({"chosen": "Human: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi\n\nAssistant: no"},
+            r"hh.jsonl:2: chosen: expected a transcript starting"),
+           ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},
+            r"hh.jsonl:2: chosen and rejected differ"),
+           ({"chosen": "\n\nHuman:\n\nAssistant: b", "rejected": "\n\nHuman:\n\nAssistant: d"},
+            r"hh.jsonl:2: the last human turn is empty")]
+  for row, message in cases:
+    path = _write_jsonl(tmp_path / "hh.jsonl", [HH_ROWS[0], row])
+    with pytest.raises(DataError, match=message):
+      ps.import_hh_rlhf(path, strict=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      assert [r["id"] for r in ps.import_hh_rlhf(path)] == ["hh-1"]
+    assert re.search(r"left out 1 of 2 HH-RLHF lines \(first: .*" + message, caplog.text)
+    with pytest.raises(DataError, match=r"no HH-RLHF comparisons\); every line was left out, "
+                                        r"first: .*hh.jsonl:1"):
+      ps.import_hh_rlhf(_write_jsonl(tmp_path / "hh.jsonl", [row]))
 
 
 def test_prompt_items_limit_out_of_range_is_refused():
