@@ -64,9 +64,21 @@ def iter_jsonl(path: str) -> Iterator[Tuple[int, Example]]:
       yield lineno, row
 
 
-def read_jsonl(path: str) -> List[Example]:
+class JsonlRows(list):
+  """The objects of a JSONL file (a list) that know their lines: ``where(i)`` is
+  'FILE:LINE' of row i (blank lines are not rows)."""
+
+  def __init__(self, path: str, numbered: Sequence[Tuple[int, Example]]):
+    super().__init__(row for _, row in numbered)
+    self.path, self.lines = path, [n for n, _ in numbered]
+
+  def where(self, i: int) -> str:
+    return f"{self.path}:{self.lines[i]}"
+
+
+def read_jsonl(path: str) -> JsonlRows:
   """Reads a JSONL file of objects; errors name the file and 1-based line number."""
-  rows = [row for _, row in iter_jsonl(path)]
+  rows = JsonlRows(path, list(iter_jsonl(path)))
   if not rows:
     raise DataError(f"{path}: no examples")
   return rows

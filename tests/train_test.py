@@ -152,9 +152,11 @@ def test_a_refused_train_lm_run_leaves_nothing_that_blocks_the_fixed_rerun(tmp_p
 def test_train_lm_refuses_conversations_with_nothing_to_train(tmp_path):
   from cai_jax.stages import train_lm
   path = tmp_path / "sharegpt.jsonl"
-  path.write_text('{"messages": [{"role": "human", "content": "q"}, {"role": "gpt", "content": "a"}]}\n' * 4)
+  good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+  path.write_text(good + "\n" + '{"messages": [{"role": "human", "content": "q"}, '
+                  '{"role": "gpt", "content": "a"}]}\n' + good * 3)
   tc = TrainConfig(num_steps=2, batch_size=2, seq_len=32, progress=False, async_checkpoint=False)
-  with pytest.raises(data.DataError, match=f"^{path}: example 0: no message has role 'assistant'"):
+  with pytest.raises(data.DataError, match=f"^{path}:3: no message has role 'assistant'"):
     train_lm.run(str(tmp_path / "out"), str(path), model=CFG, train_config=tc, mesh=MESH)
   assert not (tmp_path / "out").exists()
 

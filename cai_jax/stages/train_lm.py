@@ -142,8 +142,9 @@ def run(out_dir: str, dataset: str, model: ModelConfig = ModelConfig(),
   if tok is None:
     tok = load_tokenizer("byte")
   examples = data.load_examples(dataset, data_dir)
+  where = getattr(examples, "where", lambda i: f"{dataset}: example {i}")   # FILE:LINE of JSONL
   for i in range(len(examples)):
-    data.check_training_example(examples[i], f"{dataset}: example {i}")
+    data.check_training_example(examples[i], where(i))
   return fine_tune(out_dir, examples, model, optimizer, train_config, mesh, tok, chat_format,
                    init_params, stage="train_lm",
                    sources={"init_from": init_from, "tokenizer": tokenizer, "dataset": dataset})
