@@ -35,6 +35,8 @@ DEFAULT_MAX_BYTES = 8 * 2**30
 # File names of one entry in JAX's cache directory (jax._src.lru_cache).
 _CACHE_SUFFIX, _ATIME_SUFFIX = "-cache", "-atime"
 OFF = "none"
+# The values JAX reads as false in JAX_ENABLE_COMPILATION_CACHE (jax's bool_env).
+_FALSE = ("n", "no", "f", "false", "off", "0")
 
 
 def default_dir(environ: Optional[dict] = None) -> str:
@@ -49,14 +51,14 @@ def choose_dir(flag: Optional[str], environ: Optional[dict] = None) -> Optional[
 
   An explicit flag wins; then JAX_COMPILATION_CACHE_DIR; then default_dir(). A
   JAX_ENABLE_COMPILATION_CACHE of false / 0 in the environment turns it off unless the
-  flag names a directory.
+  flag names a directory (the values JAX reads as false: 0, false, f, no, n, off).
   """
   env = os.environ if environ is None else environ
   if flag is not None:
     if not flag.strip():
       raise ValueError("--compilation_cache is empty; give a directory or 'none'")
     return None if flag.strip().lower() == OFF else os.path.abspath(os.path.expanduser(flag))
-  if env.get(ENV_ENABLE, "").strip().lower() in ("0", "false", "no", "off"):
+  if env.get(ENV_ENABLE, "").strip().lower() in _FALSE:
     return None
   return os.path.abspath(os.path.expanduser(env.get(ENV_DIR) or default_dir(env)))
 
@@ -128,9 +130,10 @@ def configure(flag: Optional[str]) -> Optional[str]:
     except OSError as e:
       reason = e.strerror or str(e)
       if flag is not None or os.environ.get(ENV_DIR):
-        raise ValueError(f"--compilation_cache: cannot create or write {directory}: {reason}; "
-                         f"give another directory or 'none' ({ENV_MAX_SIZE}=-1 reads a "
-                         "read-only one)") from None
+        source = "--compilation_cache" if flag is not None else ENV_DIR
+        raise ValueError(f"{source}: cannot create or write {directory}: {reason}; "
+                         f"give another directory or --compilation_cache=none "
+                         f"({ENV_MAX_SIZE}=-1 reads a read-only one)") from None
       # The default place: a read-only home directory costs the cache, not the command.
       print(f"cai-jax: warning: cannot create the compilation cache {directory} ({reason}); "
             "running without it (--compilation_cache=DIR picks another place)", file=sys.stderr)

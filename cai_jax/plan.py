@@ -404,6 +404,19 @@ def rl_prompt_len(model_config: ModelConfig, ppo: PPOConfig, prompt_len: Optiona
   return p
 
 
+def rl_batch_error(ppo: PPOConfig, dims: Sequence[int]) -> Optional[str]:
+  """Why the rl stage refuses `ppo` on a mesh of `dims` (data, fsdp, tensor), or None: the
+  rollout batch and its minibatch rows must be multiples of the batch shards (data x fsdp),
+  as ``stages.rl`` checks."""
+  shards = _batch_shards(dims)
+  rows = ppo.rollout_batch // ppo.minibatches
+  if ppo.rollout_batch % shards or rows % shards:
+    return (f"plan: PPOConfig.rollout_batch={ppo.rollout_batch} with PPOConfig.minibatches="
+            f"{ppo.minibatches} ({rows} rows per minibatch) does not divide over the {shards} "
+            "batch shards (data x fsdp) of the mesh; rl refuses it")
+  return None
+
+
 def sample_config(model_config: ModelConfig) -> ModelConfig:
   """`model_config` as the rl plan compiles the sampler: ``unroll_decode`` None becomes
   False, what ``sampler.resolve_unroll_decode`` falls back to when a per-layer copy of the
@@ -540,6 +553,9 @@ def plan_on_devices(model_config: ModelConfig, mesh: MeshConfig, hbm_bytes: int,
     t0 = time.perf_counter()
     if stage == "rl":
       plen = rl_prompt_len(model_config, ppo, prompt_len)
+      error = rl_batch_error(ppo, dims)
+      if error:
+        raise ValueError(error)
       res = _plan_rl_stage(model_config, optimizer, ppo, plen, jmesh, rules, hbm_bytes, prune)
     else:
       res = _plan_train_stage(stage, model_config, optimizer, train_config, microbatches, jmesh,
@@ -789,7 +805,8 @@ def suggest_mesh(topology: str, model_config: ModelConfig = ModelConfig(),
                  exclude: Sequence[Tuple[Tuple[int, int, int], str, int]] = (),
                  compiler: str = "cpu") -> Optional[Dict[str, Any]]:
   """The first of ``mesh_candidates`` (each as asked, then with one sequence per batch shard
-  per microbatch when sl / pm are planned) on which every stage fits, or None.
+  per microbatch when sl / pm are planned) on which every stage fits, or None. With rl,
+  only meshes whose batch shards the rl stage accepts (``rl_batch_error``).
 
   exclude: (mesh dims, rules, microbatches) already known not to fit (the same dims under
   other rules shard differently and are still tried). compiler: as ``run``.
@@ -803,6 +820,8 @@ def suggest_mesh(topology: str, model_config: ModelConfig = ModelConfig(),
   group = []
   for cand in mesh_candidates(topo.devices):
     dims = mesh_dims(cand, topo.devices)
+    if "rl" in stages and rl_batch_error(ppo, dims):
+      continue
     options = microbatch_options(train_config.batch_size, dims, mb) if set(stages) & {"sl", "pm"} \
         else [mb]
     for m in options:
@@ -866,6 +885,9 @@ def run(topology: str, model_config: ModelConfig = ModelConfig(), mesh: MeshConf
     check_seq_len(model_config, train_config)
   if "rl" in stages:
     rl_prompt_len(model_config, ppo, prompt_len)
+    error = rl_batch_error(ppo, dims)
+    if error:
+      raise ValueError(error)
   _log(f"{topo.name}: {topo.devices} devices, mesh {dims} ({mesh.rules}); compiling "
        f"{', '.join(stages)} with {compiler_label(topo, compiler)}")
   job = _job(model_config, mesh, train_config, ppo, optimizer, stages, mb, prompt_len, hbm,
@@ -952,7 +974,8 @@ def docs_search(topology: str, presets: Sequence[str] = DOCS_PRESETS,
 
   Workload: sl / pm batch 2 x devices (global), seq DOCS_SEQ; rl DOCS_PPO at
   DOCS_PROMPT_LEN prompt columns. Each (preset, stage) tries ``mesh_candidates`` with
-  ``microbatch_options`` (sl / pm), pruned when the states alone exceed HBM.
+  ``microbatch_options`` (sl / pm; rl only those ``rl_batch_error`` accepts), pruned when
+  the states alone exceed HBM.
   """
   topo = parse_topology(topology)
   train = TrainConfig(batch_size=2 * topo.devices, seq_len=DOCS_SEQ)
@@ -965,6 +988,8 @@ def docs_search(topology: str, presets: Sequence[str] = DOCS_PRESETS,
       group = []
       for cand in mesh_candidates(topo.devices):
         dims = mesh_dims(cand, topo.devices)
+        if stage == "rl" and rl_batch_error(DOCS_PPO, dims):
+          continue
         options = [1] if stage == "rl" else microbatch_options(train.batch_size, dims, 1)
         for m in options:
           group.append(_job(cfg, cand, train, DOCS_PPO, OptimizerConfig(), [stage], m,
@@ -974,8 +999,8 @@ def docs_search(topology: str, presets: Sequence[str] = DOCS_PRESETS,
   results = _call_child({"devices": topo.devices, "groups": groups})["results"]
   out: Dict[str, Dict[str, Any]] = {}
   for (name, stage), tried in zip(keys, results):
-    out.setdefault(name, {})[stage] = {"found": tried[-1] if tried[-1]["fits"] else None,
-                                       "tried": len(tried)}
+    found = tried[-1] if tried and tried[-1]["fits"] else None
+    out.setdefault(name, {})[stage] = {"found": found, "tried": len(tried)}
   return out
 
 
@@ -1015,13 +1040,11 @@ def docs_table(topologies: Sequence[str] = DOCS_TOPOLOGIES,
       "the frozen reference and preference model are resident, plus the sampler's KV cache; "
       "the programs compiled are the policy and value updates, the rollout scoring and the "
       "sampler's prefill + decode of the rollout batch (stacked-layer decode).",
-      "- A batch whose rows the batch shards (data x fsdp) do not divide is replicated, not "
-      "split (a mesh axis that does not divide a dim is dropped): with more than "
-      f"{DOCS_PPO.rollout_batch // DOCS_PPO.minibatches} batch shards the "
-      f"{DOCS_PPO.rollout_batch // DOCS_PPO.minibatches}-row PPO minibatches run whole on "
-      f"every chip, and with more than {DOCS_PPO.rollout_batch} the "
-      f"{DOCS_PPO.rollout_batch}-row rollout scoring does (the sampler pads its batch to "
-      "one row per shard instead).",
+      "- An sl / pm batch whose rows the batch shards (data x fsdp) do not divide is "
+      "replicated, not split (a mesh axis that does not divide a dim is dropped). rl is "
+      "planned only on meshes whose batch shards divide the "
+      f"{DOCS_PPO.rollout_batch // DOCS_PPO.minibatches}-row PPO minibatches and the "
+      f"{DOCS_PPO.rollout_batch}-row rollout batch: the rl stage refuses the others.",
       "- Presets as in `gin/models/` (bfloat16 compute, float32 parameters and AdamW state, "
       "full remat, scanned layers); default `OptimizerConfig` (AdamW + global-norm clipping).",
       "",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -58,11 +59,14 @@ def rules_for(name: str) -> Rules:
 def mesh_shape(config: MeshConfig, num_devices: int) -> Tuple[int, int, int]:
   """Resolves the -1 entry of (data, fsdp, tensor) against the device count."""
   dims = [config.data, config.fsdp, config.tensor]
+  if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d == 0 or d < -1
+         for d in dims):
+    raise ValueError(f"MeshConfig: data, fsdp and tensor must be positive integers or -1, got "
+                     f"data={dims[0]!r} fsdp={dims[1]!r} tensor={dims[2]!r}")
+  dims = [int(d) for d in dims]
   free = [i for i, d in enumerate(dims) if d == -1]
   if len(free) > 1:
     raise ValueError(f"MeshConfig: at most one dim may be -1, got data={dims[0]} fsdp={dims[1]} tensor={dims[2]}")
-  if any(d == 0 or d < -1 for d in dims):
-    raise ValueError(f"MeshConfig: dims must be positive or -1, got {dims}")
   known = int(np.prod([d for d in dims if d != -1]))
   if free:
     if num_devices % known:

@@ -136,3 +136,27 @@ def test_a_size_limit_evicts_the_least_recently_used_entries(tmp_path):
   assert len(old_f) == 1 and len(new_f) == 1 and new_f != old_f   # f went out, f' came in
   names = set(os.listdir(directory))
   assert all(n[:-len("-cache")] + "-atime" in names for n in new)
+
+
+@pytest.mark.parametrize("value", ["n", "No", "f", "FALSE", "off", "0"])
+def test_every_value_jax_reads_as_false_turns_it_off(value, tmp_path, monkeypatch):
+  """JAX_ENABLE_COMPILATION_CACHE as JAX reads it (its bool_env), not a subset."""
+  from jax._src.config import bool_env
+  env = {cc.ENV_DIR: str(tmp_path), cc.ENV_ENABLE: value}
+  assert cc.choose_dir(None, env) is None
+  assert cc.choose_dir(None, dict(env, **{cc.ENV_ENABLE: "t"})) == str(tmp_path)
+  monkeypatch.setenv(cc.ENV_ENABLE, value)
+  assert bool_env(cc.ENV_ENABLE, True) is False
+
+
+def test_a_directory_that_cannot_be_created_names_where_it_came_from(tmp_path, monkeypatch):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv(cc.ENV_DIR, str(blocker / "from_env"))
+  with pytest.raises(ValueError, match=rf"^{cc.ENV_DIR}: cannot create or write "
+                                       rf"{blocker}/from_env: Not a directory; ") as e:
+    cc.configure(None)
+  assert "\n" not in str(e.value) and "--compilation_cache=none" in str(e.value)
+  with pytest.raises(ValueError, match=rf"^--compilation_cache: cannot create or write "
+                                       rf"{blocker}/from_flag: "):
+    cc.configure(str(blocker / "from_flag"))

@@ -253,7 +253,8 @@ def test_docs_table_cells(monkeypatch):
   rl = lines.index("## rl")
   assert lines[rl + 4] == "| `810m` | 0.82B | fsdp 2 x tp 4 (12.2) |"   # no microbatches in rl
   assert "27 mesh trials" in text     # 3 stages x (3 for 810m + 6 for 52b)
-  assert "with more than 16 batch shards the 16-row PPO minibatches run whole" in text
+  assert ("rl is planned only on meshes whose batch shards divide the 16-row PPO minibatches "
+          "and the 64-row rollout batch: the rl stage refuses the others") in text
 
 
 def test_sampler_rows_pad_to_the_batch_shards():
@@ -342,3 +343,31 @@ def test_sl_and_pm_refuse_a_batch_longer_than_the_context():
   with pytest.raises(ValueError, match="seq_len=513"):
     plan.plan_on_devices(TINY, MeshConfig(data=1, fsdp=1, tensor=1), 2**30, long,
                          stages=("sl",), devices=jax.devices()[:1])
+
+
+def test_rl_is_planned_only_on_meshes_the_rl_stage_accepts(monkeypatch):
+  """stages.rl refuses a rollout batch or minibatch its batch shards (data x fsdp) do not
+  divide; the plan refuses it too (before any compile), and its searches skip those meshes."""
+  ppo = PPOConfig(rollout_batch=16, minibatches=4, max_new_tokens=8)    # 4-row minibatches
+  seen = []
+
+  def fake_child(request):
+    seen.extend(request["groups"][0])
+    return {"results": [[{"fits": False}]]}
+
+  monkeypatch.setattr(plan, "_call_child", fake_child)
+  message = (r"^plan: PPOConfig\.rollout_batch=16 with PPOConfig\.minibatches=4 \(4 rows per "
+             r"minibatch\) does not divide over the 8 batch shards \(data x fsdp\) of the mesh; "
+             r"rl refuses it$")
+  with pytest.raises(ValueError, match=message):
+    plan.run("v5p-16", TINY, MeshConfig(data=2, fsdp=4, tensor=1), ppo=ppo, stages=("rl",))
+  with pytest.raises(ValueError, match=message):
+    plan.plan_on_devices(TINY, MeshConfig(data=1, fsdp=8, tensor=1), 2**30, ppo=ppo,
+                         stages=("rl",), prompt_len=24)
+  assert not seen
+  plan.suggest_mesh("v5p-16", TINY, ppo=ppo, stages=("sl", "rl"), prompt_len=24)
+  assert {(j["mesh"]["fsdp"], j["mesh"]["tensor"]) for j in seen} == {(2, 4), (1, 8)}
+  # docs/PLAN.md's rl workload (16-row minibatches) on 128 chips: only fsdp 16 x tensor 8.
+  seen.clear()
+  plan.docs_search("v5p-256", ["tiny"], stages=("rl",))
+  assert [(j["mesh"]["fsdp"], j["mesh"]["tensor"]) for j in seen] == [(16, 8)]

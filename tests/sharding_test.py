@@ -19,6 +19,13 @@ def test_mesh_shape_resolves_minus_one():
     sharding.mesh_shape(MeshConfig(4, 4, 1), 8)
 
 
+@pytest.mark.parametrize("data", ["2", 2.0, 2.5, True, 0, -2, None])
+def test_mesh_dims_that_are_not_integers_are_one_line_errors(data):
+  with pytest.raises(ValueError, match=r"^MeshConfig: data, fsdp and tensor must be positive "
+                                       rf"integers or -1, got data={data!r} fsdp=-1 tensor=1$"):
+    sharding.mesh_shape(MeshConfig(data, -1, 1), 8)
+
+
 def test_mesh_uses_first_devices_when_smaller():
   mesh = sharding.make_mesh(MeshConfig(1, 2, 1))
   assert mesh.devices.size == 2 and mesh.axis_names == ("data", "fsdp", "tensor")
