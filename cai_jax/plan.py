@@ -413,7 +413,8 @@ def rl_batch_error(ppo: PPOConfig, dims: Sequence[int]) -> Optional[str]:
   if ppo.rollout_batch % shards or rows % shards:
     return (f"plan: PPOConfig.rollout_batch={ppo.rollout_batch} with PPOConfig.minibatches="
             f"{ppo.minibatches} ({rows} rows per minibatch) does not divide over the {shards} "
-            "batch shards (data x fsdp) of the mesh; rl refuses it")
+            "batch shards (data x fsdp) of the mesh; rl refuses it (a rollout_batch that is a "
+            f"multiple of {shards * ppo.minibatches} runs, or leave rl out of plan.stages)")
   return None
 
 

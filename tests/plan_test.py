@@ -358,7 +358,8 @@ def test_rl_is_planned_only_on_meshes_the_rl_stage_accepts(monkeypatch):
   monkeypatch.setattr(plan, "_call_child", fake_child)
   message = (r"^plan: PPOConfig\.rollout_batch=16 with PPOConfig\.minibatches=4 \(4 rows per "
              r"minibatch\) does not divide over the 8 batch shards \(data x fsdp\) of the mesh; "
-             r"rl refuses it$")
+             r"rl refuses it \(a rollout_batch that is a multiple of 32 runs, or leave rl out of "
+             r"plan\.stages\)$")
   with pytest.raises(ValueError, match=message):
     plan.run("v5p-16", TINY, MeshConfig(data=2, fsdp=4, tensor=1), ppo=ppo, stages=("rl",))
   with pytest.raises(ValueError, match=message):
