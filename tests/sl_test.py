@@ -130,22 +130,22 @@ def test_sl_end_to_end_on_tiny_model(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"id": "a", "prompt": "p", "rounds": "abc"}, r"row 2: field 'rounds' must be a non-empty list"),
+    ({"id": "a", "prompt": "p", "rounds": "abc"}, r"field 'rounds' must be a non-empty list"),
     ({"id": "a", "prompt": "p", "rounds": [{"critique": "c"}]},
-     r"row 2: rounds\[0\]: field 'revision' must be a string, got missing"),
+     r"rounds\[0\]: field 'revision' must be a string, got missing"),
     ({"id": "a", "prompt": "p", "rounds": [{"revision": None}]},
-     r"row 2: rounds\[0\]: field 'revision' must be a string, got NoneType"),
-    ({"id": "a", "rounds": [{"revision": "r"}]}, r"row 2: field 'prompt' must be a string"),
-    ({"id": "a", "prompt": 5, "rounds": [{"revision": "r"}]}, r"row 2: field 'prompt' must be a string"),
+     r"rounds\[0\]: field 'revision' must be a string, got NoneType"),
+    ({"id": "a", "rounds": [{"revision": "r"}]}, r"field 'prompt' must be a string"),
+    ({"id": "a", "prompt": 5, "rounds": [{"revision": "r"}]}, r"field 'prompt' must be a string"),
     ({"id": "a", "prompt": "p", "messages": "hi", "rounds": [{"revision": "r"}]},
-     r"row 2: 'messages' must be a non-empty list"),
-    ({"id": "h", "prompt": "p", "response": None}, r"row 2: field 'response' must be a string"),
-    ({"id": "h", "prompt": "p", "revision": "typo"}, r"row 2: expected 'rounds' .* or 'response'"),
+     r"'messages' must be a non-empty list"),
+    ({"id": "h", "prompt": "p", "response": None}, r"field 'response' must be a string"),
+    ({"id": "h", "prompt": "p", "revision": "typo"}, r"expected 'rounds' .* or 'response'"),
 ])
-def test_malformed_records_are_named_by_file_row_and_field(tmp_path, bad, message):
+def test_malformed_records_are_named_by_file_line_and_field(tmp_path, bad, message):
   path = tmp_path / "cr.jsonl"
-  path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(bad) + "\n")
-  with pytest.raises(data.DataError, match=f"^{path}: {message}"):
+  path.write_text(json.dumps(RECORDS[0]) + "\n\n" + json.dumps(bad) + "\n")
+  with pytest.raises(data.DataError, match=f"^{path}:3: {message}"):
     sl.read_records(str(path))
   with pytest.raises(data.DataError, match=r"^record 1 \((a|h)\): "):
     sl.build_examples([RECORDS[0], bad], [], "all", 0.0, 0)
@@ -154,7 +154,7 @@ def test_malformed_records_are_named_by_file_row_and_field(tmp_path, bad, messag
 def test_helpful_data_rows_need_a_response_and_flags_are_range_checked(tmp_path):
   path = tmp_path / "helpful.jsonl"
   path.write_text(json.dumps({"prompt": "q", "answer": "a"}) + "\n")
-  with pytest.raises(data.DataError, match=f"^{path}: row 1: expected 'rounds' .* or 'response'"):
+  with pytest.raises(data.DataError, match=f"^{path}:1: expected 'rounds' .* or 'response'"):
     sl.read_records(str(path))
   with pytest.raises(ValueError, match=r"^sl.helpful_ratio=-1.0; expected >= 0"):
     sl.build_examples(RECORDS, [], "all", -1.0, 0)

@@ -52,7 +52,7 @@ def read_records(source: str) -> List[dict]:
   for name, rows in per_shard.items():
     rows[:] = [from_sample_row(r) for r in rows]
     for j, r in enumerate(rows):
-      check_record(r, f"{name}: row {j + 1}")
+      check_record(r, rows.where(j) if isinstance(rows, data.JsonlRows) else f"{name}: row {j + 1}")
   return [r for rows in per_shard.values() for r in rows]
 
 
