@@ -82,8 +82,9 @@ def masked_var(x: Array, mask: Array, axis=None, keepdims: bool = False,
   Returns x's units squared, reduced over `axis`; 0 where no entry is counted.
   """
   x = _float(x)
-  mean = masked_mean(x, mask, axis, keepdims=True)
-  sq = masked_sum(jnp.square(x - mean), mask, axis, keepdims)
+  m = _mask(mask, x)
+  mean = masked_mean(x, m, axis, keepdims=True)
+  sq = masked_sum(jnp.square(jnp.where(m, x, 0.0) - mean), m, axis, keepdims)
   count = masked_count(mask, x, axis, keepdims)
   denom = jnp.maximum(count - 1.0, 1.0) if unbiased else jnp.maximum(count, 1.0)
   return sq / denom
@@ -101,7 +102,7 @@ def whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8) ->
   m = _mask(mask, x)
   mean = masked_mean(x, m)
   var = masked_var(x, m)
-  out = (x - mean) * jax.lax.rsqrt(var + eps)
+  out = (jnp.where(m, x, 0.0) - mean) * jax.lax.rsqrt(var + eps)
   if not shift_mean:
     out = out + mean
   return jnp.where(m, out, x)

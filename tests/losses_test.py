@@ -65,6 +65,24 @@ def test_whiten_normalizes_masked_entries_and_leaves_pads():
   np.testing.assert_allclose(kept[mask].std(), 1.0, rtol=1e-4)
 
 
+def test_variance_and_whiten_gradients_ignore_nan_pads():
+  """NaN at a pad leaks into no gradient: masked_var and whiten differentiate as if the pads
+  held any finite value."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(3, 6)).astype(np.float32)
+  mask = _ragged_mask(rng, 3, 6, left_pad_rows=(1,))
+  assert (~mask).any()
+  weights = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+  fns = {"masked_var": lambda v: losses.masked_var(v, mask),
+         "whiten": lambda v: jnp.sum(jnp.where(mask, losses.whiten(v, mask), 0.0) * weights)}
+  for name, fn in fns.items():
+    want = np.asarray(jax.grad(fn)(jnp.where(mask, x, 0.0)))
+    got = np.asarray(jax.grad(fn)(jnp.where(mask, x, jnp.nan)))
+    assert np.all(np.isfinite(got)), name
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert np.abs(want[mask]).max() > 1e-3, name
+
+
 # ---------------------------------------------------------------- soft Bradley–Terry
 
 
