@@ -71,7 +71,10 @@ def _block_class(config: ModelConfig):
 
 
 class Decoder(nn.Module):
-  """Llama-family decoder. head: 'lm' (logits) or 'scalar' (one value per position)."""
+  """Llama-family decoder. head: 'lm' (logits) or 'scalar' (one value per position).
+
+  Attention is full causal attention (no sliding window): ``convert`` gives a
+  sliding-window checkpoint max_seq_len = its window, within which the two agree."""
 
   config: ModelConfig
   head: str = "lm"
