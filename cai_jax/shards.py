@@ -33,7 +33,7 @@ import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from cai_jax import distributed
+from cai_jax import data, distributed
 
 MANIFEST = "manifest.json"
 SHARD_PREFIX = "shard-"
@@ -84,17 +84,10 @@ def partition(items: Sequence[Any], shard_size: int) -> List[List[Tuple[int, Any
 
 
 def read_jsonl(path: str) -> List[dict]:
-  """The JSON objects of a shard file, one per non-blank line; ValueError "FILE:LINE: ..."
-  for a line that is not JSON (e.g. a file cut short by something other than this module)."""
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-  return rows
+  """The JSON objects of a shard file, one per non-blank line (``data.iter_jsonl``):
+  DataError "FILE:LINE: ..." for a line that is not a JSON object (e.g. a file cut short
+  by something other than this module)."""
+  return [row for _, row in data.iter_jsonl(path)]
 
 
 def _read_manifest(path: str) -> Dict[str, Any]:

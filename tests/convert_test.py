@@ -425,7 +425,6 @@ def test_gguf_with_quantized_1d_tensors(qtype, tmp_path, mesh_tp):
 def test_gguf_shape_mismatch_or_missing_tensor_names_the_gguf_tensor(hf_models, tmp_path):
   """Errors name the file and the tensor as the GGUF file stores it (blk.N.*, ggml dims
   reversed to rows first), not the HF name the loader maps it to."""
-  import gguf
   path = tmp_path / "ffn.gguf"
   _write_gguf(hf_models["llama"], path, extra=lambda w: w.add_uint32("llama.feed_forward_length", 80))
   with pytest.raises(ValueError, match=re.escape(f"{path}: tensor blk.0.ffn_down.weight has shape "
@@ -433,22 +432,8 @@ def test_gguf_shape_mismatch_or_missing_tensor_names_the_gguf_tensor(hf_models, 
     convert.load_gguf(str(path))
   full = tmp_path / "full.gguf"
   _write_gguf(hf_models["llama"], full)
-  src = gguf.GGUFReader(str(full))
   cut = tmp_path / "cut.gguf"
-  w = gguf.GGUFWriter(str(cut), "llama")
-  for field in src.fields.values():
-    if field.name == "tokenizer.ggml.tokens":
-      w.add_token_list(field.contents())
-    elif field.name.startswith("llama."):
-      value = field.contents()
-      (w.add_float32 if isinstance(value, float) else w.add_uint32)(field.name, value)
-  for t in src.tensors:
-    if t.name != "blk.1.attn_k.weight":
-      w.add_tensor(t.name, np.asarray(t.data).reshape(tuple(reversed([int(d) for d in t.shape]))))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  _rewrite_gguf(full, cut, lambda name, data: None if name == "blk.1.attn_k.weight" else data)
   with pytest.raises(ValueError, match=re.escape(f"{cut}: tensor blk.1.attn_k.weight is missing "
                                                  "(expected shape (32, 64)")):
     convert.load_gguf(str(cut))
@@ -477,12 +462,11 @@ def test_gguf_metadata_errors_name_the_file(arch, add, what, tmp_path):
     convert.config_from_gguf(read_gguf(str(path)))
 
 
-def test_gguf_with_an_integer_weight_tensor_is_refused(hf_models, tmp_path):
+def _rewrite_gguf(source, out, tensor):
+  """Copies the llama.* and tokenizer metadata and the tensors of GGUF file `source` (written
+  by ``_write_gguf``) to `out`, each tensor as tensor(name, data) gives it (None: left out)."""
   import gguf
-  path = tmp_path / "int.gguf"
-  _write_gguf(hf_models["llama"], path)
-  src = gguf.GGUFReader(str(path))
-  out = tmp_path / "int_weight.gguf"
+  src = gguf.GGUFReader(str(source))
   w = gguf.GGUFWriter(str(out), "llama")
   for field in src.fields.values():
     if field.name.startswith("llama.") or field.name.startswith("tokenizer."):
@@ -494,14 +478,21 @@ def test_gguf_with_an_integer_weight_tensor_is_refused(hf_models, tmp_path):
       else:
         w.add_uint32(field.name, value)
   for t in src.tensors:
-    data = np.asarray(t.data).reshape(tuple(reversed([int(d) for d in t.shape])))
-    if t.name == "blk.0.ffn_down.weight":
-      data = data.astype(np.int32)
-    w.add_tensor(t.name, np.ascontiguousarray(data))
+    data = tensor(t.name, np.asarray(t.data).reshape(tuple(reversed([int(d) for d in t.shape]))))
+    if data is not None:
+      w.add_tensor(t.name, np.ascontiguousarray(data))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
+
+
+def test_gguf_with_an_integer_weight_tensor_is_refused(hf_models, tmp_path):
+  path = tmp_path / "int.gguf"
+  _write_gguf(hf_models["llama"], path)
+  out = tmp_path / "int_weight.gguf"
+  _rewrite_gguf(path, out, lambda name, data: data.astype(np.int32)
+                if name == "blk.0.ffn_down.weight" else data)
   with pytest.raises(ValueError, match=r"int_weight\.gguf: tensor blk\.0\.ffn_down\.weight has type I32"):
     convert.load_gguf(str(out))
 
