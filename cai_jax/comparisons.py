@@ -17,6 +17,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from cai_jax import data, shards
+from cai_jax.tokenizer import ROLES
 
 _LOG = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _conversation(record: dict, where: str) -> List[Dict[str, str]]:
   if "messages" in record:
     msgs = data.example_messages({"messages": record["messages"]}, where)
     for j, m in enumerate(msgs):
-      if m["role"] not in ("system", "user", "assistant"):
+      if m["role"] not in ROLES:
         raise data.DataError(f"{where}: messages[{j}].role is {m['role']!r}; expected system, "
                              "user or assistant")
     if msgs[-1]["role"] != "user":

@@ -1019,8 +1019,7 @@ def text_generate_fn(params: Params, config: ModelConfig, tok: Any, stops: Seque
   over the rows) and the rest of each as its prompt. Without a prefix, BOS goes in front
   of each prompt when the tokenizer wants one, and left truncation keeps it. Generation
   stops at EOS or the token sequences of `stops` (``tokenizer.stop_token_sequences``); the
-  returned text is the decoded content tokens (trailing EOS / stop tokens removed;
-  callers still trim at the stop strings).
+  returned text is ``GenerateResult.text`` (cut at the first of `stops`).
   """
   from cai_jax.tokenizer import encode_after, stop_token_sequences, with_bos
   base = SamplingParams(
@@ -1036,6 +1035,6 @@ def text_generate_fn(params: Params, config: ModelConfig, tok: Any, stops: Seque
     res = generate(params, config, ids, dataclasses.replace(base, seed=seed), batch_size,
                    mesh=mesh, rules=rules, progress=False, prefix=pre or None, truncate=truncate,
                    bos_id=tok.bos_id)
-    return [tok.decode(res.content_tokens(i).tolist()) for i in range(len(texts))]
+    return [res.text(i, tok.decode, stops) for i in range(len(texts))]
 
   return fn

@@ -860,6 +860,8 @@ def save_tokenizer(tok: Tokenizer, directory: str) -> str:
 # ----------------------------------------------------------------------------
 
 CHAT_FORMATS = ("chatml", "llama3", "raw")
+ROLES = ("system", "user", "assistant")
+Segments = list[tuple[str, bool]]
 
 
 def check_chat_format(fmt: str, setting: str = "unknown chat format",
@@ -870,8 +872,6 @@ def check_chat_format(fmt: str, setting: str = "unknown chat format",
   if fmt not in allowed:
     sep = " " if setting.startswith("unknown") else "="
     raise ValueError(f"{setting}{sep}{fmt!r}; expected one of {allowed}")
-ROLES = ("system", "user", "assistant")
-Segments = list[tuple[str, bool]]
 
 
 # The turn markers of each chat format; a tokenizer of a model trained on the format has

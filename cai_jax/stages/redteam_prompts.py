@@ -40,6 +40,7 @@ equals the one of a single process on the same global mesh.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -51,7 +52,7 @@ import numpy as np
 
 from cai_jax import distributed, monitors, prompt_sets
 from cai_jax.configs import MeshConfig
-from cai_jax.tokenizer import trim_at_stop, with_bos
+from cai_jax.tokenizer import with_bos
 
 # (prompt texts, sampling seed) -> one completion per text
 GenerateFn = Callable[[List[str], int], List[str]]
@@ -145,8 +146,8 @@ class ModelGenerator:
                                     params, self.batch_size, mesh=self.mesh, rules=self.rules,
                                     progress=self.progress, truncate="left",
                                     bos_id=self.tok.bos_id)
-    return [trim_at_stop(self.tok.decode(result.content_tokens(i).tolist(), skip_special_tokens=True),
-                     self.stops) for i in range(len(texts))]
+    decode = functools.partial(self.tok.decode, skip_special_tokens=True)
+    return [result.text(i, decode, self.stops) for i in range(len(texts))]
 
 
 def _round_seed(seed: int, r: int) -> int:
