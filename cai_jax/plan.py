@@ -863,6 +863,8 @@ def run(topology: str, model_config: ModelConfig = ModelConfig(), mesh: MeshConf
   model: {name, params, ...}, stages: {stage: {params_bytes, opt_state_bytes, temp_bytes,
   kv_cache_bytes, other_bytes, total_bytes, hbm_bytes, fits, headroom_bytes, programs, ...}},
   fits, suggestion (when searched), seconds}; the table (``format_table``) goes to stderr.
+  A mesh on which the rl stage would refuse `ppo` (``rl_batch_error``) plans the other stages
+  and gives rl as {refused: reason} (fits False, so a mesh that runs every stage is searched).
   Raises ValueError for a bad topology (naming --topology), stage, mesh, batch split or
   compiler, RuntimeError when compiler 'gpu' finds no CUDA plugin.
   """
@@ -884,16 +886,25 @@ def run(topology: str, model_config: ModelConfig = ModelConfig(), mesh: MeshConf
                      f"{train_config.batch_size}")
   if set(stages) & {"sl", "pm"}:
     check_seq_len(model_config, train_config)
+  refused = None
   if "rl" in stages:
     rl_prompt_len(model_config, ppo, prompt_len)
-    error = rl_batch_error(ppo, dims)
-    if error:
-      raise ValueError(error)
-  _log(f"{topo.name}: {topo.devices} devices, mesh {dims} ({mesh.rules}); compiling "
-       f"{', '.join(stages)} with {compiler_label(topo, compiler)}")
-  job = _job(model_config, mesh, train_config, ppo, optimizer, stages, mb, prompt_len, hbm,
-             prune=False)
-  planned = _call_child(_request(topo, [[job]], compiler))["results"][0][0]
+    refused = rl_batch_error(ppo, dims)
+  compiled = tuple(s for s in stages if not (s == "rl" and refused))
+  if compiled:
+    _log(f"{topo.name}: {topo.devices} devices, mesh {dims} ({mesh.rules}); compiling "
+         f"{', '.join(compiled)} with {compiler_label(topo, compiler)}")
+    job = _job(model_config, mesh, train_config, ppo, optimizer, compiled, mb, prompt_len, hbm,
+               prune=False)
+    planned = _call_child(_request(topo, [[job]], compiler))["results"][0][0]
+  else:
+    planned = {"mesh": list(dims), "rules": mesh.rules, "microbatches": mb, "stages": {}}
+  if refused:
+    refused = refused[len("plan: "):]
+    _log(f"rl: refused: {refused}")
+    planned["stages"] = {s: ({"refused": refused} if s == "rl"
+                             else planned["stages"][s]) for s in stages}
+    planned["fits"] = False
   result: Dict[str, Any] = {"topology": topo.name, "devices": topo.devices, "hbm_gib": hbm_gib,
                             "compiler": compiler_label(topo, compiler),
                             "model": _model_summary(model_config), **planned}
@@ -930,7 +941,12 @@ def format_table(result: Dict[str, Any]) -> str:
   cols = ("stage", "rows x seq", "params", "optimizer", "temp", "kv cache", "other", "total",
           "HBM", "headroom", "fits")
   rows = [cols]
+  notes = []
   for name, s in result["stages"].items():
+    if "refused" in s:
+      rows.append((name, "refused") + ("-",) * (len(cols) - 3) + ("NO",))
+      notes.append(f"{name} refused: {s['refused']}")
+      continue
     shape = f"{s['rows']} x {s['seq']}"
     if name == "pm":
       shape = f"2x{s['rows']} x {s['seq']}"
@@ -950,6 +966,7 @@ def format_table(result: Dict[str, Any]) -> str:
   for r in rows:
     lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                            for i, (c, w) in enumerate(zip(r, widths))))
+  lines.extend(notes)
   if "suggestion" in result:
     sug = result["suggestion"]
     lines.append("suggestion: " + ("no candidate mesh fits" if sug is None else

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import importlib.util
 
 import flax.linen as nn
@@ -347,7 +348,8 @@ def test_sl_and_pm_refuse_a_batch_longer_than_the_context():
 
 def test_rl_is_planned_only_on_meshes_the_rl_stage_accepts(monkeypatch):
   """stages.rl refuses a rollout batch or minibatch its batch shards (data x fsdp) do not
-  divide; the plan refuses it too (before any compile), and its searches skip those meshes."""
+  divide; the plan reports rl as refused there (without compiling it) and still plans the
+  other stages, and its searches skip those meshes."""
   ppo = PPOConfig(rollout_batch=16, minibatches=4, max_new_tokens=8)    # 4-row minibatches
   seen = []
 
@@ -356,13 +358,14 @@ def test_rl_is_planned_only_on_meshes_the_rl_stage_accepts(monkeypatch):
     return {"results": [[{"fits": False}]]}
 
   monkeypatch.setattr(plan, "_call_child", fake_child)
-  message = (r"^plan: PPOConfig\.rollout_batch=16 with PPOConfig\.minibatches=4 \(4 rows per "
-             r"minibatch\) does not divide over the 8 batch shards \(data x fsdp\) of the mesh; "
-             r"rl refuses it \(a rollout_batch that is a multiple of 32 runs, or leave rl out of "
-             r"plan\.stages\)$")
-  with pytest.raises(ValueError, match=message):
-    plan.run("v5p-16", TINY, MeshConfig(data=2, fsdp=4, tensor=1), ppo=ppo, stages=("rl",))
-  with pytest.raises(ValueError, match=message):
+  reason = ("PPOConfig.rollout_batch=16 with PPOConfig.minibatches=4 (4 rows per minibatch) "
+            "does not divide over the 8 batch shards (data x fsdp) of the mesh; rl refuses it "
+            "(a rollout_batch that is a multiple of 32 runs, or leave rl out of plan.stages)")
+  result = plan.run("v5p-16", TINY, MeshConfig(data=2, fsdp=4, tensor=1), ppo=ppo,
+                    stages=("rl",), suggest=False)
+  assert result["stages"] == {"rl": {"refused": reason}} and result["fits"] is False
+  assert "\nrl refused: " + reason in plan.format_table(result)
+  with pytest.raises(ValueError, match="^plan: " + re.escape(reason) + "$"):
     plan.plan_on_devices(TINY, MeshConfig(data=1, fsdp=8, tensor=1), 2**30, ppo=ppo,
                          stages=("rl",), prompt_len=24)
   assert not seen
@@ -372,3 +375,36 @@ def test_rl_is_planned_only_on_meshes_the_rl_stage_accepts(monkeypatch):
   seen.clear()
   plan.docs_search("v5p-256", ["tiny"], stages=("rl",))
   assert [(j["mesh"]["fsdp"], j["mesh"]["tensor"]) for j in seen] == [(16, 8)]
+
+
+def test_a_refused_rl_still_plans_the_other_stages_and_searches_a_mesh(monkeypatch):
+  """On a mesh rl refuses, `run` compiles only sl, reports rl as refused in stage order, and
+  (fits False) searches a mesh on which rl runs."""
+  ppo = PPOConfig(rollout_batch=16, minibatches=4, max_new_tokens=8)
+  jobs = []
+  gib = 2**30
+  sl = {"rows": 8, "seq": 64, "microbatches": 1, "params_bytes": gib, "opt_state_bytes": gib,
+        "temp_bytes": gib, "kv_cache_bytes": 0, "other_bytes": 0, "total_bytes": 3 * gib,
+        "hbm_bytes": 95 * gib, "headroom_bytes": 92 * gib, "fits": True}
+
+  def fake_child(request):
+    group = request["groups"][0]
+    jobs.append(group)
+    job = group[-1]
+    return {"results": [[{"mesh": [job["mesh"]["data"], job["mesh"]["fsdp"], job["mesh"]["tensor"]],
+                          "rules": job["mesh"]["rules"], "microbatches": job["microbatches"],
+                          "stages": {s: dict(sl, total_bytes=s == "rl" and 4 * gib or 3 * gib)
+                                     for s in job["stages"]}, "fits": True}]]}
+
+  monkeypatch.setattr(plan, "_call_child", fake_child)
+  result = plan.run("v5p-16", TINY, MeshConfig(data=1, fsdp=8, tensor=1), TrainConfig(batch_size=8),
+                    ppo=ppo, stages=("rl", "sl"), prompt_len=24)
+  assert list(jobs[0][0]["stages"]) == ["sl"]
+  assert list(result["stages"]) == ["rl", "sl"] and "refused" in result["stages"]["rl"]
+  assert result["stages"]["sl"]["fits"] and not result["fits"]
+  found = result["suggestion"]
+  assert found["total_bytes"] == {"rl": 4 * gib, "sl": 3 * gib}
+  assert plan.rl_batch_error(ppo, found["mesh"]) is None
+  table = plan.format_table(result)
+  assert re.search(r"^rl +refused( +-)+ +NO$", table, re.M), table
+  assert "suggestion: " in table and "fits every stage" in table
