@@ -316,6 +316,17 @@ def test_both_orders_removes_planted_position_bias(tmp_path):
   assert wrong_single > 0
 
 
+def test_a_nan_log_prob_is_an_error_naming_the_comparison(tmp_path):
+  """A NaN log-prob (a broken feedback model) is not written as a p_a = 0.5 label."""
+  score = FakeScore(lambda c: (math.nan, -1.0) if "Harmful question 4?" in c else (-1.0, -2.0))
+  with pytest.raises(ValueError, match=r"^feedback: the feedback model \(.*\) gave a NaN "
+                                       r"log-prob for comparison q4 \(principle [\w-]+, order "
+                                       r"AB\); 1 of 3 questions of shard 1 have one$"):
+    _run(tmp_path, score=score)
+  assert os.path.exists(tmp_path / "shard-00000.jsonl")
+  assert not os.path.exists(tmp_path / "shard-00001.jsonl")
+
+
 # ----------------------------------------------------------------------------------------
 # Randomness, resumption, config.
 
@@ -362,6 +373,28 @@ def test_changed_config_is_refused(tmp_path):
   with pytest.raises(ValueError, match="both_orders"):
     _run(tmp_path, both_orders=True)
   assert _run(tmp_path, batch_size=3, max_skip_fraction=0.9)["shards_run"] == 0
+
+
+def test_bad_settings_are_one_line_errors_naming_them(tmp_path):
+  """Non-integers are refused, not truncated (n_principles=1.5 drew 1 principle, seed=2.7
+  drew seed 2's); a misspelt template name is named as one."""
+  for kw, flag in [(dict(n_principles=1.5), "n_principles"), (dict(cot_samples=2.5), "cot_samples"),
+                   (dict(shard_size=0), "shard_size"), (dict(batch_size=0), "batch_size"),
+                   (dict(max_new_tokens=0), "max_new_tokens")]:
+    with pytest.raises(ValueError, match=rf"^feedback\.{flag} must be an integer >= 1, got "):
+      _run(tmp_path / flag, **kw)
+  with pytest.raises(ValueError, match=r"^feedback\.seed must be an integer in \[0, 2\*\*32\), "
+                                       r"got 2\.7$"):
+    _run(tmp_path / "seed", seed=2.7)
+  with pytest.raises(ValueError, match=r"^feedback\.cot_answer_cue must be a string, got None$"):
+    _run(tmp_path / "cue", chain_of_thought=True, cot_answer_cue=None)
+  with pytest.raises(ValueError, match=r"^feedback template: 'paperr' is neither a template name "
+                                       r"\(default, paper\) nor a template with the slots"):
+    _run(tmp_path / "name", template="paperr")
+  with pytest.raises(ValueError, match=r"^feedback cot_template must be a string \(a template "
+                                       r"or one of default, paper\), got None$"):
+    _run(tmp_path / "none", cot_template=None)
+  assert not os.path.exists(tmp_path / "name")
 
 
 def test_empty_responses_are_skipped(tmp_path, caplog):
@@ -435,6 +468,26 @@ def test_tiny_model_end_to_end(tmp_path):
     assert 0.4 <= r["p_a"] <= 0.6
     assert np.shape(r["logprob_a"]) == (1, 2, 2) and len(r["reasoning"][0][1]) == 2
   assert "clamped_fraction" in stats and "position_bias" in stats
+
+
+def test_a_too_long_question_is_named_by_its_comparison(tmp_path):
+  """Was "prompt 2 has N tokens ..." (the row of the score call: two per question, so a
+  number no prompt has) with truncate=None."""
+  path, cfg, _, _ = _tiny_model(str(tmp_path / "tiny"))
+
+  def gen(prefix, texts, seed):
+    return ["x" * cfg.max_seq_len if "Yo?" in t else "ok" for t in texts]
+
+  prompts = [{"prompt": "Hi?", "id": "a"}, {"prompt": "Yo?", "id": "b"}]
+  args = dict(prompts=prompts, policy=path, constitution=CONST, few_shot=False, generate_fn=gen,
+              batch_size=4, progress=False)
+  with pytest.raises(ValueError, match=r"^feedback: the question of comparison b \(principle "
+                                       r"[\w-]+, order AB\) has \d+ tokens with its option, more "
+                                       r"than the feedback model's max_seq_len=512; set "
+                                       r"feedback\.truncate='left'"):
+    fb.run(str(tmp_path / "out"), **args)
+  fb.run(str(tmp_path / "left"), truncate="left", **args)
+  assert len(fb.read_comparisons(str(tmp_path / "left"))) == 2
 
 
 @pytest.mark.slow

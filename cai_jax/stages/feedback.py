@@ -10,7 +10,8 @@ the two answer continuations " (A)" and " (B)" give a soft label
 Each log-prob is the total log-prob of the WHOLE option continuation after the
 question text. The option tokens are found by tokenizing question + option and
 taking what follows the question's tokens (so a tokenizer that merges the option with
-the text before it is still scored correctly); see ``model_score_fn``.
+the text before it is still scored correctly); see ``model_score_fn``. A NaN log-prob
+is a ValueError naming the comparison, not a label of 0.5.
 
 Prompt layout (the feedback model reads plain text; `chat_format` only shapes the
 policy's sampling):
@@ -201,6 +202,9 @@ def clamp(p: float, lo: float, hi: float) -> float:
 def resolve_template(template: str, names: Dict[str, str], what: str = "template") -> str:
   """`template` itself, or the template a name in `names` stands for; checks the slots
   (exactly TEMPLATE_SLOTS, each at least once, no positional fields or format specs)."""
+  if not isinstance(template, str):
+    raise ValueError(f"feedback {what} must be a string (a template or one of "
+                     f"{', '.join(names)}), got {template!r}")
   text = names.get(template, template)
   try:
     fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text)
@@ -213,6 +217,10 @@ def resolve_template(template: str, names: Dict[str, str], what: str = "template
                        f"{', '.join('{' + s + '}' for s in TEMPLATE_SLOTS)} (write literal "
                        "braces as {{ }})")
   missing = [s for s in TEMPLATE_SLOTS if s not in {f for f, _, _ in fields}]
+  if not fields:
+    raise ValueError(f"feedback {what}: {template!r} is neither a template name "
+                     f"({', '.join(names)}) nor a template with the slots "
+                     f"{', '.join('{' + s + '}' for s in TEMPLATE_SLOTS)}")
   if missing:
     raise ValueError(f"feedback {what}: missing slot(s) "
                      f"{', '.join('{' + s + '}' for s in missing)}")
@@ -334,15 +342,33 @@ def model_generate_fn(params: Any, config: Any, tok: Any, stops: Sequence[str],
                                   batch_size, mesh=mesh, rules=rules, truncate=truncate)
 
 
+class QuestionTooLong(ValueError):
+  """A question (context) of a score call does not fit the model with its longest option.
+
+  Attributes: index (of the context in the call), tokens (context + option), max_seq_len.
+  """
+
+  def __init__(self, index: int, tokens: int, max_seq_len: int):
+    super().__init__(f"question {index} of the score call has {tokens} tokens with its "
+                     f"option, more than max_seq_len={max_seq_len}; shorten it or pass "
+                     "truncate='left' to keep its last tokens")
+    self.index, self.tokens, self.max_seq_len = index, tokens, max_seq_len
+
+
 def model_score_fn(params: Any, config: Any, tok: Any, batch_size: int, mesh=None, rules=None,
                    truncate: Optional[str] = None) -> ScoreFn:
-  """A ScoreFn over ``sampler.sum_logprobs`` with ``tokenizer.encode_after`` tokenization."""
+  """A ScoreFn over ``sampler.sum_logprobs`` with ``tokenizer.encode_after`` tokenization.
+  With truncate=None a context that does not fit config.max_seq_len with an option raises
+  QuestionTooLong (naming the context's index in the call)."""
   from cai_jax import sampler
 
   def fn(contexts: Sequence[str], options: Sequence[str]) -> np.ndarray:
     prompts, conts = [], []
-    for c in contexts:
+    for k, c in enumerate(contexts):
       head, opts = encode_after(tok, c, options)
+      longest = len(head) + max((len(o) for o in opts), default=0)
+      if truncate is None and longest > config.max_seq_len:
+        raise QuestionTooLong(k, longest, config.max_seq_len)
       for o in opts:
         if not head:
           raise ValueError("feedback: a question tokenizes to no tokens before the options")
@@ -498,12 +524,28 @@ def _feedback_shard(items: Sequence[Tuple[int, dict]], shard: int, st: _Setup,
   else:
     contexts = [prefix + question for _, prefix, question in units]
 
+  def comparison(u):
+    c, pi, oi, _ = units[u][0]
+    i, item, _, _, ps = comps[c]
+    return f"comparison {item.get('id', i)} (principle {ps[pi].id}, order {st.orders[oi]})"
+
   scores = np.zeros((0, 2))
   if contexts:
-    scores = np.asarray(score(contexts, OPTIONS), np.float64)
+    try:
+      scores = np.asarray(score(contexts, OPTIONS), np.float64)
+    except QuestionTooLong as e:
+      raise ValueError(f"feedback: the question of {comparison(e.index)} has {e.tokens} tokens "
+                       f"with its option, more than the feedback model's max_seq_len="
+                       f"{e.max_seq_len}; set feedback.truncate='left' to keep its last tokens, "
+                       "or shorten it (max_new_tokens, few_shot)") from None
     if scores.shape != (len(contexts), len(OPTIONS)):
       raise ValueError(f"score_fn returned shape {scores.shape} for {len(contexts)} contexts "
                        f"and {len(OPTIONS)} options")
+    nan_rows = np.flatnonzero(np.isnan(scores).any(axis=1))
+    if nan_rows.size:
+      raise ValueError(f"feedback: the feedback model ({st.meta.get('feedback_model')}) gave a "
+                       f"NaN log-prob for {comparison(nan_rows[0])}; {nan_rows.size} of "
+                       f"{len(contexts)} questions of shard {shard} have one")
 
   n_p, n_o = st.n_principles, len(st.orders)
   la = [[[[0.0] * n_samples for _ in range(n_o)] for _ in range(n_p)] for _ in comps]
@@ -583,7 +625,8 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
     seed: base of principle draws and sampler seeds (0 <= seed < 2**32).
     limit: use only the first `limit` prompts (after `split`).
     split: with a prompt spec, the prompt_sets split to read ('train'; None = all).
-    truncate: None errors on a too-long context; 'left' keeps its last tokens.
+    truncate: None errors on a too-long context (a question: naming its comparison);
+      'left' keeps its last tokens.
     max_skip_fraction: error when more than this fraction of the comparisons is skipped
       for an empty response.
     mesh: device mesh for the models. progress: tqdm bar over shards.
@@ -602,15 +645,18 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
   t0 = time.perf_counter()
   if not out_dir:
     raise ValueError("feedback.out_dir is not set (use --out_dir=DIR)")
-  if n_principles < 1:
-    raise ValueError(f"n_principles must be >= 1, got {n_principles}")
-  if cot_samples < 1:
-    raise ValueError(f"cot_samples must be >= 1, got {cot_samples}")
+  for flag, value in (("n_principles", n_principles), ("cot_samples", cot_samples),
+                      ("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
+                      ("shard_size", shard_size)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"feedback.{flag} must be an integer >= 1, got {value!r}")
   if not 0.0 <= cot_clamp_lo <= cot_clamp_hi <= 1.0:
     raise ValueError(f"need 0 <= cot_clamp_lo <= cot_clamp_hi <= 1, got "
                      f"[{cot_clamp_lo}, {cot_clamp_hi}]")
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ValueError(f"feedback.seed must be an integer in [0, 2**32), got {seed!r}")
+  if chain_of_thought and not isinstance(cot_answer_cue, str):
+    raise ValueError(f"feedback.cot_answer_cue must be a string, got {cot_answer_cue!r}")
   check_chat_format(chat_format, "feedback.chat_format")
   if not 0.0 <= max_skip_fraction <= 1.0:
     raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
