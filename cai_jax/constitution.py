@@ -353,14 +353,19 @@ def _clean_nonempty(file: str, key: str, text: str, clean, what: str) -> str:
 
 
 def _transcript(file: str, key: str, value: Any) -> str:
-  """A cleaned critique/revision transcript whose six turns appear in order."""
+  """A cleaned critique/revision transcript that starts with its 'Human:' turn and whose
+  six turns appear in order, each at the start or after a blank line ('\\n\\n')."""
   text = clean_transcript(_string(file, key, value, "transcript"))
+  if not text.startswith(_TRANSCRIPT_TURNS[0]):
+    raise ConstitutionError(file, key, f"transcript must start with its "
+                            f"{_TRANSCRIPT_TURNS[0]!r} turn, got {text[:30]!r}")
   pos = 0
   for turn in _TRANSCRIPT_TURNS:
-    m = re.compile(r"^" + re.escape(turn), re.MULTILINE).search(text, pos)
+    m = re.compile(r"(?:^|\n\n)" + re.escape(turn)).search(text, pos)
     if m is None:
       raise ConstitutionError(file, key, f"transcript lacks a {turn!r} turn (turns must come "
-                              f"in the order {' '.join(_TRANSCRIPT_TURNS)})")
+                              f"in the order {' '.join(_TRANSCRIPT_TURNS)}, separated by "
+                              "blank lines)")
     pos = m.end()
   return text
 

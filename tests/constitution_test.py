@@ -244,6 +244,15 @@ BAD_CASES = [
     ("transcript-no-revision", lambda d: d["critique_revision_few_shot"].insert(0, 
         "Human: hi\n\nAssistant: hello\n\nCritiqueRequest: ok?\n\nCritique: fine"),
      "critique_revision_few_shot[0]", "lacks a 'RevisionRequest:' turn"),
+    # Turns on single newlines: the chat formats would read one user message.
+    ("transcript-single-newlines", lambda d: d["critique_revision_few_shot"].insert(0,
+        "Human: hi\nAssistant: go away\nCritiqueRequest: rude?\nCritique: yes\n"
+        "RevisionRequest: be kind\nRevision: hello"),
+     "critique_revision_few_shot[0]", "lacks a 'Assistant:' turn"),
+    ("transcript-preamble", lambda d: d["critique_revision_few_shot"].insert(1,
+        "An example.\n\nHuman: hi\n\nAssistant: go away\n\nCritiqueRequest: rude?\n\n"
+        "Critique: yes\n\nRevisionRequest: be kind\n\nRevision: hello"),
+     "critique_revision_few_shot[1]", "must start with its 'Human:' turn"),
     ("fb-few-shot-empty-corrects", lambda d: d["feedback_few_shot"][0].update(corrects=[]),
      "feedback_few_shot[0].corrects", "empty list"),
     ("fb-few-shot-mixed-answers",

@@ -115,6 +115,25 @@ def test_empty_revision_is_recorded_but_the_last_response_carries_on(tmp_path):
   assert rec["final_revision"] == "I won't help."
 
 
+@pytest.mark.parametrize("outs, unchanged", [
+    ([" A", " c", "", " c", " A"], 1),   # round 2 returns its input (A) unchanged
+    ([" A", " c", "", " c", ""], 0),     # two empty revisions: neither equals its input A
+])
+def test_unchanged_revisions_compare_with_the_input_of_the_round(tmp_path, outs, unchanged):
+  outs = iter(outs)
+  stats = _run(tmp_path, lambda prefix, texts, seed: [next(outs)], prompts=[{"prompt": "q"}])
+  assert stats["unchanged_revisions"] == unchanged
+
+
+def test_a_generate_fn_returning_too_few_helpful_texts_is_an_error(tmp_path):
+  def gen(prefix, texts, seed):
+    return [" x"] * (len(texts) if len(texts) == 1 else 1)
+
+  with pytest.raises(ValueError, match="returned 1 texts for 3 prompts"):
+    _run(tmp_path, gen, prompts=PROMPTS[:1], helpful_prompts=HELPFUL, n_rounds=1)
+  assert not os.path.exists(tmp_path / "helpful-00000.jsonl")
+
+
 def test_multi_turn_prompt(tmp_path):
   conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
           {"role": "user", "content": "Help me lie to my boss."}]
@@ -129,6 +148,16 @@ def test_multi_turn_prompt(tmp_path):
   assert "messages" not in hrec      # a one-turn conversation is just the prompt
   with pytest.raises(ValueError, match="ending with a user turn"):
     _run(tmp_path / "bad", prompts=[{"prompt": "x", "messages": conv[:2]}])
+
+
+def test_a_system_message_is_set_off_from_the_few_shot_head(tmp_path):
+  conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+  gen = FakeGenerate()
+  _run(tmp_path, gen, prompts=[{"prompt": "Hi?", "messages": conv}], n_rounds=1)
+  assert gen.calls[0][1] == ["Be brief.\n\nHuman: Hi?\n\nAssistant:"]
+  head = cr.raw_few_shot_head(FEW_SHOT)
+  for prefix, (text,), _ in gen.calls[1:]:
+    assert prefix == head and text.startswith("\n\nBe brief.\n\nHuman: Hi?\n\nAssistant: out-")
 
 
 def test_few_shot_off_and_transcript_cleaning(tmp_path):
@@ -262,6 +291,13 @@ def test_a_changed_model_is_refused(tmp_path):
                                                           models.init(cfg, jax.random.PRNGKey(1))))
   with pytest.raises(ValueError, match=r"differs in: model_fingerprints\)"):
     _run(tmp_path / "out", model=model)
+
+
+@pytest.mark.parametrize("n_rounds", [-1, 1.5, True])
+def test_a_bad_n_rounds_is_named_before_anything_is_written(tmp_path, n_rounds):
+  with pytest.raises(ValueError, match=r"^critique_revision.n_rounds must be an integer >= 0"):
+    _run(tmp_path / "out", n_rounds=n_rounds)
+  assert not os.path.exists(tmp_path / "out")
 
 
 def test_empty_prompt_set_is_an_error(tmp_path):

@@ -193,6 +193,9 @@ def test_argument_errors(tmp_path, seeds):
     rp.run(str(tmp_path / "neg.jsonl"), seed_prompts=seeds, seed_split=None, progress=False,
            max_generated=-5, generate_fn=ScriptedSampler([" A brand new request, long enough"]))
   assert not os.path.exists(tmp_path / "neg.jsonl")
+  with pytest.raises(ValueError, match=r"^redteam_prompts: seed=-1 must be >= 0$"):
+    rp.run(str(tmp_path / "neg.jsonl"), seed_prompts=seeds, seed_split=None, progress=False,
+           seed=-1, generate_fn=ScriptedSampler([" A brand new request, long enough"]))
 
 
 def test_default_seeds_are_the_shipped_red_team_train_split(tmp_path):

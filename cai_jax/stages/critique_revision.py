@@ -19,7 +19,8 @@ Text formats:
           The initial response is sampled from "\\n\\nHuman: {prompt}\\n\\nAssistant:"
           (no few-shot head). Generations stop at (and are trimmed before) any of
           RAW_STOPS, then stripped. A multi-turn prompt (an item with "messages")
-          is written as its whole transcript in place of "\\n\\nHuman: {prompt}".
+          is written as its whole transcript in place of "\\n\\nHuman: {prompt}" (after
+          the few-shot head, a system message's text starts after a blank line).
   chatml, llama3: the same turns as chat messages (tokenizer.render_chat): the prompt,
           the critique request and the revision request are user turns; the response,
           the critique and the revision are assistant turns; each generation is a new
@@ -75,6 +76,7 @@ multi-process run resumes a run directory written by any number of processes.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -201,14 +203,21 @@ class PromptBuilder:
       return "", raw_response_prompt(raw_conversation(conv))
     return self._chat(list(conv), with_head=False)
 
+  def _raw_after_head(self, conv: Messages) -> str:
+    """The raw conversation as it follows the few-shot head: a conversation opening with
+    a system message's text is set off from the head's last turn by a blank line."""
+    text = raw_conversation(conv)
+    return "\n\n" + text if self.head and not text.startswith("\n\n") else text
+
   def critique(self, conv: Messages, response: str, p) -> Tuple[str, str]:
     if self.fmt == "raw":
-      return self.head, raw_critique_prompt(raw_conversation(conv), response, p.critique_request)
+      return self.head, raw_critique_prompt(self._raw_after_head(conv), response,
+                                            p.critique_request)
     return self._chat(_critique_messages(conv, response, p), with_head=True)
 
   def revision(self, conv: Messages, response: str, p, critique: str) -> Tuple[str, str]:
     if self.fmt == "raw":
-      return self.head, raw_revision_prompt(raw_conversation(conv), response,
+      return self.head, raw_revision_prompt(self._raw_after_head(conv), response,
                                             p.critique_request, critique, p.revision_request)
     msgs = _critique_messages(conv, response, p) + [
         {"role": "assistant", "content": critique},
@@ -277,7 +286,8 @@ def _shard_sums(rows: Sequence[dict], helpful: bool) -> Dict[str, int]:
       s["empty_critiques"] += not rd["critique"]
       s["empty_revisions"] += not rd["revision"]
       s["unchanged_revisions"] += rd["revision"] == before
-      before = rd["revision"]
+      if rd["revision"].strip():   # an empty revision leaves the next round's input as is
+        before = rd["revision"]
   return s
 
 
@@ -376,6 +386,8 @@ def _helpful_shard(items: Sequence[Tuple[int, dict]], shard: int, seed: int,
   pre = {c[0] for c in contexts}
   assert len(pre) == 1, pre
   texts = gen(pre.pop(), [c[1] for c in contexts], call_seed(seed, 1, shard, 0))
+  if len(texts) != len(contexts):
+    raise ValueError(f"generate_fn returned {len(texts)} texts for {len(contexts)} prompts")
   out = []
   for (i, item), t in zip(items, texts):
     rec = {"id": str(item.get("id", f"helpful-{i}")), "prompt": item["prompt"]}
@@ -436,8 +448,8 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
   t0 = time.perf_counter()
   if not out_dir:
     raise ValueError("critique_revision.out_dir is not set (use --out_dir=DIR)")
-  if n_rounds < 0:
-    raise ValueError(f"n_rounds must be >= 0, got {n_rounds}")
+  if isinstance(n_rounds, bool) or not isinstance(n_rounds, numbers.Integral) or n_rounds < 0:
+    raise ValueError(f"critique_revision.n_rounds must be an integer >= 0, got {n_rounds!r}")
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   check_chat_format(chat_format, "critique_revision.chat_format")

@@ -197,6 +197,8 @@ def run(out: str, seed_prompts: str = "red_team", model: str = "", n_new: int = 
   if max_generated < 0:
     raise ValueError(f"redteam_prompts: max_generated={max_generated} must be >= 0 "
                      "(0 means 8 * n_new)")
+  if seed < 0:
+    raise ValueError(f"redteam_prompts: seed={seed} must be >= 0")
   if not 0 <= min_chars <= max_chars:
     raise ValueError(f"redteam_prompts: need 0 <= min_chars={min_chars} <= max_chars={max_chars}")
   all_seeds = prompt_sets.load_prompts(seed_prompts, None, data_dir)
