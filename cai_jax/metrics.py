@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import time
 from typing import Any, Dict, Mapping, Optional
 
 import jax
@@ -30,15 +31,41 @@ def _scalar(v: Any) -> float:
 _TB_FILES = itertools.count()
 
 
-def _tensorboard_writer(tb_dir: str, purge_step: Optional[int] = None):
-  """A tensorboardX SummaryWriter on a file of its own: tensorboardX names event files by
-  the second and host and opens them with 'wb', so a second writer started within the same
-  second in the same directory would empty the first one's file; the process id and a
-  zero-padded counter in the name keep them apart (and in order). `purge_step`:
-  TensorBoard hides the events of earlier files at steps >= purge_step."""
-  from tensorboardX import SummaryWriter  # deferred: optional heavy import
-  return SummaryWriter(tb_dir, purge_step=purge_step,
-                       filename_suffix=f".{os.getpid()}.{next(_TB_FILES):06d}")
+class _EventFile:
+  """One TensorBoard event file of scalars, written synchronously: each ``add`` is on disk
+  (flushed to the OS) when it returns, as its metrics.jsonl row is, so a run killed after a
+  checkpoint keeps the events of the steps it will not redo (tensorboardX's SummaryWriter
+  hands them to a thread that writes them every two minutes).
+
+  tensorboardX names event files by the second and host and opens them with 'wb', so a second
+  file started within the same second in the same directory would empty the first one's; the
+  process id and a zero-padded counter in the name keep them apart (and in order).
+  `purge_step`: the file starts with a SessionLog START at that step, so TensorBoard hides
+  the events of earlier files at steps >= purge_step.
+  """
+
+  def __init__(self, tb_dir: str, purge_step: Optional[int] = None):
+    from tensorboardX.event_file_writer import EventsWriter  # deferred: optional heavy import
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    os.makedirs(tb_dir, exist_ok=True)
+    self._writer = EventsWriter(os.path.join(tb_dir, "events"),
+                                f".{os.getpid()}.{next(_TB_FILES):06d}")
+    if purge_step is not None:
+      self._writer.write_event(Event(wall_time=time.time(), step=purge_step,
+                                     session_log=SessionLog(status=SessionLog.START)))
+    self._writer.flush()
+
+  def add(self, step: int, values: Mapping[str, float]) -> None:
+    """Writes `values` (name -> float) at `step`, one event, and flushes it."""
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.summary import scalar
+    tags = [v for k, x in values.items() for v in scalar(k, x).value]
+    self._writer.write_event(Event(wall_time=time.time(), step=step, summary=Summary(value=tags)))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 class MetricsWriter:
@@ -73,7 +100,7 @@ class MetricsWriter:
     if self._tb_dir is not None:
       if self._tb is not None:
         self._tb.close()
-      self._tb = _tensorboard_writer(self._tb_dir, purge_step=step + 1)
+      self._tb = _EventFile(self._tb_dir, purge_step=step + 1)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> Dict[str, float]:
     """Logs `scalars` (arrays or numbers) at `step`; returns them as floats."""
@@ -85,10 +112,9 @@ class MetricsWriter:
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is None and self._tb_dir is not None:
-      self._tb = _tensorboard_writer(self._tb_dir)
+      self._tb = _EventFile(self._tb_dir)
     if self._tb is not None:
-      for k, v in values.items():
-        self._tb.add_scalar(k, v, int(step))
+      self._tb.add(int(step), values)
     return values
 
   def close(self):

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -155,9 +156,14 @@ def expand(grid: Grid) -> List[Dict[str, Any]]:
 
 
 def gin_value(value: Any) -> str:
-  """A value in gin (Python literal) syntax: 'b' -> '"b"', True -> 'True', 0.01 -> '0.01'."""
+  """A value in gin (Python literal) syntax: 'b' -> '"b"', True -> 'True', 0.01 -> '0.01',
+  inf -> '1e999' (gin reads no 'inf'); NaN, which gin has no literal for, is a ValueError."""
   if isinstance(value, str):
     return json.dumps(value)
+  if isinstance(value, float) and not math.isfinite(value):
+    if math.isnan(value):
+      raise ValueError(f"cannot write {value!r} as a gin value (gin has no literal for NaN)")
+    return "1e999" if value > 0 else "-1e999"
   if value is None or isinstance(value, (bool, int, float)):
     return repr(value)
   if isinstance(value, (list, tuple)):
@@ -209,13 +215,38 @@ def run_name(bindings: Dict[str, Any], shorts: Dict[str, str]) -> str:
   return name
 
 
+def check_extra_args(extra_args: Sequence[str], keys: Sequence[str]) -> None:
+  """ValueError naming an argument after -- that would make the runs alike: one setting
+  --out_dir (absl keeps the last one: every run would write there) or binding a grid key
+  (gin keeps the last binding: every run would get its value)."""
+  for i, arg in enumerate(extra_args):
+    if not arg.startswith("-"):
+      continue
+    flag, sep, value = arg.lstrip("-").partition("=")
+    if flag == "out_dir":
+      raise ValueError(f"the argument {arg!r} after -- sets --out_dir, which the sweep gives "
+                       "each run (out_root/NAME); set --out_root instead")
+    if flag.startswith("gin."):
+      key = flag[len("gin."):]
+    elif flag == "gin_bindings":
+      binding = value if sep else (extra_args[i + 1] if i + 1 < len(extra_args) else "")
+      key = binding.partition("=")[0]
+    else:
+      continue
+    if key.strip() in keys:
+      raise ValueError(f"the argument {arg!r} after -- binds the grid key {key.strip()}, which "
+                       "the sweep binds in each run; drop it or the grid key")
+
+
 def make_runs(grid: Grid, command: str, out_root: str, base: Sequence[str] = (),
               extra_args: Sequence[str] = (), cai_jax: Sequence[str] = ("cai-jax",)) -> List[Run]:
   """Expands the grid into runs with their names, out_dirs and cai-jax command lines.
 
-  Names that coincide after sanitising get a digest of their bindings appended.
+  Names that coincide after sanitising get a digest of their bindings appended; extra_args
+  that set --out_dir or bind a grid key are a ValueError (``check_extra_args``).
   """
   points = expand(grid)
+  check_extra_args(extra_args, [k for k, _ in grid])
   shorts = short_keys([k for k, _ in grid])
   names = [run_name(p, shorts) for p in points]
   dup = {n for n in names if names.count(n) > 1}
@@ -322,7 +353,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
   p.add_argument("--launcher", default="local", choices=LAUNCHERS, help="local: cai-jax here; "
                  f"tpu: {TPU_SCRIPT} run on every TPU worker; slurm: sbatch {SLURM_SCRIPT}")
   p.add_argument("--cai_jax", default="cai-jax", help="the cai-jax executable, split like a "
-                 "shell word list (e.g. 'python -m cai_jax.main')")
+                 "shell word list (e.g. 'python -m cai_jax.main'); --launcher=local only")
   p.set_defaults(run=False)
   return p.parse_args(argv), extra
 
@@ -335,6 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cai_jax = shlex.split(args.cai_jax)
     if not cai_jax:
       raise ValueError("--cai_jax is empty")
+    if args.launcher != "local" and cai_jax != ["cai-jax"]:
+      raise ValueError(f"--cai_jax applies to --launcher=local only ({TPU_SCRIPT} runs "
+                       f"REMOTE_DIR/.venv/bin/cai-jax, {SLURM_SCRIPT} the CAI_JAX variable)")
     runs = make_runs(grid, args.command, args.out_root, args.base, extra, cai_jax)
   except (ValueError, FileNotFoundError) as e:
     print(f"sweep.py: error: {e}", file=sys.stderr)

@@ -269,6 +269,19 @@ def test_slurm_bad_usage():
   assert proc.returncode != 0 and "--mode must be auto or explicit" in proc.stderr
 
 
+
+@pytest.mark.parametrize("arg", ["--distributed=none", "--distributed", "--coordinator_address=h:1",
+                                 "--num_processes=2", "-process_id=0"])
+def test_slurm_refuses_the_distributed_flags_it_sets(arg):
+  """The script appends --distributed (and, explicit, the coordinator, count and id); absl keeps
+  the last value, so one given among the cai-jax arguments was dropped without a word."""
+  proc = _bash("launch/slurm.sbatch", "--dry-run", "sl", arg, "--out_dir=o")
+  assert proc.returncode == 2 and not proc.stdout
+  assert proc.stderr.splitlines()[0] == (
+      f"slurm.sbatch: error: cai-jax flag {arg.split('=')[0]} is set by this script "
+      "(choose --mode=auto or --mode=explicit)")
+  assert _lines(_bash("launch/slurm.sbatch", "--dry-run", "sl", "--gin.x.distributed=1"))
+
 # ----------------------------------------------------------------------------- bench/gpu.sh
 
 

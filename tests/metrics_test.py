@@ -103,3 +103,23 @@ def test_writers_started_within_one_second_keep_their_own_event_files(tmp_path):
   replace_eval_row(str(tmp_path), 1, {"eval/accuracy": 0.5})
   assert _tensorboard_scalars(os.path.join(tmp_path, "tb")) == {
       "loss": [(1, 1.0)], "eval/accuracy": [(1, 0.5)]}
+
+
+def test_rows_written_before_a_kill_reach_tensorboard(tmp_path):
+  """A run killed (SIGKILL) after its checkpoint of step 3 resumes at step 4: the TensorBoard
+  events of steps 1..3 must be on disk by then, as the JSONL rows are (tensorboardX buffered
+  them for up to two minutes, so they were lost for good)."""
+  import subprocess
+  import sys
+  script = ("import os, signal, sys\n"
+            "from cai_jax.metrics import MetricsWriter\n"
+            "w = MetricsWriter(sys.argv[1])\n"
+            "for step in (1, 2, 3):\n"
+            "  w.write(step, {'loss': float(step)})\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+  proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                        text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == -9, proc.stderr
+  assert [r["step"] for r in read_jsonl_metrics(os.path.join(tmp_path, "metrics.jsonl"))] == [1, 2, 3]
+  assert _tensorboard_scalars(os.path.join(tmp_path, "tb")) == {
+      "loss": [(1, 1.0), (2, 2.0), (3, 3.0)]}

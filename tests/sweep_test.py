@@ -246,3 +246,47 @@ def test_run_with_a_missing_executable(tmp_path, capsys):
   capsys.readouterr()
   runs = json.loads((root / "sweep.json").read_text())["runs"]
   assert [(r["status"], r["exit_code"]) for r in runs] == [("failed", 127)]
+
+
+def test_infinite_values_are_written_as_gin_reads_them_and_nan_is_refused(capsys):
+  """gin reads neither 'inf' nor 'nan' (every run of such a sweep failed in its gin parse)."""
+  assert sweep.gin_value(float("inf")) == "1e999"
+  assert sweep.gin_value([float("-inf"), 0.5]) == "[-1e999, 0.5]"
+  assert ast.literal_eval(sweep.gin_value(float("-inf"))) == float("-inf")
+  assert sweep.main(["--command=rl", "--out_root=o", "--grid",
+                     "OptimizerConfig.max_grad_norm=[1.0, Infinity]"]) == 0
+  assert capsys.readouterr().out.splitlines()[1] == (
+      "cai-jax rl --gin.OptimizerConfig.max_grad_norm=1e999 --out_dir=o/max_grad_norm=inf")
+  assert sweep.main(["--command=rl", "--out_root=o", "--grid", "x=[1, NaN]"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--grid 'x=[1, NaN]': cannot write nan as a gin value" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--out_dir=elsewhere"], "'--out_dir=elsewhere' after -- sets --out_dir"),
+    (["--out_dir", "elsewhere"], "'--out_dir' after -- sets --out_dir"),
+    (["--gin.PPOConfig.kl_coef=0.5"], "'--gin.PPOConfig.kl_coef=0.5' after -- binds the grid "
+                                      "key PPOConfig.kl_coef"),
+    (["--gin_bindings=PPOConfig.kl_coef = 0.5"], "binds the grid key PPOConfig.kl_coef"),
+    (["--gin_bindings", "PPOConfig.kl_coef=0.5"], "binds the grid key PPOConfig.kl_coef"),
+])
+def test_extra_args_that_would_make_every_run_the_same_are_refused(extra, message, capsys):
+  """absl keeps the last --out_dir and gin the last binding: such an argument after -- would
+  send every run to one out_dir, or give every run the same value of a grid key."""
+  assert sweep.main(["--command=rl", "--out_root=o", "--grid", "PPOConfig.kl_coef=[0.1, 0.2]",
+                     "--", *extra]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("sweep.py: error: ") and message in err
+  assert sweep.main(["--command=rl", "--out_root=o", "--grid", "PPOConfig.kl_coef=[0.1, 0.2]",
+                     "--", "--gin.PPOConfig.clip=0.3", "--gin_bindings=rl.iterations=2"]) == 0
+  assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+@pytest.mark.parametrize("launcher", ["tpu", "slurm"])
+def test_cai_jax_with_another_launcher_is_refused(launcher, capsys):
+  """tpu runs REMOTE_DIR/.venv/bin/cai-jax and slurm $CAI_JAX: --cai_jax was dropped silently."""
+  assert sweep.main(["--command=rl", "--out_root=o", "--grid", "x=[1]", f"--launcher={launcher}",
+                     "--cai_jax=python -m cai_jax.main"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1
+  assert err.startswith(f"sweep.py: error: --cai_jax applies to --launcher=local only")
