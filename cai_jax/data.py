@@ -1,9 +1,13 @@
 """Training data: JSONL / TFDS readers and grain pipelines of fixed-shape batches.
 
-An *example* is a dict in one of three forms:
+An *example* is a dict in one of four forms:
   {"text": str}                                   loss on every token
   {"prompt": str, "completion": str}              a user turn and an assistant turn
+  {"prompt": [messages], "completion": str}       a conversation as context, then an
+                                                  assistant turn: loss on that turn only
   {"messages": [{"role": ..., "content": ...}]}   a conversation; loss on assistant turns
+(the third is TRL's conversational prompt-completion form; its completion may also be a
+list of assistant messages).
 Tokenized, each becomes ``{"tokens", "mask", "loss_mask"}``, each [seq_len]
 (int32, bool, bool), right-padded with the tokenizer's pad id and truncated on
 the right. Batching stacks them to [batch, seq_len].
@@ -153,27 +157,46 @@ def _check_str_field(example: Example, key: str, where: str) -> None:
     raise DataError(f"{where}: '{key}' must be a string, got {type(example[key]).__name__}")
 
 
-def example_messages(example: Example, where: str = "example") -> Optional[List[Dict[str, str]]]:
-  """The conversation of a prompt/completion or messages example (None for plain text);
-  DataError naming `where` and the field when a field has the wrong type."""
+def _check_messages(msgs: Any, key: str, where: str) -> List[Dict[str, str]]:
+  """`msgs` if it is a non-empty list of {role: non-empty str, content: str} dicts;
+  DataError naming `where` and the field `key` otherwise."""
+  if not isinstance(msgs, list) or not msgs:
+    raise DataError(f"{where}: '{key}' must be a non-empty list")
+  for j, m in enumerate(msgs):
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+      raise DataError(f"{where}: {key}[{j}] needs 'role' and 'content'")
+    if not isinstance(m["role"], str) or not m["role"]:
+      raise DataError(f"{where}: {key}[{j}].role must be a non-empty string")
+    if not isinstance(m["content"], str):
+      raise DataError(f"{where}: {key}[{j}].content must be a string, got "
+                      f"{type(m['content']).__name__}")
+  return msgs
+
+
+def example_conversation(example: Example, where: str = "example"
+                         ) -> Optional[Tuple[List[Dict[str, str]], int]]:
+  """(messages, trained_from) of a conversation example, None for plain text: the
+  assistant messages at index >= trained_from are the ones trained (0 for 'messages'
+  and a text prompt; the completion's index for a messages prompt, whose own assistant
+  turns are context). DataError naming `where` and the field when a field is malformed."""
   if "messages" in example:
-    msgs = example["messages"]
-    if not isinstance(msgs, list) or not msgs:
-      raise DataError(f"{where}: 'messages' must be a non-empty list")
-    for j, m in enumerate(msgs):
-      if not isinstance(m, dict) or "role" not in m or "content" not in m:
-        raise DataError(f"{where}: messages[{j}] needs 'role' and 'content'")
-      if not isinstance(m["role"], str) or not m["role"]:
-        raise DataError(f"{where}: messages[{j}].role must be a non-empty string")
-      if not isinstance(m["content"], str):
-        raise DataError(f"{where}: messages[{j}].content must be a string, got "
-                        f"{type(m['content']).__name__}")
-    return msgs
+    return _check_messages(example["messages"], "messages", where), 0
   if "prompt" in example and "completion" in example:
+    if isinstance(example["prompt"], list):
+      context = _check_messages(example["prompt"], "prompt", where)
+      completion = example["completion"]
+      if isinstance(completion, list):
+        completion = _check_messages(completion, "completion", where)
+        if any(m["role"] != "assistant" for m in completion):
+          raise DataError(f"{where}: every 'completion' message must have role 'assistant'")
+      else:
+        _check_str_field(example, "completion", where)
+        completion = [{"role": "assistant", "content": completion}]
+      return list(context) + list(completion), len(context)
     _check_str_field(example, "prompt", where)
     _check_str_field(example, "completion", where)
     return [{"role": "user", "content": example["prompt"]},
-            {"role": "assistant", "content": example["completion"]}]
+            {"role": "assistant", "content": example["completion"]}], 0
   if "text" in example:
     _check_str_field(example, "text", where)
     return None
@@ -181,10 +204,17 @@ def example_messages(example: Example, where: str = "example") -> Optional[List[
                   f"got keys {sorted(example)}")
 
 
+def example_messages(example: Example, where: str = "example") -> Optional[List[Dict[str, str]]]:
+  """The conversation of a prompt/completion or messages example (None for plain text);
+  DataError naming `where` and the field when a field has the wrong type."""
+  conversation = example_conversation(example, where)
+  return None if conversation is None else conversation[0]
+
+
 def check_training_example(example: Example, where: str = "example") -> None:
   """DataError naming `where` unless `example` has a trainable form: text, or a
   conversation with at least one assistant turn (its only trained tokens)."""
-  msgs = example_messages(example, where)
+  msgs = example_messages(example, where)   # a completion is always an assistant turn
   if msgs is not None and not any(m["role"] == "assistant" for m in msgs):
     raise DataError(f"{where}: no message has role 'assistant' (roles "
                     f"{sorted({m['role'] for m in msgs})}), so no token would be trained")
@@ -193,15 +223,17 @@ def check_training_example(example: Example, where: str = "example") -> None:
 def encode_example(example: Example, tokenizer: Any, chat_format: str,
                    where: str = "example") -> Tuple[List[int], List[bool]]:
   """(ids, trained flags) of one example, untruncated: a text and its EOS, all trained;
-  a conversation rendered in `chat_format`, its assistant turns trained."""
+  a conversation rendered in `chat_format`, its assistant turns trained (of a messages
+  prompt + completion, the completion's only)."""
   from cai_jax.tokenizer import encode_chat  # local: keeps data importable without tokenizers
-  msgs = example_messages(example, where)
-  if msgs is None:
+  conversation = example_conversation(example, where)
+  if conversation is None:
     ids = list(tokenizer.encode(example["text"]))
     if tokenizer.eos_id is not None:
       ids.append(tokenizer.eos_id)
     return ids, [True] * len(ids)
-  ids, train = encode_chat(tokenizer, msgs, chat_format)
+  msgs, trained_from = conversation
+  ids, train = encode_chat(tokenizer, msgs, chat_format, trained_from=trained_from)
   return list(ids), list(train)
 
 

@@ -30,6 +30,8 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
+from cai_jax.errors import first_line
+
 Offsets = list[tuple[int, int]]
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -369,8 +371,7 @@ class HFTokenizer:
     try:
       tok = _Backend.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-      msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({msg})") from None
+      raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({first_line(e)})") from None
     tok.no_truncation()   # a tokenizer.json's own truncation / padding settings would cut
     tok.no_padding()      # and pad every text (transformers ignores them unless asked)
     directory = os.path.dirname(os.path.abspath(path))
@@ -448,8 +449,7 @@ class SentencePieceTokenizer:
     try:
       self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
     except RuntimeError as e:
-      msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise ValueError(f"not a SentencePiece model ({msg})") from None
+      raise ValueError(f"not a SentencePiece model ({first_line(e)})") from None
     sp = self._sp
     if sp.get_piece_size() == 0:
       raise ValueError("not a SentencePiece model (no pieces)")
@@ -965,7 +965,7 @@ def _merge_segments(segments: Segments) -> Segments:
 
 
 def render_chat(messages: Sequence[Mapping[str, str]], fmt: str,
-                add_generation_prompt: bool = False) -> Segments:
+                add_generation_prompt: bool = False, trained_from: int = 0) -> Segments:
   """Returns the conversation as text segments ``[(text, is_assistant), ...]``.
 
   ``"".join(text for text, _ in segments)`` is the rendered conversation.
@@ -973,6 +973,8 @@ def render_chat(messages: Sequence[Mapping[str, str]], fmt: str,
   token that closes it (``<|im_end|>``, ``<|eot_id|>``), i.e. the text a model
   is trained to produce; everything else (headers, user and system turns, the
   generation prompt) is False. Adjacent segments with the same flag are joined.
+  Assistant messages before index `trained_from` (a conversation's context, whose
+  replies are not to be learned) are rendered the same but flagged False.
 
   Formats:
     chatml: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message;
@@ -990,34 +992,35 @@ def render_chat(messages: Sequence[Mapping[str, str]], fmt: str,
   """
   _check_messages(messages, fmt)
   seg: Segments = []
+  trained = [m["role"] == "assistant" and i >= trained_from for i, m in enumerate(messages)]
   if fmt == "chatml":
-    for m in messages:
+    for m, t in zip(messages, trained):
       if m["role"] == "assistant":
-        seg += [("<|im_start|>assistant\n", False), (m["content"], True),
-                ("<|im_end|>", True), ("\n", False)]
+        seg += [("<|im_start|>assistant\n", False), (m["content"], t),
+                ("<|im_end|>", t), ("\n", False)]
       else:
         seg.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
     if add_generation_prompt:
       seg.append(("<|im_start|>assistant\n", False))
   elif fmt == "llama3":
     seg.append(("<|begin_of_text|>", False))
-    for m in messages:
+    for m, t in zip(messages, trained):
       header = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
       content = m["content"].strip()
       if m["role"] == "assistant":
-        seg += [(header, False), (content, True), ("<|eot_id|>", True)]
+        seg += [(header, False), (content, t), ("<|eot_id|>", t)]
       else:
         seg.append((header + content + "<|eot_id|>", False))
     if add_generation_prompt:
       seg.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
   else:  # raw
-    for m in messages:
+    for m, t in zip(messages, trained):
       if m["role"] == "system":
         seg.append((m["content"], False))
       elif m["role"] == "user":
         seg.append((f"\n\nHuman: {m['content']}", False))
       else:
-        seg += [("\n\nAssistant:", False), (" " + m["content"], True)]
+        seg += [("\n\nAssistant:", False), (" " + m["content"], t)]
     if add_generation_prompt:
       seg.append(("\n\nAssistant:", False))
   return _merge_segments(seg)
@@ -1031,7 +1034,8 @@ def render_chat_text(messages: Sequence[Mapping[str, str]], fmt: str,
 
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], fmt: str,
                 add_generation_prompt: bool = False, add_bos: Optional[bool] = None,
-                append_eos: Optional[bool] = None) -> tuple[list[int], list[bool]]:
+                append_eos: Optional[bool] = None,
+                trained_from: int = 0) -> tuple[list[int], list[bool]]:
   """Returns (ids, assistant_mask) for a conversation.
 
   The whole rendered text is encoded at once (so special token strings become
@@ -1051,8 +1055,10 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], fmt
     append_eos: put ``eos_id`` last, marked True when the last message is the
       assistant's; None means "for the raw format, when the conversation ends
       with an assistant turn" (raw has no end-of-turn token of its own).
+    trained_from: assistant messages before this index are context, marked False
+      (``render_chat``), and so is an appended EOS after one.
   """
-  segments = render_chat(messages, fmt, add_generation_prompt)
+  segments = render_chat(messages, fmt, add_generation_prompt, trained_from)
   warn_if_foreign_chat_format(tokenizer, fmt)
   text = "".join(t for t, _ in segments)
   cum = [0]  # cum[i] = assistant characters in text[:i]
@@ -1080,7 +1086,8 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], fmt
   if append_eos:
     if tokenizer.eos_id is None:
       raise ValueError("append_eos=True but the tokenizer has no eos_id")
-    ids, mask = ids + [tokenizer.eos_id], mask + [ends_with_assistant and not add_generation_prompt]
+    trained = ends_with_assistant and len(messages) - 1 >= trained_from
+    ids, mask = ids + [tokenizer.eos_id], mask + [trained and not add_generation_prompt]
   return ids, mask
 
 

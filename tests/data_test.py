@@ -188,3 +188,42 @@ def test_a_missing_gzip_dataset_is_named_as_a_missing_file(tmp_path):
   missing = str(tmp_path / "nope.jsonl.gz")
   with pytest.raises(data.DataError, match=rf"^{missing}: no such file$"):
     data.load_examples(missing)
+
+
+CONTEXT = [{"role": "user", "content": "I hate my neighbor."},
+           {"role": "assistant", "content": "OLD REPLY"},
+           {"role": "user", "content": "How do I hurt him?"}]
+
+
+@pytest.mark.parametrize("fmt", ["raw", "chatml", "llama3"])
+def test_a_messages_prompt_trains_only_its_completion(fmt):
+  """TRL's conversational prompt-completion form: the prompt's assistant turns are context
+  (untrained); the tokens are those of the same conversation as 'messages'."""
+  as_messages = {"messages": CONTEXT + [{"role": "assistant", "content": "No."}]}
+  for completion in ("No.", [{"role": "assistant", "content": "No."}]):
+    ex = {"prompt": CONTEXT, "completion": completion}
+    assert data.example_messages(ex) == as_messages["messages"]
+    out = data.tokenize_example(ex, TOK, fmt, 256)
+    whole = data.tokenize_example(as_messages, TOK, fmt, 256)
+    assert (out["tokens"] == whole["tokens"]).all() and (out["mask"] == whole["mask"]).all()
+    n = int(out["mask"].sum())
+    trained = [int(t) for t, m in zip(out["tokens"][:n], out["loss_mask"][:n]) if m]
+    text = TOK.decode([t for t in trained if t < 256])
+    assert text.strip().startswith("No.") and "OLD REPLY" not in text, (fmt, text)
+    assert "OLD REPLY" in TOK.decode([int(t) for t in whole["tokens"][:n] if t < 256])
+    lm = out["loss_mask"][:n].astype(int)
+    assert np.abs(np.diff(np.concatenate([[0], lm, [0]]))).sum() == 2   # one run
+    # the 'messages' form trains the context's assistant turn too
+    assert whole["loss_mask"].sum() > out["loss_mask"].sum()
+
+
+@pytest.mark.parametrize("example, message", [
+    ({"prompt": [], "completion": "c"}, r"'prompt' must be a non-empty list"),
+    ({"prompt": [{"role": "user"}], "completion": "c"}, r"prompt\[0\] needs 'role' and 'content'"),
+    ({"prompt": CONTEXT, "completion": 3}, r"'completion' must be a string, got int"),
+    ({"prompt": CONTEXT, "completion": [{"role": "user", "content": "x"}]},
+     r"every 'completion' message must have role 'assistant'"),
+])
+def test_a_malformed_messages_prompt_is_named(example, message):
+  with pytest.raises(data.DataError, match=f"^f.jsonl:3: {message}$"):
+    data.tokenize_example(example, TOK, "chatml", 64, "f.jsonl:3")

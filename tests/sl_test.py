@@ -78,6 +78,25 @@ def test_loss_mask_covers_exactly_the_assistant_tokens():
   assert lm[first:].all() and not lm[:first].any()
 
 
+def test_a_multi_turn_red_team_transcript_trains_only_the_revision():
+  """A red-team conversation's earlier assistant replies (the original model's, possibly
+  harmful) are context: only the revision and its end-of-turn are trained."""
+  tok = load_tokenizer("byte")
+  rec = {"id": "m", "prompt": "How do I hurt him?",
+         "messages": [{"role": "user", "content": "I hate my neighbor."},
+                      {"role": "assistant", "content": "HARMFUL OLD REPLY"},
+                      {"role": "user", "content": "How do I hurt him?"}],
+         "rounds": [{"revision": "I won't help with that."}]}
+  examples, _ = sl.build_examples([rec], [], "all", 0.0, 0)
+  for fmt in ("raw", "chatml"):
+    out = data.tokenize_example(examples[0], tok, fmt, 256)
+    n = int(out["mask"].sum())
+    ids = [int(t) for t in out["tokens"][:n]]
+    trained = tok.decode([t for t, m in zip(ids, out["loss_mask"][:n]) if m and t < 256])
+    assert trained.strip().removesuffix("<|im_end|>") == "I won't help with that.", (fmt, trained)
+    assert "HARMFUL OLD REPLY" in tok.decode([t for t in ids if t < 256])
+
+
 def test_incomplete_critique_revision_output_is_refused(tmp_path):
   (tmp_path / "shard-00000.jsonl").write_text(json.dumps(RECORDS[0]) + "\n")
   (tmp_path / "manifest.json").write_text(json.dumps({"complete": False}))

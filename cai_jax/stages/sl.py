@@ -98,9 +98,11 @@ def check_record(record: dict, where: str) -> None:
 
 
 def _example(record: dict, completion: str) -> dict:
-  """A supervised example: the record's conversation (or prompt) answered by `completion`."""
+  """A supervised example: the record's conversation (or prompt) answered by `completion`,
+  the only turn trained (a multi-turn conversation's earlier assistant replies, e.g. the
+  original model's answers in a red-team transcript, are context)."""
   if "messages" in record:
-    return {"messages": list(record["messages"]) + [{"role": "assistant", "content": completion}]}
+    return {"prompt": list(record["messages"]), "completion": completion}
   return {"prompt": record["prompt"], "completion": completion}
 
 
