@@ -355,11 +355,35 @@ def test_pm_reward_of_a_too_long_conversation_keeps_the_bos_like_pm_training(tmp
     ({}, dict(lam=-0.1), r"PPOConfig.lam must be in \[0, 1\]"),
     ({}, dict(adaptive_kl=True, kl_horizon=6), r"PPOConfig.kl_horizon=6 is too short for "
                                                r"rollout_batch=32.*kl_horizon > 6"),
+    (dict(seed=-1), {}, r"rl.seed must be an integer in \[0, 2\*\*32\), got -1"),
 ])
 def test_out_of_range_settings_fail_before_any_work(tmp_path, kw, ppo_kw, match):
   out = tmp_path / "out"
   with pytest.raises(ValueError, match=match):
     _train(out, 0.05, kw.pop("iterations", 1), ppo_kw=ppo_kw, **kw)
+  assert not out.exists()
+
+
+def test_no_room_for_a_prompt_names_the_model_with_the_shortest_context(tmp_path):
+  """The prompt room is the shortest max_seq_len of policy, reference and value model; the
+  error names that model and its max_seq_len, not the policy's."""
+  import dataclasses
+  short = dataclasses.replace(CFG, max_seq_len=8)
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match=r"^PPOConfig.max_new_tokens=10 leaves no room for a "
+                                       r"prompt: the value model's max_seq_len is 8$"):
+    rl.train_ppo(str(out), CFG, POLICY, CFG, POLICY, short, VALUE, PROMPTS,
+                 rl.reward_score_fn(PROMPTS, target_fraction),
+                 PPOConfig(max_new_tokens=10, rollout_batch=4, minibatches=1), OPT,
+                 iterations=1, progress=False)
+  assert not out.exists()
+
+
+def test_an_unknown_chat_format_is_named_before_any_model_is_read(tmp_path):
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match=r"^rl.chat_format='bogus'; expected one of"):
+    rl.run(str(out), policy=str(tmp_path / "no_such_model"), pm=str(tmp_path / "no_such_pm"),
+           chat_format="bogus", progress=False)
   assert not out.exists()
 
 

@@ -107,15 +107,17 @@ def value_params_from_lm(lm_params: Any, config: ModelConfig, seed: int = 0) -> 
 
 
 def check_loop_args(ppo: PPOConfig, iterations: int, snapshot_every: int, save_every: int,
-                    keep_checkpoints: int) -> None:
+                    keep_checkpoints: int, seed: int = 0) -> None:
   """ValueError naming the first out-of-range loop setting of a PPO run (before any work):
-  iterations, save_every, keep_checkpoints >= 1; snapshot_every >= 0 (0: never). The
-  PPOConfig checks its own fields when it is made."""
+  iterations, save_every, keep_checkpoints >= 1; snapshot_every >= 0 (0: never); seed an
+  integer in [0, 2**32). The PPOConfig checks its own fields when it is made."""
   for name, value, low in (("iterations", iterations, 1), ("snapshot_every", snapshot_every, 0),
                            ("save_every", save_every, 1),
                            ("keep_checkpoints", keep_checkpoints, 1)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
       raise ValueError(f"rl.{name} must be an integer >= {low}, got {value!r}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ValueError(f"rl.seed must be an integer in [0, 2**32), got {seed!r}")
 
 
 def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg: ModelConfig,
@@ -155,15 +157,16 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
   Returns the summary dict (also out_dir/summary.json): iterations, resumed_from,
   last metrics, snapshot paths.
   """
-  check_loop_args(ppo, iterations, snapshot_every, save_every, keep_checkpoints)
+  check_loop_args(ppo, iterations, snapshot_every, save_every, keep_checkpoints, seed)
   out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
   value_optimizer = value_optimizer or optimizer
   n = ppo.max_new_tokens
-  limit = min(policy_cfg.max_seq_len, ref_cfg.max_seq_len, value_cfg.max_seq_len) - n
+  role, shortest = min((("policy", policy_cfg.max_seq_len), ("reference", ref_cfg.max_seq_len),
+                        ("value", value_cfg.max_seq_len)), key=lambda x: x[1])
+  limit = shortest - n
   if limit < 1:
-    raise ValueError(f"max_new_tokens={n} leaves no room for a prompt (max_seq_len "
-                     f"{policy_cfg.max_seq_len})")
+    raise ValueError(f"PPOConfig.max_new_tokens={n} leaves no room for a prompt: the {role} "
+                     f"model's max_seq_len is {shortest}")
   n_shards = sharding.batch_shards(mesh, rules)
   if ppo.rollout_batch % n_shards or (ppo.rollout_batch // ppo.minibatches) % n_shards:
     raise ValueError(
@@ -178,6 +181,7 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
     raise ValueError("the prompt set is empty or has an empty prompt")
   plen = min(sampler.bucket_length(max(len(p) for p in prompts)), limit)
   plen = max(plen, max(len(p) for p in prompts))
+  os.makedirs(out_dir, exist_ok=True)
   check_rerun(out_dir, {
       "prompts": shards.sha(prompts), "ppo": dataclasses.asdict(ppo),
       "optimizer": dataclasses.asdict(optimizer),
@@ -375,7 +379,8 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
   Args:
     policy: the SL-CAI model (model directory, .gguf, HF folder or 'pkg:' spec).
     reference: the frozen KL reference (default: the policy).
-    pm: the preference model directory (scalar head); unused when reward_fn is given.
+    pm: the preference model directory (scalar head); with reward_fn it scores nothing
+      and only initialises the value model (when `value` is not given).
     value: the value model's initialisation (default: the PM; with reward_fn and no PM,
       the policy's body with a fresh scalar head).
     prompts, helpful_prompts: prompt sets (``prompt_sets.load_prompts`` specs); the
@@ -388,14 +393,15 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
   Raises ValueError before any work if the policy, reference and PM tokenizers differ.
   """
   from cai_jax import prompt_sets
-  from cai_jax.tokenizer import encode_chat, stop_strings, stop_token_sequences
+  from cai_jax.tokenizer import check_chat_format, encode_chat, stop_strings, stop_token_sequences
   if not out_dir:
     raise ValueError("rl.out_dir is not set (use --out_dir=DIR)")
+  check_chat_format(chat_format, "rl.chat_format")
   if not policy:
     raise ValueError("rl.policy is not set (the SL-CAI model)")
   if not pm and reward_fn is None:
     raise ValueError("rl.pm is not set (the preference model directory)")
-  check_loop_args(ppo, iterations, snapshot_every, save_every, keep_checkpoints)
+  check_loop_args(ppo, iterations, snapshot_every, save_every, keep_checkpoints, seed)
   policy_cfg, policy_params, tok = _load(policy, "policy", model, "lm")
   ref_cfg, ref_params, ref_tok = (policy_cfg, policy_params, tok) if not reference else \
       _load(reference, "reference", model, "lm")
