@@ -416,6 +416,7 @@ _CHECK_SCRIPT = """<script>
 </script>
 """ % CHECK_ID
 
+_BODY_END = re.compile(r"</body>", re.IGNORECASE)
 _CHECK_RESULT = re.compile(r'<pre\b[^>]*\bid="%s"[^>]*>(.*?)</pre>' % CHECK_ID, re.DOTALL)
 
 
@@ -492,8 +493,9 @@ def check_in_chromium(html_path: str, screenshot_path: Optional[str] = None,
   exe = find_chromium()
   with open(html_path, encoding="utf-8", errors="replace") as f:
     page = f.read()
-  cut = page.lower().rfind("</body>")
-  probe = (page[:cut] + _CHECK_SCRIPT + page[cut:]) if cut >= 0 else page + _CHECK_SCRIPT
+  ends = [m.start() for m in _BODY_END.finditer(page)]
+  cut = ends[-1] if ends else len(page)
+  probe = page[:cut] + _CHECK_SCRIPT + page[cut:]
   with tempfile.TemporaryDirectory(prefix="cai-page-") as work:
     probe_path = os.path.join(work, "probe.html")
     with open(probe_path, "w", encoding="utf-8") as f:

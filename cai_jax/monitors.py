@@ -44,11 +44,11 @@ REFUSAL_PATTERNS = (
     r"as an ai\b",
     r"as a language model\b",
     # ... but not "I can't help but notice" / "I can't help feeling ...".
-    r"i (?:can(?:no|')?t|will not|won'?t|am unable to|'m unable to) " + _VERBS +
+    r"i(?: can(?:no|')?t| will not| won'?t| am unable to|'m unable to) " + _VERBS +
     r"(?!(?<=help) (?:but\b|feel|think|wonder|notic|laugh|smil))",
     r"i(?:'m| am) not (?:able|going|willing|allowed|permitted|programmed) to " + _VERBS,
-    r"i(?:'m| am) afraid (?:that )?i (?:can(?:no|')?t|won'?t|will not|am unable|'m unable|"
-    r"must decline)",
+    r"i(?:'m| am) afraid (?:that )?i(?: can(?:no|')?t| won'?t| will not| am unable|'m unable|"
+    r" must decline)",
     r"i (?:must|have to|need to|will have to|(?:would|'d) have to) (?:respectfully |politely )?"
     r"decline\b",
     r"i(?:'d| would) (?:respectfully |politely )?decline\b",

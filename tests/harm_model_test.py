@@ -107,6 +107,20 @@ def test_a_bad_line_is_an_error_naming_file_line_and_field(tmp_path, line, messa
   assert "\n" not in str(e.value) and str(e.value).startswith(path)
 
 
+def test_a_red_team_array_with_a_byte_order_mark_is_read_as_an_array(tmp_path):
+  """A UTF-8 BOM (as Windows editors write) before '[': the array, plain or gzipped."""
+  import gzip
+  good = {"transcript": "\n\nHuman: a\n\nAssistant: b", "rating": 1}
+  text = "\ufeff" + json.dumps([good, dict(good, rating=3)])
+  (tmp_path / "rt.json").write_text(text, encoding="utf-8")
+  with gzip.open(tmp_path / "rt.json.gz", "wt", encoding="utf-8") as f:
+    f.write(text)
+  for name in ("rt.json", "rt.json.gz"):
+    rows = harm_model.read_harm_labels(str(tmp_path / name))
+    assert [(r["id"], r["response"], r["harm"]) for r in rows] == [("rt-0", "b", 1.0),
+                                                                   ("rt-1", "b", 3.0)]
+
+
 def test_a_bad_red_team_record_names_its_array_index(tmp_path):
   good = {"transcript": "\n\nHuman: a\n\nAssistant: b", "rating": 1}
   path = tmp_path / "rt.json"
@@ -300,6 +314,24 @@ def test_load_harm_model_refuses_a_directory_that_is_not_one(tmp_path):
     harm_model.load_harm_model(pm_dir)
   with pytest.raises(FileNotFoundError, match="no such directory"):
     harm_model.load_harm_model(str(tmp_path / "missing"))
+
+
+def test_load_harm_model_names_a_malformed_metadata_field(tmp_path):
+  """A hand-edited harm_model.json: one ValueError naming the file and field, not a
+  TypeError, a silently truncated seq_len or a failure later while scoring."""
+  cfg = ModelConfig()
+  d = tmp_path / "m"
+  params = pm.pm_init_params(cfg, models.init(cfg, jax.random.PRNGKey(0)))
+  model_dir.save_model(str(d), cfg, params, load_tokenizer("byte"), head="scalar")
+  meta = {"target": "harm", "scale": [0, 4], "offset": 1.0, "chat_format": "raw", "seq_len": 64}
+  (d / "harm_model.json").write_text(json.dumps(meta))
+  assert harm_model.load_harm_model(str(d)).seq_len == 64
+  for field, value in [("scale", 5), ("seq_len", "64"), ("seq_len", 2.5), ("seq_len", 0),
+                       ("seq_len", cfg.max_seq_len + 1), ("chat_format", "bogus")]:
+    (d / "harm_model.json").write_text(json.dumps(dict(meta, **{field: value})))
+    with pytest.raises(ValueError, match=rf"harm_model.json: field '{field}'") as e:
+      harm_model.load_harm_model(str(d))
+    assert "\n" not in str(e.value)
 
 
 def test_two_processes_write_what_one_process_writes(tmp_path, base_model):

@@ -225,6 +225,16 @@ def test_chromium_sees_an_image_that_does_not_load(tmp_path):
   assert seen == {"images": 2, "images_loaded": 0, "tables": 0, "title": "t"}
 
 
+def test_chromium_checks_a_page_whose_text_changes_length_in_lower_case(tmp_path):
+  """'İ'.lower() is two characters: the probe still goes just before </body>."""
+  _chromium_or_skip()
+  page = tmp_path / "page.html"
+  page.write_text("<!DOCTYPE html><html><head><title>t</title></head><body><p>İİİ</p>"
+                  "</body></html>", encoding="utf-8")
+  seen = html_report.check_in_chromium(str(page), timeout=30)
+  assert seen == {"images": 0, "images_loaded": 0, "tables": 0, "title": "t"}
+
+
 def test_chromium_errors(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="absent.html"):
     html_report.check_in_chromium(str(tmp_path / "absent.html"))

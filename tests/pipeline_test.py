@@ -25,6 +25,8 @@ def test_is_complete_and_same_config(tmp_path):
   assert not pipeline.is_complete(str(tmp_path))
   (tmp_path / "manifest.json").write_text(json.dumps({"complete": False}))
   assert not pipeline.is_complete(str(tmp_path))
+  (tmp_path / "manifest.json").write_text(json.dumps(["complete"]))   # not a manifest
+  assert not pipeline.is_complete(str(tmp_path))
   (tmp_path / "manifest.json").write_text(json.dumps({"complete": True}))
   assert pipeline.is_complete(str(tmp_path))
   other = tmp_path / "other"
@@ -81,11 +83,29 @@ def test_a_rerun_that_skips_evaluate_still_reports_its_elo_tables(tmp_path):
   assert summary["elo"] == finished["elo"] and summary["report"] == finished["report"]
 
 
+def test_a_stage_killed_by_a_signal_fails_with_the_shells_exit_status(tmp_path):
+  """A stage process killed by SIGKILL (the OOM killer) is reported as such, with exit status
+  128 + 9 (a negative status would leave the pipeline with 247)."""
+  fake = tmp_path / "fake_python"
+  fake.write_text(f"#!{sys.executable}\nimport os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+  fake.chmod(0o755)
+  with pytest.raises(pipeline.StageFailed,
+                     match=r"^pipeline: stage sl failed \(killed by SIGKILL, exit status 137\); "
+                           "rerun to continue from this stage$") as e:
+    pipeline.run(["sl"], out_dir=str(tmp_path), python=str(fake), commands=["sl"])
+  assert e.value.exit_status == 137
+  status = json.loads((tmp_path / "pipeline.json").read_text())["stages"]
+  assert [(s["stage"], s["status"], s["exit_status"]) for s in status] == [("sl", "failed", 137)]
+
+
 def test_unknown_or_repeated_stages_are_refused():
   with pytest.raises(ValueError, match="bogus"):
     pipeline.run(["sl", "bogus"], commands=["sl", "pm"])
   with pytest.raises(ValueError, match="twice"):
     pipeline.run(["sl", "sl"], commands=["sl"])
+  # One stage bound as a string (pipeline.stages = 'sl') is not read as its letters.
+  with pytest.raises(ValueError, match=r"pipeline.stages must be a list .*\['sl'\]; got the str"):
+    pipeline.run("sl", commands=["sl", "pm"])
 
 
 def test_relocate_moves_stage_outputs_and_the_bindings_into_them():

@@ -165,7 +165,7 @@ def parse_harm_record(record: Any, where: str, default_id: str) -> dict:
 
 def _first_char(path: str) -> str:
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt", encoding="utf-8") as f:
+  with opener(path, "rt", encoding="utf-8-sig") as f:
     while True:
       chunk = f.read(4096)
       if not chunk:
@@ -176,7 +176,8 @@ def _first_char(path: str) -> str:
 
 
 def read_harm_labels(path: str) -> List[dict]:
-  """Harmfulness labels of a JSONL file or a red-team JSON array (see the module doc).
+  """Harmfulness labels of a JSONL file or a red-team JSON array (see the module doc);
+  either may be gzipped (.gz) and may start with a UTF-8 byte-order mark.
 
   Returns:
     [{"id": str, "messages": [{role, content}] (ends before the response),
@@ -194,7 +195,7 @@ def read_harm_labels(path: str) -> List[dict]:
   rows = []
   if _first_char(path) == "[":
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding="utf-8-sig") as f:
       try:
         items = json.load(f)
       except json.JSONDecodeError as e:
@@ -309,8 +310,9 @@ def load_harm_model(spec: str) -> HarmModel:
 
   Raises:
     FileNotFoundError: the directory does not exist.
-    ValueError: it holds no harm_model.json (not a harm model), a malformed one, no
-      tokenizer, or a model without a scalar head.
+    ValueError: it holds no harm_model.json (not a harm model), a malformed one (naming
+      the field: target, scale, offset, chat_format, or a seq_len that is not in [1,
+      max_seq_len]), no tokenizer, or a model without a scalar head.
   """
   directory = _harm_dir(spec)
   meta_path = os.path.join(directory, HARM_FILE)
@@ -324,20 +326,27 @@ def load_harm_model(spec: str) -> HarmModel:
       raise ValueError(f"{meta_path}:{e.lineno}: invalid JSON ({e.msg})") from None
   if not isinstance(meta, dict) or meta.get("target") != "harm":
     raise ValueError(f"{meta_path}: field 'target' must be \"harm\"")
-  if list(meta.get("scale", [])) != list(SCALE):
+  if meta.get("scale") != list(SCALE):
     raise ValueError(f"{meta_path}: field 'scale' must be [0, 4], got {meta.get('scale')}")
   offset = meta.get("offset")
   if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
     raise ValueError(f"{meta_path}: field 'offset' must be a finite number")
+  chat_format = meta.get("chat_format") or ""
+  if chat_format:
+    check_chat_format(chat_format, f"{meta_path}: field 'chat_format'")
   if model_dir.load_head(directory) != "scalar":
     raise ValueError(f"harm model {spec!r}: {directory} has no scalar head")
   config, params = model_dir.load_model(directory)
   tok = model_dir.load_tokenizer_of(directory)
   if tok is None:
     raise ValueError(f"harm model {spec!r}: {directory} has no tokenizer/")
-  seq_len = int(meta.get("seq_len") or config.max_seq_len)
+  seq_len = meta.get("seq_len", config.max_seq_len)
+  if (isinstance(seq_len, bool) or not isinstance(seq_len, int)
+      or not 0 < seq_len <= config.max_seq_len):
+    raise ValueError(f"{meta_path}: field 'seq_len' must be an integer in [1, "
+                     f"{config.max_seq_len}] (the model's max_seq_len), got {seq_len!r}")
   return HarmModel(config=config, params=params, tokenizer=tok, offset=float(offset),
-                   seq_len=seq_len, chat_format=str(meta.get("chat_format", "")))
+                   seq_len=seq_len, chat_format=chat_format)
 
 
 def score_encoded(params: Any, config: ModelConfig, encoded: Sequence[Dict[str, np.ndarray]],

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,9 +87,10 @@ def is_complete(out_dir: str) -> bool:
   if os.path.isfile(manifest):
     try:
       with open(manifest, encoding="utf-8") as f:
-        return bool(json.load(f).get("complete"))
+        value = json.load(f)
     except (OSError, json.JSONDecodeError):
       return False
+    return isinstance(value, dict) and bool(value.get("complete"))
   return False
 
 
@@ -199,6 +201,14 @@ def _finished_summary(out_dir: str) -> dict:
   return value if isinstance(value, dict) else {}
 
 
+def _signal_name(number: int) -> str:
+  """'SIGKILL' for 9; 'signal N' for a number with no name here."""
+  try:
+    return signal.Signals(number).name
+  except ValueError:
+    return f"signal {number}"
+
+
 def _log(msg: str) -> None:
   print(f"pipeline: {msg}", file=sys.stderr, flush=True)
 
@@ -220,9 +230,13 @@ def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
       None when only the stages learn it (a cluster launch that jax detects): then it is
       the "process_index" of the first stage result.
   Raises:
-    ValueError for an unknown or repeated stage; StageFailed (one line, naming the stage,
-    with its exit status) when a stage fails.
+    ValueError for an unknown or repeated stage, or `stages` given as one string;
+    StageFailed (one line, naming the stage, with its exit status) when a stage fails; a
+    stage killed by signal N has exit status 128 + N, as a shell reports it.
   """
+  if isinstance(stages, str):
+    raise ValueError(f"pipeline.stages must be a list of stage names, e.g. [{stages!r}]; "
+                     f"got the string {stages!r}")
   stages = list(stages)
   unknown = [s for s in stages if commands and s not in commands]
   if unknown or not stages:
@@ -252,12 +266,13 @@ def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
                           env=dict(os.environ, **{STAGE_ENV: stage}))
     seconds = round(time.perf_counter() - start, 1)
     if proc.returncode != 0:
-      done.append({"stage": stage, "status": "failed", "seconds": seconds,
-                   "exit_status": proc.returncode})
+      # A stage killed by a signal (the OOM killer's SIGKILL) exits as a shell reports it.
+      code = proc.returncode if proc.returncode > 0 else 128 - proc.returncode
+      how = (f"(exit status {code}); fix the error above and rerun" if proc.returncode > 0 else
+             f"(killed by {_signal_name(-proc.returncode)}, exit status {code}); rerun")
+      done.append({"stage": stage, "status": "failed", "seconds": seconds, "exit_status": code})
       write_status()
-      raise StageFailed(f"pipeline: stage {stage} failed (exit status {proc.returncode}); "
-                        "fix the error above and rerun to continue from this stage",
-                        proc.returncode)
+      raise StageFailed(f"pipeline: stage {stage} failed {how} to continue from this stage", code)
     result = last_json_line(proc.stdout)
     if not primary["known"] and result:   # a multi-process stage names its process
       primary.update(known=True, value=result.get("process_index", 0) == 0)
