@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -19,6 +21,29 @@ _DTYPES = {
 }
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+def _check_int(field: str, value, low: Optional[int] = None) -> None:
+  """ValueError naming `field` (e.g. 'TrainConfig.seed') unless value is an integer (>= low)."""
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
+      or (low is not None and value < low)):
+    raise ValueError(f"{field} must be an integer{'' if low is None else f' >= {low}'}, "
+                     f"got {value!r}")
+
+
+def _check_number(field: str, value, low: float, strict: bool = False) -> None:
+  """ValueError naming `field` unless value is a finite number >= low (> low when strict)."""
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+      or not math.isfinite(value) or value < low or (strict and value == low)):
+    raise ValueError(f"{field} must be a finite number {'>' if strict else '>='} {low:g}, "
+                     f"got {value!r}")
+
+
+def _check_bool(field: str, value) -> None:
+  """ValueError naming `field` unless value is True or False (a string 'False' is not)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{field} must be True or False, got {value!r}")
 
 
 def dtype_from_name(name: str):
@@ -108,9 +133,17 @@ class ModelConfig:
   decode_attention: Optional[str] = None
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
+                 "rope_original_max_len"):
+      _check_int(f"ModelConfig.{name}", getattr(self, name), 1)
+    if self.head_dim is not None:
+      _check_int("ModelConfig.head_dim", self.head_dim, 1)
+    _check_number("ModelConfig.rope_theta", self.rope_theta, 0.0, strict=True)
+    for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "norm_eps"):
+      _check_number(f"ModelConfig.{name}", getattr(self, name), 0.0)
+    for name in ("tie_embeddings", "qkv_bias", "scan_layers"):
+      _check_bool(f"ModelConfig.{name}", getattr(self, name))
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
           f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
@@ -120,8 +153,14 @@ class ModelConfig:
           "unless head_dim is set")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
-    dtype_from_name(self.param_dtype)
-    dtype_from_name(self.dtype)
+    for name in ("param_dtype", "dtype"):
+      try:
+        dtype_from_name(getattr(self, name))
+      except (ValueError, TypeError) as e:
+        raise ValueError(f"ModelConfig.{name}: {e}") from None
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}; expected None, "
+                       "'xla' or 'cudnn'")
     if self.unroll_decode not in (None, True, False):
       raise ValueError(f"ModelConfig.unroll_decode={self.unroll_decode!r}; expected None, "
                        "True or False")
@@ -197,15 +236,18 @@ class OptimizerConfig:
   def __post_init__(self):
     if self.schedule not in ("constant", "cosine"):
       raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}; expected 'constant' or 'cosine'")
-    if self.learning_rate < 0 or self.warmup_steps < 0:
-      raise ValueError("OptimizerConfig.learning_rate and warmup_steps must be >= 0")
+    _check_number("OptimizerConfig.learning_rate", self.learning_rate, 0.0)
+    _check_int("OptimizerConfig.warmup_steps", self.warmup_steps, 0)
+    _check_int("OptimizerConfig.total_steps", self.total_steps)
     for name in ("b1", "b2"):
-      if not 0 <= getattr(self, name) < 1:
+      value = getattr(self, name)
+      if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
         raise ValueError(f"OptimizerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
     for name, low in (("eps", 0.0), ("weight_decay", 0.0), ("grad_clip_norm", 0.0),
                       ("final_lr_fraction", 0.0)):
       value = getattr(self, name)
-      if not (value >= low and math.isfinite(value)):
+      if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+          or not (value >= low and math.isfinite(value))):
         raise ValueError(f"OptimizerConfig.{name} must be a finite number >= {low:g}, got "
                          f"{value}" + (" (0 disables clipping)" if name == "grad_clip_norm" else ""))
     if self.schedule == "cosine" and self.total_steps < 1:
@@ -241,8 +283,10 @@ class TrainConfig:
 
   def __post_init__(self):
     for name in ("num_steps", "batch_size", "seq_len", "num_microbatches", "save_every", "keep_checkpoints"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+      _check_int(f"TrainConfig.{name}", getattr(self, name), 1)
+    _check_int("TrainConfig.seed", self.seed)
+    for name in ("async_checkpoint", "progress"):
+      _check_bool(f"TrainConfig.{name}", getattr(self, name))
     if self.batch_size % self.num_microbatches:
       raise ValueError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
                        f"num_microbatches={self.num_microbatches}")
@@ -295,23 +339,24 @@ class PPOConfig:
     if self.kl_kind not in KL_KINDS:
       raise ValueError(f"PPOConfig.kl_kind must be one of {KL_KINDS}, got {self.kl_kind!r}")
     for name in ("epochs", "minibatches", "max_new_tokens", "rollout_batch", "kl_horizon"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+      _check_int(f"PPOConfig.{name}", getattr(self, name), 1)
     if self.rollout_batch % self.minibatches:
       raise ValueError(f"PPOConfig.minibatches={self.minibatches} must divide "
                        f"rollout_batch={self.rollout_batch}")
-    if self.kl_coef < 0:
-      raise ValueError(f"PPOConfig.kl_coef must be >= 0, got {self.kl_coef}")
-    if self.target_kl <= 0:
-      raise ValueError(f"PPOConfig.target_kl must be > 0, got {self.target_kl}")
-    if self.temperature <= 0:
-      raise ValueError(f"PPOConfig.temperature must be > 0, got {self.temperature}")
+    _check_number("PPOConfig.kl_coef", self.kl_coef, 0.0)
+    _check_number("PPOConfig.target_kl", self.target_kl, 0.0, strict=True)
+    _check_number("PPOConfig.temperature", self.temperature, 0.0, strict=True)
+    _check_number("PPOConfig.value_loss_coef", self.value_loss_coef, 0.0)
     for name in ("clip", "value_clip"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)}")
+      value = getattr(self, name)
+      if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"PPOConfig.{name} must be > 0, got {value!r}")
     for name in ("gamma", "lam"):
-      if not 0 <= getattr(self, name) <= 1:
-        raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+      value = getattr(self, name)
+      if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {value!r}")
+    for name in ("adaptive_kl", "whiten_advantages"):
+      _check_bool(f"PPOConfig.{name}", getattr(self, name))
     # losses.adaptive_beta multiplies β by 1 + e · rollout_batch / kl_horizon with e down
     # to -0.2: β would turn negative (a KL reward) unless rollout_batch < 5 · kl_horizon.
     if self.adaptive_kl and self.rollout_batch >= 5 * self.kl_horizon:

@@ -89,9 +89,10 @@ def _constitution():
   from cai_jax import constitution
 
   def constitution_command(action: str = "", path: str = "") -> dict:
-    """`cai-jax constitution check PATH`: validate a constitution and print its counts."""
+    """`cai-jax constitution check [PATH]`: validate a constitution (default: the shipped one)
+    and print its counts."""
     if action != "check":
-      raise CliError(f"constitution: unknown action {action!r}; usage: cai-jax constitution check PATH")
+      raise CliError(f"constitution: unknown action {action!r}; usage: cai-jax constitution check [PATH]")
     return constitution.check(path or constitution.DEFAULT_PATH)
   return constitution_command
 
@@ -355,6 +356,9 @@ def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_pa
   """Registers configurables, parses files + bindings; returns the configured runner."""
   import gin
   gin.clear_config()
+  for path in search_paths:
+    if not os.path.isdir(path):
+      raise CliError(f"--gin_search_path={path}: no such directory")
   for path in [GIN_DIR, os.getcwd()] + list(search_paths):
     gin.add_config_file_search_path(path)
   fn, wrapped, config_args, required = _register_configurables(gin, command)
@@ -384,6 +388,11 @@ def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_pa
     flag_of = {arg: flag for flag, arg in _FLAG_ARGS.items()}
     how = ", ".join(f"--{flag_of[a]}" if a in flag_of else f"--gin.{name}.{a}=..." for a in missing)
     raise CliError(f"{command}: {', '.join(missing)} not set (pass {how})")
+  for arg, cls in config_args.items():   # e.g. info.model = 'path': its model is a ModelConfig
+    value = bound.get(arg)
+    if value is not None and not isinstance(value, cls):
+      raise CliError(f"{name}.{arg} must be a {cls.__name__}, got {value!r}; set its fields "
+                     f"with --gin.{cls.__name__}.FIELD=VALUE")
   kwargs = {arg: wrapped[cls]() for arg, cls in config_args.items() if arg not in bound}
   return gin, functools.partial(fn, **kwargs)
 
@@ -407,6 +416,15 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
   for arg, value in (flag_args or {}).items():
     if isinstance(value, float) and not math.isfinite(value):
       raise CliError(f"--{flag_of.get(arg, arg)}={value}: not a finite number")
+  if flag_args:
+    import inspect
+    params = inspect.signature(COMMANDS[command].runner()).parameters
+    for arg, value in flag_args.items():
+      default = params[arg].default if arg in params else None
+      if isinstance(default, _config_classes()):   # e.g. --model=PATH to info or train_lm
+        cls = type(default).__name__
+        raise CliError(f"--{flag_of.get(arg, arg)}={value}: `cai-jax {command}` takes no such flag "
+                       f"(its {arg} is a {cls}: set its fields with --gin.{cls}.FIELD=VALUE)")
   bindings = list(bindings) + [f"{name}.{arg} = {value!r}" for arg, value in (flag_args or {}).items()]
   if command == "pipeline":
     cli_args = pipeline_stage_args(gin_files, bindings, search_paths)
@@ -630,7 +648,7 @@ def run(argv: Optional[List[str]] = None) -> None:
       a in ("-h", "--help", "--helpfull", "--helpshort") for a in argv[1:]):
     print(usage())
     sys.exit(0)
-  if argv[1:2] == ["--version"]:
+  if "--version" in argv[1:]:
     print(version_line())
     sys.exit(0)
   argv = rewrite_gin_args(argv)

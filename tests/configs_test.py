@@ -2,12 +2,18 @@
 
 import pytest
 
-from cai_jax.configs import OptimizerConfig, PPOConfig
+from cai_jax.configs import ModelConfig, OptimizerConfig, PPOConfig, TrainConfig
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(schedule="linear"), r"OptimizerConfig.schedule='linear'"),
-    (dict(learning_rate=-1e-4), r"learning_rate and warmup_steps must be >= 0"),
+    (dict(learning_rate=-1e-4), r"OptimizerConfig.learning_rate must be a finite number >= 0, "
+                                r"got -0.0001"),
+    (dict(learning_rate=float("inf")), r"OptimizerConfig.learning_rate must be a finite number"),
+    (dict(learning_rate=float("nan")), r"OptimizerConfig.learning_rate must be a finite number"),
+    (dict(warmup_steps=-1), r"OptimizerConfig.warmup_steps must be an integer >= 0, got -1"),
+    (dict(warmup_steps=1.5), r"OptimizerConfig.warmup_steps must be an integer >= 0, got 1.5"),
+    (dict(b1="0.9"), r"OptimizerConfig.b1 must be in \[0, 1\)"),
     (dict(b1=1.0), r"OptimizerConfig.b1 must be in \[0, 1\), got 1.0"),
     (dict(b2=-0.1), r"OptimizerConfig.b2 must be in \[0, 1\)"),
     (dict(eps=-1e-8), r"OptimizerConfig.eps must be a finite number >= 0"),
@@ -30,7 +36,13 @@ def test_optimizer_config_accepts_its_edges():
 @pytest.mark.parametrize("kw, match", [
     (dict(kl_kind="k9"), r"PPOConfig.kl_kind must be one of"),
     (dict(rollout_batch=6, minibatches=4), r"minibatches=4 must divide rollout_batch=6"),
-    (dict(temperature=0.0), r"PPOConfig.temperature must be > 0"),
+    (dict(temperature=0.0), r"PPOConfig.temperature must be a finite number > 0, got 0.0"),
+    (dict(temperature=float("nan")), r"PPOConfig.temperature must be a finite number > 0"),
+    (dict(kl_coef=float("inf")), r"PPOConfig.kl_coef must be a finite number >= 0, got inf"),
+    (dict(value_loss_coef=-1.0), r"PPOConfig.value_loss_coef must be a finite number >= 0"),
+    (dict(epochs=1.5), r"PPOConfig.epochs must be an integer >= 1, got 1.5"),
+    (dict(rollout_batch=16.0), r"PPOConfig.rollout_batch must be an integer >= 1, got 16.0"),
+    (dict(whiten_advantages="False"), r"PPOConfig.whiten_advantages must be True or False"),
     (dict(clip=0.0), r"PPOConfig.clip must be > 0, got 0.0"),
     (dict(gamma=1.5), r"PPOConfig.gamma must be in \[0, 1\], got 1.5"),
     (dict(adaptive_kl=True, kl_horizon=3, rollout_batch=16),
@@ -39,3 +51,45 @@ def test_optimizer_config_accepts_its_edges():
 def test_ppo_config_refuses_out_of_range_fields(kw, match):
   with pytest.raises(ValueError, match=match):
     PPOConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(d_model="64"), r"^ModelConfig.d_model must be an integer >= 1, got '64'$"),
+    (dict(n_layers=2.0), r"^ModelConfig.n_layers must be an integer >= 1, got 2.0$"),
+    (dict(d_model=64.5), r"^ModelConfig.d_model must be an integer >= 1, got 64.5$"),
+    (dict(vocab_size=0), r"^ModelConfig.vocab_size must be an integer >= 1, got 0$"),
+    (dict(head_dim=0), r"^ModelConfig.head_dim must be an integer >= 1, got 0$"),
+    (dict(head_dim=-4), r"^ModelConfig.head_dim must be an integer >= 1, got -4$"),
+    (dict(rope_theta=-1.0), r"^ModelConfig.rope_theta must be a finite number > 0, got -1.0$"),
+    (dict(norm_eps=float("nan")), r"^ModelConfig.norm_eps must be a finite number >= 0"),
+    (dict(tie_embeddings="False"), r"^ModelConfig.tie_embeddings must be True or False"),
+    (dict(dtype="int8"), r"^ModelConfig.dtype: unknown dtype 'int8'"),
+    (dict(param_dtype="fp32"), r"^ModelConfig.param_dtype: unknown dtype 'fp32'"),
+    (dict(attention_impl="flash"), r"^ModelConfig.attention_impl='flash'; expected None, 'xla' "
+                                   r"or 'cudnn'$"),
+])
+def test_model_config_refuses_bad_fields_by_name(kw, match):
+  """Each of these was accepted (a traceback, NaN logits or a silently different model later)
+  or refused without the field's name."""
+  with pytest.raises(ValueError, match=match):
+    ModelConfig(**kw)
+
+
+def test_model_config_accepts_numpy_numbers_and_its_choices():
+  import numpy as np
+  cfg = ModelConfig(d_model=np.int64(64), rope_theta=np.float32(1e4), tie_embeddings=np.bool_(True),
+                    head_dim=16, attention_impl="cudnn")
+  assert cfg.dim_per_head == 16
+  ModelConfig(attention_impl="xla", norm_eps=0.0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(batch_size=8.5), r"^TrainConfig.batch_size must be an integer >= 1, got 8.5$"),
+    (dict(num_steps=2.5), r"^TrainConfig.num_steps must be an integer >= 1, got 2.5$"),
+    (dict(seq_len=0), r"^TrainConfig.seq_len must be an integer >= 1, got 0$"),
+    (dict(seed="0"), r"^TrainConfig.seed must be an integer, got '0'$"),
+    (dict(progress="no"), r"^TrainConfig.progress must be True or False, got 'no'$"),
+])
+def test_train_config_refuses_bad_fields_by_name(kw, match):
+  with pytest.raises(ValueError, match=match):
+    TrainConfig(**kw)

@@ -62,9 +62,25 @@ def _assert_one_line_error(out, needle):
      "--temperature=nan: not a finite number"),
     (["info", "--gin.ModelConfig.param_dtype=float32"],
      "binding 'ModelConfig.param_dtype = float32'; a string value needs quotes"),
+    (["info", "--model=x"], "--model=x: `cai-jax info` takes no such flag (its model is a "
+                            "ModelConfig: set its fields with --gin.ModelConfig.FIELD=VALUE)"),
+    (["info", "--gin.info.model='x'"], "info.model must be a ModelConfig, got 'x'"),
+    (["info", "--gin.ModelConfig.d_model='64'"],
+     "ValueError: ModelConfig.d_model must be an integer >= 1, got '64'"),
+    (["info", "--gin.ModelConfig.head_dim=0"], "ModelConfig.head_dim must be an integer >= 1"),
+    (["info", "--gin_search_path=/no/such/gin_dir"], "--gin_search_path=/no/such/gin_dir: no such "
+                                                     "directory"),
 ])
 def test_bad_input_is_one_line_error(args, needle):
   _assert_one_line_error(cli(*args), needle)
+
+
+def test_a_model_path_flag_to_a_model_config_argument_is_refused_before_any_write(tmp_path):
+  """train_lm's model argument is a ModelConfig: --model=PATH there was a traceback after
+  out_dir/UNFINISHED and inputs.json were written."""
+  out = cli("train_lm", f"--model={tmp_path / 'base'}", f"--out_dir={tmp_path / 'run'}")
+  _assert_one_line_error(out, f"--model={tmp_path / 'base'}: `cai-jax train_lm` takes no such flag")
+  assert out.returncode == 2 and not (tmp_path / "run").exists()
 
 
 def test_gin_errors_name_the_file_or_binding(tmp_path):
@@ -97,6 +113,32 @@ def test_a_command_line_binding_of_another_command_is_refused():
   for ok in (cli("info", "--gin.pm/TrainConfig.batch_size=2", "--gin.BASE='x'"),
              cli("info", "--gin.pm.mix_ratio=0.5", env_extra={pipeline.STAGE_ENV: "info"})):
     assert ok.returncode == 0, ok.stderr
+
+
+def test_every_shipped_gin_file_binds_only_what_each_command_reads():
+  """Each file under gin/ parses for every command (unknown parameters and configurables are
+  gin errors; a missing required argument is the only refusal allowed), and every scoped
+  binding (pm/TrainConfig.x) reaches the config its command gets, not a scope nobody uses."""
+  import glob
+  from cai_jax import main
+  files = sorted(glob.glob(os.path.join(main.GIN_DIR, "**", "*.gin"), recursive=True))
+  assert len(files) >= 15
+  for path in files:
+    for command in main.COMMANDS:
+      try:
+        gin, _ = main.parse_gin(command, [path], [], [])
+      except main.CliError as e:
+        assert " not set (pass " in str(e), (path, command, str(e))
+        continue
+      name = main.COMMANDS[command].configurable(command)
+      bound = gin.get_bindings(name)
+      for key, value in main._gin_values(gin).items():
+        scope, _, selector = key.rpartition("/")
+        if scope != name:
+          continue
+        cls, param = selector.split(".")
+        assert any(type(v).__name__ == cls and getattr(v, param) == value
+                   for v in bound.values()), (path, key)
 
 
 def test_a_bad_cache_size_is_one_line_error():
@@ -181,6 +223,7 @@ def test_version_names_the_installed_packages():
   from importlib import metadata
   import platform
   import cai_jax
+  assert cli("info", "--version").stdout == cli("--version").stdout   # was: unknown flag
   out = cli("--version")
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == (f"cai-jax {cai_jax.__version__} (jax {metadata.version('jax')}, "
