@@ -93,7 +93,9 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
           mesh_cfg: MeshConfig, dataset: data.Batches, out_dir: str,
           init_params: Any = None, head: str = "lm",
           loss_sums: Callable = steps.lm_loss_sums, devices=None) -> TrainResult:
-  """Trains to train_cfg.num_steps, resuming from out_dir/checkpoints if present.
+  """Trains to train_cfg.num_steps, resuming from out_dir/checkpoints if present (a
+  checkpoint past num_steps is a ValueError: num_steps may grow, not drop below the steps
+  done).
 
   Args:
     dataset: the batches (``data.Batches``, B = train_cfg.batch_size rows each); it
@@ -129,6 +131,10 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
       target = checkpoints.abstract_train_state(model_cfg, tx, mesh, rules, head)
       state_shardings = checkpoints.shardings_of(target)
       resumed_from = manager.latest_step()
+      if resumed_from is not None and resumed_from > train_cfg.num_steps:
+        raise ValueError(f"{out_dir} holds a run of {resumed_from} steps, more than "
+                         f"TrainConfig.num_steps={train_cfg.num_steps}; use a new out_dir or "
+                         f"num_steps >= {resumed_from}")
       if resumed_from is not None:
         state, data_state = manager.restore(target, step=resumed_from)
         if data_state is not None:

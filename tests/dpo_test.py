@@ -35,6 +35,19 @@ def test_encoded_response_mask_is_the_assistant_turn():
 
 
 @pytest.mark.parametrize("fmt", ["raw", "chatml"])
+def test_a_multi_turn_conversations_earlier_replies_are_not_in_the_response_log_prob(fmt):
+  """Only the compared response (and its end-of-turn) is summed: the earlier assistant
+  turn is the same context in chosen and rejected, and left truncation would otherwise cut
+  different amounts of it from each."""
+  msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "OLD"},
+          {"role": "user", "content": "and?"}]
+  ids, flags = dpo.response_ids(TOK, msgs, "NEW", fmt)
+  trained = TOK.decode([i for i, f in zip(ids, flags) if f and i < 256])
+  assert trained.strip().removesuffix("<|im_end|>") == "NEW", trained
+  assert "OLD" in TOK.decode([i for i in ids if i < 256])
+
+
+@pytest.mark.parametrize("fmt", ["raw", "chatml"])
 def test_a_long_conversation_is_cut_on_the_left_so_the_response_survives(fmt):
   long = {"messages": [{"role": "user", "content": "Tell me more. " * 20}],
           "response_a": "Sure thing.", "response_b": "No.", "p": 0.9}
@@ -79,13 +92,26 @@ def test_beta_out_of_range_is_refused(tmp_path, beta):
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", [float("nan"), 1.5, "0.2"])
+def test_max_skip_fraction_out_of_range_is_refused(tmp_path, value):
+  path = tmp_path / "comps.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in _comparisons(4)))
+  with pytest.raises(ValueError, match=r"^dpo.max_skip_fraction must be in \[0, 1\], got"):
+    dpo.run(str(tmp_path / "out"), comparisons=str(path), policy="unused", max_skip_fraction=value)
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kw,message", [
     (dict(chat_format="chatML"), r"dpo.chat_format='chatML'; expected one of"),
     (dict(train_config=TrainConfig(batch_size=4, seq_len=4096)),
-     r"TrainConfig.seq_len=4096 is longer than the max_seq_len=\d+ of the policy")])
+     r"TrainConfig.seq_len=4096 is longer than the max_seq_len=\d+ of the policy"),
+    (dict(vocab_size=200, train_config=TrainConfig(batch_size=4, seq_len=64)), r"^dpo: the tokenizer has 320 tokens but the policy '.*base' has a "
+                           r"vocabulary of 200$")])
 def test_a_bad_flag_is_refused_before_out_dir_is_written(tmp_path, kw, message):
-  """Nothing is written, so the rerun with the flag fixed is not refused as another run."""
-  cfg = ModelConfig()
+  """Nothing is written, so the rerun with the flag fixed is not refused as another run. A
+  policy whose vocabulary is smaller than its tokenizer (ids past the embedding read as NaN)
+  is refused too, not found as a non-finite loss at step 1."""
+  cfg = ModelConfig(vocab_size=kw.pop("vocab_size", ModelConfig().vocab_size))
   model_dir.save_model(str(tmp_path / "base"), cfg, models.init(cfg, jax.random.PRNGKey(0)), TOK)
   path = tmp_path / "comps.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in _comparisons(4)))

@@ -152,7 +152,9 @@ def test_oversampled_human_comparisons_are_each_used_evenly(mix_ratio):
 
 @pytest.mark.parametrize("flag,value", [("mix_ratio", float("nan")), ("mix_ratio", float("inf")),
                                         ("mix_ratio", -1.0), ("pmp_num_steps", -3),
-                                        ("pmp_num_steps", 0), ("pmp_num_steps", 2.5)])
+                                        ("pmp_num_steps", 0), ("pmp_num_steps", 2.5),
+                                        ("mix_ratio", "1"), ("heldout_fraction", "0.1"),
+                                        ("max_skip_fraction", "0.2")])
 def test_out_of_range_flags_are_refused_naming_the_flag(tmp_path, flag, value):
   comps = write_jsonl(tmp_path / "ai.jsonl", planted(10, 1))
   human = write_jsonl(tmp_path / "hh.jsonl", [

@@ -203,3 +203,14 @@ def test_a_finished_run_rerun_reports_its_last_metrics(tmp_path):
   assert again.resumed_from == 3
   assert again.last_metrics["loss"] == pytest.approx(first.last_metrics["loss"], rel=1e-6)
   assert [r["step"] for r in _read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_a_rerun_with_fewer_steps_than_done_is_refused(tmp_path):
+  """num_steps may grow, not drop below the steps done (the 3-step model was returned as the
+  result of a 2-step run)."""
+  _train(tmp_path, 3)
+  with pytest.raises(ValueError, match=r"holds a run of 3 steps, more than "
+                                       r"TrainConfig.num_steps=2; use a new out_dir or num_steps >= 3$"):
+    _train(tmp_path, 2)
+  assert [r["step"] for r in _read_metrics(tmp_path)] == [1, 2, 3]
+  assert _train(tmp_path, 4).resumed_from == 3

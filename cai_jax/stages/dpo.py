@@ -32,6 +32,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -51,10 +52,11 @@ _LOG = logging.getLogger(__name__)
 def response_ids(tok: Any, messages: Sequence[Dict[str, str]], response: str,
                  chat_format: str) -> Tuple[List[int], List[bool]]:
   """(ids, assistant flags) of conversation + response as the assistant turn, untruncated
-  (``tokenizer.encode_chat``: the flags mark the response and its end-of-turn token)."""
+  (``tokenizer.encode_chat``: the flags mark the response and its end-of-turn token; the
+  conversation's own assistant turns are context, unflagged)."""
   from cai_jax.tokenizer import encode_chat
   ids, flags = encode_chat(tok, list(messages) + [{"role": "assistant", "content": response}],
-                           chat_format)
+                           chat_format, trained_from=len(messages))
   return list(ids), list(flags)
 
 
@@ -179,8 +181,9 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
   if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (
       math.isfinite(beta) and beta > 0):
     raise ValueError(f"dpo.beta must be a finite number > 0, got {beta!r}")
-  if not 0.0 <= max_skip_fraction <= 1.0:
-    raise ValueError(f"dpo.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+  if (isinstance(max_skip_fraction, bool) or not isinstance(max_skip_fraction, numbers.Real)
+      or not 0.0 <= max_skip_fraction <= 1.0):
+    raise ValueError(f"dpo.max_skip_fraction must be in [0, 1], got {max_skip_fraction!r}")
   check_chat_format(chat_format, "dpo.chat_format")
   comps, counts = load_comparisons(comparisons, "ai")
   check_skips(counts, f"comparisons {comparisons}", max_skip_fraction, who="dpo")
@@ -196,6 +199,9 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
     if ref_tok is None or ref_tok.encode(probe) != tok.encode(probe):
       raise ValueError(f"reference {reference!r} does not share the policy's tokenizer")
   for name, spec, cfg in (("policy", policy, config), ("reference", reference, ref_config)):
+    if tok.vocab_size > cfg.vocab_size:
+      raise ValueError(f"dpo: the tokenizer has {tok.vocab_size} tokens but the {name} {spec!r} "
+                       f"has a vocabulary of {cfg.vocab_size}")
     train.check_seq_len(train_config.seq_len, cfg.max_seq_len, f"the {name} {spec!r}")
   check_rerun(out_dir, {
       "data": shards.sha(comps), "policy": policy, "reference": reference or policy,

@@ -72,6 +72,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -353,6 +354,10 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
     raise ValueError("pm.comparisons is not set (the feedback output or a comparisons JSONL)")
   if not init_from:
     raise ValueError("pm.init_from is not set (the language model the PM starts from)")
+  for flag, value in (("mix_ratio", mix_ratio), ("heldout_fraction", heldout_fraction),
+                      ("max_skip_fraction", max_skip_fraction)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      raise ValueError(f"pm.{flag} must be a number, got {value!r}")
   if not 0.0 <= max_skip_fraction <= 1.0:
     raise ValueError(f"pm.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
   check_chat_format(chat_format, "pm.chat_format")
