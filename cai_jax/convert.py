@@ -75,6 +75,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from cai_jax import models
 from cai_jax import sharding as sharding_lib
 from cai_jax.configs import MeshConfig, ModelConfig, dtype_from_name
+from cai_jax.errors import first_line
 
 Params = Any
 Region = Tuple[Tuple[int, int], ...]   # per-dim [start, stop) of an array
@@ -437,7 +438,7 @@ def _safe_open(file: str):
   except FileNotFoundError:
     raise ValueError(f"{file}: no such safetensors file") from None
   except (SafetensorError, OSError) as e:
-    raise ValueError(f"{file}: not a valid safetensors file ({_first_line(e)})") from None
+    raise ValueError(f"{file}: not a valid safetensors file ({first_line(e)})") from None
 
 
 class _SafetensorsSource(_Source):
@@ -460,7 +461,7 @@ class _SafetensorsSource(_Source):
     try:
       return self._handle(name).get_slice(name)
     except Exception as e:   # SafetensorError: the index names a tensor its file lacks
-      raise ValueError(f"{self.where(name)}: cannot read the tensor ({_first_line(e)})") from None
+      raise ValueError(f"{self.where(name)}: cannot read the tensor ({first_line(e)})") from None
 
   def names(self):
     return list(self._map)
@@ -700,10 +701,6 @@ def _dtype_name(dtype) -> str:
 
 
 # --------------------------------------------------------------------------- HF safetensors
-
-
-def _first_line(e: BaseException) -> str:
-  return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _read_json(path: str) -> Any:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping
 
+from cai_jax.errors import first_line
+
 # gpu_device_info of each target (XLA's GpuTargetConfig text format); numbers from the
 # vendors' data sheets (SXM parts). They steer XLA's fusion, tiling and autotuning-free
 # kernel choices; the compile never measures anything.
@@ -97,10 +99,9 @@ def gpu_devices(kind: str, count: int) -> List[Any]:
     topo = topologies.get_topology_desc(platform="cuda", target_config=config,
                                         topology=topology_name(count))
   except Exception as e:   # noqa: BLE001  (no plugin: NotImplementedError, RuntimeError, ...)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise RuntimeError(
-        f"cannot compile for a CUDA GPU here ({first}): this needs the JAX CUDA plugin of jax "
-        f"{jax.__version__}, e.g. pip install \"jax-cuda13-plugin[with-cuda]=={jax.__version__}\" "
+        f"cannot compile for a CUDA GPU here ({first_line(e)}): this needs the JAX CUDA plugin "
+        f"of jax {jax.__version__}, e.g. pip install \"jax-cuda13-plugin[with-cuda]=={jax.__version__}\" "
         f"\"jax-cuda13-pjrt=={jax.__version__}\"") from None
   devices = list(topo.devices)
   if len(devices) != count:

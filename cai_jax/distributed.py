@@ -49,6 +49,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from cai_jax.errors import first_line
+
 MODES = ("none", "auto", "explicit")
 ENV_COORDINATOR_ADDRESS = "CAI_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "CAI_NUM_PROCESSES"
@@ -336,8 +338,8 @@ def failures() -> list:
 
 def failure_message(error: BaseException) -> str:
   """"<error type>: <first line>", as ``report_failure`` tells the other processes."""
-  first = (str(error).strip().splitlines() or [""])[0]
-  return f"{type(error).__name__}: {first}" if first else type(error).__name__
+  name = type(error).__name__
+  return f"{name}: {first_line(error)}" if str(error).strip() else name
 
 
 def peer_failures(error: Optional[BaseException] = None) -> list:

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 from absl import app, flags, logging
 
 from cai_jax import resources
+from cai_jax.errors import first_line
 
 GIN_DIR = resources.GIN_DIR
 
@@ -301,11 +302,6 @@ def _register_configurables(gin, command: str):
   required = [name for name, p in params.items() if p.default is inspect.Parameter.empty]
   configured = gin.external_configurable(fn, COMMANDS[command].configurable(command))
   return configured, wrapped, defaults, required
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip() or type(e).__name__
-  return text.splitlines()[0]
 
 
 _GIN_ERRORS = (ValueError, KeyError, TypeError, SyntaxError, IOError, tokenize.TokenError)
@@ -655,7 +651,7 @@ def run(argv: Optional[List[str]] = None) -> None:
   try:   # absl's own report of a bad flag is two lines and exit status 1
     remaining = FLAGS(argv)
   except flags.Error as e:
-    print(f"cai-jax: error: {_first_line(e)}", file=sys.stderr)
+    print(f"cai-jax: error: {first_line(e)}", file=sys.stderr)
     sys.exit(2)
 
   def main(parsed):
@@ -667,7 +663,7 @@ def run(argv: Optional[List[str]] = None) -> None:
     except distributed.PeerFailed as e:  # another process failed; its own error is printed there
       if not distributed.claim_end():   # the failure watcher is ending this process already
         distributed.wait_for_end()
-      _end_for_peer(_first_line(e))
+      _end_for_peer(first_line(e))
     except (Exception, KeyboardInterrupt) as e:
       if not distributed.claim_end():
         distributed.wait_for_end()
@@ -680,10 +676,10 @@ def run(argv: Optional[List[str]] = None) -> None:
       from cai_jax.stages.pipeline import StageFailed
       if isinstance(e, _USER_ERRORS):
         kind = "" if isinstance(e, CliError) else type(e).__name__ + ": "
-        print(f"cai-jax: error: {kind}{_first_line(e)}", file=sys.stderr)
+        print(f"cai-jax: error: {kind}{first_line(e)}", file=sys.stderr)
         status = 2
       elif isinstance(e, StageFailed):
-        print(f"cai-jax: error: {_first_line(e)}", file=sys.stderr)   # the stage printed its own
+        print(f"cai-jax: error: {first_line(e)}", file=sys.stderr)   # the stage printed its own
         status = e.exit_status
       elif isinstance(e, KeyboardInterrupt):
         print("cai-jax: interrupted", file=sys.stderr)

@@ -58,6 +58,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from cai_jax import resources
+from cai_jax.errors import first_line
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, PPOConfig, TrainConfig
 
 STAGES = ("sl", "pm", "rl")
@@ -734,7 +735,7 @@ def _child_main(text: str) -> None:
     request = json.loads(sys.stdin.read() if text == "-" else text)
     reply = serve(request)
   except Exception as e:  # reported to the parent as one line
-    first = (str(e).strip() or type(e).__name__).splitlines()[0]
+    first = first_line(e)
     kind = "ValueError" if isinstance(e, ValueError) else type(e).__name__
     print(json.dumps({"error": first if kind == "ValueError" else f"{kind}: {first}",
                       "type": kind}))
