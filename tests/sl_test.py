@@ -196,8 +196,9 @@ def test_examples_cut_past_their_response_are_counted_and_all_of_them_refused(tm
   records.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "x" * 80,
                                          "rounds": [{"revision": "fine"}]}) + "\n"
                              for i in range(4)))
-  with pytest.raises(data.DataError, match=r"every example's response lies past "
-                                           r"TrainConfig.seq_len=48"):
+  with pytest.raises(data.DataError, match=r"^sl: every example's trained tokens \(its text, "
+                                           r"or its assistant turns\) lie past "
+                                           r"TrainConfig.seq_len=48 tokens; raise it$"):
     sl.run(str(tmp_path / "sl"), records=str(records), model=str(tmp_path / "base"),
            helpful_ratio=0.0, train_config=TrainConfig(batch_size=4, seq_len=48, progress=False))
   assert not (tmp_path / "sl").exists()

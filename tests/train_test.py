@@ -1,6 +1,7 @@
 """Training loop: resume equals an uninterrupted run, NaN stops with the step, loss falls."""
 
 import dataclasses
+import json
 import os
 
 import grain
@@ -159,6 +160,23 @@ def test_train_lm_refuses_conversations_with_nothing_to_train(tmp_path):
   with pytest.raises(data.DataError, match=f"^{path}:3: no message has role 'assistant'"):
     train_lm.run(str(tmp_path / "out"), str(path), model=CFG, train_config=tc, mesh=MESH)
   assert not (tmp_path / "out").exists()
+
+
+def test_train_lm_refuses_a_dataset_cut_before_every_trained_token(tmp_path):
+  """Every conversation's assistant turn lies past seq_len: nothing would be trained (the
+  run finished with loss 0 and exit 0); a dataset where some survive trains and counts."""
+  from cai_jax.stages import train_lm
+  path = tmp_path / "long.jsonl"
+  long = json.dumps({"prompt": "x" * 60, "completion": "a"}) + "\n"
+  path.write_text(long * 4)
+  tc = TrainConfig(num_steps=1, batch_size=2, seq_len=32, progress=False, async_checkpoint=False)
+  with pytest.raises(data.DataError, match=r"^train_lm: every example's trained tokens .* lie "
+                                           r"past TrainConfig.seq_len=32 tokens; raise it$"):
+    train_lm.run(str(tmp_path / "out"), str(path), model=CFG, train_config=tc, mesh=MESH)
+  assert not (tmp_path / "out").exists()
+  path.write_text(long * 2 + json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+  summary = train_lm.run(str(tmp_path / "out"), str(path), model=CFG, train_config=tc, mesh=MESH)
+  assert (summary["truncated_examples"], summary["untrained_examples"]) == (2, 2)
 
 
 def test_a_dataset_shorter_than_the_run_is_refused_before_training(tmp_path):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import logging
 import math
 import os
 from typing import List, Optional, Tuple
@@ -29,9 +28,6 @@ import numpy as np
 from cai_jax import data, shards
 from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from cai_jax.stages.train_lm import fine_tune, load_initial
-
-
-_LOG = logging.getLogger(__name__)
 
 
 def read_records(source: str) -> List[dict]:
@@ -180,15 +176,6 @@ def run(out_dir: str, records: str = "", model: str = "", helpful_data: Optional
   config, params, tok = load_initial(model, model_config)
   if tok is None:
     raise ValueError(f"model {model!r} has no tokenizer")
-  cut, untrained = data.truncation_counts(examples, tok, chat_format, train_config.seq_len)
-  if untrained == len(examples):
-    raise data.DataError(f"sl: every example's response lies past TrainConfig.seq_len="
-                         f"{train_config.seq_len} tokens; raise it")
-  if cut:
-    _LOG.warning("sl: %d of %d examples are longer than TrainConfig.seq_len=%d and cut on the "
-                 "right; %d of them keep no response token and train nothing", cut,
-                 len(examples), train_config.seq_len, untrained)
-  counts = dict(counts, truncated_examples=cut, untrained_examples=untrained)
   return fine_tune(out_dir, examples, config, optimizer, train_config, mesh, tok, chat_format,
                    init_params=params, extra_summary=dict(counts, epochs=epochs, rounds=rounds),
                    stage="sl", sources={"model": model})

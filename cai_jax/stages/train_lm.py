@@ -8,6 +8,7 @@ and summary.json. ``fine_tune`` is the part the SL stage reuses.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import json
 import os
 from typing import Any, Optional, Sequence, Tuple
@@ -29,6 +30,7 @@ _RESUMABLE_FIELDS = ("num_steps", "progress", "async_checkpoint", "save_every", 
 # fit memory. dtype, param_dtype and scan_layers stay in the key: they change the numbers
 # or the checkpoint's layout.
 _RESUMABLE_MODEL_FIELDS = ("remat_policy", "attention_impl", "unroll_decode", "decode_attention")
+_LOG = logging.getLogger(__name__)
 
 
 def check_rerun(out_dir: str, run_config: dict, stage: str,
@@ -87,12 +89,24 @@ def fine_tune(out_dir: str, examples: Sequence[dict], model: ModelConfig, optimi
 
   A rerun in the same out_dir resumes only when the examples, model, chat format,
   optimizer, training config and `sources` (the caller's input specs, e.g. init_from)
-  match out_dir/run_config.json; otherwise ValueError naming what differs.
+  match out_dir/run_config.json; otherwise ValueError naming what differs. Examples longer
+  than TrainConfig.seq_len are cut on the right and counted (summary truncated_examples;
+  untrained_examples: those left without a trained token); DataError when every example
+  is left without one.
   """
   out_dir = os.path.abspath(out_dir)
   if tok.vocab_size > model.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} tokens but ModelConfig.vocab_size is "
                      f"{model.vocab_size}")
+  cut, untrained = data.truncation_counts(examples, tok, chat_format, train_config.seq_len)
+  if untrained == len(examples):
+    raise data.DataError(f"{stage}: every example's trained tokens (its text, or its assistant "
+                         f"turns) lie past TrainConfig.seq_len={train_config.seq_len} tokens; "
+                         "raise it")
+  if cut:
+    _LOG.warning("%s: %d of %d examples are longer than TrainConfig.seq_len=%d and cut on the "
+                 "right; %d of them keep no trained token", stage, cut, len(examples),
+                 train_config.seq_len, untrained)
   # Refusals that need no training happen before run_config.json is written, so a rerun
   # with the setting fixed is not taken for a different run.
   ds = data.lm_dataset(examples, tok, chat_format, train_config.seq_len,
@@ -107,7 +121,8 @@ def fine_tune(out_dir: str, examples: Sequence[dict], model: ModelConfig, optimi
   train.save_model(os.path.join(out_dir, "model"), model, result.state.params, tok)
   summary = {"out_dir": out_dir, "steps": int(result.state.step),
              "final_loss": result.last_metrics.get("loss"),
-             "resumed_from": result.resumed_from, "examples": len(examples)}
+             "resumed_from": result.resumed_from, "examples": len(examples),
+             "truncated_examples": cut, "untrained_examples": untrained}
   summary.update(extra_summary or {})
   if jax.process_index() == 0:   # multi-process runs: process 0 writes the files
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
