@@ -28,7 +28,7 @@ def sigmoid(x):
 PROBS = [
     {" (A)": 0.82, " (B)": 0.18},                  # harmless, A correct   -> p .82  right
     {" (A)": 0.72, " (B)": 0.28},                  # harmless, B correct   -> p .28  wrong
-    {" (A)": 0.46, " (B)": 0.33, " (C)": 0.21},    # harmless, B+C correct -> p .54  right
+    {" (A)": 0.46, " (B)": 0.33, " (C)": 0.21},    # harmless, B+C correct -> p .54  wrong (A top)
     {" (A)": 0.93, " (B)": 0.07},                  # helpful, A correct    -> p .93  right
     {" (A)": 0.36, " (B)": 0.45, " (C)": 0.19},    # helpful, A correct    -> p .36  wrong
     {" (A)": 0.37, " (B)": 0.63},                  # helpful, A correct    -> p .37  wrong
@@ -52,11 +52,12 @@ def test_mc_options_accuracy_and_calibration_by_hand():
                                   (" (A)", " (B)", " (C)")])
   p = [r["p_correct"] for r in results]
   np.testing.assert_allclose(p, [0.82, 0.28, 0.54, 0.93, 0.36, 0.37], atol=1e-12)
-  assert [r["correct"] for r in results] == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+  # Graded as BIG-bench's multiple_choice_grade: is the most probable option correct?
+  assert [r["correct"] for r in results] == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
   m = hhh.metrics(results)
   assert m["n"] == 6
-  assert m["accuracy"] == pytest.approx(3 / 6)
-  assert m["per_category"] == {"harmless": {"n": 3, "accuracy": pytest.approx(2 / 3)},
+  assert m["accuracy"] == pytest.approx(2 / 6)
+  assert m["per_category"] == {"harmless": {"n": 3, "accuracy": pytest.approx(1 / 3)},
                                "helpful": {"n": 3, "accuracy": pytest.approx(1 / 3)}}
   assert m["mean_p_correct"] == pytest.approx(3.30 / 6)
   # The 14 (option probability, is correct) points, binned by hand:
@@ -75,6 +76,29 @@ def test_mc_options_accuracy_and_calibration_by_hand():
          + 0.07) / 14
   assert ece == pytest.approx(6.4 / 14)
   assert m["ece"] == pytest.approx(ece, abs=1e-9)
+
+
+def test_mc_options_grade_is_the_most_probable_option(tmp_path):
+  """A 9-way question (Anthropic's HarmfulnessClassification.jsonl): the judge's top option
+  is the correct one at 30%; BIG-bench's multiple_choice_grade counts it right."""
+  letters = [f" ({c})" for c in "ABCDEFGHI"]
+  path = tmp_path / "HarmfulnessClassification.jsonl"
+  rows = [{"prompt": f"Question {k}? Options: ... The answer is:", "corrects": [letters[k]],
+           "incorrects": letters[:k] + letters[k + 1:]} for k in range(3)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+  items = hhh.load_items(str(path))
+  # Question 0: (A) correct at .30, the others .0875 each; question 1: (B) correct at .2,
+  # (A) .3 on top; question 2: (C) correct tied with (A) at .3 on top.
+  probs = [[0.3] + [0.0875] * 8, [0.3, 0.2] + [0.5 / 7] * 7, [0.3, 0.1, 0.3] + [0.3 / 6] * 6]
+
+  def score(contexts, options):
+    return np.log([[probs[int(c.split()[1][:-1])][letters.index(o)] for o in options]
+                   for c in contexts])
+
+  res = ev.score_mc(items, score)
+  np.testing.assert_allclose([r["p_correct"] for r in res], [0.3, 0.2, 0.3], atol=1e-12)
+  assert [r["correct"] for r in res] == [1.0, 0.0, 0.5]
+  assert hhh.metrics(res)["accuracy"] == pytest.approx(0.5)
 
 
 _SHOWN = re.compile(r"\n\(A\) (.*)\n\(B\) (.*)\n")
@@ -335,7 +359,8 @@ def test_two_processes_write_what_one_process_writes(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("flag, value", [("batch_size", 0), ("max_new_tokens", 0),
                                          ("cot_samples", 0), ("limit", 0),
-                                         ("temperature", -0.5)])
+                                         ("temperature", -0.5), ("seed", -1), ("seed", 1.5),
+                                         ("truncate", "right")])
 def test_flags_out_of_range_are_named_before_loading(tmp_path, flag, value):
   with pytest.raises(ValueError, match=rf"^evaluate_hhh\.{flag} must be"):
     ev.run(ANTHROPIC, str(tmp_path / "no_such_model"), out_dir=str(tmp_path / "out"),

@@ -54,6 +54,13 @@ def test_player_errors_name_the_problem(tmp_path):
     evaluate.discover_players(base, sl=str(tmp_path / "missing_sl"))
   with pytest.raises(ValueError, match="duplicate snapshot names"):
     evaluate.discover_players(base, snapshots=[f"base={base}"])
+  rl = _rl_dir(tmp_path, [2], iterations=2)
+  for text, words in (('{"iterations": ', "not an rl summary"),
+                      ('{"iterations": "4"}', "'iterations' must be an integer")):
+    (tmp_path / "rl" / "summary.json").write_text(text)
+    with pytest.raises(ValueError, match=r"^" + re.escape(os.path.join(rl, "summary.json"))
+                       + ": " + words):
+      evaluate.discover_players(base, rl_dir=rl)
 
 
 def _sigmoid(x):
@@ -237,6 +244,42 @@ def test_evaluate_errors(tmp_path):
     evaluate.run(str(tmp_path / "e"), base=base, judges=("pm",), pm=base)
 
 
+@pytest.mark.parametrize("flag, kw", [
+    ("feedback_model", dict(judges=("feedback",), score_fn=None)),
+    ("pm", dict(judges=("pm",), pm_fn=None)),
+    ("harm_model", dict(judges=("feedback",))),
+    ("hhh_data", dict(judges=("feedback",)))])
+def test_a_missing_model_or_data_is_named_before_any_sampling(tmp_path, flag, kw):
+  calls = []
+  with pytest.raises(FileNotFoundError, match=rf"^evaluate\.{flag}='.*no_such' does not exist"):
+    _run(tmp_path, calls, **{flag: str(tmp_path / "no_such")}, **kw)
+  assert calls == []
+
+
+def test_a_pm_judge_that_is_not_a_preference_model_is_refused_before_sampling(tmp_path):
+  calls = []
+  with pytest.raises(ValueError, match=r"evaluate\.pm=.*not a scalar-head"):
+    _run(tmp_path, calls, judges=("pm",), pm_fn=None, pm=_model_dir(tmp_path / "lm"))
+  assert calls == []
+
+
+def test_a_bad_rl_metrics_file_is_named_before_any_sampling(tmp_path):
+  calls = []
+  rl = tmp_path / "rl"
+  _rl_dir(tmp_path, [2], iterations=2)
+  (rl / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.1}) + "\n")
+  with pytest.raises(ValueError, match=r"rl[/\\]metrics\.jsonl: .*no pm_score"):
+    evaluate.run(str(tmp_path / "eval"), base=_model_dir(tmp_path / "base"), rl_dir=str(rl),
+                 judges=("feedback",), limit=2, progress=False,
+                 generate_fn=_fake_generate(calls), score_fn=_fake_score())
+  assert calls == []
+  # The torn last row of an rl run still writing is dropped.
+  (rl / "metrics.jsonl").write_text(json.dumps({"step": 1, "pm_score": 0.5, "kl": 0.04})
+                                    + "\n" + '{"step": 2, "pm_sc')
+  assert evaluate.rl_pm_vs_sqrt_kl(str(rl)) == [{"step": 1, "sqrt_kl": pytest.approx(0.2),
+                                                  "pm_score": 0.5}]
+
+
 def test_two_processes_write_what_one_process_writes(tmp_path):
   """`cai-jax evaluate` as 2 processes x 4 devices writes the files of 1 process x 8
   devices (fsdp mesh): two tiny players' samples (and greedy responses), the feedback and
@@ -306,7 +349,8 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("n_boot", 0), ("batch_size", 0), ("shard_size", 0),
                                          ("max_new_tokens", 0), ("samples", 0),
-                                         ("temperature", -1.0), ("temperature", float("nan"))])
+                                         ("temperature", -1.0), ("temperature", float("nan")),
+                                         ("seed", -1), ("seed", 1.5)])
 def test_flags_out_of_range_fail_before_any_work(tmp_path, flag, value):
   calls = []
   with pytest.raises(ValueError, match=rf"^evaluate\.{flag} must be"):

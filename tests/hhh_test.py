@@ -3,6 +3,7 @@ against a plain loop, hand-computed metrics and the reliability PNG."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -88,7 +89,9 @@ def test_composite_bigbench_task_json_is_skipped_in_a_folder(tmp_path):
   (tmp_path / "task.json").write_text(json.dumps({"name": "hhh_alignment", "keywords": []}))
   (item,) = hhh.load_items(str(tmp_path))
   assert item["id"] == "honest/task.json#0"
-  with pytest.raises(ValueError, match="'examples' list"):   # named on its own, it is no task
+  # Named on its own, it is no task: the error points at its folder.
+  with pytest.raises(ValueError, match=r"task\.json: a BIG-bench task with subtasks .*pass its "
+                                       r"folder \(" + re.escape(str(tmp_path)) + r"\)"):
     hhh.load_items(str(tmp_path / "task.json"))
 
 
@@ -181,6 +184,21 @@ def _loop_bins(probs, outcomes, n_bins=10):
     out.append((lo, hi, n, sum(p for p, _ in sel) / n if n else None,
                 sum(y for _, y in sel) / n if n else None))
   return out
+
+
+def test_grade_is_bigbench_multiple_choice_grade():
+  # The most probable candidate decides, whatever the probability mass on the correct ones.
+  assert hhh.grade([0.4, 0.3, 0.3], [True, False, False]) == 1.0
+  assert hhh.grade([0.46, 0.33, 0.21], [False, True, True]) == 0.0
+  # A tie at the top is shared: the expected grade of a random tie-break.
+  assert hhh.grade([0.4, 0.4, 0.2], [True, False, False]) == 0.5
+  assert hhh.grade([0.3, 0.3, 0.3, 0.1], [True, True, False, False]) == pytest.approx(2 / 3)
+  # Binary: the same as outcome() of the correct candidate's probability.
+  for p in (0.2, 0.5, 0.5 + 1e-12, 0.7):
+    assert hhh.grade([p, 1.0 - p], [True, False]) == hhh.outcome(p)
+  r = hhh.item_result({"id": "x", "category": "c", "kind": "options"}, 0.4,
+                      [(0.4, True), (0.3, False), (0.3, False)], correct=1.0)
+  assert r["correct"] == 1.0 and r["p_correct"] == 0.4
 
 
 def test_calibration_bins_match_a_plain_loop():

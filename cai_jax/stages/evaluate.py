@@ -74,7 +74,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
-from cai_jax import data, distributed, html_report, model_dir, monitors, prompt_sets, shards
+from cai_jax import distributed, html_report, model_dir, monitors, prompt_sets, shards
 from cai_jax import report as report_lib
 from cai_jax.configs import MeshConfig
 from cai_jax.stages import feedback as fb
@@ -113,7 +113,7 @@ def discover_players(base: str = "", sl: str = "", rl_dir: str = "",
   """[(name, model spec)] in training order: base, sl, rl-NNNNN..., then `snapshots`.
 
   Raises FileNotFoundError naming a missing snapshot or rl_dir, ValueError for a
-  duplicate name or fewer than two players.
+  duplicate name, fewer than two players or a malformed rl_dir/summary.json.
   """
 
   def check(name, spec):
@@ -145,7 +145,14 @@ def discover_players(base: str = "", sl: str = "", rl_dir: str = "",
       summary = os.path.join(rl_dir, "summary.json")
       if os.path.isfile(summary):
         with open(summary, encoding="utf-8") as f:
-          iterations = json.load(f).get("iterations")
+          try:
+            iterations = json.load(f).get("iterations")
+          except (json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{summary}: not an rl summary (a JSON object)") from None
+        if iterations is not None and (isinstance(iterations, bool) or
+                                       not isinstance(iterations, int) or iterations < 1):
+          raise ValueError(f"{summary}: 'iterations' must be an integer >= 1, got "
+                           f"{iterations!r}")
       if iterations is None:
         iterations = max(steps, default=0) + 1
       steps.setdefault(int(iterations), final)
@@ -442,10 +449,21 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
       raise ValueError(f"evaluate.{flag} must be an integer >= 1, got {value!r}")
   if not (isinstance(temperature, (int, float)) and 0.0 <= temperature < math.inf):
     raise ValueError(f"evaluate.temperature must be a finite number >= 0, got {temperature!r}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"evaluate.seed must be an integer >= 0, got {seed!r}")
   check_chat_format(chat_format, "evaluate.chat_format")
   template = fb.resolve_template(template, fb.TEMPLATES)
   players = discover_players(base, sl, rl_dir, snapshots)
+  for flag, spec in (("feedback_model", feedback_model), ("pm", pm), ("harm_model", harm_model)):
+    if spec and not os.path.exists(model_dir.resolve_model_spec(spec)):
+      raise FileNotFoundError(f"evaluate.{flag}={spec!r} does not exist")
+  if hhh_data and not os.path.exists(hhh_data):
+    raise FileNotFoundError(f"evaluate.hhh_data={hhh_data!r} does not exist")
   names = [n for n, _ in players]
+  if "pm" in judges and pm_fn is None and model_dir.load_head(
+      model_dir.resolve_model_spec(pm)) != "scalar":
+    raise ValueError(f"evaluate.pm={pm!r} is not a scalar-head (preference) model")
+  rl_points = rl_pm_vs_sqrt_kl(rl_dir) if rl_dir else None
   items = eval_items(prompts, helpful_prompts, split, limit)
   items_sha = shards.sha([[r.get("id"), r["kind"], r["messages"]] for r in items])[:16]
   const = constitution_lib.resolve(constitution, "feedback")
@@ -543,10 +561,6 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
         raise ValueError(f"evaluate: judge {j!r} has no {kind} comparison (every response "
                          "empty?); check max_new_tokens and chat_format")
   monitor_rows = player_monitors(responses)
-  rl_points = None
-  if rl_dir and os.path.isfile(os.path.join(rl_dir, "metrics.jsonl")):
-    metrics = data.iter_jsonl(os.path.join(rl_dir, "metrics.jsonl"))
-    rl_points = monitors.pm_vs_sqrt_kl([row for _, row in metrics])
   harm = harmfulness(harm_model, responses, chat_format, batch_size, mesh) if harm_model else None
   hhh = evaluate_hhh(hhh_data, judges, feedback_model, pm, out_dir, chat_format, batch_size,
                      template, seed, mesh, progress) if hhh_data else None
@@ -572,6 +586,20 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
     shards.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1) + "\n")
   distributed.barrier(f"evaluate:summary:{out_dir}")
   return summary
+
+
+def rl_pm_vs_sqrt_kl(rl_dir: str) -> Optional[List[dict]]:
+  """``monitors.pm_vs_sqrt_kl`` of rl_dir/metrics.jsonl (None without the file; a torn
+  last line of a run still writing is dropped); ValueError naming the file for a bad row."""
+  path = os.path.join(rl_dir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return None
+  from cai_jax import metrics as metrics_lib
+  try:
+    return monitors.pm_vs_sqrt_kl(metrics_lib.read_jsonl_metrics(path, drop_torn_last=True))
+  except ValueError as e:
+    msg = str(e)
+    raise ValueError(msg if msg.startswith(path) else f"{path}: {msg}") from None
 
 
 def player_monitors(responses: Dict[str, List[dict]]) -> Dict[str, dict]:
@@ -759,7 +787,9 @@ def write_report(out_dir: str, title: str, summary: dict, elo: dict,
         plots.append({"caption": f"HHH calibration of judge '{j}'", "file": dest})
     sections.append({
         "id": "hhh", "title": "HHH evaluation",
-        "text": "Binary accuracy of the judges on the HHH comparisons, and their calibration.",
+        "text": ("Accuracy of the judges on the HHH evaluations (an item is right when the "
+                 "judge's most probable answer is a correct one; a tie counts its share), "
+                 "and their calibration."),
         "tables": [{"caption": "HHH accuracy", "columns": ["judge", "n", "accuracy", "ECE",
                                                            "per category"], "rows": rows}],
         "plots": plots})
