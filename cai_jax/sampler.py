@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -90,19 +91,33 @@ class SamplingParams:
     object.__setattr__(self, "eos_ids", tuple(int(t) for t in self.eos_ids))
     object.__setattr__(self, "stop_sequences",
                        tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
+    for name in ("temperature", "top_p"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"SamplingParams.{name} must be a number, got {value!r}")
     if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
       raise ValueError(f"SamplingParams.temperature must be 0 (greedy) or in "
                        f"[{MIN_TEMPERATURE}, inf), got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
+    for name, low in (("top_k", 0), ("max_new_tokens", 1), ("seed", 0)):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"SamplingParams.{name} must be an integer >= {low}, got {value!r}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if any(len(s) == 0 for s in self.stop_sequences):
       raise ValueError("SamplingParams.stop_sequences must not contain an empty sequence")
-    if not 0 <= self.seed < 2**32:
+    if not self.seed < 2**32:
       raise ValueError(f"SamplingParams.seed must be in [0, 2**32), got {self.seed}")
+
+
+def check_sampling(owner: str, **settings: Any) -> SamplingParams:
+  """``SamplingParams(**settings)`` with its ValueError naming `owner`'s setting
+  ('feedback.top_p must be in (0, 1], ...') instead of the SamplingParams field: what a
+  stage calls on its sampling settings before it reads a model or writes a file."""
+  try:
+    return SamplingParams(**settings)
+  except (ValueError, TypeError) as e:
+    raise ValueError(str(e).replace("SamplingParams.", f"{owner}.", 1)) from None
 
 
 @dataclasses.dataclass(frozen=True)

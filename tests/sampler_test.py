@@ -206,6 +206,21 @@ def test_sample_logits_greedy_and_filters_direct():
 T1 = sampler.SamplingParams(temperature=1.0, max_new_tokens=N_NEW, seed=7)
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(temperature=1e-7), r"^feedback.temperature must be 0 \(greedy\) or in \[1e-06, inf\)"),
+    (dict(top_p=0.0), r"^feedback.top_p must be in \(0, 1\], got 0.0$"),
+    (dict(top_k=1.5), r"^feedback.top_k must be an integer >= 0, got 1.5$"),
+    (dict(max_new_tokens=2.5), r"^feedback.max_new_tokens must be an integer >= 1, got 2.5$"),
+    (dict(seed=True), r"^feedback.seed must be an integer >= 0, got True$"),
+    (dict(seed=2**32), r"^feedback.seed must be in \[0, 2\*\*32\), got 4294967296$"),
+    (dict(temperature="1"), r"^feedback.temperature must be a number, got '1'$"),
+])
+def test_check_sampling_names_the_callers_setting(settings, message):
+  with pytest.raises(ValueError, match=message):
+    sampler.check_sampling("feedback", **settings)
+  assert sampler.check_sampling("feedback", top_k=np.int64(3), seed=np.uint32(5)).top_k == 3
+
+
 def test_shared_prefix_equals_plain_path(params):
   rng = np.random.default_rng(2)
   prefix = [int(t) for t in rng.integers(1, CFG.vocab_size, size=5)]

@@ -453,6 +453,9 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   check_chat_format(chat_format, "critique_revision.chat_format")
+  from cai_jax.sampler import check_sampling
+  check_sampling("critique_revision", temperature=temperature, top_p=top_p,
+                 max_new_tokens=max_new_tokens)
   model = model or DEFAULT_MODEL
   items = prompt_sets.prompt_items(prompts, split, limit, "prompt", "critique_revision",
                                    load_prompts)

@@ -452,6 +452,8 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f"evaluate.seed must be an integer >= 0, got {seed!r}")
   check_chat_format(chat_format, "evaluate.chat_format")
+  from cai_jax.sampler import check_sampling
+  check_sampling("evaluate", temperature=temperature, max_new_tokens=max_new_tokens)
   template = fb.resolve_template(template, fb.TEMPLATES)
   players = discover_players(base, sl, rl_dir, snapshots)
   for flag, spec in (("feedback_model", feedback_model), ("pm", pm), ("harm_model", harm_model)):

@@ -658,6 +658,8 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
   if chain_of_thought and not isinstance(cot_answer_cue, str):
     raise ValueError(f"feedback.cot_answer_cue must be a string, got {cot_answer_cue!r}")
   check_chat_format(chat_format, "feedback.chat_format")
+  from cai_jax.sampler import check_sampling
+  check_sampling("feedback", temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
   if not 0.0 <= max_skip_fraction <= 1.0:
     raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
   template = resolve_template(template, TEMPLATES)

@@ -197,6 +197,9 @@ def run(out: str, seed_prompts: str = "red_team", model: str = "", n_new: int = 
   if max_generated < 0:
     raise ValueError(f"redteam_prompts: max_generated={max_generated} must be >= 0 "
                      "(0 means 8 * n_new)")
+  from cai_jax.sampler import check_sampling
+  check_sampling("redteam_prompts", temperature=temperature, top_p=top_p,
+                 max_new_tokens=max_new_tokens)
   if seed < 0:
     raise ValueError(f"redteam_prompts: seed={seed} must be >= 0")
   if not 0 <= min_chars <= max_chars:

@@ -397,6 +397,8 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
   if not out_dir:
     raise ValueError("rl.out_dir is not set (use --out_dir=DIR)")
   check_chat_format(chat_format, "rl.chat_format")
+  sampler.check_sampling("PPOConfig", temperature=ppo.temperature,
+                         max_new_tokens=ppo.max_new_tokens)
   if not policy:
     raise ValueError("rl.policy is not set (the SL-CAI model)")
   if not pm and reward_fn is None:

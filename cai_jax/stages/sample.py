@@ -121,8 +121,8 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
   if batch_size < 1 or shard_size < 1:
     raise ValueError(f"sample.batch_size={batch_size} and sample.shard_size={shard_size} "
                      "must be >= 1")
-  sampler.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                         max_new_tokens=max_new_tokens, seed=seed)   # checks the settings
+  sampler.check_sampling("sample", temperature=temperature, top_k=top_k, top_p=top_p,
+                         max_new_tokens=max_new_tokens, seed=seed)
   path = data.resolve_path(prompts)
   _check_out(path, out)
   numbered = list(data.iter_jsonl(path))
