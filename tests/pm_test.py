@@ -302,6 +302,21 @@ def test_pm_learns_a_planted_preference_after_pmp(tmp_path, base_model):
     pm.run(out, **dict(kw, comparisons=other))
 
 
+def test_pmp_steps_defaulting_to_num_steps_are_recorded(tmp_path, base_model):
+  """pmp_num_steps=None means TrainConfig.num_steps: a rerun that grows num_steps would
+  keep the shorter finished PMP phase (unlike a fresh run), so it is refused; binding the
+  PMP steps the run had lets num_steps grow."""
+  comps = write_jsonl(tmp_path / "ai.jsonl", planted(16, 5))
+  pmp = write_jsonl(tmp_path / "pmp.jsonl", planted(16, 6))
+  out = str(tmp_path / "pm")
+  kw = dict(comparisons=comps, init_from=base_model, pmp_comparisons=pmp, heldout_fraction=0.0)
+  assert pm.run(out, **kw, train_config=tc(num_steps=2))["pmp"]["steps"] == 2
+  with pytest.raises(ValueError, match=r"holds a run with a different pmp_num_steps"):
+    pm.run(out, **kw, train_config=tc(num_steps=3))
+  again = pm.run(out, **dict(kw, pmp_num_steps=2), train_config=tc(num_steps=3))
+  assert again["pmp"]["steps"] == 2 and again["steps"] == 3
+
+
 def test_two_processes_write_what_one_process_writes(tmp_path, base_model):
   """2 processes x 4 devices (training, held-out scoring, model save) write what 1 process
   x 8 devices writes on the same fsdp mesh, each file once, no leftovers. (The PMP phase

@@ -342,7 +342,8 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
     init_from: the LM to start from (model directory, .gguf, HF folder or 'pkg:' spec);
       its LM head is replaced by a zero scalar head.
     pmp_comparisons: optional preference-model pretraining set, trained first
-      (out_dir/pmp) for pmp_num_steps steps (default: train_config.num_steps).
+      (out_dir/pmp) for pmp_num_steps steps (default: train_config.num_steps; a rerun
+      must keep the PMP steps: growing num_steps needs pmp_num_steps bound to them).
     heldout_fraction: fraction of each input held out for evaluation (seeded split).
     chat_format: 'raw' (the paper's Human/Assistant transcript), 'chatml' or 'llama3'.
     max_skip_fraction: error when more than this fraction of an input is skipped.
@@ -398,7 +399,8 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
       "init_from": init_from, "model": model_config_key(config), "chat_format": chat_format,
       "model_fingerprints": model_dir.model_fingerprints({"init_from": init_from}),
       "optimizer": dataclasses.asdict(optimizer), "train_config": train_config_key(train_config),
-      "pmp_num_steps": pmp_num_steps if pmp else None}, "pm", "pm_config.json")
+      "pmp_num_steps": (pmp_num_steps or train_config.num_steps) if pmp else None},
+      "pm", "pm_config.json")
 
   pmp_summary = None
   if pmp:
