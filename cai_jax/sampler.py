@@ -666,17 +666,30 @@ def _place(batch: Dict[str, np.ndarray], mesh, rules):
   return sharding.shard_batch(batch, mesh, rules)
 
 
+class PromptTooLong(ValueError):
+  """A prompt of a generate / score call does not fit (truncate=None); callers that know
+  what the prompt stands for (a comparison, a question) name it from `index`.
+
+  Attributes: index (of the prompt in the call), tokens (its length), limit (tokens that fit).
+  """
+
+  def __init__(self, message: str, index: int, tokens: int, limit: int):
+    super().__init__(message)
+    self.index, self.tokens, self.limit = index, tokens, limit
+
+
 def _fit_length(i: int, seq: Sequence[int], limit: int, what: str, detail: str,
          truncate: Optional[str], bos_id: Optional[int] = None) -> Tuple[List[int], int]:
   """Validates / left-truncates one sequence to `limit` tokens: (tokens, dropped count).
-  A sequence that starts with `bos_id` keeps it in front of its last tokens."""
+  A sequence that starts with `bos_id` keeps it in front of its last tokens; a too-long
+  one without truncate='left' raises PromptTooLong."""
   seq = [int(t) for t in seq]
   if len(seq) <= limit:
     return seq, 0
   if truncate != "left":
-    raise ValueError(
+    raise PromptTooLong(
         f"{what} {i} has {len(seq)} tokens but at most {limit} fit ({detail}); "
-        "shorten it or pass truncate='left' to keep its last tokens")
+        "shorten it or pass truncate='left' to keep its last tokens", i, len(seq), limit)
   return keep_last(seq, limit, bos_id), len(seq) - limit
 
 

@@ -490,6 +490,18 @@ def test_a_too_long_question_is_named_by_its_comparison(tmp_path):
   assert len(fb.read_comparisons(str(tmp_path / "left"))) == 2
 
 
+def test_a_too_long_policy_prompt_is_named_by_its_comparison(tmp_path):
+  """Was "prompt 2 has N tokens ..." (the row of the policy's generate call: two per
+  prompt) with truncate=None."""
+  path, _, _, _ = _tiny_model(str(tmp_path / "tiny"))
+  prompts = [{"prompt": "Hi?", "id": "a"}, {"prompt": "Yo? " * 200, "id": "b"}]
+  with pytest.raises(ValueError, match=r"^feedback: the prompt of comparison b has \d+ tokens "
+                                       r"but at most \d+ fit the policy with max_new_tokens; "
+                                       r"set feedback\.truncate='left'"):
+    fb.run(str(tmp_path / "out"), prompts=prompts, policy=path, constitution=CONST,
+           few_shot=False, batch_size=4, max_new_tokens=8, progress=False)
+
+
 @pytest.mark.slow
 def test_smollm2_feedback(tmp_path):
   """The embedded SmolLM2-135M-Instruct as policy and feedback model, the default

@@ -477,7 +477,14 @@ def _feedback_shard(items: Sequence[Tuple[int, dict]], shard: int, st: _Setup,
   """Records of one shard: one policy generate call, the CoT generate calls (one per
   few-shot prefix), one score call."""
   texts = [response_context(item["messages"], st.chat_format) for _, item in items]
-  outs = generate("", [t for t in texts for _ in range(2)], call_seed(st.seed, shard, 0))
+  from cai_jax.sampler import PromptTooLong
+  try:
+    outs = generate("", [t for t in texts for _ in range(2)], call_seed(st.seed, shard, 0))
+  except PromptTooLong as e:   # two rows per prompt
+    i, item = items[e.index // 2]
+    raise ValueError(f"feedback: the prompt of comparison {item.get('id', i)} has {e.tokens} "
+                     f"tokens but at most {e.limit} fit the policy with max_new_tokens; set "
+                     "feedback.truncate='left' to keep its last tokens, or shorten it") from None
   if len(outs) != 2 * len(items):
     raise ValueError(f"generate_fn returned {len(outs)} texts for {2 * len(items)} prompts")
   stops = response_stops(st.chat_format)
