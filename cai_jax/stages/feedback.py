@@ -342,24 +342,11 @@ def model_generate_fn(params: Any, config: Any, tok: Any, stops: Sequence[str],
                                   batch_size, mesh=mesh, rules=rules, truncate=truncate)
 
 
-class QuestionTooLong(ValueError):
-  """A question (context) of a score call does not fit the model with its longest option.
-
-  Attributes: index (of the context in the call), tokens (context + option), max_seq_len.
-  """
-
-  def __init__(self, index: int, tokens: int, max_seq_len: int):
-    super().__init__(f"question {index} of the score call has {tokens} tokens with its "
-                     f"option, more than max_seq_len={max_seq_len}; shorten it or pass "
-                     "truncate='left' to keep its last tokens")
-    self.index, self.tokens, self.max_seq_len = index, tokens, max_seq_len
-
-
 def model_score_fn(params: Any, config: Any, tok: Any, batch_size: int, mesh=None, rules=None,
                    truncate: Optional[str] = None) -> ScoreFn:
   """A ScoreFn over ``sampler.sum_logprobs`` with ``tokenizer.encode_after`` tokenization.
   With truncate=None a context that does not fit config.max_seq_len with an option raises
-  QuestionTooLong (naming the context's index in the call)."""
+  ``sampler.PromptTooLong`` (naming the context's index in the call)."""
   from cai_jax import sampler
 
   def fn(contexts: Sequence[str], options: Sequence[str]) -> np.ndarray:
@@ -368,7 +355,10 @@ def model_score_fn(params: Any, config: Any, tok: Any, batch_size: int, mesh=Non
       head, opts = encode_after(tok, c, options)
       longest = len(head) + max((len(o) for o in opts), default=0)
       if truncate is None and longest > config.max_seq_len:
-        raise QuestionTooLong(k, longest, config.max_seq_len)
+        raise sampler.PromptTooLong(
+            f"question {k} of the score call has {longest} tokens with its option, more than "
+            f"max_seq_len={config.max_seq_len}; shorten it or pass truncate='left' to keep its "
+            "last tokens", k, longest, config.max_seq_len)
       for o in opts:
         if not head:
           raise ValueError("feedback: a question tokenizes to no tokens before the options")
@@ -540,10 +530,10 @@ def _feedback_shard(items: Sequence[Tuple[int, dict]], shard: int, st: _Setup,
   if contexts:
     try:
       scores = np.asarray(score(contexts, OPTIONS), np.float64)
-    except QuestionTooLong as e:
+    except PromptTooLong as e:
       raise ValueError(f"feedback: the question of {comparison(e.index)} has {e.tokens} tokens "
                        f"with its option, more than the feedback model's max_seq_len="
-                       f"{e.max_seq_len}; set feedback.truncate='left' to keep its last tokens, "
+                       f"{e.limit}; set feedback.truncate='left' to keep its last tokens, "
                        "or shorten it (max_new_tokens, few_shot)") from None
     if scores.shape != (len(contexts), len(OPTIONS)):
       raise ValueError(f"score_fn returned shape {scores.shape} for {len(contexts)} contexts "
