@@ -187,6 +187,31 @@ def fit_elo(comparisons: Sequence[Sequence[Any]],
   return {p: float(e) for p, e in zip(players, elo)}
 
 
+def _components(n_players: int, ii: np.ndarray, jj: np.ndarray, w: np.ndarray
+                ) -> List[List[int]]:
+  """Connected components of the comparison graph (an edge per comparison of weight > 0),
+  each a sorted list of player indices, in order of their smallest index."""
+  adj = np.zeros((n_players, n_players), bool)
+  keep = w > 0
+  adj[ii[keep], jj[keep]] = True
+  adj |= adj.T
+  label = np.full(n_players, -1)
+  comps = []
+  for start in range(n_players):
+    if label[start] >= 0:
+      continue
+    reach = np.zeros(n_players, bool)
+    reach[start] = True
+    while True:
+      grown = reach | adj[reach].any(axis=0)
+      if (grown == reach).all():
+        break
+      reach = grown
+    label[reach] = len(comps)
+    comps.append([int(t) for t in np.flatnonzero(reach)])
+  return comps
+
+
 def bootstrap_elo(comparisons: Sequence[Sequence[Any]],
                   n_boot: int = 200,
                   seed: int = 0,
@@ -194,32 +219,104 @@ def bootstrap_elo(comparisons: Sequence[Sequence[Any]],
                   players: Optional[Sequence[Hashable]] = None,
                   anchor: Any = FIRST,
                   l2: float = 1e-6,
-                  iters: int = 100) -> Dict[Hashable, Interval]:
-  """Elo ratings with bootstrap percentile confidence intervals.
+                  iters: int = 100,
+                  groups: Optional[Sequence[Hashable]] = None) -> Dict[Hashable, Interval]:
+  """Elo ratings with (cluster) bootstrap percentile confidence intervals.
 
-  Resamples the comparisons with replacement ``n_boot`` times (numpy
-  ``default_rng(seed)``), refits each resample with the same players, anchor
-  and L2, and takes the ``(1 - ci)/2`` and ``(1 + ci)/2`` percentiles of each
-  player's rating. The point estimate is the fit on the full data.
+  Resamples with replacement ``n_boot`` times (numpy ``default_rng(seed)``), refits
+  each resample with the same players, anchor and L2, and takes the ``(1 - ci)/2`` and
+  ``(1 + ci)/2`` percentiles of each player's rating. The point estimate is the fit on
+  the full data.
+
+  What is resampled is the group: ``groups`` gives one hashable key per comparison
+  (e.g. the prompt id), and each resample draws as many groups as there are, with
+  replacement, keeping all comparisons of a drawn group together (a cluster bootstrap).
+  Comparisons that share a prompt (every pair of players judged on it, both orders,
+  several samples) are correlated; resampling them one by one treats them as
+  independent and gives intervals that are too narrow. Without ``groups`` every
+  comparison is its own group (the plain bootstrap; ``groups=range(n)`` gives the same
+  numbers).
+
+  A resample whose comparisons do not connect every player (a player drawn in no
+  comparison, or two sets of players with no comparison between them) leaves some
+  ratings arbitrary (set by the L2 prior, not the data); it is discarded and another
+  drawn, so the intervals are those of the bootstrap conditioned on a rateable
+  resample. That is close to the unconditioned one only while such resamples are rare:
+  once as many have been discarded as ``n_boot``, ValueError (too few groups for an
+  interval).
+
+  Players whose comparisons fall apart into disconnected sets in the full data (no
+  chain of comparisons from one set to the other, counting only weight > 0) are a
+  ValueError naming the sets rather than a warning: an Elo difference across them is
+  fixed by the L2 prior alone, and a report table would show it as if it were measured.
+  A listed player with no comparison at all is such a set; leave it out of ``players``.
+
+  Args:
+    comparisons, players, anchor, l2, iters: as for ``fit_elo``.
+    n_boot: resamples kept (>= 1).
+    seed: seed of the resampling.
+    ci: central coverage of the interval, in (0, 1).
+    groups: None, or one hashable key per comparison; comparisons with equal keys are
+      resampled together.
 
   Returns:
     ``{player: (elo, lo, hi)}`` in player order. The anchor player's interval
     is (0, 0, 0) by construction; the others are relative to it.
+
+  Raises:
+    ValueError: as for ``fit_elo``; ci or n_boot out of range; ``groups`` of another
+      length than ``comparisons`` or with an unhashable key; disconnected players; too
+      many unrateable resamples.
   """
   if not 0.0 < ci < 1.0:
     raise ValueError(f"ci must be in (0, 1); got {ci}")
   if n_boot < 1:
     raise ValueError(f"n_boot must be >= 1; got {n_boot}")
+  comparisons = list(comparisons)
+  n = len(comparisons)
+  if groups is None:
+    gid = np.arange(n)
+  else:
+    groups = list(groups)
+    if len(groups) != n:
+      raise ValueError(f"bootstrap_elo: groups has {len(groups)} keys for {n} comparisons")
+    keys: Dict[Hashable, int] = {}
+    gid = np.zeros(n, np.int64)
+    for k, g in enumerate(groups):
+      try:
+        gid[k] = keys.setdefault(g, len(keys))
+      except TypeError:
+        raise ValueError(f"bootstrap_elo: groups[{k}] = {g!r} is not hashable") from None
   players, ii, jj, y, w = _parse(comparisons, players)
   anchor_idx = _resolve_anchor(players, anchor)
+  comps = _components(len(players), ii, jj, w)
+  if len(comps) > 1:
+    sets = " | ".join("{" + ", ".join(repr(players[t]) for t in c) + "}" for c in comps)
+    raise ValueError(f"bootstrap_elo: no chain of comparisons links these sets of players, "
+                     f"so Elo across them is undefined: {sets}")
   tol = 1e-8
   point = _fit_arrays(players, ii, jj, y, w, anchor_idx, l2, iters, tol)
   rng = np.random.default_rng(seed)
-  n = len(y)
+  n_groups = int(gid.max()) + 1
+  order = np.argsort(gid, kind="stable")  # comparisons of group g: order[start[g]:][:size[g]]
+  size = np.bincount(gid, minlength=n_groups)
+  start = np.cumsum(size) - size
   boots = np.zeros((n_boot, len(players)))
-  for b in range(n_boot):
-    k = rng.integers(0, n, size=n) if n else np.zeros(0, np.int64)
+  b = discarded = 0
+  while b < n_boot:
+    draw = rng.integers(0, n_groups, size=n_groups)
+    sz = size[draw]
+    k = order[np.repeat(start[draw] - (np.cumsum(sz) - sz), sz) + np.arange(int(sz.sum()))]
+    if len(_components(len(players), ii[k], jj[k], w[k])) > 1:
+      discarded += 1
+      if discarded >= n_boot:
+        raise ValueError(f"bootstrap_elo: {discarded} of {b + discarded} resamples left some "
+                         f"players with no chain of comparisons to the others; too few "
+                         f"{'groups' if groups is not None else 'comparisons'} "
+                         f"({n_groups}) for a bootstrap interval")
+      continue
     boots[b] = _fit_arrays(players, ii[k], jj[k], y[k], w[k], anchor_idx, l2, iters, tol)
+    b += 1
   lo = np.percentile(boots, 100.0 * (1.0 - ci) / 2.0, axis=0)
   hi = np.percentile(boots, 100.0 * (1.0 + ci) / 2.0, axis=0)
   return {p: (float(point[t]), float(lo[t]), float(hi[t])) for t, p in enumerate(players)}

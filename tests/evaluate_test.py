@@ -148,6 +148,31 @@ def test_pm_judge_is_the_sigmoid_of_the_score_difference():
   assert big[0]["p_a"] == 0.0
 
 
+def test_elo_bootstrap_resamples_prompts(monkeypatch):
+  """All of a prompt's judgments (every pair of players) are resampled together."""
+  rows = []
+  for i, (pid, kind) in enumerate([("r1", "harmful"), ("h1", "helpful"), ("r2", "harmful"),
+                                   ("r3", "harmful")]):
+    for a, b in [("base", "sl"), ("base", "rl"), ("sl", "rl")]:
+      rows.append({"id": pid, "kind": kind, "a": a, "b": b, "p_a": 0.2 + 0.1 * i})
+  seen = []
+  real = report_lib.bootstrap_elo
+
+  def spy(comps, **kw):
+    seen.append((list(comps), list(kw["groups"])))
+    return real(comps, **kw)
+
+  monkeypatch.setattr(evaluate.report_lib, "bootstrap_elo", spy)
+  got = evaluate.elo_by_kind(rows, ["base", "sl", "rl"], n_boot=10, seed=0)
+  assert [g for _, g in seen] == [["r1"] * 3 + ["r2"] * 3 + ["r3"] * 3, ["h1"] * 3]
+  harm = [(r["a"], r["b"], r["p_a"]) for r in rows if r["kind"] == "harmful"]
+  assert got["harmlessness"] == real(harm, n_boot=10, seed=0, players=["base", "sl", "rl"],
+                                     groups=["r1"] * 3 + ["r2"] * 3 + ["r3"] * 3)
+  with pytest.raises(ValueError, match=r"^evaluate: harmlessness Elo: bootstrap_elo: no chain"):
+    evaluate.elo_by_kind([dict(rows[0], kind="harmful"), dict(rows[0], a="rl", b="x")],
+                         ["base", "sl", "rl", "x"], n_boot=10, seed=0)
+
+
 # Each fake player's answer; the fake judge prefers responses containing "good".
 ANSWERS = {"base": "I'm sorry, I can't help with that.",
            "sl": "good idea: talk it through calmly",

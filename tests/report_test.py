@@ -1,5 +1,6 @@
 """Tests for cai_jax.report: Bradley-Terry Elo fitting, bootstrap intervals, table, plot."""
 
+import itertools
 import math
 
 import numpy as np
@@ -94,6 +95,111 @@ def test_bootstrap_deterministic_and_narrows_with_more_data():
   c = report.bootstrap_elo(big, n_boot=50, seed=3)
   width = lambda r, p: r[p][2] - r[p][1]
   assert width(c, "s4") < width(a, "s4")
+
+
+# bootstrap_elo(_simulate(PLANTED, 300, seed=1), n_boot=50, seed=3) before groups existed.
+PLAIN_BOOTSTRAP = {
+    "s1": (0.0, 0.0, 0.0),
+    "s2": (12.334932656300055, -58.37787877923502, 67.70889444128282),
+    "s3": (172.47815918991122, 81.9607546008816, 275.2575170621211),
+    "s4": (370.5736296822266, 274.33553490086763, 465.24508291705206),
+    "s0": (-233.15664919851582, -373.4031644536319, -145.72032575984508)}
+
+
+def test_bootstrap_default_groups_are_the_plain_bootstrap():
+  games = _simulate(PLANTED, 300, seed=1)
+  plain = report.bootstrap_elo(games, n_boot=50, seed=3)
+  assert list(plain) == list(PLAIN_BOOTSTRAP)
+  for p, want in PLAIN_BOOTSTRAP.items():
+    assert plain[p] == pytest.approx(want, abs=1e-9)
+  # One group per comparison is the same draw, to the bit, whatever the keys.
+  assert report.bootstrap_elo(games, n_boot=50, seed=3, groups=range(len(games))) == plain
+  assert report.bootstrap_elo(games, n_boot=50, seed=3,
+                              groups=[f"g{k}" for k in range(len(games))]) == plain
+
+
+TRUTH3 = {"a": 0.0, "b": 80.0, "c": -60.0}
+
+
+def _clustered(truth, n_prompts, copies, redraw, rng):
+  """Per prompt, each pair is judged `copies` times (orders alternating); each copy repeats
+  the prompt's first outcome unless redrawn (probability `redraw`). Every outcome is
+  marginally Bernoulli(win_probability), so the Elo fit is unbiased for `truth`, but the
+  copies of a prompt are strongly correlated."""
+  comps, groups = [], []
+  for prompt in range(n_prompts):
+    for a, b in itertools.combinations(truth, 2):
+      p = report.win_probability(truth[a], truth[b])
+      y0 = float(rng.random() < p)
+      for c in range(copies):
+        y = float(rng.random() < p) if rng.random() < redraw else y0
+        comps.append((a, b, y) if c % 2 == 0 else (b, a, 1.0 - y))
+        groups.append(f"prompt-{prompt}")
+  return comps, groups
+
+
+def test_cluster_bootstrap_is_wider_and_covers_where_the_plain_one_does_not():
+  rng = np.random.default_rng(0)
+  width = lambda r, p: r[p][2] - r[p][1]
+  covered = {"plain": 0, "cluster": 0}
+  ratios = []
+  n_data = 40
+  for r in range(n_data):
+    comps, groups = _clustered(TRUTH3, 30, 4, 0.1, rng)
+    plain = report.bootstrap_elo(comps, n_boot=50, seed=r, ci=0.8, players=list(TRUTH3))
+    cluster = report.bootstrap_elo(comps, n_boot=50, seed=r, ci=0.8, players=list(TRUTH3),
+                                   groups=groups)
+    assert cluster["b"][0] == plain["b"][0]            # same point estimate
+    for name, res in (("plain", plain), ("cluster", cluster)):
+      covered[name] += sum(res[p][1] <= TRUTH3[p] <= res[p][2] for p in "bc")
+    ratios += [width(cluster, p) / width(plain, p) for p in "bc"]
+  coverage = {k: v / (2 * n_data) for k, v in covered.items()}
+  # About 4 correlated copies per comparison: the plain interval is ~1/sqrt(3.4) as wide
+  # as it should be and covers the truth about half the time instead of 80%.
+  assert np.mean(ratios) > 1.6, ratios
+  assert coverage["plain"] < 0.65, coverage
+  assert 0.7 <= coverage["cluster"] <= 0.9, coverage
+
+
+def test_bootstrap_redraws_a_resample_that_leaves_a_player_out():
+  """c is compared (with a) on one prompt only; a resample without that prompt would rate
+  c by the L2 prior (near a's 0). Such resamples are redrawn, so c - a is always the one
+  prompt's logit."""
+  comps = [("a", "c", 0.9), ("a", "b", 0.6)] + [("a", "b", 0.3), ("b", "a", 0.5)] * 3
+  groups = ["p0", "p0"] + ["p1", "p1", "p2", "p2", "p3", "p3"]
+  got = report.bootstrap_elo(comps, n_boot=100, seed=0, groups=groups)
+  gap = -400.0 * math.log10(9.0)
+  assert got["c"] == pytest.approx((gap, gap, gap), abs=0.5)
+  assert got["b"][1] <= got["b"][0] <= got["b"][2] and got["b"][2] - got["b"][1] > 1.0
+
+
+def test_bootstrap_refuses_data_too_sparse_to_resample():
+  # A chain a-b-c-d-e, one link per group: a resample almost never holds every link.
+  chain = [("a", "b", 0.6), ("b", "c", 0.6), ("c", "d", 0.6), ("d", "e", 0.6)]
+  with pytest.raises(ValueError, match=r"^bootstrap_elo: 20 of \d+ resamples .*too few "
+                                       r"groups \(4\) for a bootstrap interval$"):
+    report.bootstrap_elo(chain, n_boot=20, groups=["p0", "p1", "p2", "p3"])
+  with pytest.raises(ValueError, match=r"too few comparisons \(4\)"):
+    report.bootstrap_elo(chain, n_boot=20)
+
+
+def test_bootstrap_refuses_disconnected_players():
+  comps = [("a", "b", 0.7), ("c", "d", 0.4), ("b", "a", 0.5), ("e", "c", 0.5),
+           ("a", "e", 0.5, 0.0)]                      # a weight-0 comparison links nothing
+  with pytest.raises(ValueError, match=r"^bootstrap_elo: no chain of comparisons links these "
+                                       r"sets of players, so Elo across them is undefined: "
+                                       r"\{'a', 'b'\} \| \{'c', 'd', 'e'\}$"):
+    report.bootstrap_elo(comps, n_boot=5)
+  with pytest.raises(ValueError, match=r"\{'a', 'b'\} \| \{'z'\}$"):
+    report.bootstrap_elo([("a", "b", 0.7)], n_boot=5, players=["a", "b", "z"])
+
+
+def test_bootstrap_group_errors():
+  comps = [("a", "b", 0.7), ("b", "a", 0.4)]
+  with pytest.raises(ValueError, match=r"^bootstrap_elo: groups has 1 keys for 2 comparisons$"):
+    report.bootstrap_elo(comps, n_boot=5, groups=["p0"])
+  with pytest.raises(ValueError, match=r"^bootstrap_elo: groups\[1\] = \['p'\] is not hashable$"):
+    report.bootstrap_elo(comps, n_boot=5, groups=["p0", ["p"]])
 
 
 def test_symmetric_outcomes_give_equal_ratings():

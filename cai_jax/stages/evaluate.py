@@ -22,8 +22,9 @@ model), and the RL run's policy snapshots `rl_dir/snapshots/step-NNNNN` (plus
 `test` split of the red-team and helpful sets) with the same sampler seeds (common
 random numbers); each unordered pair of players is judged on every prompt where both
 responses are non-empty; `report.bootstrap_elo` fits Bradley–Terry Elo with bootstrap
-intervals per judge and prompt kind, anchored at the first player (0); a player with no
-judged comparison of a kind (every response empty) is not rated on it.
+intervals (resampling prompts, each with all its judgments) per judge and prompt kind,
+anchored at the first player (0); a player with no judged comparison of a kind (every
+response empty) is not rated on it.
 
 Also computed, when their inputs are given:
   * over-training monitors per player (``cai_jax.monitors``): evasiveness rate (refusal
@@ -297,14 +298,21 @@ def elo_by_kind(judgments: Sequence[dict], players: Sequence[str], n_boot: int, 
   """{'harmlessness' | 'helpfulness': {player: (elo, lo, hi)}} from judgment rows
   (each a soft outcome p_a of a against b), in `players` order, anchored at the first
   player rated. A player in no judged comparison of a kind (all its responses empty) has
-  no rating there: it is left out of that kind's fit rather than given the prior's."""
+  no rating there: it is left out of that kind's fit rather than given the prior's. The
+  bootstrap resamples prompts (the rows' "id"), each with all its pairs' judgments: those
+  share the prompt and the players' responses to it, so they are not independent."""
   out = {}
   for kind in KINDS:
-    comps = [(j["a"], j["b"], j["p_a"]) for j in judgments if j["kind"] == kind]
+    rows = [j for j in judgments if j["kind"] == kind]
+    comps = [(j["a"], j["b"], j["p_a"]) for j in rows]
     if comps:
       seen = {p for c in comps for p in c[:2]}
-      out[ELO_KIND[kind]] = report_lib.bootstrap_elo(comps, n_boot=n_boot, seed=seed,
-                                                     players=[p for p in players if p in seen])
+      try:
+        out[ELO_KIND[kind]] = report_lib.bootstrap_elo(
+            comps, n_boot=n_boot, seed=seed, players=[p for p in players if p in seen],
+            groups=[j["id"] for j in rows])
+      except ValueError as e:
+        raise ValueError(f"evaluate: {ELO_KIND[kind]} Elo: {e}") from None
   return out
 
 
@@ -699,7 +707,8 @@ def write_report(out_dir: str, title: str, summary: dict, elo: dict,
       "option orders averaged; the 'pm' judge is the preference model, P(A) = sigmoid(score A - "
       "score B). RL optimised the policy against that PM, so the PM judge favours RL snapshots. "
       "Ratings are Bradley-Terry maximum-likelihood Elo (a 100-point gap is a 64% win rate), "
-      f"anchored at {names[0]!r} = 0, with 95% bootstrap intervals.")
+      f"anchored at {names[0]!r} = 0, with 95% bootstrap intervals (prompts resampled, each "
+      "with all its judgments).")
   for j, by_kind in elo.items():
     rows = []
     for n in names:
