@@ -252,12 +252,12 @@ def _sample_rows(r: dict, targets: bool, name: str = "sample",
       met = _met(ratio >= SAMPLE_BATCH32_RATIO_TARGET) if ratio is not None else ""
     rows.append([name, setting, "tokens/s", _num(o.get("tokens_per_s")),
                  _num(p.get("tokens_per_s")), _ratio(ratio), target, met])
-    o_ms, p_ms = o.get("decode_ms_per_step"), p.get("decode_ms_per_step")
+    o_ms, p_ms = _decode_ms(o), _decode_ms(p)
     target, met = "", ""
     if targets and b == 1:
       target = f"<= {SAMPLE_DECODE_MS_TARGET:g} ms"
       met = _met(o_ms <= SAMPLE_DECODE_MS_TARGET) if o_ms is not None else ""
-    rows.append([name, setting, "decode ms/step", _num(o_ms, ".3f"), _num(p_ms, ".3f"),
+    rows.append([name, setting, "decode ms/step", _decode_text(o, o_ms), _decode_text(p, p_ms),
                  _ratio(p_ms / o_ms if o_ms and p_ms else None), target, met])
   roof = (r.get("roofline") or {}).get("ms_per_step")
   if roof is not None and name not in SAMPLE_VARIANTS:
@@ -274,6 +274,22 @@ def _sample_rows(r: dict, targets: bool, name: str = "sample",
     rows.append([name, f"batch 1, first {check.get('check_tokens')} ids",
                  "greedy ids agree with XLA attention", text, "", "", "", ""])
   return rows
+
+
+def _decode_ms(row: dict) -> Optional[float]:
+  """A sample.py summary row's decode ms/step; None when missing or not positive (a
+  difference of two medians that noise inverted, from a sample.py that printed those)."""
+  ms = row.get("decode_ms_per_step")
+  return ms if ms is not None and ms > 0 else None
+
+
+def _decode_text(row: dict, ms: Optional[float]) -> str:
+  """The decode ms/step cell: the value, 'n/a (noise)' where sample.py found the timing
+  difference not significant (or it is not positive), else 'n/a'."""
+  if ms is not None:
+    return _num(ms, ".3f")
+  noisy = row.get("decode_note") or row.get("decode_ms_per_step") is not None
+  return "n/a (noise)" if noisy else "n/a"
 
 
 def _agreement_text(agree: dict) -> str:

@@ -23,7 +23,8 @@ torch), so neither framework's memory pool or thread pool sees the other. Every
 the median of ``--repeats`` timed runs is reported. tokens/s = batch * N / time
 of the whole call (prefill included). Decode ms/step separates the prefill:
 (t(N) - t(1)) / (N - 1), where t(1) is a run with max_new_tokens=1 (prefill plus
-the first token). On a GPU the batch-1 decode step is printed beside the HBM
+the first token); it is 'n/a (noise)' (null in the JSON, decode_note says why) unless
+every timed N-token call took longer than every 1-token call. On a GPU the batch-1 decode step is printed beside the HBM
 bandwidth roofline: parameter bytes / bandwidth (every weight is read once per
 step; KV-cache reads are negligible at these lengths).
 
@@ -119,6 +120,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
       raise ValueError
   except ValueError:
     p.error(f"--batch_sizes must be comma-separated positive ints; got {args.batch_sizes!r}")
+  if args.max_new_tokens < 1:
+    p.error(f"--max_new_tokens must be >= 1; got {args.max_new_tokens}")
   if args.max_new_tokens < 2 and args.decode_split:
     p.error("--max_new_tokens must be >= 2 to separate decode from prefill "
             "(or pass --no_decode_split)")
@@ -314,18 +317,42 @@ def hbm_tbps(device_kind: str) -> Optional[float]:
   return None
 
 
+NOISE = "n/a (noise)"
+
+
+def decode_ms_per_step(runs_n: Dict[str, Any], runs_1: Dict[str, Any], n: int
+                       ) -> Optional[float]:
+  """(t(N) - t(1)) / (N - 1) in ms, t = the median of a program's timed calls; None when
+  the difference is not significantly positive.
+
+  Significant: every timed call with N new tokens took longer than every call with 1 (with
+  --repeats 1: t(N) > t(1)). Otherwise timing noise can account for the difference (tiny
+  models, a loaded machine) and a step time derived from it, even a negative one, would be
+  made up. runs_n / runs_1: ``_presets.timed`` results (times_s, median_s).
+  """
+  if n < 2 or min(runs_n["times_s"]) <= max(runs_1["times_s"]):
+    return None
+  return (runs_n["median_s"] - runs_1["median_s"]) / (n - 1) * 1e3
+
+
 def _summarize(res: Dict[str, Any], n: int) -> Dict[int, Dict[str, Any]]:
-  """Per batch: tokens/s of the N run, t(1), decode ms/step."""
+  """Per batch: tokens/s of the N run, t(1), decode ms/step (None with decode_note 'n/a
+  (noise)' when ``decode_ms_per_step`` finds no significant difference)."""
   by = {}
   for r in res["runs"]:
-    by.setdefault(r["batch"], {})[r["max_new_tokens"]] = r["median_s"]
+    by.setdefault(r["batch"], {})[r["max_new_tokens"]] = r
   out = {}
-  for batch, t in by.items():
-    row = {"time_s": t[n], "tokens_per_s": batch * n / t[n], "prefill_s": t.get(1)}
-    row["decode_ms_per_step"] = ((t[n] - t[1]) / (n - 1) * 1e3) if 1 in t and n > 1 else None
+  for batch, runs in by.items():
+    t = runs[n]["median_s"]
+    row = {"time_s": t, "tokens_per_s": batch * n / t,
+           "prefill_s": runs[1]["median_s"] if 1 in runs else None,
+           "decode_ms_per_step": None, "decode_note": None}
+    if 1 in runs and n > 1:
+      row["decode_ms_per_step"] = decode_ms_per_step(runs[n], runs[1], n)
+      if row["decode_ms_per_step"] is None:
+        row["decode_note"] = NOISE
     row["decode_tokens_per_s"] = (batch * 1e3 / row["decode_ms_per_step"]
-                                  if row["decode_ms_per_step"] and row["decode_ms_per_step"] > 0
-                                  else None)
+                                  if row["decode_ms_per_step"] else None)
     out[batch] = row
   return out
 
@@ -345,8 +372,13 @@ def _f(x: Optional[float], fmt: str) -> str:
   return "n/a" if x is None else format(x, fmt)
 
 
-def _ms(x: Optional[float]) -> str:
-  return "n/a" if x is None else f"{x:.3f} ms"
+def _decode_cell(row: Optional[Dict[str, Any]], fmt: str = ".2f", unit: str = "") -> str:
+  """A summary row's decode ms/step (`unit` appended), or why it has none."""
+  if row is None:
+    return "n/a"
+  if row["decode_ms_per_step"] is None:
+    return row.get("decode_note") or "n/a"
+  return format(row["decode_ms_per_step"], fmt) + unit
 
 
 def print_table(out: Dict[str, Any]) -> None:
@@ -375,21 +407,20 @@ def print_table(out: Dict[str, Any]) -> None:
     rows.append((str(batch), f"{o['tokens_per_s']:,.1f}",
                  f"{p['tokens_per_s']:,.1f}" if p else "n/a",
                  f"{ratio:.2f}x" if ratio else "n/a",
-                 _f(o["decode_ms_per_step"], ".2f"),
-                 _f(p["decode_ms_per_step"] if p else None, ".2f"),
+                 _decode_cell(o), _decode_cell(p),
                  _f(o["prefill_s"] and o["prefill_s"] * 1e3, ".1f"),
                  _f(p["prefill_s"] * 1e3 if p and p["prefill_s"] else None, ".1f")))
   print(_presets.markdown_table(head, rows))
   print("\ntokens/s = batch * N / median time of the whole generate call (prefill included); "
-        "decode ms/step = (t(N) - t(1)) / (N - 1); t(1) = prefill + first token")
+        "decode ms/step = (t(N) - t(1)) / (N - 1), 'n/a (noise)' unless every timed N-token "
+        "call took longer than every 1-token call; t(1) = prefill + first token")
   roof = out["roofline"]
   if roof["ms_per_step"] is not None:
     o1 = out["summary"]["ours"].get("1")
     p1 = out["summary"]["peer"].get("1") if peer else None
     print(f"batch-1 decode vs HBM roofline ({roof['param_bytes'] / 1e9:.3f} GB / "
           f"{roof['hbm_tbps']} TB/s = {roof['ms_per_step']:.3f} ms/step): ours "
-          f"{_ms(o1 and o1['decode_ms_per_step'])}, transformers "
-          f"{_ms(p1 and p1['decode_ms_per_step'])}")
+          f"{_decode_cell(o1, '.3f', ' ms')}, transformers {_decode_cell(p1, '.3f', ' ms')}")
   agree = out["agreement"]
   if agree["checked"]:
     first = agree["first_divergence"]

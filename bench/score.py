@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -344,14 +345,17 @@ def run_peer(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _compare(a: List[List[float]], b: List[List[float]]) -> Dict[str, Any]:
-  """max |a - b| over all tokens, the row where it occurs, and the mean log p of a."""
+  """max |a - b| over all tokens, the row where it occurs, and the mean log p of a. A NaN
+  on either side counts as an infinite difference."""
   worst, where, total, count = 0.0, None, 0.0, 0
   for r, (x, y) in enumerate(zip(a, b)):
     if len(x) != len(y):
       raise SystemExit(f"{WHO}: row {r}: {len(x)} log-probs from cai_jax, {len(y)} from "
                        "transformers")
     for u, v in zip(x, y):
-      d = abs(u - v)
+      d = 0.0 if u == v else abs(u - v)
+      if math.isnan(d):
+        d = math.inf
       if d > worst or where is None:
         worst, where = max(worst, d), r
       total += u

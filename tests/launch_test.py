@@ -466,6 +466,74 @@ def test_gpu_suite_xla_row_takes_the_train_step_peer():
   assert rows[2][3:6] == ["22,000.0", "n/a", "n/a"]
 
 
+def _bench_module(name: str):
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_sample_decode_step_is_na_when_noise_inverts_the_difference():
+  """bench/sample.py's decode ms/step = (t(N) - t(1)) / (N - 1) of the medians; a t(1)
+  that noise made slower than t(N) gave a negative step time (and a negative speed-up in the
+  suite's table). It is 'n/a (noise)' unless every N-token call is slower than every
+  1-token call."""
+  sample = _bench_module("sample")
+  def runs(batch, times_n, times_1, n=64):
+    return [{"batch": batch, "max_new_tokens": k, "times_s": t, "median_s": sorted(t)[1]}
+            for k, t in ((n, times_n), (1, times_1))]
+  res = {"runs": runs(1, [0.175, 0.174, 0.176], [0.0086, 0.0087, 0.0085])
+                 + runs(2, [0.0015, 0.0016, 0.0014], [0.0046, 0.0012, 0.0013])
+                 + runs(4, [0.0030, 0.0031, 0.0029], [0.0010, 0.0031, 0.0011])}
+  summary = sample._summarize(res, 64)
+  assert abs(summary[1]["decode_ms_per_step"] - (0.175 - 0.0086) / 63 * 1e3) < 1e-9
+  assert summary[1]["decode_note"] is None and summary[1]["decode_tokens_per_s"] > 0
+  for batch in (2, 4):     # inverted medians; overlapping calls (positive medians' difference)
+    row = summary[batch]
+    assert row["decode_ms_per_step"] is None and row["decode_tokens_per_s"] is None, row
+    assert row["decode_note"] == "n/a (noise)" and row["prefill_s"] > 0
+    assert sample._decode_cell(row) == "n/a (noise)"
+  assert sample._decode_cell(summary[1], ".3f", " ms") == "2.641 ms"
+
+  suite = _suite()
+  result = {"batch_sizes": [1, 2], "max_new_tokens": 64, "dtype": "bfloat16",
+            "ratio": {"1": 2.0, "2": 2.0},
+            "summary": {"ours": {"1": {"tokens_per_s": 400.0, "decode_ms_per_step": -0.83},
+                                 "2": {"tokens_per_s": 800.0, "decode_ms_per_step": None,
+                                       "decode_note": "n/a (noise)"}},
+                        "peer": {"1": {"tokens_per_s": 200.0, "decode_ms_per_step": 3.2},
+                                 "2": {"tokens_per_s": 400.0, "decode_ms_per_step": 3.3}}}}
+  rows = [r for r in suite.summary_rows({"sample": {"exit_code": 0, "result": result}}, True)
+          if r[2] == "decode ms/step"]
+  assert rows == [
+      ["sample", "batch 1, bfloat16, N 64", "decode ms/step", "n/a (noise)", "3.200", "n/a",
+       "<= 2 ms", ""],
+      ["sample", "batch 2, bfloat16, N 64", "decode ms/step", "n/a (noise)", "3.300", "n/a",
+       "", ""]]
+
+
+def test_score_compare_counts_a_nan_log_prob_as_a_difference():
+  """bench/score.py's agreement check: a NaN on one side gave max |d log p| 0 ('OK')."""
+  score = _bench_module("score")
+  nan = float("nan")
+  assert score._compare([[nan, -1.0]], [[-0.5, -1.0]])["max_abs_diff"] == float("inf")
+  res = score._compare([[-1.0, -2.0], [-3.0, -4.0]], [[-1.0, -2.5], [-3.0, nan]])
+  assert res["max_abs_diff"] == float("inf") and res["row"] == 1
+  res = score._compare([[-1.0, float("-inf")]], [[-1.25, float("-inf")]])
+  assert res["max_abs_diff"] == 0.25 and res["tokens_compared"] == 2
+
+
+def test_sample_max_new_tokens_below_one_is_a_usage_error(capsys):
+  """--max_new_tokens 0 --no_decode_split ran the cai_jax child into a SamplingParams
+  traceback."""
+  sample = _bench_module("sample")
+  with pytest.raises(SystemExit) as e:
+    sample.parse_args(["--max_new_tokens", "0", "--no_decode_split"])
+  assert e.value.code == 2
+  assert "--max_new_tokens must be >= 1; got 0" in capsys.readouterr().err
+  assert sample.parse_args(["--max_new_tokens", "1", "--no_decode_split"]).max_new_tokens == 1
+
+
 @pytest.mark.slow
 def test_gpu_suite_quick_runs(tmp_path):
   """The whole --quick suite on the CPU (about a minute and a half on 2 idle cores)."""
