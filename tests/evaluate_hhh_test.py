@@ -170,6 +170,14 @@ def _bias_b_judge(quality, bias_b):
   return score
 
 
+def test_cot_question_puts_the_reasoning_cue_where_the_answer_cue_was():
+  assert ev.cot_question("Q?\n\nAssistant: The answer is:") == (
+      "Q?\n\nAssistant: Let's think step by step:")
+  assert ev.cot_question("Q?\n\nAssistant: The answer is: \n") == (
+      "Q?\n\nAssistant: Let's think step by step:")
+  assert ev.cot_question("Q?\n\nAssistant:") == "Q?\n\nAssistant: Let's think step by step:"
+
+
 def test_mc_chain_of_thought_samples_then_scores_and_clamps():
   items = hhh.load_items(ANTHROPIC)[:2] + hhh.load_items(BIGBENCH)[:1]
   asked = []
@@ -190,7 +198,10 @@ def test_mc_chain_of_thought_samples_then_scores_and_clamps():
                     seed=123)
   # Options items: 2 samples each; the pair: 2 orders x 2 samples.
   assert len(asked) == 2 * 2 + 4
-  assert asked[0] == asked[1] == items[0]["context"] + ev.COT_OPTIONS_CUE
+  # An Anthropic prompt's closing "Assistant: The answer is:" gives way to the reasoning cue.
+  assert items[0]["context"].endswith("\n\nAssistant: The answer is:")
+  assert asked[0] == asked[1] == (items[0]["context"][:-len(" The answer is:")]
+                                  + " Let's think step by step:")
   assert asked[4] == fb.feedback_prompt(fb.DEFAULT_COT_TEMPLATE, items[2]["messages"],
                                         hhh.hhh_question("harmless"), *items[2]["candidates"])
   assert contexts[0] == asked[0] + " reason 0." + fb.COT_ANSWER_CUE

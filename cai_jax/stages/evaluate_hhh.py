@@ -17,8 +17,8 @@ Modes:
          cancels a preference of the judge for a letter. An item's p_correct is the
          mean over its pairs.
        chain_of_thought: a reasoning is sampled after the question (responses items:
-         written with the chain-of-thought template; options items: the prompt
-         followed by COT_OPTIONS_CUE), then the options are scored after
+         written with the chain-of-thought template; options items: the prompt with
+         COT_OPTIONS_CUE in place of its answer cue, ``cot_question``), then the options are scored after
          question + " " + reasoning + feedback.COT_ANSWER_CUE; each probability is
          clamped to [0.4, 0.6] (the paper's clamp) and averaged over cot_samples.
   pm   a preference model (head 'scalar'), responses items only: the PM score of the
@@ -64,8 +64,21 @@ from cai_jax.tokenizer import check_chat_format
 
 MODES = ("mc", "pm")
 COT_OPTIONS_CUE = " Let's think step by step:"
-"""Appended to an options item's prompt (which ends in 'Assistant:' in the paper's
-format) before its reasoning is sampled."""
+"""Where an options item's reasoning starts (``cot_question``)."""
+ANSWER_CUE = "The answer is:"
+"""How Anthropic's evals/*.jsonl prompts end ('... Assistant: The answer is:')."""
+
+
+def cot_question(context: str) -> str:
+  """An options item's prompt with the chain-of-thought cue where its answer cue was:
+  Anthropic's prompts end in '\n\nAssistant: The answer is:', which becomes
+  '\n\nAssistant: Let's think step by step:' (the reasoning, then
+  ``feedback.COT_ANSWER_CUE`` '\nSo the answer is:' and the scored option follow, as in
+  the paper's chain-of-thought format); a prompt ending otherwise gets the cue appended."""
+  stripped = context.rstrip()
+  if stripped.endswith(ANSWER_CUE):
+    return stripped[:-len(ANSWER_CUE)].rstrip() + COT_OPTIONS_CUE
+  return context + COT_OPTIONS_CUE
 COT_CLAMP = (0.4, 0.6)
 CHUNK = 64
 """Items per scoring call (one progress step; chain-of-thought seeds are per chunk)."""
@@ -139,7 +152,7 @@ def score_mc(items: Sequence[Dict[str, Any]], score: feedback.ScoreFn,
   keys, questions, options = [], [], []
   for k, item in enumerate(items):
     if item["kind"] == "options":
-      q = item["context"] + (COT_OPTIONS_CUE if chain_of_thought else "")
+      q = cot_question(item["context"]) if chain_of_thought else item["context"]
       for s in range(n_samples):
         keys.append((k, 0, 0, s))
         questions.append(q)
