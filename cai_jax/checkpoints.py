@@ -200,14 +200,14 @@ def check_compatible(saved_tree: PyTree, target: PyTree, source: str,
 
 
 def _check_json(data_state: Mapping[str, Any]) -> Dict[str, Any]:
-  """A plain dict copy of `data_state`, or TypeError if it is not a JSON object."""
+  """A deep copy of `data_state` as JSON reads it back (what the checkpoint will hold, taken
+  now: an async save writes it later), or TypeError if it is not a JSON object."""
   if not isinstance(data_state, Mapping):
     raise TypeError(f"data_state must be a JSON object (dict) or None, got {type(data_state).__name__}")
   try:
-    json.dumps(data_state, allow_nan=False)
+    return json.loads(json.dumps(data_state, allow_nan=False))
   except (TypeError, ValueError) as e:
     raise TypeError(f"data_state is not JSON-serialisable: {e}") from None
-  return dict(data_state)
 
 
 def _is_finished(path: epath.Path) -> bool:
@@ -226,7 +226,8 @@ class CheckpointManager:
   See the module docstring for the directory layout.
 
   Args:
-    directory: root of the run's checkpoints (created unless read_only).
+    directory: root of the run's checkpoints (created unless read_only); a relative
+      local path is taken from the working directory.
     save_every: K; a non-forced ``save`` writes only steps that are multiples of K
       (or when a preemption was signalled to jax.distributed).
     keep: N; only the newest N finished steps are kept (None keeps all). Old steps are
@@ -242,7 +243,7 @@ class CheckpointManager:
       raise ValueError(f"save_every must be positive, got {save_every}")
     if keep is not None and keep <= 0:
       raise ValueError(f"keep must be positive or None, got {keep}")
-    self._directory = epath.Path(directory)
+    self._directory = _absolute(directory)
     self._read_only = read_only
     self._mngr = ocp.CheckpointManager(
         self._directory, options=self._options(save_every, keep, async_save, read_only),
@@ -274,7 +275,7 @@ class CheckpointManager:
 
   def all_steps(self) -> List[int]:
     """Finished steps, ascending; excludes a save still in flight and crashed leftovers."""
-    return [s for s in self._mngr.all_steps() if _is_finished(self.step_directory(s))]
+    return sorted(s for s in self._mngr.all_steps() if _is_finished(self.step_directory(s)))
 
   def latest_step(self) -> Optional[int]:
     """Newest finished step, or None."""
@@ -392,7 +393,9 @@ def export_params(params: PyTree, directory: epath.PathLike, overwrite: bool = F
   """Writes the params pytree (sharded jax arrays, any mesh) to `directory`; returns it.
 
   Synchronous and atomic (written to ``<directory>.orbax-checkpoint-tmp*``, then renamed).
-  An existing `directory` is an error unless `overwrite`.
+  An existing `directory` is an error unless `overwrite`, which deletes it before the new
+  one is written (so a crash in between leaves neither; ``model_dir.save_model`` replaces
+  a model directory atomically).
   Multi-process runs: params with shards on several processes are saved collectively
   (every process calls this); params held whole by this process (numpy arrays or fully
   addressable jax.Arrays, e.g. from ``distributed.gather_to_host``) are written by the

@@ -74,18 +74,38 @@ def remove_hidden_siblings(path: str, tag: str) -> None:
         shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
+def _recover_set_aside(directory: str) -> None:
+  """Undoes what a write killed outright (kill -9) between its two renames left: `directory`
+  absent and its earlier contents set aside as ``.NAME.old-*`` (complete: set aside whole)
+  are renamed back to `directory`. Set-aside copies beside an existing `directory` (a
+  write killed after its swap) and ``.NAME.del-*`` (one killed while deleting its
+  set-aside copy) are deleted."""
+  parent, base = os.path.split(directory)
+  if not os.path.isdir(parent):
+    return
+  aside = sorted(e for e in os.listdir(parent) if e.startswith(f".{base}.old-"))
+  if aside and not os.path.lexists(directory):
+    os.rename(os.path.join(parent, aside[0]), directory)
+  remove_hidden_siblings(directory, "old")
+  remove_hidden_siblings(directory, "del")
+
+
 @contextlib.contextmanager
 def replacing_dir(directory: str, is_kind: Callable[[str], bool], kind: str):
   """Writes a directory atomically: yields a new empty temporary sibling of `directory`
   (``.NAME.tmp-XXXXXXXX``) to fill; when the block ends normally the temporary directory
-  takes `directory`'s place (an earlier `directory` is first renamed aside, then deleted),
-  so `directory` is always either the old complete one or the new complete one. When the
+  takes `directory`'s place (an earlier `directory` is first renamed aside to
+  ``.NAME.old-XXXXXXXX``, then renamed to ``.NAME.del-XXXXXXXX`` and deleted), so
+  `directory` is always either the old complete one or the new complete one. When the
   block raises (Ctrl-C included) the temporary directory is deleted and `directory` is left
-  as it was; the temporaries of a write killed outright (kill -9) are deleted by the next
-  (``remove_hidden_siblings``). `directory` must pass ``check_replaceable(directory,
-  is_kind, kind)``, checked before and again just before the swap; parent directories are
-  created."""
+  as it was. What a write killed outright (kill -9) left is cleaned up by the next write
+  before anything else: its temporaries are deleted (``remove_hidden_siblings``) and, when
+  it was killed between the two renames (`directory` absent), the set-aside earlier
+  `directory` is renamed back (``_recover_set_aside``). `directory` must pass
+  ``check_replaceable(directory, is_kind, kind)``, checked before and again just before
+  the swap; parent directories are created."""
   directory = os.path.realpath(directory)
+  _recover_set_aside(directory)
   check_replaceable(directory, is_kind, kind)
   parent, base = os.path.split(directory)
   os.makedirs(parent, exist_ok=True)
@@ -107,7 +127,9 @@ def replacing_dir(directory: str, is_kind: Callable[[str], bool], kind: str):
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
+    trash = os.path.join(parent, f".{base}.del-{old.rsplit('.old-', 1)[1]}")
+    os.rename(old, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_model(directory: str, config: ModelConfig, params: Any, tokenizer: Any = None,
@@ -168,16 +190,34 @@ def load_config(directory: str) -> ModelConfig:
       fields = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: invalid JSON ({e.msg})") from None
+  if not isinstance(fields, dict):
+    raise ValueError(f"{path}: expected a JSON object of ModelConfig fields, got "
+                     f"{type(fields).__name__}")
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(fields) - known)
   if unknown:
     raise ValueError(f"{path}: unknown ModelConfig field(s) {unknown}")
-  return ModelConfig(**fields)
+  try:
+    return ModelConfig(**fields)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
+HEADS = ("lm", "scalar")
+"""What head.txt may hold."""
 
 
 def load_head(directory: str) -> str:
+  """The head of a model directory: head.txt's 'lm' or 'scalar' ('lm' without the file);
+  ValueError naming head.txt for anything else."""
   path = os.path.join(directory, "head.txt")
-  return open(path, encoding="utf-8").read().strip() if os.path.exists(path) else "lm"
+  if not os.path.exists(path):
+    return "lm"
+  with open(path, encoding="utf-8") as f:
+    head = f.read().strip()
+  if head not in HEADS:
+    raise ValueError(f"{path}: head {head!r}; expected one of {list(HEADS)}")
+  return head
 
 
 def load_model(directory: str, config: Optional[ModelConfig] = None, mesh=None, rules=None

@@ -266,3 +266,37 @@ def test_signature_paths_are_slash_joined(state1):
   assert list(sig)[:2] == ["step", "params/embed/embedding"]
   assert sig["params/layers/attn/q_proj/kernel"] == ((2, 64, 4, 16), np.dtype(np.float32))
   assert sig["opt_state/1/0/count"] == ((), np.dtype(np.int32))
+
+
+def test_a_relative_directory_is_taken_from_the_working_directory(tmp_path, monkeypatch, state1):
+  monkeypatch.chdir(tmp_path)
+  with checkpoints.CheckpointManager("run", save_every=1) as mngr:
+    assert mngr.save(1, state1, {"i": 1})
+  with checkpoints.CheckpointManager("run", read_only=True) as mngr:
+    assert mngr.directory == tmp_path / "run" and mngr.all_steps() == [1]
+    assert mngr.restore(checkpoints.as_abstract(state1))[1] == {"i": 1}
+
+
+def test_steps_are_ascending_and_restore_takes_the_newest(tmp_path, state1):
+  """A forced save of a step older than the newest (orbax lists steps in save order)."""
+  with checkpoints.CheckpointManager(tmp_path, save_every=3, keep=None) as mngr:
+    assert mngr.save(6, state1, {"step": 6})
+    assert mngr.save(5, state1, {"step": 5}, force=True)
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [5, 6] and mngr.latest_step() == 6
+    assert mngr.restore(checkpoints.as_abstract(state1))[1] == {"step": 6}
+
+
+def test_data_state_is_taken_when_save_returns(tmp_path, state1, monkeypatch):
+  """The async save writes the JSON later, in orbax's thread: what save hands orbax is a
+  copy, so a nested dict the caller changes after save returns is saved as it was."""
+  handed, json_save = [], checkpoints.ocp.args.JsonSave
+  monkeypatch.setattr(checkpoints.ocp.args, "JsonSave",
+                      lambda item: handed.append(item) or json_save(item))
+  data_state = {"epoch": 1, "parent": {"next_index": 17}}
+  with checkpoints.CheckpointManager(tmp_path, save_every=1) as mngr:
+    assert mngr.save(1, state1, data_state)
+    data_state["epoch"], data_state["parent"]["next_index"] = 2, 18
+    mngr.wait_until_finished()
+    assert handed == [{"epoch": 1, "parent": {"next_index": 17}}]
+    assert mngr.restore(checkpoints.as_abstract(state1))[1] == handed[0]

@@ -4,6 +4,7 @@ a command reads, and the inputs.json record that tells a rerun they changed."""
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -226,3 +227,48 @@ def test_check_apart_refuses_an_output_overlapping_the_input(tmp_path):
   with pytest.raises(ValueError, match="overlaps"):
     model_dir.check_apart(str(src) + "/", str(tmp_path / "." / "hf"))
   model_dir.check_apart(str(src), str(tmp_path / "hf2"))   # a sibling sharing a name prefix
+
+
+def test_the_next_write_cleans_up_after_a_write_killed_outright(tmp_path, monkeypatch):
+  """kill -9 between moving the earlier model aside and moving the new one in leaves no
+  directory and the earlier model as .m.old-*: the next write puts it back first (an
+  interrupted next write leaves it in place). kill -9 while the set-aside copy is deleted
+  leaves .m.old-* / .m.del-* beside the new model: the next write deletes them."""
+  from cai_jax import checkpoints
+  path = model_dir.save_model(str(tmp_path / "m"), TINY, tiny_params(0))
+  old = _load_embedding(path)
+  os.rename(path, tmp_path / ".m.old-0badf00d")
+  (tmp_path / ".m.tmp-0badf00d").mkdir()
+
+  def interrupted_export(params, directory, *args, **kwargs):
+    raise KeyboardInterrupt("simulated Ctrl-C")
+
+  monkeypatch.setattr(checkpoints, "export_params", interrupted_export)
+  with pytest.raises(KeyboardInterrupt):
+    model_dir.save_model(path, TINY, tiny_params(1))
+  monkeypatch.undo()
+  assert os.listdir(tmp_path) == ["m"]
+  np.testing.assert_array_equal(_load_embedding(path), old)
+
+  shutil.copytree(path, tmp_path / ".m.old-1badf00d")
+  shutil.copytree(os.path.join(path, "params"), tmp_path / ".m.del-2badf00d")
+  model_dir.save_model(path, TINY, tiny_params(1))
+  assert os.listdir(tmp_path) == ["m"]
+  np.testing.assert_array_equal(_load_embedding(path), tiny_params(1)["embed"]["embedding"])
+
+
+def test_a_malformed_model_json_or_head_txt_is_named(tmp_path):
+  path = model_dir.save_model(str(tmp_path / "m"), TINY, tiny_params())
+  config_file = os.path.join(path, "model.json")
+  for text, error in (('["d_model"]', "expected a JSON object of ModelConfig fields, got list"),
+                      ('{"d_model": "16"}', "ModelConfig.d_model must be an integer >= 1, got '16'"),
+                      ('{"n_heads": 3}', r"ModelConfig.n_heads \(3\) must be a multiple of n_kv_heads")):
+    with open(config_file, "w") as f:
+      f.write(text)
+    with pytest.raises(ValueError, match=f"^{re.escape(config_file)}: {error}"):
+      model_dir.load_model(path)
+  head_file = os.path.join(path, "head.txt")
+  with open(head_file, "w") as f:
+    f.write("scaler\n")
+  with pytest.raises(ValueError, match=rf"^{re.escape(head_file)}: head 'scaler'; expected one of \['lm', 'scalar'\]$"):
+    model_dir.load_head(path)
