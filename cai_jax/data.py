@@ -1,7 +1,8 @@
 """Training data: JSONL / TFDS readers and grain pipelines of fixed-shape batches.
 
 An *example* is a dict in one of four forms:
-  {"text": str}                                   loss on every token
+  {"text": str}                                   loss on every token (and EOS; a BOS
+                                                  the tokenizer wants goes first)
   {"prompt": str, "completion": str}              a user turn and an assistant turn
   {"prompt": [messages], "completion": str}       a conversation as context, then an
                                                   assistant turn: loss on that turn only
@@ -89,14 +90,27 @@ def read_jsonl(path: str) -> JsonlRows:
 
 
 def read_tfds(name: str, split: str, data_dir: Optional[str] = None) -> Sequence[Example]:
-  """Random-access TFDS source (array_record, no TensorFlow); bytes fields decoded to str."""
+  """Random-access TFDS source (array_record, no TensorFlow); bytes fields decoded to str,
+  and a message field stored as ``tfds.features.Sequence({"role", "content"})`` (which
+  TFDS gives back as a dict of lists) turned back into a list of message dicts. An
+  unknown dataset or split is a DataError naming both."""
   import tensorflow_datasets as tfds  # deferred: heavy import
-  source = tfds.data_source(name, split=split, data_dir=data_dir)
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:   # tfds raises several types, some with a catalogue-long message
+    lines = str(e).strip().splitlines()
+    raise DataError(f"TFDS dataset {name!r} split {split!r}"
+                    + (f" in {data_dir}" if data_dir else "")
+                    + f": {lines[0] if lines else type(e).__name__}") from None
   return _DecodedSource(source)
 
 
+_MESSAGE_FIELDS = ("messages", "prompt", "completion")
+
+
 class _DecodedSource:
-  """Wraps a random-access source so bytes values come back as str."""
+  """Wraps a random-access source so bytes values come back as str and message lists as
+  lists of {role, content} dicts."""
 
   def __init__(self, source):
     self._source = source
@@ -105,7 +119,13 @@ class _DecodedSource:
     return len(self._source)
 
   def __getitem__(self, i):
-    return {k: _to_py(v) for k, v in self._source[i].items()}
+    row = {k: _to_py(v) for k, v in self._source[i].items()}
+    for k in _MESSAGE_FIELDS:
+      v = row.get(k)
+      if (isinstance(v, dict) and set(v) >= {"role", "content"}
+          and all(isinstance(x, list) and len(x) == len(v["role"]) for x in v.values())):
+        row[k] = [dict(zip(v, turn)) for turn in zip(*v.values())]
+    return row
 
 
 def _to_py(v):
@@ -113,6 +133,8 @@ def _to_py(v):
     return v.decode("utf-8")
   if isinstance(v, np.ndarray) and v.dtype == object:
     return [_to_py(x) for x in v.tolist()]
+  if isinstance(v, (list, tuple)):
+    return [_to_py(x) for x in v]
   if isinstance(v, dict):
     return {k: _to_py(x) for k, x in v.items()}
   return v
@@ -127,13 +149,29 @@ def resolve_path(path: str) -> str:
   return candidate if os.path.exists(candidate) else path
 
 
+def _split_tfds_spec(spec: str) -> Optional[Tuple[str, str]]:
+  """'tfds:NAME[/CONFIG][:VERSION]:SPLIT' -> (NAME[/CONFIG][:VERSION], SPLIT), None if
+  malformed. SPLIT is TFDS split syntax, slices included ('train[:10%]+test'): the split
+  starts after the last ':' outside brackets."""
+  rest = spec[len("tfds:"):]
+  depth, cut = 0, -1
+  for i, ch in enumerate(rest):
+    depth += (ch == "[") - (ch == "]")
+    if ch == ":" and depth == 0:
+      cut = i
+  if cut <= 0 or cut == len(rest) - 1:
+    return None
+  return rest[:cut], rest[cut + 1:]
+
+
 def load_examples(spec: str, data_dir: Optional[str] = None) -> Sequence[Example]:
-  """'path.jsonl' (or '.jsonl.gz') or 'tfds:NAME[/CONFIG]:SPLIT' -> random-access examples."""
+  """'path.jsonl' (or '.jsonl.gz') or 'tfds:NAME[/CONFIG][:VERSION]:SPLIT' (SPLIT in TFDS
+  split syntax, e.g. 'train[:90%]') -> random-access examples."""
   if spec.startswith("tfds:"):
-    parts = spec.split(":")
-    if len(parts) != 3:
+    parts = _split_tfds_spec(spec)
+    if parts is None:
       raise DataError(f"dataset {spec!r}: expected 'tfds:NAME:SPLIT'")
-    return read_tfds(parts[1], parts[2], data_dir)
+    return read_tfds(parts[0], parts[1], data_dir)
   if spec.endswith((".jsonl", ".jsonl.gz")) or os.path.exists(resolve_path(spec)):
     return read_jsonl(resolve_path(spec))
   raise DataError(f"dataset {spec!r}: not a .jsonl file or 'tfds:NAME:SPLIT'")
@@ -222,16 +260,19 @@ def check_training_example(example: Example, where: str = "example") -> None:
 
 def encode_example(example: Example, tokenizer: Any, chat_format: str,
                    where: str = "example") -> Tuple[List[int], List[bool]]:
-  """(ids, trained flags) of one example, untruncated: a text and its EOS, all trained;
-  a conversation rendered in `chat_format`, its assistant turns trained (of a messages
-  prompt + completion, the completion's only)."""
-  from cai_jax.tokenizer import encode_chat  # local: keeps data importable without tokenizers
+  """(ids, trained flags) of one example, untruncated: a text and its EOS, all trained,
+  after a BOS (untrained) when the tokenizer wants one (``tokenizer.with_bos``, as a
+  conversation gets); a conversation rendered in `chat_format`, its assistant turns
+  trained (of a messages prompt + completion, the completion's only)."""
+  # local: keeps data importable without tokenizers
+  from cai_jax.tokenizer import encode_chat, with_bos
   conversation = example_conversation(example, where)
   if conversation is None:
-    ids = list(tokenizer.encode(example["text"]))
+    text_ids = list(tokenizer.encode(example["text"]))
     if tokenizer.eos_id is not None:
-      ids.append(tokenizer.eos_id)
-    return ids, [True] * len(ids)
+      text_ids.append(tokenizer.eos_id)
+    ids = with_bos(tokenizer, text_ids)
+    return ids, [False] * (len(ids) - len(text_ids)) + [True] * len(text_ids)
   msgs, trained_from = conversation
   ids, train = encode_chat(tokenizer, msgs, chat_format, trained_from=trained_from)
   return list(ids), list(train)

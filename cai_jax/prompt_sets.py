@@ -542,10 +542,17 @@ def prompt_items(spec: Any, split: Optional[str] = None, limit: Optional[int] = 
 _NON_WORD = re.compile(r"[\W_]+")
 
 
+def _separators_to_spaces(m: "re.Match") -> str:
+  """A run of non-word characters with its punctuation, separators and control characters
+  (Unicode categories P*, Z*, C*) made spaces; marks (a Devanagari vowel sign, a virama)
+  and symbols (currency, math, emoji) are kept: they are part of the text."""
+  return "".join(c if unicodedata.category(c)[0] in "MS" else " " for c in m.group())
+
+
 def normalize_prompt(text: str) -> str:
   """NFKC, case-folded, punctuation and whitespace runs -> one space, stripped."""
   text = unicodedata.normalize("NFKC", text).casefold()
-  return " ".join(_NON_WORD.sub(" ", text).split())
+  return " ".join(_NON_WORD.sub(_separators_to_spaces, text).split())
 
 
 def parse_ngram(ngram: str) -> Tuple[str, int]:

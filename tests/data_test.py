@@ -227,3 +227,69 @@ def test_a_messages_prompt_trains_only_its_completion(fmt):
 def test_a_malformed_messages_prompt_is_named(example, message):
   with pytest.raises(data.DataError, match=f"^f.jsonl:3: {message}$"):
     data.tokenize_example(example, TOK, "chatml", 64, "f.jsonl:3")
+
+
+def test_a_text_example_starts_with_the_bos_the_tokenizer_wants():
+  """As transformers' tokenizer(text) for a Llama-style tokenizer: BOS, the text, then EOS
+  (appended here); the BOS is context (untrained), like a conversation's."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from cai_jax.tokenizer import HFTokenizer
+  backend = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "<pad>": 2, "hello": 3,
+                                        "world": 4, "<unk>": 5}, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.Whitespace()
+  backend.add_special_tokens(["<s>", "</s>", "<pad>"])
+  tok = HFTokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                    add_bos_token=True)
+  assert data.encode_example({"text": "hello world"}, tok, "raw") == (
+      [0, 3, 4, 1], [False, True, True, True])
+  assert data.encode_example({"text": "<s> hello"}, tok, "raw")[0] == [0, 3, 1]   # no second BOS
+  out = data.tokenize_example({"text": "hello world"}, tok, "raw", 6)
+  assert out["tokens"].tolist() == [0, 3, 4, 1, 2, 2]
+  assert out["loss_mask"].tolist() == [False, True, True, True, False, False]
+  tok.add_bos_token = False
+  assert data.encode_example({"text": "hello world"}, tok, "raw") == ([3, 4, 1], [True] * 3)
+
+
+def test_tfds_split_slices_versions_sequence_features_and_unknown_names(tmp_path):
+  """TFDS split syntax has ':' in slices ('train[:50%]'), a name may carry ':VERSION'; a
+  Sequence({role, content}) feature (which TFDS returns as a dict of lists) reads as a
+  'messages' list, lists of text as str; an unknown name or split is a one-line error."""
+  import tensorflow_datasets as tfds
+
+  class ToyConversations(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      turn = {"role": tfds.features.Text(), "content": tfds.features.Text()}
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "messages": tfds.features.Sequence(turn),
+          "tags": tfds.features.Sequence(tfds.features.Text())}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(4):
+        yield i, {"messages": [{"role": "user", "content": f"q{i}"},
+                               {"role": "assistant", "content": f"a{i}"}], "tags": ["x"]}
+
+  ToyConversations(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  d = str(tmp_path)
+  assert len(data.load_examples("tfds:toy_conversations:train[:50%]", d)) == 2
+  assert len(data.load_examples("tfds:toy_conversations:train[1:]+train[:1]", d)) == 4
+  examples = data.load_examples("tfds:toy_conversations:1.0.0:train", d)
+  assert len(examples) == 4
+  ex = examples[0]
+  assert ex["tags"] == ["x"]
+  assert sorted(m["content"] for m in ex["messages"])[0].startswith("a")
+  assert [m["role"] for m in ex["messages"]] == ["user", "assistant"]
+  data.check_training_example(ex, "tfds example 0")
+  with pytest.raises(data.DataError, match=r"^TFDS dataset 'toy_conversations' split 'dev' "
+                                           r"in .*: Unknown split 'dev'.*$"):
+    data.load_examples("tfds:toy_conversations:dev", d)
+  with pytest.raises(data.DataError, match=r"^TFDS dataset 'no_such_ds' split 'train' .*: "
+                                           r"Dataset no_such_ds not found\.$"):
+    data.load_examples("tfds:no_such_ds:train", d)
+  for bad in ("tfds:train", "tfds::train", "tfds:toy_conversations:"):
+    with pytest.raises(data.DataError, match="expected 'tfds:NAME:SPLIT'"):
+      data.load_examples(bad, d)

@@ -102,6 +102,9 @@ def test_tfds_builtin_round_trip_without_tensorflow(tmp_path):
     assert r["messages"] == [{"role": "user", "content": r["prompt"]}]
   assert [r["id"] for r in train] == [i for i in shipped if ps.split_of(i) == "train"]  # file order
   assert len(ps.load_prompts("red_team", "train[:5]", str(tmp_path))) == 5
+  with pytest.raises(DataError, match=r"^TFDS dataset 'cai_red_team_prompts' split 'dev' "
+                                      r"in .*: Unknown split 'dev'"):
+    ps.load_prompts("red_team", "dev", str(tmp_path))
   assert "tensorflow" not in sys.modules
 
 
@@ -320,6 +323,22 @@ def test_normalize_prompt():
   assert ps.normalize_prompt("  How do I PICK a lock?!  ") == "how do i pick a lock"
   assert ps.normalize_prompt("What's\tup...\nnow") == "what s up now"
   assert ps.normalize_prompt("ＦＵＬＬ width") == "full width"
+
+
+def test_normalize_prompt_keeps_marks_and_symbols():
+  """Only punctuation and whitespace become spaces: a Devanagari vowel sign or a Thai
+  vowel mark is part of its word (मेरा 'my' and मारा 'hit' were both 'म र'), and
+  symbols are text (every emoji-only prompt normalized to '', one exact duplicate)."""
+  assert ps.normalize_prompt("मेरा नाम") == "मेरा नाम"
+  assert ps.normalize_prompt("मेरा नाम") != ps.normalize_prompt("मारा नाम")
+  assert ps.normalize_prompt("สวัสดี!") == "สวัสดี"
+  assert ps.normalize_prompt("I ❤ you!!") == "i ❤ you"
+  assert ps.normalize_prompt("Cost: $5 + tax_rate") == "cost $5 + tax rate"
+  dedup = ps.PromptDeduplicator()
+  dedup.add("🔫💣")
+  assert dedup.check("🍰🎂") is None
+  dedup.add("मेरा नाम क्या है?")
+  assert dedup.check("मारा नाम क्या है?") != "exact"
 
 
 def test_shingles_and_jaccard():
