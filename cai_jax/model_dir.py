@@ -133,8 +133,10 @@ def replacing_dir(directory: str, is_kind: Callable[[str], bool], kind: str):
 
 
 def save_model(directory: str, config: ModelConfig, params: Any, tokenizer: Any = None,
-               head: str = "lm") -> str:
+               head: str = "lm", extra_files: Optional[Mapping[str, str]] = None) -> str:
   """Writes a complete model directory atomically (``replacing_dir``); returns its path.
+  extra_files: {file name: text} written beside model.json (e.g. harm_model.json), part of
+  the same atomic write.
 
   An existing `directory` is replaced only when it is empty or a model directory
   (``is_model_dir``); anything else there (a file, another directory) is a ValueError
@@ -152,6 +154,11 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer: Any 
     if tokenizer is not None:
       from cai_jax.tokenizer import save_tokenizer
       save_tokenizer(tokenizer, os.path.join(tmp, "tokenizer"))
+    for name, text in (extra_files or {}).items():
+      if os.path.basename(name) != name or name in os.listdir(tmp):
+        raise ValueError(f"save_model: extra file {name!r} must be a new plain file name")
+      with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+        f.write(text)
   return os.path.realpath(directory)
 
 

@@ -26,7 +26,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -191,7 +191,7 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
 
 
 def save_model(directory: str, config: ModelConfig, params: Any, tokenizer: Any = None,
-               head: str = "lm") -> str:
+               head: str = "lm", extra_files: Optional[Mapping[str, str]] = None) -> str:
   """``model_dir.save_model`` that is safe in multi-process runs; returns the directory.
 
   Every process must call it (the params are gathered collectively); process 0 alone
@@ -200,9 +200,9 @@ def save_model(directory: str, config: ModelConfig, params: Any, tokenizer: Any 
   """
   directory = os.path.abspath(directory)
   if jax.process_count() == 1:
-    return model_dir.save_model(directory, config, params, tokenizer, head)
+    return model_dir.save_model(directory, config, params, tokenizer, head, extra_files)
   host = distributed.gather_to_host(params)
   if distributed.is_primary():
-    model_dir.save_model(directory, config, host, tokenizer, head)
+    model_dir.save_model(directory, config, host, tokenizer, head, extra_files)
   distributed.barrier(f"save_model:{directory}")
   return directory

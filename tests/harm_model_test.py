@@ -335,8 +335,8 @@ def test_load_harm_model_names_a_malformed_metadata_field(tmp_path):
 
 
 def test_two_processes_write_what_one_process_writes(tmp_path, base_model):
-  """2 processes x 4 devices (training, scoring both splits, the model.partial write and
-  rename) write what 1 process x 8 devices writes on the same fsdp mesh, no leftovers."""
+  """2 processes x 4 devices (training, scoring both splits, the model write) write what
+  1 process x 8 devices writes on the same fsdp mesh, no leftovers."""
   import multihost
   labels = write_jsonl(tmp_path / "labels.jsonl", handful_rows())   # 8 train + 2 held out
   args = ["harm_model", f"--gin.harm_model.data='{labels}'",

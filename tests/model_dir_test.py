@@ -272,3 +272,19 @@ def test_a_malformed_model_json_or_head_txt_is_named(tmp_path):
     f.write("scaler\n")
   with pytest.raises(ValueError, match=rf"^{re.escape(head_file)}: head 'scaler'; expected one of \['lm', 'scalar'\]$"):
     model_dir.load_head(path)
+
+
+def test_extra_files_are_part_of_the_atomic_write(tmp_path):
+  import jax
+  from cai_jax import models
+  from cai_jax.configs import ModelConfig
+  cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                    max_seq_len=16)
+  params = models.init(cfg, jax.random.PRNGKey(0))
+  out = model_dir.save_model(str(tmp_path / "m"), cfg, params, extra_files={"meta.json": "{}"})
+  assert open(os.path.join(out, "meta.json")).read() == "{}" and model_dir.is_model_dir(out)
+  for bad in ("model.json", "../x", "a/b"):
+    with pytest.raises(ValueError, match=r"extra file .* must be a new plain file name"):
+      model_dir.save_model(str(tmp_path / "m"), cfg, params, extra_files={bad: "x"})
+  assert open(os.path.join(out, "meta.json")).read() == "{}"   # the old model stays
+  assert sorted(os.listdir(tmp_path)) == ["m"]

@@ -55,8 +55,8 @@ progress, checkpointing cadence and the mesh may change.
 Multi-process runs (jax.distributed): every process reads the same labels and runs the
 same program on one global mesh: ``train.train``, then the train / held-out predictions
 with ``sampler.apply_batched`` (batches split over the processes, scores gathered to every
-process); the model is gathered and written by process 0 (``train.save_model`` into
-model.partial, then harm_model.json and the rename), and process 0 alone writes
+process); the model is gathered and written by process 0 (``train.save_model``, with
+harm_model.json inside, in one atomic replacement), and process 0 alone writes
 harm_config.json, heldout_scores.jsonl, the eval row and summary.json, each followed by
 a barrier. The outputs equal those of a single-process run on the same mesh.
 """
@@ -68,7 +68,6 @@ import gzip
 import json
 import math
 import os
-import shutil
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -409,18 +408,12 @@ def summarize(scores_by_prompt: Dict[str, List[float]]) -> Dict[str, Any]:
 
 
 def _save(out_dir: str, config: ModelConfig, params: Any, tok: Any, meta: dict) -> str:
-  """Writes out_dir/model with harm_model.json inside; the directory appears complete.
-  Collective: every process calls it; process 0 writes (``train.save_model``)."""
+  """Writes out_dir/model with harm_model.json inside in one atomic replacement (a kill at
+  any point leaves the old model or the new one). Collective: every process calls it;
+  process 0 writes (``train.save_model``)."""
   final = os.path.join(out_dir, "model")
-  partial = final + ".partial"
-  train.save_model(partial, config, params, tok, head="scalar")
-  if distributed.is_primary():
-    shards.write_atomic(os.path.join(partial, HARM_FILE), json.dumps(meta, indent=1))
-    if os.path.exists(final):
-      shutil.rmtree(final)
-    os.replace(partial, final)
-  distributed.barrier(f"harm_model:{final}")
-  return final
+  return train.save_model(final, config, params, tok, head="scalar",
+                          extra_files={HARM_FILE: json.dumps(meta, indent=1)})
 
 
 def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
