@@ -583,13 +583,16 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 # tokenizer.ggml.pre -> pre-tokenizer family (the splits llama.cpp applies).
 _GGUF_PRE = {
     "default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
-    "jais": "gpt2",
+    "jais": "gpt2", "phi-2": "gpt2", "gigachat": "gpt2", "a.x-4.0": "gpt2", "mellum": "gpt2",
+    "exaone4": "gpt2", "trillion": "gpt2", "granite-docling": "gpt2",
     # A digit is always its own piece, then the GPT-2 split.
     "smollm": "digits", "starcoder": "digits", "refact": "digits", "command-r": "digits",
     "codeshell": "digits", "exaone": "digits", "minerva-7b": "digits",
     "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "falcon3": "llama3",
-    "pixtral": "llama3", "dbrx": "llama3", "smaug-bpe": "llama3",
-    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "megrez": "qwen2",
+    "pixtral": "llama3", "falcon-h1": "llama3", "midm-2.0": "llama3", "lfm2": "llama3",
+    "dbrx": "llama3", "smaug-bpe": "llama3", "chatglm-bpe": "llama3", "glm4": "llama3",
+    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "megrez": "qwen2", "kormo": "qwen2",
+    "stablelm2": "qwen2", "hunyuan": "qwen2", "grok-2": "qwen2",
 }
 
 
@@ -648,6 +651,18 @@ def _first_index_vocab(tokens: Sequence[str]) -> dict[str, int]:
   return vocab
 
 
+def _merge_pairs(merges: Sequence[str]) -> list[tuple[str, str]]:
+  """Returns tokenizer.ggml.merges ("left right" strings) as (left, right) pairs, split at
+  the first space after the first character as llama.cpp splits them."""
+  pairs = []
+  for m in merges:
+    i = m.find(" ", 1) if isinstance(m, str) else -1
+    if i < 0:
+      raise ValueError(f"GGUF merge {m!r} is not two space-separated pieces")
+    pairs.append((m[:i], m[i + 1:]))
+  return pairs
+
+
 def _gguf_byte_level_bpe(meta: dict):
   """Returns a ``tokenizers.Tokenizer`` for a GGUF ``gpt2`` (byte-level BPE) vocabulary."""
   from tokenizers import Tokenizer as _Backend, decoders, models
@@ -666,12 +681,7 @@ def _gguf_byte_level_bpe(meta: dict):
       keys.append(t)
     else:
       keys.append("".join(spelling[b] for b in t.encode("utf-8")))
-  pairs = []
-  for m in merges:
-    parts = m.split(" ")
-    if len(parts) != 2:
-      raise ValueError(f"GGUF merge {m!r} is not two space-separated pieces")
-    pairs.append((parts[0], parts[1]))
+  pairs = _merge_pairs(merges)
   pre, ignore_merges = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
   model = models.BPE(vocab=_first_index_vocab(keys), merges=pairs, fuse_unk=False,
                      byte_fallback=False, ignore_merges=ignore_merges)
@@ -712,7 +722,7 @@ def _gguf_sentencepiece_bpe(meta: dict):
   scores = meta.get("tokenizer.ggml.scores")
   merges = meta.get("tokenizer.ggml.merges")
   if merges is not None:
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = _merge_pairs(merges)
   elif scores is not None:
     pairs = _merges_from_scores(tokens, scores, types)
   else:
@@ -769,6 +779,10 @@ def tokenizer_from_gguf(path: str) -> HFTokenizer:
   if kind not in ("gpt2", "llama"):
     raise ValueError(f"{path}: unsupported GGUF tokenizer model {kind!r} "
                      "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)")
+  n = len(meta["tokenizer.ggml.tokens"])
+  for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+    if meta.get(key) is not None and len(meta[key]) != n:
+      raise ValueError(f"{path}: GGUF {key} has {len(meta[key])} entries for {n} tokens")
   try:
     if kind == "gpt2":
       tok, keys = _gguf_byte_level_bpe(meta)

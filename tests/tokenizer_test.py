@@ -319,6 +319,30 @@ def test_gguf_ignore_merges_only_for_llama_cpps_llama3_group(tmp_path):
     assert tk.load_tokenizer(str(path)).encode("abc") == want[ignore], pre
 
 
+def test_gguf_pre_tokenizers_of_llama_cpps_groups_split_as_their_group(tmp_path, caplog):
+  """lfm2 / falcon-h1 / midm-2.0 are llama.cpp's Llama 3 group (its split, ignore_merges);
+  stablelm2 / kormo split as qwen2 (one digit a piece): none falls back to the GPT-2 split."""
+  pytest.importorskip("gguf")
+  tokens = ["a", "b", "c", "ab", "abc", "<s>", "1", "2", "3", "4", "12", "123", "1234"]
+  merges = ["a b", "1 2", "12 3", "123 4"]
+
+  def encodings(pre):
+    path = tmp_path / f"{pre}.gguf"
+    _write_gguf(path, "gpt2", tokens, [1] * 5 + [3] + [1] * 7, merges=merges,
+                tokenizer_pre=pre, bos_token_id=5)
+    tok = tk.load_tokenizer(str(path))
+    return tok.encode("abc"), tok.encode("1234"), tok.add_bos_token
+
+  assert encodings("llama-bpe") == ([4], [11, 9], True)
+  assert encodings("qwen2") == ([3, 2], [6, 7, 8, 9], False)
+  with caplog.at_level("WARNING"):
+    for pre in ("lfm2", "falcon-h1", "midm-2.0"):
+      assert encodings(pre) == ([4], [11, 9], True), pre
+    for pre in ("stablelm2", "kormo"):
+      assert encodings(pre) == ([3, 2], [6, 7, 8, 9], False), pre
+  assert "not known here" not in caplog.text
+
+
 # ---------------------------------------------------------------------------- SentencePiece
 
 SP_CORPUS = ["the quick brown fox jumps over the lazy dog",
@@ -714,6 +738,18 @@ def test_malformed_gguf_tokenizer_errors_name_the_file(tmp_path):
   with pytest.raises(ValueError, match="merges") as e:
     tk.load_tokenizer(str(path))
   _one_line_naming(e, str(path))
+  # Arrays that do not match the token list, and a merge without a space.
+  cases = [("types.gguf", dict(model="gpt2", types=[1], merges=["a b"]),
+            "token_type has 1 entries for 3 tokens"),
+           ("scores.gguf", dict(model="llama", types=[1, 1, 1], scores=[0.0]),
+            "scores has 1 entries for 3 tokens"),
+           ("merge.gguf", dict(model="llama", types=[1, 1, 1], merges=["ab"]), "'ab'")]
+  for name, kw, message in cases:
+    path = tmp_path / name
+    _write_gguf(path, kw.pop("model"), ["a", "b", "ab"], kw.pop("types"), **kw)
+    with pytest.raises(ValueError, match=message) as e:
+      tk.load_tokenizer(str(path))
+    _one_line_naming(e, str(path))
 
 
 def test_hf_id_to_token_out_of_range_is_none():
