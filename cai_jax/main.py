@@ -348,9 +348,32 @@ def _failing_part(gin, files: List[str], bindings: List[str], others: List[str])
   return ""
 
 
+def _tolerant(exists: Callable[[str], bool]) -> Callable[[str], bool]:
+  """`exists` answering False where it raises: gin's package-resource reader imports an
+  include's folder ('models' of 'models/tiny.gin') as a Python package, and a plain folder
+  of that name in the working directory or on sys.path (a namespace package, no file)
+  makes it raise TypeError, failing every gin file that includes a preset."""
+  def check(path: str) -> bool:
+    try:
+      return bool(exists(path))
+    except Exception:   # noqa: BLE001  (the reader's own import machinery: no such resource)
+      return False
+  check.tolerant = True
+  return check
+
+
+def _import_gin():
+  """gin, with its file readers' existence checks made ``_tolerant`` (once per process)."""
+  import gin
+  import gin.config
+  readers = gin.config._FILE_READERS   # gin 0.5.0 keeps [(reader, exists), ...] here
+  readers[:] = [(r, e if getattr(e, "tolerant", False) else _tolerant(e)) for r, e in readers]
+  return gin
+
+
 def parse_gin(command: str, gin_files: List[str], bindings: List[str], search_paths: List[str]):
   """Registers configurables, parses files + bindings; returns the configured runner."""
-  import gin
+  gin = _import_gin()
   gin.clear_config()
   for path in search_paths:
     if not os.path.isdir(path):

@@ -31,6 +31,20 @@ def test_info_prints_exact_count_as_one_json_line():
       30, 576, 9, 3, 49152)
 
 
+def test_a_folder_named_like_a_preset_folder_in_the_working_directory_is_harmless(tmp_path):
+  """gin tries an include's folder ('models' of 'models/tiny.gin') as a Python package; a
+  plain ./models (as `cai-jax import --out=models/mine` makes) failed every gin file that
+  includes a preset with a TypeError naming neither."""
+  for name in ("models", "mesh", "experiments"):
+    (tmp_path / name).mkdir()
+  out = subprocess.run([sys.executable, "-m", "cai_jax.main", "info",
+                        "--gin_file=experiments/tiny_cpu.gin"], cwd=tmp_path,
+                       env=dict(ENV, PYTHONPATH=REPO), capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout.strip().splitlines()[-1])["params"] == 115_008
+
+
 def _assert_one_line_error(out, needle):
   assert out.returncode != 0
   err = [l for l in out.stderr.strip().splitlines() if l.startswith("cai-jax: error")]
