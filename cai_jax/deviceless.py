@@ -85,12 +85,32 @@ def topology_name(count: int, per_host: int = 8) -> str:
   return f"1x1x{count}"
 
 
+def install_hint() -> str:
+  """What to install for compiling without a GPU: the CUDA plugin of the installed jax."""
+  import jax
+  v = jax.__version__
+  return (f"this needs the JAX CUDA plugin of jax {v}, e.g. pip install "
+          f"\"jax-cuda13-plugin[with-cuda]=={v}\" \"jax-cuda13-pjrt=={v}\"")
+
+
+def cuda_plugin_installed() -> bool:
+  """Whether a JAX CUDA plugin is installed (found without importing it)."""
+  import importlib.util
+  for name in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12", "jax_cuda13_plugin",
+               "jax_cuda12_plugin"):
+    try:
+      if importlib.util.find_spec(name) is not None:
+        return True
+    except ImportError:   # no jax_plugins package at all
+      pass
+  return False
+
+
 def gpu_devices(kind: str, count: int) -> List[Any]:
   """`count` JAX devices of GPU `kind`, for placing ShapeDtypeStructs and compiling.
 
   Raises RuntimeError (one line, with what to install) when the CUDA plugin is missing.
   """
-  import jax
   from jax.experimental import topologies
   if count < 1:
     raise ValueError(f"gpu_devices: count must be >= 1, got {count}")
@@ -99,10 +119,8 @@ def gpu_devices(kind: str, count: int) -> List[Any]:
     topo = topologies.get_topology_desc(platform="cuda", target_config=config,
                                         topology=topology_name(count))
   except Exception as e:   # noqa: BLE001  (no plugin: NotImplementedError, RuntimeError, ...)
-    raise RuntimeError(
-        f"cannot compile for a CUDA GPU here ({first_line(e)}): this needs the JAX CUDA plugin "
-        f"of jax {jax.__version__}, e.g. pip install \"jax-cuda13-plugin[with-cuda]=={jax.__version__}\" "
-        f"\"jax-cuda13-pjrt=={jax.__version__}\"") from None
+    raise RuntimeError(f"cannot compile for a CUDA GPU here ({first_line(e)}): "
+                       f"{install_hint()}") from None
   devices = list(topo.devices)
   if len(devices) != count:
     raise RuntimeError(f"gpu_devices: the plugin described {len(devices)} GPUs, asked for {count}")

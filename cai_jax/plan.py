@@ -779,6 +779,11 @@ def _check_compiler(topo: Topology, compiler: str) -> None:
   if compiler == "gpu" and topo.gpu is None:
     raise ValueError(f"plan: compiler='gpu' needs a GPU topology (h100xN, h200xN, a100xN), "
                      f"got {topo.name!r}")
+  if compiler == "gpu":
+    from cai_jax import deviceless
+    if not deviceless.cuda_plugin_installed():
+      raise ValueError(f"plan: compiler='gpu' compiles with XLA's GPU compiler: "
+                       f"{deviceless.install_hint()}")
 
 
 def _request(topo: Topology, groups: List[List[Dict[str, Any]]], compiler: str) -> Dict[str, Any]:
