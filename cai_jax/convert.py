@@ -129,14 +129,27 @@ def _number(c: Dict[str, Any], key: str, source: str, default: Any = _REQUIRED,
   return float(value)
 
 
+def _model_config(kwargs: Dict[str, Any], source: str) -> ModelConfig:
+  """ModelConfig(**kwargs); its ValueError (values that do not fit together, e.g. kv heads
+  that do not divide the heads) is prefixed with `source`, the file they came from."""
+  try:
+    return ModelConfig(**kwargs)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from None
+
+
 def config_from_hf(config_json: Dict[str, Any], source: str = "config.json",
                    **overrides) -> ModelConfig:
   """ModelConfig for an HF ``config.json`` dict (Llama / Mistral / Qwen2 causal LMs).
 
   Handles both the legacy keys (``rope_theta``, ``rope_scaling``) and transformers 5's
-  ``rope_parameters``; only the default and 'llama3' RoPE types are supported. A
-  sliding window (Mistral v0.1; Qwen2 with ``use_sliding_window``) caps ``max_seq_len``
-  at the window, within which full causal attention is identical. ``overrides`` are
+  ``rope_parameters``, with transformers' precedence: ``rope_scaling`` over
+  ``rope_parameters``, the ``rope_theta`` inside that object over a top-level one, and
+  for 'llama3' a top-level ``original_max_position_embeddings`` over the object's, which
+  defaults to ``max_position_embeddings``. Only the default and 'llama3' RoPE types are
+  supported. A sliding window (Mistral, whose ``sliding_window`` defaults to 4096 when
+  the key is absent; Qwen2 with ``use_sliding_window``) caps ``max_seq_len`` at the
+  window, within which full causal attention is identical. ``overrides`` are
   further ModelConfig fields (e.g. ``scan_layers=False``, ``dtype='bfloat16'``).
   Raises ValueError naming `source` (the file the dict came from) and the field, for any
   unsupported architecture or feature, a quantized checkpoint (``quantization_config``),
@@ -184,32 +197,32 @@ def config_from_hf(config_json: Dict[str, Any], source: str = "config.json",
   if head_dim is not None and d_model % n_heads == 0 and head_dim == d_model // n_heads:
     head_dim = None
 
-  rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-  if not isinstance(rope, dict):
-    raise ValueError(f"{source}: field 'rope_scaling' / 'rope_parameters' is {rope!r}, not an object")
-  if any(isinstance(v, dict) for v in rope.values()):
-    raise ValueError(f"{source}: {arch}: per-layer-type rope_parameters are not supported: {rope}")
-  rope_theta = _number(c, "rope_theta", source, _number(rope, "rope_theta", source, 10000.0, False),
-                       integer=False)
-  scaling = c.get("rope_scaling") or rope
+  key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+  scaling = c.get(key) or {}
   if not isinstance(scaling, dict):
-    raise ValueError(f"{source}: field 'rope_scaling' is {scaling!r}, not an object")
+    raise ValueError(f"{source}: field {key!r} is {scaling!r}, not an object")
+  if any(isinstance(v, dict) for v in scaling.values()):
+    raise ValueError(f"{source}: {arch}: per-layer-type {key} are not supported: {scaling}")
+  where = f"{source} {key}"
+  rope_theta = _number(scaling, "rope_theta", where,
+                       _number(c, "rope_theta", source, 10000.0, False), integer=False)
   rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+  max_len = _number(c, "max_position_embeddings", source, 2048)
   rope_kwargs = {}
-  where = f"{source} rope_scaling"
   if rope_type == "llama3":
+    original = _number(c, "original_max_position_embeddings", source,
+                       _number(scaling, "original_max_position_embeddings", where, max_len))
     rope_kwargs = dict(
         rope_scaling_factor=_number(scaling, "factor", where, integer=False),
         rope_low_freq_factor=_number(scaling, "low_freq_factor", where, 1.0, False),
         rope_high_freq_factor=_number(scaling, "high_freq_factor", where, 4.0, False),
-        rope_original_max_len=_number(scaling, "original_max_position_embeddings", where, 8192))
+        rope_original_max_len=original)
   elif rope_type not in (None, "default"):
     raise ValueError(f"{source}: {arch}: rope type {rope_type!r} is not supported (only default and 'llama3')")
 
-  max_len = _number(c, "max_position_embeddings", source, 2048)
   window = None
   if arch == "MistralForCausalLM" or c.get("use_sliding_window"):
-    window = _number(c, "sliding_window", source, None)
+    window = _number(c, "sliding_window", source, None) if "sliding_window" in c else 4096
   if window:
     max_len = min(max_len, window)
 
@@ -220,7 +233,7 @@ def config_from_hf(config_json: Dict[str, Any], source: str = "config.json",
       rope_theta=rope_theta, norm_eps=_number(c, "rms_norm_eps", source, 1e-6, False),
       tie_embeddings=bool(c.get("tie_word_embeddings", False)), qkv_bias=qkv_bias, **rope_kwargs)
   kwargs.update(overrides)
-  return ModelConfig(**kwargs)
+  return _model_config(kwargs, source)
 
 
 def hf_config_from(config: ModelConfig) -> Dict[str, Any]:
@@ -1011,7 +1024,8 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
   vocab_size is the length of tokenizer.ggml.tokens (else llama.vocab_size); embeddings
   are tied when the file has no output.weight; qkv_bias is set when the file has q, k or v
   biases (blk.N.attn_{q,k,v}.bias, which llama.cpp's llama architecture applies). Raises
-  ValueError for another architecture, partial rotary, RoPE scaling other than Llama 3's
+  ValueError for another architecture, a mixture of experts (``expert_count`` > 0, e.g.
+  Mixtral), partial rotary, RoPE scaling other than Llama 3's
   (a scaling type, or ``rope.scaling.factor`` / ``rope.scale_linear`` other than 0 or 1,
   which llama.cpp applies as linear scaling even without a type), or a split file.
   Llama 3.1+ files carry their RoPE scaling as a ``rope_freqs.weight`` tensor of per-
@@ -1039,6 +1053,10 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
   if rot is not None and int(rot) != head_dim:
     raise ValueError(f"{file.path}: GGUF rope.dimension_count={rot} != head_dim={head_dim}: partial "
                      "rotary is not supported")
+  experts = get("expert_count")
+  if experts:
+    raise ValueError(f"{file.path}: GGUF metadata {arch}.expert_count = {experts} (a mixture of "
+                     "experts, e.g. Mixtral) is not supported; only dense llama models are")
   scaling = get("rope.scaling.type")
   tensor_names = set(file.tensors)
   if scaling not in (None, "none"):
@@ -1069,7 +1087,7 @@ def config_from_gguf(file, **overrides) -> ModelConfig:
       rope_theta=rope_theta, norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
       tie_embeddings="output.weight" not in tensor_names, qkv_bias=qkv_bias, **rope_kwargs)
   kwargs.update(overrides)
-  return ModelConfig(**kwargs)
+  return _model_config(kwargs, file.path)
 
 
 def load_gguf(path: str, mesh: Optional[Mesh] = None, rules=None, config: Optional[ModelConfig] = None,

@@ -125,6 +125,73 @@ def test_legacy_llama3_config_keys():
   assert cfg.head_dim is None and cfg.dim_per_head == 64 and cfg.tie_embeddings
 
 
+_L3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize("name,edit", [
+    ("v5 llama3 without original_max_position_embeddings",
+     lambda c: c.update(rope_parameters=dict(_L3, rope_theta=5e5))),
+    ("legacy llama3 without original_max_position_embeddings",
+     lambda c: c.update(rope_theta=5e5, rope_scaling=dict(_L3))),
+    ("top-level original_max_position_embeddings wins",
+     lambda c: c.update(original_max_position_embeddings=16, rope_parameters=dict(
+         _L3, rope_theta=5e5, original_max_position_embeddings=32))),
+    ("rope_theta in rope_parameters wins over the top-level one",
+     lambda c: c.update(rope_theta=1e4, rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
+])
+def test_rope_fields_are_read_as_transformers_reads_them(name, edit):
+  """The RoPE frequencies of a config.json equal those transformers computes for it: a
+  llama3 scaling without original_max_position_embeddings uses max_position_embeddings,
+  a top-level original_max_position_embeddings overrides the scaling's, and the
+  rope_theta inside rope_parameters overrides a top-level one."""
+  from cai_jax import layers
+  c = dict(TINY, architectures=["LlamaForCausalLM"], model_type="llama")
+  edit(c)
+  hf = transformers.LlamaConfig.from_dict(json.loads(json.dumps(c)))
+  ref = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf).inv_freq.numpy()
+  ours = np.asarray(layers.rope_inv_freq(convert.config_from_hf(c)))
+  np.testing.assert_allclose(ours, ref, rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("arch,extra,window", [
+    ("MistralForCausalLM", {}, 4096),
+    ("MistralForCausalLM", {"sliding_window": None}, None),
+    ("MistralForCausalLM", {"sliding_window": 1024}, 1024),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True}, 4096),
+    ("Qwen2ForCausalLM", {"use_sliding_window": False}, None),
+])
+def test_sliding_window_defaults_as_in_transformers(arch, extra, window):
+  """A Mistral config.json without 'sliding_window' (or a Qwen2 one with use_sliding_window)
+  gets transformers' default window of 4096, which caps max_seq_len; null means none."""
+  c = dict(TINY, architectures=[arch], max_position_embeddings=32768, **extra)
+  hf_cls = transformers.MistralConfig if arch == "MistralForCausalLM" else transformers.Qwen2Config
+  assert hf_cls.from_dict(dict(c)).sliding_window == window
+  assert convert.config_from_hf(c).max_seq_len == (window or 32768)
+
+
+def test_inconsistent_config_values_are_errors_naming_the_file(tmp_path):
+  """Values each valid alone but not together (kv heads that do not divide the heads, a
+  negative epsilon) are refused naming the config.json or GGUF file, not only ModelConfig."""
+  import gguf
+  from cai_jax.gguf_file import read_gguf
+  for key, value, what in [("num_key_value_heads", 3, "n_kv_heads (3)"),
+                           ("rms_norm_eps", -1.0, "norm_eps")]:
+    c = dict(convert.hf_config_from(ModelConfig()), **{key: value})
+    with pytest.raises(ValueError, match=re.escape(f"x/config.json: ModelConfig.") + ".*" + re.escape(what)):
+      convert.config_from_hf(c, source="x/config.json")
+  path = tmp_path / "kv.gguf"
+  w = gguf.GGUFWriter(str(path), "llama")
+  for add, value in [(w.add_embedding_length, 64), (w.add_head_count, 4), (w.add_head_count_kv, 3),
+                     (w.add_block_count, 2), (w.add_feed_forward_length, 96), (w.add_vocab_size, 128)]:
+    add(value)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(ValueError, match=re.escape(f"{path}: ModelConfig.n_heads (4) must be a multiple")):
+    convert.config_from_gguf(read_gguf(str(path)))
+
+
 @pytest.mark.parametrize("cfg", [
     ModelConfig(),
     ModelConfig(qkv_bias=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6),
@@ -848,6 +915,21 @@ def test_a_given_config_must_match_the_files_tree_and_differing_math_is_warned(
     assert got.rope_theta == 5.0
     assert [r.getMessage() for r in caplog.records if "rope_theta" in r.getMessage()] == [
         f"convert: config.rope_theta=5.0 differs from {path if name == 'tiny.gguf' else os.path.join(path, name)}'s 10000.0"]
+
+
+def test_a_mixture_of_experts_gguf_is_refused_by_its_expert_count(hf_models, tmp_path):
+  """Mixtral GGUFs have architecture 'llama' and llama.expert_count = 8 (experts in
+  blk.N.ffn_*_exps): refused by that key, not as a missing blk.0.ffn_gate.weight; an
+  expert_count of 0 is a dense model."""
+  path = tmp_path / "moe.gguf"
+  _write_gguf(hf_models["llama"], path, extra=lambda w: w.add_expert_count(8))
+  with pytest.raises(ValueError, match=re.escape(f"{path}: GGUF metadata llama.expert_count = 8")):
+    convert.load_gguf(str(path))
+  _write_gguf(hf_models["llama"], path, extra=lambda w: w.add_expert_count(0))
+  cfg, params = convert.load_gguf(str(path))
+  tokens = _tokens()
+  assert _max_diff(models.logits(params, cfg, jnp.asarray(tokens)),
+                   _hf_logits(hf_models["llama"], tokens)) < TOL
 
 
 @pytest.mark.parametrize("original", [32, 64])
