@@ -55,8 +55,16 @@ def config_hash(config: Dict[str, Any]) -> str:
 
 
 def config_diff(new: Dict[str, Any], old: Dict[str, Any]) -> List[str]:
-  """Sorted top-level keys whose values differ between two configs (absent = None)."""
-  return sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
+  """Sorted keys whose values differ between two configs (absent = None), as dotted paths
+  into values that are dicts on both sides ('optimizer.learning_rate')."""
+  out = []
+  for k in sorted(set(new) | set(old), key=str):
+    a, b = new.get(k), old.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += [f"{k}.{sub}" for sub in config_diff(a, b)]
+    elif a != b:
+      out.append(str(k))
+  return out
 
 
 def write_atomic(path: str, text: str) -> None:

@@ -118,3 +118,12 @@ def test_a_torn_shard_or_manifest_is_named_on_resume(tmp_path):
     _open(tmp_path, {"a": 1})
   with pytest.raises(ValueError, match=rf"^{tmp_path / shards.MANIFEST}:1: invalid JSON"):
     shards.read_run(str(tmp_path))
+
+
+def test_config_diff_names_nested_fields():
+  old = {"data": "x", "optimizer": {"learning_rate": 1e-3, "b1": 0.9}, "seed": 0, "gone": 1}
+  new = {"data": "x", "optimizer": {"learning_rate": 3e-5, "b1": 0.9}, "seed": 0,
+         "added": {"a": 1}}
+  assert shards.config_diff(new, old) == ["added", "gone", "optimizer.learning_rate"]
+  assert shards.config_diff(old, old) == []
+  assert shards.config_diff({"a": {"b": {"c": 1}}}, {"a": {"b": {"c": 2}}}) == ["a.b.c"]
