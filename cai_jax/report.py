@@ -330,6 +330,13 @@ def _split(value: Union[float, Sequence[float]]) -> Tuple[float, Optional[float]
   return float(value), None, None
 
 
+def format_rating(value: float, precision: int = 0, signed: bool = False) -> str:
+  """`value` with `precision` decimals (a '+' in front of positive ones when `signed`); a
+  value that rounds to zero is written 0, never -0."""
+  v = round(float(value), precision) + 0.0   # -0.0 + 0.0 is 0.0
+  return f"{v:+.{precision}f}" if signed else f"{v:.{precision}f}"
+
+
 def elo_table(ratings: Union[Ratings, Mapping[str, Ratings]], precision: int = 0) -> str:
   """Renders ratings as a plain-text table.
 
@@ -358,8 +365,9 @@ def elo_table(ratings: Union[Ratings, Mapping[str, Ratings]], precision: int = 0
       return "-"
     e, lo, hi = _split(col[p])
     if lo is None:
-      return f"{e:.{precision}f}"
-    return f"{e:.{precision}f} [{lo:.{precision}f}, {hi:.{precision}f}]"
+      return format_rating(e, precision)
+    return (f"{format_rating(e, precision)} [{format_rating(lo, precision)}, "
+            f"{format_rating(hi, precision)}]")
 
   header = ["snapshot"] + [str(c) for c in columns]
   body = [[str(p)] + [cell(col, p) for col in columns.values()] for p in rows]

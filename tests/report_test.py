@@ -307,3 +307,11 @@ def test_frontier_plot_writes_png(tmp_path, games):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ValueError, match="lacks"):
     report.frontier_plot({"a": 0.0, "b": 1.0}, {"a": 0.0}, str(tmp_path / "x.png"))
+
+
+def test_ratings_that_round_to_zero_are_written_0_not_minus_0():
+  assert report.format_rating(-0.3) == "0" and report.format_rating(-0.3, signed=True) == "+0"
+  assert report.format_rating(-0.6, signed=True) == "-1"
+  assert report.format_rating(12.345, 1, signed=True) == "+12.3"
+  table = report.elo_table({"a": (0.0, -0.2, 0.3), "b": (-0.4, -1.2, 0.1)})
+  assert "-0" not in table and "0 [0, 0]" in table and "0 [-1, 0]" in table

@@ -685,7 +685,9 @@ def evaluate_hhh(data: str, judges: Sequence[str], feedback_model: str, pm: str,
 
 
 def _fmt_elo(e) -> str:
-  return f"{e[0]:+.0f} [{e[1]:+.0f}, {e[2]:+.0f}]"
+  return " ".join([report_lib.format_rating(e[0], signed=True),
+                   f"[{report_lib.format_rating(e[1], signed=True)},",
+                   f"{report_lib.format_rating(e[2], signed=True)}]"])
 
 
 def write_report(out_dir: str, title: str, summary: dict, elo: dict,
