@@ -37,7 +37,8 @@ stage whose input models changed since (an earlier stage trained further) is not
 it stops the pipeline with one line naming them, its outputs untouched.
 
 Output: one line per stage on stderr ("ran" / "skipped", seconds), `pipeline.json` in
-`out_dir` (when bound) with the same, and the final summary as the return value: the
+`out_dir` (when bound) with the same for this invocation (replacing an earlier one's), and
+the final summary as the return value: the
 stages, total seconds and, when `evaluate` is a stage, the report's path and Elo table
 (from its summary.json when it was skipped). In a
 multi-process run each stage entry also holds the process_index and process_count its stage
