@@ -5,6 +5,7 @@ Layout of a model directory:
   params/      orbax params-only checkpoint (``cai_jax.checkpoints.export_params``)
   tokenizer/   the tokenizer (``cai_jax.tokenizer.save_tokenizer``)
   head.txt     'lm' or 'scalar'
+  chat_format.txt  the chat format a stage trained it in (absent for imported models)
   params.sha256  SHA-256 of the parameters (``params_sha256``)
 ``save_model`` writes into a temporary sibling and renames it into place last
 (``replacing_dir``), so a directory that exists is complete; it replaces only an empty
@@ -26,6 +27,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -35,6 +37,7 @@ from cai_jax.configs import ModelConfig
 
 
 PARAMS_SHA256 = "params.sha256"
+CHAT_FORMAT_FILE = "chat_format.txt"
 INPUTS_FILE = "inputs.json"
 _EDGE_BYTES = 1 << 20   # of an external weight file: its first and last MiB are hashed
 
@@ -303,12 +306,44 @@ def load_any(spec: str, mesh=None, rules=None, config: Optional[ModelConfig] = N
       f"model {spec!r}: not a model directory, .gguf file or Hugging Face folder with config.json")
 
 
+def chat_format_file(chat_format: str) -> Dict[str, str]:
+  """``save_model`` extra_files recording the chat format a model was trained in ({} for
+  '' or 'none', which record nothing)."""
+  return {CHAT_FORMAT_FILE: chat_format + "\n"} if chat_format and chat_format != "none" else {}
+
+
+def trained_chat_format(spec: str) -> Optional[str]:
+  """The chat format the model directory `spec` was trained in (its chat_format.txt), or
+  None: not a model directory, or one without a record (an import)."""
+  try:
+    path = resolve_model_spec(spec)
+  except (FileNotFoundError, ValueError):
+    return None
+  file = os.path.join(path, CHAT_FORMAT_FILE)
+  if not (is_model_dir(path) and os.path.isfile(file)):
+    return None
+  with open(file, encoding="utf-8") as f:
+    return f.read().strip() or None
+
+
+def warn_if_trained_in_another_format(spec: str, chat_format: str, what: str = "model") -> None:
+  """Logs a warning when `spec` was trained in a chat format (``trained_chat_format``) other
+  than `chat_format`, the one a stage is about to use it in: a preference model scores, and a
+  policy answers, conversations in the format it learned ('' and 'none' check nothing)."""
+  trained = trained_chat_format(spec)
+  if trained and chat_format and chat_format != "none" and trained != chat_format:
+    logging.warning("%s %r was trained in chat format %r but is used in %r here; unless that is "
+                    "meant, bind this stage's chat_format (or CHAT_FORMAT) to %r", what, spec,
+                    trained, chat_format, trained)
+
+
 def load_chat_model(spec: str, mesh=None, rules=None, chat_format: str = "", what: str = "model",
                     head: Optional[str] = "lm"):
   """``load_any`` for a stage that talks to the model in `chat_format`: (ModelConfig,
   params, tokenizer), a ValueError naming `what` and the spec when there is no tokenizer,
   and one warning when the format's turn markers are not tokens of this tokenizer
-  (``tokenizer.warn_if_foreign_chat_format``; '' and 'none' check nothing). A model
+  (``tokenizer.warn_if_foreign_chat_format``) or the model was trained in another format
+  (``warn_if_trained_in_another_format``; '' and 'none' check nothing). A model
   directory with another head than `head` ('lm': a language model; None: any) is a
   ValueError naming it."""
   from cai_jax.tokenizer import warn_if_foreign_chat_format
@@ -321,6 +356,7 @@ def load_chat_model(spec: str, mesh=None, rules=None, chat_format: str = "", wha
     raise ValueError(f"{what} {spec!r} has no tokenizer")
   if chat_format and chat_format != "none":
     warn_if_foreign_chat_format(tok, chat_format, f"{what} {spec!r}")
+    warn_if_trained_in_another_format(spec, chat_format, what)
   return cfg, params, tok
 
 

@@ -288,3 +288,27 @@ def test_extra_files_are_part_of_the_atomic_write(tmp_path):
       model_dir.save_model(str(tmp_path / "m"), cfg, params, extra_files={bad: "x"})
   assert open(os.path.join(out, "meta.json")).read() == "{}"   # the old model stays
   assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_a_model_trained_in_one_chat_format_warns_when_used_in_another(tmp_path, caplog):
+  import logging
+  from cai_jax.tokenizer import load_tokenizer
+  cfg = ModelConfig(vocab_size=320, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                    max_seq_len=16)
+  params = models.init(cfg, jax.random.PRNGKey(0))
+  tok = load_tokenizer("byte")
+  raw = model_dir.save_model(str(tmp_path / "raw"), cfg, params, tok,
+                             extra_files=model_dir.chat_format_file("raw"))
+  plain = model_dir.save_model(str(tmp_path / "plain"), cfg, params, tok,
+                               extra_files=model_dir.chat_format_file("none"))
+  assert model_dir.trained_chat_format(raw) == "raw"
+  assert model_dir.trained_chat_format(plain) is None
+  assert model_dir.trained_chat_format(str(tmp_path / "nothing")) is None
+  with caplog.at_level(logging.WARNING):
+    model_dir.load_chat_model(raw, chat_format="raw", what="rl.policy")
+    model_dir.load_chat_model(plain, chat_format="chatml")
+    assert not [r for r in caplog.records if "trained in chat format" in r.getMessage()]
+    model_dir.load_chat_model(raw, chat_format="chatml", what="rl.pm")
+  [warning] = [r.getMessage() for r in caplog.records if "trained in chat format" in r.getMessage()]
+  assert warning.startswith(f"rl.pm {raw!r} was trained in chat format 'raw' but is used in "
+                            "'chatml' here")

@@ -123,6 +123,7 @@ def test_sl_end_to_end_on_tiny_model(tmp_path):
   assert summary["steps"] == 5  # ceil(18 / 4): one epoch
   assert np.isfinite(summary["final_loss"])
   assert model_dir.is_model_dir(str(tmp_path / "sl" / "model"))
+  assert model_dir.trained_chat_format(str(tmp_path / "sl" / "model")) == "raw"   # sl's default
   config, params = model_dir.load_model(str(tmp_path / "sl" / "model"))
   assert config == cfg
   # A rerun in the same out_dir with another learning rate is refused, not resumed.

@@ -189,12 +189,13 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
   check_skips(counts, f"comparisons {comparisons}", max_skip_fraction, who="dpo")
   if len(comps) < train_config.batch_size:
     raise data.DataError(f"dpo: {len(comps)} comparisons, fewer than batch_size={train_config.batch_size}")
-  config, params, tok = load_initial(policy, model_config)
+  config, params, tok = load_initial(policy, model_config, chat_format, "dpo.policy")
   if tok is None:
     raise ValueError(f"policy {policy!r} has no tokenizer")
   ref_config, ref_params = config, params
   if reference and reference != policy:
-    ref_config, ref_params, ref_tok = load_initial(reference, model_config)
+    ref_config, ref_params, ref_tok = load_initial(reference, model_config, chat_format,
+                                                   "dpo.reference")
     probe = "Compare: (A) or (B)?"
     if ref_tok is None or ref_tok.encode(probe) != tok.encode(probe):
       raise ValueError(f"reference {reference!r} does not share the policy's tokenizer")
@@ -218,7 +219,8 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
   ds = data.Batches(encoded, dict, train_config.batch_size, train_config.seed)   # encoded above
   result = train.train(config, optimizer, train_config, mesh, ds, out_dir, init_params=params,
                        loss_sums=dpo_loss_sums(beta))
-  train.save_model(os.path.join(out_dir, "model"), config, result.state.params, tok)
+  train.save_model(os.path.join(out_dir, "model"), config, result.state.params, tok,
+                   extra_files=model_dir.chat_format_file(chat_format))
   pol_a, pol_b = reference_logprobs(result.state.params, config, encoded, train_config.batch_size,
                                     mesh)
   margin = beta * ((pol_a - ref_a) - (pol_b - ref_b))

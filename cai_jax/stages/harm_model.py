@@ -413,7 +413,8 @@ def _save(out_dir: str, config: ModelConfig, params: Any, tok: Any, meta: dict) 
   process 0 writes (``train.save_model``)."""
   final = os.path.join(out_dir, "model")
   return train.save_model(final, config, params, tok, head="scalar",
-                          extra_files={HARM_FILE: json.dumps(meta, indent=1)})
+                          extra_files={HARM_FILE: json.dumps(meta, indent=1),
+                                       **model_dir.chat_format_file(meta["chat_format"])})
 
 
 def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
@@ -452,7 +453,7 @@ def run(out_dir: str, data: str = "data/harm_labels.jsonl", init_from: str = "",
                              f"than batch_size={bs}")
   offset = float(np.mean([r["harm"] for r in train_set]))
 
-  config, params, tok = pm.scalar_init(init_from, model_config, "harm_model")
+  config, params, tok = pm.scalar_init(init_from, model_config, "harm_model", chat_format)
   train.check_seq_len(seq_len, config.max_seq_len, repr(init_from))
   check_rerun(out_dir, {
       "data": shards.sha([train_set, heldout]), "init_from": init_from,

@@ -311,12 +311,14 @@ def split_and_mix(ai: Sequence[dict], human: Sequence[dict], mix_ratio: float,
 # --------------------------------------------------------------------------------------
 
 
-def scalar_init(init_from: str, model_config: ModelConfig, stage: str = "pm"
-                ) -> Tuple[ModelConfig, Any, Any]:
+def scalar_init(init_from: str, model_config: ModelConfig, stage: str = "pm",
+                chat_format: str = "") -> Tuple[ModelConfig, Any, Any]:
   """(config, scalar-head params, tokenizer) of a language model to train a scalar head on:
-  ``load_initial`` + ``pm_init_params``; ValueError when the model has no tokenizer or
-  one larger than its vocabulary."""
-  config, lm_params, tok = load_initial(init_from, model_config)
+  ``load_initial`` + ``pm_init_params`` (a warning when it was trained in another
+  chat_format); ValueError when the model has no tokenizer or one larger than its
+  vocabulary."""
+  config, lm_params, tok = load_initial(init_from, model_config, chat_format,
+                                        f"{stage}.init_from")
   if tok is None:
     raise ValueError(f"{stage}: model {init_from!r} has no tokenizer")
   if tok.vocab_size > config.vocab_size:
@@ -391,7 +393,7 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
     if (items or what == "training") and len(items) < bs:
       raise data.DataError(f"pm: {len(items)} {what} comparisons, fewer than batch_size={bs}")
 
-  config, params, tok = scalar_init(init_from, model_config)
+  config, params, tok = scalar_init(init_from, model_config, "pm", chat_format)
   train.check_seq_len(seq_len, config.max_seq_len, repr(init_from))
 
   check_rerun(out_dir, {
@@ -417,7 +419,8 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
       result = train.train(config, optimizer, pmp_cfg, mesh, ds, pmp_dir, init_params=params,
                            head="scalar", loss_sums=pm_loss_sums)
       params = result.state.params
-      train.save_model(pmp_model, config, params, tok, head="scalar")
+      train.save_model(pmp_model, config, params, tok, head="scalar",
+                       extra_files=model_dir.chat_format_file(chat_format))
       pmp_summary = {"comparisons": len(pmp), "steps": int(result.state.step),
                      "final_loss": result.last_metrics.get("loss"),
                      "resumed_from": result.resumed_from}
@@ -441,7 +444,8 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
            "score_b": float(b)} for i, (c, a, b) in enumerate(zip(heldout, sa, sb))])
       replace_eval_row(out_dir, step, {f"eval/{k}": v for k, v in metrics.items()
                                        if not k.endswith("pairs")})
-  train.save_model(os.path.join(out_dir, "model"), config, final, tok, head="scalar")
+  train.save_model(os.path.join(out_dir, "model"), config, final, tok, head="scalar",
+                   extra_files=model_dir.chat_format_file(chat_format))
 
   summary = {
       "out_dir": out_dir, "steps": step, "final_loss": result.last_metrics.get("loss"),

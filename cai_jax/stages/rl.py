@@ -129,7 +129,7 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
               snapshot_every: int = 0, save_every: int = 10, keep_checkpoints: int = 2,
               seed: int = 0, mesh=None, rules=None, progress: bool = True,
               tokenizer: Any = None, extra_summary: Optional[dict] = None,
-              stop_strings: Sequence[str] = ()) -> dict:
+              stop_strings: Sequence[str] = (), chat_format: str = "") -> dict:
   """The PPO loop on token ids (what ``run`` calls once models and prompts are loaded).
 
   Args:
@@ -143,6 +143,8 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
     stop_strings: the text that ends a response: a response holding one in a tokenization
       that no stop sequence matches is cut after it (``sampler.cut_at_stop_strings``,
       with the `tokenizer`), so PPO does not train on the tokens after it.
+    chat_format: the format of the prompts, recorded in the saved models
+      (``model_dir.chat_format_file``; '' records nothing).
     snapshot_every: save the policy under out_dir/snapshots/step-XXXXX every that many
       iterations (0: never; the final model is always saved).
     save_every: checkpoint every that many iterations (and always at the end).
@@ -222,7 +224,8 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
     return os.path.join(out_dir, "snapshots", f"step-{it:05d}")
 
   def snapshot(it):
-    train.save_model(snapshot_path(it), policy_cfg, policy_state.params, tokenizer)
+    train.save_model(snapshot_path(it), policy_cfg, policy_state.params, tokenizer,
+                     extra_files=model_dir.chat_format_file(chat_format))
 
   ctx = lambda: sharding.use_mesh(mesh, rules) if mesh is not None else _null()
   try:
@@ -286,9 +289,10 @@ def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg
     ckpt.close()
     writer.close()
 
-  train.save_model(os.path.join(out_dir, "model"), policy_cfg, policy_state.params, tokenizer)
+  train.save_model(os.path.join(out_dir, "model"), policy_cfg, policy_state.params, tokenizer,
+                   extra_files=model_dir.chat_format_file(chat_format))
   train.save_model(os.path.join(out_dir, "value_model"), value_cfg, value_state.params, tokenizer,
-                   head="scalar")
+                   head="scalar", extra_files=model_dir.chat_format_file(chat_format))
   snapshots = [snapshot_path(it) for it in range(snapshot_every, iterations + 1, snapshot_every)
                if model_dir.is_model_dir(snapshot_path(it))] if snapshot_every else []
   summary = {"out_dir": out_dir, "iterations": iterations, "resumed_from": resumed_from,
@@ -343,7 +347,7 @@ def pm_score_fn(pm_params: Any, pm_cfg: ModelConfig, tok: Any,
 _HEAD_NAMES = {"lm": "a language model (LM head)", "scalar": "a scalar-head (preference) model"}
 
 
-def _load(spec: str, what: str, model: ModelConfig, head: str):
+def _load(spec: str, what: str, model: ModelConfig, head: str, chat_format: str = ""):
   """(config, params, tokenizer) of rl.`what`; ValueError naming the flag when the spec is
   unreadable or its model does not have the `head` ('lm' | 'scalar') the role needs."""
   try:
@@ -353,7 +357,7 @@ def _load(spec: str, what: str, model: ModelConfig, head: str):
   if model_dir.is_model_dir(path):   # its head is known before its params are read
     _check_head(spec, what, model_dir.load_head(path), head)
   try:
-    loaded = load_initial(spec, model)
+    loaded = load_initial(spec, model, chat_format, f"rl.{what}")
   except (FileNotFoundError, ValueError) as e:
     raise ValueError(f"rl.{what}={spec!r}: {e}") from None
   _check_head(spec, what, model_dir.load_head(path), head)   # .gguf / HF folders: 'lm'
@@ -404,16 +408,16 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
   if not pm and reward_fn is None:
     raise ValueError("rl.pm is not set (the preference model directory)")
   check_loop_args(ppo, iterations, snapshot_every, save_every, keep_checkpoints, seed)
-  policy_cfg, policy_params, tok = _load(policy, "policy", model, "lm")
+  policy_cfg, policy_params, tok = _load(policy, "policy", model, "lm", chat_format)
   ref_cfg, ref_params, ref_tok = (policy_cfg, policy_params, tok) if not reference else \
-      _load(reference, "reference", model, "lm")
+      _load(reference, "reference", model, "lm", chat_format)
   toks = {"policy": tok, "reference": ref_tok}
   pm_cfg = pm_params = None
   if pm:
-    pm_cfg, pm_params, pm_tok = _load(pm, "pm", model, "scalar")
+    pm_cfg, pm_params, pm_tok = _load(pm, "pm", model, "scalar", chat_format)
     toks["pm"] = pm_tok
   if value:
-    value_cfg, value_params, value_tok = _load(value, "value", model, "scalar")
+    value_cfg, value_params, value_tok = _load(value, "value", model, "scalar", chat_format)
     toks["value"] = value_tok
   elif pm:
     value_cfg, value_params = pm_cfg, pm_params
@@ -442,4 +446,5 @@ def run(out_dir: str, policy: str = "", reference: str = "", pm: str = "", value
                    iterations, eos, stop_ids, snapshot_every, save_every, keep_checkpoints,
                    seed, m, rules, progress, tok,
                    {"policy": policy, "reference": reference or policy, "pm": pm,
-                    "value": value or pm or policy, "prompts": len(prompt_ids)}, stops)
+                    "value": value or pm or policy, "prompts": len(prompt_ids)}, stops,
+                   chat_format)

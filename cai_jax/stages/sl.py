@@ -173,7 +173,7 @@ def run(out_dir: str, records: str = "", model: str = "", helpful_data: Optional
   examples, counts = build_examples(rows, helpful, rounds, helpful_ratio, train_config.seed)
   steps = max(1, math.ceil(epochs * len(examples) / train_config.batch_size))
   train_config = dataclasses.replace(train_config, num_steps=steps)
-  config, params, tok = load_initial(model, model_config)
+  config, params, tok = load_initial(model, model_config, chat_format, "sl.model")
   if tok is None:
     raise ValueError(f"model {model!r} has no tokenizer")
   return fine_tune(out_dir, examples, config, optimizer, train_config, mesh, tok, chat_format,

@@ -65,11 +65,15 @@ def model_config_key(cfg: ModelConfig) -> dict:
   return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_MODEL_FIELDS}
 
 
-def load_initial(init_from: str, model: ModelConfig) -> Tuple[ModelConfig, Any, Any]:
+def load_initial(init_from: str, model: ModelConfig, chat_format: str = "",
+                 what: str = "model") -> Tuple[ModelConfig, Any, Any]:
   """(config, params, tokenizer) of a starting model (model dir, .gguf, HF folder, pkg: spec).
 
   The stored shapes win; the runtime fields (dtype, remat, scan, ...) come from `model`.
+  chat_format: the format the caller uses the model in; a warning when it was trained in
+  another (``model_dir.warn_if_trained_in_another_format``, naming `what`).
   """
+  model_dir.warn_if_trained_in_another_format(init_from, chat_format, what)
   from cai_jax import transformer
   stored, params, tok = model_dir.load_any(init_from)
   config = dataclasses.replace(stored, **{f: getattr(model, f) for f in RUNTIME_FIELDS})
@@ -92,7 +96,8 @@ def fine_tune(out_dir: str, examples: Sequence[dict], model: ModelConfig, optimi
   match out_dir/run_config.json; otherwise ValueError naming what differs. Examples longer
   than TrainConfig.seq_len are cut on the right and counted (summary truncated_examples;
   untrained_examples: those left without a trained token); DataError when every example
-  is left without one.
+  is left without one. The saved model records `chat_format` when some example is a
+  conversation (``model_dir.chat_format_file``).
   """
   out_dir = os.path.abspath(out_dir)
   if tok.vocab_size > model.vocab_size:
@@ -118,7 +123,9 @@ def fine_tune(out_dir: str, examples: Sequence[dict], model: ModelConfig, optimi
       "train_config": train_config_key(train_config), "sources": sources or {},
       "model_fingerprints": model_dir.model_fingerprints(sources or {})}, stage)
   result = train.train(model, optimizer, train_config, mesh, ds, out_dir, init_params=init_params)
-  train.save_model(os.path.join(out_dir, "model"), model, result.state.params, tok)
+  chats = any(data.example_messages(examples[i]) is not None for i in range(len(examples)))
+  train.save_model(os.path.join(out_dir, "model"), model, result.state.params, tok,
+                   extra_files=model_dir.chat_format_file(chat_format if chats else ""))
   summary = {"out_dir": out_dir, "steps": int(result.state.step),
              "final_loss": result.last_metrics.get("loss"),
              "resumed_from": result.resumed_from, "examples": len(examples),
@@ -151,7 +158,7 @@ def run(out_dir: str, dataset: str, model: ModelConfig = ModelConfig(),
     raise ValueError("train_lm.dataset is not set (a .jsonl file or tfds:NAME:SPLIT)")
   tok, init_params = None, None
   if init_from:
-    model, init_params, tok = load_initial(init_from, model)
+    model, init_params, tok = load_initial(init_from, model, chat_format, "train_lm.init_from")
   if tokenizer:
     tok = load_tokenizer(tokenizer)
   if tok is None:
