@@ -280,11 +280,16 @@ class HFTokenizer:
     bos_token, eos_token, pad_token, unk_token: special token texts (each must
       be in the vocabulary) or None.
     add_bos_token: whether the model expects a BOS in front of a sequence.
+    chat_template: the model's Jinja chat template (tokenizer_config.json's, or a GGUF's
+      tokenizer.chat_template), carried into the saved tokenizer_config.json so an export
+      keeps it for transformers' apply_chat_template; never run here (stages render
+      conversations with ``render_chat``).
   """
 
   def __init__(self, tokenizer, bos_token: Optional[str] = None,
                eos_token: Optional[str] = None, pad_token: Optional[str] = None,
-               unk_token: Optional[str] = None, add_bos_token: bool = False):
+               unk_token: Optional[str] = None, add_bos_token: bool = False,
+               chat_template: Optional[str] = None):
     if tokenizer.truncation is not None or tokenizer.padding is not None:
       # A tokenizer.json may carry truncation / padding settings; like transformers, encode
       # whole texts without them (on a copy: the caller's object is left as it was).
@@ -296,6 +301,7 @@ class HFTokenizer:
     self.bos_token, self.eos_token = bos_token, eos_token
     self.pad_token, self.unk_token = pad_token, unk_token
     self.add_bos_token = bool(add_bos_token)
+    self.chat_template = chat_template if isinstance(chat_template, str) and chat_template else None
     ids = {}
     for name in _SPECIAL_NAMES:
       text = getattr(self, f"{name}_token")
@@ -344,6 +350,8 @@ class HFTokenizer:
            "add_eos_token": False, "clean_up_tokenization_spaces": False}
     for name in _SPECIAL_NAMES:
       cfg[f"{name}_token"] = getattr(self, f"{name}_token")
+    if self.chat_template is not None:
+      cfg["chat_template"] = self.chat_template
     return cfg
 
   def save(self, directory: str) -> str:
@@ -411,7 +419,20 @@ def _special_tokens_beside(directory: str, tok) -> dict:
     kwargs["add_bos_token"] = bool(tcfg["add_bos_token"])
   elif kwargs.get("bos_token") is not None:
     kwargs["add_bos_token"] = _post_processor_adds(tok, kwargs["bos_token"])
+  kwargs["chat_template"] = _chat_template_beside(directory, tcfg)
   return kwargs
+
+
+def _chat_template_beside(directory: str, tcfg: Optional[dict]) -> Optional[str]:
+  """The one Jinja chat template in `directory`: chat_template.jinja (newer transformers
+  save it there), else tokenizer_config.json's "chat_template" when it is a string (a list
+  of named templates is left out)."""
+  jinja = os.path.join(directory, "chat_template.jinja")
+  if os.path.isfile(jinja):
+    with open(jinja, encoding="utf-8") as f:
+      return f.read()
+  value = (tcfg or {}).get("chat_template") if isinstance(tcfg, dict) else None
+  return value if isinstance(value, str) else None
 
 
 def _post_processor_adds(tok, bos_token: str) -> bool:
@@ -800,7 +821,8 @@ def tokenizer_from_gguf(path: str) -> HFTokenizer:
 
   return HFTokenizer(tok, bos_token=_text("bos_token_id"), eos_token=_text("eos_token_id"),
                      pad_token=_text("padding_token_id"), unk_token=_text("unknown_token_id"),
-                     add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos)))
+                     add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos)),
+                     chat_template=meta.get("tokenizer.chat_template"))
 
 
 # ----------------------------------------------------------------------------

@@ -130,6 +130,30 @@ def test_gguf_smollm2_metadata(smollm2):
     assert smollm2.encode(t) == [i]
 
 
+def test_the_gguf_chat_template_is_carried_into_the_saved_tokenizer(smollm2, smollm2_path,
+                                                                   transformers_reference,
+                                                                   tmp_path):
+  """The saved tokenizer_config.json holds the GGUF's chat template, so a saved (and
+  exported) tokenizer renders conversations in transformers as the GGUF's own does, and
+  as render_chat does when the conversation has a system message (SmolLM2's template
+  inserts a default one otherwise)."""
+  transformers = pytest.importorskip("transformers")
+  from cai_jax.gguf_file import read_gguf
+  assert smollm2.chat_template == read_gguf(smollm2_path).metadata["tokenizer.chat_template"]
+  tk.save_tokenizer(smollm2, str(tmp_path))
+  assert tk.load_tokenizer(str(tmp_path)).chat_template == smollm2.chat_template
+  saved = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital?"}]
+  ours = saved.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+  assert ours == transformers_reference.apply_chat_template(chat, tokenize=False,
+                                                            add_generation_prompt=True)
+  assert ours == tk.render_chat_text(chat, "chatml", add_generation_prompt=True)
+  # A tokenizer.json folder: chat_template.jinja wins over the config's entry.
+  (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+  assert tk.load_tokenizer(str(tmp_path)).chat_template == "{{ messages }}"
+
+
 @pytest.mark.parametrize("text", TEXTS + [CHAT_SPECIAL_TEXT, "<|endoftext|>x<repo_name>y"])
 def test_gguf_smollm2_matches_transformers(smollm2, transformers_reference, text):
   ours = smollm2.encode(text)
