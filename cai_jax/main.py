@@ -93,7 +93,8 @@ def _constitution():
     """`cai-jax constitution check [PATH]`: validate a constitution (default: the shipped one)
     and print its counts."""
     if action != "check":
-      raise CliError(f"constitution: unknown action {action!r}; usage: cai-jax constitution check [PATH]")
+      what = f"unknown action {action!r}" if action else "no action given"
+      raise CliError(f"constitution: {what}; usage: cai-jax constitution check [PATH]")
     return constitution.check(path or constitution.DEFAULT_PATH)
   return constitution_command
 

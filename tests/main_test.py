@@ -449,3 +449,14 @@ def test_import_keeps_a_scalar_head_and_export_keeps_a_byte_tokenizer(tmp_path):
   assert cli("import", f"--from={tmp_path / 'hf'}", f"--out={tmp_path / 'back'}").returncode == 0
   assert isinstance(model_dir.load_tokenizer_of(str(tmp_path / "back")), ByteTokenizer)
 
+
+
+def test_constitution_command_checks_the_shipped_one_and_names_a_missing_action():
+  out = cli("constitution", "check")
+  assert out.returncode == 0, out.stderr
+  counts = json.loads(out.stdout.strip().splitlines()[-1])
+  assert counts["critique_revision"] == 16 and counts["feedback"] == 16, counts
+  out = cli("constitution")
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      "cai-jax: error: constitution: no action given; usage: cai-jax constitution check [PATH]"]
