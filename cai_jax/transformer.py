@@ -95,8 +95,8 @@ class Decoder(nn.Module):
         Python int, or None) means an empty cache: the prefill attends among its own
         tokens as without a cache (fused / chunked attention) and writes them at slot 0.
         Another static (Python int) index reads only the slots before it; a traced one
-        reads all S slots, masking those at or after it. A static index must leave room
-        for the T tokens (index + T <= S; ValueError otherwise).
+        reads all S slots, masking those at or after it. A static index must be >= 0 and
+        leave room for the T tokens (index + T <= S; ValueError otherwise).
       head_columns: optional [B, K] int32 columns of tokens (no cache): the head runs only
         at those positions (each row its own), so the output has K positions instead of T
         and no [B, T, V] logits exist (PPO reads only its response columns).
@@ -124,6 +124,8 @@ class Decoder(nn.Module):
       read = None
     elif isinstance(cache_index, (int, type(None))):
       read = cache_index or 0
+      if read < 0:
+        raise ValueError(f"cache_index={read} is negative; expected a cache slot >= 0")
       if read + length > cache["mask"].shape[1]:
         raise ValueError(f"cache_index={read} + {length} tokens do not fit the cache's "
                          f"{cache['mask'].shape[1]} slots")

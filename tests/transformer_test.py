@@ -304,8 +304,9 @@ def test_long_chunks_after_cached_ones_match_full_forward(params, traced):
 
 
 def test_a_static_cache_index_past_the_cache_is_refused(params):
-  """A Python-int cache_index whose T tokens do not fit the S slots is a one-line ValueError
-  (dynamic_update_slice would silently move the write back and overwrite earlier slots)."""
+  """A Python-int cache_index whose T tokens do not fit the S slots, or a negative one, is a
+  one-line ValueError (dynamic_update_slice would silently move the write back and overwrite
+  earlier slots; a negative index reads the wrong slots, or none)."""
   tokens = _tokens(1, 10, seed=5)
   dec = models.module(CFG)
   _, cache = dec.apply({"params": params}, tokens[:, :6], cache=transformer.init_cache(CFG, 1, 8),
@@ -314,6 +315,10 @@ def test_a_static_cache_index_past_the_cache_is_refused(params):
     dec.apply({"params": params}, tokens[:, 6:], cache=cache, cache_index=6)
   with pytest.raises(ValueError, match=r"cache_index=0 \+ 10 tokens.*8 slots"):
     dec.apply({"params": params}, tokens, cache=transformer.init_cache(CFG, 1, 8), cache_index=0)
+  with pytest.raises(ValueError, match=r"^cache_index=-1 is negative"):
+    dec.apply({"params": params}, tokens[:, 6:8], cache=cache, cache_index=-1)
+  with pytest.raises(ValueError, match=r"^cache_index=-8 is negative"):   # read no slot: silent
+    dec.apply({"params": params}, tokens[:, 6:8], cache=cache, cache_index=-8)
   out, _ = dec.apply({"params": params}, tokens[:, 6:8], cache=cache, cache_index=6)   # fits
   np.testing.assert_allclose(out, logits(params, CFG, tokens[:, :8])[:, 6:8], atol=1e-5)
 
