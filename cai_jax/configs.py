@@ -151,6 +151,10 @@ class ModelConfig:
       raise ValueError(
           f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
           "unless head_dim is set")
+    width = self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+    if width % 2:
+      raise ValueError(f"ModelConfig: the head width {width} (head_dim, or d_model / n_heads) "
+                       "must be even: RoPE rotates pairs of channels")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
     for name in ("param_dtype", "dtype"):

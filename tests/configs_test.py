@@ -93,3 +93,12 @@ def test_model_config_accepts_numpy_numbers_and_its_choices():
 def test_train_config_refuses_bad_fields_by_name(kw, match):
   with pytest.raises(ValueError, match=match):
     TrainConfig(**kw)
+
+
+def test_an_odd_head_width_is_refused():
+  with pytest.raises(ValueError, match=r"^ModelConfig: the head width 15 \(head_dim, or d_model / "
+                                       r"n_heads\) must be even: RoPE rotates pairs of channels$"):
+    ModelConfig(d_model=60, n_heads=4, n_kv_heads=2)
+  with pytest.raises(ValueError, match=r"head width 7"):
+    ModelConfig(head_dim=7)
+  assert ModelConfig(d_model=48, n_heads=4, n_kv_heads=2).d_model == 48   # width 12
