@@ -3,8 +3,10 @@ end to end from the CLI (CI runs this)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -96,6 +98,39 @@ def test_a_stage_killed_by_a_signal_fails_with_the_shells_exit_status(tmp_path):
   assert e.value.exit_status == 137
   status = json.loads((tmp_path / "pipeline.json").read_text())["stages"]
   assert [(s["stage"], s["status"], s["exit_status"]) for s in status] == [("sl", "failed", 137)]
+
+
+def test_a_stage_does_not_outlive_a_killed_pipeline(tmp_path):
+  """SIGKILL of the pipeline process also ends its running stage, so a rerun never runs that
+  stage beside a leftover one writing the same out_dir."""
+  pid_file = tmp_path / "stage.pid"
+  fake = tmp_path / "fake_python"
+  fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+  fake.chmod(0o755)
+  driver = subprocess.Popen(
+      [sys.executable, "-c", "import sys; from cai_jax.stages import pipeline; "
+       "pipeline.run(['sl'], python=sys.argv[1], commands=['sl'])", str(fake)])
+  try:
+    for _ in range(500):
+      if pid_file.exists() and pid_file.read_text().strip():
+        break
+      time.sleep(0.02)
+    stage_pid = int(pid_file.read_text())
+    driver.kill()
+    driver.wait()
+    for _ in range(250):
+      try:
+        with open(f"/proc/{stage_pid}/stat") as f:
+          if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+            break   # killed, not yet reaped by its new parent
+      except FileNotFoundError:
+        break
+      time.sleep(0.02)
+    else:
+      os.kill(stage_pid, signal.SIGKILL)
+      pytest.fail("the stage process outlived the killed pipeline")
+  finally:
+    driver.kill()
 
 
 def test_unknown_or_repeated_stages_are_refused():

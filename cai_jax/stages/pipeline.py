@@ -10,6 +10,8 @@ Resuming: a stage whose output directory is complete (a `summary.json`, or a
 the one this run would use is skipped; any other stage runs, and its own resume logic
 continues a half-finished run (finished shards and checkpoints are kept). A stage that
 fails stops the pipeline with its exit status; rerunning the command continues from it.
+On Linux a stage process ends with the pipeline (killed, it leaves no stage running beside
+a rerun).
 
 Multi-process runs (``cai_jax.distributed``): start the same `cai-jax pipeline` command
 on every host (as for any stage). The pipeline process itself joins nothing: it passes its
@@ -210,6 +212,23 @@ def _signal_name(number: int) -> str:
     return f"signal {number}"
 
 
+def _end_with_parent(parent: int) -> Callable[[], None]:
+  """A subprocess preexec_fn: on Linux, the child gets SIGKILL when the process `parent`
+  (this pipeline) dies, so a killed pipeline leaves no stage running unseen beside a rerun
+  of it; elsewhere it does nothing."""
+  if not sys.platform.startswith("linux"):
+    return lambda: None
+  import ctypes
+  prctl = ctypes.CDLL(None, use_errno=True).prctl   # looked up before the fork
+  pr_set_pdeathsig = 1
+
+  def set_death_signal():
+    prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:   # the pipeline died before the signal was set
+      os._exit(128 + int(signal.SIGKILL))
+  return set_death_signal
+
+
 def _log(msg: str) -> None:
   print(f"pipeline: {msg}", file=sys.stderr, flush=True)
 
@@ -264,7 +283,8 @@ def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
     start = time.perf_counter()
     cmd = [python or sys.executable, "-m", "cai_jax.main", stage, *cli_args, SKIP_FLAG]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
-                          env=dict(os.environ, **{STAGE_ENV: stage}))
+                          env=dict(os.environ, **{STAGE_ENV: stage}),
+                          preexec_fn=_end_with_parent(os.getpid()))
     seconds = round(time.perf_counter() - start, 1)
     if proc.returncode != 0:
       # A stage killed by a signal (the OOM killer's SIGKILL) exits as a shell reports it.
