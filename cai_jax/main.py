@@ -663,6 +663,9 @@ def _end_for_peer(message: str) -> None:
 
 def run(argv: Optional[List[str]] = None) -> None:
   """Console-script entry point."""
+  if os.environ.get("CAI_JAX_PIPELINE_PID"):   # a stage process of `cai-jax pipeline`
+    from cai_jax.stages import pipeline
+    pipeline.end_with_pipeline()
   argv = list(sys.argv if argv is None else argv)
   if len(argv) == 1 or argv[1:2] == ["help"] or any(
       a in ("-h", "--help", "--helpfull", "--helpshort") for a in argv[1:]):

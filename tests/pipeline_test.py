@@ -104,8 +104,11 @@ def test_a_stage_does_not_outlive_a_killed_pipeline(tmp_path):
   """SIGKILL of the pipeline process also ends its running stage, so a rerun never runs that
   stage beside a leftover one writing the same out_dir."""
   pid_file = tmp_path / "stage.pid"
-  fake = tmp_path / "fake_python"
-  fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+  fake = tmp_path / "fake_python"   # a stage process: what cai_jax.main does first, then work
+  stage = ("import os, sys, time; from cai_jax.stages import pipeline; "
+           "pipeline.end_with_pipeline(); assert pipeline.PARENT_ENV not in os.environ; "
+           f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+  fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c \"{stage}\"\n")
   fake.chmod(0o755)
   driver = subprocess.Popen(
       [sys.executable, "-c", "import sys; from cai_jax.stages import pipeline; "

@@ -60,6 +60,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 DEFAULT_STAGES = ("critique_revision", "sl", "feedback", "pm", "rl", "evaluate")
 SKIP_FLAG = "--skip_if_complete"
 STAGE_ENV = "CAI_JAX_PIPELINE_STAGE"
+PARENT_ENV = "CAI_JAX_PIPELINE_PID"
 """Environment variable naming the stage in a stage process of a pipeline, whose
 command-line bindings are the pipeline's (every stage's)."""
 
@@ -212,21 +213,21 @@ def _signal_name(number: int) -> str:
     return f"signal {number}"
 
 
-def _end_with_parent(parent: int) -> Callable[[], None]:
-  """A subprocess preexec_fn: on Linux, the child gets SIGKILL when the process `parent`
-  (this pipeline) dies, so a killed pipeline leaves no stage running unseen beside a rerun
-  of it; elsewhere it does nothing."""
-  if not sys.platform.startswith("linux"):
-    return lambda: None
+def end_with_pipeline() -> None:
+  """Called first in a stage process the pipeline started (``PARENT_ENV`` holds the
+  pipeline's pid): on Linux, asks for SIGKILL when the pipeline process dies, and exits at
+  once when it already has, so a killed pipeline leaves no stage running beside a rerun of
+  it. The stage sets this up itself: a preexec_fn would fork the pipeline process, which
+  has loaded jax's threads. The variable is removed, so the stage's own children do not
+  read it. Elsewhere (or without the variable) it does nothing."""
+  parent = os.environ.pop(PARENT_ENV, None)
+  if not parent or not sys.platform.startswith("linux"):
+    return
   import ctypes
-  prctl = ctypes.CDLL(None, use_errno=True).prctl   # looked up before the fork
   pr_set_pdeathsig = 1
-
-  def set_death_signal():
-    prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent:   # the pipeline died before the signal was set
-      os._exit(128 + int(signal.SIGKILL))
-  return set_death_signal
+  ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+  if os.getppid() != int(parent):   # the pipeline died before the signal was set
+    os._exit(128 + int(signal.SIGKILL))
 
 
 def _log(msg: str) -> None:
@@ -283,8 +284,7 @@ def run(stages: Sequence[str] = DEFAULT_STAGES, out_dir: str = "",
     start = time.perf_counter()
     cmd = [python or sys.executable, "-m", "cai_jax.main", stage, *cli_args, SKIP_FLAG]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
-                          env=dict(os.environ, **{STAGE_ENV: stage}),
-                          preexec_fn=_end_with_parent(os.getpid()))
+                          env=dict(os.environ, **{STAGE_ENV: stage, PARENT_ENV: str(os.getpid())}))
     seconds = round(time.perf_counter() - start, 1)
     if proc.returncode != 0:
       # A stage killed by a signal (the OOM killer's SIGKILL) exits as a shell reports it.
