@@ -24,23 +24,40 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_atten
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
-def _check_int(field: str, value, low: Optional[int] = None) -> None:
-  """ValueError naming `field` (e.g. 'TrainConfig.seed') unless value is an integer (>= low)."""
+SEED_BOUND = 2**32   # seeds are unsigned 32-bit integers: 0 <= seed < SEED_BOUND
+
+
+def check_int(field: str, value, low: Optional[int] = None) -> None:
+  """ValueError naming `field` (e.g. 'TrainConfig.batch_size', 'feedback.shard_size') unless
+  value is an integer, a Python or numpy one but not a bool (>= low when given)."""
   if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
       or (low is not None and value < low)):
     raise ValueError(f"{field} must be an integer{'' if low is None else f' >= {low}'}, "
                      f"got {value!r}")
 
 
-def _check_number(field: str, value, low: float, strict: bool = False) -> None:
-  """ValueError naming `field` unless value is a finite number >= low (> low when strict)."""
+def check_seed(field: str, value) -> None:
+  """ValueError naming `field` unless value is an integer in [0, 2**32) (``SEED_BOUND``)."""
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
+      or not 0 <= value < SEED_BOUND):
+    raise ValueError(f"{field} must be an integer in [0, 2**32), got {value!r}")
+
+
+def check_number(field: str, value, low: float, strict: bool = False,
+                 high: Optional[float] = None) -> None:
+  """ValueError naming `field` unless value is a finite number (not a bool) >= low (> low when
+  strict), and <= high when given."""
   if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
-      or not math.isfinite(value) or value < low or (strict and value == low)):
-    raise ValueError(f"{field} must be a finite number {'>' if strict else '>='} {low:g}, "
-                     f"got {value!r}")
+      or not math.isfinite(value) or value < low or (strict and value == low)
+      or (high is not None and value > high)):
+    if high is None:
+      need = f"{'>' if strict else '>='} {low:g}"
+    else:
+      need = f"in {'(' if strict else '['}{low:g}, {high:g}]"
+    raise ValueError(f"{field} must be a finite number {need}, got {value!r}")
 
 
-def _check_bool(field: str, value) -> None:
+def check_bool(field: str, value) -> None:
   """ValueError naming `field` unless value is True or False (a string 'False' is not)."""
   if not isinstance(value, (bool, np.bool_)):
     raise ValueError(f"{field} must be True or False, got {value!r}")
@@ -135,15 +152,15 @@ class ModelConfig:
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
                  "rope_original_max_len"):
-      _check_int(f"ModelConfig.{name}", getattr(self, name), 1)
+      check_int(f"ModelConfig.{name}", getattr(self, name), 1)
     if self.head_dim is not None:
-      _check_int("ModelConfig.head_dim", self.head_dim, 1)
-    _check_number("ModelConfig.rope_theta", self.rope_theta, 0.0, strict=True)
+      check_int("ModelConfig.head_dim", self.head_dim, 1)
+    check_number("ModelConfig.rope_theta", self.rope_theta, 0.0, strict=True)
     for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                  "norm_eps"):
-      _check_number(f"ModelConfig.{name}", getattr(self, name), 0.0)
+      check_number(f"ModelConfig.{name}", getattr(self, name), 0.0)
     for name in ("tie_embeddings", "qkv_bias", "scan_layers"):
-      _check_bool(f"ModelConfig.{name}", getattr(self, name))
+      check_bool(f"ModelConfig.{name}", getattr(self, name))
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
           f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
@@ -240,9 +257,9 @@ class OptimizerConfig:
   def __post_init__(self):
     if self.schedule not in ("constant", "cosine"):
       raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}; expected 'constant' or 'cosine'")
-    _check_number("OptimizerConfig.learning_rate", self.learning_rate, 0.0)
-    _check_int("OptimizerConfig.warmup_steps", self.warmup_steps, 0)
-    _check_int("OptimizerConfig.total_steps", self.total_steps)
+    check_number("OptimizerConfig.learning_rate", self.learning_rate, 0.0)
+    check_int("OptimizerConfig.warmup_steps", self.warmup_steps, 0)
+    check_int("OptimizerConfig.total_steps", self.total_steps)
     for name in ("b1", "b2"):
       value = getattr(self, name)
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
@@ -287,10 +304,10 @@ class TrainConfig:
 
   def __post_init__(self):
     for name in ("num_steps", "batch_size", "seq_len", "num_microbatches", "save_every", "keep_checkpoints"):
-      _check_int(f"TrainConfig.{name}", getattr(self, name), 1)
-    _check_int("TrainConfig.seed", self.seed)
+      check_int(f"TrainConfig.{name}", getattr(self, name), 1)
+    check_seed("TrainConfig.seed", self.seed)
     for name in ("async_checkpoint", "progress"):
-      _check_bool(f"TrainConfig.{name}", getattr(self, name))
+      check_bool(f"TrainConfig.{name}", getattr(self, name))
     if self.batch_size % self.num_microbatches:
       raise ValueError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
                        f"num_microbatches={self.num_microbatches}")
@@ -343,14 +360,14 @@ class PPOConfig:
     if self.kl_kind not in KL_KINDS:
       raise ValueError(f"PPOConfig.kl_kind must be one of {KL_KINDS}, got {self.kl_kind!r}")
     for name in ("epochs", "minibatches", "max_new_tokens", "rollout_batch", "kl_horizon"):
-      _check_int(f"PPOConfig.{name}", getattr(self, name), 1)
+      check_int(f"PPOConfig.{name}", getattr(self, name), 1)
     if self.rollout_batch % self.minibatches:
       raise ValueError(f"PPOConfig.minibatches={self.minibatches} must divide "
                        f"rollout_batch={self.rollout_batch}")
-    _check_number("PPOConfig.kl_coef", self.kl_coef, 0.0)
-    _check_number("PPOConfig.target_kl", self.target_kl, 0.0, strict=True)
-    _check_number("PPOConfig.temperature", self.temperature, 0.0, strict=True)
-    _check_number("PPOConfig.value_loss_coef", self.value_loss_coef, 0.0)
+    check_number("PPOConfig.kl_coef", self.kl_coef, 0.0)
+    check_number("PPOConfig.target_kl", self.target_kl, 0.0, strict=True)
+    check_number("PPOConfig.temperature", self.temperature, 0.0, strict=True)
+    check_number("PPOConfig.value_loss_coef", self.value_loss_coef, 0.0)
     for name in ("clip", "value_clip"):
       value = getattr(self, name)
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not value > 0:
@@ -360,7 +377,7 @@ class PPOConfig:
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
         raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {value!r}")
     for name in ("adaptive_kl", "whiten_advantages"):
-      _check_bool(f"PPOConfig.{name}", getattr(self, name))
+      check_bool(f"PPOConfig.{name}", getattr(self, name))
     # losses.adaptive_beta multiplies β by 1 + e · rollout_batch / kl_horizon with e down
     # to -0.2: β would turn negative (a KL reward) unless rollout_batch < 5 · kl_horizon.
     if self.adaptive_kl and self.rollout_batch >= 5 * self.kl_horizon:

@@ -44,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cai_jax import axes, distributed, models, sharding
-from cai_jax.configs import ModelConfig
+from cai_jax.configs import ModelConfig, check_int, check_seed
 from cai_jax.transformer import Cache, init_cache, unstack_scanned_params
 from cai_jax.tokenizer import common_prefix_length, keep_last, trim_at_stop
 
@@ -98,16 +98,13 @@ class SamplingParams:
     if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
       raise ValueError(f"SamplingParams.temperature must be 0 (greedy) or in "
                        f"[{MIN_TEMPERATURE}, inf), got {self.temperature}")
-    for name, low in (("top_k", 0), ("max_new_tokens", 1), ("seed", 0)):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"SamplingParams.{name} must be an integer >= {low}, got {value!r}")
+    check_int("SamplingParams.top_k", self.top_k, 0)
+    check_int("SamplingParams.max_new_tokens", self.max_new_tokens, 1)
+    check_seed("SamplingParams.seed", self.seed)
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
     if any(len(s) == 0 for s in self.stop_sequences):
       raise ValueError("SamplingParams.stop_sequences must not contain an empty sequence")
-    if not self.seed < 2**32:
-      raise ValueError(f"SamplingParams.seed must be in [0, 2**32), got {self.seed}")
 
 
 def check_sampling(owner: str, **settings: Any) -> SamplingParams:

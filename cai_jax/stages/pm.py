@@ -72,7 +72,6 @@ import dataclasses
 import json
 import logging
 import math
-import numbers
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -83,7 +82,8 @@ import numpy as np
 from cai_jax import data, distributed, losses, model_dir, models, sampler, sharding, shards, train
 from cai_jax.comparisons import (SkipCounts, check_skips, load_comparisons,  # noqa: F401
                                  normalize_comparisons)
-from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cai_jax.configs import (MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, check_int,
+                             check_number)
 from cai_jax.metrics import replace_eval_row
 from cai_jax.stages.train_lm import check_rerun, load_initial, model_config_key, train_config_key
 from cai_jax.tokenizer import check_chat_format
@@ -357,17 +357,12 @@ def run(out_dir: str, comparisons: str = "", human_comparisons: Optional[str] = 
     raise ValueError("pm.comparisons is not set (the feedback output or a comparisons JSONL)")
   if not init_from:
     raise ValueError("pm.init_from is not set (the language model the PM starts from)")
-  for flag, value in (("mix_ratio", mix_ratio), ("heldout_fraction", heldout_fraction),
-                      ("max_skip_fraction", max_skip_fraction)):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-      raise ValueError(f"pm.{flag} must be a number, got {value!r}")
-  if not 0.0 <= max_skip_fraction <= 1.0:
-    raise ValueError(f"pm.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+  check_number("pm.mix_ratio", mix_ratio, 0.0)
+  check_number("pm.heldout_fraction", heldout_fraction, 0.0)
+  check_number("pm.max_skip_fraction", max_skip_fraction, 0.0, high=1.0)
   check_chat_format(chat_format, "pm.chat_format")
-  if pmp_num_steps is not None and (isinstance(pmp_num_steps, bool) or
-                                    not isinstance(pmp_num_steps, int) or pmp_num_steps < 1):
-    raise ValueError(f"pm.pmp_num_steps must be an integer >= 1 (or None: "
-                     f"TrainConfig.num_steps), got {pmp_num_steps!r}")
+  if pmp_num_steps is not None:
+    check_int("pm.pmp_num_steps", pmp_num_steps, 1)
   out_dir = os.path.abspath(out_dir)
   seed, seq_len, bs = train_config.seed, train_config.seq_len, train_config.batch_size
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from cai_jax import (checkpoints, distributed, losses, model_dir, models, ppo as ppo_lib, sampler,
                      sharding, shards, train)
-from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig
+from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, check_int, check_seed
 from cai_jax.metrics import MetricsWriter, logged_metrics
 from cai_jax.ppo import PPOConfig
 from cai_jax.stages import pm as pm_stage
@@ -114,10 +114,8 @@ def check_loop_args(ppo: PPOConfig, iterations: int, snapshot_every: int, save_e
   for name, value, low in (("iterations", iterations, 1), ("snapshot_every", snapshot_every, 0),
                            ("save_every", save_every, 1),
                            ("keep_checkpoints", keep_checkpoints, 1)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-      raise ValueError(f"rl.{name} must be an integer >= {low}, got {value!r}")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-    raise ValueError(f"rl.seed must be an integer in [0, 2**32), got {seed!r}")
+    check_int(f"rl.{name}", value, low)
+  check_seed("rl.seed", seed)
 
 
 def train_ppo(out_dir: str, policy_cfg: ModelConfig, policy_params: Any, ref_cfg: ModelConfig,
