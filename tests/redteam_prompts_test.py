@@ -186,7 +186,7 @@ def test_argument_errors(tmp_path, seeds):
     rp.run(str(tmp_path / "o.jsonl"), seed_prompts=seeds, seed_split=None)
   with pytest.raises(ValueError, match="chat_format"):
     rp.run(str(tmp_path / "o.jsonl"), chat_format="alpaca")
-  with pytest.raises(ValueError, match="returned 0 completions"):
+  with pytest.raises(ValueError, match="returned 0 texts"):
     rp.run(str(tmp_path / "o.jsonl"), seed_prompts=seeds, seed_split=None, progress=False,
            generate_fn=lambda texts, seed: [])
   with pytest.raises(ValueError, match="max_generated=-5 must be >= 0"):

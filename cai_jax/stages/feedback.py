@@ -98,6 +98,7 @@ from tqdm import tqdm
 from cai_jax import constitution as constitution_lib
 from cai_jax import distributed, prompt_sets, shards
 from cai_jax.configs import MeshConfig, check_int, check_seed
+from cai_jax.errors import check_returned
 from cai_jax.tokenizer import check_chat_format, encode_after
 
 _LOG = logging.getLogger(__name__)
@@ -475,8 +476,7 @@ def _feedback_shard(items: Sequence[Tuple[int, dict]], shard: int, st: _Setup,
     raise ValueError(f"feedback: the prompt of comparison {item.get('id', i)} has {e.tokens} "
                      f"tokens but at most {e.limit} fit the policy with max_new_tokens; set "
                      "feedback.truncate='left' to keep its last tokens, or shorten it") from None
-  if len(outs) != 2 * len(items):
-    raise ValueError(f"generate_fn returned {len(outs)} texts for {2 * len(items)} prompts")
+  check_returned("generate_fn", outs, 2 * len(items))
   stops = response_stops(st.chat_format)
   outs = [trim_completion(t, stops) for t in outs]
 
@@ -510,9 +510,8 @@ def _feedback_shard(items: Sequence[Tuple[int, dict]], shard: int, st: _Setup,
     for u, (_, prefix, _) in enumerate(units):
       groups.setdefault(prefix, []).append(u)
     for g, (prefix, rows) in enumerate(groups.items()):
-      got = reason(prefix, [units[u][2] for u in rows], call_seed(st.seed, shard, 1 + g))
-      if len(got) != len(rows):
-        raise ValueError(f"generate_fn returned {len(got)} texts for {len(rows)} prompts")
+      got = check_returned("generate_fn", reason(prefix, [units[u][2] for u in rows],
+                                                 call_seed(st.seed, shard, 1 + g)), len(rows))
       for u, t in zip(rows, got):
         reasoning[units[u][0]] = trim_completion(t, COT_STOPS)
     for key, prefix, question in units:

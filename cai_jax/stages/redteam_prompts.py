@@ -52,6 +52,7 @@ import numpy as np
 
 from cai_jax import distributed, monitors, prompt_sets
 from cai_jax.configs import MeshConfig
+from cai_jax.errors import check_returned
 from cai_jax.tokenizer import with_bos
 
 # (prompt texts, sampling seed) -> one completion per text
@@ -237,10 +238,8 @@ def run(out: str, seed_prompts: str = "red_team", model: str = "", n_new: int = 
         text = build_fewshot_prompt([c["prompt"] for c in chosen], chat_format)
       texts.append(text)
       shots.append([c["id"] for c in chosen])
-    completions = generate_fn(texts, _round_seed(seed, r))
-    if len(completions) != len(texts):
-      raise ValueError(f"generate_fn returned {len(completions)} completions for {len(texts)} "
-                       "prompts")
+    completions = check_returned("generate_fn", generate_fn(texts, _round_seed(seed, r)),
+                                 len(texts))
     stats["rounds"] += 1
     stats["generated"] += len(texts)
     for k, completion in enumerate(completions):
