@@ -476,21 +476,30 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
           f"--out_dir, or delete {bound} to redo it from the current inputs")
     marker = os.path.join(bound, pipeline.UNFINISHED)
     os.makedirs(bound, exist_ok=True)
-    if _PROCESS["index"] == 0:
-      with open(marker, "w", encoding="utf-8") as f:
-        f.write(f"cai-jax {command} started here and has not finished; its config:\n\n"
-                f"{config_text}")
-      model_dir.record_inputs(bound, inputs)
-    if _PROCESS["count"] > 1:
-      distributed.barrier(f"started:{bound}")   # a failed write stops every process here
-    result = fn()
-    if _PROCESS["index"] == 0:
-      # The config of the outputs here: written once they are complete, so a run that
-      # failed or was refused leaves the previous run's config.gin beside its outputs.
-      from cai_jax.shards import write_atomic
-      write_atomic(os.path.join(bound, "config.gin"), config_text)
-      os.remove(marker)
-    return result
+    lock = None
+    try:
+      if _PROCESS["index"] == 0:
+        try:
+          lock = pipeline.lock_out_dir(bound, command)
+        except RuntimeError as e:
+          raise CliError(str(e)) from None
+        with open(marker, "w", encoding="utf-8") as f:
+          f.write(f"cai-jax {command} started here and has not finished; its config:\n\n"
+                  f"{config_text}")
+        model_dir.record_inputs(bound, inputs)
+      if _PROCESS["count"] > 1:
+        distributed.barrier(f"started:{bound}")   # a failed write stops every process here
+      result = fn()
+      if _PROCESS["index"] == 0:
+        # The config of the outputs here: written once they are complete, so a run that
+        # failed or was refused leaves the previous run's config.gin beside its outputs.
+        from cai_jax.shards import write_atomic
+        write_atomic(os.path.join(bound, "config.gin"), config_text)
+        os.remove(marker)
+      return result
+    finally:
+      if lock is not None:
+        os.close(lock)
   return fn()
 
 

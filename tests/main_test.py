@@ -97,6 +97,29 @@ def test_a_model_path_flag_to_a_model_config_argument_is_refused_before_any_writ
   assert out.returncode == 2 and not (tmp_path / "run").exists()
 
 
+def test_a_second_command_into_a_busy_out_dir_is_refused_before_any_write(tmp_path):
+  """While another command holds out_dir's lock (here this test process, as `cai-jax sl`
+  would), a command into it stops with one line naming the holder and writes nothing; once
+  the lock is released the same command gets past it (to its own input error here)."""
+  from cai_jax.stages import pipeline
+  out = tmp_path / "run"
+  args = ("train_lm", "--gin_file=models/tiny.gin", "--gin.train_lm.dataset='unused.jsonl'",
+          f"--out_dir={out}")
+  fd = pipeline.lock_out_dir(str(out), "sl")
+  try:
+    busy = cli(*args)
+  finally:
+    os.close(fd)
+  _assert_one_line_error(busy, f"train_lm: {out} is being written by another command "
+                               f"(cai-jax sl, pid {os.getpid()}); wait for it to end")
+  assert busy.returncode == 2
+  assert sorted(p.name for p in out.iterdir()) == [pipeline.LOCK_FILE]
+  free = cli(*args)
+  assert free.returncode != 0 and "being written" not in free.stderr, free.stderr
+  assert (out / pipeline.UNFINISHED).is_file()   # it started (and failed on its dataset)
+  os.close(pipeline.lock_out_dir(str(out), "sl"))   # and released the lock when it ended
+
+
 def test_gin_errors_name_the_file_or_binding(tmp_path):
   """A gin file that does not parse is named with its line; an unclosed bracket (a Python
   tokenizer error gin lets through) is one line too; the quoting hint comes only with a

@@ -3,6 +3,7 @@ end to end from the CLI (CI runs this)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -352,3 +353,16 @@ def test_two_processes_run_the_whole_tiny_pipeline(tmp_path):
   run = tmp_path / "runs" / "tiny_cpu"
   assert "Elo" in (run / "eval" / "report.html").read_text()
   assert [x["stage"] for x in json.loads((run / "pipeline.json").read_text())["stages"]] == stages
+
+
+def test_lock_out_dir_is_exclusive_names_its_holder_and_ends_with_its_descriptor(tmp_path):
+  out = str(tmp_path / "run")
+  fd = pipeline.lock_out_dir(out, "feedback")   # creates the directory
+  with pytest.raises(RuntimeError, match=rf"^rl: {re.escape(out)} is being written by another "
+                                         rf"command \(cai-jax feedback, pid {os.getpid()}\)"):
+    pipeline.lock_out_dir(out, "rl")
+  os.close(fd)
+  fd = pipeline.lock_out_dir(out, "rl")
+  with open(os.path.join(out, pipeline.LOCK_FILE), encoding="utf-8") as f:
+    assert f.read() == f"cai-jax rl, pid {os.getpid()}\n"   # the holder's line, replaced
+  os.close(fd)

@@ -36,7 +36,9 @@ of an earlier run with another config, and config.gin always describes the outpu
 it. It also records the
 fingerprints of the models it reads (`inputs.json`, ``model_dir.input_fingerprints``); a
 stage whose input models changed since (an earlier stage trained further) is not skipped:
-it stops the pipeline with one line naming them, its outputs untouched.
+it stops the pipeline with one line naming them, its outputs untouched. While it runs, the
+command holds out_dir's lock (`lock_out_dir`): a second command into the same out_dir stops
+with one line naming the first and writes nothing.
 
 Output: one line per stage on stderr ("ran" / "skipped", seconds), `pipeline.json` in
 `out_dir` (when bound) with the same for this invocation (replacing an earlier one's), and
@@ -78,6 +80,37 @@ class StageFailed(RuntimeError):
 # of an earlier finished run there (summary.json, a complete manifest) are not taken for
 # this config's.
 UNFINISHED = "UNFINISHED"
+
+
+# Held (an exclusive flock) by the process writing a command's out_dir, for as long as the
+# command runs: a second command into the same out_dir is refused instead of writing the same
+# shards and checkpoints beside it. The kernel releases it when its holder exits or is killed.
+LOCK_FILE = ".cai_jax.lock"
+
+
+def lock_out_dir(out_dir: str, command: str) -> int:
+  """Takes the exclusive lock of out_dir (created if missing) for `command` and returns the
+  open file descriptor that holds it (``os.close`` releases it; so does the process's end).
+
+  Raises a one-line RuntimeError naming the directory and the holder ('cai-jax sl, pid
+  1234') when another process holds it."""
+  import fcntl
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "pid unknown"
+    os.close(fd)
+    raise RuntimeError(f"{command}: {out_dir} is being written by another command ({holder}); "
+                       "wait for it to end, or use another --out_dir") from None
+  except BaseException:
+    os.close(fd)
+    raise
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, f"cai-jax {command}, pid {os.getpid()}\n".encode(), 0)
+  return fd
 
 
 def is_complete(out_dir: str) -> bool:
