@@ -366,3 +366,22 @@ def test_lock_out_dir_is_exclusive_names_its_holder_and_ends_with_its_descriptor
   with open(os.path.join(out, pipeline.LOCK_FILE), encoding="utf-8") as f:
     assert f.read() == f"cai-jax rl, pid {os.getpid()}\n"   # the holder's line, replaced
   os.close(fd)
+
+
+def test_lock_out_dir_on_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch,
+                                                                       caplog):
+  import errno
+  import fcntl
+
+  def no_locks(fd, op):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  with caplog.at_level("WARNING"):
+    assert pipeline.lock_out_dir(str(tmp_path / "run"), "sl") is None
+  assert "does not support locks (No locks available)" in caplog.text
+
+  def broken(fd, op):
+    raise OSError(errno.EIO, "Input/output error")
+  monkeypatch.setattr(fcntl, "flock", broken)
+  with pytest.raises(OSError, match="Input/output error"):
+    pipeline.lock_out_dir(str(tmp_path / "run"), "sl")

@@ -88,12 +88,14 @@ UNFINISHED = "UNFINISHED"
 LOCK_FILE = ".cai_jax.lock"
 
 
-def lock_out_dir(out_dir: str, command: str) -> int:
+def lock_out_dir(out_dir: str, command: str) -> Optional[int]:
   """Takes the exclusive lock of out_dir (created if missing) for `command` and returns the
-  open file descriptor that holds it (``os.close`` releases it; so does the process's end).
+  open file descriptor that holds it (``os.close`` releases it; so does the process's end);
+  None, with a logged warning, on a filesystem without locks (some FUSE mounts).
 
   Raises a one-line RuntimeError naming the directory and the holder ('cai-jax sl, pid
   1234') when another process holds it."""
+  import errno
   import fcntl
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, LOCK_FILE)
@@ -105,6 +107,15 @@ def lock_out_dir(out_dir: str, command: str) -> int:
     os.close(fd)
     raise RuntimeError(f"{command}: {out_dir} is being written by another command ({holder}); "
                        "wait for it to end, or use another --out_dir") from None
+  except OSError as e:
+    os.close(fd)
+    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+      raise
+    import logging
+    logging.getLogger(__name__).warning(
+        "%s: the filesystem of %s does not support locks (%s); a second command into it "
+        "would not be noticed", command, out_dir, e.strerror)
+    return None
   except BaseException:
     os.close(fd)
     raise
