@@ -609,12 +609,14 @@ def _job(model_config: ModelConfig, mesh: MeshConfig, train_config: TrainConfig,
 def gpu_model_config(model: ModelConfig, gpu: str) -> ModelConfig:
   """`model` as a run on GPU kind `gpu` resolves it: attention_impl None becomes 'cudnn'
   where ``layers.fused_causal_impl`` takes cuDNN's fused kernel on that GPU (compute
-  capability 8.0 or later, 16-bit, a head width it takes). A deviceless compile needs this:
-  its process's backend is the CPU, which would keep XLA's attention."""
+  capability 8.0 or later, 16-bit, a head width it takes), else 'xla' (the dense masked
+  attention a GPU runs). A deviceless compile needs this: its process's backend is the CPU,
+  where None would compile the CPU's query-chunked attention into the GPU program."""
   from cai_jax import deviceless, layers
   capable = layers.cudnn_compute_capability(deviceless.GPU_TARGETS[gpu]["cc_major"])
-  if model.attention_impl is None and layers.fused_causal_impl(model, capable) == "cudnn":
-    return dataclasses.replace(model, attention_impl="cudnn")
+  if model.attention_impl is None:
+    fused = layers.fused_causal_impl(model, capable) == "cudnn"
+    return dataclasses.replace(model, attention_impl="cudnn" if fused else "xla")
   return model
 
 

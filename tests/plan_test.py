@@ -139,7 +139,9 @@ def test_gpu_compiler_checks_and_child_environment():
 def test_gpu_model_config_takes_the_fused_kernel_a_gpu_would():
   bf16 = ModelConfig(dtype="bfloat16")
   assert plan.gpu_model_config(bf16, "h100").attention_impl == "cudnn"
-  assert plan.gpu_model_config(ModelConfig(), "h100").attention_impl is None      # float32
+  # float32 (cuDNN's kernel takes 16-bit only): XLA's dense attention, as on the GPU, not the
+  # CPU's query-chunked one this (CPU-backend) process would otherwise compile.
+  assert plan.gpu_model_config(ModelConfig(), "h100").attention_impl == "xla"
   xla = ModelConfig(dtype="bfloat16", attention_impl="xla")
   assert plan.gpu_model_config(xla, "a100") is xla
 
