@@ -96,7 +96,8 @@ def test_beta_out_of_range_is_refused(tmp_path, beta):
 def test_max_skip_fraction_out_of_range_is_refused(tmp_path, value):
   path = tmp_path / "comps.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in _comparisons(4)))
-  with pytest.raises(ValueError, match=r"^dpo.max_skip_fraction must be in \[0, 1\], got"):
+  with pytest.raises(ValueError,
+                     match=r"^dpo.max_skip_fraction must be a finite number in \[0, 1\], got"):
     dpo.run(str(tmp_path / "out"), comparisons=str(path), policy="unused", max_skip_fraction=value)
   assert not (tmp_path / "out").exists()
 

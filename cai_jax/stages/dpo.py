@@ -31,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import numbers
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,7 +40,8 @@ import numpy as np
 
 from cai_jax import data, distributed, losses, model_dir, models, sampler, sharding, shards, train
 from cai_jax.comparisons import check_skips, load_comparisons
-from cai_jax.configs import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
+from cai_jax.configs import (MeshConfig, ModelConfig, OptimizerConfig, TrainConfig,
+                             check_number)
 from cai_jax.stages.train_lm import check_rerun, load_initial, model_config_key, train_config_key
 from cai_jax.tokenizer import check_chat_format
 
@@ -178,12 +177,8 @@ def run(out_dir: str, comparisons: str = "", policy: str = "", reference: str = 
     raise ValueError("dpo.comparisons is not set (a feedback output directory or .jsonl)")
   if not policy:
     raise ValueError("dpo.policy is not set (the SL-CAI model)")
-  if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (
-      math.isfinite(beta) and beta > 0):
-    raise ValueError(f"dpo.beta must be a finite number > 0, got {beta!r}")
-  if (isinstance(max_skip_fraction, bool) or not isinstance(max_skip_fraction, numbers.Real)
-      or not 0.0 <= max_skip_fraction <= 1.0):
-    raise ValueError(f"dpo.max_skip_fraction must be in [0, 1], got {max_skip_fraction!r}")
+  check_number("dpo.beta", beta, 0.0, strict=True)
+  check_number("dpo.max_skip_fraction", max_skip_fraction, 0.0, high=1.0)
   check_chat_format(chat_format, "dpo.chat_format")
   comps, counts = load_comparisons(comparisons, "ai")
   check_skips(counts, f"comparisons {comparisons}", max_skip_fraction, who="dpo")
