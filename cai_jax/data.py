@@ -1,12 +1,14 @@
 """Training data: JSONL / TFDS readers and grain pipelines of fixed-shape batches.
 
-An *example* is a dict in one of four forms:
+An *example* is a dict in one of five forms:
   {"text": str}                                   loss on every token (and EOS; a BOS
                                                   the tokenizer wants goes first)
   {"prompt": str, "completion": str}              a user turn and an assistant turn
   {"prompt": [messages], "completion": str}       a conversation as context, then an
                                                   assistant turn: loss on that turn only
   {"messages": [{"role": ..., "content": ...}]}   a conversation; loss on assistant turns
+  {"conversations": [{"from": ..., "value": ...}]}  ShareGPT: the same as "messages", each
+                                                  'from' mapped to a role (SHAREGPT_ROLES)
 (the third is TRL's conversational prompt-completion form; its completion may also be a
 list of assistant messages).
 Tokenized, each becomes ``{"tokens", "mask", "loss_mask"}``, each [seq_len]
@@ -43,21 +45,26 @@ def iter_jsonl(path: str) -> Iterator[Tuple[int, Example]]:
   (a UTF-8 byte order mark at its start is skipped); errors name the file and line."""
   if not os.path.isfile(path):
     raise DataError(f"{path}: {'is a directory, not a file' if os.path.isdir(path) else 'no such file'}")
-  opener = (lambda: gzip.open(path, "rt", encoding="utf-8-sig")) if path.endswith(".gz") else (
-      lambda: open(path, encoding="utf-8-sig"))
+  # Bytes that are not UTF-8 decode to lone surrogates (surrogateescape), found line by
+  # line: the file is decoded in chunks, so a decoding error would name the wrong line.
+  kw = dict(encoding="utf-8-sig", errors="surrogateescape")
+  opener = (lambda: gzip.open(path, "rt", **kw)) if path.endswith(".gz") else (
+      lambda: open(path, **kw))
   with opener() as f:
     lineno = 0
     while True:
       try:
         line = f.readline()
-      except UnicodeDecodeError:
-        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text") from None
       except (OSError, EOFError, zlib.error) as e:   # a truncated or corrupt .gz file
         after = f" after line {lineno}" if lineno else ""
         raise DataError(f"{path}: cannot read{after} ({e})") from None
       if not line:
         break
       lineno += 1
+      try:
+        line.encode("utf-8")
+      except UnicodeEncodeError:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
       if not line.strip():
         continue
       try:
@@ -92,8 +99,9 @@ def read_jsonl(path: str) -> JsonlRows:
 def read_tfds(name: str, split: str, data_dir: Optional[str] = None) -> Sequence[Example]:
   """Random-access TFDS source (array_record, no TensorFlow); bytes fields decoded to str,
   and a message field stored as ``tfds.features.Sequence({"role", "content"})`` (which
-  TFDS gives back as a dict of lists) turned back into a list of message dicts. An
-  unknown dataset or split is a DataError naming both."""
+  TFDS gives back as a dict of lists) turned back into a list of message dicts, as is
+  ShareGPT ``conversations`` stored as ``Sequence({"from", "value"})``. An unknown
+  dataset or split is a DataError naming both."""
   import tensorflow_datasets as tfds  # deferred: heavy import
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir)
@@ -105,12 +113,14 @@ def read_tfds(name: str, split: str, data_dir: Optional[str] = None) -> Sequence
   return _DecodedSource(source)
 
 
-_MESSAGE_FIELDS = ("messages", "prompt", "completion")
+# field -> the keys of one turn, for message fields TFDS gives back as a dict of lists
+_MESSAGE_FIELDS = {"messages": ("role", "content"), "prompt": ("role", "content"),
+                   "completion": ("role", "content"), "conversations": ("from", "value")}
 
 
 class _DecodedSource:
   """Wraps a random-access source so bytes values come back as str and message lists as
-  lists of {role, content} dicts."""
+  lists of {role, content} (ShareGPT 'conversations': {from, value}) dicts."""
 
   def __init__(self, source):
     self._source = source
@@ -120,10 +130,10 @@ class _DecodedSource:
 
   def __getitem__(self, i):
     row = {k: _to_py(v) for k, v in self._source[i].items()}
-    for k in _MESSAGE_FIELDS:
+    for k, keys in _MESSAGE_FIELDS.items():
       v = row.get(k)
-      if (isinstance(v, dict) and set(v) >= {"role", "content"}
-          and all(isinstance(x, list) and len(x) == len(v["role"]) for x in v.values())):
+      if (isinstance(v, dict) and set(v) >= set(keys)
+          and all(isinstance(x, list) and len(x) == len(v[keys[0]]) for x in v.values())):
         row[k] = [dict(zip(v, turn)) for turn in zip(*v.values())]
     return row
 
@@ -181,8 +191,8 @@ def draw_evenly(pool_size: int, n: int, rng: np.random.Generator) -> np.ndarray:
   """n indices into a pool of pool_size items [n] int64, as evenly as possible: every
   index n // pool_size times, then n % pool_size distinct ones drawn from rng without
   replacement; so no item is left out while another repeats (drawing with replacement
-  would), and none is used twice when n <= pool_size (then it is ``rng.choice(pool_size,
-  n, replace=False)``)."""
+  would), and none is used twice when n <= pool_size (n < pool_size: it is
+  ``rng.choice(pool_size, n, replace=False)``; n == pool_size: every index once, in order)."""
   if n and not pool_size:
     raise ValueError(f"cannot draw {n} items from an empty pool")
   whole, rest = divmod(n, pool_size) if pool_size else (0, 0)
@@ -211,14 +221,44 @@ def _check_messages(msgs: Any, key: str, where: str) -> List[Dict[str, str]]:
   return msgs
 
 
+# ShareGPT 'from' -> role: the names axolotl, LLaMA-Factory and ShareGPT converters read
+# (human / gpt, and those of the original ShareGPT dump), matched exactly.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
+                  "bard": "assistant", "model": "assistant", "system": "system"}
+
+
+def sharegpt_messages(turns: Any, where: str,
+                      key: str = "conversations") -> List[Dict[str, str]]:
+  """[{role, content}] of ShareGPT turns [{"from": str, "value": str}], each 'from' mapped
+  by ``SHAREGPT_ROLES``; DataError naming `where`, the field `key` and the turn otherwise."""
+  if not isinstance(turns, list) or not turns:
+    raise DataError(f"{where}: '{key}' must be a non-empty list")
+  msgs = []
+  for j, t in enumerate(turns):
+    if not isinstance(t, dict) or "from" not in t or "value" not in t:
+      raise DataError(f"{where}: {key}[{j}] needs 'from' and 'value'")
+    if not isinstance(t["from"], str) or t["from"] not in SHAREGPT_ROLES:
+      raise DataError(f"{where}: {key}[{j}].from is {t['from']!r}; expected one of "
+                      f"{', '.join(SHAREGPT_ROLES)}")
+    if not isinstance(t["value"], str):
+      raise DataError(f"{where}: {key}[{j}].value must be a string, got "
+                      f"{type(t['value']).__name__}")
+    msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+  return msgs
+
+
 def example_conversation(example: Example, where: str = "example"
                          ) -> Optional[Tuple[List[Dict[str, str]], int]]:
   """(messages, trained_from) of a conversation example, None for plain text: the
-  assistant messages at index >= trained_from are the ones trained (0 for 'messages'
-  and a text prompt; the completion's index for a messages prompt, whose own assistant
-  turns are context). DataError naming `where` and the field when a field is malformed."""
+  assistant messages at index >= trained_from are the ones trained (0 for 'messages',
+  ShareGPT 'conversations' and a text prompt; the completion's index for a messages
+  prompt, whose own assistant turns are context). DataError naming `where` and the field
+  when a field is malformed."""
   if "messages" in example:
     return _check_messages(example["messages"], "messages", where), 0
+  if "conversations" in example:
+    return sharegpt_messages(example["conversations"], where), 0
   if "prompt" in example and "completion" in example:
     if isinstance(example["prompt"], list):
       context = _check_messages(example["prompt"], "prompt", where)
@@ -238,13 +278,13 @@ def example_conversation(example: Example, where: str = "example"
   if "text" in example:
     _check_str_field(example, "text", where)
     return None
-  raise DataError(f"{where}: expected a 'text', 'prompt'+'completion' or 'messages' field, "
-                  f"got keys {sorted(example)}")
+  raise DataError(f"{where}: expected a 'text', 'prompt'+'completion', 'messages' or ShareGPT "
+                  f"'conversations' field, got keys {sorted(example)}")
 
 
 def example_messages(example: Example, where: str = "example") -> Optional[List[Dict[str, str]]]:
-  """The conversation of a prompt/completion or messages example (None for plain text);
-  DataError naming `where` and the field when a field has the wrong type."""
+  """The conversation of a prompt/completion, messages or ShareGPT example (None for plain
+  text); DataError naming `where` and the field when a field has the wrong type."""
   conversation = example_conversation(example, where)
   return None if conversation is None else conversation[0]
 

@@ -107,9 +107,13 @@ def _check_messages(msgs: Any, where: str) -> List[Dict[str, str]]:
 
 
 def _record(row: Dict[str, Any], where: str, default_id: str) -> Record:
-  """One validated prompt record from a {"prompt"} or {"messages"} line."""
+  """One validated prompt record from a {"prompt"}, {"messages"} or ShareGPT
+  {"conversations": [{"from", "value"}]} line (``data.SHAREGPT_ROLES``)."""
   if "messages" in row:
     msgs = _check_messages(row["messages"], where)
+    prompt = msgs[-1]["content"]
+  elif "conversations" in row:
+    msgs = _check_messages(data.sharegpt_messages(row["conversations"], where), where)
     prompt = msgs[-1]["content"]
   elif "prompt" in row:
     prompt = row["prompt"]
@@ -117,7 +121,8 @@ def _record(row: Dict[str, Any], where: str, default_id: str) -> Record:
       raise DataError(f"{where}: 'prompt' must be a non-empty string")
     msgs = [{"role": "user", "content": prompt}]
   else:
-    raise DataError(f"{where}: expected a 'prompt' or 'messages' field, got keys {sorted(row)}")
+    raise DataError(f"{where}: expected a 'prompt' or 'messages' (or ShareGPT 'conversations') "
+                    f"field, got keys {sorted(row)}")
   rid = row.get("id", default_id)
   if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
     raise DataError(f"{where}: 'id' must be a non-empty string")
@@ -130,10 +135,10 @@ def _record(row: Dict[str, Any], where: str, default_id: str) -> Record:
 
 
 def read_prompt_file(path: str) -> List[Record]:
-  """All prompts of a JSONL file ({"prompt"} or {"messages"} per line; optional "id",
-  "category"; '.gz' allowed). A file of HH-RLHF lines ({"chosen", "rejected"}) is read
-  with ``import_hh_rlhf``, Anthropic's red-team attempts (a JSON array, or lines, of
-  {"transcript", ...}) with ``import_red_team_attempts``. Ids default to
+  """All prompts of a JSONL file ({"prompt"}, {"messages"} or ShareGPT {"conversations"}
+  per line; optional "id", "category"; '.gz' allowed). A file of HH-RLHF lines ({"chosen",
+  "rejected"}) is read with ``import_hh_rlhf``, Anthropic's red-team attempts (a JSON
+  array, or lines, of {"transcript", ...}) with ``import_red_team_attempts``. Ids default to
   '<file stem>-<line>' and must be unique. Errors name the file and line; a file
   without prompts is an error."""
   if _starts_with_array(path):
@@ -142,9 +147,10 @@ def read_prompt_file(path: str) -> List[Record]:
   if not rows:
     raise DataError(f"{path}: empty prompt set (no lines)")
   first = rows[0][1]
-  if "chosen" in first and "prompt" not in first and "messages" not in first:
+  prompted = any(k in first for k in ("prompt", "messages", "conversations"))
+  if "chosen" in first and not prompted:
     return import_hh_rlhf(path)
-  if "transcript" in first and "prompt" not in first and "messages" not in first:
+  if "transcript" in first and not prompted:
     return import_red_team_attempts(path)
   stem = _stem(path)
   out, seen = [], {}
@@ -276,7 +282,7 @@ def _starts_with_array(path: str) -> bool:
         stripped = chunk.lstrip()
         if stripped:
           return stripped[0] == "["
-  except (OSError, UnicodeDecodeError, EOFError):
+  except (OSError, UnicodeDecodeError, EOFError, zlib.error):
     return False   # iter_jsonl reports the problem with the file's name
 
 
@@ -444,9 +450,9 @@ def load_prompts(spec: str, split: Optional[str] = None,
 
   Args:
     spec: 'red_team' or 'helpful' (the shipped sets, read through TFDS and prepared
-      on demand), or a path to a JSONL file ({"prompt"} or {"messages"} per line, or
-      HH-RLHF {"chosen", "rejected"} lines; relative paths are also looked up in the
-      repository root).
+      on demand), or a path to a JSONL file ({"prompt"}, {"messages"} or ShareGPT
+      {"conversations"} per line, or HH-RLHF {"chosen", "rejected"} lines; relative
+      paths are also looked up in the repository root).
     split: None for every prompt; 'train' or 'test' for the id-hash split (which also
       applies to files: ids default to '<file stem>-<line>'). Builtin sets also take
       TFDS split strings such as 'train[:50]'.

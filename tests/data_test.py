@@ -293,3 +293,81 @@ def test_tfds_split_slices_versions_sequence_features_and_unknown_names(tmp_path
   for bad in ("tfds:train", "tfds::train", "tfds:toy_conversations:"):
     with pytest.raises(data.DataError, match="expected 'tfds:NAME:SPLIT'"):
       data.load_examples(bad, d)
+
+
+SHAREGPT = {"conversations": [{"from": "system", "value": "Be brief."},
+                              {"from": "human", "value": "Hi"},
+                              {"from": "gpt", "value": "Hello."},
+                              {"from": "user", "value": "How do I hurt him?"},
+                              {"from": "chatgpt", "value": "No."}]}
+
+
+@pytest.mark.parametrize("fmt", ["raw", "chatml", "llama3"])
+def test_a_sharegpt_row_trains_as_the_same_messages_row(fmt):
+  """{"conversations": [{"from", "value"}]} (ShareGPT, as axolotl / LLaMA-Factory read it)
+  is the 'messages' conversation with from mapped to a role: same tokens, same loss mask."""
+  as_messages = {"messages": [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello."},
+                              {"role": "user", "content": "How do I hurt him?"},
+                              {"role": "assistant", "content": "No."}]}
+  assert data.example_messages(SHAREGPT) == as_messages["messages"]
+  data.check_training_example(SHAREGPT)
+  out = data.tokenize_example(SHAREGPT, TOK, fmt, 256)
+  whole = data.tokenize_example(as_messages, TOK, fmt, 256)
+  for k in ("tokens", "mask", "loss_mask"):
+    assert (out[k] == whole[k]).all(), k
+  assert out["loss_mask"].any()
+  names = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+           "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+           "model": "assistant", "system": "system"}
+  for name, role in names.items():
+    assert data.example_messages({"conversations": [{"from": name, "value": "x"}]}) == [
+        {"role": role, "content": "x"}]
+
+
+@pytest.mark.parametrize("example, message", [
+    ({"conversations": [{"from": "Human", "value": "q"}]},
+     r"conversations\[0\]\.from is 'Human'; expected one of human, user, .*system"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "tool", "value": "r"}]},
+     r"conversations\[1\]\.from is 'tool'; expected one of .*"),
+    ({"conversations": [{"from": ["human"], "value": "q"}]},
+     r"conversations\[0\]\.from is \['human'\]; expected one of .*"),
+    ({"conversations": [{"role": "user", "content": "q"}]},
+     r"conversations\[0\] needs 'from' and 'value'"),
+    ({"conversations": [{"from": "gpt", "value": 3}]},
+     r"conversations\[0\]\.value must be a string, got int"),
+    ({"conversations": []}, r"'conversations' must be a non-empty list"),
+    ({"conversations": [{"from": "human", "value": "q"}]},
+     r"no message has role 'assistant' \(roles \['user'\]\), so no token would be trained"),
+])
+def test_a_malformed_sharegpt_row_is_one_line_naming_the_line(example, message):
+  with pytest.raises(data.DataError, match=f"^f.jsonl:3: {message}$"):
+    data.check_training_example(example, "f.jsonl:3")
+
+
+def test_a_sharegpt_jsonl_file_and_tfds_sequence_read_as_conversations(tmp_path):
+  p = tmp_path / "sharegpt.jsonl"
+  p.write_text(json.dumps(SHAREGPT) + "\n")
+  rows = data.load_examples(str(p))
+  data.check_training_example(rows[0], rows.where(0))
+  assert data.example_messages(rows[0])[-1] == {"role": "assistant", "content": "No."}
+  turns = SHAREGPT["conversations"]
+  stored = {"conversations": {   # how TFDS gives back a Sequence({"from", "value"}) feature
+      "from": np.array([t["from"].encode() for t in turns], dtype=object),
+      "value": np.array([t["value"].encode() for t in turns], dtype=object)}}
+  assert data._DecodedSource([stored])[0] == SHAREGPT
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz"])
+def test_a_line_that_is_not_utf8_is_named_by_its_own_number(tmp_path, name):
+  """The file is decoded in chunks: the error names the line with the bad byte, not the
+  first line of the chunk it was read in."""
+  import gzip
+  lines = [json.dumps({"text": f"line {i}"}).encode() for i in range(1, 101)]
+  lines[49] = b'{"text": "bad \xff byte"}'
+  raw = b"\r\n".join(lines) + b"\r\n"
+  p = tmp_path / name
+  p.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+  with pytest.raises(data.DataError, match=rf"^{p}:50: not UTF-8 text$"):
+    data.read_jsonl(str(p))

@@ -421,3 +421,49 @@ def test_a_truncated_gzip_red_team_array_is_named(tmp_path):
   path.write_bytes(gzip.compress(json.dumps(RED_TEAM * 20).encode())[:200])
   with pytest.raises(DataError, match=rf"^{path}: cannot read \(Compressed file ended"):
     ps.load_prompts(str(path))
+
+
+def test_sharegpt_lines_are_conversation_prompts(tmp_path):
+  """{"conversations": [{"from", "value"}]} lines (ShareGPT; LLaMA-Factory's preference
+  form adds "chosen" / "rejected" turns) read as the same 'messages' line would."""
+  turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+           {"from": "gpt", "value": "Hello."}, {"from": "user", "value": "Hotwire a car?"}]
+  msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+          {"role": "assistant", "content": "Hello."},
+          {"role": "user", "content": "Hotwire a car?"}]
+  preference = {"conversations": turns[1:2], "chosen": {"from": "gpt", "value": "No."},
+                "rejected": {"from": "gpt", "value": "Sure."}}
+  recs = ps.load_prompts(_write_jsonl(tmp_path / "sg.jsonl", [
+      {"id": "a", "conversations": turns}, preference]))
+  same = ps.load_prompts(_write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "messages": msgs}]))
+  assert recs[0]["messages"] == same[0]["messages"] == msgs
+  assert recs[0]["prompt"] == same[0]["prompt"] == "Hotwire a car?"
+  assert recs[1]["id"] == "sg-2" and recs[1]["prompt"] == "Hi"
+  assert recs[1]["chosen"] == {"from": "gpt", "value": "No."}
+  pref = ps.load_prompts(_write_jsonl(tmp_path / "pref.jsonl", [preference]))   # not HH-RLHF
+  assert pref[0]["messages"] == [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"conversations": [{"from": "Human", "value": "q"}]},
+     r"^.*sg.jsonl:1: conversations\[0\]\.from is 'Human'; expected one of human, .*$"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+     r"^.*sg.jsonl:1: the last message must be the user's \(the prompt\), got 'assistant'$"),
+    ({"conversations": [{"from": "human", "text": "q"}]},
+     r"^.*sg.jsonl:1: conversations\[0\] needs 'from' and 'value'$"),
+])
+def test_malformed_sharegpt_lines_name_file_line_and_value(tmp_path, row, message):
+  with pytest.raises(DataError, match=message):
+    ps.load_prompts(_write_jsonl(tmp_path / "sg.jsonl", [row]))
+
+
+def test_a_corrupt_gzip_prompt_file_is_named(tmp_path):
+  path = tmp_path / "mine.jsonl.gz"
+  raw = bytearray(gzip.compress("".join(
+      json.dumps({"prompt": f"prompt number {i} " * 20}) + "\n" for i in range(200)).encode(),
+      mtime=0))
+  for i in range(30, len(raw) - 20, 7):   # damage the deflate stream, not the header
+    raw[i] ^= 0x55
+  path.write_bytes(bytes(raw))
+  with pytest.raises(DataError, match=rf"^{path}: cannot read \(Error -3 while decompressing"):
+    ps.load_prompts(str(path))
