@@ -5,7 +5,9 @@ Files under a run's ``out_dir``:
                     a resumed run continues the same file)
   tb/               TensorBoard event files (tensorboardX, no TensorFlow needed); a
                     resumed run's file starts with TensorBoard's purge marker, so the
-                    steps it redoes are shown once
+                    steps it redoes are shown once; the held-out eval row
+                    (``replace_eval_row``) is alone in a file named *.eval, which a
+                    rerun replaces
 Only process 0 writes, so multi-host runs log once.
 """
 
@@ -15,6 +17,8 @@ import itertools
 import json
 import math
 import os
+import socket
+import struct
 import time
 from typing import Any, Dict, Mapping, Optional
 
@@ -29,6 +33,41 @@ def _scalar(v: Any) -> float:
 
 
 _TB_FILES = itertools.count()
+
+
+def _scalars_event(step: int, values: Mapping[str, float]):
+  """One TensorBoard Event holding `values` (name -> float) at `step`."""
+  from tensorboardX.proto.event_pb2 import Event
+  from tensorboardX.proto.summary_pb2 import Summary
+  from tensorboardX.summary import scalar
+  tags = [v for k, x in values.items() for v in scalar(k, x).value]
+  return Event(wall_time=time.time(), step=step, summary=Summary(value=tags))
+
+
+def _write_eval_events(tb_dir: str, step: int, values: Mapping[str, float]) -> None:
+  """Writes `values` at `step` to a new event file of its own in tb_dir, named like the
+  training runs' files (so TensorBoard reads it after the events logged before it, and a
+  later purge marker hides it as truncate_after drops its row) with an '.eval' suffix, and
+  then deletes the eval files of earlier calls. The file is written to a temporary name
+  without 'tfevents' (which TensorBoard skips) and renamed (``write_atomic``)."""
+  from tensorboardX.proto.event_pb2 import Event
+  from tensorboardX.record_writer import masked_crc32c
+
+  def record(event) -> bytes:   # a TFRecord: length, its CRC, data, its CRC
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    return (header + struct.pack("<I", masked_crc32c(header)) + data
+            + struct.pack("<I", masked_crc32c(data)))
+
+  os.makedirs(tb_dir, exist_ok=True)
+  name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+          f".{next(_TB_FILES):06d}.eval")
+  version = Event(wall_time=time.time(), file_version="brain.Event:2")
+  write_atomic(os.path.join(tb_dir, name), record(version) + record(_scalars_event(step, values)),
+               tmp=os.path.join(tb_dir, ".eval-events.tmp"))
+  for other in os.listdir(tb_dir):
+    if other != name and other.startswith("events.out.tfevents.") and other.endswith(".eval"):
+      os.remove(os.path.join(tb_dir, other))
 
 
 class _EventFile:
@@ -57,11 +96,7 @@ class _EventFile:
 
   def add(self, step: int, values: Mapping[str, float]) -> None:
     """Writes `values` (name -> float) at `step`, one event, and flushes it."""
-    from tensorboardX.proto.event_pb2 import Event
-    from tensorboardX.proto.summary_pb2 import Summary
-    from tensorboardX.summary import scalar
-    tags = [v for k, x in values.items() for v in scalar(k, x).value]
-    self._writer.write_event(Event(wall_time=time.time(), step=step, summary=Summary(value=tags)))
+    self._writer.write_event(_scalars_event(step, values))
     self._writer.flush()
 
   def close(self) -> None:
@@ -82,20 +117,16 @@ class MetricsWriter:
     self._tb_dir = os.path.join(out_dir, "tb") if tensorboard else None
 
   def truncate_after(self, step: int):
-    """Drops rows with step > `step` (a resumed run re-does those steps) from metrics.jsonl,
-    and from what TensorBoard shows: later events go to a new event file that starts with
-    a purge marker at step + 1."""
+    """Drops rows with step > `step` (a resumed run re-does those steps) from metrics.jsonl
+    (rewritten with ``write_atomic``), and from what TensorBoard shows: later events go to a
+    new event file that starts with a purge marker at step + 1."""
     if not self.active:
       return
     if os.path.exists(self.path):
       self._file.close()
       rows = read_jsonl_metrics(self.path, drop_torn_last=True)
-      tmp = self.path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-          if row.get("step", 0) <= step:
-            f.write(json.dumps(row) + "\n")
-      os.replace(tmp, self.path)
+      kept = [row for row in rows if row.get("step", 0) <= step]
+      write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
       self._file = open(self.path, "a", encoding="utf-8")
     if self._tb_dir is not None:
       if self._tb is not None:
@@ -107,9 +138,7 @@ class MetricsWriter:
     values = {k: _scalar(v) for k, v in scalars.items()}
     if not self.active:
       return values
-    row = {"step": int(step)}
-    row.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
-    self._file.write(json.dumps(row) + "\n")
+    self._file.write(json.dumps(_row(step, values)) + "\n")
     self._file.flush()
     if self._tb is None and self._tb_dir is not None:
       self._tb = _EventFile(self._tb_dir)
@@ -125,21 +154,30 @@ class MetricsWriter:
       self._tb.close()
 
 
+def _row(step: int, values: Mapping[str, float]) -> dict:
+  """The metrics.jsonl row of `values` at `step` (non-finite values as strings)."""
+  row = {"step": int(step)}
+  row.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+  return row
+
+
 def replace_eval_row(out_dir: str, step: int, scalars: Mapping[str, Any]) -> None:
-  """Appends one row of held-out metrics (every key starting with 'eval/') at `step` to
-  out_dir/metrics.jsonl and TensorBoard, first dropping the eval rows of an earlier run of
-  the same out_dir (metrics.jsonl is rewritten atomically). Call it on process 0."""
+  """Writes one row of held-out metrics (every key starting with 'eval/') at `step`,
+  replacing the eval rows of an earlier run of the same out_dir: metrics.jsonl is rewritten
+  atomically without them and with the new row last, and TensorBoard's eval event file
+  is replaced by one holding this row alone (``_write_eval_events``). A no-op on processes
+  other than 0."""
   if any(not k.startswith("eval/") for k in scalars):
     raise ValueError(f"eval metric names must start with 'eval/': {sorted(scalars)}")
+  values = {k: _scalar(v) for k, v in scalars.items()}
+  if jax.process_index() != 0:
+    return
+  os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "metrics.jsonl")
-  if os.path.exists(path):
-    rows = [r for r in read_jsonl_metrics(path) if not any(k.startswith("eval/") for k in r)]
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-  writer = MetricsWriter(out_dir)
-  try:
-    writer.write(step, scalars)
-  finally:
-    writer.close()
+  rows = read_jsonl_metrics(path) if os.path.exists(path) else []
+  rows = [r for r in rows if not any(k.startswith("eval/") for k in r)] + [_row(step, values)]
+  write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+  _write_eval_events(os.path.join(out_dir, "tb"), int(step), values)
 
 
 def read_jsonl_metrics(path: str, drop_torn_last: bool = False) -> list:

@@ -10,9 +10,10 @@ directory; later stages read the finished directory with ``read_run``:
                              "num_prompts">, "shard_files", "shards_done", "shard_sums",
                              "complete", "stats"}
 
-Every file is written to a ``.tmp`` name, fsynced and renamed (``write_atomic``), so a
-file that exists is complete and a kill -9 loses at most the shard in flight; ``.tmp``
-leftovers are removed when the directory is opened again.
+Every file is written to a ``.tmp`` name, fsynced, renamed and its directory fsynced
+(``write_atomic``), so a file that exists is complete and a kill -9 (or a power loss) loses
+at most the shard in flight; ``.tmp`` leftovers are removed when the directory is opened
+again.
 
 Multi-process runs (``cai_jax.distributed``): every process opens the run and computes
 the same rows; process 0 alone writes files, and each write ends in a barrier, so all
@@ -28,10 +29,12 @@ manifest.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from cai_jax import data, distributed
 
@@ -67,14 +70,39 @@ def config_diff(new: Dict[str, Any], old: Dict[str, Any]) -> List[str]:
   return out
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes text to path + '.tmp', fsyncs it and renames it over path."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+def _fsync_dir(directory: str) -> None:
+  """fsyncs a directory, so that a rename in it survives a power loss; a no-op where the OS
+  or file system refuses to open or fsync a directory (Windows, some network mounts)."""
+  try:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError as e:
+    if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF,
+                       errno.EACCES, errno.EPERM):
+      raise
+  finally:
+    os.close(fd)
+
+
+def write_atomic(path: str, text: Union[str, bytes], tmp: Optional[str] = None) -> None:
+  """Writes text (str: as UTF-8; or bytes) to `tmp` (default path + '.tmp', a name in
+  path's directory), fsyncs it, renames it over path and fsyncs path's directory. When the
+  write or rename raises, the temporary file is removed and path is left as it was."""
+  tmp = tmp or path + ".tmp"
+  try:
+    with (open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding="utf-8")) as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+  _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def shard_name(prefix: str, k: int) -> str:

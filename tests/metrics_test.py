@@ -123,3 +123,56 @@ def test_rows_written_before_a_kill_reach_tensorboard(tmp_path):
   assert [r["step"] for r in read_jsonl_metrics(os.path.join(tmp_path, "metrics.jsonl"))] == [1, 2, 3]
   assert _tensorboard_scalars(os.path.join(tmp_path, "tb")) == {
       "loss": [(1, 1.0), (2, 2.0), (3, 3.0)]}
+
+
+def test_a_rerun_replaces_the_eval_point_in_tensorboard(tmp_path):
+  """replace_eval_row on a rerun of the same out_dir: TensorBoard shows the new eval point
+  only, as metrics.jsonl holds the new eval row only; the training run's points stay."""
+  w = MetricsWriter(str(tmp_path))
+  w.truncate_after(0)
+  w.write(1, {"loss": 2.0})
+  w.write(2, {"loss": 1.0})
+  w.close()
+  replace_eval_row(str(tmp_path), 2, {"eval/accuracy": 0.5})
+  w = MetricsWriter(str(tmp_path))     # the rerun resumes at its last step
+  w.truncate_after(2)
+  w.close()
+  replace_eval_row(str(tmp_path), 2, {"eval/accuracy": 0.75, "eval/loss": float("inf")})
+  tb = os.path.join(tmp_path, "tb")
+  assert _tensorboard_scalars(tb) == {"loss": [(1, 2.0), (2, 1.0)],
+                                      "eval/accuracy": [(2, 0.75)],
+                                      "eval/loss": [(2, float("inf"))]}
+  assert not [n for n in os.listdir(tb) if "tfevents" not in n]     # no temporary left
+  rows = read_jsonl_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+  assert rows == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0},
+                  {"step": 2, "eval/accuracy": 0.75, "eval/loss": "inf"}]
+
+
+def test_truncate_after_fsyncs_metrics_and_hides_a_dropped_eval_point(tmp_path, monkeypatch):
+  """truncate_after rewrites metrics.jsonl through a fsynced file; when it drops an eval
+  row, TensorBoard hides its point too (until replace_eval_row writes the new one)."""
+  w = MetricsWriter(str(tmp_path))
+  w.write(1, {"loss": 2.0})
+  w.write(2, {"loss": 1.0})
+  w.close()
+  replace_eval_row(str(tmp_path), 2, {"eval/accuracy": 0.5})
+  w = MetricsWriter(str(tmp_path))
+  w.truncate_after(2)                  # keeps the eval row of step 2
+  w.close()
+  tb = os.path.join(tmp_path, "tb")
+  assert _tensorboard_scalars(tb)["eval/accuracy"] == [(2, 0.5)]
+  synced = []
+  real_fsync = os.fsync
+
+  def fsync(fd):
+    synced.append(os.fstat(fd).st_size)
+    real_fsync(fd)
+
+  w = MetricsWriter(str(tmp_path))     # restarted from the checkpoint of step 1
+  monkeypatch.setattr(os, "fsync", fsync)
+  w.truncate_after(1)
+  monkeypatch.undo()
+  w.close()
+  assert {k: v for k, v in _tensorboard_scalars(tb).items() if v} == {"loss": [(1, 2.0)]}
+  assert read_jsonl_metrics(os.path.join(tmp_path, "metrics.jsonl")) == [{"step": 1, "loss": 2.0}]
+  assert len('{"step": 1, "loss": 2.0}\n') in synced

@@ -35,6 +35,53 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ["out.txt"]
 
 
+def test_a_failed_write_leaves_no_tmp_file(tmp_path, monkeypatch):
+  path = str(tmp_path / "out.txt")
+  shards.write_atomic(path, "first\n")
+  with pytest.raises(UnicodeEncodeError):
+    shards.write_atomic(path, "unencodable \udc80\n")   # a lone surrogate
+  assert sorted(os.listdir(tmp_path)) == ["out.txt"] and open(path).read() == "first\n"
+
+  def fail(fd):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(os, "fsync", fail)
+  with pytest.raises(OSError, match="disk full"):
+    shards.write_atomic(path, "second\n")
+  assert sorted(os.listdir(tmp_path)) == ["out.txt"] and open(path).read() == "first\n"
+
+
+def test_write_atomic_fsyncs_the_directory_after_the_rename(tmp_path, monkeypatch):
+  import stat
+  path = str(tmp_path / "out.txt")
+  synced = []
+  real_fsync, real_replace = os.fsync, os.replace
+
+  def fsync(fd):
+    st = os.fstat(fd)
+    synced.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+    real_fsync(fd)
+
+  def replace(src, dst):
+    synced.append(("replace", None))
+    real_replace(src, dst)
+
+  monkeypatch.setattr(os, "fsync", fsync)
+  monkeypatch.setattr(os, "replace", replace)
+  shards.write_atomic(path, "x\n")
+  assert [k for k, _ in synced] == ["file", "replace", "dir"]
+  assert synced[-1][1] == os.stat(tmp_path).st_ino
+
+  def refuse(fd):   # an OS or file system that cannot fsync a directory
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+      raise OSError(22, "Invalid argument")
+    real_fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", refuse)
+  shards.write_atomic(path, "y\n")
+  assert open(path).read() == "y\n"
+
+
 def test_partition_and_names():
   assert shards.partition("abcde", 2) == [[(0, "a"), (1, "b")], [(2, "c"), (3, "d")], [(4, "e")]]
   assert shards.partition([], 3) == []
