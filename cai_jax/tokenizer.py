@@ -91,6 +91,15 @@ def _as_int_list(ids: Iterable[int]) -> list[int]:
   return [int(i) for i in ids]
 
 
+def _nonnegative_ids(ids: Iterable[int]) -> list[int]:
+  """Returns ``_as_int_list(ids)``; ValueError naming the first negative id."""
+  ids = _as_int_list(ids)
+  for i in ids:
+    if i < 0:
+      raise ValueError(f"token id {i} is negative")
+  return ids
+
+
 def _special_pattern(tokens: Iterable[str]) -> Optional[re.Pattern]:
   """Returns a regex matching any of ``tokens`` (longest first), or None."""
   tokens = sorted({t for t in tokens if t}, key=len, reverse=True)
@@ -332,8 +341,10 @@ class HFTokenizer:
     return list(enc.ids), [tuple(o) for o in enc.offsets]
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-    """Returns the text of ``ids``; special tokens render as their text unless skipped."""
-    return self._tok.decode(_as_int_list(ids), skip_special_tokens=skip_special_tokens)
+    """Returns the text of ``ids``; special tokens render as their text unless skipped.
+    Ids past the vocabulary are dropped (as ``tokenizers`` / transformers drop them); a
+    negative id is a ValueError."""
+    return self._tok.decode(_nonnegative_ids(ids), skip_special_tokens=skip_special_tokens)
 
   def token_to_id(self, token: str) -> Optional[int]:
     """Returns the id of vocabulary entry ``token`` (added tokens included), or None."""
@@ -528,11 +539,10 @@ class SentencePieceTokenizer:
                                    self._encode_piece_offsets)
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-    """Returns the text of ``ids``; control pieces render as their text unless skipped."""
-    ids = _as_int_list(ids)
-    for i in ids:
-      if not 0 <= i < self.vocab_size:
-        raise ValueError(f"token id {i} out of range (vocab_size {self.vocab_size})")
+    """Returns the text of ``ids``; control pieces render as their text unless skipped.
+    Ids >= ``vocab_size`` are dropped, as transformers' tokenizer of a SentencePiece model
+    (and ``HFTokenizer``) drop them; a negative id is a ValueError."""
+    ids = [i for i in _nonnegative_ids(ids) if i < self.vocab_size]
     if skip_special_tokens:
       return self._sp.decode([i for i in ids if i not in self._special_ids])
     out, run = [], []
@@ -600,10 +610,43 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's TEKKEN and GPT4O splits: an upper-case letter is a letter other than a-z and a
+# lower-case one a letter other than A-Z (its rewrite of the tokenizer.json regexes, whose
+# \p{Lu}/\p{Ll} classes it cannot express).
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
+                 r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CONTRACTION = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+" + _CONTRACTION
+                + r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*" + _CONTRACTION
+                + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DEEPSEEK_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_DEEPSEEK_LLM_LETTERS = (  # escapes: characters that NFC normalization would change
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚ"
+    "Ḁ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝ\u1f5f-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌ\u1fd0-\u1fd3\u1fd6-\u1fdbῠ-Ῥῲ-ῴῶ-ῼ"
+    "ℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚ"
+    "ａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+")
+
+# Pre-tokenizer family -> the regexes llama.cpp splits with, in order (src/llama-vocab.cpp);
+# each splits every piece the ones before it made, text between matches staying a piece.
+_SPLITS = {
+    "llama3": (_LLAMA3_SPLIT,),
+    "qwen2": (_QWEN2_SPLIT,),
+    "tekken": (_TEKKEN_SPLIT,),
+    "gpt4o": (_GPT4O_SPLIT,),
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    "deepseek-llm": (r"[\r\n]", _DEEPSEEK_LLM_LETTERS, "\\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$",
+                     _DEEPSEEK_CJK, r"\p{N}+"),
+    "deepseek-coder": (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_CJK, r"\p{N}"),
+    "deepseek-v3": (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+                    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+"
+                    r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+"
+                    r"|\s+(?!\S)|\s+"),
+}
 
 # tokenizer.ggml.pre -> pre-tokenizer family (the splits llama.cpp applies).
 _GGUF_PRE = {
-    "default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
+    "default": "default", "gpt-2": "gpt2", "gpt2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
     "jais": "gpt2", "phi-2": "gpt2", "gigachat": "gpt2", "a.x-4.0": "gpt2", "mellum": "gpt2",
     "exaone4": "gpt2", "trillion": "gpt2", "granite-docling": "gpt2",
     # A digit is always its own piece, then the GPT-2 split.
@@ -614,14 +657,17 @@ _GGUF_PRE = {
     "dbrx": "llama3", "smaug-bpe": "llama3", "chatglm-bpe": "llama3", "glm4": "llama3",
     "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "megrez": "qwen2", "kormo": "qwen2",
     "stablelm2": "qwen2", "hunyuan": "qwen2", "grok-2": "qwen2",
+    "tekken": "tekken", "gpt-4o": "gpt4o", "llama4": "gpt4o",
+    "deepseek-llm": "deepseek-llm", "deepseek-coder": "deepseek-coder",
+    "deepseek-v3": "deepseek-v3",
 }
 
 
-# llama.cpp's LLAMA3 group of pre-tokenizer names: it tokenizes them with ignore_merges (a
-# pre-token that is a vocabulary entry is one token) and adds BOS when the file has no
-# tokenizer.ggml.add_bos_token. (dbrx and smaug-bpe share the split but neither.)
+# llama.cpp's LLAMA3 group of pre-tokenizer names, and tekken: it tokenizes them with
+# ignore_merges (a pre-token that is a vocabulary entry is one token) and adds BOS when the
+# file has no tokenizer.ggml.add_bos_token. (dbrx and smaug-bpe share the split but neither.)
 _GGUF_LLAMA3_GROUP = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1",
-                               "pixtral", "midm-2.0", "lfm2"})
+                               "pixtral", "midm-2.0", "lfm2", "tekken"})
 
 
 def read_gguf_tokenizer_metadata(path: str) -> dict:
@@ -646,8 +692,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _byte_level_pre_tokenizer(pre: Optional[str]):
-  """Returns the ``tokenizers`` pre-tokenizer for llama.cpp pre-tokenizer name ``pre``."""
+  """Returns (``tokenizers`` pre-tokenizer, ignore_merges) for llama.cpp pre-tokenizer name
+  ``pre``; a missing name is llama.cpp's 'default' split."""
   from tokenizers import Regex, pre_tokenizers
+  if pre is None:
+    logging.warning("tokenizer: GGUF file has no tokenizer.ggml.pre; using llama.cpp's "
+                    "'default' split (llama.cpp warns that generation quality will degrade)")
   family = _GGUF_PRE.get(pre or "default")
   if family is None:
     logging.warning("tokenizer: GGUF pre-tokenizer %r is not known here; using the GPT-2 split", pre)
@@ -657,9 +707,8 @@ def _byte_level_pre_tokenizer(pre: Optional[str]):
     return byte_level, False
   if family == "digits":
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]), False
-  split = {"llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}[family]
-  return pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+  splits = [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in _SPLITS[family]]
+  return pre_tokenizers.Sequence(splits + [
       pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
   ]), pre in _GGUF_LLAMA3_GROUP
 
@@ -684,6 +733,16 @@ def _merge_pairs(merges: Sequence[str]) -> list[tuple[str, str]]:
   return pairs
 
 
+def _bpe_model(bpe, **kwargs):
+  """Returns ``bpe(**kwargs)`` (``tokenizers.models.BPE``); ValueError naming
+  tokenizer.ggml.merges when a merge is of, or into, a piece that is not a token."""
+  try:
+    return bpe(**kwargs)
+  except Exception as e:  # tokenizers raises a bare Exception
+    raise ValueError(f"GGUF tokenizer.ggml.merges do not fit tokenizer.ggml.tokens "
+                     f"({first_line(e)})") from None
+
+
 def _gguf_byte_level_bpe(meta: dict):
   """Returns a ``tokenizers.Tokenizer`` for a GGUF ``gpt2`` (byte-level BPE) vocabulary."""
   from tokenizers import Tokenizer as _Backend, decoders, models
@@ -704,8 +763,8 @@ def _gguf_byte_level_bpe(meta: dict):
       keys.append("".join(spelling[b] for b in t.encode("utf-8")))
   pairs = _merge_pairs(merges)
   pre, ignore_merges = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
-  model = models.BPE(vocab=_first_index_vocab(keys), merges=pairs, fuse_unk=False,
-                     byte_fallback=False, ignore_merges=ignore_merges)
+  model = _bpe_model(models.BPE, vocab=_first_index_vocab(keys), merges=pairs,
+                     fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
   tok = _Backend(model)
   tok.pre_tokenizer = pre
   tok.decoder = decoders.ByteLevel()
@@ -750,7 +809,7 @@ def _gguf_sentencepiece_bpe(meta: dict):
     raise ValueError("GGUF llama tokenizer has neither tokenizer.ggml.scores nor merges")
   unk = meta.get("tokenizer.ggml.unknown_token_id")
   add_space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-  model = models.BPE(vocab=_first_index_vocab(tokens), merges=pairs,
+  model = _bpe_model(models.BPE, vocab=_first_index_vocab(tokens), merges=pairs,
                      unk_token=tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None,
                      fuse_unk=True, byte_fallback=GGUF_BYTE in set(types))
   tok = _Backend(model)
@@ -791,7 +850,7 @@ def tokenizer_from_gguf(path: str) -> HFTokenizer:
   special added tokens; BOS / EOS / PAD / UNK come from the ``*_token_id`` keys.
   ``add_bos_token`` comes from ``tokenizer.ggml.add_bos_token``, else from llama.cpp's
   default: yes for ``'llama'`` and for the Llama 3 group of ``'gpt2'`` pre-tokenizers
-  (``llama-bpe``, ...), no for other ``'gpt2'`` vocabularies.
+  (``llama-bpe``, ...) and ``tekken``, no for other ``'gpt2'`` vocabularies.
   """
   meta = read_gguf_tokenizer_metadata(path)
   kind = meta.get("tokenizer.ggml.model")
@@ -807,7 +866,7 @@ def tokenizer_from_gguf(path: str) -> HFTokenizer:
   try:
     if kind == "gpt2":
       tok, keys = _gguf_byte_level_bpe(meta)
-      # llama.cpp adds BOS by default for the Llama 3 group of pre-tokenizers only
+      # llama.cpp adds BOS by default for the Llama 3 group of pre-tokenizers and tekken only
       default_add_bos = meta.get("tokenizer.ggml.pre") in _GGUF_LLAMA3_GROUP
     else:
       tok, keys = _gguf_sentencepiece_bpe(meta)

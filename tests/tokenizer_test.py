@@ -312,7 +312,8 @@ def test_gguf_llama3_pre_tokenizer_adds_bos_by_default_as_llama_cpp(tmp_path):
             for m in json.loads(backend.to_str())["model"]["merges"]]
   types = [3 if t in ("<s>", "</s>", "<pad>") else 1 for t in tokens]
   got = {}
-  for pre, extra in (("llama-bpe", {}), ("gpt2", {}), ("llama-bpe", {"add_bos_token": False})):
+  for pre, extra in (("llama-bpe", {}), ("gpt2", {}), ("llama-bpe", {"add_bos_token": False}),
+                     ("tekken", {}), ("gpt-4o", {})):
     path = tmp_path / f"{pre}{len(extra)}.gguf"
     _write_gguf(path, "gpt2", tokens, types, merges=merges, tokenizer_pre=pre,
                 bos_token_id=0, eos_token_id=1, **extra)
@@ -320,7 +321,8 @@ def test_gguf_llama3_pre_tokenizer_adds_bos_by_default_as_llama_cpp(tmp_path):
     got[(pre, len(extra))] = tok.add_bos_token
     if tok.add_bos_token:
       assert tk.encode_chat(tok, [{"role": "user", "content": "hi"}], "raw")[0][0] == tok.bos_id
-  assert got == {("llama-bpe", 0): True, ("gpt2", 0): False, ("llama-bpe", 1): False}
+  assert got == {("llama-bpe", 0): True, ("gpt2", 0): False, ("llama-bpe", 1): False,
+                 ("tekken", 0): True, ("gpt-4o", 0): False}
 
 
 def test_gguf_ignore_merges_only_for_llama_cpps_llama3_group(tmp_path):
@@ -336,7 +338,8 @@ def test_gguf_ignore_merges_only_for_llama_cpps_llama3_group(tmp_path):
                                ignore_merges=ignore))
     want[ignore] = ref.encode("abc").ids
   assert want[True] == [4] and want[False] == [3, 2]
-  for pre, ignore in (("llama-bpe", True), ("dbrx", False), ("smaug-bpe", False)):
+  for pre, ignore in (("llama-bpe", True), ("dbrx", False), ("smaug-bpe", False),
+                      ("tekken", True), ("gpt-4o", False), ("deepseek-v3", False)):
     path = tmp_path / f"{pre}.gguf"
     _write_gguf(path, "gpt2", tokens, [1] * 5 + [3], merges=merges, tokenizer_pre=pre,
                 bos_token_id=5)
@@ -365,6 +368,93 @@ def test_gguf_pre_tokenizers_of_llama_cpps_groups_split_as_their_group(tmp_path,
     for pre in ("stablelm2", "kormo"):
       assert encodings(pre) == ([3, 2], [6, 7, 8, 9], False), pre
   assert "not known here" not in caplog.text
+
+
+# The pieces llama.cpp splits PRE_TEXT into (checked against llama.cpp itself in the test
+# after this one): its TEKKEN and GPT4O rewrites of the tokenizer.json regexes, the deepseek
+# sequences of regexes, and its own default for 'default' or a missing tokenizer.ggml.pre.
+PRE_TEXT = "it's DON'T 12345 日本語テキスト!! helloÉcole\n\n  x。"
+PRE_PIECES = {
+    "tekken": ["it", "'s", " DON", "'T", " ", "1", "2", "3", "4", "5", " 日本語テキスト", "!!",
+               " helloÉcole", "\n\n", " ", " x", "。"],
+    "gpt-4o": ["it's", " DON'T", " ", "123", "45", " 日本語テキスト", "!!", " helloÉcole", "\n\n",
+               " ", " x", "。"],
+    "deepseek-llm": ["it", "'", "s", " DON", "'", "T", " ", "12345", " ", "日本語テキスト", "!!",
+                     " hello", "É", "cole", "\n", "\n", " ", " x", "。"],
+    "deepseek-coder": ["it", "'", "s", " DON", "'", "T", " ", "1", "2", "3", "4", "5", " ",
+                       "日本語テキスト", "!!", " helloÉcole", "\n", "\n", " ", " x", "。"],
+    "deepseek-v3": ["it", "'s", " DON", "'T", " ", "123", "45", " ", "日本語テキスト", "!!",
+                    " helloÉcole", "\n\n", " ", " x", "。"],
+    "default": ["it", "'", "s", " DON", "'", "T", " ", "123", "45", " 日本語テキスト", "!!",
+                " helloÉcole", "\n\n ", " x", "。"],
+}
+PRE_PIECES["llama4"] = PRE_PIECES["gpt-4o"]
+PRE_PIECES[None] = PRE_PIECES["default"]
+
+
+def test_gguf_pre_tokenizers_split_as_llama_cpp(tmp_path, caplog):
+  """tekken / gpt-4o / llama4 / deepseek-* and a 'default' or missing tokenizer.ggml.pre get
+  llama.cpp's splits for them, not the GPT-2 split."""
+  pytest.importorskip("gguf")
+  tokens = ["a", "b", "ab", "<s>"]
+  from_bytes = {c: b for b, c in tk._bytes_to_unicode().items()}
+  for pre, want in PRE_PIECES.items():
+    path = tmp_path / f"{pre}.gguf"
+    extra = {} if pre is None else {"tokenizer_pre": pre}
+    _write_gguf(path, "gpt2", tokens, [1, 1, 1, 3], merges=["a b"], bos_token_id=3, **extra)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      tok = tk.load_tokenizer(str(path))
+    pieces = [bytes(from_bytes[c] for c in p).decode()
+              for p, _ in tok.backend.pre_tokenizer.pre_tokenize_str(PRE_TEXT)]
+    assert pieces == want, pre
+    assert "not known here" not in caplog.text
+    assert ("no tokenizer.ggml.pre" in caplog.text) == (pre is None)
+
+
+def test_gguf_byte_level_tokenizers_match_llama_cpp(smollm2_path, tmp_path):
+  """SmolLM2's vocabulary under each pre-tokenizer name tokenizes as llama.cpp
+  (llama-cpp-python, vocab only) tokenizes it."""
+  llama_cpp = pytest.importorskip("llama_cpp")
+  import ctypes
+  import gguf
+  meta = tk.read_gguf_tokenizer_metadata(smollm2_path)
+  log = llama_cpp.llama_log_callback(lambda level, text, user: None)
+  llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+  llama_cpp.llama_backend_init()
+  texts = TEXTS + [PRE_TEXT, "Ὗ ῐῖ\u2126\u212a ΩK \u3000。\u3000。 x\u3000y 1,000,000.25",
+                   "camelCase HTTPServer e\u0301t\u00e9 ,.;-->>> $100 (a)[b]{c}\r\n\t\n"]
+  for pre in ("tekken", "gpt-4o", "llama4", "deepseek-llm", "deepseek-coder", "deepseek-v3",
+              "default", None, "smollm", "llama-bpe", "qwen2", "gpt-2"):
+    path = str(tmp_path / f"{pre}.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    for key, value in (("context_length", 64), ("embedding_length", 64), ("block_count", 1),
+                       ("feed_forward_length", 64), ("head_count", 1), ("head_count_kv", 1),
+                       ("layer_norm_rms_eps", 1e-5), ("tokenizer_model", "gpt2"),
+                       ("token_list", meta["tokenizer.ggml.tokens"]),
+                       ("token_types", meta["tokenizer.ggml.token_type"]),
+                       ("token_merges", meta["tokenizer.ggml.merges"]), ("bos_token_id", 1),
+                       ("eos_token_id", 2)) + ((("tokenizer_pre", pre),) if pre else ()):
+      getattr(w, f"add_{key}")(value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+    assert model, pre
+    try:
+      vocab = llama_cpp.llama_model_get_vocab(model)
+      ours = tk.load_tokenizer(path)
+      assert ours.add_bos_token == llama_cpp.llama_vocab_get_add_bos(vocab), pre
+      for text in texts:
+        data = text.encode()
+        buf = (llama_cpp.llama_token * (4 * len(data) + 8))()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), False, False)
+        assert ours.encode(text) == list(buf[:n]), (pre, text)
+    finally:
+      llama_cpp.llama_model_free(model)
 
 
 # ---------------------------------------------------------------------------- SentencePiece
@@ -498,6 +588,28 @@ def test_sentencepiece_round_trip(sp_model_proto, tmp_path):
   back = tk.load_tokenizer(str(tmp_path / "ck"))
   assert isinstance(back, tk.SentencePieceTokenizer)
   assert [back.encode(t) for t in SP_TEXTS] == [ref.encode(t) for t in SP_TEXTS]
+
+
+def test_decode_drops_ids_past_the_vocabulary_as_transformers(sp_model_proto, tmp_path):
+  """An id past the vocabulary (a model whose embedding is larger than its tokenizer can
+  sample one) is dropped, as transformers' tokenizer of the same SentencePiece model drops it
+  and as HFTokenizer does; a negative id is a one-line ValueError in both."""
+  transformers = pytest.importorskip("transformers")
+  (tmp_path / "tokenizer.model").write_bytes(sp_model_proto)
+  ref = transformers.LlamaTokenizer.from_pretrained(str(tmp_path))
+  tok = tk.SentencePieceTokenizer(sp_model_proto)
+  ids = tok.encode("hello world")
+  assert ref.encode("hello world", add_special_tokens=False) == ids
+  n = tok.vocab_size
+  for bad in ([n], [n + 7, n]):
+    assert tok.decode(ids + bad + ids) == ref.decode(ids + bad + ids) == "hello world hello world"
+    assert tok.decode(ids + bad, skip_special_tokens=True) == "hello world"
+  hf = tk.HFTokenizer(_train_hf_bpe())
+  hf_ids = hf.encode("hello world")
+  assert hf.decode(hf_ids + [hf.vocab_size + 3]) == hf.decode(hf_ids)
+  for t in (tok, hf):
+    with pytest.raises(ValueError, match="token id -1 is negative"):
+      t.decode([-1])
 
 
 def _write_gguf(path, model, tokens, types, scores=None, merges=None, **ids):
@@ -767,10 +879,15 @@ def test_malformed_gguf_tokenizer_errors_name_the_file(tmp_path):
             "token_type has 1 entries for 3 tokens"),
            ("scores.gguf", dict(model="llama", types=[1, 1, 1], scores=[0.0]),
             "scores has 1 entries for 3 tokens"),
-           ("merge.gguf", dict(model="llama", types=[1, 1, 1], merges=["ab"]), "'ab'")]
+           ("merge.gguf", dict(model="llama", types=[1, 1, 1], merges=["ab"]), "'ab'"),
+           # A merge of, or into, a piece that is not a token.
+           ("unknown.gguf", dict(model="gpt2", types=[1, 1, 1], merges=["a c"]), "merges"),
+           ("into.gguf", dict(model="gpt2", tokens=["a", "b", "<s>"], types=[1, 1, 3],
+                              merges=["a b"]), "merges"),
+           ("sp.gguf", dict(model="llama", types=[1, 1, 1], merges=["b c"]), "merges")]
   for name, kw, message in cases:
     path = tmp_path / name
-    _write_gguf(path, kw.pop("model"), ["a", "b", "ab"], kw.pop("types"), **kw)
+    _write_gguf(path, kw.pop("model"), kw.pop("tokens", ["a", "b", "ab"]), kw.pop("types"), **kw)
     with pytest.raises(ValueError, match=message) as e:
       tk.load_tokenizer(str(path))
     _one_line_naming(e, str(path))
