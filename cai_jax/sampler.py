@@ -66,7 +66,8 @@ class SamplingParams:
   Attributes:
     temperature: softmax temperature; 0 means greedy (argmax, filters ignored);
       otherwise at least ``MIN_TEMPERATURE`` (1e-6) and finite.
-    top_k: keep only the k most likely tokens; 0 disables.
+    top_k: keep only the k most likely tokens (and every token whose logit ties the
+      k-th largest, as transformers' TopKLogitsWarper); 0 disables.
     top_p: keep the smallest set of most likely tokens whose probability (after
       temperature and top-k) reaches top_p; 1.0 disables. The most likely token is
       always kept.
@@ -305,11 +306,15 @@ def sample_logits(logits: Array, keys: Array, temperature: float, top_k: int = 0
     sampled_lp = jnp.zeros(tokens.shape, jnp.float32)
   else:
     scaled = logits / temperature
-    k = min(top_k, vocab) if top_k > 0 else (vocab if top_p < 1.0 else 0)
-    if k:
-      vals, idx = jax.lax.top_k(scaled, k)                   # [B, k], descending
+    if top_p < 1.0:
+      vals, idx = jax.lax.top_k(scaled, vocab)               # [B, V], descending
     else:
       vals, idx = scaled, None
+    if 0 < top_k < vocab:
+      # Every token tied with the k-th largest stays (transformers' TopKLogitsWarper).
+      kth = (vals[:, top_k - 1:top_k] if idx is not None else
+             jax.lax.top_k(scaled, top_k)[0][:, -1:])
+      vals = jnp.where(vals < kth, -jnp.inf, vals)
     if top_p < 1.0:
       probs = jax.nn.softmax(vals, axis=-1)
       mass_before = jnp.cumsum(probs, axis=-1) - probs

@@ -209,3 +209,29 @@ def test_chat_format_none_puts_bos_first_when_the_tokenizer_wants_one(tmp_path, 
              chat_format="none", max_new_tokens=2, progress=False)
   bos = BosTokenizer.bos_id
   assert seen == [[bos] + list(b"hi"), [bos] + list(b"ok")]
+
+
+def test_each_generation_is_decoded_once_with_the_same_completions(tmp_path, monkeypatch):
+  """Cutting at stop strings and writing the completion decode each row's ids once (not once
+  each); the completions are those the plain decode gives."""
+  from cai_jax import sampler
+  from cai_jax.stages import sample
+  from cai_jax.tokenizer import ByteTokenizer, stop_strings
+  model = _tiny_model(tmp_path / "tiny")
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(6)))
+  real_decode, real_generate, decoded, results = ByteTokenizer.decode, sampler.generate, [], []
+  monkeypatch.setattr(ByteTokenizer, "decode",
+                      lambda self, ids, *a, **k: decoded.append(tuple(ids)) or
+                      real_decode(self, ids, *a, **k))
+  monkeypatch.setattr(sampler, "generate",
+                      lambda *a, **k: results.append(real_generate(*a, **k)) or results[-1])
+  out = tmp_path / "o.jsonl"
+  sample.run(prompts=str(prompts), out=str(out), model=model, chat_format="raw",
+             max_new_tokens=8, progress=False)
+  assert len(decoded) == len(set(decoded)) >= 6
+  tok, stops = ByteTokenizer(), stop_strings("raw")
+  want = sampler.cut_at_stop_strings(results[0], tok.decode, stops)
+  rows = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [r["completion"] for r in rows] == [want.text(r, tok.decode, stops) for r in range(6)]
+  assert [r["num_tokens"] for r in rows] == [int(n) for n in want.lengths]

@@ -187,6 +187,42 @@ def test_top_p_keeps_smallest_set_reaching_p(small):
   _check_logprobs(toks, raw, samp, logits, probs)
 
 
+TIED = [3.0, 1.0, 2.0, 2.0, 0.0, 2.0, 2.5, -1.0]   # three tokens tie at the 3rd largest
+SPREAD = [2.0, 0.3, 1.2, -0.5, 0.8, -1.0, 1.6, 0.0]
+
+
+def _hf_filtered_probs(logits, temperature, top_k, top_p):
+  """softmax of transformers' Temperature -> TopK -> TopP warpers (its generate order)."""
+  torch = pytest.importorskip("torch")
+  lp = pytest.importorskip("transformers.generation.logits_process")
+  x = lp.TemperatureLogitsWarper(temperature)(None, torch.tensor([logits], dtype=torch.float32))
+  if top_k:
+    x = lp.TopKLogitsWarper(top_k)(None, x)
+  if top_p < 1.0:
+    x = lp.TopPLogitsWarper(top_p)(None, x)
+  return torch.softmax(x, -1)[0].double().numpy()
+
+
+@pytest.mark.parametrize("logits,temperature,top_k,top_p,support", [
+    (TIED, 1.0, 3, 1.0, {0, 2, 3, 5, 6}),     # ties at the k-th logit all stay
+    (TIED, 1.0, 3, 0.95, {0, 2, 3, 5, 6}),
+    (SPREAD, 0.8, 4, 0.85, {0, 2, 6}),        # top-p on the top-k renormalized probs
+])
+def test_filters_match_transformers_warpers(logits, temperature, top_k, top_p, support):
+  probs = _hf_filtered_probs(logits, temperature, top_k, top_p)
+  assert set(np.nonzero(probs)[0]) == support
+  n = 4000
+  keys = jax.random.split(jax.random.key(11), n)
+  tok, raw, samp = sampler.sample_logits(jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1)),
+                                         keys, temperature, top_k, top_p)
+  tok = np.asarray(tok)
+  counts = np.bincount(tok, minlength=len(logits))
+  assert set(np.nonzero(counts)[0]) == support
+  assert _chi2(counts, probs) < CHI2_999_7DOF
+  x = np.asarray(logits, np.float64)
+  _check_logprobs(tok, raw, samp, x, probs)
+
+
 def test_sample_logits_greedy_and_filters_direct():
   logits = jnp.asarray([[0.0, 3.0, 1.0, 2.0], [5.0, -1.0, 4.9, 0.0]])
   keys = jax.random.split(jax.random.key(0), 2)

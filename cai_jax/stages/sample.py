@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 import uuid
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
@@ -87,6 +87,21 @@ def _recount(batch_rows: int, _name: str, rows: List[dict]) -> Dict[str, int]:
           "truncated_prompts": sum(r.get(_TRUNCATED, 0) > 0 for r in rows),
           "truncated_tokens": sum(r.get(_TRUNCATED, 0) for r in rows),
           "generated_tokens": sum(r["num_tokens"] for r in rows)}
+
+
+def _decode_once(decode: Callable[[List[int]], str]) -> Callable[[List[int]], str]:
+  """`decode` that decodes each distinct id sequence once: ``sampler.cut_at_stop_strings``
+  and then ``GenerateResult.text`` decode the same ids of every row that ended on EOS or at
+  the length limit."""
+  memo: Dict[Tuple[int, ...], str] = {}
+
+  def fn(ids: List[int]) -> str:
+    key = tuple(int(t) for t in ids)
+    if key not in memo:
+      memo[key] = decode(list(key))
+    return memo[key]
+
+  return fn
 
 
 def _stats(sums: Dict[str, Dict[str, int]]) -> Dict[str, int]:
@@ -178,7 +193,8 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
         result = sampler.generate(params, config_, shard_ids, params_s, batch_size, mesh=m,
                                   rules=rules, progress=False, truncate=truncate,
                                   bos_id=tok.bos_id, first_row=piece[0][0])
-        result = sampler.cut_at_stop_strings(result, tok.decode, stops)
+        decode = _decode_once(tok.decode)
+        result = sampler.cut_at_stop_strings(result, decode, stops)
         seconds += time.perf_counter() - t0
         generated += result.stats["generated_tokens"]
         out_rows = []
@@ -186,7 +202,7 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
           row = rows[i]
           out_rows.append({
               "prompt": row.get("prompt", row.get("messages")),
-              "completion": result.text(r, tok.decode, stops),
+              "completion": result.text(r, decode, stops),
               "logprobs": [round(float(x), 5) for x in result.logprobs[r]],
               "finish_reason": result.finish_reasons[r], "num_tokens": int(result.lengths[r]),
               _TRUNCATED: len(shard_ids[r]) - int(result.prompt_lengths[r])})
