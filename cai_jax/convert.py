@@ -6,6 +6,8 @@
 ``load_gguf`` reads a llama.cpp GGUF file (architecture ``llama``), any quantization the
               ``gguf`` package can dequantize.
 ``save_hf``   writes ``config.json`` + safetensors that ``transformers`` loads.
+``export_chat_template`` the Jinja chat template an export carries: one that renders the
+              chat format the model was trained in (``CHAT_TEMPLATES``).
 
 Both loaders read the checkpoint one tensor at a time and place it straight into its
 final layout: with a mesh, every parameter is built with ``jax.make_array_from_callback``
@@ -98,6 +100,31 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                     "chat_template.jinja", "chat_template.json", "generation_config.json",
                     "byte_tokenizer.json")
+
+# Jinja chat templates whose transformers ``apply_chat_template(messages, tokenize=False,
+# add_generation_prompt=...)`` output is ``tokenizer.render_chat_text`` of each chat format.
+CHAT_TEMPLATES = {
+    "chatml": ("{%- for message in messages -%}"
+               "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+               "{%- endfor -%}"
+               "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"),
+    "llama3": ("{{- '<|begin_of_text|>' -}}"
+               "{%- for message in messages -%}"
+               "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+               " + message['content'] | trim + '<|eot_id|>' -}}"
+               "{%- endfor -%}"
+               "{%- if add_generation_prompt -%}"
+               "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"),
+    "raw": ("{%- for message in messages -%}"
+            "{%- if message['role'] == 'system' -%}{{- message['content'] -}}"
+            "{%- elif message['role'] == 'user' -%}{{- '\\n\\nHuman: ' + message['content'] -}}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{- '\\n\\nAssistant: ' + message['content'] -}}"
+            "{%- else -%}{{- raise_exception('the raw chat format has no role ' + message['role']) -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '\\n\\nAssistant:' -}}{%- endif -%}"),
+}
 
 
 # --------------------------------------------------------------------------- configs
@@ -838,7 +865,8 @@ def _host_array(x) -> np.ndarray:
 
 
 def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: Optional[str] = None,
-            max_shard_bytes: int = 5 * 2**30) -> None:
+            max_shard_bytes: int = 5 * 2**30, chat_template: Optional[str] = None,
+            chat_format: Optional[str] = None) -> None:
   """Exports LM params as an HF checkpoint: config.json + safetensors (+ tokenizer files).
 
   Args:
@@ -855,6 +883,10 @@ def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: 
       its tokenizer's BOS / EOS / PAD ids go into config.json (``_special_token_ids``).
     max_shard_bytes: shard size above which a new model-0000i-of-0000N.safetensors file
       starts (an index is written when there is more than one).
+    chat_template: optional Jinja chat template the exported tokenizer files carry instead
+      of `tokenizer_dir`'s (``export_chat_template``); those files are left unchanged.
+    chat_format: the chat format the model was trained in, if any: its end-of-turn token
+      joins config.json's eos_token_id (``_special_token_ids``), so generate() stops there.
   Tensors are written in config.param_dtype, one parameter at a time. With several
   processes every process must call this; only process 0 writes.
   """
@@ -871,20 +903,21 @@ def save_hf(params: Params, config: ModelConfig, directory: str, tokenizer_dir: 
                        f"{tuple(expected[path].shape)}")
   writer = jax.process_index() == 0
   dtype = np.dtype(dtype_from_name(config.param_dtype))
-  hf_config = dict(hf_config_from(config), **_special_token_ids(tokenizer_dir))
+  hf_config = dict(hf_config_from(config), **_special_token_ids(tokenizer_dir, chat_format))
   if writer:
     with model_dir.replacing_dir(directory, is_hf_folder, HF_FOLDER_KIND) as tmp:
-      _write_hf(flat, config, hf_config, dtype, tmp, tokenizer_dir, max_shard_bytes, writer)
+      _write_hf(flat, config, hf_config, dtype, tmp, tokenizer_dir, max_shard_bytes, writer,
+                chat_template)
   else:
     _write_hf(flat, config, hf_config, dtype, None, tokenizer_dir, max_shard_bytes, writer)
 
 
 def _write_hf(flat: Dict[Tuple[str, ...], Any], config: ModelConfig, hf_config: Dict[str, Any],
               dtype, directory: Optional[str], tokenizer_dir: Optional[str], max_shard_bytes: int,
-              writer: bool) -> None:
-  """``save_hf``'s files (config.json holds `hf_config`), written into the (new, empty)
-  `directory` when `writer`; every process gathers each parameter (a collective), only the
-  writer writes."""
+              writer: bool, chat_template: Optional[str] = None) -> None:
+  """``save_hf``'s files (config.json holds `hf_config`, the tokenizer files `chat_template`
+  when given), written into the (new, empty) `directory` when `writer`; every process
+  gathers each parameter (a collective), only the writer writes."""
   from safetensors.numpy import save_file
 
   def position(path):   # embed, then layers in order, then final_norm and lm_head
@@ -950,12 +983,18 @@ def _write_hf(flat: Dict[Tuple[str, ...], Any], config: ModelConfig, hf_config: 
       logging.warning("export: %s holds no tokenizer file this export copies (%s); the "
                       "folder is written without a tokenizer", tokenizer_dir,
                       ", ".join(_TOKENIZER_FILES[:4]))
+  if chat_template is not None:
+    _write_chat_template(directory, chat_template)
 
 
-def _special_token_ids(tokenizer_dir: Optional[str]) -> Dict[str, int]:
+def _special_token_ids(tokenizer_dir: Optional[str], chat_format: Optional[str] = None
+                       ) -> Dict[str, Any]:
   """{bos,eos,pad}_token_id of the tokenizer in `tokenizer_dir` (those it has) for an
   export's config.json: without them transformers assumes Llama's 1 and 2, and generate()
-  would stop on the wrong token. {} when the directory holds no tokenizer model file."""
+  would stop on the wrong token. With `chat_format`, eos_token_id is the list of
+  ``tokenizer.stop_token_ids`` when that format's end of turn is another token (e.g.
+  <|eot_id|> beside a base tokenizer's <|end_of_text|>), as the sampler stops. {} when the
+  directory holds no tokenizer model file."""
   from cai_jax import tokenizer as tokenizer_lib
   names = ("byte_tokenizer.json", "tokenizer.json", "tokenizer.model")
   if tokenizer_dir is None or not any(os.path.exists(os.path.join(tokenizer_dir, n))
@@ -963,7 +1002,83 @@ def _special_token_ids(tokenizer_dir: Optional[str]) -> Dict[str, int]:
     return {}
   tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
   ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-  return {k: int(v) for k, v in ids.items() if v is not None}
+  out: Dict[str, Any] = {k: int(v) for k, v in ids.items() if v is not None}
+  if chat_format:
+    stops = [int(i) for i in tokenizer_lib.stop_token_ids(tok, chat_format)]
+    if len(stops) > 1 or (stops and tok.eos_id is None):
+      out["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+  return out
+
+
+def _checkpoint_chat_template(tokenizer_dir: str) -> Optional[str]:
+  """The Jinja chat template transformers reads from the tokenizer files in `tokenizer_dir`:
+  chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or the
+  'default' entry of a list of named templates); None when there is none."""
+  jinja = os.path.join(tokenizer_dir, "chat_template.jinja")
+  if os.path.isfile(jinja):
+    with open(jinja, encoding="utf-8") as f:
+      return f.read()
+  config = os.path.join(tokenizer_dir, "tokenizer_config.json")
+  doc = _read_json(config) if os.path.isfile(config) else None
+  value = doc.get("chat_template") if isinstance(doc, dict) else None
+  if isinstance(value, list):
+    value = next((t.get("template") for t in value
+                  if isinstance(t, dict) and t.get("name") == "default"), None)
+  return value if isinstance(value, str) and value else None
+
+
+def export_chat_template(tokenizer_dir: Optional[str], chat_format: Optional[str],
+                         source: str = "chat_format.txt") -> Tuple[Optional[str], str]:
+  """(template, description): the Jinja chat template an export of a model trained in
+  `chat_format` ('chatml', 'llama3' or 'raw'; None: never trained, an import) carries, and
+  one line saying which it is.
+
+  template is None (``save_hf`` keeps the checkpoint's own template from `tokenizer_dir`)
+  when there is no chat_format, no tokenizer transformers loads (tokenizer.json or
+  tokenizer.model), or the checkpoint's template is already of that format (it holds
+  every turn marker of ``tokenizer.CHAT_FORMAT_MARKERS[chat_format]``; extras such as a
+  default system message are kept). Otherwise it is ``CHAT_TEMPLATES[chat_format]``, whose
+  ``apply_chat_template`` text is ``render_chat_text``'s, behind ``{{ bos_token }}`` when
+  the tokenizer expects a BOS the rendered text does not start with (as ``encode_chat``
+  puts it there). ValueError naming `source` for an unknown chat_format."""
+  from cai_jax import tokenizer as tokenizer_lib
+  if not chat_format:
+    return None, "chat template: the checkpoint's (the model records no trained chat format)"
+  tokenizer_lib.check_chat_format(chat_format, f"{source}: chat format")
+  if tokenizer_dir is None or not any(os.path.exists(os.path.join(tokenizer_dir, n))
+                                      for n in ("tokenizer.json", "tokenizer.model")):
+    return None, "chat template: none (no Hugging Face tokenizer to carry one)"
+  own = _checkpoint_chat_template(tokenizer_dir)
+  markers = tokenizer_lib.CHAT_FORMAT_MARKERS[chat_format]
+  if own is not None and markers and all(m in own for m in markers):
+    return None, f"chat template: the checkpoint's, which is {chat_format!r}, the format the model was trained in"
+  template = CHAT_TEMPLATES[chat_format]
+  tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
+  bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None
+  sample = tokenizer_lib.render_chat_text([{"role": "user", "content": "x"}], chat_format)
+  if getattr(tok, "add_bos_token", False) and bos and not sample.startswith(bos):
+    template = "{{- bos_token -}}" + template
+  replaced = "replacing the checkpoint's" if own is not None else "the checkpoint has none"
+  return template, f"chat template: {chat_format!r}, the format the model was trained in ({replaced})"
+
+
+def _write_chat_template(directory: str, template: str) -> None:
+  """Makes `template` the chat template of the tokenizer files in `directory`:
+  tokenizer_config.json's "chat_template", and chat_template.jinja / chat_template.json
+  when the export holds them (transformers reads chat_template.jinja first)."""
+  config_path = os.path.join(directory, "tokenizer_config.json")
+  config = _read_json(config_path) if os.path.isfile(config_path) else {}
+  if not isinstance(config, dict):
+    raise ValueError(f"{config_path}: not a JSON object")
+  config["chat_template"] = template
+  with open(config_path, "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2, ensure_ascii=False)
+  if os.path.exists(os.path.join(directory, "chat_template.jinja")):
+    with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
+      f.write(template)
+  if os.path.exists(os.path.join(directory, "chat_template.json")):
+    with open(os.path.join(directory, "chat_template.json"), "w", encoding="utf-8") as f:
+      json.dump({"chat_template": template}, f, indent=2, ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------- GGUF
