@@ -160,7 +160,7 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
             progress=False)
   cases = [
       (dict(prompts_text='{"prompt": "a"}\n\n\n{"foo": 1}\n'), data.DataError,
-       r"p.jsonl:4: expected a 'prompt' or 'messages' field"),
+       r"p.jsonl:4: expected a 'prompt', 'messages' or ShareGPT 'conversations' field"),
       (dict(prompts_text='{"prompt": 5}\n'), data.DataError, r"p.jsonl:1: message 0: content must be a str"),
       (dict(prompts_text='{"messages": [{"role": "bogus", "content": "x"}]}\n'), data.DataError,
        r"p.jsonl:1: message 0: role 'bogus'"),
@@ -235,3 +235,24 @@ def test_each_generation_is_decoded_once_with_the_same_completions(tmp_path, mon
   rows = [json.loads(l) for l in out.read_text().splitlines()]
   assert [r["completion"] for r in rows] == [want.text(r, tok.decode, stops) for r in range(6)]
   assert [r["num_tokens"] for r in rows] == [int(n) for n in want.lengths]
+
+
+def test_sharegpt_prompts_sample_as_the_same_messages_rows(tmp_path):
+  """A ShareGPT {"conversations": [{"from", "value"}]} line is the conversation of the
+  equivalent {"messages"} line: the same completions, and the line's turns as its prompt."""
+  from cai_jax.stages import sample
+  model = _tiny_model(tmp_path / "tiny")
+  turns = [("system", "be brief"), ("human", "hi"), ("gpt", "hello"), ("human", "and?")]
+  roles = {"system": "system", "human": "user", "gpt": "assistant"}
+  sharegpt = {"conversations": [{"from": f, "value": v} for f, v in turns]}
+  messages = {"messages": [{"role": roles[f], "content": v} for f, v in turns]}
+  outs = []
+  for name, row in (("s", sharegpt), ("m", messages)):
+    (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+    sample.run(prompts=str(tmp_path / f"{name}.jsonl"), out=str(tmp_path / f"{name}.out"),
+               model=model, chat_format="chatml", max_new_tokens=4, temperature=0.0,
+               progress=False)
+    outs.append(json.loads((tmp_path / f"{name}.out").read_text()))
+  assert outs[0]["completion"] == outs[1]["completion"]
+  assert outs[0]["num_tokens"] == outs[1]["num_tokens"]
+  assert outs[0]["prompt"] == sharegpt["conversations"]

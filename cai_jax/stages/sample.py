@@ -49,12 +49,13 @@ def _messages(rows: List[Tuple[int, dict]], prompts: str, chat_format: str) -> L
   out = []
   for lineno, row in rows:
     where = f"{prompts}:{lineno}"
-    if "messages" in row:
+    if "messages" in row or "conversations" in row:
       msgs = data.example_messages(row, where)
     elif "prompt" in row:
       msgs = [{"role": "user", "content": row["prompt"]}]
     else:
-      raise data.DataError(f"{where}: expected a 'prompt' or 'messages' field")
+      raise data.DataError(f"{where}: expected a 'prompt', 'messages' or ShareGPT "
+                           "'conversations' field")
     if chat_format == "none":
       if not isinstance(row.get("prompt"), str) or not row["prompt"]:
         raise data.DataError(f"{where}: chat_format='none' needs a non-empty string 'prompt'")
@@ -201,7 +202,7 @@ def run(prompts: str, out: str, model: str = "", mesh: MeshConfig = MeshConfig(1
         for r, (_, i) in enumerate(piece):
           row = rows[i]
           out_rows.append({
-              "prompt": row.get("prompt", row.get("messages")),
+              "prompt": row.get("prompt", row.get("messages", row.get("conversations"))),
               "completion": result.text(r, decode, stops),
               "logprobs": [round(float(x), 5) for x in result.logprobs[r]],
               "finish_reason": result.finish_reasons[r], "num_tokens": int(result.lengths[r]),
