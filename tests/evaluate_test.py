@@ -314,6 +314,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
   import multihost
   from cai_jax import model_dir
   from cai_jax.configs import ModelConfig
+  from cai_jax.stages import pipeline
   from cai_jax.tokenizer import ByteTokenizer
   from evaluate_hhh_test import random_params
   cfg = ModelConfig()   # the `tiny` preset
@@ -343,6 +344,8 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     found = {}
     for folder, _, names in os.walk(root):
       for n in names:
+        if n == pipeline.LOCK_FILE:   # the running command's lock, naming its pid
+          continue
         path = os.path.join(folder, n)
         # Wall times (the HHH runs' seconds, shown in the report) differ between runs.
         found[os.path.relpath(path, root)] = re.sub(rb'seconds(&quot;|")?: [0-9.]+',
@@ -395,3 +398,22 @@ def test_a_snapshot_with_only_empty_responses_is_not_rated(tmp_path, monkeypatch
   assert "<tr><td>rl-00002</td><td>-</td><td>-</td></tr>" in html
   assert "Not rated on harmlessness" in html
   assert (tmp_path / "eval" / "frontier_feedback.png").exists()
+
+
+def test_a_rerun_with_other_players_is_refused_before_any_sampling(tmp_path):
+  """rl wrote another snapshot since the judged run (or a player was dropped): the rerun
+  is refused up front, naming the players, without sampling the new one."""
+  calls = []
+  _run(tmp_path, calls, judges=("feedback",))
+  _model_dir(tmp_path / "rl" / "snapshots" / "step-00004")
+  (tmp_path / "rl" / "summary.json").write_text(json.dumps({"iterations": 4}))
+  n_calls = len(calls)
+  with pytest.raises(ValueError, match=r"judgments-feedback: players changed since its "
+                                       r"judgments \(added: rl-00004; judged: base, sl, "
+                                       r"rl-00002\)"):
+    _run(tmp_path, calls, judges=("feedback",))
+  assert len(calls) == n_calls
+  assert not (tmp_path / "eval" / "responses" / "rl-00004").exists()
+  with pytest.raises(ValueError, match=r"players changed .*\(added: rl-00004; removed: sl;"):
+    _run(tmp_path, calls, judges=("feedback",), sl="")
+  assert len(calls) == n_calls

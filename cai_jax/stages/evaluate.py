@@ -49,7 +49,9 @@ Outputs in out_dir:
   report.json           every number of the report
   summary.json          the returned summary
 Everything is resumable: a rerun skips finished shards (a run directory whose config
-differs is refused, naming the keys); the Elo fits and the report are recomputed.
+differs is refused, naming the keys; judgments of other players, e.g. rl wrote more
+snapshots since, are refused before anything is sampled); the Elo fits and the report are
+recomputed.
 
 Multi-process runs (jax.distributed, one global mesh): every process loads each model on
 the global mesh and makes the same sampler, judge and PM calls (batches split over the
@@ -376,6 +378,49 @@ def _pm_scorer(models: _Models, spec: str, chat_format: str, batch_size: int) ->
 # The stage.
 
 
+JUDGMENTS_STAGE = "evaluate-judgments"
+
+
+def check_judgments_rerun(run_dir: str, config: dict) -> None:
+  """Refuses, before anything is sampled, a rerun into an out_dir whose judgments run
+  `run_dir` (judgments-<judge>) holds judged pairs made with another config, as
+  ``shards.open_run`` would once the responses are sampled: ValueError (one line, naming
+  run_dir) saying "players changed" with the players added and removed (rl wrote more
+  snapshots since), or naming the differing config keys. A run without shard files or
+  without a manifest is left to ``shards.open_run``."""
+  path = os.path.join(run_dir, shards.MANIFEST)
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return   # shards.open_run names the unreadable manifest
+  if not isinstance(old, dict) or old.get("stage") != JUDGMENTS_STAGE:
+    return
+  if old.get("config_hash") == shards.config_hash(config) or not any(
+      n.startswith("pair-") and n.endswith(".jsonl") for n in os.listdir(run_dir)):
+    return
+  hint = "use a new out_dir"
+  old_config = old.get("config") if isinstance(old.get("config"), dict) else {}
+  was = [tuple(p) for p in old_config.get("players") or []
+         if isinstance(p, (list, tuple)) and len(p) == 2]
+  now = [tuple(p) for p in config["players"]]
+  if was and was != now:
+    old_names, new_names = dict(was), dict(now)
+    parts = [f"{what}: {', '.join(ns)}" for what, ns in (
+        ("added", [n for n in new_names if n not in old_names]),
+        ("removed", [n for n in old_names if n not in new_names]),
+        ("other model", [n for n in new_names if n in old_names
+                         and old_names[n] != new_names[n]])) if ns]
+    raise ValueError(f"{run_dir}: players changed since its judgments "
+                     f"({'; '.join(parts) or 'order'}; judged: "
+                     f"{', '.join(old_names)}); {hint}")
+  diff = shards.config_diff(config, old_config)
+  raise ValueError(f"{run_dir} holds a {JUDGMENTS_STAGE} run with a different config "
+                   f"(differs in: {', '.join(diff) or 'config_hash'}); {hint}")
+
+
 def _responses_config(spec: str, items_sha: str, chat_format: str, temperature: float,
                       max_new_tokens: int, samples: int, greedy: bool, seed: int,
                       shard_size: int) -> dict:
@@ -474,10 +519,29 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   items = eval_items(prompts, helpful_prompts, split, limit)
   items_sha = shards.sha([[r.get("id"), r["kind"], r["messages"]] for r in items])[:16]
   const = constitution_lib.resolve(constitution, "feedback")
+  greedy = bool(harm_model)
+  examples = list(const.feedback_few_shot) if few_shot else []
+  judgment_configs = {}
+  for judge in judges:
+    config = {"judge": judge, "players": [[n, s] for n, s in players],
+              "player_fingerprints": model_dir.model_fingerprints(dict(players)),
+              "prompts_sha256": items_sha, "seed": int(seed),
+              "responses": _responses_config("", items_sha, chat_format, temperature,
+                                             max_new_tokens, samples, greedy, seed, shard_size)}
+    if judge == "feedback":
+      config.update(model=feedback_model, template=template, few_shot=bool(few_shot),
+                    model_fingerprints=model_dir.model_fingerprints({"model": feedback_model}),
+                    both_orders=bool(both_orders),
+                    constitution=shards.sha([dataclasses.asdict(p) for p in const.feedback]
+                                            + [dataclasses.asdict(e) for e in examples])[:16])
+    else:
+      config.update(model=pm, chat_format=chat_format,
+                    model_fingerprints=model_dir.model_fingerprints({"model": pm}))
+    check_judgments_rerun(os.path.join(out_dir, f"judgments-{judge}"), config)
+    judgment_configs[judge] = config
   os.makedirs(out_dir, exist_ok=True)
   models = (_Models(mesh, chat_format)
             if generate_fn is None or score_fn is None or pm_fn is None else None)
-  greedy = bool(harm_model)
 
   # 1. Responses, player by player.
   shard_rows = list(enumerate(shards.partition(items, shard_size)))
@@ -512,25 +576,11 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   pairs = list(itertools.combinations(names, 2))
   pair_names = [shards.shard_name("pair-", k) for k in range(len(pairs))]
   judgments: Dict[str, List[dict]] = {}
-  examples = list(const.feedback_few_shot) if few_shot else []
   pm_cache: Dict[str, np.ndarray] = {}
   for judge in judges:
-    config = {"judge": judge, "players": [[n, s] for n, s in players],
-              "player_fingerprints": model_dir.model_fingerprints(dict(players)),
-              "prompts_sha256": items_sha, "seed": int(seed),
-              "responses": _responses_config("", items_sha, chat_format, temperature,
-                                             max_new_tokens, samples, greedy, seed, shard_size)}
-    if judge == "feedback":
-      config.update(model=feedback_model, template=template, few_shot=bool(few_shot),
-                    model_fingerprints=model_dir.model_fingerprints({"model": feedback_model}),
-                    both_orders=bool(both_orders),
-                    constitution=shards.sha([dataclasses.asdict(p) for p in const.feedback]
-                                            + [dataclasses.asdict(e) for e in examples])[:16])
-    else:
-      config.update(model=pm, chat_format=chat_format,
-                    model_fingerprints=model_dir.model_fingerprints({"model": pm}))
+    config = judgment_configs[judge]
     run_dir = os.path.join(out_dir, f"judgments-{judge}")
-    outputs = shards.open_run(run_dir, "evaluate-judgments", config, pair_names, ("pair-",),
+    outputs = shards.open_run(run_dir, JUDGMENTS_STAGE, config, pair_names, ("pair-",),
                               lambda _n, rows: {"rows": len(rows)},
                               lambda sums: {"rows": sum(s["rows"] for s in sums.values())},
                               counts={"pairs": [list(p) for p in pairs]})
@@ -556,7 +606,7 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
         else:
           rows = pm_judge_pair(pm_cache[a], pm_cache[b], responses[a], responses[b], a, b)
         outputs.write_shard(pair_names[k], rows, {"rows": len(rows)})
-    judgments[judge] = [r for rows in shards.read_run(run_dir, "evaluate-judgments").values()
+    judgments[judge] = [r for rows in shards.read_run(run_dir, JUDGMENTS_STAGE).values()
                         for r in rows]
 
   # 3. Elo, monitors, harmfulness, HHH.
