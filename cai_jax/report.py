@@ -448,3 +448,55 @@ def frontier_plot(help_elo: Ratings, harm_elo: Ratings, path: str,
   os.makedirs(parent, exist_ok=True)
   fig.savefig(path, format="png")
   return path
+
+
+def elo_vs_step_plot(by_kind: Mapping[str, Ratings], steps: Mapping[Hashable, int], path: str,
+                     title: str = "Elo against RL training",
+                     xlabel: str = "RL iteration (PPO updates)") -> str:
+  """Writes a PNG of each kind's Elo against the RL step of the snapshots (the paper's
+  figure 8: helpfulness and harmlessness Elo along RL training), one panel per kind.
+
+  Args:
+    by_kind: ``{kind: {snapshot: elo or (elo, lo, hi)}}``, e.g. kinds 'helpfulness' and
+      'harmlessness'; an interval draws an error bar.
+    steps: ``{snapshot: step}`` of the snapshots to draw (others in by_kind are left
+      out); a panel draws those of its snapshots that have a rating, in step order.
+    path: output PNG path (parent folders are created).
+    title, xlabel: the figure title and the x axis label.
+
+  Returns:
+    ``path``. ValueError when no panel has a snapshot to draw.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  panels = []
+  for kind, ratings in by_kind.items():
+    snaps = sorted((s for s in ratings if s in steps), key=lambda s: steps[s])
+    if snaps:
+      panels.append((kind, snaps, ratings))
+  if not panels:
+    raise ValueError("elo_vs_step_plot: no snapshot with both a step and a rating")
+  fig = Figure(figsize=(5 * len(panels), 4), dpi=100)
+  FigureCanvasAgg(fig)
+  for k, (kind, snaps, ratings) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), k + 1)
+    vals = [_split(ratings[s]) for s in snaps]
+    x = np.array([steps[s] for s in snaps], dtype=float)
+    y = np.array([v[0] for v in vals])
+    yerr = None
+    if all(v[1] is not None for v in vals):
+      yerr = np.stack([np.maximum(y - np.array([v[1] for v in vals]), 0.0),
+                       np.maximum(np.array([v[2] for v in vals]) - y, 0.0)])
+    ax.errorbar(x, y, yerr=yerr, fmt="o-", color="tab:blue", ecolor="tab:gray", capsize=3)
+    for xi, yi, s in zip(x, y, snaps):
+      ax.annotate(str(s), (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.margins(x=0.15)   # room for the last point's label
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{kind.capitalize()} Elo")
+    ax.grid(True, alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, format="png")
+  return path

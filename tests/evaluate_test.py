@@ -417,3 +417,54 @@ def test_a_rerun_with_other_players_is_refused_before_any_sampling(tmp_path):
   with pytest.raises(ValueError, match=r"players changed .*\(added: rl-00004; removed: sl;"):
     _run(tmp_path, calls, judges=("feedback",), sl="")
   assert len(calls) == n_calls
+
+
+def _with_params_sha(path, text):
+  _model_dir(path)
+  (path / "params.sha256").write_text(text)
+  return str(path)
+
+
+def test_rl_steps_put_the_policy_rl_started_from_at_step_0(tmp_path):
+  from cai_jax import model_dir
+  base = _with_params_sha(tmp_path / "base", "b" * 64)
+  sl = _with_params_sha(tmp_path / "sl", "s" * 64)
+  rl = _rl_dir(tmp_path, [2, 4], iterations=4)
+  players = evaluate.discover_players(base, sl, rl)
+  assert evaluate.rl_steps(players, rl) == {"rl-00002": 2, "rl-00004": 4}   # no run_config
+  config = tmp_path / "rl" / "run_config.json"
+  for start, name in ((sl, "sl"), (base, "base")):
+    config.write_text(json.dumps({"model_fingerprints": {"policy": model_dir.fingerprint(start)}}))
+    assert evaluate.rl_steps(players, rl) == {name: 0, "rl-00002": 2, "rl-00004": 4}
+  config.write_text(json.dumps({"model_fingerprints": {"policy": "0123456789abcdef"}}))
+  assert evaluate.rl_steps(players, rl) == {"rl-00002": 2, "rl-00004": 4}   # another start
+  assert evaluate.rl_steps(players, "") == {}
+  config.write_text("[1, 2]")
+  with pytest.raises(ValueError, match=r"run_config.json: not an rl run config"):
+    evaluate.rl_steps(players, rl)
+
+
+def test_the_report_plots_elo_against_the_rl_step(tmp_path, monkeypatch):
+  """With the policy RL started from among the players, each judge's report section gets
+  the Elo-against-RL-step plot (the paper's figure 8) of that player at 0 and the snapshots
+  at their iterations, with the ratings of summary.json."""
+  from cai_jax import model_dir
+  _with_params_sha(tmp_path / "sl", "s" * 64)
+  _rl_dir(tmp_path, [2], iterations=2)
+  (tmp_path / "rl" / "run_config.json").write_text(json.dumps(
+      {"model_fingerprints": {"policy": model_dir.fingerprint(str(tmp_path / "sl"))}}))
+  drawn = []
+  real = evaluate.report_lib.elo_vs_step_plot
+  monkeypatch.setattr(evaluate.report_lib, "elo_vs_step_plot",
+                      lambda by_kind, steps, path, **kw:
+                      drawn.append((by_kind, dict(steps))) or real(by_kind, steps, path, **kw))
+  s = _run(tmp_path, [])
+  assert s["rl_steps"] == {"sl": 0, "rl-00002": 2}
+  assert [steps for _, steps in drawn] == [{"sl": 0, "rl-00002": 2}] * 2   # feedback, pm
+  for (by_kind, _), judge in zip(drawn, ("feedback", "pm")):
+    rounded = {k: {n: [round(x, 1) for x in r[n]] for n in r} for k, r in by_kind.items()}
+    assert rounded == s["elo"][judge]
+    assert (tmp_path / "eval" / f"elo_vs_step_{judge}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  import html
+  page = html.unescape((tmp_path / "eval" / "report.html").read_text())
+  assert "against the RL iteration of each snapshot ('sl', the policy RL started from, at 0)" in page

@@ -315,3 +315,13 @@ def test_ratings_that_round_to_zero_are_written_0_not_minus_0():
   assert report.format_rating(12.345, 1, signed=True) == "+12.3"
   table = report.elo_table({"a": (0.0, -0.2, 0.3), "b": (-0.4, -1.2, 0.1)})
   assert "-0" not in table and "0 [0, 0]" in table and "0 [-1, 0]" in table
+
+
+def test_elo_vs_step_plot_draws_the_snapshots_with_a_step_and_refuses_none(tmp_path):
+  by_kind = {"helpfulness": {"sl": (0.0, -5.0, 5.0), "rl-00002": (10.0, 2.0, 20.0), "x": 3.0},
+             "harmlessness": {"sl": 0.0, "rl-00002": 30.0}}
+  path = report.elo_vs_step_plot(by_kind, {"sl": 0, "rl-00002": 2}, str(tmp_path / "p" / "e.png"))
+  assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match="no snapshot with both a step and a rating"):
+    report.elo_vs_step_plot(by_kind, {"other": 1}, str(tmp_path / "f.png"))
+  assert not (tmp_path / "f.png").exists()

@@ -44,7 +44,9 @@ Outputs in out_dir:
   judgments-<judge>/    a shards run per judge, one shard per pair of players: one line
                         per judged prompt {"id", "kind", "a", "b", "p_a", ...}
   hhh-<judge>/          HHH results (with hhh_data)
-  *.png                 frontier_<judge>.png, pm_vs_sqrt_kl.png, monitors.png
+  *.png                 frontier_<judge>.png, elo_vs_step_<judge>.png (Elo against the RL
+                        iteration of each snapshot, ``rl_steps``), pm_vs_sqrt_kl.png,
+                        monitors.png
   report.html           one self-contained page (tables + embedded plots)
   report.json           every number of the report
   summary.json          the returned summary
@@ -71,7 +73,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -634,8 +636,11 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
   }
   if rl_points is not None:
     summary["rl_pm_vs_sqrt_kl"] = rl_points
+  steps = rl_steps(players, rl_dir)
+  if steps:
+    summary["rl_steps"] = steps
   if distributed.is_primary():   # every process holds the same summary; process 0 writes
-    summary.update(write_report(out_dir, title, summary, elo, rl_points, players, hhh))
+    summary.update(write_report(out_dir, title, summary, elo, rl_points, players, hhh, steps))
   else:
     summary.update(zip(("report", "report_json"), html_report.report_paths(out_dir)))
   summary["seconds"] = round(time.perf_counter() - t0, 2)
@@ -643,6 +648,30 @@ def run(out_dir: str, base: str = "", sl: str = "", rl_dir: str = "",
     shards.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1) + "\n")
   distributed.barrier(f"evaluate:summary:{out_dir}")
   return summary
+
+
+def rl_steps(players: Sequence[Tuple[str, str]], rl_dir: str) -> Dict[str, int]:
+  """{player: RL step} of the players on rl_dir's training curve: each rl-NNNNN at NNNNN, and
+  at 0 the first other player whose model is the policy RL started from (its fingerprint
+  equals the policy's in rl_dir/run_config.json; none when that file is absent or records
+  none). {} without rl_dir."""
+  if not rl_dir:
+    return {}
+  steps = {n: int(n.split("-")[1]) for n, _ in players if re.fullmatch(r"rl-\d+", n)}
+  path = os.path.join(rl_dir, "run_config.json")
+  start = None
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        start = json.load(f).get("model_fingerprints", {}).get("policy")
+    except (OSError, ValueError, AttributeError):
+      raise ValueError(f"{path}: not an rl run config (a JSON object)") from None
+  if start:
+    for name, spec in players:
+      if name not in steps and model_dir.fingerprint(spec) == start:
+        steps[name] = 0
+        break
+  return steps
 
 
 def rl_pm_vs_sqrt_kl(rl_dir: str) -> Optional[List[dict]]:
@@ -739,8 +768,10 @@ def _fmt_elo(e) -> str:
 
 def write_report(out_dir: str, title: str, summary: dict, elo: dict,
                  rl_points: Optional[List[dict]], players: Sequence[Tuple[str, str]],
-                 hhh: Optional[dict]) -> Dict[str, str]:
-  """Plots + report.html + report.json; returns their paths."""
+                 hhh: Optional[dict], steps: Optional[Mapping[str, int]] = None
+                 ) -> Dict[str, str]:
+  """Plots + report.html + report.json; returns their paths. `steps` ({player: RL step},
+  ``rl_steps``) adds each judge's Elo-against-RL-step plot when it holds two players."""
   names = [n for n, _ in players]
   sections = []
   summary_rows = [["snapshots", ", ".join(names)],
@@ -773,6 +804,17 @@ def write_report(out_dir: str, title: str, summary: dict, elo: dict,
                                       title=f"Harmlessness vs helpfulness Elo (judge: {j})")
       plots.append({"caption": f"Harmlessness Elo against helpfulness Elo, one point per "
                                f"snapshot (judge: {j})", "file": os.path.basename(path)})
+    on_curve = {n: s for n, s in (steps or {}).items() if n in names}
+    if len(on_curve) >= 2 and any(n in r for r in by_kind.values() for n in on_curve):
+      path = report_lib.elo_vs_step_plot(
+          {k: by_kind[k] for k in ("helpfulness", "harmlessness") if k in by_kind}, on_curve,
+          os.path.join(out_dir, f"elo_vs_step_{j}.png"),
+          title=f"Elo along RL training (judge: {j})")
+      start = [n for n, s in on_curve.items() if s == 0 and not re.fullmatch(r"rl-\d+", n)]
+      plots.append({"caption": "Helpfulness and harmlessness Elo against the RL iteration of "
+                               "each snapshot" + (f" ({start[0]!r}, the policy RL started "
+                                                  "from, at 0)" if start else "")
+                               + f" (judge: {j})", "file": os.path.basename(path)})
     counts = summary["comparisons"][j]
     unrated = {k: [n for n in names if n not in r] for k, r in by_kind.items()}
     note = "".join(f"\n\nNot rated on {k} (no judged comparison: every response empty): "
