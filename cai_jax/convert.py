@@ -175,7 +175,8 @@ def config_from_hf(config_json: Dict[str, Any], source: str = "config.json",
   for 'llama3' a top-level ``original_max_position_embeddings`` over the object's, which
   defaults to ``max_position_embeddings``. Only the default and 'llama3' RoPE types are
   supported. A sliding window (Mistral, whose ``sliding_window`` defaults to 4096 when
-  the key is absent; Qwen2 with ``use_sliding_window``) caps ``max_seq_len`` at the
+  the key is absent; Qwen2 with ``use_sliding_window`` and a layer it windows: one at or
+  past ``max_window_layers``, or named in ``layer_types``) caps ``max_seq_len`` at the
   window, within which full causal attention is identical. ``overrides`` are
   further ModelConfig fields (e.g. ``scan_layers=False``, ``dtype='bfloat16'``).
   Raises ValueError naming `source` (the file the dict came from) and the field, for any
@@ -250,6 +251,16 @@ def config_from_hf(config_json: Dict[str, Any], source: str = "config.json",
   window = None
   if arch == "MistralForCausalLM" or c.get("use_sliding_window"):
     window = _number(c, "sliding_window", source, None) if "sliding_window" in c else 4096
+  if window and arch != "MistralForCausalLM":
+    # Qwen2 windows only its layers i >= max_window_layers (default 28), or those its
+    # layer_types name 'sliding_attention', as transformers' Qwen2Config does.
+    types = c.get("layer_types")
+    if isinstance(types, list):
+      windowed = "sliding_attention" in types
+    else:
+      windowed = (_number(c, "max_window_layers", source, 28) if c.get("max_window_layers") != 0
+                  else 0) < _number(c, "num_hidden_layers", source)
+    window = window if windowed else None
   if window:
     max_len = min(max_len, window)
 

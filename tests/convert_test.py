@@ -157,15 +157,27 @@ def test_rope_fields_are_read_as_transformers_reads_them(name, edit):
     ("MistralForCausalLM", {}, 4096),
     ("MistralForCausalLM", {"sliding_window": None}, None),
     ("MistralForCausalLM", {"sliding_window": 1024}, 1024),
-    ("Qwen2ForCausalLM", {"use_sliding_window": True}, 4096),
-    ("Qwen2ForCausalLM", {"use_sliding_window": False}, None),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0}, 4096),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 1}, 4096),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True}, None),    # default 28 >= every layer
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 2}, None),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 512,
+                          "layer_types": ["full_attention", "sliding_attention"]}, 512),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0,
+                          "layer_types": ["full_attention", "full_attention"]}, None),
+    ("Qwen2ForCausalLM", {"use_sliding_window": False, "max_window_layers": 0}, None),
 ])
 def test_sliding_window_defaults_as_in_transformers(arch, extra, window):
-  """A Mistral config.json without 'sliding_window' (or a Qwen2 one with use_sliding_window)
-  gets transformers' default window of 4096, which caps max_seq_len; null means none."""
+  """A Mistral config.json without 'sliding_window' gets transformers' default window of
+  4096, which caps max_seq_len (null means none); a Qwen2 one has a window only when
+  use_sliding_window is set and transformers windows one of its layers (layer_types, else
+  the layers at or past max_window_layers)."""
   c = dict(TINY, architectures=[arch], max_position_embeddings=32768, **extra)
+  assert c["num_hidden_layers"] == 2
   hf_cls = transformers.MistralConfig if arch == "MistralForCausalLM" else transformers.Qwen2Config
-  assert hf_cls.from_dict(dict(c)).sliding_window == window
+  hf = hf_cls.from_dict(dict(c))
+  types = getattr(hf, "layer_types", None) if arch == "Qwen2ForCausalLM" else None
+  assert (hf.sliding_window if types is None or "sliding_attention" in types else None) == window
   assert convert.config_from_hf(c).max_seq_len == (window or 32768)
 
 
