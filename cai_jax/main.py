@@ -499,7 +499,7 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
       return result
     finally:
       if lock is not None:
-        os.close(lock)
+        pipeline.unlock_out_dir(bound, lock)
   return fn()
 
 

@@ -314,7 +314,6 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
   import multihost
   from cai_jax import model_dir
   from cai_jax.configs import ModelConfig
-  from cai_jax.stages import pipeline
   from cai_jax.tokenizer import ByteTokenizer
   from evaluate_hhh_test import random_params
   cfg = ModelConfig()   # the `tiny` preset
@@ -344,8 +343,6 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     found = {}
     for folder, _, names in os.walk(root):
       for n in names:
-        if n == pipeline.LOCK_FILE:   # the running command's lock, naming its pid
-          continue
         path = os.path.join(folder, n)
         # Wall times (the HHH runs' seconds, shown in the report) differ between runs.
         found[os.path.relpath(path, root)] = re.sub(rb'seconds(&quot;|")?: [0-9.]+',

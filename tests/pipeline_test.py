@@ -361,11 +361,32 @@ def test_lock_out_dir_is_exclusive_names_its_holder_and_ends_with_its_descriptor
   with pytest.raises(RuntimeError, match=rf"^rl: {re.escape(out)} is being written by another "
                                          rf"command \(cai-jax feedback, pid {os.getpid()}\)"):
     pipeline.lock_out_dir(out, "rl")
-  os.close(fd)
+  os.close(fd)   # as a killed holder: the file stays, unlocked, and the next one takes it
   fd = pipeline.lock_out_dir(out, "rl")
   with open(os.path.join(out, pipeline.LOCK_FILE), encoding="utf-8") as f:
     assert f.read() == f"cai-jax rl, pid {os.getpid()}\n"   # the holder's line, replaced
-  os.close(fd)
+  pipeline.unlock_out_dir(out, fd)
+  assert os.listdir(out) == []
+
+
+def test_a_waiter_on_a_lock_file_its_holder_removed_takes_a_new_one(tmp_path, monkeypatch):
+  """A process that opened the lock file before its holder removed it (unlock_out_dir) and
+  locked it after does not hold a lock another process can also take: it starts over on a
+  new file."""
+  out = str(tmp_path / "run")
+  real, calls = pipeline._locked, []
+
+  def locked_after_the_holder_left(path, out_dir, command):
+    fd = real(path, out_dir, command)
+    if not calls:   # the first file this one locked is removed before it checks it
+      os.remove(path)
+    calls.append(fd)
+    return fd
+  monkeypatch.setattr(pipeline, "_locked", locked_after_the_holder_left)
+  fd = pipeline.lock_out_dir(out, "sl")
+  assert len(calls) == 2 and fd == calls[1]
+  assert os.fstat(fd).st_ino == os.stat(os.path.join(out, pipeline.LOCK_FILE)).st_ino
+  pipeline.unlock_out_dir(out, fd)
 
 
 def test_lock_out_dir_on_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch,

@@ -84,21 +84,52 @@ UNFINISHED = "UNFINISHED"
 
 # Held (an exclusive flock) by the process writing a command's out_dir, for as long as the
 # command runs: a second command into the same out_dir is refused instead of writing the same
-# shards and checkpoints beside it. The kernel releases it when its holder exits or is killed.
+# shards and checkpoints beside it. Removed when the command ends (``unlock_out_dir``); the
+# kernel releases the lock of a killed holder, whose file the next command takes over.
 LOCK_FILE = ".cai_jax.lock"
 
 
 def lock_out_dir(out_dir: str, command: str) -> Optional[int]:
   """Takes the exclusive lock of out_dir (created if missing) for `command` and returns the
-  open file descriptor that holds it (``os.close`` releases it; so does the process's end);
-  None, with a logged warning, on a filesystem without locks (some FUSE mounts).
+  open file descriptor that holds it (``unlock_out_dir`` releases it and removes the file;
+  the process's end releases it too); None, with a logged warning, on a filesystem without
+  locks (some FUSE mounts).
 
   Raises a one-line RuntimeError naming the directory and the holder ('cai-jax sl, pid
   1234') when another process holds it."""
-  import errno
-  import fcntl
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, LOCK_FILE)
+  while True:
+    fd = _locked(path, out_dir, command)
+    if fd is None:
+      return None
+    try:
+      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:   # not a file its holder removed (unlock_out_dir) while this one waited
+      break
+    os.close(fd)
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, f"cai-jax {command}, pid {os.getpid()}\n".encode(), 0)
+  return fd
+
+
+def unlock_out_dir(out_dir: str, fd: int) -> None:
+  """Releases the lock ``lock_out_dir`` returned: removes the lock file, then closes `fd`."""
+  try:
+    os.remove(os.path.join(out_dir, LOCK_FILE))
+  except FileNotFoundError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _locked(path: str, out_dir: str, command: str) -> Optional[int]:
+  """An open descriptor of `path` holding its exclusive flock; None (warned) where the
+  filesystem has no locks; RuntimeError naming the holder when another process holds it."""
+  import errno
+  import fcntl   # POSIX only: imported here, so the module loads everywhere
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -119,8 +150,6 @@ def lock_out_dir(out_dir: str, command: str) -> Optional[int]:
   except BaseException:
     os.close(fd)
     raise
-  os.ftruncate(fd, 0)
-  os.pwrite(fd, f"cai-jax {command}, pid {os.getpid()}\n".encode(), 0)
   return fd
 
 
