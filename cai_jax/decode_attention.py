@@ -54,9 +54,10 @@ def _kernel(index_ref, q_ref, k_cache_ref, v_cache_ref, k_new_ref, v_new_ref, ma
   """One program: row b = program_id(0), kv head h = program_id(1).
 
   index_ref [1] int32: the step's cache slot (the cache is read below it); q_ref [B, H, Dh];
-  k/v_cache_ref [L, B, S, K, Dh] (layer `layer` read); k/v_new_ref [B, K, Dh]; mask_ref
-  [B, S + 1] int32 (nonzero: the query may attend that cache slot; the last column: the new
-  token); o_ref [B, H, Dh], heads h * G .. h * G + G - 1 written.
+  k/v_cache_ref [L, B, S, K, Dh] (layer `layer` read, its blocks converted to q's dtype);
+  k/v_new_ref [B, K, Dh]; mask_ref [B, S + 1] int32 (nonzero: the query may attend that
+  cache slot; the last column: the new token); o_ref [B, H, Dh], heads h * G .. h * G + G - 1
+  written.
   """
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
@@ -82,8 +83,10 @@ def _kernel(index_ref, q_ref, k_cache_ref, v_cache_ref, k_new_ref, v_new_ref, ma
     cols = i * BLOCK_SLOTS + jnp.arange(BLOCK_SLOTS)
     in_range = cols < slots
     span = pl.ds(i * BLOCK_SLOTS, BLOCK_SLOTS)
-    k = plgpu.load(k_cache_ref.at[layer, b, span, h, :], mask=in_range[:, None], other=0.0)
-    v = plgpu.load(v_cache_ref.at[layer, b, span, h, :], mask=in_range[:, None], other=0.0)
+    k = plgpu.load(k_cache_ref.at[layer, b, span, h, :], mask=in_range[:, None],
+                   other=0.0).astype(q.dtype)
+    v = plgpu.load(v_cache_ref.at[layer, b, span, h, :], mask=in_range[:, None],
+                   other=0.0).astype(q.dtype)
     seen = plgpu.load(mask_ref.at[b, span], mask=in_range, other=0)
     s = plgpu.dot(q, k.T, allow_tf32=False) * scale                       # [Gp, BLOCK] f32
     s = jnp.where(((seen != 0) & in_range)[None, :], s, fill)
@@ -101,10 +104,11 @@ def _kernel(index_ref, q_ref, k_cache_ref, v_cache_ref, k_new_ref, v_new_ref, ma
   plgpu.store(o_ref.at[b, heads, :], out, mask=row_ok[:, None])
 
 
-def _pallas_call(interpret: bool, layer: int, scale: float, index: Array, q: Array,
-                 k_cache: Array, v_cache: Array, k: Array, v: Array, mask: Array) -> Array:
+def _pallas_call(interpret: bool, layer: int, scale: float, out_dtype: Any, index: Array,
+                 q: Array, k_cache: Array, v_cache: Array, k: Array, v: Array,
+                 mask: Array) -> Array:
   """The kernel over these operands' shapes: index [1] int32, q [B, H, Dh], caches
-  [L, B, S, K, Dh], k, v [B, K, Dh], mask [B, S + 1] int32 -> [B, H, Dh]."""
+  [L, B, S, K, Dh], k, v [B, K, Dh], mask [B, S + 1] int32 -> [B, H, Dh] out_dtype."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
 
@@ -117,7 +121,7 @@ def _pallas_call(interpret: bool, layer: int, scale: float, index: Array, q: Arr
   return pl.pallas_call(
       kernel,
       grid=(batch, kv_heads),
-      out_shape=jax.ShapeDtypeStruct((batch, heads, hd), v.dtype),
+      out_shape=jax.ShapeDtypeStruct((batch, heads, hd), out_dtype),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
       name="decode_attention",
@@ -135,7 +139,7 @@ def decode_attention(q: Array, k_cache: Array, v_cache: Array, layer: int, k: Ar
   Args:
     q: [B, 1, H, Dh] queries (grouped by kv head: heads h * G .. h * G + G - 1 use kv head h).
     k_cache, v_cache: [L, B, S, K, Dh] the stacked cache as it was before this step (read
-      in place, never written).
+      in place, never written; a dtype other than q's is converted block by block).
     layer: (static) which layer's slots to read.
     k, v: [B, 1, K, Dh] the new token's key / value.
     mask: [B, 1, S + 1] bool, True where the query may attend cache slot s (first S
@@ -166,9 +170,9 @@ def decode_attention(q: Array, k_cache: Array, v_cache: Array, layer: int, k: Ar
     if interpret is None:
       # Decided where the program is lowered: Triton for a CUDA GPU, interpret elsewhere.
       return jax.lax.platform_dependent(
-          *operands, cuda=functools.partial(_pallas_call, False, layer, float(scale)),
-          default=functools.partial(_pallas_call, True, layer, float(scale)))
-    return _pallas_call(interpret, layer, float(scale), *operands)
+          *operands, cuda=functools.partial(_pallas_call, False, layer, float(scale), v.dtype),
+          default=functools.partial(_pallas_call, True, layer, float(scale), v.dtype))
+    return _pallas_call(interpret, layer, float(scale), v.dtype, *operands)
 
   if mesh_axes is not None:
     rows, kv = mesh_axes

@@ -104,3 +104,24 @@ def test_lowers_to_one_triton_kernel_for_a_cuda_gpu():
   assert cuda.count("__gpu$xla.gpu.triton") == 1
   assert "stablehlo.while" not in cuda and "stablehlo.slice" not in cuda
   assert "__gpu$xla.gpu.triton" not in cpu and "stablehlo.while" in cpu
+
+
+def test_a_cache_in_another_dtype_than_the_queries():
+  """A bfloat16 cache under float32 queries (``transformer.init_cache(dtype=...)``): the
+  kernel lowers for a CUDA GPU (Triton's dot takes one element type), returns the dtype of
+  v and matches ``layers.cached_attention`` on the cache read back in float32 (no bfloat16
+  rounding of the scores or the output)."""
+  q, kc, vc, k, v, mask = _case(4, 2, 3, 70, 2, 3, 16, 66)
+  kc, vc = kc.astype(jnp.bfloat16), vc.astype(jnp.bfloat16)
+  got = da.decode_attention(q, kc, vc, 1, k, v, mask, jnp.int32(66), 0.25)
+  assert got.dtype == jnp.float32
+  as_read = [x.astype(jnp.bfloat16).astype(jnp.float32) for x in (kc[1], vc[1], k, v)]
+  want = layers.cached_attention(q, *as_read, mask, 0.25)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  shapes = [((3, 1, 6, 16), f32), ((2, 3, 20, 2, 16), bf16), ((2, 3, 20, 2, 16), bf16),
+            ((3, 1, 2, 16), f32), ((3, 1, 2, 16), f32), ((3, 1, 21), bool), ((), jnp.int32)]
+  args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+  fn = jax.jit(lambda q, kc, vc, k, v, m, i: da.decode_attention(q, kc, vc, 1, k, v, m, i, 0.25))
+  lowered = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert lowered.count("__gpu$xla.gpu.triton") == 1
