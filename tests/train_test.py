@@ -232,3 +232,34 @@ def test_a_rerun_with_fewer_steps_than_done_is_refused(tmp_path):
     _train(tmp_path, 2)
   assert [r["step"] for r in _read_metrics(tmp_path)] == [1, 2, 3]
   assert _train(tmp_path, 4).resumed_from == 3
+
+
+def test_train_lm_refuses_a_tokenizer_other_than_init_froms(tmp_path):
+  """A model continues with the tokenizer it was trained with: train_lm.tokenizer='byte'
+  over an init_from model with a word-level tokenizer of 320 tokens (which fits the model's
+  vocabulary, so nothing else would catch it) is refused before any training; the same
+  tokenizer named explicitly, or none, trains."""
+  from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+  from cai_jax import model_dir, models
+  from cai_jax.stages import train_lm
+  from cai_jax.tokenizer import HFTokenizer
+  vocab = {f"w{i}": i for i in range(316)}
+  vocab.update({"<s>": 316, "</s>": 317, "<pad>": 318, "<unk>": 319})
+  backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.Whitespace()
+  backend.add_special_tokens(["<s>", "</s>", "<pad>"])
+  words = HFTokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+  base = model_dir.save_model(str(tmp_path / "base"), CFG,
+                              models.init(CFG, jax.random.PRNGKey(0)), words)
+  path = tmp_path / "d.jsonl"
+  path.write_text("".join(json.dumps({"text": "w1 w2 w3"}) + "\n" for _ in range(4)))
+  tc = TrainConfig(batch_size=2, seq_len=8, num_steps=1, save_every=1, progress=False)
+  kw = dict(model=CFG, train_config=tc, mesh=MESH, chat_format="raw", init_from=base)
+  with pytest.raises(ValueError, match=r"^train_lm.tokenizer='byte' is not the tokenizer of "
+                                       r"train_lm.init_from=.* \(320 vs 320 tokens\)"):
+    train_lm.run(str(tmp_path / "out"), str(path), tokenizer="byte", **kw)
+  assert not (tmp_path / "out").exists()
+  for tokenizer in (None, os.path.join(base, "tokenizer")):
+    summary = train_lm.run(str(tmp_path / f"ok-{tokenizer is None}"), str(path),
+                           tokenizer=tokenizer, **kw)
+    assert summary["steps"] == 1

@@ -137,6 +137,15 @@ def fine_tune(out_dir: str, examples: Sequence[dict], model: ModelConfig, optimi
   return summary
 
 
+_PROBE = "Hello, world! 123 \u00e9t\u00e9 \u4f60\u597d\n\nHuman: ok?"
+
+
+def _same_tokenizer(a, b) -> bool:
+  """True when tokenizers a and b have as many tokens and encode a probe text (letters,
+  digits, accents, CJK, newlines) to the same ids."""
+  return a.vocab_size == b.vocab_size and list(a.encode(_PROBE)) == list(b.encode(_PROBE))
+
+
 def run(out_dir: str, dataset: str, model: ModelConfig = ModelConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(), train_config: TrainConfig = TrainConfig(),
         mesh: MeshConfig = MeshConfig(), tokenizer: Optional[str] = None,
@@ -147,6 +156,7 @@ def run(out_dir: str, dataset: str, model: ModelConfig = ModelConfig(),
   Args:
     dataset: 'FILE.jsonl' or 'tfds:NAME:SPLIT' (see ``cai_jax.data`` for example forms).
     tokenizer: a ``load_tokenizer`` spec; default: the tokenizer of `init_from`, else 'byte'.
+      With `init_from`, it must be that model's tokenizer (ValueError otherwise).
     chat_format: 'chatml', 'llama3' or 'raw' (the paper's Human/Assistant format).
     init_from: a starting model: model directory, .gguf, HF folder or 'pkg:' spec (its
       shapes win over `model`'s; `model` gives dtype / remat / scan).
@@ -160,7 +170,13 @@ def run(out_dir: str, dataset: str, model: ModelConfig = ModelConfig(),
   if init_from:
     model, init_params, tok = load_initial(init_from, model, chat_format, "train_lm.init_from")
   if tokenizer:
-    tok = load_tokenizer(tokenizer)
+    own, tok = tok, load_tokenizer(tokenizer)
+    if own is not None and not _same_tokenizer(tok, own):
+      raise ValueError(
+          f"train_lm.tokenizer={tokenizer!r} is not the tokenizer of train_lm.init_from="
+          f"{init_from!r} ({tok.vocab_size} vs {own.vocab_size} tokens); a model trains on "
+          "with the tokenizer it was trained with: leave train_lm.tokenizer unset "
+          "(--gin.train_lm.tokenizer=None)")
   if tok is None:
     tok = load_tokenizer("byte")
   examples = data.load_examples(dataset, data_dir)
