@@ -595,13 +595,14 @@ def _load_anthropic(folder: str) -> Constitution:
 def load_constitution(path: Union[str, "os.PathLike[str]"]) -> Constitution:
   """Loads and validates a constitution.
 
-  `path` is one of: a `.json` file in the project's own format; a folder holding
+  `path` (relative: in the working directory, else among the shipped files, e.g.
+  'constitutions/default') is one of: a `.json` file in the project's own format; a folder holding
   `constitution.json`; a folder in the layout of Anthropic's `prompts/` (it must hold
   CritiqueRevisionInstructions.json and RLMadisonInstructions.json, the few-shot files are
   optional); or one of those Anthropic files, which stands for its folder.
   Raises ConstitutionError (a ValueError) with a one-line "FILE: KEY: PROBLEM" message.
   """
-  path = os.fspath(path)
+  path = resources.resolve(os.fspath(path))   # 'constitutions/default' from any directory
   if os.path.isfile(path):
     if os.path.basename(path) in ANTHROPIC_FILES:
       return _load_anthropic(os.path.dirname(os.path.abspath(path)))

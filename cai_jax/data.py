@@ -152,11 +152,8 @@ def _to_py(v):
 
 def resolve_path(path: str) -> str:
   """A relative path is looked up in the working directory, then in the shipped resources
-  (``cai_jax.resources``: so the shipped gin files can name shipped data as 'data/...')."""
-  if os.path.isabs(path) or os.path.exists(path):
-    return path
-  candidate = os.path.join(resources.RESOURCE_ROOT, path)
-  return candidate if os.path.exists(candidate) else path
+  (``resources.resolve``: so the shipped gin files can name shipped data as 'data/...')."""
+  return resources.resolve(path)
 
 
 def _split_tfds_spec(spec: str) -> Optional[Tuple[str, str]]:

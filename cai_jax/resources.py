@@ -28,3 +28,13 @@ GIN_DIR = os.path.join(RESOURCE_ROOT, "gin")
 PRESET_DIR = os.path.join(GIN_DIR, "models")
 CONSTITUTIONS_DIR = os.path.join(RESOURCE_ROOT, "constitutions")
 DATA_DIR = os.path.join(RESOURCE_ROOT, "data")
+
+
+def resolve(path: str) -> str:
+  """A relative path is looked up in the working directory, then under RESOURCE_ROOT (so
+  'data/...', 'constitutions/...' name the shipped files from any directory); `path`
+  itself when neither exists."""
+  if os.path.isabs(path) or os.path.exists(path):
+    return path
+  candidate = os.path.join(RESOURCE_ROOT, path)
+  return candidate if os.path.exists(candidate) else path

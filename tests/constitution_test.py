@@ -340,3 +340,13 @@ def test_sampling_is_uniform_chi_square():
   assert chi2 < 37.7, (chi2, counts)
   # Draws do come with replacement: far more draws than principles, all of them used.
   assert (counts > 0).all()
+
+
+def test_a_shipped_constitution_is_found_from_any_directory(tmp_path, monkeypatch):
+  """'constitutions/default' names the shipped folder from outside the checkout (as
+  'data/...' does); a folder of that name in the working directory comes first."""
+  monkeypatch.chdir(tmp_path)
+  assert C.load_constitution("constitutions/default") == C.load_default()
+  (tmp_path / "constitutions" / "default").mkdir(parents=True)
+  with pytest.raises(C.ConstitutionError, match="holds neither constitution.json"):
+    C.load_constitution("constitutions/default")
