@@ -186,3 +186,20 @@ def test_export_generation_stops_at_the_trained_formats_end_of_turn(chat_model, 
   gen = transformers.AutoModelForCausalLM.from_pretrained(out).generation_config
   assert sorted(gen.eos_token_id) == stop_token_ids(tok, "llama3")
   assert tok.token_to_id("<|eot_id|>") in gen.eos_token_id != tok.eos_id
+
+
+def test_import_of_a_folder_without_a_tokenizer_says_so(tmp_path, capsys):
+  """A Hugging Face folder with weights but no tokenizer imports (a tokenizer can be given
+  beside the model later), with a warning naming the folder and a summary that says so."""
+  import jax
+  from cai_jax import convert, models
+  from cai_jax.configs import ModelConfig
+  from cai_jax.stages import checkpoint_io
+  cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                    max_seq_len=32)
+  convert.save_hf(models.init(cfg, jax.random.PRNGKey(0)), cfg, str(tmp_path / "hf"))
+  result = checkpoint_io.run_import(str(tmp_path / "hf"), str(tmp_path / "m"))
+  assert result["tokenizer"] is False
+  err = capsys.readouterr().err
+  assert f"import: warning: {tmp_path / 'hf'} holds no tokenizer" in err
+  assert not (tmp_path / "m" / "tokenizer").exists()

@@ -26,8 +26,13 @@ def run_import(source: str, out: str) -> dict:
   path = model_dir.resolve_model_spec(source)
   head = model_dir.load_head(path) if model_dir.is_model_dir(path) else "lm"
   model_dir.save_model(out, config, params, tok, head=head)
+  if tok is None and jax.process_index() == 0:
+    print(f"import: warning: {source} holds no tokenizer (tokenizer.json or tokenizer.model); "
+          f"{out} has none, so sampling it or training it needs a tokenizer given beside it "
+          "(e.g. train_lm.tokenizer)", file=sys.stderr)
   return {"out": os.path.abspath(out), "source": source, "layers": config.n_layers,
-          "d_model": config.d_model, "vocab": config.vocab_size}
+          "d_model": config.d_model, "vocab": config.vocab_size,
+          "tokenizer": tok is not None}
 
 
 def run_export(source: str, out: str) -> dict:
