@@ -139,8 +139,9 @@ def soft_bt_loss_sums(score_a: Array, score_b: Array, p: Array,
   weight 0 contribute nothing, even if their scores are NaN. Both outputs are scalars.
   """
   delta = _float(score_a) - _float(score_b)
-  per = soft_bradley_terry(delta, p)
-  w = jnp.ones_like(per) if weight is None else jnp.broadcast_to(_float(weight), per.shape)
+  w = jnp.ones_like(delta) if weight is None else _float(weight)
+  delta, w, p = jnp.broadcast_arrays(delta, w, _float(p))
+  per = soft_bradley_terry(jnp.where(w != 0, delta, 0.0), p)
   return jnp.sum(jnp.where(w != 0, per * w, 0.0)), jnp.sum(w)
 
 

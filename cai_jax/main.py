@@ -234,6 +234,116 @@ def usage() -> str:
   return "\n".join(lines)
 
 
+def _command_words(argv: List[str]) -> List[str]:
+  """The words of argv[1:] that are not flags, `evaluate hhh` read as evaluate_hhh."""
+  args = [a for a in argv[1:] if not a.startswith("-")]
+  if tuple(args[:2]) in _SUBCOMMANDS:
+    args = [_SUBCOMMANDS[tuple(args[:2])]] + args[2:]
+  return args
+
+
+def _doc_args(doc: str, names) -> Dict[str, str]:
+  """{argument: first line of its description} from a docstring's "Args:" section: each
+  'NAME: text' of an argument in ``names`` at the start of a line or after '. ' (as in
+  'prompts: input JSONL path. out: output JSONL path.'), up to the next such entry."""
+  lines = (doc or "").splitlines()
+  start = next((i for i, l in enumerate(lines) if l.strip() == "Args:"), None)
+  if start is None:
+    return {}
+  indent = len(lines[start]) - len(lines[start].lstrip())
+  found = {}
+  for line in lines[start + 1:]:
+    if line.strip() and len(line) - len(line.lstrip()) <= indent:
+      break   # the next section (Returns:, ...)
+    entries = [m for m in re.finditer(r"(?:^\s*|(?<=\.)\s+)(\w+): ", line) if m.group(1) in names]
+    for m, nxt in zip(entries, entries[1:] + [None]):
+      found.setdefault(m.group(1), line[m.end():nxt.start() if nxt else None].strip())
+  return found
+
+
+def command_usage(command: str) -> str:
+  """`cai-jax COMMAND --help`: the command's line of the global help, its direct flags, and
+  every argument of its runner as the --gin binding (and flag) that sets it, with the
+  runner's default and the first line of its docstring's description. Imports the runner's
+  module (a stage's imports jax)."""
+  import inspect
+  cmd = COMMANDS[command]
+  spelled = {v: " ".join(k) for k, v in _SUBCOMMANDS.items()}.get(command, command)
+  name = cmd.configurable(command)
+  fn = cmd.runner()
+  params = inspect.signature(fn).parameters
+  docs = _doc_args(inspect.getdoc(fn), params)
+  configs = _config_classes()
+  flag_of = {arg: flag for flag, arg in _FLAG_ARGS.items()
+             if arg in params and not isinstance(params[arg].default, configs)}
+  words = " ".join(w.upper() for w in cmd.positional)
+  lines = [f"usage: cai-jax {spelled} {words + ' ' if words else ''}[--gin_file=FILE ...] "
+           f"[--gin.{name}.NAME=VALUE ...] [--FLAG=VALUE ...]", "", cmd.help + "."]
+  lines += ["", "Flags:"]
+  for arg, flag in flag_of.items():
+    lines.append(f"  --{flag}=VALUE".ljust(26) + FLAGS[flag].help.replace("COMMAND.", f"{name}."))
+  lines.append("  --gin_file=FILE".ljust(26) + "gin file (repeatable); without one, "
+               + (f"gin/{cmd.default_gin}" if cmd.default_gin else "none"))
+  lines.append("  --gin_search_path=DIR".ljust(26) + "extra directory for gin includes")
+  lines.append("  --compilation_cache=DIR|none".ljust(26) + " persistent XLA compilation cache")
+  if cmd.writes_out_dir:
+    lines.append("  --skip_if_complete".ljust(26) + "do nothing when --out_dir holds a finished "
+                 "run of the same config and input models")
+  if command in MULTI_HOST_COMMANDS:
+    lines.append("  --distributed=auto|none|explicit and --coordinator_address, --num_processes, "
+                 "--process_id: multi-process runs")
+  lines += ["", f"Settings of {name} (the runner's defaults; a gin file may bind them too; a "
+                f"string value needs quotes: --gin.{name}.NAME=\"'text'\"):"]
+  for arg, p in params.items():
+    how = f"--gin.{name}.{arg}=VALUE"
+    if arg in flag_of:
+      how += f" or --{flag_of[arg]}=VALUE"
+    if arg in cmd.positional:
+      how += f" or the word {arg.upper()}"
+    if p.default is inspect.Parameter.empty:
+      default = "required"
+    elif isinstance(p.default, configs):
+      cls = type(p.default).__name__
+      how = f"--gin.{cls}.FIELD=VALUE"
+      default = f"{arg}: a {cls}, built by gin"
+    else:
+      default = f"default: {p.default!r}"
+    lines.append(f"  {how}   {default}")
+    if docs.get(arg):
+      lines.append(f"      {docs[arg]}")
+  lines += ["", "`cai-jax --help` lists every command and flag."]
+  return "\n".join(lines)
+
+
+def _unknown_flag_text(argv: List[str], e: Exception) -> str:
+  """absl's first line for a bad flag; for an unknown --NAME=VALUE where NAME is an argument
+  of the command's runner, the --gin binding to use instead (imports the runner's module)."""
+  text = first_line(e)
+  words = _command_words(argv)
+  if not isinstance(e, flags.UnrecognizedFlagError) or not words or words[0] not in COMMANDS:
+    return text
+  import ast
+  import inspect
+  command = words[0]
+  try:
+    params = inspect.signature(COMMANDS[command].runner()).parameters
+  except Exception:   # noqa: BLE001  (the hint is optional; absl's message stands alone)
+    return text
+  if e.flagname not in params or isinstance(params[e.flagname].default, _config_classes()):
+    return text
+  arg = str(e.flagvalue)
+  value = arg.split("=", 1)[1] if "=" in arg else "..."
+  if value != "...":
+    try:
+      ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      value = f"\"{value!r}\""
+  name = COMMANDS[command].configurable(command)
+  spelled = {v: " ".join(k) for k, v in _SUBCOMMANDS.items()}.get(command, command)
+  return (f"unknown flag --{e.flagname}: {e.flagname} is a setting of {name}; use "
+          f"--gin.{name}.{e.flagname}={value} (`cai-jax {spelled} --help` lists them)")
+
+
 def version_line() -> str:
   """'cai-jax 0.1.0 (jax 0.10.2, flax 0.12.8, python 3.11.7)': what `--version` prints."""
   from importlib import metadata
@@ -611,9 +721,7 @@ def _distributed_args() -> List[str]:
 def _main(argv: List[str]) -> None:
   from cai_jax import compilation_cache, distributed
   compilation_cache.configure(FLAGS.compilation_cache)   # before any compile; stages inherit it
-  args = [a for a in argv[1:] if not a.startswith("-")]
-  if tuple(args[:2]) in _SUBCOMMANDS:
-    args = [_SUBCOMMANDS[tuple(args[:2])]] + args[2:]
+  args = _command_words(argv)
   if args[:1] == ["pipeline"]:
     # Each stage process joins the multi-process run itself; the pipeline only forwards the
     # flags (and the environment), so it must not hold the coordinator.
@@ -678,7 +786,8 @@ def run(argv: Optional[List[str]] = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) == 1 or argv[1:2] == ["help"] or any(
       a in ("-h", "--help", "--helpfull", "--helpshort") for a in argv[1:]):
-    print(usage())
+    words = _command_words(argv)
+    print(command_usage(words[0]) if words[:1] and words[0] in COMMANDS else usage())
     sys.exit(0)
   if "--version" in argv[1:]:
     print(version_line())
@@ -687,7 +796,7 @@ def run(argv: Optional[List[str]] = None) -> None:
   try:   # absl's own report of a bad flag is two lines and exit status 1
     remaining = FLAGS(argv)
   except flags.Error as e:
-    print(f"cai-jax: error: {first_line(e)}", file=sys.stderr)
+    print(f"cai-jax: error: {_unknown_flag_text(argv, e)}", file=sys.stderr)
     sys.exit(2)
 
   def main(parsed):

@@ -139,6 +139,21 @@ def test_soft_bt_loss_sums_weights_and_pads():
   assert float(c1) == 8.0
 
 
+def test_soft_bt_loss_sums_gradient_ignores_nan_scores_of_weight_zero_pairs():
+  """A padding pair's NaN score leaks into no gradient: the loss differentiates as if
+  the pad held any finite score."""
+  a = jnp.array([1.0, -2.0, 0.5, 3.0])
+  b = jnp.array([0.0, 1.0, 0.0, 1.0])
+  p = jnp.array([0.7, 0.2, 0.9, 0.5])
+  w = jnp.array([1.0, 2.0, 0.0, 1.0])
+  grad = lambda x: jax.grad(lambda s: losses.soft_bt_loss_sums(s, b, p, w)[0])(x)
+  want = np.asarray(grad(a))
+  got = np.asarray(grad(a.at[2].set(jnp.nan)))
+  assert np.all(np.isfinite(got)), got
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(want, np.asarray(w * (jax.nn.sigmoid(a - b) - p)), rtol=1e-5)
+
+
 def _np_ece(q, p, n_bins):
   idx = np.minimum((q * n_bins).astype(int), n_bins - 1)
   total = 0.0

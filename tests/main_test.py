@@ -252,8 +252,59 @@ def test_import_of_a_malformed_hf_folder_is_a_one_line_error(what, needle, tmp_p
 def test_help_lists_commands():
   out = cli("--help")
   assert out.returncode == 0
+  assert out.stdout.splitlines()[0] == ("usage: cai-jax COMMAND [--gin_file=FILE ...] "
+                                        "[--gin.KEY=VALUE ...] [--out_dir=DIR]")
   for command in ("train_lm", "info"):
     assert command in out.stdout
+  probe = ("import sys\nfrom cai_jax import main\ntry:\n  main.run(['cai-jax', '--help'])\n"
+           "except SystemExit:\n  pass\nassert 'jax' not in sys.modules, 'jax imported'")
+  out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=ENV, capture_output=True,
+                       text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("args,own,other", [
+    (["sample"], ["--gin.sample.top_p=VALUE", "--gin.sample.top_k=VALUE",
+                  "--gin.sample.seed=VALUE", "--gin.sample.prompts=VALUE or --prompts=VALUE",
+                  "--gin.sample.temperature=VALUE or --temperature=VALUE"],
+     "--gin.dpo.beta"),
+    (["dpo"], ["--gin.dpo.beta=VALUE", "--gin.dpo.reference=VALUE",
+               "--gin.dpo.out_dir=VALUE or --out_dir=VALUE"], "--gin.sample.top_p"),
+    (["evaluate", "hhh"], ["usage: cai-jax evaluate hhh ", "--gin.evaluate_hhh.data=VALUE"],
+     "--gin.evaluate.sl"),
+    (["import"], ["--gin.import_checkpoint.source=VALUE or --from=VALUE"], "--gin.export"),
+])
+def test_command_help_lists_that_commands_settings(args, own, other):
+  out = cli(*args, "--help")
+  assert out.returncode == 0, out.stderr
+  for needle in own:
+    assert needle in out.stdout, (needle, out.stdout)
+  assert other not in out.stdout
+  assert not out.stdout.startswith("usage: cai-jax COMMAND")
+
+
+def test_command_help_shows_defaults_and_docstring_lines():
+  out = cli("dpo", "--help")
+  lines = out.stdout.splitlines()
+  beta = next(i for i, l in enumerate(lines) if "--gin.dpo.beta=VALUE" in l)
+  assert "default: 0.1" in lines[beta] and "DPO temperature" in lines[beta + 1], out.stdout
+  assert "DPO on the AI-labelled comparisons" in out.stdout
+  out = cli("sample", "--help")
+  lines = out.stdout.splitlines()
+  truncate = next(i for i, l in enumerate(lines) if "--gin.sample.truncate=VALUE" in l)
+  assert "default: None" in lines[truncate] and "'left'" in lines[truncate + 1], out.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sample", "--top_p=0.9"], "use --gin.sample.top_p=0.9"),
+    (["sample", "--chat_format=raw"], "use --gin.sample.chat_format=\"'raw'\""),
+    (["evaluate", "hhh", "--seed=3"], "use --gin.evaluate_hhh.seed=3"),
+])
+def test_an_unknown_flag_naming_a_setting_says_how_to_bind_it(args, needle):
+  out = cli(*args)
+  assert out.returncode == 2
+  _assert_one_line_error(out, needle)
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_version_names_the_installed_packages():

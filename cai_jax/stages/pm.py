@@ -13,8 +13,10 @@ human helpfulness comparisons (HH-RLHF: chosen beats rejected, p = 1).
 Inputs (``load_comparisons``):
   comparisons        a finished feedback output directory, or a JSONL file of
                      {"prompt" | "messages", "response_a", "response_b", "p_a"}
-                     (a JSONL file of HH-RLHF {"chosen", "rejected"} is also read).
-  human_comparisons  HH-RLHF JSONL ({"chosen", "rejected"} transcripts), p = 1.
+                     (HH-RLHF {"chosen", "rejected"} transcripts and TRL preference
+                     lines, {"prompt", "chosen", "rejected"}, are also read: p = 1).
+  human_comparisons  HH-RLHF JSONL ({"chosen", "rejected"} transcripts) or TRL preference
+                     JSONL, p = 1.
   pmp_comparisons    optional preference-model pretraining set (either form above).
 A comparison whose label is missing, not a number or outside [0, 1], or whose response
 is empty (after stripping whitespace), is skipped and counted; more than
