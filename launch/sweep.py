@@ -215,14 +215,32 @@ def run_name(bindings: Dict[str, Any], shorts: Dict[str, str]) -> str:
   return name
 
 
+_OWN_FLAGS = ("run", "print", "launcher", "grid", "grid_file", "out_root", "base", "command",
+              "cai_jax")
+
+
+def check_command(command: str) -> None:
+  """ValueError unless `command` is a cai-jax command that writes --out_dir (the runs of a
+  sweep each get one), the pipeline included."""
+  from cai_jax.main import COMMANDS   # absl only: no jax import
+  ok = sorted(c for c, spec in COMMANDS.items() if spec.writes_out_dir or c == "pipeline")
+  if command not in ok:
+    what = "is not a cai-jax command" if command not in COMMANDS else "writes no --out_dir"
+    raise ValueError(f"--command={command} {what}; a sweep runs one of {', '.join(ok)}")
+
+
 def check_extra_args(extra_args: Sequence[str], keys: Sequence[str]) -> None:
   """ValueError naming an argument after -- that would make the runs alike: one setting
   --out_dir (absl keeps the last one: every run would write there) or binding a grid key
-  (gin keeps the last binding: every run would get its value)."""
+  (gin keeps the last binding: every run would get its value); or one of sweep.py's own
+  flags (--run after -- would reach cai-jax, and the sweep would only print)."""
   for i, arg in enumerate(extra_args):
     if not arg.startswith("-"):
       continue
     flag, sep, value = arg.lstrip("-").partition("=")
+    if flag in _OWN_FLAGS:
+      raise ValueError(f"the argument {arg!r} after -- goes to cai-jax, not to sweep.py; put "
+                       "sweep.py's own flags before --")
     if flag == "out_dir":
       raise ValueError(f"the argument {arg!r} after -- sets --out_dir, which the sweep gives "
                        "each run (out_root/NAME); set --out_root instead")
@@ -242,9 +260,11 @@ def make_runs(grid: Grid, command: str, out_root: str, base: Sequence[str] = (),
               extra_args: Sequence[str] = (), cai_jax: Sequence[str] = ("cai-jax",)) -> List[Run]:
   """Expands the grid into runs with their names, out_dirs and cai-jax command lines.
 
-  Names that coincide after sanitising get a digest of their bindings appended; extra_args
-  that set --out_dir or bind a grid key are a ValueError (``check_extra_args``).
+  Names that coincide after sanitising get a digest of their bindings appended; a command
+  that writes no --out_dir (``check_command``) and extra_args that set --out_dir or bind a
+  grid key (``check_extra_args``) are a ValueError.
   """
+  check_command(command)
   points = expand(grid)
   check_extra_args(extra_args, [k for k, _ in grid])
   shorts = short_keys([k for k, _ in grid])

@@ -269,6 +269,8 @@ def test_infinite_values_are_written_as_gin_reads_them_and_nan_is_refused(capsys
                                       "key PPOConfig.kl_coef"),
     (["--gin_bindings=PPOConfig.kl_coef = 0.5"], "binds the grid key PPOConfig.kl_coef"),
     (["--gin_bindings", "PPOConfig.kl_coef=0.5"], "binds the grid key PPOConfig.kl_coef"),
+    (["--run"], "'--run' after -- goes to cai-jax, not to sweep.py"),
+    (["--launcher=slurm"], "'--launcher=slurm' after -- goes to cai-jax, not to sweep.py"),
 ])
 def test_extra_args_that_would_make_every_run_the_same_are_refused(extra, message, capsys):
   """absl keeps the last --out_dir and gin the last binding: such an argument after -- would
@@ -290,3 +292,15 @@ def test_cai_jax_with_another_launcher_is_refused(launcher, capsys):
   err = capsys.readouterr().err
   assert err.count("\n") == 1
   assert err.startswith(f"sweep.py: error: --cai_jax applies to --launcher=local only")
+
+
+@pytest.mark.parametrize("command,message", [
+    ("trian_lm", "--command=trian_lm is not a cai-jax command; a sweep runs one of "),
+    ("info", "--command=info writes no --out_dir; a sweep runs one of "),
+])
+def test_a_command_a_sweep_cannot_run_is_refused(command, message, capsys):
+  assert sweep.main([f"--command={command}", "--out_root=o", "--grid", "x=[1, 2]"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith(f"sweep.py: error: {message}")
+  listed = err.split("one of ")[1].strip().split(", ")
+  assert {"rl", "pipeline"} <= set(listed) and "info" not in listed
