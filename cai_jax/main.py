@@ -244,8 +244,8 @@ def _command_words(argv: List[str]) -> List[str]:
 
 def _doc_args(doc: str, names) -> Dict[str, str]:
   """{argument: first line of its description} from a docstring's "Args:" section: each
-  'NAME: text' of an argument in ``names`` at the start of a line or after '. ' (as in
-  'prompts: input JSONL path. out: output JSONL path.'), up to the next such entry."""
+  'NAME: text' of an argument in ``names`` at the start of a line or after '. ' or '; ' (as
+  in 'prompts: input JSONL path. out: output JSONL path.'), up to the next such entry."""
   lines = (doc or "").splitlines()
   start = next((i for i, l in enumerate(lines) if l.strip() == "Args:"), None)
   if start is None:
@@ -255,9 +255,10 @@ def _doc_args(doc: str, names) -> Dict[str, str]:
   for line in lines[start + 1:]:
     if line.strip() and len(line) - len(line.lstrip()) <= indent:
       break   # the next section (Returns:, ...)
-    entries = [m for m in re.finditer(r"(?:^\s*|(?<=\.)\s+)(\w+): ", line) if m.group(1) in names]
+    entries = [m for m in re.finditer(r"(?:^\s*|(?<=[.;])\s+)(\w+): ", line)
+               if m.group(1) in names]
     for m, nxt in zip(entries, entries[1:] + [None]):
-      found.setdefault(m.group(1), line[m.end():nxt.start() if nxt else None].strip())
+      found.setdefault(m.group(1), line[m.end():nxt.start() if nxt else None].strip(" ;"))
   return found
 
 
@@ -276,14 +277,15 @@ def command_usage(command: str) -> str:
   configs = _config_classes()
   flag_of = {arg: flag for flag, arg in _FLAG_ARGS.items()
              if arg in params and not isinstance(params[arg].default, configs)}
-  words = " ".join(w.upper() for w in cmd.positional)
+  words = " ".join(f"[{w.upper()}]" if params[w].default is not inspect.Parameter.empty
+                   else w.upper() for w in cmd.positional)
   lines = [f"usage: cai-jax {spelled} {words + ' ' if words else ''}[--gin_file=FILE ...] "
            f"[--gin.{name}.NAME=VALUE ...] [--FLAG=VALUE ...]", "", cmd.help + "."]
   lines += ["", "Flags:"]
   for arg, flag in flag_of.items():
     lines.append(f"  --{flag}=VALUE".ljust(26) + FLAGS[flag].help.replace("COMMAND.", f"{name}."))
   lines.append("  --gin_file=FILE".ljust(26) + "gin file (repeatable); without one, "
-               + (f"gin/{cmd.default_gin}" if cmd.default_gin else "none"))
+               + (f"gin/{cmd.default_gin}" if cmd.default_gin else "no gin file"))
   lines.append("  --gin_search_path=DIR".ljust(26) + "extra directory for gin includes")
   lines.append("  --compilation_cache=DIR|none".ljust(26) + " persistent XLA compilation cache")
   if cmd.writes_out_dir:
@@ -305,7 +307,7 @@ def command_usage(command: str) -> str:
     elif isinstance(p.default, configs):
       cls = type(p.default).__name__
       how = f"--gin.{cls}.FIELD=VALUE"
-      default = f"{arg}: a {cls}, built by gin"
+      default = f"{arg}: the {cls} that gin builds"
     else:
       default = f"default: {p.default!r}"
     lines.append(f"  {how}   {default}")
