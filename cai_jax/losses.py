@@ -136,7 +136,8 @@ def soft_bt_loss_sums(score_a: Array, score_b: Array, p: Array,
 
   score_a, score_b: [B] PM scores of the two responses; p: [B] probability that A is
   better; weight: [B] per-pair weight (0 for padding pairs; default all 1). Pairs with
-  weight 0 contribute nothing, even if their scores are NaN. Both outputs are scalars.
+  weight 0 contribute nothing to the sums or their gradients, even if their scores are NaN.
+  Both outputs are scalars.
   """
   delta = _float(score_a) - _float(score_b)
   w = jnp.ones_like(delta) if weight is None else _float(weight)
@@ -429,7 +430,7 @@ def check_finite(metrics: Mapping[str, Any], step: Any) -> None:
   bad = []
   for name, value in host.items():
     arr = np.asarray(value)
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating)):
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.complexfloating)):
       continue
     if not np.all(np.isfinite(arr)):
       shown = arr.item() if arr.size == 1 else f"array with {int(np.sum(~np.isfinite(arr)))} non-finite"

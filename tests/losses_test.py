@@ -485,6 +485,15 @@ def test_check_finite():
     losses.check_finite({"loss": 1.0, "grad_norm": float("inf")}, 3)
 
 
+def test_check_finite_sees_bfloat16_and_float16_metrics():
+  for dtype in (jnp.bfloat16, jnp.float16):
+    losses.check_finite({"value_mean": jnp.ones((), dtype)}, 1)
+    with pytest.raises(FloatingPointError, match=r"step 5.*value_mean=nan"):
+      losses.check_finite({"value_mean": jnp.array(np.nan, dtype)}, 5)
+    with pytest.raises(FloatingPointError, match=r"step 5.*v=array with 1 non-finite"):
+      losses.check_finite({"v": jnp.array([1.0, np.inf], dtype)}, 5)
+
+
 def test_everything_jit_compiles():
   rng = np.random.default_rng(16)
   b, t = 3, 6
