@@ -271,9 +271,10 @@ class OptimizerConfig:
           or not (value >= low and math.isfinite(value))):
         raise ValueError(f"OptimizerConfig.{name} must be a finite number >= {low:g}, got "
                          f"{value}" + (" (0 disables clipping)" if name == "grad_clip_norm" else ""))
-    if self.schedule == "cosine" and self.total_steps < 1:
-      raise ValueError(f"OptimizerConfig.total_steps must be >= 1 for the cosine schedule, "
-                       f"got {self.total_steps}")
+    if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+      raise ValueError(f"OptimizerConfig.total_steps={self.total_steps} must be greater than "
+                       f"warmup_steps={self.warmup_steps} for the cosine schedule (it decays "
+                       "from the end of warmup to total_steps)")
 
 
 @dataclasses.dataclass(frozen=True)

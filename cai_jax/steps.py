@@ -41,18 +41,11 @@ class TrainState:
 
 
 def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-  """Linear warmup 0 -> peak over warmup_steps, then constant or cosine to the fraction.
-
-  The cosine decays over steps [warmup_steps, total_steps] and stays at the fraction after;
-  a total_steps not past warmup_steps is a ValueError (as in optax).
-  """
+  """Linear warmup 0 -> peak over warmup_steps, then constant or cosine to the fraction."""
   if cfg.schedule == "constant":
     after = optax.constant_schedule(cfg.learning_rate)
   else:
-    if cfg.total_steps <= cfg.warmup_steps:
-      raise ValueError(f"OptimizerConfig.total_steps={cfg.total_steps} must be greater than "
-                       f"warmup_steps={cfg.warmup_steps} for the cosine schedule")
-    decay_steps = cfg.total_steps - cfg.warmup_steps
+    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
     after = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, alpha=cfg.final_lr_fraction)
   if cfg.warmup_steps == 0:
     return after

@@ -89,6 +89,26 @@ def check_run(model_cfg: ModelConfig, train_cfg: TrainConfig, dataset: data.Batc
                      f"TrainConfig.num_steps={train_cfg.num_steps}")
 
 
+def warn_schedule_length(opt_cfg: OptimizerConfig, train_cfg: TrainConfig, schedule) -> bool:
+  """Logs a warning (and returns True) when a cosine schedule's length
+  (OptimizerConfig.total_steps) is not the run's (TrainConfig.num_steps): the run ends
+  before the decay does, or its last steps stay at the floor. `schedule`:
+  ``steps.lr_schedule(opt_cfg)``."""
+  if opt_cfg.schedule != "cosine" or opt_cfg.total_steps == train_cfg.num_steps:
+    return False
+  end = float(schedule(train_cfg.num_steps - 1)) / opt_cfg.learning_rate if opt_cfg.learning_rate else 0.0
+  if jax.process_index() == 0:
+    import logging
+    logging.getLogger(__name__).warning(
+        "OptimizerConfig.total_steps=%d (the cosine schedule's length) is not "
+        "TrainConfig.num_steps=%d: the last step's learning rate is %.3g of the peak "
+        "(final_lr_fraction=%g)%s; bind both to the same value to decay over the run",
+        opt_cfg.total_steps, train_cfg.num_steps, end, opt_cfg.final_lr_fraction,
+        f", reached {train_cfg.num_steps - opt_cfg.total_steps} steps before the end"
+        if opt_cfg.total_steps < train_cfg.num_steps else "")
+  return True
+
+
 def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConfig,
           mesh_cfg: MeshConfig, dataset: data.Batches, out_dir: str,
           init_params: Any = None, head: str = "lm",
@@ -113,6 +133,7 @@ def train(model_cfg: ModelConfig, opt_cfg: OptimizerConfig, train_cfg: TrainConf
   rules = sharding.rules_for(mesh_cfg.rules)
   tx = steps.make_optimizer(opt_cfg)
   schedule = steps.lr_schedule(opt_cfg)
+  warn_schedule_length(opt_cfg, train_cfg, schedule)
   rng = jax.random.PRNGKey(train_cfg.seed)
   check_run(model_cfg, train_cfg, dataset)
   manager = checkpoints.CheckpointManager(

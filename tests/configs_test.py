@@ -23,7 +23,10 @@ from cai_jax.configs import ModelConfig, OptimizerConfig, PPOConfig, TrainConfig
     (dict(grad_clip_norm=-1.0), r"grad_clip_norm must be a finite number >= 0, got -1.0 "
                                 r"\(0 disables clipping\)"),
     (dict(final_lr_fraction=float("inf")), r"final_lr_fraction must be a finite number"),
-    (dict(schedule="cosine", total_steps=0), r"total_steps must be >= 1 for the cosine"),
+    (dict(schedule="cosine", total_steps=0),
+     r"total_steps=0 must be greater than warmup_steps=0 for the cosine"),
+    (dict(schedule="cosine", warmup_steps=5, total_steps=3),   # optax refuses it too
+     r"^OptimizerConfig.total_steps=3 must be greater than warmup_steps=5"),
 ])
 def test_optimizer_config_refuses_out_of_range_fields(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -263,3 +263,22 @@ def test_train_lm_refuses_a_tokenizer_other_than_init_froms(tmp_path):
     summary = train_lm.run(str(tmp_path / f"ok-{tokenizer is None}"), str(path),
                            tokenizer=tokenizer, **kw)
     assert summary["steps"] == 1
+
+
+def test_a_cosine_schedule_shorter_or_longer_than_the_run_is_warned(caplog):
+  """OptimizerConfig.total_steps is the cosine's length, TrainConfig.num_steps the run's:
+  overriding one alone left the rate undecayed (or at its floor) with no word."""
+  opt = OptimizerConfig(learning_rate=1.0, schedule="cosine", total_steps=100,
+                        final_lr_fraction=0.0)
+  with caplog.at_level("WARNING"):
+    assert train.warn_schedule_length(opt, TrainConfig(num_steps=50), steps.lr_schedule(opt))
+  want = 0.5 * (1 + np.cos(np.pi * 49 / 100))   # optax's cosine at step 49 of 100
+  assert (f"OptimizerConfig.total_steps=100 (the cosine schedule's length) is not "
+          f"TrainConfig.num_steps=50: the last step's learning rate is {want:.3g} of the peak"
+          in caplog.text)
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert train.warn_schedule_length(opt, TrainConfig(num_steps=130), steps.lr_schedule(opt))
+  assert "reached 30 steps before the end" in caplog.text
+  for o, n in ((opt, 100), (OptimizerConfig(), 7)):   # matching lengths; constant schedule
+    assert not train.warn_schedule_length(o, TrainConfig(num_steps=n), steps.lr_schedule(o))
