@@ -363,22 +363,35 @@ def version_line() -> str:
 def check_command_bindings(command: str, bindings: List[str]) -> None:
   """CliError for a command-line binding of another command's runner (e.g. --gin.pm.mix_ratio
   given to `cai-jax rl`): a command's parse skips the other commands' bindings, which the
-  gin files shared by every command hold, so on the command line it would change nothing."""
+  gin files shared by every command hold, so on the command line it would change nothing.
+  The same for a binding of a config class the command's runner does not take (e.g.
+  --gin.ModelConfig.dtype given to `cai-jax import`, which reads the checkpoint's own)."""
   if command not in COMMANDS:
     return
   own = COMMANDS[command].configurable(command)
   spelled = {v: " ".join(k) for k, v in _SUBCOMMANDS.items()}
   others = {c.configurable(n): spelled.get(n, n) for n, c in COMMANDS.items()
             if c.configurable(n) != own}
-  command = spelled.get(command, command)
+  name, command = command, spelled.get(command, command)
+  read = None   # the config classes the command's runner takes, found when first needed
   for binding in bindings:
     key = binding.split("=", 1)[0].strip()
-    selector = key.rsplit("/", 1)[-1]
+    scope, _, selector = key.rpartition("/")
     target = selector.rsplit(".", 1)[0] if "." in selector else ""
     if target in others:
       raise CliError(f"--gin.{key} binds `cai-jax {others[target]}`, which `cai-jax {command}` "
                      f"does not run; pass it to `cai-jax {others[target]}`, or put it in a gin "
                      "file")
+    if target in {c.__name__ for c in _config_classes()} and scope in ("", own):
+      if read is None:
+        import inspect
+        params = inspect.signature(COMMANDS[name].runner()).parameters.values()
+        read = {type(p.default).__name__ for p in params
+                if isinstance(p.default, _config_classes())}
+      if target not in read:
+        raise CliError(f"--gin.{key} binds {target}, which `cai-jax {command}` does not read "
+                       f"(it takes {', '.join(sorted(read)) or 'no config class'}; "
+                       f"`cai-jax {command} --help` lists its settings)")
 
 
 def rewrite_gin_args(argv: List[str]) -> List[str]:

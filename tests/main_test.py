@@ -137,6 +137,23 @@ def test_gin_errors_name_the_file_or_binding(tmp_path):
   assert "quotes" not in out.stderr
 
 
+def test_a_binding_of_a_config_class_the_command_does_not_read_is_refused(tmp_path):
+  """`import` reads the checkpoint's own ModelConfig and `sample` a model directory's:
+  --gin.ModelConfig.dtype changed nothing and exited 0. A command that takes the class
+  (info's ModelConfig, sample's MeshConfig), or a scope of another command, is not refused."""
+  out = cli("import", f"--from={tmp_path / 'hf'}", f"--out={tmp_path / 'm'}",
+            "--gin.ModelConfig.dtype='bfloat16'")
+  _assert_one_line_error(out, "--gin.ModelConfig.dtype binds ModelConfig, which `cai-jax "
+                              "import` does not read (it takes no config class; ")
+  assert out.returncode == 2 and not (tmp_path / "m").exists()
+  _assert_one_line_error(cli("sample", "--gin.ModelConfig.dtype='bfloat16'"),
+                         "--gin.ModelConfig.dtype binds ModelConfig, which `cai-jax sample` "
+                         "does not read (it takes MeshConfig; ")
+  from cai_jax import main
+  main.check_command_bindings("info", ["ModelConfig.d_model = 64"])
+  main.check_command_bindings("sample", ["MeshConfig.fsdp = 1", "rl/TrainConfig.seed = 1"])
+
+
 def test_a_command_line_binding_of_another_command_is_refused():
   """A command's parse skips the other commands' bindings (gin files shared by every command
   hold them), so --gin.pm.mix_ratio given to `info` would change nothing: one-line error. A
