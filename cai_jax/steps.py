@@ -149,7 +149,7 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
         "loss": loss_sum / denom,
         "grad_norm": grad_norm,
         "learning_rate": schedule(state.step),
-        "tokens": count,
+        "loss_count": count,   # what the loss averages over: trained tokens, pairs or rows
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -106,7 +106,7 @@ def test_loss_of_tiny_model_falls_on_fixed_dataset(tmp_path):
   first = np.mean([r["loss"] for r in rows[:3]])
   last = np.mean([r["loss"] for r in rows[-3:]])
   assert last < 0.6 * first
-  for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s", "tokens"):
+  for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s", "loss_count"):
     assert key in rows[-1]
   assert os.listdir(tmp_path / "tb")  # TensorBoard event file written
   assert result.state.step == 40
