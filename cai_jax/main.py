@@ -842,7 +842,11 @@ def run(argv: Optional[List[str]] = None) -> None:
         print(f"cai-jax: error: {first_line(e)}", file=sys.stderr)   # the stage printed its own
         status = e.exit_status
       elif isinstance(e, KeyboardInterrupt):
-        print("cai-jax: interrupted", file=sys.stderr)
+        words = _command_words(list(parsed))
+        spec = COMMANDS.get(words[0]) if words else None
+        resumes = spec is not None and (spec.writes_out_dir or words[0] in ("pipeline", "sample"))
+        print("cai-jax: interrupted" + ("; the same command resumes where this one stopped"
+                                        if resumes else ""), file=sys.stderr)
         status = 130
       else:
         if _PROCESS["count"] > 1:

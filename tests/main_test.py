@@ -509,6 +509,14 @@ def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, capsys):
     main.run(["cai-jax", "info"])
   assert e.value.code == 130
   assert capsys.readouterr().err.strip() == "cai-jax: interrupted"
+  from cai_jax import distributed
+  for command in ("train_lm", "sample", "pipeline"):   # these resume on a rerun: say so
+    distributed._ending.clear()   # each run() here stands for a new process
+    with pytest.raises(SystemExit) as e:
+      main.run(["cai-jax", command, "--out_dir=x"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip() == (
+        "cai-jax: interrupted; the same command resumes where this one stopped")
 
 
 def test_help_anywhere_prints_the_usage():
