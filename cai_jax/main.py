@@ -360,6 +360,11 @@ def version_line() -> str:
   return f"cai-jax {__version__} ({', '.join(found)}, python {platform.python_version()})"
 
 
+def _spelled(command: str) -> str:
+  """How a user types `command` ('evaluate hhh' for evaluate_hhh)."""
+  return next((" ".join(k) for k, v in _SUBCOMMANDS.items() if v == command), command)
+
+
 def check_command_bindings(command: str, bindings: List[str]) -> None:
   """CliError for a command-line binding of another command's runner (e.g. --gin.pm.mix_ratio
   given to `cai-jax rl`): a command's parse skips the other commands' bindings, which the
@@ -568,8 +573,16 @@ def execute(command: str, gin_files: List[str], bindings: List[str],
       default = params[arg].default if arg in params else None
       if isinstance(default, _config_classes()):   # e.g. --model=PATH to info or train_lm
         cls = type(default).__name__
+        start = (f"; to start from the model at {value}, --gin.{name}.init_from='{value}'"
+                 if "init_from" in params else "")
         raise CliError(f"--{flag_of.get(arg, arg)}={value}: `cai-jax {command}` takes no such flag "
-                       f"(its {arg} is a {cls}: set its fields with --gin.{cls}.FIELD=VALUE)")
+                       f"(its {arg} is a {cls}: set its fields with --gin.{cls}.FIELD=VALUE{start})")
+      if arg not in params:   # a convenience flag of other commands, e.g. --data to evaluate
+        takers = [_spelled(c) for c, spec in COMMANDS.items() if c != command
+                  and arg in inspect.signature(spec.runner()).parameters]
+        raise CliError(f"--{flag_of.get(arg, arg)}: `cai-jax {_spelled(command)}` takes no such "
+                       f"flag" + (f" (`cai-jax {takers[0]}` does)" if len(takers) == 1 else
+                                  f" (it is a flag of {', '.join(takers)})" if takers else ""))
   bindings = list(bindings) + [f"{name}.{arg} = {value!r}" for arg, value in (flag_args or {}).items()]
   if command == "pipeline":
     cli_args = pipeline_stage_args(gin_files, bindings, search_paths)

@@ -84,6 +84,11 @@ def _assert_one_line_error(out, needle):
     (["info", "--gin.ModelConfig.head_dim=0"], "ModelConfig.head_dim must be an integer >= 1"),
     (["info", "--gin_search_path=/no/such/gin_dir"], "--gin_search_path=/no/such/gin_dir: no such "
                                                      "directory"),
+    (["evaluate", "--data=x"], "--data: `cai-jax evaluate` takes no such flag (it is a flag of "
+                               "evaluate hhh, harm_model)"),
+    (["train_lm", "--model=m"], "(its model is a ModelConfig: set its fields with "
+                                "--gin.ModelConfig.FIELD=VALUE; to start from the model at m, "
+                                "--gin.train_lm.init_from='m')"),
 ])
 def test_bad_input_is_one_line_error(args, needle):
   _assert_one_line_error(cli(*args), needle)
