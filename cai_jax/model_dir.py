@@ -302,8 +302,11 @@ def load_any(spec: str, mesh=None, rules=None, config: Optional[ModelConfig] = N
     has_tokenizer = any(os.path.exists(os.path.join(path, f))
                         for f in ("tokenizer.json", "tokenizer.model", "byte_tokenizer.json"))
     return cfg, params, load_tokenizer(path) if has_tokenizer else None
+  inside = os.path.join(path, "model")
+  hint = f" (a run directory? its model is {inside})" if is_model_dir(inside) else ""
   raise FileNotFoundError(
-      f"model {spec!r}: not a model directory, .gguf file or Hugging Face folder with config.json")
+      f"model {spec!r}: not a model directory, .gguf file or Hugging Face folder with "
+      f"config.json{hint}")
 
 
 def chat_format_file(chat_format: str) -> Dict[str, str]:

@@ -312,3 +312,14 @@ def test_a_model_trained_in_one_chat_format_warns_when_used_in_another(tmp_path,
   [warning] = [r.getMessage() for r in caplog.records if "trained in chat format" in r.getMessage()]
   assert warning.startswith(f"rl.pm {raw!r} was trained in chat format 'raw' but is used in "
                             "'chatml' here")
+
+
+def test_load_any_of_a_run_directory_points_at_its_model(tmp_path):
+  """`--model=runs/my_run` (the run, not its model/) names the model directory inside."""
+  cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+  model_dir.save_model(str(tmp_path / "run" / "model"), cfg, models.init(cfg, jax.random.PRNGKey(0)))
+  with pytest.raises(FileNotFoundError, match=re.escape(
+      f"(a run directory? its model is {tmp_path / 'run' / 'model'})")):
+    model_dir.load_any(str(tmp_path / "run"))
+  with pytest.raises(FileNotFoundError, match=r"Hugging Face folder with config.json$"):
+    model_dir.load_any(str(tmp_path))
