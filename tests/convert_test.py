@@ -189,7 +189,7 @@ def test_inconsistent_config_values_are_errors_naming_the_file(tmp_path):
   for key, value, what in [("num_key_value_heads", 3, "n_kv_heads (3)"),
                            ("rms_norm_eps", -1.0, "norm_eps")]:
     c = dict(convert.hf_config_from(ModelConfig()), **{key: value})
-    with pytest.raises(ValueError, match=re.escape(f"x/config.json: ModelConfig.") + ".*" + re.escape(what)):
+    with pytest.raises(ValueError, match=re.escape("x/config.json: ModelConfig.") + ".*" + re.escape(what)):
       convert.config_from_hf(c, source="x/config.json")
   path = tmp_path / "kv.gguf"
   w = gguf.GGUFWriter(str(path), "llama")

@@ -291,7 +291,7 @@ def test_cai_jax_with_another_launcher_is_refused(launcher, capsys):
                      "--cai_jax=python -m cai_jax.main"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1
-  assert err.startswith(f"sweep.py: error: --cai_jax applies to --launcher=local only")
+  assert err.startswith("sweep.py: error: --cai_jax applies to --launcher=local only")
 
 
 @pytest.mark.parametrize("command,message", [
