@@ -216,7 +216,7 @@ def test_two_processes_train_resume_and_export_like_one_process(tmp_path):
       single / "metrics.jsonl")
   assert [r["step"] for r in multi_rows] == [1, 2, 3, 4]  # written once, by process 0
   assert [r["step"] for r in single_rows] == [1, 2, 3, 4]
-  for key in ("loss", "grad_norm", "learning_rate", "tokens"):
+  for key in ("loss", "grad_norm", "learning_rate", "loss_count"):
     np.testing.assert_allclose([r[key] for r in multi_rows], [r[key] for r in single_rows],
                                rtol=1e-5, atol=1e-5, err_msg=key)
   assert all(r["loss"] > 1.0 and r["grad_norm"] > 0 for r in multi_rows)
