@@ -191,10 +191,9 @@ _SUBCOMMANDS = {("evaluate", "hhh"): "evaluate_hhh"}
 def usage() -> str:
   lines = ["usage: cai-jax COMMAND [--gin_file=FILE ...] [--gin.KEY=VALUE ...] [--out_dir=DIR]",
            "", "Constitutional AI in JAX. Commands:"]
-  spelled = {v: " ".join(k) for k, v in _SUBCOMMANDS.items()}
   for name, cmd in COMMANDS.items():
     default = f" (default gin: gin/{cmd.default_gin})" if cmd.default_gin else ""
-    lines.append(f"  {spelled.get(name, name):<18} {cmd.help}{default}")
+    lines.append(f"  {_spelled(name):<18} {cmd.help}{default}")
   lines += ["", "Flags:",
             "  --version              print the versions of cai-jax, jax, flax and python",
             "  --gin_file=FILE        gin file (repeatable); without one, the command's default",
@@ -269,7 +268,7 @@ def command_usage(command: str) -> str:
   module (a stage's imports jax)."""
   import inspect
   cmd = COMMANDS[command]
-  spelled = {v: " ".join(k) for k, v in _SUBCOMMANDS.items()}.get(command, command)
+  spelled = _spelled(command)
   name = cmd.configurable(command)
   fn = cmd.runner()
   params = inspect.signature(fn).parameters
@@ -341,7 +340,7 @@ def _unknown_flag_text(argv: List[str], e: Exception) -> str:
     except (ValueError, SyntaxError):
       value = f"\"{value!r}\""
   name = COMMANDS[command].configurable(command)
-  spelled = {v: " ".join(k) for k, v in _SUBCOMMANDS.items()}.get(command, command)
+  spelled = _spelled(command)
   return (f"unknown flag --{e.flagname}: {e.flagname} is a setting of {name}; use "
           f"--gin.{name}.{e.flagname}={value} (`cai-jax {spelled} --help` lists them)")
 
@@ -374,10 +373,9 @@ def check_command_bindings(command: str, bindings: List[str]) -> None:
   if command not in COMMANDS:
     return
   own = COMMANDS[command].configurable(command)
-  spelled = {v: " ".join(k) for k, v in _SUBCOMMANDS.items()}
-  others = {c.configurable(n): spelled.get(n, n) for n, c in COMMANDS.items()
+  others = {c.configurable(n): _spelled(n) for n, c in COMMANDS.items()
             if c.configurable(n) != own}
-  name, command = command, spelled.get(command, command)
+  name, command = command, _spelled(command)
   read = None   # the config classes the command's runner takes, found when first needed
   for binding in bindings:
     key = binding.split("=", 1)[0].strip()
